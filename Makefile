@@ -1,0 +1,38 @@
+# Two set-up commands for a fresh machine: `make serve` and `make test`.
+# torch is pinned and installed first so pip takes the local CPU wheel
+# (an unpinned torch would pull gigabytes of CUDA packages).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install test demo serve info bench clean
+
+$(STAMP): setup.py requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/vbert demo
+
+info: install
+	$(VENV)/bin/vbert info
+
+serve: install
+	@echo "make serve: the gRPC server is not built yet (dispatcher issue #5); see README 'Not finished'." >&2
+	@exit 2
+
+bench: install
+	$(PY) benchmarks/multitenant.py --tenants 1000 --batch 32 --seq 128 --adapter lora --json benchmarks/out/multitenant_lora.json
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

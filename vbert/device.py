@@ -1,0 +1,74 @@
+"""Every difference between CPU and CUDA lives here: device pick, dtype, streams, sync, memory.
+
+The rest of the code asks a DeviceContext; nobody else calls torch.cuda.is_available().
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DeviceContext:
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def create(cls, device: str = "auto", dtype: str = "auto") -> "DeviceContext":
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available in this torch build")
+        if dtype == "auto":
+            dt = torch.float16 if dev.type == "cuda" else torch.float32
+        else:
+            if dtype not in _DTYPES:
+                raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+            dt = _DTYPES[dtype]
+        if dev.type == "cpu" and dt != torch.float32:
+            raise ValueError(f"dtype {dt} is only supported on CUDA; use float32 on CPU")
+        return cls(dev, dt)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def describe(self) -> str:
+        if self.is_cuda:
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+    # -- host memory ------------------------------------------------------------------------
+    def host_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy suitable as the source of an async upload (pinned under CUDA)."""
+        t = t.contiguous()
+        return t.pin_memory() if self.is_cuda else t
+
+    def to_device(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return t.to(self.device, dtype=dtype, non_blocking=self.is_cuda)
+
+    # -- streams ---------------------------------------------------------------------------
+    def new_stream(self):
+        """A side stream for copies under CUDA; None on CPU (work runs inline)."""
+        return torch.cuda.Stream(self.device) if self.is_cuda else None
+
+    def stream(self, stream):
+        """Context that makes `stream` current; a no-op for None (CPU)."""
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    # -- memory ----------------------------------------------------------------------------
+    def memory_allocated(self) -> int | None:
+        return torch.cuda.memory_allocated(self.device) if self.is_cuda else None

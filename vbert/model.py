@@ -1,0 +1,200 @@
+"""The mixed-tenant model: shared encoder + adapter pool + per-row heads, one forward for all rows.
+
+    model = MultiTenantModel(ModelConfig())
+    slot = model.load_adapter(artifact)                     # device-resident until unloaded
+    outs = model.forward([EncodeRow(ids, slot), EncodeRow(ids2)])   # slot 0: bare backbone
+
+Rows of any tenants, adapter kinds, head kinds and label counts share one pass per length bucket.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .artifact import AdapterArtifact
+from .backbone import Encoder
+from .bucketing import plan_buckets
+from .config import ModelConfig
+from .device import DeviceContext
+from .heads import HEAD_KIND_CODES, Head, HeadKind, HeadSpec, classify_logits, embed, pool_hidden, tag_logits
+from .pool import AdapterPool
+
+
+class InputError(ValueError):
+    """A request input the model cannot take (empty, too long, unknown slot...)."""
+
+
+@dataclass(frozen=True)
+class EncodeRow:
+    input_ids: Sequence[int]
+    slot: int = 0                               # pool slot; 0 = bare backbone with the default head
+    token_type_ids: Sequence[int] | None = None
+    normalize: bool | None = None               # embed heads: override the head's normalization
+
+
+@dataclass
+class RowOutput:
+    kind: HeadKind
+    labels: tuple[str, ...]
+    logits: torch.Tensor | None = None      # classify [C]; tag [L, C] (L = the row's tokens)
+    embedding: torch.Tensor | None = None   # embed [H]
+
+    def predicted(self):
+        """classify: the top label; tag: one label per token; embed: None."""
+        if self.kind is HeadKind.CLASSIFY:
+            return self.labels[int(self.logits.argmax())]
+        if self.kind is HeadKind.TAG:
+            return [self.labels[i] for i in self.logits.argmax(-1).tolist()]
+        return None
+
+
+def default_head_of(path: str | Path) -> Head:
+    """The bare backbone's head: an embedding with the checkpoint's sentence-transformers pooling
+    and normalization when it declares them, else mean pooling without normalization."""
+    path = Path(path)
+    pooling, normalize = "mean", False
+    pcfg = path / "1_Pooling" / "config.json"
+    if pcfg.is_file():
+        p = json.loads(pcfg.read_text())
+        pooling = "cls" if p.get("pooling_mode_cls_token") else "mean"
+    modules = path / "modules.json"
+    if modules.is_file():
+        normalize = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+    return Head(HeadSpec(HeadKind.EMBED, pooling=pooling, normalize=normalize))
+
+
+class MultiTenantModel:
+    def __init__(self, config: ModelConfig | None = None):
+        self.config = config = config or ModelConfig()
+        path = config.backbone.resolved_path
+        self.path = path
+        self.device = DeviceContext.create(config.backbone.device, config.backbone.dtype)
+        enc = Encoder.from_checkpoint(path)
+        self.encoder = enc.to(self.device.device, self.device.dtype).eval().requires_grad_(False)
+        self.spec = enc.spec
+        # the embedded default's config names the model it was distilled from; name what it is
+        self.name = "all-MiniLM-L6-v2" if config.backbone.path is None else enc.spec.name
+        self.max_length = min(config.backbone.max_length, self.spec.max_position_embeddings)
+        self.pool = AdapterPool(config.pool, self.spec, self.device, default_head_of(path))
+        self._tokenizer = None
+
+    # -- tokenization -----------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        return self._tokenizer
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
+        """Token ids with [CLS]/[SEP]; too long a text is cut to max_length, or refused if
+        truncate is False."""
+        if not texts:
+            raise InputError("no texts given")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise InputError(f"text {i} is empty")
+        ids = self.tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]
+        out = []
+        for i, row in enumerate(ids):
+            if len(row) > self.max_length:
+                if not truncate:
+                    raise InputError(f"text {i} has {len(row)} tokens, above the limit of {self.max_length} "
+                                     f"(truncation is off)")
+                row = row[:self.max_length - 1] + row[-1:]
+            out.append(row)
+        return out
+
+    # -- adapters ------------------------------------------------------------------------------
+    def load_adapter(self, artifact: AdapterArtifact, stream=None) -> int:
+        return self.pool.load(artifact, stream)
+
+    def unload_adapter(self, slot: int) -> None:
+        self.pool.unload(slot)
+
+    # -- forward -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, rows: Sequence[EncodeRow]) -> list[RowOutput]:
+        """Outputs in row order. Rows are bucketed by length so padding stays small."""
+        if not rows:
+            return []
+        lengths = []
+        for i, r in enumerate(rows):
+            n = len(r.input_ids)
+            if n == 0:
+                raise InputError(f"row {i} has no tokens")
+            if n > self.max_length:
+                raise InputError(f"row {i} has {n} tokens, above the limit of {self.max_length}")
+            if r.token_type_ids is not None and len(r.token_type_ids) != n:
+                raise InputError(f"row {i}: token_type_ids length {len(r.token_type_ids)} != input_ids length {n}")
+            lengths.append(n)
+        outputs: list[RowOutput | None] = [None] * len(rows)
+        for bucket in plan_buckets(lengths, self.config.batching):
+            for i, out in zip(bucket, self._forward_bucket([rows[i] for i in bucket])):
+                outputs[i] = out
+        return outputs
+
+    def _forward_bucket(self, rows: Sequence[EncodeRow]) -> list[RowOutput]:
+        bsz, seq = len(rows), max(len(r.input_ids) for r in rows)
+        ids = np.full((bsz, seq), self.spec.pad_token_id, np.int64)
+        types = np.zeros((bsz, seq), np.int64)
+        mask = np.zeros((bsz, seq), bool)
+        for b, r in enumerate(rows):   # host-side packing of inputs (not model compute)
+            n = len(r.input_ids)
+            ids[b, :n] = r.input_ids
+            mask[b, :n] = True
+            if r.token_type_ids is not None:
+                types[b, :n] = r.token_type_ids
+        if (ids >= self.spec.vocab_size).any() or (ids < 0).any():
+            raise InputError(f"token ids must be in [0, {self.spec.vocab_size})")
+        dev = self.device
+        ids_t, types_t, mask_t = (dev.to_device(dev.host_tensor(torch.from_numpy(a))) for a in (ids, types, mask))
+        batch = self.pool.gather([r.slot for r in rows], [r.normalize for r in rows])
+        hidden = self.encoder(ids_t, types_t, mask_t, batch.layers, has_padding=not mask.all())  # [B, L, H]
+        pooled = pool_hidden(hidden, mask_t, batch.pooling, self.encoder.pooler)                # [B, H]
+        results: dict[HeadKind, tuple[np.ndarray, torch.Tensor]] = {}
+        for kind, code in HEAD_KIND_CODES.items():
+            idx_np = np.nonzero(batch.head_kinds == code)[0]
+            if len(idx_np) == 0:
+                continue
+            idx = torch.from_numpy(idx_np).to(dev.device)
+            if kind is HeadKind.CLASSIFY:
+                out = classify_logits(pooled[idx], batch.head_weight[idx], batch.head_bias[idx])
+            elif kind is HeadKind.TAG:
+                out = tag_logits(hidden[idx], batch.head_weight[idx], batch.head_bias[idx])
+            else:
+                out = embed(pooled[idx], batch.normalize[idx])
+            results[kind] = (idx_np, out.float().cpu())
+        outputs: list[RowOutput | None] = [None] * bsz
+        for kind, (idx_np, out) in results.items():
+            for j, b in enumerate(idx_np.tolist()):   # slicing results to each row's own size
+                head = self.pool.head(rows[b].slot)
+                c, n = int(batch.num_labels[b]), len(rows[b].input_ids)
+                if kind is HeadKind.CLASSIFY:
+                    outputs[b] = RowOutput(kind, head.spec.labels, logits=out[j, :c])
+                elif kind is HeadKind.TAG:
+                    outputs[b] = RowOutput(kind, head.spec.labels, logits=out[j, :n, :c])
+                else:
+                    outputs[b] = RowOutput(kind, (), embedding=out[j])
+        return outputs
+
+    # -- description ---------------------------------------------------------------------------
+    def info(self) -> dict:
+        p = self.pool
+        return {
+            "backbone": self.name, "path": str(self.path), "layers": self.spec.num_layers,
+            "hidden_size": self.spec.hidden_size, "parameters": self.encoder.num_parameters(),
+            "device": self.device.describe(), "dtype": self.device.dtype_name,
+            "pool": {"lora_slots": p.config.num_lora_slots, "bottleneck_slots": p.config.num_bottleneck_slots,
+                     "max_lora_rank": p.config.max_lora_rank, "lora_targets": list(p.config.lora_targets),
+                     "max_bottleneck_size": p.config.max_bottleneck_size, "max_labels": p.config.max_labels,
+                     "bytes_per_lora_slot": p.bytes_per_slot("lora"),
+                     "bytes_per_bottleneck_slot": p.bytes_per_slot("bottleneck"),
+                     "total_bytes": p.total_bytes()},
+        }
