@@ -86,24 +86,20 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """How a batch of variable-length rows is cut into length buckets.
+    """How a batch of variable-length rows is cut into length buckets (see vbert.bucketing).
 
-    Rows are sorted by length; a new bucket starts when the next row is shorter than
-    (1 - max_padding_fraction) of the bucket's longest row, or when the bucket would exceed
-    max_bucket_tokens padded tokens. Rows are restored to request order afterwards.
+    bucket_overhead_tokens: the cost of one more forward pass, in padded-token equivalents.
+    max_bucket_tokens: the most padded tokens one forward pass may take (bounds activation memory).
     """
 
-    max_padding_fraction: float = 0.25
+    bucket_overhead_tokens: int = 256
     max_bucket_tokens: int = 16384
-    min_bucket_rows: int = 4
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.max_padding_fraction < 1.0:
-            raise ValueError(f"max_padding_fraction must be in [0, 1), got {self.max_padding_fraction}")
+        if self.bucket_overhead_tokens < 0:
+            raise ValueError(f"bucket_overhead_tokens must be >= 0, got {self.bucket_overhead_tokens}")
         if self.max_bucket_tokens < 1:
             raise ValueError(f"max_bucket_tokens must be >= 1, got {self.max_bucket_tokens}")
-        if self.min_bucket_rows < 1:
-            raise ValueError(f"min_bucket_rows must be >= 1, got {self.min_bucket_rows}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Mixed-tenant throughput: N tenant adapters resident, B rows per batch from random tenants.
+
+    python benchmarks/multitenant.py --tenants 1000 --batch 32 --seq 128 --adapter lora --json out/x.json
+
+Contenders, timed interleaved in one run (each iteration runs every contender once, in a rotating
+order, so machine noise hits all of them alike):
+  ours       the mixed batch, each row with a uniformly random tenant among the N
+  base       the same input ids through the same model.forward, every row on slot 0 (bare backbone)
+  ours_peft  (LoRA, only when N > --peft-max-tenants) ours on exactly the rows PEFT gets
+  peft       transformers BertModel + PEFT holding min(N, cap) of the same LoRA adapters,
+             one forward with adapter_names=[...] per row (PEFT's mixed-batch inference)
+Writes the result JSON and a bar chart PNG next to it (same stem).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vbert import (AdapterArtifact, BackboneConfig, BottleneckAdapter, EncodeRow, Head, HeadKind, HeadSpec,
+                   LoraAdapter, ModelConfig, MultiTenantModel, PoolConfig, save_artifact)
+
+PEFT_NOTE_BOTTLENECK = "PEFT has no bottleneck-adapter mixed batch (adapter_names is LoRA-family only)"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    tenants: int
+    batch: int
+    seq: int
+    adapter: str = "lora"
+    rank: int = 8
+    bottleneck_size: int = 64
+    iters: int = 8
+    warmup: int = 2
+    peft_max_tenants: int = 100
+    backbone: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tenants", "batch", "iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq < 2:
+            raise ValueError(f"--seq must be >= 2 ([CLS] and [SEP]), got {self.seq}")
+        if self.adapter not in ("lora", "bottleneck"):
+            raise ValueError(f"--adapter must be lora or bottleneck, got {self.adapter!r}")
+        if self.warmup < 0 or self.peft_max_tenants < 0:
+            raise ValueError("--warmup and --peft-max-tenants must be >= 0")
+
+    @property
+    def num_peft(self) -> int:
+        return min(self.tenants, self.peft_max_tenants) if self.adapter == "lora" else 0
+
+
+# -- setup -------------------------------------------------------------------------------------
+def build_model(cfg: BenchConfig) -> MultiTenantModel:
+    lora = cfg.adapter == "lora"
+    pool = PoolConfig(num_lora_slots=cfg.tenants if lora else 0, num_bottleneck_slots=0 if lora else cfg.tenants,
+                      max_lora_rank=cfg.rank, max_bottleneck_size=cfg.bottleneck_size)
+    return MultiTenantModel(ModelConfig(BackboneConfig(cfg.backbone, cfg.device, cfg.dtype), pool))
+
+
+def make_artifact(m: MultiTenantModel, cfg: BenchConfig, g: torch.Generator) -> AdapterArtifact:
+    head = Head(HeadSpec(HeadKind.EMBED, pooling="mean", normalize=False))
+    if cfg.adapter == "lora":
+        return AdapterArtifact(LoraAdapter.random(m.spec.shape, rank=cfg.rank, generator=g), head)
+    return AdapterArtifact(BottleneckAdapter.random(m.spec.shape, size=cfg.bottleneck_size, generator=g), head)
+
+
+def load_tenants(m: MultiTenantModel, cfg: BenchConfig, export_dir: Path) -> tuple[list[int], float, list[Path]]:
+    """Build and load N random adapters; the first cfg.num_peft are also exported as PEFT dirs.
+    Returns (slots, build_s without the export, exported dirs)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    slots, dirs, export_s = [], [], 0.0
+    t0 = time.perf_counter()
+    for i in tqdm(range(cfg.tenants), desc=f"build {cfg.adapter} adapters", unit="adapter"):
+        art = make_artifact(m, cfg, g)
+        slots.append(m.load_adapter(art))
+        if i < cfg.num_peft:
+            t1 = time.perf_counter()
+            dirs.append(save_artifact(art, export_dir / f"t{i}", backbone_name=m.path))
+            export_s += time.perf_counter() - t1
+    m.device.synchronize()
+    return slots, time.perf_counter() - t0 - export_s, dirs
+
+
+def special_ids(m: MultiTenantModel) -> tuple[int, int]:
+    """[CLS] and [SEP] of the backbone's tokenizer (101, 102 for BERT uncased if it has none)."""
+    try:
+        tok = m.tokenizer
+        return int(tok.cls_token_id), int(tok.sep_token_id)
+    except (OSError, ValueError, TypeError):
+        return 101, 102
+
+
+def random_ids(rng: np.random.Generator, batch: int, seq: int, vocab: int, cls: int, sep: int) -> list[list[int]]:
+    low = 1000 if vocab > 2000 else 1   # skip [unused]/special ids of BERT vocabularies
+    body = rng.integers(low, vocab, size=(batch, seq - 2))
+    return [[cls, *row.tolist(), sep] for row in body]
+
+
+def encode_rows(ids: list[list[int]], slots: list[int]) -> list[EncodeRow]:
+    return [EncodeRow(input_ids=r, slot=s, normalize=False) for r, s in zip(ids, slots)]
+
+
+# -- PEFT peer ---------------------------------------------------------------------------------
+def attach_peft(m: MultiTenantModel, dirs: list[Path]):
+    """transformers BertModel of the same checkpoint + PEFT with one named adapter per dir."""
+    from peft import PeftModel
+    from transformers import BertModel
+
+    base = BertModel.from_pretrained(m.path, local_files_only=True, dtype=m.device.dtype).to(m.device.device)
+    t0 = time.perf_counter()
+    model = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name="t0")
+    for i, d in enumerate(tqdm(dirs[1:], desc="attach PEFT adapters", unit="adapter"), start=1):
+        model.load_adapter(str(d), adapter_name=f"t{i}")
+    model.to(m.device.device).eval()
+    m.device.synchronize()
+    return model, time.perf_counter() - t0
+
+
+def peft_forward(model, ids: list[list[int]], names: list[str], device: torch.device) -> torch.Tensor:
+    """Mean-pooled last hidden state [B, H] of PEFT's mixed-adapter forward (rows have no padding)."""
+    with torch.inference_mode():
+        input_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), adapter_names=names)
+        return out.last_hidden_state.mean(1)
+
+
+def peft_max_abs_diff(m: MultiTenantModel, model, ids, slots, names, num_rows: int = 2) -> float:
+    """Not timed: our embeddings (mean pooling, no normalization) vs PEFT's on a few rows."""
+    ours = torch.stack([o.embedding for o in m.forward(encode_rows(ids[:num_rows], slots[:num_rows]))])
+    theirs = peft_forward(model, ids[:num_rows], names[:num_rows], m.device.device).float().cpu()
+    return float((ours - theirs).abs().max())
+
+
+# -- timing ------------------------------------------------------------------------------------
+def time_interleaved(contenders: dict[str, Callable[[], object]], iters: int, warmup: int,
+                     sync: Callable[[], None]) -> dict[str, list[float]]:
+    """Seconds per call of each contender; iteration i runs all of them once, order rotated by i."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for n in names:
+            contenders[n]()
+    sync()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in tqdm(range(iters), desc="timed iterations", unit="iter"):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            contenders[n]()
+            sync()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
+def host_cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- run ---------------------------------------------------------------------------------------
+def run(cfg: BenchConfig, command: list[str] | None = None) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    m = build_model(cfg)
+    rng = np.random.default_rng(cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="vbert-bench-") as tmp:
+        slots, build_s, dirs = load_tenants(m, cfg, Path(tmp))
+        cls, sep = special_ids(m)
+        ids = random_ids(rng, cfg.batch, cfg.seq, m.spec.vocab_size, cls, sep)
+        tenant = rng.integers(0, cfg.tenants, size=cfg.batch)            # row -> tenant index
+        rows = encode_rows(ids, [slots[t] for t in tenant])
+        contenders = {"ours": lambda: m.forward(rows), "base": lambda: m.forward(encode_rows(ids, [0] * cfg.batch))}
+        peft = {"peft_tokens_per_s": None, "ours_over_peft": None, "peft_num_adapters": 0, "peft_attach_s": None,
+                "peft_max_abs_diff": None, "ours_same_tenants_tokens_per_s": None,
+                "peft_note": PEFT_NOTE_BOTTLENECK if cfg.adapter == "bottleneck" else
+                ("disabled (--peft-max-tenants 0)" if cfg.num_peft == 0 else None)}
+        model = None
+        if cfg.num_peft:
+            model, peft["peft_attach_s"] = attach_peft(m, dirs)
+            same = tenant if cfg.num_peft == cfg.tenants else rng.integers(0, cfg.num_peft, size=cfg.batch)
+            same_rows = encode_rows(ids, [slots[t] for t in same])
+            names = [f"t{t}" for t in same]
+            peft["peft_max_abs_diff"] = peft_max_abs_diff(m, model, ids, [r.slot for r in same_rows], names)
+            if cfg.num_peft < cfg.tenants:
+                contenders["ours_same_tenants"] = lambda: m.forward(same_rows)
+            contenders["peft"] = lambda: peft_forward(model, ids, names, m.device.device)
+        times = time_interleaved(contenders, cfg.iters, cfg.warmup, m.device.synchronize)
+    tokens = cfg.batch * cfg.seq
+    tps = {n: tokens / statistics.median(t) for n, t in times.items()}
+    if model is not None:
+        ours_same = tps.get("ours_same_tenants", tps["ours"])
+        peft.update(peft_tokens_per_s=tps["peft"], ours_same_tenants_tokens_per_s=ours_same,
+                    ours_over_peft=ours_same / tps["peft"], peft_num_adapters=cfg.num_peft,
+                    peft_note=f"PEFT {peft_version()}, mixed batch via adapter_names; "
+                              "ours_over_peft compares both on the same rows and tenants")
+    size = {"rank": cfg.rank} if cfg.adapter == "lora" else {"bottleneck_size": cfg.bottleneck_size}
+    return {
+        "adapter": cfg.adapter, "num_tenants": cfg.tenants, "batch": cfg.batch, "seq": cfg.seq, **size,
+        "tokens_per_s": tps["ours"], "base_tokens_per_s": tps["base"],
+        "multitenant_over_base": tps["ours"] / tps["base"], **peft,
+        "timing": f"tokens per forward (batch*seq = {tokens}) / median seconds of {cfg.iters} interleaved "
+                  f"iterations after {cfg.warmup} warm-up calls each",
+        "seconds": times, "bytes_per_adapter": m.pool.bytes_per_slot(cfg.adapter), "build_s": build_s,
+        "backbone": m.name, "device": m.device.describe(), "dtype": m.device.dtype_name,
+        "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": host_cpu(), "command": command if command is not None else sys.argv, "config": asdict(cfg),
+    }
+
+
+# -- output ------------------------------------------------------------------------------------
+BAR_FIELDS = (("base", "base_tokens_per_s"), ("ours", "tokens_per_s"),
+              ("ours (PEFT's tenants)", "ours_same_tenants_tokens_per_s"), ("PEFT", "peft_tokens_per_s"))
+
+
+def result_label(r: dict) -> str:
+    size = f"r={r['rank']}" if r["adapter"] == "lora" else f"m={r['bottleneck_size']}"
+    return f"{r['adapter']} {size}, N={r['num_tenants']}, B={r['batch']}, L={r['seq']}"
+
+
+def write_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(label, result[key]) for label, key in BAR_FIELDS
+            if result.get(key) is not None and not (key == "ours_same_tenants_tokens_per_s"
+                                                     and result["num_tenants"] <= result["peft_num_adapters"])]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["#999999", "#1f77b4", "#6baed6", "#ff7f0e"][:len(bars)])
+    for i, (_, v) in enumerate(bars):
+        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{result_label(result)}\n{result['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_text(r: dict) -> str:
+    lines = [result_label(r) + f" on {r['device']} ({r['dtype']})",
+             f"  ours {r['tokens_per_s']:,.0f} tok/s, base {r['base_tokens_per_s']:,.0f} tok/s, "
+             f"multitenant/base {r['multitenant_over_base']:.3f}",
+             f"  {r['bytes_per_adapter']:,} bytes/adapter, built {r['num_tenants']} adapters in {r['build_s']:.2f} s"]
+    if r["peft_tokens_per_s"] is not None:
+        lines.append(f"  PEFT ({r['peft_num_adapters']} adapters, attach {r['peft_attach_s']:.2f} s) "
+                     f"{r['peft_tokens_per_s']:,.0f} tok/s; ours on the same rows "
+                     f"{r['ours_same_tenants_tokens_per_s']:,.0f} tok/s; ours/PEFT {r['ours_over_peft']:.2f}; "
+                     f"max |diff| {r['peft_max_abs_diff']:.2e}")
+    else:
+        lines.append(f"  PEFT: {r['peft_note']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tenants", type=int, required=True, help="adapters resident in the pool (N)")
+    p.add_argument("--batch", type=int, default=32, help="rows per mixed batch (B)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per row, [CLS] and [SEP] included (L)")
+    p.add_argument("--adapter", choices=("lora", "bottleneck"), default="lora")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--bottleneck-size", type=int, default=64)
+    p.add_argument("--iters", type=int, default=8, help="timed iterations per contender")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peft-max-tenants", type=int, default=100, help="PEFT gets min(N, this) adapters; 0: no peer")
+    p.add_argument("--backbone", default=None, help="local HF BERT dir (default: embedded all-MiniLM-L6-v2)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
+    p.add_argument("--json", required=True, help="result path; the PNG goes next to it")
+    a = p.parse_args(argv)
+    cfg = BenchConfig(a.tenants, a.batch, a.seq, a.adapter, a.rank, a.bottleneck_size, a.iters, a.warmup,
+                      a.peft_max_tenants, a.backbone, a.device, a.dtype, a.seed, a.threads)
+    return cfg, Path(a.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, out = parse_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = run(cfg, command=[sys.executable, sys.argv[0], *argv])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_plot(result, out.with_suffix(".png"))
+    print(summary_text(result))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

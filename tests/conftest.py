@@ -1,0 +1,110 @@
+"""Shared factories: tiny random BERT checkpoints on disk, models over them, random artifacts."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vbert import (AdapterArtifact, BackboneConfig, BottleneckAdapter, Head, HeadKind, HeadSpec, LoraAdapter,
+                   ModelConfig, MultiTenantModel, PoolConfig)
+
+TINY_WORDS = ("the a of and to in is was patient disease gene protein cell with for on by this that "
+              "results method we show study cancer tumor expression level high low increased reduced").split()
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0, num_layers: int = 3, hidden: int = 32, heads: int = 4,
+                          intermediate: int = 64, with_pooler: bool = True) -> Path:
+    """A random BERT checkpoint (config.json + model.safetensors + tokenizer) in Hugging Face layout.
+    LayerNorm and bias parameters are randomized too, so a wrong term anywhere shows in outputs."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TINY_WORDS + [f"w{i}" for i in range(80)]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=num_layers,
+                     num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=64,
+                     type_vocab_size=2, pad_token_id=0)
+    model = BertModel(cfg, add_pooling_layer=with_pooler)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "LayerNorm.weight" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(str(path), safe_serialization=True)
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint() -> str:
+    from vbert.config import default_backbone_path
+
+    return default_backbone_path()
+
+
+ALL_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+
+
+def tiny_pool_config(**kw) -> PoolConfig:
+    base = dict(num_lora_slots=16, num_bottleneck_slots=16, max_lora_rank=8, lora_targets=ALL_TARGETS,
+                max_bottleneck_size=16, max_labels=8)
+    base.update(kw)
+    return PoolConfig(**base)
+
+
+@pytest.fixture
+def tiny_model(tiny_checkpoint) -> MultiTenantModel:
+    return MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(tiny_checkpoint), device="cpu"),
+                                        pool=tiny_pool_config()))
+
+
+def make_artifact(shape, kind: str, head: HeadSpec, seed: int, **kw) -> AdapterArtifact:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "lora":
+        adapter = LoraAdapter.random(shape, generator=g, std=0.2, **kw)
+    elif kind == "bottleneck":
+        adapter = BottleneckAdapter.random(shape, generator=g, std=0.2, **kw)
+    else:
+        adapter = None
+    return AdapterArtifact(adapter, Head.random(head, shape.hidden_size, generator=g))
+
+
+def labels(n: int, prefix: str = "L") -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(n))
+
+
+def classify(n: int, pooling: str = "mean") -> HeadSpec:
+    return HeadSpec(HeadKind.CLASSIFY, labels(n), pooling=pooling)
+
+
+def tag(n: int) -> HeadSpec:
+    return HeadSpec(HeadKind.TAG, labels(n, "T"))
+
+
+def embed_head(pooling: str = "mean", normalize: bool = True) -> HeadSpec:
+    return HeadSpec(HeadKind.EMBED, pooling=pooling, normalize=normalize)
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
