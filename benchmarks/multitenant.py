@@ -171,6 +171,16 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], iters: int, wa
     return times
 
 
+def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median over iterations of the speed ratio of two contenders timed in the same iteration
+    (robust to load that drifts during the run; a cross-check of the ratios of medians)."""
+    pairs = {"ours_over_base": ("ours", "base"), "ours_same_tenants_over_peft": ("ours_same_tenants", "peft")}
+    if "ours_same_tenants" not in times:
+        pairs["ours_same_tenants_over_peft"] = ("ours", "peft")
+    return {k: statistics.median(d / o for o, d in zip(times[a], times[b]))
+            for k, (a, b) in pairs.items() if a in times and b in times}
+
+
 def peft_version() -> str:
     import peft
 
@@ -217,6 +227,7 @@ def run(cfg: BenchConfig, command: list[str] | None = None) -> dict:
         times = time_interleaved(contenders, cfg.iters, cfg.warmup, m.device.synchronize)
     tokens = cfg.batch * cfg.seq
     tps = {n: tokens / statistics.median(t) for n, t in times.items()}
+    paired = paired_ratios(times)
     if model is not None:
         ours_same = tps.get("ours_same_tenants", tps["ours"])
         peft.update(peft_tokens_per_s=tps["peft"], ours_same_tenants_tokens_per_s=ours_same,
@@ -230,7 +241,7 @@ def run(cfg: BenchConfig, command: list[str] | None = None) -> dict:
         "multitenant_over_base": tps["ours"] / tps["base"], **peft,
         "timing": f"tokens per forward (batch*seq = {tokens}) / median seconds of {cfg.iters} interleaved "
                   f"iterations after {cfg.warmup} warm-up calls each",
-        "seconds": times, "bytes_per_adapter": m.pool.bytes_per_slot(cfg.adapter), "build_s": build_s,
+        "paired_median_ratios": paired, "seconds": times, "bytes_per_adapter": m.pool.bytes_per_slot(cfg.adapter), "build_s": build_s,
         "backbone": m.name, "device": m.device.describe(), "dtype": m.device.dtype_name,
         "torch_version": torch.__version__, "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

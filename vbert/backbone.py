@@ -108,7 +108,7 @@ def apply_lora(out: torch.Tensor, x: torch.Tensor, group: tuple | None) -> torch
     r0 = 0
     for _target, b, offset in parts:
         r, o = b.shape[1], b.shape[2]
-        out[..., offset:offset + o] += torch.bmm(shrunk[..., r0:r0 + r], b)
+        out[..., offset:offset + o].baddbmm_(shrunk[..., r0:r0 + r], b)   # in place, no temporary
         r0 += r
     return out
 
@@ -119,7 +119,9 @@ def apply_bottleneck(h: torch.Tensor, weights: tuple | None) -> torch.Tensor:
         return h
     down_w, down_b, up_w, up_b = weights
     z = F.gelu(torch.baddbmm(down_b, h, down_w))               # [B, L, m]
-    return h + torch.baddbmm(up_b, z, up_w)                    # [B, L, H]
+    out = torch.baddbmm(h, z, up_w)                            # [B, L, H] = h + z @ up_w
+    out += up_b
+    return out
 
 
 class EncoderLayer(nn.Module):
