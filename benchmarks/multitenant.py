@@ -3,13 +3,12 @@
 
     python benchmarks/multitenant.py --tenants 1000 --batch 32 --seq 128 --adapter lora --json out/x.json
 
-Contenders, timed interleaved in one run (each iteration runs every contender once, in a rotating
-order, so machine noise hits all of them alike):
-  ours       the mixed batch, each row with a uniformly random tenant among the N
-  base       the same input ids through the same model.forward, every row on slot 0 (bare backbone)
-  ours_peft  (LoRA, only when N > --peft-max-tenants) ours on exactly the rows PEFT gets
-  peft       transformers BertModel + PEFT holding min(N, cap) of the same LoRA adapters,
-             one forward with adapter_names=[...] per row (PEFT's mixed-batch inference)
+Contenders, timed interleaved (each iteration runs each once, order rotated, so noise hits all alike):
+  ours               the mixed batch, each row from a uniformly random tenant among the N
+  base               the same input ids through the same model.forward, all rows on slot 0
+  ours_same_tenants  (LoRA, N > --peft-max-tenants only) ours on exactly the rows PEFT gets
+  peft               transformers BertModel + PEFT holding min(N, cap) of the same LoRA adapters,
+                     one forward with adapter_names=[...] per row (PEFT's mixed-batch inference)
 Writes the result JSON and a bar chart PNG next to it (same stem).
 """
 from __future__ import annotations
@@ -23,6 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,7 @@ from vbert import (AdapterArtifact, BackboneConfig, BottleneckAdapter, EncodeRow
                    LoraAdapter, ModelConfig, MultiTenantModel, PoolConfig, save_artifact)
 
 PEFT_NOTE_BOTTLENECK = "PEFT has no bottleneck-adapter mixed batch (adapter_names is LoRA-family only)"
+PEFT_NOTE_DISABLED = "disabled (--peft-max-tenants 0)"
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,12 @@ class BenchConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tenants", "batch", "iters"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq < 2:
-            raise ValueError(f"--seq must be >= 2 ([CLS] and [SEP]), got {self.seq}")
+        lows = {"tenants": 1, "batch": 1, "iters": 1, "seq": 2, "warmup": 0, "peft_max_tenants": 0}
+        for name, low in lows.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.adapter not in ("lora", "bottleneck"):
             raise ValueError(f"--adapter must be lora or bottleneck, got {self.adapter!r}")
-        if self.warmup < 0 or self.peft_max_tenants < 0:
-            raise ValueError("--warmup and --peft-max-tenants must be >= 0")
 
     @property
     def num_peft(self) -> int:
@@ -71,8 +69,8 @@ class BenchConfig:
 
 # -- setup -------------------------------------------------------------------------------------
 def build_model(cfg: BenchConfig) -> MultiTenantModel:
-    lora = cfg.adapter == "lora"
-    pool = PoolConfig(num_lora_slots=cfg.tenants if lora else 0, num_bottleneck_slots=0 if lora else cfg.tenants,
+    n_lora = cfg.tenants if cfg.adapter == "lora" else 0
+    pool = PoolConfig(num_lora_slots=n_lora, num_bottleneck_slots=cfg.tenants - n_lora,
                       max_lora_rank=cfg.rank, max_bottleneck_size=cfg.bottleneck_size)
     return MultiTenantModel(ModelConfig(BackboneConfig(cfg.backbone, cfg.device, cfg.dtype), pool))
 
@@ -80,11 +78,14 @@ def build_model(cfg: BenchConfig) -> MultiTenantModel:
 def make_artifact(m: MultiTenantModel, cfg: BenchConfig, g: torch.Generator) -> AdapterArtifact:
     head = Head(HeadSpec(HeadKind.EMBED, pooling="mean", normalize=False))
     if cfg.adapter == "lora":
-        return AdapterArtifact(LoraAdapter.random(m.spec.shape, rank=cfg.rank, generator=g), head)
-    return AdapterArtifact(BottleneckAdapter.random(m.spec.shape, size=cfg.bottleneck_size, generator=g), head)
+        adapter = LoraAdapter.random(m.spec.shape, rank=cfg.rank, generator=g)
+    else:
+        adapter = BottleneckAdapter.random(m.spec.shape, size=cfg.bottleneck_size, generator=g)
+    return AdapterArtifact(adapter, head)
 
 
-def load_tenants(m: MultiTenantModel, cfg: BenchConfig, export_dir: Path) -> tuple[list[int], float, list[Path]]:
+def load_tenants(m: MultiTenantModel, cfg: BenchConfig, export_dir: Path
+                 ) -> tuple[list[int], float, list[Path]]:
     """Build and load N random adapters; the first cfg.num_peft are also exported as PEFT dirs.
     Returns (slots, build_s without the export, exported dirs)."""
     g = torch.Generator().manual_seed(cfg.seed)
@@ -110,7 +111,8 @@ def special_ids(m: MultiTenantModel) -> tuple[int, int]:
         return 101, 102
 
 
-def random_ids(rng: np.random.Generator, batch: int, seq: int, vocab: int, cls: int, sep: int) -> list[list[int]]:
+def random_ids(rng: np.random.Generator, batch: int, seq: int, vocab: int, cls: int, sep: int
+               ) -> list[list[int]]:
     low = 1000 if vocab > 2000 else 1   # skip [unused]/special ids of BERT vocabularies
     body = rng.integers(low, vocab, size=(batch, seq - 2))
     return [[cls, *row.tolist(), sep] for row in body]
@@ -156,9 +158,8 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], iters: int, wa
                      sync: Callable[[], None]) -> dict[str, list[float]]:
     """Seconds per call of each contender; iteration i runs all of them once, order rotated by i."""
     names = list(contenders)
-    for _ in range(warmup):
-        for n in names:
-            contenders[n]()
+    for n in names * warmup:
+        contenders[n]()
     sync()
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in tqdm(range(iters), desc="timed iterations", unit="iter"):
@@ -174,30 +175,47 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], iters: int, wa
 def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
     """Median over iterations of the speed ratio of two contenders timed in the same iteration
     (robust to load that drifts during the run; a cross-check of the ratios of medians)."""
-    pairs = {"ours_over_base": ("ours", "base"), "ours_same_tenants_over_peft": ("ours_same_tenants", "peft")}
-    if "ours_same_tenants" not in times:
-        pairs["ours_same_tenants_over_peft"] = ("ours", "peft")
+    peer = "ours_same_tenants" if "ours_same_tenants" in times else "ours"
+    pairs = {"ours_over_base": ("ours", "base"), "ours_over_peft": (peer, "peft")}
     return {k: statistics.median(d / o for o, d in zip(times[a], times[b]))
-            for k, (a, b) in pairs.items() if a in times and b in times}
-
-
-def peft_version() -> str:
-    import peft
-
-    return peft.__version__
+            for k, (a, b) in pairs.items() if b in times}
 
 
 def host_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                platform.processor() or platform.machine())
 
 
 # -- run ---------------------------------------------------------------------------------------
+def peer_contenders(m: MultiTenantModel, cfg: BenchConfig, dirs: list[Path], ids: list[list[int]],
+                    slots: list[int], tenant: np.ndarray, rng: np.random.Generator) -> tuple[dict, dict]:
+    """The PEFT peer and, when it holds fewer tenants than ours, ours on exactly its rows;
+    plus the untimed PEFT fields (attach time, agreement check)."""
+    model, attach_s = attach_peft(m, dirs)
+    same = tenant if cfg.num_peft == cfg.tenants else rng.integers(0, cfg.num_peft, size=cfg.batch)
+    same_rows, names = encode_rows(ids, [slots[t] for t in same]), [f"t{t}" for t in same]
+    fields = {"peft_num_adapters": cfg.num_peft, "peft_attach_s": attach_s,
+              "peft_max_abs_diff": peft_max_abs_diff(m, model, ids, [r.slot for r in same_rows], names)}
+    contenders = {"ours_same_tenants": lambda: m.forward(same_rows)} if cfg.num_peft < cfg.tenants else {}
+    contenders["peft"] = lambda: peft_forward(model, ids, names, m.device.device)
+    return contenders, fields
+
+
+def peft_fields(cfg: BenchConfig, tps: dict[str, float], untimed: dict) -> dict:
+    out = {"peft_tokens_per_s": None, "ours_over_peft": None, "peft_num_adapters": 0, "peft_attach_s": None,
+           "peft_max_abs_diff": None, "ours_same_tenants_tokens_per_s": None,
+           "peft_note": PEFT_NOTE_BOTTLENECK if cfg.adapter == "bottleneck" else PEFT_NOTE_DISABLED}
+    if "peft" in tps:
+        ours_same = tps.get("ours_same_tenants", tps["ours"])
+        out.update(untimed, peft_tokens_per_s=tps["peft"], ours_same_tenants_tokens_per_s=ours_same,
+                   ours_over_peft=ours_same / tps["peft"],
+                   peft_note=f"PEFT {version('peft')}, mixed batch via adapter_names; "
+                             "ours_over_peft compares both on the same rows and tenants")
+    return out
+
+
 def run(cfg: BenchConfig, command: list[str] | None = None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -205,43 +223,25 @@ def run(cfg: BenchConfig, command: list[str] | None = None) -> dict:
     rng = np.random.default_rng(cfg.seed)
     with tempfile.TemporaryDirectory(prefix="vbert-bench-") as tmp:
         slots, build_s, dirs = load_tenants(m, cfg, Path(tmp))
-        cls, sep = special_ids(m)
-        ids = random_ids(rng, cfg.batch, cfg.seq, m.spec.vocab_size, cls, sep)
+        ids = random_ids(rng, cfg.batch, cfg.seq, m.spec.vocab_size, *special_ids(m))
         tenant = rng.integers(0, cfg.tenants, size=cfg.batch)            # row -> tenant index
-        rows = encode_rows(ids, [slots[t] for t in tenant])
-        contenders = {"ours": lambda: m.forward(rows), "base": lambda: m.forward(encode_rows(ids, [0] * cfg.batch))}
-        peft = {"peft_tokens_per_s": None, "ours_over_peft": None, "peft_num_adapters": 0, "peft_attach_s": None,
-                "peft_max_abs_diff": None, "ours_same_tenants_tokens_per_s": None,
-                "peft_note": PEFT_NOTE_BOTTLENECK if cfg.adapter == "bottleneck" else
-                ("disabled (--peft-max-tenants 0)" if cfg.num_peft == 0 else None)}
-        model = None
+        rows, base_rows = encode_rows(ids, [slots[t] for t in tenant]), encode_rows(ids, [0] * cfg.batch)
+        contenders, untimed = {"ours": lambda: m.forward(rows), "base": lambda: m.forward(base_rows)}, {}
         if cfg.num_peft:
-            model, peft["peft_attach_s"] = attach_peft(m, dirs)
-            same = tenant if cfg.num_peft == cfg.tenants else rng.integers(0, cfg.num_peft, size=cfg.batch)
-            same_rows = encode_rows(ids, [slots[t] for t in same])
-            names = [f"t{t}" for t in same]
-            peft["peft_max_abs_diff"] = peft_max_abs_diff(m, model, ids, [r.slot for r in same_rows], names)
-            if cfg.num_peft < cfg.tenants:
-                contenders["ours_same_tenants"] = lambda: m.forward(same_rows)
-            contenders["peft"] = lambda: peft_forward(model, ids, names, m.device.device)
+            peers, untimed = peer_contenders(m, cfg, dirs, ids, slots, tenant, rng)
+            contenders.update(peers)
         times = time_interleaved(contenders, cfg.iters, cfg.warmup, m.device.synchronize)
     tokens = cfg.batch * cfg.seq
     tps = {n: tokens / statistics.median(t) for n, t in times.items()}
-    paired = paired_ratios(times)
-    if model is not None:
-        ours_same = tps.get("ours_same_tenants", tps["ours"])
-        peft.update(peft_tokens_per_s=tps["peft"], ours_same_tenants_tokens_per_s=ours_same,
-                    ours_over_peft=ours_same / tps["peft"], peft_num_adapters=cfg.num_peft,
-                    peft_note=f"PEFT {peft_version()}, mixed batch via adapter_names; "
-                              "ours_over_peft compares both on the same rows and tenants")
     size = {"rank": cfg.rank} if cfg.adapter == "lora" else {"bottleneck_size": cfg.bottleneck_size}
     return {
         "adapter": cfg.adapter, "num_tenants": cfg.tenants, "batch": cfg.batch, "seq": cfg.seq, **size,
         "tokens_per_s": tps["ours"], "base_tokens_per_s": tps["base"],
-        "multitenant_over_base": tps["ours"] / tps["base"], **peft,
+        "multitenant_over_base": tps["ours"] / tps["base"], **peft_fields(cfg, tps, untimed),
         "timing": f"tokens per forward (batch*seq = {tokens}) / median seconds of {cfg.iters} interleaved "
                   f"iterations after {cfg.warmup} warm-up calls each",
-        "paired_median_ratios": paired, "seconds": times, "bytes_per_adapter": m.pool.bytes_per_slot(cfg.adapter), "build_s": build_s,
+        "paired_median_ratios": paired_ratios(times), "seconds": times,
+        "bytes_per_adapter": m.pool.bytes_per_slot(cfg.adapter), "build_s": build_s,
         "backbone": m.name, "device": m.device.describe(), "dtype": m.device.dtype_name,
         "torch_version": torch.__version__, "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -250,8 +250,9 @@ def run(cfg: BenchConfig, command: list[str] | None = None) -> dict:
 
 
 # -- output ------------------------------------------------------------------------------------
-BAR_FIELDS = (("base", "base_tokens_per_s"), ("ours", "tokens_per_s"),
-              ("ours (PEFT's tenants)", "ours_same_tenants_tokens_per_s"), ("PEFT", "peft_tokens_per_s"))
+BAR_FIELDS = (("base", "base_tokens_per_s", "#999999"), ("ours", "tokens_per_s", "#1f77b4"),
+              ("ours (PEFT's tenants)", "ours_same_tenants_tokens_per_s", "#6baed6"),
+              ("PEFT", "peft_tokens_per_s", "#ff7f0e"))
 
 
 def result_label(r: dict) -> str:
@@ -265,12 +266,12 @@ def write_plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [(label, result[key]) for label, key in BAR_FIELDS
-            if result.get(key) is not None and not (key == "ours_same_tenants_tokens_per_s"
-                                                     and result["num_tenants"] <= result["peft_num_adapters"])]
+    skip = "ours_same_tenants_tokens_per_s" if "ours_same_tenants" not in result["seconds"] else None
+    bars = [(label, result[key], c) for label, key, c in BAR_FIELDS
+            if result.get(key) is not None and key != skip]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["#999999", "#1f77b4", "#6baed6", "#ff7f0e"][:len(bars)])
-    for i, (_, v) in enumerate(bars):
+    ax.bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
+    for i, (_, v, _) in enumerate(bars):
         ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("tokens / s")
     ax.set_title(f"{result_label(result)}\n{result['device']}", fontsize=10)
@@ -283,11 +284,13 @@ def summary_text(r: dict) -> str:
     lines = [result_label(r) + f" on {r['device']} ({r['dtype']})",
              f"  ours {r['tokens_per_s']:,.0f} tok/s, base {r['base_tokens_per_s']:,.0f} tok/s, "
              f"multitenant/base {r['multitenant_over_base']:.3f}",
-             f"  {r['bytes_per_adapter']:,} bytes/adapter, built {r['num_tenants']} adapters in {r['build_s']:.2f} s"]
+             f"  {r['bytes_per_adapter']:,} bytes/adapter; "
+             f"{r['num_tenants']} adapters built in {r['build_s']:.2f} s"]
     if r["peft_tokens_per_s"] is not None:
         lines.append(f"  PEFT ({r['peft_num_adapters']} adapters, attach {r['peft_attach_s']:.2f} s) "
                      f"{r['peft_tokens_per_s']:,.0f} tok/s; ours on the same rows "
-                     f"{r['ours_same_tenants_tokens_per_s']:,.0f} tok/s; ours/PEFT {r['ours_over_peft']:.2f}; "
+                     f"{r['ours_same_tenants_tokens_per_s']:,.0f} tok/s; "
+                     f"ours/PEFT {r['ours_over_peft']:.2f}; "
                      f"max |diff| {r['peft_max_abs_diff']:.2e}")
     else:
         lines.append(f"  PEFT: {r['peft_note']}")
@@ -304,17 +307,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path]:
     p.add_argument("--bottleneck-size", type=int, default=64)
     p.add_argument("--iters", type=int, default=8, help="timed iterations per contender")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--peft-max-tenants", type=int, default=100, help="PEFT gets min(N, this) adapters; 0: no peer")
+    p.add_argument("--peft-max-tenants", type=int, default=100, 
+                   help="PEFT gets min(N, this) adapters; 0: none")
     p.add_argument("--backbone", default=None, help="local HF BERT dir (default: embedded all-MiniLM-L6-v2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
     p.add_argument("--json", required=True, help="result path; the PNG goes next to it")
-    a = p.parse_args(argv)
-    cfg = BenchConfig(a.tenants, a.batch, a.seq, a.adapter, a.rank, a.bottleneck_size, a.iters, a.warmup,
-                      a.peft_max_tenants, a.backbone, a.device, a.dtype, a.seed, a.threads)
-    return cfg, Path(a.json)
+    a = vars(p.parse_args(argv))
+    out = Path(a.pop("json"))
+    return BenchConfig(**a), out
 
 
 def main(argv: list[str] | None = None) -> int:

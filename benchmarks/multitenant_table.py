@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_out_dir(device: str | None) -> Path:
     import torch
 
-    cuda = (device or "auto").startswith("cuda") or ((device or "auto") == "auto" and torch.cuda.is_available())
+    device = device or "auto"
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     return HERE / "results" / f"{'cuda' if cuda else 'cpu'}-{datetime.date.today().isoformat()}"
 
 

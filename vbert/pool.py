@@ -27,7 +27,7 @@ from .artifact import AdapterArtifact
 from .backbone import BackboneSpec, LayerAdapters
 from .config import PoolConfig
 from .device import DeviceContext
-from .heads import HEAD_KIND_CODES, POOLING_CODES, Head, HeadKind
+from .heads import HEAD_KIND_CODES, POOLING_CODES, Head
 
 LORA_GROUPS = {"qkv": ("query", "key", "value"), "attn_out": ("attn_out",), "ffn_in": ("ffn_in",),
                "ffn_out": ("ffn_out",)}
@@ -244,6 +244,3 @@ class AdapterPool:
             head_bias=self.head_bias.index_select(0, slot_t),
         )
 
-
-def head_kind_of(code: int) -> HeadKind:
-    return next(k for k, c in HEAD_KIND_CODES.items() if c == code)
