@@ -181,6 +181,21 @@ def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
             for k, (a, b) in pairs.items() if b in times}
 
 
+def git_revision() -> str | None:
+    """HEAD of the checkout holding vbert, '+dirty' when vbert/ has uncommitted changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    try:
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "vbert")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def host_cpu() -> str:
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.is_file() else []
@@ -245,7 +260,8 @@ def run(cfg: BenchConfig, command: list[str] | None = None) -> dict:
         "backbone": m.name, "device": m.device.describe(), "dtype": m.device.dtype_name,
         "torch_version": torch.__version__, "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": host_cpu(), "command": command if command is not None else sys.argv, "config": asdict(cfg),
+        "host": host_cpu(), "git": git_revision(), "config": asdict(cfg),
+        "command": command if command is not None else sys.argv,
     }
 
 

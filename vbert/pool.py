@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .adapters import AdapterError, BottleneckAdapter, LoraAdapter
+from .adapters import AdapterError, BackboneShape, BottleneckAdapter, LoraAdapter
 from .artifact import AdapterArtifact
 from .backbone import BackboneSpec, LayerAdapters
 from .config import PoolConfig
@@ -32,6 +32,20 @@ from .heads import HEAD_KIND_CODES, POOLING_CODES, Head
 LORA_GROUPS = {"qkv": ("query", "key", "value"), "attn_out": ("attn_out",), "ffn_in": ("ffn_in",),
                "ffn_out": ("ffn_out",)}
 KIND_NONE, KIND_LORA, KIND_BOTTLENECK = 0, 1, 2
+
+
+def validate_artifact(artifact: AdapterArtifact, shape: BackboneShape, config: PoolConfig) -> None:
+    """Raise AdapterError naming the mismatch if the artifact cannot be served by a backbone of
+    this shape in a pool of this config (kind, layers, every tensor's shape, rank and size limits,
+    enabled LoRA targets, label count, NaN/Inf)."""
+    a = artifact.adapter
+    if isinstance(a, LoraAdapter):
+        a.validate(shape, config.max_lora_rank, tuple(config.lora_targets))
+    elif isinstance(a, BottleneckAdapter):
+        a.validate(shape, config.max_bottleneck_size)
+    elif a is not None:
+        raise AdapterError(f"unknown adapter type {type(a).__name__}")
+    artifact.head.validate(shape.hidden_size, config.max_labels)
 
 
 class PoolFullError(RuntimeError):
@@ -109,14 +123,7 @@ class AdapterPool:
     # -- load / unload ---------------------------------------------------------------------
     def validate(self, artifact: AdapterArtifact) -> None:
         """Raise AdapterError naming the mismatch if the artifact cannot live in this pool."""
-        a, shape = artifact.adapter, self.spec.shape
-        if isinstance(a, LoraAdapter):
-            a.validate(shape, self.config.max_lora_rank, tuple(self.config.lora_targets))
-        elif isinstance(a, BottleneckAdapter):
-            a.validate(shape, self.config.max_bottleneck_size)
-        elif a is not None:
-            raise AdapterError(f"unknown adapter type {type(a).__name__}")
-        artifact.head.validate(shape.hidden_size, self.config.max_labels)
+        validate_artifact(artifact, self.spec.shape, self.config)
 
     def load(self, artifact: AdapterArtifact, stream=None) -> int:
         """Validate, copy into a free slot (on `stream` under CUDA) and return the slot."""
