@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import peft_format
-from .adapters import AdapterError, BackboneShape, BottleneckAdapter, BottleneckWeights, LoraAdapter
+from .adapters import AdapterError, BackboneShape, BottleneckAdapter, BottleneckWeights, LoraAdapter, LoraWeights
 from .heads import Head, HeadKind, HeadSpec
 
 FORMAT = "vbert-adapter"
@@ -47,6 +47,31 @@ class AdapterArtifact:
 
     def num_parameters(self) -> int:
         return (self.adapter.num_parameters() if self.adapter is not None else 0) + self.head.num_parameters()
+
+    def tensors(self) -> list[torch.Tensor]:
+        a, out = self.adapter, []
+        if isinstance(a, LoraAdapter):
+            out += [t for w in a.modules.values() for t in (w.A, w.B)]
+        elif isinstance(a, BottleneckAdapter):
+            out += [t for w in a.layer_weights.values() for t in (w.down_w, w.down_b, w.up_w, w.up_b)]
+        return out + [t for t in (self.head.weight, self.head.bias) if t is not None]
+
+    def nbytes(self) -> int:
+        """Host memory its tensors take."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def map_tensors(self, fn) -> "AdapterArtifact":
+        """A copy with `fn` applied to every tensor (e.g. pin_memory for the host tier)."""
+        a = self.adapter
+        if isinstance(a, LoraAdapter):
+            a = LoraAdapter(a.rank, a.alpha, {k: LoraWeights(fn(w.A), fn(w.B), w.scale) for k, w in a.modules.items()},
+                            a.use_rslora)
+        elif isinstance(a, BottleneckAdapter):
+            a = BottleneckAdapter(a.size, {k: BottleneckWeights(*(fn(t) for t in (w.down_w, w.down_b, w.up_w, w.up_b)))
+                                           for k, w in a.layer_weights.items()})
+        h = self.head
+        head = Head(h.spec, fn(h.weight) if h.weight is not None else None, fn(h.bias) if h.bias is not None else None)
+        return AdapterArtifact(a, head)
 
 
 def _bottleneck_tensors(a: BottleneckAdapter) -> dict[str, torch.Tensor]:

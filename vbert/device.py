@@ -51,7 +51,7 @@ class DeviceContext:
     def host_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """A host copy suitable as the source of an async upload (pinned under CUDA)."""
         t = t.contiguous()
-        return t.pin_memory() if self.is_cuda else t
+        return t.pin_memory() if self.is_cuda and not t.is_pinned() else t
 
     def to_device(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return t.to(self.device, dtype=dtype, non_blocking=self.is_cuda)
@@ -64,6 +64,19 @@ class DeviceContext:
     def stream(self, stream):
         """Context that makes `stream` current; a no-op for None (CPU)."""
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def record_event(self, stream=None):
+        """An event marking the work queued so far on `stream` (None on CPU: work ran inline)."""
+        if not self.is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def wait_event(self, event) -> None:
+        """Make the current stream wait for `event` (a no-op for None)."""
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     def synchronize(self) -> None:
         if self.is_cuda:
