@@ -22,7 +22,7 @@ from .bucketing import plan_buckets
 from .config import ModelConfig
 from .device import DeviceContext
 from .heads import HEAD_KIND_CODES, Head, HeadKind, HeadSpec, classify_logits, embed, pool_hidden, tag_logits
-from .pool import AdapterPool
+from .pool import AdapterPool, BatchAdapters
 
 
 class InputError(ValueError):
@@ -66,6 +66,25 @@ def default_head_of(path: str | Path) -> Head:
     if modules.is_file():
         normalize = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
     return Head(HeadSpec(HeadKind.EMBED, pooling=pooling, normalize=normalize))
+
+
+@dataclass
+class _Bucket:
+    row_index: list[int]               # positions of its rows in the prepared batch
+    input_ids: torch.Tensor            # [B, L] on the device
+    token_type_ids: torch.Tensor       # [B, L]
+    mask: torch.Tensor                 # [B, L] bool
+    is_full: bool                      # no padding at all (attention needs no mask)
+    adapters: BatchAdapters
+
+
+@dataclass
+class PreparedBatch:
+    """Device-ready inputs of one step (see MultiTenantModel.prepare)."""
+
+    rows: list[EncodeRow]
+    buckets: list[_Bucket]
+    event: object = None               # CUDA event of the preparation stream; None on CPU
 
 
 class MultiTenantModel:
@@ -119,11 +138,16 @@ class MultiTenantModel:
         self.pool.unload(slot)
 
     # -- forward -------------------------------------------------------------------------------
-    @torch.inference_mode()
     def forward(self, rows: Sequence[EncodeRow]) -> list[RowOutput]:
         """Outputs in row order. Rows are bucketed by length so padding stays small."""
-        if not rows:
-            return []
+        return self.execute(self.prepare(rows))
+
+    @torch.inference_mode()
+    def prepare(self, rows: Sequence[EncodeRow], stream=None) -> PreparedBatch:
+        """Everything before compute: validation, length buckets, input packing, host-to-device
+        copies and the gather of each row's adapter and head weights. Under CUDA it runs on
+        `stream` (e.g. a copy stream) and `execute` waits for it; on CPU it runs inline, so a
+        preparation thread can overlap it with the compute of the previous step."""
         lengths = []
         for i, r in enumerate(rows):
             n = len(r.input_ids)
@@ -134,13 +158,14 @@ class MultiTenantModel:
             if r.token_type_ids is not None and len(r.token_type_ids) != n:
                 raise InputError(f"row {i}: token_type_ids length {len(r.token_type_ids)} != input_ids length {n}")
             lengths.append(n)
-        outputs: list[RowOutput | None] = [None] * len(rows)
-        for bucket in plan_buckets(lengths, self.config.batching):
-            for i, out in zip(bucket, self._forward_bucket([rows[i] for i in bucket])):
-                outputs[i] = out
-        return outputs
+        buckets = []
+        with self.device.stream(stream):
+            for idx in plan_buckets(lengths, self.config.batching):
+                buckets.append(self._prepare_bucket(idx, [rows[i] for i in idx]))
+            event = self.device.record_event(stream)
+        return PreparedBatch(list(rows), buckets, event)
 
-    def _forward_bucket(self, rows: Sequence[EncodeRow]) -> list[RowOutput]:
+    def _prepare_bucket(self, idx: list[int], rows: list[EncodeRow]) -> _Bucket:
         bsz, seq = len(rows), max(len(r.input_ids) for r in rows)
         ids = np.full((bsz, seq), self.spec.pad_token_id, np.int64)
         types = np.zeros((bsz, seq), np.int64)
@@ -155,8 +180,23 @@ class MultiTenantModel:
             raise InputError(f"token ids must be in [0, {self.spec.vocab_size})")
         dev = self.device
         ids_t, types_t, mask_t = (dev.to_device(dev.host_tensor(torch.from_numpy(a))) for a in (ids, types, mask))
-        batch = self.pool.gather([r.slot for r in rows], [r.normalize for r in rows])
-        hidden = self.encoder(ids_t, types_t, mask_t, batch.layers, has_padding=not mask.all())  # [B, L, H]
+        adapters = self.pool.gather([r.slot for r in rows], [r.normalize for r in rows])
+        return _Bucket(idx, ids_t, types_t, mask_t, bool(mask.all()), adapters)
+
+    @torch.inference_mode()
+    def execute(self, prepared: PreparedBatch) -> list[RowOutput]:
+        """The forward passes of a prepared batch (one per length bucket); outputs in row order."""
+        self.device.wait_event(prepared.event)
+        outputs: list[RowOutput | None] = [None] * len(prepared.rows)
+        for bucket in prepared.buckets:
+            for i, out in zip(bucket.row_index, self._execute_bucket(bucket, [prepared.rows[i] for i in bucket.row_index])):
+                outputs[i] = out
+        return outputs
+
+    def _execute_bucket(self, bucket: _Bucket, rows: list[EncodeRow]) -> list[RowOutput]:
+        batch, mask_t, dev = bucket.adapters, bucket.mask, self.device
+        hidden = self.encoder(bucket.input_ids, bucket.token_type_ids, mask_t, batch.layers,
+                              has_padding=not bucket.is_full)                                  # [B, L, H]
         pooled = pool_hidden(hidden, mask_t, batch.pooling, self.encoder.pooler)                # [B, H]
         results: dict[HeadKind, tuple[np.ndarray, torch.Tensor]] = {}
         for kind, code in HEAD_KIND_CODES.items():
@@ -171,15 +211,15 @@ class MultiTenantModel:
             else:
                 out = embed(pooled[idx], batch.normalize[idx])
             results[kind] = (idx_np, out.float().cpu())
-        outputs: list[RowOutput | None] = [None] * bsz
+        outputs: list[RowOutput | None] = [None] * len(rows)
         for kind, (idx_np, out) in results.items():
             for j, b in enumerate(idx_np.tolist()):   # slicing results to each row's own size
-                head = self.pool.head(rows[b].slot)
+                labels = batch.labels[b]
                 c, n = int(batch.num_labels[b]), len(rows[b].input_ids)
                 if kind is HeadKind.CLASSIFY:
-                    outputs[b] = RowOutput(kind, head.spec.labels, logits=out[j, :c])
+                    outputs[b] = RowOutput(kind, labels, logits=out[j, :c])
                 elif kind is HeadKind.TAG:
-                    outputs[b] = RowOutput(kind, head.spec.labels, logits=out[j, :n, :c])
+                    outputs[b] = RowOutput(kind, labels, logits=out[j, :n, :c])
                 else:
                     outputs[b] = RowOutput(kind, (), embedding=out[j])
         return outputs

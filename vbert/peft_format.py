@@ -92,8 +92,8 @@ def read_peft_lora(path: str | Path) -> tuple[LoraAdapter, dict[str, torch.Tenso
     return LoraAdapter(rank=rank, alpha=alpha, modules=modules, use_rslora=use_rslora), rest
 
 
-def load_peft_dir(path: str | Path) -> "AdapterArtifact":
-    """A plain PEFT directory as an artifact: LoRA plus the head PEFT saved, if any."""
+def load_peft_dir(path: str | Path):
+    """A plain PEFT directory as an AdapterArtifact: LoRA plus the head PEFT saved, if any."""
     from .artifact import AdapterArtifact
 
     adapter, rest = read_peft_lora(path)

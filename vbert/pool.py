@@ -59,6 +59,7 @@ class BatchAdapters:
     layers: list[LayerAdapters | None] | None   # per layer, None where no row has an adapter
     head_kinds: np.ndarray                      # [B] int, HEAD_KIND_CODES
     num_labels: np.ndarray                      # [B] int
+    labels: list[tuple[str, ...]]               # [B] each row's head labels (captured at gather)
     pooling: torch.Tensor                       # [B] long, POOLING_CODES
     normalize: torch.Tensor                     # [B] bool
     head_weight: torch.Tensor                   # [B, C, H] (zeros for embed rows)
@@ -245,6 +246,7 @@ class AdapterPool:
             layers=layers,
             head_kinds=self.slot_head_kind[slots],
             num_labels=self.slot_num_labels[slots],
+            labels=[self.slot_heads[s].spec.labels for s in slots],
             pooling=torch.from_numpy(self.slot_pooling[slots]).to(dev),
             normalize=torch.from_numpy(norm).to(dev),
             head_weight=self.head_weight.index_select(0, slot_t),
