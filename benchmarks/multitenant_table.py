@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results/<cpu|cuda>-<date>")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="reuse a point whose JSON is already in --out-dir (resume, or redo only deleted points)")
     for name in PASS_THROUGH[2:]:
         p.add_argument("--" + name.replace("_", "-"), default=None, help="passed to multitenant.py")
     return p.parse_args(argv)
@@ -106,7 +108,8 @@ def write_plot(results: list[dict], path: Path) -> None:
     r0 = results[0]
     ax.set_title(f"mixed-tenant batches, B={r0['batch']}, L={r0['seq']} on {r0['device']} ({r0['dtype']})",
                  fontsize=10)
-    ax.legend()
+    ax.set_ylim(0, 1.18 * max(r[key] or 0.0 for r in results for _, key, _ in series))
+    ax.legend(ncol=len(series), loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -121,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     for adapter in args.adapters:
         for n in args.tenants:
             out = out_dir / f"{adapter}-n{n}.json"
-            r = run_point(point_command(args, adapter, n, out), out)
+            if args.skip_existing and out.is_file():
+                print(f"reusing {out}", flush=True)
+                r = json.loads(out.read_text())
+            else:
+                r = run_point(point_command(args, adapter, n, out), out)
             if r is None:
                 failed.append(out.name)
             else:

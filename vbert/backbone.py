@@ -108,7 +108,7 @@ def apply_lora(out: torch.Tensor, x: torch.Tensor, group: tuple | None) -> torch
     r0 = 0
     for _target, b, offset in parts:
         r, o = b.shape[1], b.shape[2]
-        out[..., offset:offset + o].baddbmm_(shrunk[..., r0:r0 + r], b)   # in place, no temporary
+        out[..., offset:offset + o] += torch.bmm(shrunk[..., r0:r0 + r], b)   # one bmm per target
         r0 += r
     return out
 

@@ -113,21 +113,30 @@ class MultiTenantModel:
 
     def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
         """Token ids with [CLS]/[SEP]; too long a text is cut to max_length, or refused if
-        truncate is False."""
+        truncate is False. Raises InputError naming the first bad text."""
         if not texts:
             raise InputError("no texts given")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
-                raise InputError(f"text {i} is empty")
-        ids = self.tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]
-        out = []
-        for i, row in enumerate(ids):
-            if len(row) > self.max_length:
-                if not truncate:
-                    raise InputError(f"text {i} has {len(row)} tokens, above the limit of {self.max_length} "
-                                     f"(truncation is off)")
-                row = row[:self.max_length - 1] + row[-1:]
-            out.append(row)
+        out = self.tokenize_each(texts, [truncate] * len(texts))
+        for i, row in enumerate(out):
+            if isinstance(row, InputError):
+                raise InputError(f"text {i} {row}")
+        return out
+
+    def tokenize_each(self, texts: Sequence[str], truncate: Sequence[bool]) -> list[list[int] | InputError]:
+        """One tokenizer call for many texts; a bad text gives, in its place, an InputError whose
+        message is a predicate ("is empty", "has N tokens, above the limit of M ...")."""
+        out: list[list[int] | InputError] = [InputError("is empty") for _ in texts]
+        good = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+        if good:
+            ids = self.tokenizer([texts[i] for i in good], truncation=False, add_special_tokens=True)["input_ids"]
+            for i, row in zip(good, ids):
+                if len(row) > self.max_length:
+                    if not truncate[i]:
+                        out[i] = InputError(f"has {len(row)} tokens, above the limit of {self.max_length} "
+                                            f"(truncation is off)")
+                        continue
+                    row = row[:self.max_length - 1] + row[-1:]
+                out[i] = row
         return out
 
     # -- adapters ------------------------------------------------------------------------------
