@@ -1,0 +1,309 @@
+"""The engine: a step loop on its own threads, fed by a thread- and asyncio-safe submit().
+
+Each step is three moves (nano-vllm style): schedule, run, postprocess. With pipelining on, two
+threads overlap them: the preparation thread tokenizes new requests, schedules step k+1, makes its
+adapters resident (asynchronous prefetch on the cache's loader threads: the policy lets a request
+whose adapter is not resident wait without losing its place) and builds its device inputs, while
+the compute thread runs step k. With pipelining off, one thread does everything in order and loads
+a step's adapters synchronously before computing it (the baseline of benchmarks/pipeline.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from manager.cache import CacheFullError, TieredCache
+
+from .config import SchedulerConfig
+from .policy import QueueFullError, Scheduler
+from .runner import ModelRunner, PreparedStep
+from .types import Request, RequestStatus, ScheduledBatch
+
+log = logging.getLogger(__name__)
+
+
+class DeadlineExceededError(TimeoutError):
+    """The request's deadline passed before it was computed."""
+
+
+class RequestCancelledError(RuntimeError):
+    pass
+
+
+class RequestFailedError(RuntimeError):
+    """The request could not be computed (bad input, adapter failed to load, runner error)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is draining or stopped: no new requests."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    is_pipelined: bool = True
+    max_prepared_steps: int = 1      # steps prepared ahead of the one computing
+    idle_wait_s: float = 0.02        # longest sleep of an idle loop (deadline sweeps, residency)
+
+    def __post_init__(self) -> None:
+        if self.max_prepared_steps < 1:
+            raise ValueError(f"max_prepared_steps must be >= 1, got {self.max_prepared_steps}")
+        if not 0 < self.idle_wait_s <= 1:
+            raise ValueError(f"idle_wait_s must be in (0, 1], got {self.idle_wait_s}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a finished request returns: the runner's output and where its time went."""
+
+    request_id: int
+    output: object
+    num_tokens: int
+    queue_s: float          # arrival -> scheduled into a step
+    tokenize_s: float
+    inference_s: float      # the compute of its step
+    step: int
+
+
+class CacheResidency:
+    """The policy's view of the adapter cache: is it resident; start loading it (no waiting)."""
+
+    def __init__(self, cache: TieredCache, on_change):
+        self.cache, self.on_change = cache, on_change
+        self.failed: dict[int, BaseException] = {}
+        self._lock = threading.Lock()
+
+    def is_resident(self, adapter_id: int) -> bool:
+        return self.cache.is_resident(adapter_id)
+
+    def request(self, adapter_ids: list[int]) -> None:
+        for a in adapter_ids:   # one by one: a broken adapter must not block the others
+            self.cache.prefetch([a]).add_done_callback(lambda f, a=a: self._loaded(a, f))
+
+    def _loaded(self, adapter_id: int, fut: Future) -> None:
+        exc = fut.exception()
+        if exc is None:
+            self.cache.release([adapter_id])   # resident now; the step that uses it takes its own hold
+        elif not isinstance(exc, CacheFullError):   # full: the policy asks again later
+            with self._lock:
+                self.failed[adapter_id] = exc
+        self.on_change()
+
+    def take_failures(self) -> dict[int, BaseException]:
+        with self._lock:
+            failed, self.failed = self.failed, {}
+        return failed
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, scheduler_config: SchedulerConfig, runner: ModelRunner,
+                 cache: TieredCache | None = None):
+        self.config, self.runner = config, runner
+        self._wake = threading.Condition()
+        self.residency = CacheResidency(cache, self._notify) if (cache is not None and config.is_pipelined) else None
+        self.scheduler = Scheduler(scheduler_config, residency=self.residency)
+        self._max_waiting = scheduler_config.max_waiting
+        self._incoming: list[Request] = []
+        self._futures: dict[int, tuple[Request, Future]] = {}
+        self._prepared: queue.Queue = queue.Queue(maxsize=config.max_prepared_steps)
+        self._threads: list[threading.Thread] = []
+        self._is_accepting = False
+        self._is_stopping = False
+        self.num_steps = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._is_accepting = True
+        loops = [self._prepare_loop, self._compute_loop] if self.config.is_pipelined else [self._serial_loop]
+        self._threads = [threading.Thread(target=f, name=f"engine-{f.__name__.strip('_')}", daemon=True) for f in loops]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = 60) -> None:
+        """Refuse new requests; with drain, finish the queued ones first; then end the threads."""
+        self._is_accepting = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while drain and self.num_pending and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.01)
+        self._is_stopping = True
+        self._notify()
+        for t in self._threads:
+            t.join(timeout)
+        for req, fut in list(self._futures.values()):
+            self._fail(req, EngineStoppedError("the engine stopped before this request was computed"))
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._futures)
+
+    # -- submission ----------------------------------------------------------------------------
+    def submit(self, request: Request) -> Future:
+        """Queue a request; the future resolves to a Completion or fails with
+        DeadlineExceededError, RequestCancelledError, RequestFailedError, EngineStoppedError.
+        Raises QueueFullError at once when the queues are full (backpressure)."""
+        if not self._is_accepting:
+            raise EngineStoppedError("the engine is not accepting requests (draining or stopped)")
+        if request.is_generative:
+            raise NotImplementedError("generative requests are not implemented yet")
+        fut: Future = Future()
+        with self._wake:
+            if len(self._incoming) + self.scheduler.num_waiting >= self._max_waiting:
+                raise QueueFullError(f"the engine queue is full ({self._max_waiting} waiting requests); retry later")
+            self._futures[request.request_id] = (request, fut)
+            if request.is_tokenized:
+                try:
+                    self.scheduler.add(request)
+                except BaseException:
+                    del self._futures[request.request_id]
+                    raise
+            else:
+                self._incoming.append(request)
+            self._wake.notify_all()
+        return fut
+
+    async def submit_async(self, request: Request) -> Completion:
+        """asyncio flavour; cancelling the awaiting task cancels the request."""
+        fut = asyncio.wrap_future(self.submit(request))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.cancel(request.request_id)
+            raise
+
+    def cancel(self, request_id: int) -> bool:
+        with self._wake:
+            entry = self._futures.get(request_id)
+            if entry is None:
+                return False
+            req, _ = entry
+            if req in self._incoming:
+                self._incoming.remove(req)
+            else:
+                self.scheduler.cancel(request_id)
+        self._fail(req, RequestCancelledError(f"request {request_id} was cancelled"))
+        return True
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    # -- the loops -------------------------------------------------------------------------------
+    def _next_batch(self) -> ScheduledBatch | None:
+        """Admit new requests, answer dropped ones, and schedule the next step (None if idle)."""
+        with self._wake:
+            incoming, self._incoming = self._incoming, []
+        for req, err in self.runner.tokenize(incoming):
+            self._fail(req, RequestFailedError(str(err)))
+        for req in incoming:
+            if req.is_tokenized and req.request_id in self._futures:
+                try:
+                    self.scheduler.add(req)
+                except (QueueFullError, ValueError) as e:
+                    self._fail(req, e)
+        if self.residency is not None:
+            self._fail_broken_adapters(self.residency.take_failures())
+        batch = self.scheduler.schedule()
+        for req in batch.dropped:
+            if req.status is RequestStatus.EXPIRED:
+                self._fail(req, DeadlineExceededError(f"request {req.request_id} passed its deadline while queued"))
+        if not batch.rows:
+            with self._wake:
+                if not self._incoming and not self._is_stopping:
+                    self._wake.wait(self.config.idle_wait_s)
+            return None
+        now = time.monotonic()
+        for row in batch.rows:
+            row.request.metadata["queue_s"] = now - row.request.arrival
+        return batch
+
+    def _fail_broken_adapters(self, failed: dict[int, BaseException]) -> None:
+        if not failed:
+            return
+        with self._wake:
+            victims = [r for r, _ in self._futures.values() if r.adapter_id in failed]
+        for req in victims:
+            self.scheduler.cancel(req.request_id)
+            self._fail(req, RequestFailedError(f"adapter could not be loaded: {failed[req.adapter_id]}"))
+
+    def _prepare(self, batch: ScheduledBatch) -> PreparedStep | None:
+        try:
+            return self.runner.prepare(batch)
+        except Exception as e:  # noqa: BLE001 - every failure is answered per request
+            log.exception("preparing step %d failed", batch.step)
+            for req in self.scheduler.abort_step(batch, str(e)):
+                self._fail(req, RequestFailedError(f"step preparation failed: {e}"))
+            return None
+
+    def _compute(self, step: PreparedStep) -> None:
+        try:
+            output = self.runner.execute(step)
+        except Exception as e:  # noqa: BLE001
+            log.exception("step %d failed", step.batch.step)
+            for req in self.scheduler.abort_step(step.batch, str(e)):
+                self._fail(req, RequestFailedError(f"step failed: {e}"))
+            return
+        finally:
+            self.runner.release(step)
+        by_id = {r.request_id: r for r in output.results}
+        for req in self.scheduler.update(output):
+            result = by_id.get(req.request_id)
+            if req.status is RequestStatus.FINISHED and result is not None:
+                self._complete(req, Completion(req.request_id, result.output, req.num_tokens,
+                                               req.metadata.get("queue_s", 0.0), req.metadata.get("tokenize_s", 0.0),
+                                               output.compute_s, output.step))
+            elif req.status is RequestStatus.FAILED:
+                error = (result.error if result is not None else None) or req.metadata.get("error")
+                self._fail(req, RequestFailedError(error or "the runner failed this request"))
+        self.num_steps += 1
+
+    def _prepare_loop(self) -> None:
+        while not self._is_stopping:
+            batch = self._next_batch()
+            if batch is None:
+                continue
+            step = self._prepare(batch)
+            if step is not None:
+                self._prepared.put(step)   # waits while the compute thread is busy
+        self._prepared.put(None)
+
+    def _compute_loop(self) -> None:
+        while True:
+            step = self._prepared.get()
+            if step is None:
+                return
+            self._compute(step)
+
+    def _serial_loop(self) -> None:
+        while not self._is_stopping:
+            batch = self._next_batch()
+            if batch is not None:
+                step = self._prepare(batch)
+                if step is not None:
+                    self._compute(step)
+
+    # -- answering -------------------------------------------------------------------------------
+    def _complete(self, req: Request, completion: Completion) -> None:
+        with self._wake:
+            entry = self._futures.pop(req.request_id, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(completion)
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        with self._wake:
+            entry = self._futures.pop(req.request_id, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_exception(exc)
+
+    def stats(self) -> dict:
+        return {"steps": self.num_steps, "pending": self.num_pending, "scheduler": self.scheduler.stats()}
