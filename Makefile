@@ -28,8 +28,7 @@ info: install
 	$(VENV)/bin/vbert info
 
 serve: install
-	@echo "make serve: the gRPC server is not built yet (dispatcher issue #5); see README 'Not finished'." >&2
-	@exit 2
+	$(VENV)/bin/vbert serve
 
 bench: install
 	$(PY) benchmarks/multitenant.py --tenants 1000 --batch 32 --seq 128 --adapter lora --json benchmarks/out/multitenant_lora.json

@@ -50,6 +50,35 @@ def info(backbone, device, dtype, lora_slots, bottleneck_slots, output) -> None:
 
 
 @main.command()
+@click.option("--host", default=None, help="Tenant API address (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Tenant API port (default 50051).")
+@click.option("--data-dir", default=None, help="Registry, adapters and admin token (default ./var).")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus port (default 9400; 0 = off).")
+@click.option("--admin-port", type=int, default=None, help="Separate loopback admin listener.")
+@click.option("--config", "config_file", default=None, help="TOML config file (flags > VBERT_* env > file).")
+@click.option("--backbone", default=None)
+@click.option("--device", default=None)
+@click.option("--dtype", default=None)
+def serve(host, port, data_dir, metrics_port, admin_port, config_file, backbone, device, dtype) -> None:
+    """Start the gRPC server (tenant API, admin API, Open Inference Protocol, health, reflection)."""
+    import asyncio
+    import os
+
+    from .config import ServerConfig
+    from .logs import configure
+    from .server import serve as run_server
+
+    try:
+        config = ServerConfig.load(config_file, os.environ, dict(
+            host=host, port=port, data_dir=data_dir, metrics_port=metrics_port, admin_port=admin_port,
+            backbone=backbone, device=device, dtype=dtype))
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    configure(config.log_level)
+    raise SystemExit(asyncio.run(run_server(config)))
+
+
+@main.command()
 @click.option("--tenants", default=300, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--batch", default=32, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -101,8 +101,10 @@ class CacheResidency:
 
 class Engine:
     def __init__(self, config: EngineConfig, scheduler_config: SchedulerConfig, runner: ModelRunner,
-                 cache: TieredCache | None = None):
-        self.config, self.runner = config, runner
+                 cache: TieredCache | None = None, on_step=None):
+        """on_step(batch: ScheduledBatch, output: StepOutput) is called after every computed step
+        (e.g. metrics); it must be quick and must not raise."""
+        self.config, self.runner, self.on_step = config, runner, on_step
         self._wake = threading.Condition()
         self.residency = CacheResidency(cache, self._notify) if (cache is not None and config.is_pipelined) else None
         self.scheduler = Scheduler(scheduler_config, residency=self.residency)
@@ -204,7 +206,7 @@ class Engine:
         with self._wake:
             incoming, self._incoming = self._incoming, []
         for req, err in self.runner.tokenize(incoming):
-            self._fail(req, RequestFailedError(str(err)))
+            self._fail(req, err)
         for req in incoming:
             if req.is_tokenized and req.request_id in self._futures:
                 try:
@@ -234,7 +236,9 @@ class Engine:
             victims = [r for r, _ in self._futures.values() if r.adapter_id in failed]
         for req in victims:
             self.scheduler.cancel(req.request_id)
-            self._fail(req, RequestFailedError(f"adapter could not be loaded: {failed[req.adapter_id]}"))
+            err = RequestFailedError(f"adapter could not be loaded: {failed[req.adapter_id]}")
+            err.__cause__ = failed[req.adapter_id]
+            self._fail(req, err)
 
     def _prepare(self, batch: ScheduledBatch) -> PreparedStep | None:
         try:
@@ -255,6 +259,8 @@ class Engine:
             return
         finally:
             self.runner.release(step)
+        if self.on_step is not None:
+            self.on_step(step.batch, output)
         by_id = {r.request_id: r for r in output.results}
         for req in self.scheduler.update(output):
             result = by_id.get(req.request_id)

@@ -31,7 +31,7 @@ class ModelRunner:
         if not todo:
             return []
         t0 = time.perf_counter()
-        rows = self.model.tokenize_each([r.text for r in todo], [r.truncate for r in todo])
+        rows = self.model.tokenize_each([r.text for r in todo], [r.truncate for r in todo], [r.max_length for r in todo])
         dt = time.perf_counter() - t0
         failed = []
         for r, ids in zip(todo, rows):

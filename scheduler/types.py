@@ -41,6 +41,7 @@ class Request:
     prompt_ids: list[int] | None = None
     text: str | None = None
     truncate: bool = True
+    max_length: int | None = None     # the tenant's token limit per input (None = the model's)
     normalize: bool | None = None     # embed heads: override the head's normalization
     weight: float = 1.0               # the tenant's scheduling weight (from its quotas)
     max_new_tokens: int = 0           # 0 = encoder request, finished in one step

@@ -122,7 +122,8 @@ class MultiTenantModel:
                 raise InputError(f"text {i} {row}")
         return out
 
-    def tokenize_each(self, texts: Sequence[str], truncate: Sequence[bool]) -> list[list[int] | InputError]:
+    def tokenize_each(self, texts: Sequence[str], truncate: Sequence[bool],
+                      max_length: Sequence[int | None] | None = None) -> list[list[int] | InputError]:
         """One tokenizer call for many texts; a bad text gives, in its place, an InputError whose
         message is a predicate ("is empty", "has N tokens, above the limit of M ...")."""
         out: list[list[int] | InputError] = [InputError("is empty") for _ in texts]
@@ -130,12 +131,13 @@ class MultiTenantModel:
         if good:
             ids = self.tokenizer([texts[i] for i in good], truncation=False, add_special_tokens=True)["input_ids"]
             for i, row in zip(good, ids):
-                if len(row) > self.max_length:
+                limit = min(self.max_length, (max_length[i] if max_length is not None else None) or self.max_length)
+                if len(row) > limit:
                     if not truncate[i]:
-                        out[i] = InputError(f"has {len(row)} tokens, above the limit of {self.max_length} "
+                        out[i] = InputError(f"has {len(row)} tokens, above the limit of {limit} "
                                             f"(truncation is off)")
                         continue
-                    row = row[:self.max_length - 1] + row[-1:]
+                    row = row[:limit - 1] + row[-1:]
                 out[i] = row
         return out
 

@@ -16,7 +16,7 @@ from scheduler.policy import QueueFullError
 from scheduler.runner import ModelRunner
 from scheduler.types import Request
 from tests.conftest import classify, embed_head, make_artifact, tag, tiny_pool_config
-from vbert import BackboneConfig, EncodeRow, HeadKind, ModelConfig, MultiTenantModel, PoolConfig
+from vbert import BackboneConfig, EncodeRow, HeadKind, InputError, ModelConfig, MultiTenantModel, PoolConfig
 
 TEXTS = ["the patient was treated", "gene expression of this protein was reduced in tumor cells",
          "we show results", "a study of cancer", "high level of the gene"]
@@ -144,9 +144,9 @@ def test_bad_input_fails_that_request(world):
         long = engine.submit(Request(tenant_id=1, adapter_id=None, deadline=far(), text="gene " * 100, truncate=False))
         empty = engine.submit(Request(tenant_id=1, adapter_id=None, deadline=far(), text="   "))
         fine = engine.submit(Request(tenant_id=1, adapter_id=None, deadline=far(), text="gene " * 100))
-        with pytest.raises(RequestFailedError, match="tokens, above the limit of 64"):
+        with pytest.raises(InputError, match="tokens, above the limit of 64"):
             long.result(30)
-        with pytest.raises(RequestFailedError, match="text is empty"):
+        with pytest.raises(InputError, match="text is empty"):
             empty.result(30)
         assert fine.result(30).num_tokens == 64
 

@@ -1,0 +1,184 @@
+"""Server configuration: defaults < config file (TOML) < `VBERT_*` environment < command-line flags,
+composed once at start-up and validated with clear errors; each component gets only its part."""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from manager.cache import CacheConfig
+from manager.manager import ManagerConfig
+from scheduler.config import SchedulerConfig
+from scheduler.engine import EngineConfig
+from vbert.config import BackboneConfig, ModelConfig, PoolConfig
+
+ENV_PREFIX = "VBERT_"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # listeners
+    host: str = "127.0.0.1"
+    port: int = 50051
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None        # None: the tenant listener, which must then be loopback
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9400             # 0 disables the metrics endpoint
+    tls_cert: str | None = None          # PEM files; cert + key enable TLS
+    tls_key: str | None = None
+    tls_client_ca: str | None = None     # with TLS: require client certificates signed by this CA (mTLS)
+    # state
+    data_dir: str = "./var"
+    admin_token: str | None = None       # None: VBERT_ADMIN_TOKEN, else generated into data_dir/admin_token
+    # model
+    backbone: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    lora_slots: int = 256
+    bottleneck_slots: int = 256
+    max_lora_rank: int = 16
+    max_bottleneck_size: int = 64
+    max_labels: int = 64
+    host_cache_mb: int = 2048
+    # limits
+    max_message_bytes: int = 16 << 20
+    max_texts_per_request: int = 64
+    max_tokens_per_text: int = 512
+    max_concurrent_rpcs: int = 256
+    default_deadline_s: float = 30.0
+    keepalive_min_ping_s: float = 10.0   # client pings at most this often are accepted, never GOAWAY'd
+    # engine
+    is_pipelined: bool = True
+    max_tokens_per_step: int = 8192
+    max_rows_per_step: int = 64
+    max_waiting: int = 10000
+    max_waiting_per_tenant: int = 1000
+    # lifecycle
+    grace_s: float = 30.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            v = getattr(self, name)
+            if not 0 <= v <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {v}")
+        if self.admin_port is not None and not 0 <= self.admin_port <= 65535:
+            raise ValueError(f"admin_port must be in [0, 65535], got {self.admin_port}")
+        if self.admin_port is None and not is_loopback(self.host):
+            raise ValueError(f"the admin API binds to loopback: with host {self.host!r} (not loopback) set admin_port "
+                             f"for a separate admin listener on {self.admin_host}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            v = getattr(self, name)
+            if v is not None and not Path(v).is_file():
+                raise ValueError(f"{name} {v!r} is not a file")
+        for name in ("max_message_bytes", "max_texts_per_request", "max_tokens_per_text", "max_concurrent_rpcs",
+                     "host_cache_mb", "max_tokens_per_step", "max_rows_per_step", "max_waiting",
+                     "max_waiting_per_tenant"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("default_deadline_s", "keepalive_min_ping_s", "grace_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"log_level {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+        # the parts validate themselves
+        self.model_config(), self.scheduler_config(), self.manager_config()
+
+    # -- the parts -----------------------------------------------------------------------------
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            backbone=BackboneConfig(path=self.backbone, device=self.device, dtype=self.dtype,
+                                    max_length=self.max_tokens_per_text),
+            pool=PoolConfig(num_lora_slots=self.lora_slots, num_bottleneck_slots=self.bottleneck_slots,
+                            max_lora_rank=self.max_lora_rank, max_bottleneck_size=self.max_bottleneck_size,
+                            max_labels=self.max_labels))
+
+    def manager_config(self) -> ManagerConfig:
+        return ManagerConfig.under(self.data_dir, cache=CacheConfig(host_budget_bytes=self.host_cache_mb << 20))
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(max_tokens_per_step=max(self.max_tokens_per_step, self.max_tokens_per_text),
+                               max_rows_per_step=self.max_rows_per_step, max_waiting=self.max_waiting,
+                               max_waiting_per_tenant=self.max_waiting_per_tenant)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(is_pipelined=self.is_pipelined)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # -- composition ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, config_file: str | None = None, env: Mapping[str, str] | None = None,
+             flags: Mapping[str, Any] | None = None) -> "ServerConfig":
+        """defaults < config file < VBERT_* env < flags (flags whose value is None are unset)."""
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ValueError(f"config file {config_file!r} does not exist")
+            try:
+                values.update(_check_keys(tomllib.loads(path.read_text()), f"config file {config_file}"))
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"config file {config_file}: {e}") from None
+        env = env or {}
+        known = {f.name for f in fields(cls)}
+        for key, raw in env.items():
+            if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in known:
+                values[key[len(ENV_PREFIX):].lower()] = raw
+        values.update({k: v for k, v in _check_keys(dict(flags or {}), "flags").items() if v is not None})
+        return cls(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def _check_keys(d: dict, where: str) -> dict:
+    known = {f.name for f in fields(ServerConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {unknown}")
+    return d
+
+
+_HINTS = typing.get_type_hints(ServerConfig)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Strings from the environment (or TOML values) into the field's type, with a clear error."""
+    hint = _HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    target = args[0]
+    if value is None or (isinstance(value, str) and value == "" and type(None) in typing.get_args(hint)):
+        return None
+    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+        return value
+    try:
+        if target is bool:
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return target(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"setting {name}: {value!r} is not a valid {target.__name__}") from None
+
+
+def replace(config: ServerConfig, **changes) -> ServerConfig:
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,64 @@
+"""Prometheus metrics on their own port. No per-tenant labels on histograms (cardinality)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rpc_seconds = Histogram("vbert_rpc_duration_seconds", "RPC duration", ["method", "code"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("vbert_queue_seconds", "time a request waited before its step",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram("vbert_batch_rows", "rows per step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+                                    registry=r)
+        self.batch_tokens = Histogram("vbert_batch_tokens", "tokens per step",
+                                      buckets=(16, 64, 256, 1024, 4096, 8192, 16384, 65536), registry=r)
+        self.step_seconds = Histogram("vbert_step_compute_seconds", "compute time per step",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.inputs = Counter("vbert_inputs_total", "inputs served", ["method"], registry=r)
+        self._sources = {}
+
+    def watch(self, cache=None, scheduler=None) -> None:
+        """Read cache counters and queue depth when scraped."""
+        self._sources = {"cache": cache, "scheduler": scheduler}
+        self.registry.register(_LiveCollector(self._sources))
+
+    def on_step(self, batch, output) -> None:
+        self.batch_rows.observe(batch.num_rows)
+        self.batch_tokens.observe(batch.num_tokens)
+        self.step_seconds.observe(output.compute_s)
+
+    def serve(self, host: str, port: int):
+        if port:
+            return start_http_server(port, addr=host, registry=self.registry)
+        return None
+
+
+class _LiveCollector:
+    def __init__(self, sources):
+        self.sources = sources
+
+    def collect(self):
+        cache, scheduler = self.sources.get("cache"), self.sources.get("scheduler")
+        if cache is not None:
+            stats = cache.stats()
+            for name, help_text in (("hits", "adapter cache hits"), ("misses", "adapter cache misses"),
+                                    ("evictions", "adapter cache evictions"), ("loads", "adapter loads")):
+                c = CounterMetricFamily(f"vbert_adapter_cache_{name}", help_text, labels=["tier"])
+                for tier in ("device", "host", "disk"):
+                    c.add_metric([tier], stats[tier].get(name, 0))
+                yield c
+            g = GaugeMetricFamily("vbert_resident_adapters", "adapters resident per tier", labels=["tier"])
+            g.add_metric(["device"], stats["device"]["resident"])
+            g.add_metric(["host"], stats["host"]["resident"])
+            yield g
+        if scheduler is not None:
+            g = GaugeMetricFamily("vbert_queue_depth", "requests waiting in the engine")
+            g.add_metric([], scheduler.num_waiting)
+            yield g

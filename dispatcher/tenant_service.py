@@ -1,0 +1,148 @@
+"""Tenant API servicer: Classify, Tag, Embed (unary and bidirectional streams), Generate (declared).
+Model compute never runs on the event loop: requests go to the engine's threads and are awaited."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from manager.errors import FailedPreconditionError
+from manager.manager import AdapterRef
+from vbert.heads import HeadKind
+
+from . import convert
+from .app import App
+from .auth import current_request_id, current_tenant
+from .errors import abort
+from .gen.vbert.v1 import tenant_pb2, tenant_pb2_grpc
+
+STREAM_WINDOW = 64   # messages of one stream processed concurrently (answers stay in order)
+METHOD_FOR = {HeadKind.CLASSIFY: "Classify", HeadKind.TAG: "Tag", HeadKind.EMBED: "Embed"}
+
+
+class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
+    def __init__(self, app: App):
+        self.app = app
+        tok = app.model.tokenizer
+        self._special = set(tok.all_special_tokens)
+
+    # -- unary ---------------------------------------------------------------------------------
+    async def Classify(self, request, context):
+        return await self._unary(request, context, self._classify)
+
+    async def Tag(self, request, context):
+        return await self._unary(request, context, self._tag)
+
+    async def Embed(self, request, context):
+        return await self._unary(request, context, self._embed)
+
+    # -- streams -------------------------------------------------------------------------------
+    async def ClassifyStream(self, request_iterator, context):
+        async for response in self._stream(request_iterator, context, self._classify):
+            yield response
+
+    async def TagStream(self, request_iterator, context):
+        async for response in self._stream(request_iterator, context, self._tag):
+            yield response
+
+    async def EmbedStream(self, request_iterator, context):
+        async for response in self._stream(request_iterator, context, self._embed):
+            yield response
+
+    async def Generate(self, request, context):
+        await abort(context, NotImplementedError("Generate is declared but generation is not implemented yet"),
+                    current_request_id())
+        yield tenant_pb2.GenerateResponse()   # unreachable; makes this an async generator
+
+    # -- the work ------------------------------------------------------------------------------
+    async def _unary(self, request, context, handler):
+        rid = current_request_id()
+        try:
+            response = await handler(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to its status code
+            await abort(context, e, rid)
+        context.set_trailing_metadata([("x-request-id", rid)])
+        return response
+
+    async def _stream(self, request_iterator, context, handler):
+        rid = current_request_id()
+        window: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
+
+        async def read():
+            try:
+                async for req in request_iterator:
+                    await window.put(asyncio.ensure_future(handler(req, context)))
+            finally:
+                await window.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await window.get()) is not None:
+                try:
+                    response = await task
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    await abort(context, e, rid)
+                yield response
+            await reader
+        finally:
+            reader.cancel()
+        context.set_trailing_metadata([("x-request-id", rid)])
+
+    async def _run(self, request, context, kind: HeadKind, normalize: bool | None = None):
+        """Resolve the adapter, check the head, validate, rate-limit, submit every input to the
+        engine and await all; returns (completions, requests, ref, started)."""
+        started = time.perf_counter()
+        app, tenant = self.app, current_tenant()
+        ref: AdapterRef = await asyncio.to_thread(app.manager.resolve, tenant, request.adapter or "default")
+        if ref.head.kind is not kind:
+            raise FailedPreconditionError(f"adapter {request.adapter!r} has a {ref.head.kind.value} head; "
+                                          f"call {METHOD_FOR[ref.head.kind]} instead")
+        inputs = convert.inputs_of(request, app.config.max_texts_per_request, app.model.spec.vocab_size)
+        truncate = request.truncation != tenant_pb2.REJECT
+        limit = min(tenant.quotas.max_tokens_per_request, app.config.max_tokens_per_text, app.model.max_length)
+        app.limiter.acquire(tenant, len(inputs))
+        remaining = context.time_remaining()
+        budget = app.config.default_deadline_s if remaining is None else min(remaining, app.config.default_deadline_s)
+        deadline = time.monotonic() + budget
+        reqs = [app.new_request(tenant, ref, deadline, text=text, truncate=truncate, normalize=normalize,
+                                token_ids=convert.fit_ids(ids, limit, truncate, i) if ids is not None else None)
+                for i, (text, ids) in enumerate(inputs)]
+        futures = []
+        try:
+            for r in reqs:
+                futures.append(asyncio.wrap_future(app.engine.submit(r)))
+            completions = await asyncio.gather(*futures)
+        except BaseException:
+            for r in reqs:
+                app.engine.cancel(r.request_id)
+            raise
+        app.metrics.inputs.labels(method=METHOD_FOR[kind]).inc(len(reqs))
+        for c in completions:
+            app.metrics.queue_seconds.observe(c.queue_s)
+        return completions, reqs, ref, started
+
+    async def _classify(self, request, context):
+        completions, _, ref, started = await self._run(request, context, HeadKind.CLASSIFY)
+        return tenant_pb2.ClassifyResponse(
+            results=[convert.classification(c.output, request.top_k) for c in completions],
+            metadata=convert.metadata(completions, time.perf_counter() - started, ref.version))
+
+    async def _tag(self, request, context):
+        completions, reqs, ref, started = await self._run(request, context, HeadKind.TAG)
+        tok = self.app.model.tokenizer
+        results = [convert.tagging(c.output, tok.convert_ids_to_tokens(r.prompt_ids), self._special)
+                   for c, r in zip(completions, reqs)]
+        return tenant_pb2.TagResponse(results=results,
+                                      metadata=convert.metadata(completions, time.perf_counter() - started, ref.version))
+
+    async def _embed(self, request, context):
+        normalize = request.normalize if request.HasField("normalize") else None
+        completions, _, ref, started = await self._run(request, context, HeadKind.EMBED, normalize)
+        return tenant_pb2.EmbedResponse(results=[convert.embedding(c.output) for c in completions],
+                                        metadata=convert.metadata(completions, time.perf_counter() - started,
+                                                                  ref.version))
