@@ -22,7 +22,7 @@ from vbert.model import MultiTenantModel
 
 from .cache import CacheConfig, TieredCache
 from .config import RegistryConfig, StoreConfig
-from .errors import FailedPreconditionError
+from .errors import FailedPreconditionError, NotFoundError
 from .registry import AdapterRecord, Quotas, Registry, Tenant, open_registry
 from .store import AdapterStore
 
@@ -147,7 +147,10 @@ class Manager:
         """The active version of the tenant's adapter (or the bare backbone for 'default')."""
         if adapter_name == DEFAULT_ADAPTER:
             return AdapterRef(tenant.id, adapter_name, None, 0, "none", self._default_head)
-        rec = self.registry.get_active_adapter(tenant.id, adapter_name)
+        try:
+            rec = self.registry.get_active_adapter(tenant.id, adapter_name)
+        except NotFoundError:
+            raise NotFoundError(f"tenant {tenant.name!r} has no active adapter {adapter_name!r}") from None
         return AdapterRef(tenant.id, adapter_name, rec.id, rec.version, rec.kind, HeadSpec.from_json(rec.head))
 
     def status(self) -> dict:

@@ -1,0 +1,165 @@
+"""`vbert serve` as a real process: health, reflection, metrics, SIGTERM drain, restart."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from dispatcher.gen.vbert.v1 import tenant_pb2, tenant_pb2_grpc
+from tests.conftest import classify, make_artifact
+from tests.dispatcher.conftest import bearer
+
+VBERT = str(Path(sys.executable).parent / "vbert")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    def __init__(self, data_dir, backbone=None, extra_env=None):
+        self.port, self.metrics_port = free_port(), free_port()
+        env = dict(os.environ, VBERT_ADMIN_TOKEN="proc-admin", VBERT_DEVICE="cpu", VBERT_LORA_SLOTS="4",
+                   VBERT_BOTTLENECK_SLOTS="4", VBERT_MAX_LORA_RANK="8", VBERT_MAX_BOTTLENECK_SIZE="16",
+                   VBERT_MAX_LABELS="8", **(extra_env or {}))
+        args = [VBERT, "serve", "--port", str(self.port), "--data-dir", str(data_dir),
+                "--metrics-port", str(self.metrics_port)] + (["--backbone", str(backbone)] if backbone else [])
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.time() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.proc.stderr.read()[-3000:]}")
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.time() > deadline:
+                self.proc.kill()
+                raise AssertionError("server never became healthy")
+            time.sleep(0.2)
+        self.health = health
+        self.tenant = tenant_pb2_grpc.TenantServiceStub(self.channel)
+
+    def terminate(self, timeout=60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.channel.close()
+        return code
+
+
+def prepare_data_dir(checkpoint, data_dir):
+    """A tenant and an adapter registered through the manager before the server starts."""
+    from manager.manager import Manager, ManagerConfig
+    from tests.conftest import tiny_pool_config
+    from vbert import BackboneConfig, ModelConfig, MultiTenantModel
+
+    model = MultiTenantModel(ModelConfig(BackboneConfig(path=str(checkpoint), device="cpu"), tiny_pool_config()))
+    m = Manager(ManagerConfig.under(str(data_dir)), model)
+    _, key = m.create_tenant("acme")
+    m.upload_adapter("acme", "cls", make_artifact(model.spec.shape, "lora", classify(3), 1, rank=4))
+    m.close()
+    return key
+
+
+def classify_call(stub, key, text="the patient", timeout=30):
+    return stub.Classify(tenant_pb2.ClassifyRequest(adapter="cls", inputs=[tenant_pb2.Input(text=text)]),
+                         metadata=bearer(key), timeout=timeout)
+
+
+def test_health_reflection_metrics_restart(tiny_checkpoint, tmp_path):
+    key = prepare_data_dir(tiny_checkpoint, tmp_path / "var")
+    s = ServeProcess(tmp_path / "var", tiny_checkpoint)
+    try:
+        first = classify_call(s.tenant, key)
+        refl = reflection_pb2_grpc.ServerReflectionStub(s.channel)
+        (resp,) = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                 timeout=10))
+        names = {svc.name for svc in resp.list_services_response.service}
+        assert {"vbert.v1.TenantService", "vbert.v1.AdminService", "inference.GRPCInferenceService",
+                "grpc.health.v1.Health"} <= names
+        body = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode()
+        assert 'vbert_rpc_duration_seconds_count{code="OK",method="Classify"}' in body
+        assert "vbert_adapter_cache_misses" in body and "vbert_queue_depth" in body and "tenant" not in body
+        assert (tmp_path / "var" / "admin_token").exists() is False   # token came from VBERT_ADMIN_TOKEN
+    finally:
+        assert s.terminate() == 0
+    s2 = ServeProcess(tmp_path / "var", tiny_checkpoint)              # restart: everything is still there
+    try:
+        again = classify_call(s2.tenant, key)
+        assert [x.score for x in again.results[0].scores] == pytest.approx([x.score for x in first.results[0].scores],
+                                                                          abs=1e-6)
+    finally:
+        assert s2.terminate() == 0
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
+    """On the real backbone, so requests take long enough to be in flight when SIGTERM lands."""
+    from manager.manager import Manager, ManagerConfig
+    from vbert import BackboneConfig, ModelConfig, MultiTenantModel, PoolConfig
+
+    model = MultiTenantModel(ModelConfig(BackboneConfig(device="cpu"), PoolConfig(num_lora_slots=4, num_bottleneck_slots=4,
+                                                                                  max_lora_rank=8, max_bottleneck_size=16,
+                                                                                  max_labels=8)))
+    m = Manager(ManagerConfig.under(str(tmp_path / "var")), model)
+    _, key = m.create_tenant("acme")
+    m.upload_adapter("acme", "cls", make_artifact(model.spec.shape, "lora", classify(3), 1, rank=8))
+    m.close()
+    s = ServeProcess(tmp_path / "var")
+    long_text = "The patient was treated with cisplatin and showed a partial response. " * 8
+    results, errors = [], []
+
+    def worker():
+        try:
+            stub = tenant_pb2_grpc.TenantServiceStub(grpc.insecure_channel(s.address))
+            r = stub.Classify(tenant_pb2.ClassifyRequest(adapter="cls", inputs=[tenant_pb2.Input(text=long_text)] * 8),
+                              metadata=bearer(key), timeout=120)
+            results.append(r)
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(12)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)                              # requests are queued / computing now
+    s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    try:
+        status = s.health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    except grpc.RpcError as e:                   # or the listener is already closed to new calls
+        assert e.code() is grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError) as late:
+        classify_call(s.tenant, key, timeout=5)
+    assert late.value.code() is grpc.StatusCode.UNAVAILABLE
+    for t in threads:
+        t.join(120)
+    assert s.proc.wait(120) == 0
+    assert not errors, [e.code() for e in errors]
+    assert len(results) == 12 and all(len(r.results) == 8 for r in results)
+
+
+def test_bad_config_is_refused_at_start(tmp_path):
+    out = subprocess.run([VBERT, "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "admin API binds to loopback" in out.stderr
+    out = subprocess.run([VBERT, "serve", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, VBERT_MAX_WAITING="many"))
+    assert out.returncode == 2 and "max_waiting: 'many' is not a valid int" in out.stderr
