@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo serve info bench clean
+.PHONY: install test demo serve info example-adapter bench clean
 
 $(STAMP): setup.py requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ info: install
 
 serve: install
 	$(VENV)/bin/vbert serve
+
+example-adapter: install
+	$(PY) examples/make_example_adapter.py --out examples/adapters/sentiment --force
 
 bench: install
 	$(PY) benchmarks/multitenant.py --tenants 1000 --batch 32 --seq 128 --adapter lora --json benchmarks/out/multitenant_lora.json

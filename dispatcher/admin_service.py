@@ -1,10 +1,341 @@
-"""Admin API servicer (in progress)."""
+"""Admin API servicer: tenants (register, list, quotas, suspend/resume, delete, key rotation),
+adapters (streamed upload, versions, activation, pinning, deletion) and the server's status.
+
+Blocking manager calls run in threads; every error is answered through `errors.abort` (one
+exception class -> one status code); every write clears the authenticator's key cache, so a
+suspension, rotation or deletion holds for the very next tenant call. The audit log's actor is
+"admin@<peer address>".
+
+Upload (client stream): the first chunk is the header (tenant, name, sha256, size, activate), the
+following chunks are the payload, an uncompressed tar of the adapter directory. Refused with
+INVALID_ARGUMENT (a retry of the same upload can never succeed, so never RESOURCE_EXHAUSTED): a
+missing or repeated header, a declared size of 0 or above `max_upload_bytes` (before any data is
+read), more data than declared (as soon as it arrives), less data than declared, a sha256
+mismatch, and an unsafe or malformed archive. An archive that holds no readable adapter, or an
+adapter that does not fit the backbone or the pool, is FAILED_PRECONDITION. Nothing is stored
+unless every check passed; the temporary extraction directory is always removed.
+"""
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import functools
+import hashlib
+import io
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import grpc
+
+from manager.errors import FailedPreconditionError, InvalidArgumentError
+from manager.records import AdapterRecord, Quotas, Tenant, validate_name
+from vbert.adapters import AdapterError
+from vbert.artifact import load_artifact
+from vbert.heads import HeadSpec
+
 from .app import App
-from .gen.vbert.v1 import admin_pb2_grpc
+from .auth import current_request_id
+from .errors import abort
+from .gen.vbert.v1 import admin_pb2, admin_pb2_grpc
+
+VERSION = "0.1.0"
+MAX_UPLOAD_BYTES = 64 << 20      # payload (tar) bytes of one upload
+MAX_UPLOAD_FILES = 64            # regular files in one uploaded archive
+DEFAULT_PAGE_SIZE = 100
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_QUOTA_FIELDS = tuple(f.name for f in dataclasses.fields(Quotas))
+
+
+def _rpc(method):
+    """Map every exception of a handler to its status code; put the request id in the trailers."""
+
+    @functools.wraps(method)
+    async def wrapped(self, request, context):
+        rid = current_request_id()
+        try:
+            response = await method(self, request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to its status code
+            await abort(context, e, rid)
+        context.set_trailing_metadata([("x-request-id", rid)])
+        return response
+
+    return wrapped
+
+
+# -- conversion --------------------------------------------------------------------------------
+def quotas_of(message: admin_pb2.Quotas, base: Quotas) -> Quotas:
+    """`base` with the fields set (non-zero) in `message`; invalid values -> InvalidArgumentError."""
+    changes = {name: getattr(message, name) for name in _QUOTA_FIELDS if getattr(message, name) != 0}
+    return dataclasses.replace(base, **changes)
+
+
+def tenant_pb(t: Tenant) -> admin_pb2.Tenant:
+    q = t.quotas
+    return admin_pb2.Tenant(id=t.id, name=t.name, created=t.created, status=t.status, quotas=admin_pb2.Quotas(
+        requests_per_s=q.requests_per_s, burst=q.burst, max_tokens_per_request=q.max_tokens_per_request,
+        weight=q.weight))
+
+
+def adapter_pb(rec: AdapterRecord, tenant_name: str, cache) -> admin_pb2.Adapter:
+    head = HeadSpec.from_json(rec.head)
+    return admin_pb2.Adapter(tenant=tenant_name, name=rec.name, version=rec.version, kind=rec.kind,
+                             head_kind=head.kind.value, labels=list(head.labels), sha256=rec.sha256, size=rec.size,
+                             created=rec.created, is_active=rec.is_active, is_pinned=cache.is_pinned(rec.id),
+                             is_resident=cache.is_resident(rec.id))
+
+
+# -- safe extraction of an uploaded archive ----------------------------------------------------
+def _member_parts(name: str) -> tuple[str, ...]:
+    if name.startswith("/") or "\\" in name or "\x00" in name:
+        raise InvalidArgumentError(f"archive member {name!r}: absolute or non-POSIX path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise InvalidArgumentError(f"archive member {name!r}: '..' in the path")
+    return parts
+
+
+def extract_adapter_tar(payload: bytes | bytearray, dest: Path, max_bytes: int = MAX_UPLOAD_BYTES,
+                        max_files: int = MAX_UPLOAD_FILES) -> Path:
+    """Extract an uncompressed tar of one adapter directory into the empty directory `dest` and
+    return the adapter directory (`dest`, or the archive's single top-level folder).
+
+    Accepted: regular files, all at the top level or all inside one top-level folder (entries for
+    that folder and for "./" are allowed). Refused with InvalidArgumentError naming the member:
+    absolute paths, "..", links, devices, FIFOs, sparse files, deeper nesting, mixed layouts,
+    duplicate names, more than `max_files` files or `max_bytes` bytes, a compressed or damaged
+    archive. Nothing outside `dest` is ever written (files are written by us, not by tarfile)."""
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(payload), mode="r:")
+        with tar:
+            members = tar.getmembers()
+            files: dict[tuple[str, ...], tarfile.TarInfo] = {}
+            total = 0
+            for m in members:
+                parts = _member_parts(m.name)
+                if m.isdir():
+                    if len(parts) > 1:
+                        raise InvalidArgumentError(f"archive member {m.name!r}: nested folders are not accepted")
+                    continue
+                if not m.isreg() or m.issparse():
+                    raise InvalidArgumentError(f"archive member {m.name!r}: only regular files are accepted "
+                                               f"(no links, devices or FIFOs)")
+                if not 1 <= len(parts) <= 2:
+                    raise InvalidArgumentError(f"archive member {m.name!r}: files must be at the top level or "
+                                               f"in one top-level folder")
+                if parts in files:
+                    raise InvalidArgumentError(f"archive member {m.name!r} appears twice")
+                total += m.size
+                if len(files) >= max_files or total > max_bytes:
+                    raise InvalidArgumentError(f"the archive holds more than {max_files} files or {max_bytes} "
+                                               f"bytes")
+                files[parts] = m
+            if not files:
+                raise InvalidArgumentError("the archive holds no files")
+            layouts = {parts[:-1] for parts in files}
+            if len(layouts) != 1:
+                raise InvalidArgumentError("the archive mixes top-level files and folders: put the adapter's "
+                                           "files at the top level or in one folder")
+            prefix = layouts.pop()
+            if prefix:
+                (dest / prefix[0]).mkdir()
+            for parts, m in files.items():
+                source = tar.extractfile(m)
+                if source is None:
+                    raise InvalidArgumentError(f"archive member {m.name!r} cannot be read")
+                with source, open(dest.joinpath(*parts), "xb") as f:
+                    shutil.copyfileobj(source, f, 1 << 20)
+    except tarfile.TarError as e:
+        raise InvalidArgumentError(f"the payload is not a valid uncompressed tar archive ({e})") from None
+    except OSError as e:
+        raise InvalidArgumentError(f"the archive cannot be extracted: {e.strerror or e}") from None
+    return dest.joinpath(*prefix)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, app: App):
+    def __init__(self, app: App, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_upload_files: int = MAX_UPLOAD_FILES):
         self.app = app
+        self.max_upload_bytes, self.max_upload_files = max_upload_bytes, max_upload_files
+
+    @property
+    def _m(self):
+        return self.app.manager
+
+    def _wrote(self) -> None:
+        self.app.auth.invalidate()
+
+    @staticmethod
+    def _actor(context) -> str:
+        return f"admin@{context.peer() or 'unknown'}"[:256]
+
+    # -- tenants ---------------------------------------------------------------------------------
+    @_rpc
+    async def RegisterTenant(self, request, context):
+        quotas = quotas_of(request.quotas, Quotas())
+        tenant, key = await asyncio.to_thread(self._m.create_tenant, request.name, quotas, self._actor(context))
+        self._wrote()
+        return admin_pb2.RegisterTenantResponse(tenant=tenant_pb(tenant), api_key=key)
+
+    @_rpc
+    async def GetTenant(self, request, context):
+        return tenant_pb(await asyncio.to_thread(self._m.get_tenant, request.name))
+
+    @_rpc
+    async def ListTenants(self, request, context):
+        tenants, token = await asyncio.to_thread(self._m.registry.list_tenants, request.page_size or DEFAULT_PAGE_SIZE,
+                                                 request.page_token or None)
+        return admin_pb2.ListTenantsResponse(tenants=[tenant_pb(t) for t in tenants], next_page_token=token or "")
+
+    @_rpc
+    async def UpdateQuotas(self, request, context):
+        if not request.HasField("quotas"):
+            raise InvalidArgumentError("quotas are missing: set at least one of " + ", ".join(_QUOTA_FIELDS))
+
+        def update() -> Tenant:
+            current = self._m.get_tenant(request.name)
+            return self._m.registry.update_quotas(request.name, quotas_of(request.quotas, current.quotas),
+                                                  self._actor(context))
+
+        tenant = await asyncio.to_thread(update)
+        self._wrote()
+        return tenant_pb(tenant)
+
+    async def _set_status(self, name: str, status: str, context) -> admin_pb2.Tenant:
+        tenant = await asyncio.to_thread(self._m.registry.set_status, name, status, self._actor(context))
+        self._wrote()
+        return tenant_pb(tenant)
+
+    @_rpc
+    async def SuspendTenant(self, request, context):
+        return await self._set_status(request.name, "suspended", context)
+
+    @_rpc
+    async def ResumeTenant(self, request, context):
+        return await self._set_status(request.name, "active", context)
+
+    @_rpc
+    async def DeleteTenant(self, request, context):
+        tenant = await asyncio.to_thread(self._m.get_tenant, request.name)
+        removed = await asyncio.to_thread(self._m.delete_tenant, request.name, self._actor(context))
+        self.app.limiter.forget(tenant.id)
+        self._wrote()
+        return admin_pb2.DeleteTenantResponse(num_adapters_deleted=len({r.name for r in removed}))
+
+    @_rpc
+    async def RotateKey(self, request, context):
+        key = await asyncio.to_thread(self._m.registry.rotate_key, request.name, request.grace_seconds,
+                                      self._actor(context))
+        self._wrote()
+        return admin_pb2.RotateKeyResponse(api_key=key)
+
+    # -- adapters --------------------------------------------------------------------------------
+    @_rpc
+    async def UploadAdapter(self, request_iterator, context):
+        chunks = request_iterator.__aiter__()
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            raise InvalidArgumentError("empty upload: the first chunk must be the header") from None
+        if first.WhichOneof("chunk") != "header":
+            raise InvalidArgumentError("the first chunk of an upload must be the header (tenant, name, sha256, size)")
+        h = first.header
+        validate_name(h.tenant)
+        validate_name(h.name, "adapter")
+        declared = h.sha256.lower()
+        if not _SHA256_RE.fullmatch(declared):
+            raise InvalidArgumentError(f"header sha256 {h.sha256!r} must be 64 hex digits")
+        if not 0 < h.size <= self.max_upload_bytes:
+            raise InvalidArgumentError(f"header size {h.size} must be in 1..{self.max_upload_bytes} bytes "
+                                       f"(the server's upload limit)")
+        await asyncio.to_thread(self._m.get_tenant, h.tenant)   # NOT_FOUND before reading the payload
+        payload, hasher = bytearray(), hashlib.sha256()
+        async for chunk in chunks:
+            if chunk.WhichOneof("chunk") != "data":
+                raise InvalidArgumentError("only the first chunk of an upload may be a header")
+            if len(payload) + len(chunk.data) > h.size:
+                raise InvalidArgumentError(f"the payload is larger than the {h.size} bytes declared in the header")
+            payload += chunk.data
+            hasher.update(chunk.data)
+        if len(payload) != h.size:
+            raise InvalidArgumentError(f"the payload has {len(payload)} bytes, the header declared {h.size}")
+        actual = hasher.hexdigest()
+        if actual != declared:
+            raise InvalidArgumentError(f"payload sha256 {actual} does not match the header's sha256 {declared}; "
+                                       f"nothing was stored")
+        rec = await asyncio.to_thread(self._store_upload, payload, h, self._actor(context))
+        self._wrote()
+        return adapter_pb(rec, h.tenant, self._m.cache)
+
+    def _store_upload(self, payload: bytes | bytearray, h, actor: str) -> AdapterRecord:
+        tmp = Path(tempfile.mkdtemp(prefix="vbert-upload-"))
+        try:
+            directory = extract_adapter_tar(payload, tmp, self.max_upload_bytes, self.max_upload_files)
+            try:
+                artifact = load_artifact(directory)
+            except Exception as e:  # noqa: BLE001 - untrusted files: any parse failure is the upload's fault
+                reason = str(e).replace(f"{directory}: ", "").replace(f"{directory}/", "").replace(str(directory), ".")
+                what = "is not a usable adapter" if isinstance(e, AdapterError) else "cannot be read as an adapter"
+                raise FailedPreconditionError(f"the uploaded directory {what}: {reason}") from e
+            return self._m.upload_adapter(h.tenant, h.name, artifact, actor=actor, activate=h.activate)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @_rpc
+    async def ListAdapters(self, request, context):
+        records = await asyncio.to_thread(self._m.list_adapters, request.tenant)
+        return admin_pb2.ListAdaptersResponse(adapters=[adapter_pb(r, request.tenant, self._m.cache) for r in records])
+
+    @_rpc
+    async def ActivateAdapter(self, request, context):
+        if request.version < 1:
+            raise InvalidArgumentError(f"version must be >= 1, got {request.version}")
+        rec = await asyncio.to_thread(self._m.activate, request.tenant, request.name, request.version,
+                                      self._actor(context))
+        self._wrote()
+        return adapter_pb(rec, request.tenant, self._m.cache)
+
+    def _active(self, tenant_name: str, adapter_name: str) -> AdapterRecord:
+        tenant = self._m.get_tenant(tenant_name)
+        return self._m.registry.get_active_adapter(tenant.id, validate_name(adapter_name, "adapter"))
+
+    @_rpc
+    async def PinAdapter(self, request, context):
+        """Pins the active version and answers once it is resident on the device."""
+        rec = await asyncio.to_thread(self._active, request.tenant, request.name)
+        loaded = await asyncio.to_thread(self._m.pin, request.tenant, request.name)
+        try:
+            await asyncio.wrap_future(loaded)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self._m.unpin, request.tenant, request.name))
+            raise
+        self._wrote()
+        return adapter_pb(rec, request.tenant, self._m.cache)
+
+    @_rpc
+    async def UnpinAdapter(self, request, context):
+        rec = await asyncio.to_thread(self._active, request.tenant, request.name)
+        await asyncio.to_thread(self._m.unpin, request.tenant, request.name)
+        self._wrote()
+        return adapter_pb(rec, request.tenant, self._m.cache)
+
+    @_rpc
+    async def DeleteAdapter(self, request, context):
+        removed = await asyncio.to_thread(self._m.delete_adapter, request.tenant, request.name, self._actor(context))
+        self._wrote()
+        return admin_pb2.DeleteAdapterResponse(num_versions_deleted=len(removed))
+
+    # -- server ----------------------------------------------------------------------------------
+    @_rpc
+    async def GetStatus(self, request, context):
+        app = self.app
+        num_tenants = await asyncio.to_thread(self._m.registry.count_tenants)
+        pool = app.model.pool.config
+        return admin_pb2.ServerStatus(
+            backbone=app.model.name, device=app.model.device.describe(), dtype=app.model.device.dtype_name,
+            num_tenants=num_tenants, num_resident_adapters=self._m.cache.stats()["device"]["resident"],
+            queue_depth=app.engine.scheduler.num_waiting, lora_slots=pool.num_lora_slots,
+            bottleneck_slots=pool.num_bottleneck_slots, is_draining=app.is_draining, version=VERSION)

@@ -293,6 +293,10 @@ class TieredCache:
         with self._lock:
             return adapter_id in self._t.device
 
+    def is_pinned(self, adapter_id: int) -> bool:
+        with self._lock:
+            return adapter_id in self._pinned
+
     def stats(self) -> dict:
         with self._lock:
             out = {tier: asdict(s) for tier, s in self._stats.items()}

@@ -1,0 +1,409 @@
+"""Python client of the vbert server: tenant calls (classify, tag, embed) and admin calls, blocking
+(`Client`) or asyncio (`AsyncClient`, grpc.aio), with the same methods and results (plain dicts
+and lists, no protobuf).
+
+    with Client("127.0.0.1:50051", api_key=key) as c:
+        c.classify("tickets", ["my card was charged twice"])  # [{"label": ..., "scores": {...}}]
+
+Errors raise `VbertError` (status code, details, the server's request id, retry-after).
+
+Retries (exponential backoff with jitter, at most `max_retries` after the first attempt):
+- only UNAVAILABLE and RESOURCE_EXHAUSTED are ever retried; every other code is raised at once;
+- a server's `retry-after-ms` trailer sets the wait (never shorter than asked, plus up to 10%
+  jitter); a wait longer than `timeout` is not taken, the error is raised instead;
+- idempotent calls are retried on both codes: every tenant call (classify, tag, embed), every
+  read (get, list, status), and the admin writes that set a state (update quotas, suspend,
+  resume, activate, pin, unpin);
+- writes that are not idempotent (register, upload, rotate key, delete tenant, delete adapter)
+  are retried only when the server provably refused them before doing anything: UNAVAILABLE
+  answered by the server itself (it carries an `x-request-id` trailer: the draining check, which
+  runs before any handler). Never on RESOURCE_EXHAUSTED (the admin API has no rate limit; there
+  it means a message over the size limit or the concurrent-call limit), and never on a
+  connection-level UNAVAILABLE, after which the write may or may not have happened.
+
+This module imports only grpc and the generated stubs (no torch), so the CLI starts fast.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import random
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import grpc
+
+from .gen.vbert.v1 import admin_pb2, admin_pb2_grpc, tenant_pb2, tenant_pb2_grpc
+
+RETRY_AFTER_KEY = "retry-after-ms"   # = dispatcher.errors.RETRY_AFTER_KEY (not imported: it pulls in torch)
+REQUEST_ID_KEY = "x-request-id"
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class VbertError(Exception):
+    """A failed call: `code` (grpc.StatusCode), `details`, `request_id` (None when the server
+    never answered), `retry_after_s` (when the server said when to come back)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str | None = None,
+                 retry_after_s: float | None = None):
+        self.code, self.details, self.request_id, self.retry_after_s = code, details, request_id, retry_after_s
+        super().__init__(f"{code.name}: {details}" + (f" (request id {request_id})" if request_id else ""))
+
+    @classmethod
+    def from_rpc_error(cls, e: grpc.RpcError) -> "VbertError":
+        code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
+        details = (e.details() if callable(getattr(e, "details", None)) else None) or str(e)
+        trailers = {}
+        try:
+            for key, value in (e.trailing_metadata() or ()):
+                trailers[key] = value
+        except Exception:  # noqa: BLE001 - no trailers on this error
+            pass
+        retry_after = None
+        try:
+            if RETRY_AFTER_KEY in trailers:
+                retry_after = max(0.0, int(trailers[RETRY_AFTER_KEY]) / 1000)
+        except ValueError:
+            retry_after = None
+        return cls(code or grpc.StatusCode.UNKNOWN, details, trailers.get(REQUEST_ID_KEY), retry_after)
+
+    @property
+    def is_retryable(self) -> bool:
+        return self.code in RETRYABLE
+
+
+def should_retry(error: VbertError, is_idempotent: bool) -> bool:
+    """The retry rule of the module docstring."""
+    if error.code not in RETRYABLE:
+        return False
+    if is_idempotent:
+        return True
+    return error.code is grpc.StatusCode.UNAVAILABLE and error.request_id is not None
+
+
+def retry_delay(error: VbertError, attempt: int, backoff_s: float, max_backoff_s: float,
+                rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before retry number attempt + 1 (attempt counts from 0)."""
+    if error.retry_after_s is not None:
+        return error.retry_after_s * (1 + 0.1 * rand())
+    return min(max_backoff_s, backoff_s * 2 ** attempt) * (0.5 + 0.5 * rand())
+
+
+# -- archive of an adapter directory -----------------------------------------------------------
+def tar_directory(path: str | Path) -> bytes:
+    """An uncompressed tar of the regular files at the top of `path` (links followed, sub-folders
+    skipped), reproducible: sorted names, mtime 0, mode 0644."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory")
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    if not files:
+        raise ValueError(f"{path} holds no files")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for p in files:
+            data = p.read_bytes()
+            info = tarfile.TarInfo(p.name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def upload_chunks(tenant: str, name: str, payload: bytes, activate: bool = True,
+                  chunk_bytes: int = CHUNK_BYTES) -> list[admin_pb2.UploadAdapterChunk]:
+    header = admin_pb2.UploadAdapterHeader(tenant=tenant, name=name, sha256=hashlib.sha256(payload).hexdigest(),
+                                           size=len(payload), activate=activate)
+    return [admin_pb2.UploadAdapterChunk(header=header)] + [
+        admin_pb2.UploadAdapterChunk(data=payload[i:i + chunk_bytes]) for i in range(0, len(payload), chunk_bytes)]
+
+
+# -- protobuf -> plain values ------------------------------------------------------------------
+def _classification(c) -> dict:
+    return {"label": c.label, "scores": {s.label: s.score for s in c.scores}}
+
+
+def _tagging(t) -> dict:
+    return {"tokens": [{"token": x.token, "label": x.label, "score": x.score} for x in t.tokens],
+            "entities": [{"label": e.label, "text": e.text, "start_token": e.start_token, "end_token": e.end_token,
+                          "score": e.score} for e in t.entities]}
+
+
+def _quotas(q) -> dict:
+    return {"requests_per_s": q.requests_per_s, "burst": q.burst, "max_tokens_per_request": q.max_tokens_per_request,
+            "weight": q.weight}
+
+
+def _tenant(t) -> dict:
+    return {"id": t.id, "name": t.name, "created": t.created, "status": t.status, "quotas": _quotas(t.quotas)}
+
+
+def _adapter(a) -> dict:
+    return {"tenant": a.tenant, "name": a.name, "version": a.version, "kind": a.kind, "head_kind": a.head_kind,
+            "labels": list(a.labels), "sha256": a.sha256, "size": a.size, "created": a.created,
+            "is_active": a.is_active, "is_pinned": a.is_pinned, "is_resident": a.is_resident}
+
+
+def _status(s) -> dict:
+    return {"backbone": s.backbone, "device": s.device, "dtype": s.dtype, "num_tenants": s.num_tenants,
+            "num_resident_adapters": s.num_resident_adapters, "queue_depth": s.queue_depth,
+            "lora_slots": s.lora_slots, "bottleneck_slots": s.bottleneck_slots, "is_draining": s.is_draining,
+            "version": s.version}
+
+
+def _inputs(texts: str | Iterable[str]) -> list[tenant_pb2.Input]:
+    if isinstance(texts, str):
+        texts = [texts]
+    return [tenant_pb2.Input(text=t) for t in texts]
+
+
+def _truncation(truncate: bool) -> int:
+    return tenant_pb2.TRUNCATE if truncate else tenant_pb2.REJECT
+
+
+@dataclass(frozen=True)
+class _Call:
+    service: str                 # "tenant" | "admin"
+    method: str                  # the RPC's name
+    request: Any                 # a message, or a list of messages for a client stream
+    convert: Callable[[Any], Any]
+    is_idempotent: bool = True
+    is_stream: bool = False
+    timeout: float | None = None
+
+
+def _credentials(tls) -> grpc.ChannelCredentials | None:
+    """None/False: plaintext; True: TLS with the system roots; a path: TLS with that CA bundle
+    (PEM); grpc.ChannelCredentials: as given (e.g. with a client certificate for mTLS)."""
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    if isinstance(tls, (str, Path)):
+        return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
+    return tls
+
+
+class _Api:
+    """The calls, shared by both clients: each method builds a _Call and hands it to `_run`,
+    which the sync client executes and the async client turns into a coroutine."""
+
+    def __init__(self, address: str, api_key: str | None = None, admin_token: str | None = None, tls=None,
+                 timeout: float = 30.0, max_retries: int = 3, backoff_s: float = 0.1, max_backoff_s: float = 5.0,
+                 on_retry: Callable[[str, int, VbertError, float], None] | None = None, options=()):
+        if timeout <= 0 or max_retries < 0 or backoff_s < 0 or max_backoff_s < 0:
+            raise ValueError("timeout must be > 0; max_retries, backoff_s and max_backoff_s >= 0")
+        self.address, self.api_key, self.admin_token = address, api_key, admin_token
+        self.timeout, self.max_retries = timeout, max_retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.on_retry = on_retry
+        self._credentials = _credentials(tls)
+        self._options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *options]
+
+    def _run(self, call: _Call):
+        raise NotImplementedError
+
+    def _metadata(self, service: str) -> tuple:
+        secret = self.api_key if service == "tenant" else self.admin_token
+        return (("authorization", f"Bearer {secret}"),) if secret else ()
+
+    def _after_failure(self, call: _Call, error: VbertError, attempt: int) -> float:
+        """The wait before the next attempt, or raises `error` when the call is not retried."""
+        if attempt >= self.max_retries or not should_retry(error, call.is_idempotent):
+            raise error
+        delay = retry_delay(error, attempt, self.backoff_s, self.max_backoff_s)
+        if delay > self.timeout:
+            raise error
+        if self.on_retry is not None:
+            self.on_retry(call.method, attempt + 1, error, delay)
+        return delay
+
+    # -- tenant API ------------------------------------------------------------------------------
+    def classify(self, adapter: str, texts: str | Iterable[str], top_k: int = 0, truncate: bool = True):
+        """One {"label", "scores": {label: probability, best first}} per text."""
+        req = tenant_pb2.ClassifyRequest(adapter=adapter, inputs=_inputs(texts), truncation=_truncation(truncate),
+                                         top_k=top_k)
+        return self._run(_Call("tenant", "Classify", req, lambda r: [_classification(c) for c in r.results]))
+
+    def tag(self, adapter: str, texts: str | Iterable[str], truncate: bool = True):
+        """One {"tokens": [{token, label, score}], "entities": [{label, text, start_token, end_token,
+        score}]} per text (entities: the IOB2 spans)."""
+        req = tenant_pb2.TagRequest(adapter=adapter, inputs=_inputs(texts), truncation=_truncation(truncate))
+        return self._run(_Call("tenant", "Tag", req, lambda r: [_tagging(t) for t in r.results]))
+
+    def embed(self, texts: str | Iterable[str], adapter: str = "default", normalize: bool | None = None,
+              truncate: bool = True):
+        """One vector (list of floats) per text; adapter "default" is the bare backbone."""
+        req = tenant_pb2.EmbedRequest(adapter=adapter, inputs=_inputs(texts), truncation=_truncation(truncate))
+        if normalize is not None:
+            req.normalize = normalize
+        return self._run(_Call("tenant", "Embed", req, lambda r: [list(e.values) for e in r.results]))
+
+    # -- admin API: tenants ----------------------------------------------------------------------
+    def register_tenant(self, name: str, quotas: dict | None = None):
+        """{"tenant": name, "api_key": key (shown once), "id", "status", "created", "quotas"}."""
+        req = admin_pb2.RegisterTenantRequest(name=name, quotas=admin_pb2.Quotas(**(quotas or {})))
+        return self._run(_Call("admin", "RegisterTenant", req,
+                               lambda r: {"tenant": r.tenant.name, "api_key": r.api_key, **_tenant(r.tenant)},
+                               is_idempotent=False))
+
+    def get_tenant(self, name: str):
+        return self._run(_Call("admin", "GetTenant", admin_pb2.TenantRef(name=name), _tenant))
+
+    def list_tenants(self, page_size: int = 0, page_token: str = ""):
+        """One page: {"tenants": [...], "next_page_token": "" on the last page}."""
+        req = admin_pb2.ListTenantsRequest(page_size=page_size, page_token=page_token)
+        return self._run(_Call("admin", "ListTenants", req, lambda r: {
+            "tenants": [_tenant(t) for t in r.tenants], "next_page_token": r.next_page_token}))
+
+    def update_quotas(self, name: str, **quotas):
+        """Set the given quotas (requests_per_s, burst, max_tokens_per_request, weight); others keep their value."""
+        req = admin_pb2.UpdateQuotasRequest(name=name, quotas=admin_pb2.Quotas(**quotas))
+        return self._run(_Call("admin", "UpdateQuotas", req, _tenant))
+
+    def suspend_tenant(self, name: str):
+        return self._run(_Call("admin", "SuspendTenant", admin_pb2.TenantRef(name=name), _tenant))
+
+    def resume_tenant(self, name: str):
+        return self._run(_Call("admin", "ResumeTenant", admin_pb2.TenantRef(name=name), _tenant))
+
+    def delete_tenant(self, name: str):
+        return self._run(_Call("admin", "DeleteTenant", admin_pb2.TenantRef(name=name),
+                               lambda r: {"num_adapters_deleted": r.num_adapters_deleted}, is_idempotent=False))
+
+    def rotate_key(self, name: str, grace_seconds: float = 0.0):
+        req = admin_pb2.RotateKeyRequest(name=name, grace_seconds=grace_seconds)
+        return self._run(_Call("admin", "RotateKey", req, lambda r: {"tenant": name, "api_key": r.api_key},
+                               is_idempotent=False))
+
+    # -- admin API: adapters ---------------------------------------------------------------------
+    def upload_adapter(self, tenant: str, name: str, path: str | Path, activate: bool = True,
+                       timeout: float | None = None):
+        """Upload an adapter directory (ours, or a PEFT LoRA directory): header + 1 MiB chunks."""
+        chunks = upload_chunks(tenant, name, tar_directory(path), activate)
+        return self._run(_Call("admin", "UploadAdapter", chunks, _adapter, is_idempotent=False, is_stream=True,
+                               timeout=timeout))
+
+    def list_adapters(self, tenant: str):
+        """Every version of every adapter of the tenant."""
+        return self._run(_Call("admin", "ListAdapters", admin_pb2.ListAdaptersRequest(tenant=tenant),
+                               lambda r: [_adapter(a) for a in r.adapters]))
+
+    def activate(self, tenant: str, name: str, version: int):
+        req = admin_pb2.ActivateAdapterRequest(tenant=tenant, name=name, version=version)
+        return self._run(_Call("admin", "ActivateAdapter", req, _adapter))
+
+    def pin(self, tenant: str, name: str):
+        return self._run(_Call("admin", "PinAdapter", admin_pb2.AdapterRef(tenant=tenant, name=name), _adapter))
+
+    def unpin(self, tenant: str, name: str):
+        return self._run(_Call("admin", "UnpinAdapter", admin_pb2.AdapterRef(tenant=tenant, name=name), _adapter))
+
+    def delete_adapter(self, tenant: str, name: str):
+        return self._run(_Call("admin", "DeleteAdapter", admin_pb2.AdapterRef(tenant=tenant, name=name),
+                               lambda r: {"num_versions_deleted": r.num_versions_deleted}, is_idempotent=False))
+
+    def status(self):
+        return self._run(_Call("admin", "GetStatus", admin_pb2.GetStatusRequest(), _status))
+
+
+class Client(_Api):
+    """Blocking client; `with Client(...) as c:` closes the channel.
+
+    address: "host:port". api_key: the tenant's key (tenant calls); admin_token: for admin calls.
+    tls: None (plaintext), True (system CA roots), a CA bundle path, or grpc.ChannelCredentials.
+    timeout: seconds per attempt (an upload may pass its own). max_retries: retries after the
+    first attempt (see the module docstring for which calls and codes); backoff_s, max_backoff_s:
+    the exponential backoff's first and largest wait. on_retry(method, attempt, error, delay_s):
+    called before each retry (logging, metrics). options: extra gRPC channel options.
+    """
+
+    def __init__(self, address: str, api_key: str | None = None, admin_token: str | None = None, tls=None,
+                 timeout: float = 30.0, max_retries: int = 3, **kw):
+        super().__init__(address, api_key, admin_token, tls, timeout, max_retries, **kw)
+        self._channel = (grpc.secure_channel(address, self._credentials, self._options) if self._credentials
+                         else grpc.insecure_channel(address, self._options))
+        self._stubs = {"tenant": tenant_pb2_grpc.TenantServiceStub(self._channel),
+                       "admin": admin_pb2_grpc.AdminServiceStub(self._channel)}
+
+    def _run(self, call: _Call):
+        attempt = 0
+        while True:
+            method = getattr(self._stubs[call.service], call.method)
+            request = iter(call.request) if call.is_stream else call.request
+            try:
+                response = method(request, timeout=call.timeout or self.timeout, metadata=self._metadata(call.service))
+                return call.convert(response)
+            except grpc.RpcError as e:
+                error = VbertError.from_rpc_error(e)
+            time.sleep(self._after_failure(call, error, attempt))
+            attempt += 1
+
+    def all_tenants(self, page_size: int = 100) -> list[dict]:
+        out, token = [], ""
+        while True:
+            page = self.list_tenants(page_size, token)
+            out += page["tenants"]
+            token = page["next_page_token"]
+            if not token:
+                return out
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient(_Api):
+    """asyncio client (grpc.aio): the methods of Client, awaited. Create it inside the event loop
+    that uses it; `async with AsyncClient(...) as c:` closes the channel."""
+
+    def __init__(self, address: str, api_key: str | None = None, admin_token: str | None = None, tls=None,
+                 timeout: float = 30.0, max_retries: int = 3, **kw):
+        super().__init__(address, api_key, admin_token, tls, timeout, max_retries, **kw)
+        self._channel = (grpc.aio.secure_channel(address, self._credentials, self._options) if self._credentials
+                         else grpc.aio.insecure_channel(address, self._options))
+        self._stubs = {"tenant": tenant_pb2_grpc.TenantServiceStub(self._channel),
+                       "admin": admin_pb2_grpc.AdminServiceStub(self._channel)}
+
+    async def _run(self, call: _Call):
+        attempt = 0
+        while True:
+            method = getattr(self._stubs[call.service], call.method)
+            request = iter(call.request) if call.is_stream else call.request
+            try:
+                response = await method(request, timeout=call.timeout or self.timeout,
+                                        metadata=self._metadata(call.service))
+                return call.convert(response)
+            except grpc.RpcError as e:
+                error = VbertError.from_rpc_error(e)
+            await asyncio.sleep(self._after_failure(call, error, attempt))
+            attempt += 1
+
+    async def all_tenants(self, page_size: int = 100) -> list[dict]:
+        out, token = [], ""
+        while True:
+            page = await self.list_tenants(page_size, token)
+            out += page["tenants"]
+            token = page["next_page_token"]
+            if not token:
+                return out
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
