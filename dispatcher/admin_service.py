@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import hashlib
 import io
 import re
@@ -28,7 +27,6 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import grpc
 
 from manager.errors import FailedPreconditionError, InvalidArgumentError
 from manager.records import AdapterRecord, Quotas, Tenant, validate_name
@@ -37,8 +35,7 @@ from vbert.artifact import load_artifact
 from vbert.heads import HeadSpec
 
 from .app import App
-from .auth import current_request_id
-from .errors import abort
+from .rpc import unary
 from .gen.vbert.v1 import admin_pb2, admin_pb2_grpc
 
 VERSION = "0.1.0"
@@ -47,24 +44,6 @@ MAX_UPLOAD_FILES = 64            # regular files in one uploaded archive
 DEFAULT_PAGE_SIZE = 100
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _QUOTA_FIELDS = tuple(f.name for f in dataclasses.fields(Quotas))
-
-
-def _rpc(method):
-    """Map every exception of a handler to its status code; put the request id in the trailers."""
-
-    @functools.wraps(method)
-    async def wrapped(self, request, context):
-        rid = current_request_id()
-        try:
-            response = await method(self, request, context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as e:  # noqa: BLE001 - mapped to its status code
-            await abort(context, e, rid)
-        context.set_trailing_metadata([("x-request-id", rid)])
-        return response
-
-    return wrapped
 
 
 # -- conversion --------------------------------------------------------------------------------
@@ -173,24 +152,24 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return f"admin@{context.peer() or 'unknown'}"[:256]
 
     # -- tenants ---------------------------------------------------------------------------------
-    @_rpc
+    @unary
     async def RegisterTenant(self, request, context):
         quotas = quotas_of(request.quotas, Quotas())
         tenant, key = await asyncio.to_thread(self._m.create_tenant, request.name, quotas, self._actor(context))
         self._wrote()
         return admin_pb2.RegisterTenantResponse(tenant=tenant_pb(tenant), api_key=key)
 
-    @_rpc
+    @unary
     async def GetTenant(self, request, context):
         return tenant_pb(await asyncio.to_thread(self._m.get_tenant, request.name))
 
-    @_rpc
+    @unary
     async def ListTenants(self, request, context):
         tenants, token = await asyncio.to_thread(self._m.registry.list_tenants, request.page_size or DEFAULT_PAGE_SIZE,
                                                  request.page_token or None)
         return admin_pb2.ListTenantsResponse(tenants=[tenant_pb(t) for t in tenants], next_page_token=token or "")
 
-    @_rpc
+    @unary
     async def UpdateQuotas(self, request, context):
         if not request.HasField("quotas"):
             raise InvalidArgumentError("quotas are missing: set at least one of " + ", ".join(_QUOTA_FIELDS))
@@ -209,15 +188,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._wrote()
         return tenant_pb(tenant)
 
-    @_rpc
+    @unary
     async def SuspendTenant(self, request, context):
         return await self._set_status(request.name, "suspended", context)
 
-    @_rpc
+    @unary
     async def ResumeTenant(self, request, context):
         return await self._set_status(request.name, "active", context)
 
-    @_rpc
+    @unary
     async def DeleteTenant(self, request, context):
         tenant = await asyncio.to_thread(self._m.get_tenant, request.name)
         removed = await asyncio.to_thread(self._m.delete_tenant, request.name, self._actor(context))
@@ -225,7 +204,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._wrote()
         return admin_pb2.DeleteTenantResponse(num_adapters_deleted=len({r.name for r in removed}))
 
-    @_rpc
+    @unary
     async def RotateKey(self, request, context):
         key = await asyncio.to_thread(self._m.registry.rotate_key, request.name, request.grace_seconds,
                                       self._actor(context))
@@ -233,7 +212,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.RotateKeyResponse(api_key=key)
 
     # -- adapters --------------------------------------------------------------------------------
-    @_rpc
+    @unary
     async def UploadAdapter(self, request_iterator, context):
         chunks = request_iterator.__aiter__()
         try:
@@ -284,12 +263,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    @_rpc
+    @unary
     async def ListAdapters(self, request, context):
         records = await asyncio.to_thread(self._m.list_adapters, request.tenant)
         return admin_pb2.ListAdaptersResponse(adapters=[adapter_pb(r, request.tenant, self._m.cache) for r in records])
 
-    @_rpc
+    @unary
     async def ActivateAdapter(self, request, context):
         if request.version < 1:
             raise InvalidArgumentError(f"version must be >= 1, got {request.version}")
@@ -302,7 +281,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         tenant = self._m.get_tenant(tenant_name)
         return self._m.registry.get_active_adapter(tenant.id, validate_name(adapter_name, "adapter"))
 
-    @_rpc
+    @unary
     async def PinAdapter(self, request, context):
         """Pins the active version and answers once it is resident on the device."""
         rec = await asyncio.to_thread(self._active, request.tenant, request.name)
@@ -315,21 +294,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._wrote()
         return adapter_pb(rec, request.tenant, self._m.cache)
 
-    @_rpc
+    @unary
     async def UnpinAdapter(self, request, context):
         rec = await asyncio.to_thread(self._active, request.tenant, request.name)
         await asyncio.to_thread(self._m.unpin, request.tenant, request.name)
         self._wrote()
         return adapter_pb(rec, request.tenant, self._m.cache)
 
-    @_rpc
+    @unary
     async def DeleteAdapter(self, request, context):
         removed = await asyncio.to_thread(self._m.delete_adapter, request.tenant, request.name, self._actor(context))
         self._wrote()
         return admin_pb2.DeleteAdapterResponse(num_versions_deleted=len(removed))
 
     # -- server ----------------------------------------------------------------------------------
-    @_rpc
+    @unary
     async def GetStatus(self, request, context):
         app = self.app
         num_tenants = await asyncio.to_thread(self._m.registry.count_tenants)

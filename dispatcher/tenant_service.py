@@ -15,6 +15,7 @@ from . import convert
 from .app import App
 from .auth import current_request_id, current_tenant
 from .errors import abort
+from .rpc import run_inputs, unary
 from .gen.vbert.v1 import tenant_pb2, tenant_pb2_grpc
 
 STREAM_WINDOW = 64   # messages of one stream processed concurrently (answers stay in order)
@@ -28,14 +29,17 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
         self._special = set(tok.all_special_tokens)
 
     # -- unary ---------------------------------------------------------------------------------
+    @unary
     async def Classify(self, request, context):
-        return await self._unary(request, context, self._classify)
+        return await self._classify(request, context)
 
+    @unary
     async def Tag(self, request, context):
-        return await self._unary(request, context, self._tag)
+        return await self._tag(request, context)
 
+    @unary
     async def Embed(self, request, context):
-        return await self._unary(request, context, self._embed)
+        return await self._embed(request, context)
 
     # -- streams -------------------------------------------------------------------------------
     async def ClassifyStream(self, request_iterator, context):
@@ -56,17 +60,6 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
         yield tenant_pb2.GenerateResponse()   # unreachable; makes this an async generator
 
     # -- the work ------------------------------------------------------------------------------
-    async def _unary(self, request, context, handler):
-        rid = current_request_id()
-        try:
-            response = await handler(request, context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as e:  # noqa: BLE001 - mapped to its status code
-            await abort(context, e, rid)
-        context.set_trailing_metadata([("x-request-id", rid)])
-        return response
-
     async def _stream(self, request_iterator, context, handler):
         rid = current_request_id()
         window: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
@@ -105,25 +98,10 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
         inputs = convert.inputs_of(request, app.config.max_texts_per_request, app.model.spec.vocab_size)
         truncate = request.truncation != tenant_pb2.REJECT
         limit = min(tenant.quotas.max_tokens_per_request, app.config.max_tokens_per_text, app.model.max_length)
-        app.limiter.acquire(tenant, len(inputs))
-        remaining = context.time_remaining()
-        budget = app.config.default_deadline_s if remaining is None else min(remaining, app.config.default_deadline_s)
-        deadline = time.monotonic() + budget
-        reqs = [app.new_request(tenant, ref, deadline, text=text, truncate=truncate, normalize=normalize,
-                                token_ids=convert.fit_ids(ids, limit, truncate, i) if ids is not None else None)
-                for i, (text, ids) in enumerate(inputs)]
-        futures = []
-        try:
-            for r in reqs:
-                futures.append(asyncio.wrap_future(app.engine.submit(r)))
-            completions = await asyncio.gather(*futures)
-        except BaseException:
-            for r in reqs:
-                app.engine.cancel(r.request_id)
-            raise
-        app.metrics.inputs.labels(method=METHOD_FOR[kind]).inc(len(reqs))
-        for c in completions:
-            app.metrics.queue_seconds.observe(c.queue_s)
+        inputs = [(text, convert.fit_ids(ids, limit, truncate, i) if ids is not None else None)
+                  for i, (text, ids) in enumerate(inputs)]
+        completions, reqs = await run_inputs(app, context, tenant, ref, inputs, truncate=truncate, normalize=normalize,
+                                             method=METHOD_FOR[kind])
         return completions, reqs, ref, started
 
     async def _classify(self, request, context):

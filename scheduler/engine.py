@@ -146,6 +146,10 @@ class Engine:
         self.stop()
 
     @property
+    def is_accepting(self) -> bool:
+        return self._is_accepting
+
+    @property
     def num_pending(self) -> int:
         return len(self._futures)
 
