@@ -109,6 +109,8 @@ class Engine:
         self.residency = CacheResidency(cache, self._notify) if (cache is not None and config.is_pipelined) else None
         self.scheduler = Scheduler(scheduler_config, residency=self.residency)
         self._max_waiting = scheduler_config.max_waiting
+        self._full_step_rows = scheduler_config.max_rows_per_step
+        self._is_computing = False
         self._incoming: list[Request] = []
         self._futures: dict[int, tuple[Request, Future]] = {}
         self._prepared: queue.Queue = queue.Queue(maxsize=config.max_prepared_steps)
@@ -205,8 +207,8 @@ class Engine:
             self._wake.notify_all()
 
     # -- the loops -------------------------------------------------------------------------------
-    def _next_batch(self) -> ScheduledBatch | None:
-        """Admit new requests, answer dropped ones, and schedule the next step (None if idle)."""
+    def _admit(self) -> None:
+        """Tokenize new requests (one tokenizer call) and queue them; fail broken adapters' requests."""
         with self._wake:
             incoming, self._incoming = self._incoming, []
         for req, err in self.runner.tokenize(incoming):
@@ -219,14 +221,20 @@ class Engine:
                     self._fail(req, e)
         if self.residency is not None:
             self._fail_broken_adapters(self.residency.take_failures())
+
+    def _idle_wait(self) -> None:
+        with self._wake:
+            if not self._incoming and not self._is_stopping:
+                self._wake.wait(self.config.idle_wait_s)
+
+    def _schedule(self) -> ScheduledBatch | None:
+        """Schedule the next step and answer the requests it dropped (None if nothing to run)."""
         batch = self.scheduler.schedule()
         for req in batch.dropped:
             if req.status is RequestStatus.EXPIRED:
                 self._fail(req, DeadlineExceededError(f"request {req.request_id} passed its deadline while queued"))
         if not batch.rows:
-            with self._wake:
-                if not self._incoming and not self._is_stopping:
-                    self._wake.wait(self.config.idle_wait_s)
+            self._idle_wait()
             return None
         now = time.monotonic()
         for row in batch.rows:
@@ -278,8 +286,17 @@ class Engine:
         self.num_steps += 1
 
     def _prepare_loop(self) -> None:
+        """Tokenization and adapter loads run ahead all the time. The next step is scheduled
+        while the current one computes only when a full step's worth of requests is waiting;
+        otherwise it waits for compute to be nearly free, so late arrivals join the step (Orca:
+        the batch is picked at every iteration from all waiting work)."""
         while not self._is_stopping:
-            batch = self._next_batch()
+            self._admit()
+            is_busy = self._is_computing or not self._prepared.empty()
+            if is_busy and self.scheduler.num_waiting < self._full_step_rows:
+                self._idle_wait()
+                continue
+            batch = self._schedule()
             if batch is None:
                 continue
             step = self._prepare(batch)
@@ -292,11 +309,17 @@ class Engine:
             step = self._prepared.get()
             if step is None:
                 return
-            self._compute(step)
+            self._is_computing = True
+            try:
+                self._compute(step)
+            finally:
+                self._is_computing = False
+                self._notify()
 
     def _serial_loop(self) -> None:
         while not self._is_stopping:
-            batch = self._next_batch()
+            self._admit()
+            batch = self._schedule()
             if batch is not None:
                 step = self._prepare(batch)
                 if step is not None:
