@@ -21,6 +21,8 @@ class SchedulerConfig:
     residency_retry_s: how soon the policy asks again for an adapter that is still not resident.
     max_skips_per_step: how many tenants one step may pass over because their head request does not fit
         the budget left, before it closes; bounds the cost of a step when the budget is nearly spent.
+    max_adapters_per_step: the most distinct adapters one step may use (None = no limit); the engine
+        sets it from the adapter pool so a step's adapters always fit on the device.
     """
 
     max_tokens_per_step: int = 8192
@@ -29,6 +31,7 @@ class SchedulerConfig:
     max_waiting_per_tenant: int = 1000
     residency_retry_s: float = 0.05
     max_skips_per_step: int = 128
+    max_adapters_per_step: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_tokens_per_step", self.max_tokens_per_step, 1)
@@ -36,6 +39,8 @@ class SchedulerConfig:
         _check_int("max_waiting", self.max_waiting, 1)
         _check_int("max_waiting_per_tenant", self.max_waiting_per_tenant, 1)
         _check_int("max_skips_per_step", self.max_skips_per_step, 1)
+        if self.max_adapters_per_step is not None:
+            _check_int("max_adapters_per_step", self.max_adapters_per_step, 1)
         if self.max_waiting_per_tenant > self.max_waiting:
             raise ValueError(f"max_waiting_per_tenant ({self.max_waiting_per_tenant}) must not exceed "
                              f"max_waiting ({self.max_waiting})")

@@ -10,10 +10,12 @@ a step's adapters synchronously before computing it (the baseline of benchmarks/
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -70,33 +72,85 @@ class Completion:
 
 
 class CacheResidency:
-    """The policy's view of the adapter cache: is it resident; start loading it (no waiting)."""
+    """The policy's view of the adapter cache: is an adapter resident; start loading some.
 
-    def __init__(self, cache: TieredCache, on_change):
+    Loads are bounded: at most `max_outstanding` adapters are loading or loaded-but-unclaimed at a
+    time, and a loaded adapter stays held (cannot be evicted) until the step that uses it takes its
+    own hold (`claimed`) or `hold_s` passes. Without the bound, asking for every parked adapter at
+    once makes later loads evict earlier ones before any step uses them."""
+
+    def __init__(self, cache: TieredCache, on_change, max_outstanding: int, hold_s: float = 2.0):
         self.cache, self.on_change = cache, on_change
+        self.max_outstanding, self.hold_s = max_outstanding, hold_s
         self.failed: dict[int, BaseException] = {}
+        self._loading: set[int] = set()
+        self._held: dict[int, float] = {}      # adapter id -> when its load finished
         self._lock = threading.Lock()
 
     def is_resident(self, adapter_id: int) -> bool:
         return self.cache.is_resident(adapter_id)
 
     def request(self, adapter_ids: list[int]) -> None:
-        for a in adapter_ids:   # one by one: a broken adapter must not block the others
+        self.expire()
+        start = []
+        with self._lock:
+            for a in adapter_ids:
+                if len(self._loading) + len(self._held) >= self.max_outstanding:
+                    break
+                if a not in self._loading and a not in self._held:
+                    self._loading.add(a)
+                    start.append(a)
+        for a in start:   # one by one: a broken adapter must not block the others
             self.cache.prefetch([a]).add_done_callback(lambda f, a=a: self._loaded(a, f))
 
     def _loaded(self, adapter_id: int, fut: Future) -> None:
         exc = fut.exception()
-        if exc is None:
-            self.cache.release([adapter_id])   # resident now; the step that uses it takes its own hold
-        elif not isinstance(exc, CacheFullError):   # full: the policy asks again later
-            with self._lock:
+        with self._lock:
+            self._loading.discard(adapter_id)
+            if exc is None:
+                self._held[adapter_id] = time.monotonic()
+            elif not isinstance(exc, CacheFullError):   # full: the policy asks again later
                 self.failed[adapter_id] = exc
         self.on_change()
+
+    def claimed(self, adapter_ids) -> None:
+        """A step holds these now: give back the prefetch holds."""
+        with self._lock:
+            mine = [a for a in adapter_ids if self._held.pop(a, None) is not None]
+        if mine:
+            self.cache.release(mine)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            old = [a for a, t in self._held.items() if now - t > self.hold_s]
+            for a in old:
+                del self._held[a]
+        if old:
+            self.cache.release(old)
+
+    def close(self) -> None:
+        with self._lock:
+            held, self._held = list(self._held), {}
+        if held:
+            self.cache.release(held)
 
     def take_failures(self) -> dict[int, BaseException]:
         with self._lock:
             failed, self.failed = self.failed, {}
         return failed
+
+
+def adapters_per_step(cache: TieredCache | None, is_pipelined: bool) -> int | None:
+    """How many distinct adapters one step may use so that its adapters fit on the device: the
+    smallest non-empty bank, halved when pipelining (the step computing and the next one each
+    hold theirs)."""
+    if cache is None:
+        return None
+    banks = [n for n in cache.pool.capacity.values() if n > 0]
+    if not banks:
+        return None
+    return max(1, min(banks) // 2) if is_pipelined else min(banks)
 
 
 class Engine:
@@ -106,14 +160,21 @@ class Engine:
         (e.g. metrics); it must be quick and must not raise."""
         self.config, self.runner, self.on_step = config, runner, on_step
         self._wake = threading.Condition()
-        self.residency = CacheResidency(cache, self._notify) if (cache is not None and config.is_pipelined) else None
+        cap = adapters_per_step(cache, config.is_pipelined)
+        if scheduler_config.max_adapters_per_step is None and cap is not None:
+            scheduler_config = dataclasses.replace(scheduler_config, max_adapters_per_step=cap)
+        self.residency = (CacheResidency(cache, self._notify, max_outstanding=cap)
+                          if (cache is not None and config.is_pipelined) else None)
         self.scheduler = Scheduler(scheduler_config, residency=self.residency)
+        self._max_waiting_per_tenant = scheduler_config.max_waiting_per_tenant
+        self._incoming_per_tenant: Counter = Counter()
+        self._step_slots = threading.Semaphore(config.max_prepared_steps)
         self._max_waiting = scheduler_config.max_waiting
         self._full_step_rows = scheduler_config.max_rows_per_step
         self._is_computing = False
         self._incoming: list[Request] = []
         self._futures: dict[int, tuple[Request, Future]] = {}
-        self._prepared: queue.Queue = queue.Queue(maxsize=config.max_prepared_steps)
+        self._prepared: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._is_accepting = False
         self._is_stopping = False
@@ -168,6 +229,10 @@ class Engine:
         with self._wake:
             if len(self._incoming) + self.scheduler.num_waiting >= self._max_waiting:
                 raise QueueFullError(f"the engine queue is full ({self._max_waiting} waiting requests); retry later")
+            tenant_load = self._incoming_per_tenant[request.tenant_id] + self.scheduler.num_waiting_for(request.tenant_id)
+            if tenant_load >= self._max_waiting_per_tenant:
+                raise QueueFullError(f"tenant {request.tenant_id} has {tenant_load} requests waiting, its limit is "
+                                     f"{self._max_waiting_per_tenant}; retry later")
             self._futures[request.request_id] = (request, fut)
             if request.is_tokenized:
                 try:
@@ -177,6 +242,7 @@ class Engine:
                     raise
             else:
                 self._incoming.append(request)
+                self._incoming_per_tenant[request.tenant_id] += 1
             self._wake.notify_all()
         return fut
 
@@ -197,6 +263,7 @@ class Engine:
             req, _ = entry
             if req in self._incoming:
                 self._incoming.remove(req)
+                self._incoming_per_tenant[req.tenant_id] -= 1
             else:
                 self.scheduler.cancel(request_id)
         self._fail(req, RequestCancelledError(f"request {request_id} was cancelled"))
@@ -211,6 +278,7 @@ class Engine:
         """Tokenize new requests (one tokenizer call) and queue them; fail broken adapters' requests."""
         with self._wake:
             incoming, self._incoming = self._incoming, []
+            self._incoming_per_tenant.clear()
         for req, err in self.runner.tokenize(incoming):
             self._fail(req, err)
         for req in incoming:
@@ -220,6 +288,7 @@ class Engine:
                 except (QueueFullError, ValueError) as e:
                     self._fail(req, e)
         if self.residency is not None:
+            self.residency.expire()
             self._fail_broken_adapters(self.residency.take_failures())
 
     def _idle_wait(self) -> None:
@@ -254,7 +323,10 @@ class Engine:
 
     def _prepare(self, batch: ScheduledBatch) -> PreparedStep | None:
         try:
-            return self.runner.prepare(batch)
+            step = self.runner.prepare(batch)
+            if self.residency is not None:
+                self.residency.claimed(step.held_adapters)
+            return step
         except Exception as e:  # noqa: BLE001 - every failure is answered per request
             log.exception("preparing step %d failed", batch.step)
             for req in self.scheduler.abort_step(batch, str(e)):
@@ -296,12 +368,16 @@ class Engine:
             if is_busy and self.scheduler.num_waiting < self._full_step_rows:
                 self._idle_wait()
                 continue
+            if not self._step_slots.acquire(timeout=self.config.idle_wait_s):
+                continue                   # max_prepared_steps are prepared already
             batch = self._schedule()
-            if batch is None:
+            step = self._prepare(batch) if batch is not None else None
+            if step is None:
+                self._step_slots.release()
                 continue
-            step = self._prepare(batch)
-            if step is not None:
-                self._prepared.put(step)   # waits while the compute thread is busy
+            self._prepared.put(step)       # never blocks: a slot was taken
+        if self.residency is not None:
+            self.residency.close()
         self._prepared.put(None)
 
     def _compute_loop(self) -> None:
@@ -309,6 +385,7 @@ class Engine:
             step = self._prepared.get()
             if step is None:
                 return
+            self._step_slots.release()     # the next step may be prepared while this one computes
             self._is_computing = True
             try:
                 self._compute(step)

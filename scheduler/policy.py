@@ -300,7 +300,7 @@ class Scheduler:
             self._park(tenant, req.adapter_id)
             return tokens_left, rows_left
         need = req.tokens_to_compute()
-        if need > tokens_left or rows_left < 1:
+        if need > tokens_left or rows_left < 1 or self._is_adapter_budget_spent(req.adapter_id, rows):
             return None
         tenant.queue.popleft()
         self._num_waiting -= 1
@@ -313,6 +313,14 @@ class Scheduler:
         if tenant.queue:
             self._push(tenant)
         return tokens_left - need, rows_left - 1
+
+    def _is_adapter_budget_spent(self, adapter_id: int | None, rows: list[ScheduledRow]) -> bool:
+        """True if the step already uses max_adapters_per_step distinct adapters and this is a new one."""
+        cap = self.config.max_adapters_per_step
+        if cap is None or adapter_id is None:
+            return False
+        used = {r.request.adapter_id for r in rows if r.request.adapter_id is not None}
+        return adapter_id not in used and len(used) >= cap
 
     def _starved_head(self) -> tuple[_Tenant, Request] | None:
         if self._starved is None:

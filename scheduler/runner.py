@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from manager.cache import TieredCache
+from manager.cache import CacheFullError, TieredCache
 from vbert.model import EncodeRow, InputError, MultiTenantModel, PreparedBatch
 
 from .types import Request, RowResult, ScheduledBatch, StepOutput
@@ -51,7 +51,7 @@ class ModelRunner:
         if ids:
             if self.cache is None:
                 raise RuntimeError("a batch names adapters but the runner has no adapter cache")
-            self.cache.prefetch(ids).result()
+            self._hold(ids)
             try:
                 slots = dict(zip(ids, self.cache.resolve(ids)))
             except BaseException:
@@ -66,6 +66,19 @@ class ModelRunner:
                 self.cache.release(ids)
             raise
         return PreparedStep(batch, inputs, ids, time.perf_counter() - t0)
+
+    def _hold(self, ids: list[int], timeout_s: float = 30.0) -> None:
+        """Hold the step's adapters; if the device is full of adapters held by the step still
+        computing, wait for it to release them (the policy caps a step's adapters to fit)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.cache.prefetch(ids).result()
+                return
+            except CacheFullError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def execute(self, step: PreparedStep) -> StepOutput:
         t0 = time.perf_counter()

@@ -179,3 +179,40 @@ def test_engine_on_the_real_backbone(tmp_path):
     for a, b in zip(outs, direct):
         torch.testing.assert_close(value(a), value(b), atol=1e-5, rtol=0)
     cache.close()
+
+
+def test_serial_step_with_more_tenants_than_slots(tiny_checkpoint):
+    """More distinct adapters waiting than device slots: steps are capped to what fits."""
+    w = World(tiny_checkpoint, slots=2)
+    try:
+        with w.engine(pipelined=False) as engine:
+            futs = [engine.submit(Request(tenant_id=a, adapter_id=a, deadline=far(), prompt_ids=[2, 7 + a, 3]))
+                    for a in range(1, 9) for _ in range(2)]
+            assert all(f.result(60).output is not None for f in futs)
+        assert engine.scheduler.config.max_adapters_per_step == 2
+    finally:
+        w.cache.close()
+
+
+def test_pipelined_more_tenants_than_slots_loads_each_adapter_once_or_so(tiny_checkpoint):
+    w = World(tiny_checkpoint, slots=4)
+    try:
+        with w.engine(pipelined=True) as engine:
+            futs = [engine.submit(Request(tenant_id=a, adapter_id=a, deadline=far(), text=TEXTS[a % 5]))
+                    for a in range(1, 9) for _ in range(3)]
+            assert all(f.result(60).output is not None for f in futs)
+        assert w.cache.stats()["device"]["held"] == 0
+    finally:
+        w.cache.close()
+
+
+def test_per_tenant_limit_is_refused_at_submit(world):
+    world.gates[5] = threading.Event()
+    with world.engine(max_waiting=100, max_waiting_per_tenant=3) as engine:
+        futs = [engine.submit(Request(tenant_id=5, adapter_id=5, deadline=far(), text="gene")) for _ in range(3)]
+        with pytest.raises(QueueFullError, match="tenant 5 has 3 requests waiting"):
+            engine.submit(Request(tenant_id=5, adapter_id=5, deadline=far(), text="gene"))
+        other = engine.submit(Request(tenant_id=1, adapter_id=1, deadline=far(), text="gene"))
+        other.result(30)
+        world.gates[5].set()
+        assert all(f.result(30) for f in futs)

@@ -473,3 +473,20 @@ def test_thread_safety_smoke():
     stats = sched.stats()
     assert stats["num_finished"] + stats["num_cancelled"] == 1000
     assert stats["num_waiting"] == 0 and stats["num_running"] == 0
+
+
+def test_distinct_adapters_per_step_are_capped_without_losing_places():
+    sched = Scheduler(SchedulerConfig(max_adapters_per_step=3, max_rows_per_step=64))
+    for t in range(8):
+        for _ in range(2):
+            sched.add(req(t, 4, adapter=100 + t))
+    order: dict[int, list[int]] = {}
+    steps = 0
+    while sched.num_waiting:
+        batch, _ = step(sched)
+        steps += 1
+        assert 1 <= len({r.request.adapter_id for r in batch.rows}) <= 3
+        for r in batch.rows:
+            order.setdefault(r.request.tenant_id, []).append(r.request.request_id)
+    assert steps >= 3 and sum(len(v) for v in order.values()) == 16
+    assert all(v == sorted(v) for v in order.values())   # FIFO within each tenant still holds
