@@ -10,7 +10,7 @@ import torch
 
 from dispatcher.errors import RETRY_AFTER_KEY
 from dispatcher.gen.vbert.v1 import tenant_pb2
-from tests.conftest import classify, embed_head, make_artifact, tag
+from tests.conftest import classify, embed_head, make_artifact
 from tests.dispatcher.conftest import bearer
 from vbert import EncodeRow, HeadSpec, HeadKind
 
