@@ -460,5 +460,9 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
     r.show(rows, ["dim", "head", "text"])
 
 
+from training.cli import evaluate_command, train_command  # noqa: E402
+main.add_command(train_command, "train"); main.add_command(evaluate_command, "evaluate")  # noqa: E702
+
+
 if __name__ == "__main__":
     main()

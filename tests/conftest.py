@@ -48,7 +48,11 @@ def write_tiny_checkpoint(path: Path, seed: int = 0, num_layers: int = 3, hidden
             elif "LayerNorm.weight" in name:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
     model.save_pretrained(str(path), safe_serialization=True)
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(str(path))
+    # transformers 5: `vocab=` (a path) builds the vocabulary; `vocab_file=` would be ignored
+    tok = BertTokenizerFast(vocab=str(path / "vocab.txt"))
+    if len(tok) != len(vocab):
+        raise RuntimeError(f"tiny tokenizer has {len(tok)} tokens, expected {len(vocab)}")
+    tok.save_pretrained(str(path))
     return path
 
 

@@ -1,0 +1,192 @@
+"""`vbert train` and `vbert evaluate` (registered on the main group in dispatcher/cli.py).
+
+Flags become a TrainConfig / EvaluateConfig here; nothing below receives click's arguments.
+Errors in the data or the options exit with status 1 (2 for usage errors) and a one-line message.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+# = vbert.config.LORA_TARGETS / DEFAULT_LORA_TARGETS (not imported: importing vbert pulls in torch, and
+# every `vbert` command would start slower)
+LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+DEFAULT_LORA_TARGETS = ("query", "key", "value", "attn_out")
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    targets = tuple(t.strip() for t in value.split(",") if t.strip())
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise click.BadParameter(f"{value!r}: give a comma-separated subset of {','.join(LORA_TARGETS)}")
+    return targets
+
+
+def _admin_token(admin_token: str | None, data_dir: str) -> str:
+    if admin_token:
+        return admin_token
+    path = Path(data_dir) / "admin_token"
+    if path.is_file():
+        return path.read_text().strip()
+    raise click.UsageError(f"--register needs an admin token: pass --admin-token, set VBERT_ADMIN_TOKEN, or point "
+                           f"--data-dir at the server's data directory (no {path})")
+
+
+def _quiet_transformers() -> None:
+    """No progress bars of transformers' own (weight loading, shard writing)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def _exit_on_remote_error(e) -> None:
+    from dispatcher.cli import EXIT_OF_STATUS
+
+    click.echo(f"error: {e}", err=True)
+    raise SystemExit(EXIT_OF_STATUS.get(e.code.name, 1))
+
+
+@click.command()
+@click.option("--task", type=click.Choice(["classification", "ner"]), required=True,
+              help="classification: JSON lines {text, label}; ner: CoNLL (word first, IOB2 tag last column).")
+@click.option("--train", "train_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--dev", "dev_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Dev file for model selection (default: a seeded slice of --train is held out).")
+@click.option("--adapter-kind", type=click.Choice(["bottleneck", "lora"]), default="bottleneck", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (new or empty).")
+@click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--backbone", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Local HF BERT checkpoint dir (default: the embedded all-MiniLM-L6-v2).")
+@click.option("--rank", default=8, show_default=True, type=click.IntRange(min=1), help="LoRA rank.")
+@click.option("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS), show_default=True,
+              help=f"LoRA target modules, a subset of {','.join(LORA_TARGETS)}.")
+@click.option("--alpha", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="LoRA alpha (scale = alpha / rank; default 2 * rank).")
+@click.option("--bottleneck-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--layers", default=None, type=click.IntRange(min=1), help="Adapters on the top N layers (default all).")
+@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Learning rate (default 1e-3 for adapters, 5e-5 with --full-finetune).")
+@click.option("--schedule", type=click.Choice(["linear", "constant"]), default="linear", show_default=True,
+              help="After the warm-up: linear decay to 0, or constant.")
+@click.option("--warmup", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Fraction of the steps with a linear warm-up.")
+@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
+              help="Sub-tokens per training example, [CLS] and [SEP] included.")
+@click.option("--patience", default=None, type=click.IntRange(min=1),
+              help="Stop after N epochs without a better dev metric (macro-F1 / span F1).")
+@click.option("--full-finetune", is_flag=True,
+              help="Reference run: train every backbone weight; writes a HF checkpoint + head, not an adapter.")
+@click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
+              help="Classification head input: mean over real tokens, or [CLS].")
+@click.option("--dev-fraction", default=0.1, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Share of --train held out when no --dev is given.")
+@click.option("--max-labels", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Refuse more labels than this (the serving pool's max_labels).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, auto, cuda or cuda:N.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm progress bars.")
+@click.option("--register", is_flag=True, help="Upload the adapter to a server afterwards (admin API).")
+@click.option("--server", default="127.0.0.1:50051", envvar="VBERT_SERVER", show_default=True,
+              help="With --register: host:port of the server.")
+@click.option("--tenant", default=None, help="With --register: the tenant that gets the adapter.")
+@click.option("--adapter", "adapter_name", default=None, help="With --register: the adapter's name.")
+@click.option("--admin-token", envvar="VBERT_ADMIN_TOKEN", default=None,
+              help="With --register: admin token (else VBERT_ADMIN_TOKEN, else DATA_DIR/admin_token).")
+@click.option("--data-dir", default="./var", show_default=True, help="With --register: the server's data directory.")
+def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, backbone, rank, lora_targets, alpha,
+                  bottleneck_size, layers, lr, schedule, warmup, weight_decay, batch_size, max_length, patience,
+                  full_finetune, pooling, dev_fraction, max_labels, threads, device, progress, register, server,
+                  tenant, adapter_name, admin_token, data_dir) -> None:
+    """Fine-tune an adapter and its head on the frozen backbone; write a servable adapter directory."""
+    from .model import AdapterConfig
+    from .train import TrainConfig, check_output_dir, train
+
+    if register:
+        if full_finetune:
+            raise click.UsageError("--register uploads adapters; a --full-finetune checkpoint cannot be served")
+        if not tenant or not adapter_name:
+            raise click.UsageError("--register needs --tenant and --adapter")
+        token = _admin_token(admin_token, data_dir)
+    try:
+        adapter = AdapterConfig(kind="none" if full_finetune else adapter_kind, rank=rank, alpha=alpha,
+                                targets=_targets(lora_targets), bottleneck_size=bottleneck_size, num_top_layers=layers)
+        config = TrainConfig(task=task, train_path=train_path, out=out, dev_path=dev_path, adapter=adapter,
+                             backbone=backbone, epochs=epochs, seed=seed, lr=lr, schedule=schedule, warmup=warmup,
+                             weight_decay=weight_decay, batch_size=batch_size, max_length=max_length, patience=patience,
+                             pooling=pooling, threads=threads, device=device, max_labels=max_labels,
+                             dev_fraction=dev_fraction, show_progress=progress)
+        check_output_dir(out)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e))
+    if not progress:
+        _quiet_transformers()
+    try:
+        result = train(config, echo=click.echo)
+    except (ValueError, FileExistsError) as e:   # DataError (a ValueError), --layers above the backbone's...
+        raise click.ClickException(str(e))
+    if register:
+        from dispatcher.client import Client, VbertError
+
+        try:
+            with Client(server, admin_token=token) as client:
+                info = client.upload_adapter(tenant, adapter_name, result.path)
+        except VbertError as e:
+            _exit_on_remote_error(e)
+        click.echo(f"registered {tenant}/{info['name']} version {info['version']} on {server}")
+
+
+@click.command()
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Adapter directory from `vbert train` (or a --full-finetune checkpoint).")
+@click.option("--test", "test_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Test file, in the format of the task the adapter was trained for.")
+@click.option("--json", "json_path", required=True, type=click.Path(dir_okay=False),
+              help="Write the metrics here as JSON.")
+@click.option("--server", default=None, help="host:port: score through a running server instead of in-process.")
+@click.option("--api-key", envvar="VBERT_API_KEY", default=None, help="With --server: the tenant's API key.")
+@click.option("--tenant-adapter", default=None,
+              help="With --server: the adapter's name as registered (default: the directory's name).")
+@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="With --server: use TLS, trusting this CA bundle.")
+@click.option("--request-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="With --server: texts per request (at most the server's max_texts_per_request).")
+@click.option("--backbone", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Default: the backbone recorded in the adapter's training.json, else the embedded one.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="float32", show_default=True, help="float32, float16, bfloat16 (CUDA) or auto.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=512, show_default=True, type=click.IntRange(min=2),
+              help="Sub-tokens per text, as the server cuts them (its max_tokens_per_text).")
+def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_adapter, tls_ca, request_size,
+                     backbone, device, dtype, batch_size, max_length) -> None:
+    """Score an adapter on a test file (in-process, or against a running server)."""
+    from dispatcher.client import VbertError
+
+    from .evaluate import EvaluateConfig, evaluate
+
+    try:
+        config = EvaluateConfig(adapter_dir=adapter_dir, test_path=test_path, backbone=backbone, device=device,
+                                dtype=dtype, batch_size=batch_size, max_length=max_length, server=server,
+                                api_key=api_key, tenant_adapter=tenant_adapter, request_size=request_size,
+                                tls_ca=tls_ca)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    _quiet_transformers()
+    try:
+        metrics = evaluate(config)
+    except VbertError as e:
+        _exit_on_remote_error(e)
+    except ValueError as e:   # DataError, AdapterError, a backbone mismatch
+        raise click.ClickException(str(e))
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    click.echo(json.dumps(metrics))
+
+
+__all__ = ["evaluate_command", "train_command"]

@@ -1,0 +1,294 @@
+"""Fine-tune an adapter (bottleneck or LoRA) and its head on the frozen shared backbone, for sequence
+classification (JSON lines {text, label}) or NER (CoNLL), and write a servable adapter directory
+(vbert.save_artifact: what the manager stores and validates; LoRA also loads in PEFT).
+With `full_finetune` every backbone weight trains too and the output is a Hugging Face checkpoint
+directory plus the head (the reference for the README's comparison; `vbert evaluate` scores it).
+
+    python -m training.train --task classification --train train.jsonl --adapter-kind lora --out out/
+    (= vbert train ...; see training/cli.py for the options)
+
+Deterministic for a given seed on CPU: seeded init, a seeded data order, no dropout.
+The epoch with the best dev metric (macro-F1 / span F1) is the one written; `patience` stops
+training after that many epochs without improvement. Without a dev file a seeded slice of the
+training file is held out. `training.json` in the output records the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX, DataError, check_labels, split_dev
+from .evaluate import TASKS, TRAINING_FILE, Task, pad_batch, score, torch_predictor
+from .model import TRAIN_POOLINGS, AdapterConfig, TrainableModel, load_backbone, save_full_finetune
+
+SCHEDULES = ("linear", "constant")
+DEFAULT_MAX_LABELS = 64            # = the server pool's default max_labels
+DEFAULT_ADAPTER_LR = 1e-3
+DEFAULT_FULL_LR = 5e-5
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. lr None: 1e-3 for adapters, 5e-5 for full fine-tuning. patience None: no
+    early stopping. warmup: fraction of the steps with a linear warm-up. max_labels: the head limit
+    of the server that will serve the adapter."""
+
+    task: str
+    train_path: str
+    out: str
+    dev_path: str | None = None
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    backbone: str | None = None
+    epochs: int = 3
+    seed: int = 0
+    lr: float | None = None
+    schedule: str = "linear"
+    warmup: float = 0.1
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    max_length: int = 128
+    patience: int | None = None
+    pooling: str = "mean"
+    threads: int | None = None
+    device: str = "cpu"
+    max_labels: int = DEFAULT_MAX_LABELS
+    dev_fraction: float = 0.1
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r} is not one of {tuple(TASKS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
+        if self.pooling not in TRAIN_POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} is not one of {TRAIN_POOLINGS}")
+        for name in ("epochs", "batch_size", "max_labels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if not 0.0 < self.dev_fraction < 1.0:
+            raise ValueError(f"dev_fraction must be in (0, 1), got {self.dev_fraction}")
+        if self.backbone is not None and not Path(self.backbone).is_dir():
+            raise ValueError(f"backbone {self.backbone!r} is not a directory")
+
+    @property
+    def is_full_finetune(self) -> bool:
+        return self.adapter.kind == "none"
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_FULL_LR if self.is_full_finetune else DEFAULT_ADAPTER_LR
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["adapter"]["targets"] = list(self.adapter.targets)
+        d["learning_rate"] = self.learning_rate
+        return d
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    model: TrainableModel
+    summary: dict                  # = training.json
+    dev_encoded: list[dict]
+    dev_examples: list
+
+
+def check_output_dir(path: str | Path) -> None:
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"output {path} exists and is not an empty directory")
+
+
+def lr_lambda(schedule: str, num_warmup: int, num_steps: int) -> Callable[[int], float]:
+    """Multiplier of the learning rate at a step: linear warm-up, then constant or linear decay to 0."""
+    def f(step: int) -> float:
+        if step < num_warmup:
+            return (step + 1) / (num_warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (num_steps - step) / max(1, num_steps - num_warmup))
+
+    return f
+
+
+def _loss(task: Task, logits: torch.Tensor, targets: list, device) -> torch.Tensor:
+    if task.target_key == "label":
+        return F.cross_entropy(logits, torch.tensor(targets, dtype=torch.long, device=device))
+    length = logits.shape[1]
+    t = torch.full((len(targets), length), IGNORE_INDEX, dtype=torch.long)        # [B, L]
+    for b, row in enumerate(targets):
+        t[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.view(-1).to(device), ignore_index=IGNORE_INDEX)
+
+
+def _has_targets(task: Task, targets: list) -> bool:
+    return task.target_key == "label" or any(x != IGNORE_INDEX for row in targets for x in row)
+
+
+def _train_epoch(task: Task, model: TrainableModel, encoded: list[dict], batch_size: int, optimizer, scheduler,
+                 pad_id: int, device, bar) -> float:
+    """One pass over `encoded` (already in this epoch's order); returns the mean batch loss."""
+    model.train()
+    params = model.trainable_parameters()
+    total_loss, num_batches = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        targets = [e[task.target_key] for e in batch]
+        bar.update(1)
+        if not _has_targets(task, targets):
+            continue
+        ids, mask = pad_batch([e["input_ids"] for e in batch], pad_id, device)
+        loss = _loss(task, model(ids, mask), targets, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        total_loss += float(loss.detach())
+        num_batches += 1
+        bar.set_postfix(loss=f"{total_loss / num_batches:.4f}")
+    return total_loss / max(1, num_batches)
+
+
+def _backbone_name(config: TrainConfig) -> str:
+    """The name recorded in the artifact (as MultiTenantModel names the embedded default)."""
+    return "all-MiniLM-L6-v2" if config.backbone is None else Path(config.backbone).name
+
+
+def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
+    """Train, keep the best dev epoch, write the output directory and training.json."""
+    check_output_dir(config.out)
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from vbert import HeadKind, HeadSpec, save_artifact
+    from vbert.config import default_backbone_path
+    from vbert.device import DeviceContext
+
+    started = time.perf_counter()
+    task = TASKS[config.task]
+    backbone_path = config.backbone or default_backbone_path()
+    device = DeviceContext.create(config.device, "float32").device
+
+    # data
+    examples = task.read(config.train_path)
+    labels = task.labels(examples)
+    if len(labels) > config.max_labels:
+        raise DataError(f"{config.train_path}: {len(labels)} labels, above the head limit of {config.max_labels} "
+                        f"(the server's max_labels; --max-labels raises it if the server allows more)")
+    if config.dev_path is not None:
+        train_examples, dev_examples = examples, task.read(config.dev_path)
+        check_labels(dev_examples, labels, config.dev_path)
+    else:
+        train_examples, dev_examples = split_dev(examples, config.dev_fraction, config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(backbone_path), local_files_only=True)
+    label_ids = {label: i for i, label in enumerate(labels)}
+    train_encoded = task.encode(tokenizer, train_examples, label_ids, config.max_length)
+    dev_encoded = task.encode(tokenizer, dev_examples, label_ids, config.max_length) if dev_examples else []
+
+    # model
+    torch.manual_seed(config.seed)
+    backbone = load_backbone(backbone_path, trainable=config.is_full_finetune)
+    spec = HeadSpec(task.head_kind, labels, pooling=config.pooling if task.head_kind is HeadKind.CLASSIFY else "mean")
+    model = TrainableModel(backbone, config.adapter, spec).to(device)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_encoded) / config.batch_size)
+    num_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.schedule, round(config.warmup * num_steps), num_steps))
+    order_generator = torch.Generator().manual_seed(config.seed)
+    pad_id = backbone.config.pad_token_id or 0
+    echo(f"{task.name}: {len(train_encoded)} train, {len(dev_encoded)} dev examples, {len(labels)} labels; "
+         f"{'full fine-tuning' if config.is_full_finetune else config.adapter.kind + ' adapter'}, "
+         f"{model.num_trainable_parameters():,} trainable parameters, {num_steps} steps on {device}")
+
+    epochs, best_metric, best_epoch, best_state, stale = [], -1.0, 0, None, 0
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(len(train_encoded), generator=order_generator).tolist()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", disable=not config.show_progress,
+                   leave=False)
+        with bar:
+            loss = _train_epoch(task, model, [train_encoded[i] for i in order], config.batch_size, optimizer,
+                                scheduler, pad_id, device, bar)
+        record = {"epoch": epoch, "loss": loss}
+        line = f"epoch {epoch}/{config.epochs}  loss {record['loss']:.4f}"
+        if dev_encoded:
+            record["dev"] = score(task, torch_predictor(model, config.batch_size), dev_encoded, dev_examples)
+            metric = record["dev"][task.metric]
+            line += f"  dev {task.metric} {metric:.4f}"
+            if metric > best_metric:
+                best_metric, best_epoch, best_state, stale = metric, epoch, model.trainable_state(), 0
+                line += "  (best)"
+            else:
+                stale += 1
+        else:
+            best_epoch, best_state = epoch, None
+        epochs.append(record)
+        echo(line)
+        if config.patience is not None and stale >= config.patience:
+            echo(f"early stop: no better dev {task.metric} for {stale} epochs")
+            break
+    if best_state is not None:
+        model.load_trainable_state(best_state)
+    train_seconds = time.perf_counter() - started
+    model.eval()
+
+    # output
+    out = Path(config.out)
+    if config.is_full_finetune:
+        save_full_finetune(model, out, tokenizer)
+        adapter_parameters = 0
+    else:
+        artifact = model.to_artifact()
+        save_artifact(artifact, out, backbone_name=_backbone_name(config), shape=model.shape)
+        adapter_parameters = artifact.adapter.num_parameters()
+    artifact_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    summary = {
+        "task": task.name, "args": config.to_json(), "backbone": str(Path(backbone_path).resolve()),
+        "labels": list(labels), "num_train_examples": len(train_encoded), "num_dev_examples": len(dev_encoded),
+        "epochs": epochs, "best_epoch": best_epoch, "dev_metric": task.metric,
+        "best_dev": next((e.get("dev") for e in epochs if e["epoch"] == best_epoch), None),
+        "trainable_parameters": model.num_trainable_parameters(), "adapter_parameters": adapter_parameters,
+        "artifact_bytes": artifact_bytes, "train_seconds": train_seconds,
+    }
+    (out / TRAINING_FILE).write_text(json.dumps(summary, indent=2))
+    echo(f"wrote {out} (best epoch {best_epoch}, {artifact_bytes:,} bytes, {train_seconds:.1f} s)")
+    return TrainResult(out, model, summary, dev_encoded, dev_examples)
+
+
+if __name__ == "__main__":
+    from .cli import train_command
+
+    train_command(prog_name="python -m training.train")
