@@ -2,7 +2,6 @@
 composed once at start-up and validated with clear errors; each component gets only its part."""
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import tomllib
 import typing
@@ -178,7 +177,3 @@ def _coerce(name: str, value: Any) -> Any:
         return target(value)
     except (TypeError, ValueError):
         raise ValueError(f"setting {name}: {value!r} is not a valid {target.__name__}") from None
-
-
-def replace(config: ServerConfig, **changes) -> ServerConfig:
-    return dataclasses.replace(config, **changes)

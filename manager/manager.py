@@ -152,8 +152,3 @@ class Manager:
         except NotFoundError:
             raise NotFoundError(f"tenant {tenant.name!r} has no active adapter {adapter_name!r}") from None
         return AdapterRef(tenant.id, adapter_name, rec.id, rec.version, rec.kind, HeadSpec.from_json(rec.head))
-
-    def status(self) -> dict:
-        return {"tenants": self.registry.count_tenants(), "cache": self.cache.stats(),
-                "recovery": self.recovery}
-

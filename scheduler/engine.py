@@ -414,6 +414,3 @@ class Engine:
             entry = self._futures.pop(req.request_id, None)
         if entry is not None and not entry[1].done():
             entry[1].set_exception(exc)
-
-    def stats(self) -> dict:
-        return {"steps": self.num_steps, "pending": self.num_pending, "scheduler": self.scheduler.stats()}

@@ -1,4 +1,4 @@
-"""Every difference between CPU and CUDA lives here: device pick, dtype, streams, sync, memory.
+"""Every difference between CPU and CUDA lives here: device pick, dtype, pinned host memory, streams, sync.
 
 The rest of the code asks a DeviceContext; nobody else calls torch.cuda.is_available().
 """
@@ -81,7 +81,3 @@ class DeviceContext:
     def synchronize(self) -> None:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
-
-    # -- memory ----------------------------------------------------------------------------
-    def memory_allocated(self) -> int | None:
-        return torch.cuda.memory_allocated(self.device) if self.is_cuda else None
