@@ -8,6 +8,7 @@ hash; every admin write in this process clears that cache, so suspensions, rotat
 take effect at once."""
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import hmac
@@ -84,21 +85,29 @@ class Authenticator:
         self._cache: dict[bytes, tuple[Tenant, float]] = {}
         self._lock = threading.Lock()
 
+    def cached(self, key: str | None) -> Tenant | None:
+        """The tenant of a key verified in the last ttl_s seconds, without hashing; else None."""
+        if not key:
+            return None
+        with self._lock:
+            hit = self._cache.get(hashlib.sha256(key.encode()).digest())
+        if hit is None or hit[1] <= time.monotonic():
+            return None
+        return self._check_active(hit[0])
+
     def tenant(self, key: str | None) -> Tenant:
+        """Verify a key (scrypt + registry lookup: blocking, call it off the event loop)."""
         if not key:
             raise UnauthenticatedError("missing 'authorization: Bearer <api key>' metadata")
-        digest = hashlib.sha256(key.encode()).digest()
-        now = time.monotonic()
+        tenant = self.manager.authenticate(key)
         with self._lock:
-            hit = self._cache.get(digest)
-        if hit is not None and hit[1] > now:
-            tenant = hit[0]
-        else:
-            tenant = self.manager.authenticate(key)
-            with self._lock:
-                if len(self._cache) > 100_000:
-                    self._cache.clear()
-                self._cache[digest] = (tenant, now + self.ttl_s)
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[hashlib.sha256(key.encode()).digest()] = (tenant, time.monotonic() + self.ttl_s)
+        return self._check_active(tenant)
+
+    @staticmethod
+    def _check_active(tenant: Tenant) -> Tenant:
         if not tenant.is_active:
             raise PermissionDeniedError(f"tenant {tenant.name!r} is suspended")
         return tenant
@@ -139,8 +148,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         token = bearer(context.invocation_metadata())
         if is_admin:
             self.auth.check_admin(token)
-        else:
-            _tenant.set(self.auth.tenant(token))
+        else:   # cache hit inline; a miss hashes and queries the registry on a worker thread
+            _tenant.set(self.auth.cached(token) or await asyncio.to_thread(self.auth.tenant, token))
 
     def record(self, method: str, context, started: float) -> None:
         code = context.code()
