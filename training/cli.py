@@ -86,6 +86,8 @@ def _exit_on_remote_error(e) -> None:
 @click.option("--dev-fraction", default=0.1, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of --train held out when no --dev is given.")
+@click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
+              help="Batch examples of similar length together (less padding; batches still shuffled).")
 @click.option("--max-labels", default=64, show_default=True, type=click.IntRange(min=1),
               help="Refuse more labels than this (the serving pool's max_labels).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
@@ -101,8 +103,8 @@ def _exit_on_remote_error(e) -> None:
 @click.option("--data-dir", default="./var", show_default=True, help="With --register: the server's data directory.")
 def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, backbone, rank, lora_targets, alpha,
                   bottleneck_size, layers, lr, schedule, warmup, weight_decay, batch_size, max_length, patience,
-                  full_finetune, pooling, dev_fraction, max_labels, threads, device, progress, register, server,
-                  tenant, adapter_name, admin_token, data_dir) -> None:
+                  full_finetune, pooling, dev_fraction, group_by_length, max_labels, threads, device, progress, register,
+                  server, tenant, adapter_name, admin_token, data_dir) -> None:
     """Fine-tune an adapter and its head on the frozen backbone; write a servable adapter directory."""
     from .model import AdapterConfig
     from .train import TrainConfig, check_output_dir, train
@@ -120,7 +122,8 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
                              backbone=backbone, epochs=epochs, seed=seed, lr=lr, schedule=schedule, warmup=warmup,
                              weight_decay=weight_decay, batch_size=batch_size, max_length=max_length, patience=patience,
                              pooling=pooling, threads=threads, device=device, max_labels=max_labels,
-                             dev_fraction=dev_fraction, show_progress=progress)
+                             dev_fraction=dev_fraction, group_by_length=group_by_length,
+                             show_progress=progress)
         check_output_dir(out)
     except (ValueError, FileExistsError) as e:
         raise click.UsageError(str(e))

@@ -60,6 +60,7 @@ class TrainConfig:
     device: str = "cpu"
     max_labels: int = DEFAULT_MAX_LABELS
     dev_fraction: float = 0.1
+    group_by_length: bool = True
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -133,6 +134,26 @@ def lr_lambda(schedule: str, num_warmup: int, num_steps: int) -> Callable[[int],
     return f
 
 
+GROUP_CHUNK_BATCHES = 50            # group_by_length sorts within windows of this many batches
+
+
+def epoch_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
+                  group_by_length: bool) -> list[list[int]]:
+    """This epoch's batches of example indices, drawn from `generator`. With group_by_length the
+    shuffled order is cut into windows of GROUP_CHUNK_BATCHES batches, each window sorted by length
+    (so a batch pads to a similar length, not to the longest of a random draw), and the batches are
+    then shuffled again: every example once per epoch, still random, far less padding."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    window = batch_size * GROUP_CHUNK_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def _loss(task: Task, logits: torch.Tensor, targets: list, device) -> torch.Tensor:
     if task.target_key == "label":
         return F.cross_entropy(logits, torch.tensor(targets, dtype=torch.long, device=device))
@@ -147,14 +168,13 @@ def _has_targets(task: Task, targets: list) -> bool:
     return task.target_key == "label" or any(x != IGNORE_INDEX for row in targets for x in row)
 
 
-def _train_epoch(task: Task, model: TrainableModel, encoded: list[dict], batch_size: int, optimizer, scheduler,
+def _train_epoch(task: Task, model: TrainableModel, batches: list[list[dict]], optimizer, scheduler,
                  pad_id: int, device, bar) -> float:
-    """One pass over `encoded` (already in this epoch's order); returns the mean batch loss."""
+    """One pass over `batches` (this epoch's); returns the mean batch loss."""
     model.train()
     params = model.trainable_parameters()
     total_loss, num_batches = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start:start + batch_size]
+    for batch in batches:
         targets = [e[task.target_key] for e in batch]
         bar.update(1)
         if not _has_targets(task, targets):
@@ -230,17 +250,18 @@ def _train(config: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
         optimizer, lr_lambda(config.schedule, round(config.warmup * num_steps), num_steps))
     order_generator = torch.Generator().manual_seed(config.seed)
     pad_id = backbone.config.pad_token_id or 0
+    lengths = [len(e["input_ids"]) for e in train_encoded]
     echo(f"{task.name}: {len(train_encoded)} train, {len(dev_encoded)} dev examples, {len(labels)} labels; "
          f"{'full fine-tuning' if config.is_full_finetune else config.adapter.kind + ' adapter'}, "
          f"{model.num_trainable_parameters():,} trainable parameters, {num_steps} steps on {device}")
 
     epochs, best_metric, best_epoch, best_state, stale = [], -1.0, 0, None, 0
     for epoch in range(1, config.epochs + 1):
-        order = torch.randperm(len(train_encoded), generator=order_generator).tolist()
+        batches = epoch_batches(lengths, config.batch_size, order_generator, config.group_by_length)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", disable=not config.show_progress,
                    leave=False)
         with bar:
-            loss = _train_epoch(task, model, [train_encoded[i] for i in order], config.batch_size, optimizer,
+            loss = _train_epoch(task, model, [[train_encoded[i] for i in b] for b in batches], optimizer,
                                 scheduler, pad_id, device, bar)
         record = {"epoch": epoch, "loss": loss}
         line = f"epoch {epoch}/{config.epochs}  loss {record['loss']:.4f}"

@@ -314,3 +314,23 @@ def test_real_backbone_sci_cite(tmp_path):
     for exp, out in zip(model_logits(result.model, rows), model.forward([EncodeRow(r, slot) for r in rows])):
         torch.testing.assert_close(out.logits, exp, atol=ATOL, rtol=0)
 
+
+
+def test_epoch_batches_cover_every_example_once_and_group_similar_lengths():
+    from training.train import epoch_batches
+
+    lengths = [random.Random(i).randint(3, 120) for i in range(1000)]
+    grouped = epoch_batches(lengths, 32, torch.Generator().manual_seed(1), group_by_length=True)
+    plain = epoch_batches(lengths, 32, torch.Generator().manual_seed(1), group_by_length=False)
+    for batches in (grouped, plain):
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        assert all(1 <= len(b) <= 32 for b in batches)
+
+    def padded(batches):   # tokens the model computes: every row padded to its batch's longest
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    assert padded(grouped) < 0.75 * padded(plain)
+    again = epoch_batches(lengths, 32, torch.Generator().manual_seed(1), group_by_length=True)
+    assert again == grouped                                      # seeded: same batches, same order
+    other = epoch_batches(lengths, 32, torch.Generator().manual_seed(2), group_by_length=True)
+    assert other != grouped

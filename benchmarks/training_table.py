@@ -1,0 +1,206 @@
+"""The training issue's table: adapters vs full fine-tuning vs the majority baseline on real data.
+
+    python benchmarks/training_table.py --data ../shared/data \
+        --json benchmarks/results/cpu-DATE/training/table.json
+
+For every (set, method) it runs the public commands exactly as a user would,
+`vbert train ... --out RUN/artifact` then `vbert evaluate --adapter RUN/artifact --test test.txt`,
+each in its own process, and keeps RUN/result.json. Runs already finished are reused (the table can
+be built over several sessions; --rerun forces them). The artifacts themselves go under --runs
+(default ./var/training-runs, not committed: a full fine-tuning checkpoint is ~90 MB); the per-run
+summaries are copied next to the JSON. Writes the JSON, a Markdown table (.md) and a PNG.
+
+Recipe (the same for every set, chosen once, not tuned per set): max length 128, batch 32,
+linear schedule with 10 % warm-up, dev-selected best epoch, seed 0; bottleneck size 64 and LoRA rank 8
+(query, key, value and attention output; alpha 16) at lr 3e-3; full fine-tuning at lr 1e-4.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SETS = {  # name: (task, subdirectory, epochs)
+    "sci-cite": ("classification", "cls/sci-cite", 3),
+    "rct-20k": ("classification", "cls/rct-20k", 10),
+    "chemprot": ("classification", "cls/chemprot", 5),
+    "NCBI-disease": ("ner", "ner/NCBI-disease", 5),
+}
+METHODS = {  # name: extra `vbert train` flags
+    "bottleneck": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3"],
+    "lora": ["--adapter-kind", "lora", "--rank", "8", "--lr", "3e-3"],
+    "full": ["--full-finetune", "--lr", "1e-4"],
+}
+COMMON = ["--max-length", "128", "--batch-size", "32", "--seed", "0", "--no-progress"]
+
+
+def vbert() -> list[str]:
+    return [sys.executable, "-m", "dispatcher.cli"]
+
+
+def run_one(set_name: str, method: str, data: Path, runs: Path, rerun: bool, epochs: int | None) -> dict:
+    task, sub, default_epochs = SETS[set_name]
+    run = runs / f"{set_name}-{method}"
+    result_path = run / "result.json"
+    if result_path.exists() and not rerun:
+        return json.loads(result_path.read_text())
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    artifact = run / "artifact"
+    train_cmd = vbert() + ["train", "--task", task, "--train", str(data / sub / "train.txt"),
+                           "--dev", str(data / sub / "dev.txt"), "--out", str(artifact),
+                           "--epochs", str(epochs or default_epochs)] + COMMON + METHODS[method]
+    eval_json = run / "test.json"
+    eval_cmd = vbert() + ["evaluate", "--adapter", str(artifact), "--test", str(data / sub / "test.txt"),
+                          "--json", str(eval_json), "--device", "cpu", "--max-length", "128"]
+    with open(run / "log.txt", "w") as log:
+        for cmd in (train_cmd, eval_cmd):
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            started = time.perf_counter()
+            subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+            log.write(f"({time.perf_counter() - started:.1f} s)\n")
+    training = json.loads((artifact / "training.json").read_text())
+    result = {
+        "set": set_name, "task": task, "method": method, "test": json.loads(eval_json.read_text()),
+        "best_dev": training["best_dev"], "best_epoch": training["best_epoch"], "epochs": training["epochs"],
+        "trainable_parameters": training["trainable_parameters"],
+        "adapter_parameters": training["adapter_parameters"],
+        "artifact_bytes": training["artifact_bytes"], "train_seconds": training["train_seconds"],
+        "args": training["args"], "train_command": " ".join(train_cmd[2:]), "eval_command": " ".join(eval_cmd[2:]),
+    }
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def baseline(set_name: str, data: Path) -> dict:
+    from training.data import read_classification, read_conll
+    from training.metrics import majority_baseline, ner_majority_baseline
+
+    task, sub, _ = SETS[set_name]
+    if task == "classification":
+        train = [ex.label for ex in read_classification(data / sub / "train.txt")]
+        test = [ex.label for ex in read_classification(data / sub / "test.txt")]
+        return majority_baseline(train, test)
+    return ner_majority_baseline([list(ex.tags) for ex in read_conll(data / sub / "test.txt")])
+
+
+def metric_names(task: str) -> tuple[str, ...]:
+    return ("accuracy", "macro_f1") if task == "classification" else ("precision", "recall", "f1")
+
+
+def headline(task: str) -> str:
+    return "macro_f1" if task == "classification" else "f1"
+
+
+def markdown(results: list[dict], baselines: dict) -> str:
+    lines = ["| set | method | test metric | dev (best epoch) | vs full FT | trainable params | artifact bytes "
+             "| CPU train time |", "|---|---|---|---|---|---|---|---|"]
+    for set_name in SETS:
+        rows = [r for r in results if r["set"] == set_name]
+        if not rows:
+            continue
+        task = rows[0]["task"]
+        key = headline(task)
+        full = next((r for r in rows if r["method"] == "full"), None)
+        base = baselines[set_name]
+        names = metric_names(task)
+
+        def fmt(m: dict) -> str:
+            return ", ".join(f"{n} {100 * m[n]:.1f}" for n in names if n in m)
+
+        lines.append(f"| {set_name} | majority baseline | {fmt(base)} | | | 0 | | |")
+        for r in rows:
+            delta = "" if full is None or r is full else f"{100 * (r['test'][key] - full['test'][key]):+.1f}"
+            dev = r["best_dev"][key] if r["best_dev"] else float("nan")
+            lines.append(
+                f"| {set_name} | {r['method']} | {fmt(r['test'])} | {100 * dev:.1f} ({r['best_epoch']}/"
+                f"{len(r['epochs'])}) | {delta} | {r['trainable_parameters']:,} | {r['artifact_bytes']:,} | "
+                f"{r['train_seconds'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], baselines: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = [s for s in SETS if any(r["set"] == s for r in results)]
+    methods = ["majority"] + list(METHODS)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        values = []
+        for s in sets:
+            key = headline(SETS[s][0])
+            if method == "majority":
+                values.append(100 * baselines[s][key])
+            else:
+                r = next((r for r in results if r["set"] == s and r["method"] == method), None)
+                values.append(100 * r["test"][key] if r else 0.0)
+        ax.bar([i + j * width for i in range(len(sets))], values, width, label=method)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sets))])
+    ax.set_xticklabels([f"{s}\n({headline(SETS[s][0])})" for s in sets])
+    ax.set_ylabel("test metric (%)")
+    ax.set_title("adapters vs full fine-tuning, all-MiniLM-L6-v2 backbone")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--sets", default=",".join(SETS), help="comma-separated subset of " + ",".join(SETS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--runs", default=str(REPO / "var" / "training-runs"))
+    p.add_argument("--epochs", type=int, default=None, help="override every set's epoch count (smoke runs)")
+    p.add_argument("--rerun", action="store_true", help="train again even where a finished run exists")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    data, runs = Path(args.data), Path(args.runs)
+    sets = [s for s in args.sets.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    for name in sets:
+        if name not in SETS:
+            p.error(f"unknown set {name!r}")
+    for name in methods:
+        if name not in METHODS:
+            p.error(f"unknown method {name!r}")
+    jobs = [(s, m) for s in sets for m in methods]
+    results = []
+    for s, m in tqdm(jobs, desc="training runs", unit="run"):
+        tqdm.write(f"{s} / {m} ...")
+        r = run_one(s, m, data, runs, args.rerun, args.epochs)
+        tqdm.write(f"{s} / {m}: test {r['test']}  ({r['train_seconds'] / 60:.1f} min)")
+        results.append(r)
+    baselines = {s: baseline(s, data) for s in sets}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "date": datetime.date.today().isoformat(), "machine": platform.platform(), "processor": platform.processor(),
+        "recipe": {"common": COMMON, "methods": METHODS, "epochs": {s: SETS[s][2] for s in sets}},
+        "baselines": baselines, "results": results,
+    }
+    out.write_text(json.dumps(doc, indent=2))
+    table = markdown(results, baselines)
+    out.with_suffix(".md").write_text(table)
+    plot(results, baselines, out.with_suffix(".png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
