@@ -460,8 +460,11 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
     r.show(rows, ["dim", "head", "text"])
 
 
-from training.cli import evaluate_command, train_command  # noqa: E402
-main.add_command(train_command, "train"); main.add_command(evaluate_command, "evaluate")  # noqa: E702
+from training.cli import build_table_command, distill_command, evaluate_command, train_command  # noqa: E402
+
+for _command, _name in ((train_command, "train"), (evaluate_command, "evaluate"), (distill_command, "distill"),
+                        (build_table_command, "build-table")):
+    main.add_command(_command, _name)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ def _content(artifact: AdapterArtifact) -> tuple[dict, dict[str, torch.Tensor]]:
     """The artifact's config (JSON-able, canonical types) and its tensors under canonical names."""
     a, head = artifact.adapter, artifact.head
     content: dict = {"format": FORMAT, "version": VERSION, "kind": artifact.kind, "head": head.spec.to_json()}
+    if artifact.skip_table is not None:                  # absent otherwise: older blobs keep their bytes
+        content["skip_table"] = str(artifact.skip_table)
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(a, LoraAdapter):
         modules = []
@@ -215,8 +217,11 @@ def _build(content: dict, tensors: dict[str, torch.Tensor]) -> AdapterArtifact:
     kind = content.get("kind")
     if kind not in _ADAPTER_DECODERS:
         raise _Problem(f"adapter kind {kind!r} is not one of {list(_ADAPTER_DECODERS)}")
-    if set(content) != {"format", "version", "kind", "head"} | ({kind} - {"none"}):
+    if set(content) - {"skip_table"} != {"format", "version", "kind", "head"} | ({kind} - {"none"}):
         raise _Problem(f"config fields {sorted(content)} do not fit a {kind} adapter")
+    skip_table = content.get("skip_table")
+    if skip_table is not None and (not isinstance(skip_table, str) or not skip_table):
+        raise _Problem(f"skip_table must be a non-empty string, got {skip_table!r}")
     try:
         spec = HeadSpec.from_json(content["head"] if isinstance(content["head"], dict) else {})
     except (AdapterError, TypeError) as e:
@@ -231,7 +236,7 @@ def _build(content: dict, tensors: dict[str, torch.Tensor]) -> AdapterArtifact:
     unexpected = sorted(set(tensors) - taken.taken)
     if unexpected:
         raise _Problem(f"tensors not described by the config: {unexpected[:4]}")
-    return AdapterArtifact(adapter, head)
+    return AdapterArtifact(adapter, head, skip_table)
 
 
 def decode_artifact(data: bytes, config: dict) -> AdapterArtifact:

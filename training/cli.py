@@ -1,4 +1,4 @@
-"""`vbert train` and `vbert evaluate` (registered on the main group in dispatcher/cli.py).
+"""`vbert train`, `evaluate`, `distill` and `build-table` (registered on the main group in dispatcher/cli.py).
 
 Flags become a TrainConfig / EvaluateConfig here; nothing below receives click's arguments.
 Errors in the data or the options exit with status 1 (2 for usage errors) and a one-line message.
@@ -88,6 +88,13 @@ def _exit_on_remote_error(e) -> None:
               help="Share of --train held out when no --dev is given.")
 @click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
               help="Batch examples of similar length together (less padding; batches still shuffled).")
+@click.option("--skip-shallow", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Train in skip mode: the lower layers are these shallow layers (`vbert distill`); adapters "
+                   "go on the layers above them.")
+@click.option("--skip-table", default="default", show_default=True,
+              help="With --skip-shallow: the name of the server's skip table the adapter will run with.")
+@click.option("--skip-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
+              show_default=True, help="With --skip-shallow: the dtype of that table (`vbert build-table --dtype`).")
 @click.option("--max-labels", default=64, show_default=True, type=click.IntRange(min=1),
               help="Refuse more labels than this (the serving pool's max_labels).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
@@ -103,7 +110,8 @@ def _exit_on_remote_error(e) -> None:
 @click.option("--data-dir", default="./var", show_default=True, help="With --register: the server's data directory.")
 def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, backbone, rank, lora_targets, alpha,
                   bottleneck_size, layers, lr, schedule, warmup, weight_decay, batch_size, max_length, patience,
-                  full_finetune, pooling, dev_fraction, group_by_length, max_labels, threads, device, progress, register,
+                  full_finetune, pooling, dev_fraction, group_by_length, skip_shallow, skip_table, skip_dtype,
+                  max_labels, threads, device, progress, register,
                   server, tenant, adapter_name, admin_token, data_dir) -> None:
     """Fine-tune an adapter and its head on the frozen backbone; write a servable adapter directory."""
     from .model import AdapterConfig
@@ -123,6 +131,7 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
                              weight_decay=weight_decay, batch_size=batch_size, max_length=max_length, patience=patience,
                              pooling=pooling, threads=threads, device=device, max_labels=max_labels,
                              dev_fraction=dev_fraction, group_by_length=group_by_length,
+                             skip_shallow=skip_shallow, skip_table=skip_table, skip_dtype=skip_dtype,
                              show_progress=progress)
         check_output_dir(out)
     except (ValueError, FileExistsError) as e:
@@ -166,8 +175,14 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-length", default=512, show_default=True, type=click.IntRange(min=2),
               help="Sub-tokens per text, as the server cuts them (its max_tokens_per_text).")
+@click.option("--skip-shallow", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Score in skip mode (in-process): the shallow layers from `vbert distill`.")
+@click.option("--skip-table", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="With --skip-shallow: the n-gram table from `vbert build-table` (default: compute every trigram).")
+@click.option("--skip-mode", type=click.Choice(["exact", "fallback"]), default="exact", show_default=True,
+              help="exact: table misses computed by the shallow layers; fallback: bigram/unigram entries (approximate).")
 def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_adapter, tls_ca, request_size,
-                     backbone, device, dtype, batch_size, max_length) -> None:
+                     backbone, device, dtype, batch_size, max_length, skip_shallow, skip_table, skip_mode) -> None:
     """Score an adapter on a test file (in-process, or against a running server)."""
     from dispatcher.client import VbertError
 
@@ -177,7 +192,8 @@ def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_
         config = EvaluateConfig(adapter_dir=adapter_dir, test_path=test_path, backbone=backbone, device=device,
                                 dtype=dtype, batch_size=batch_size, max_length=max_length, server=server,
                                 api_key=api_key, tenant_adapter=tenant_adapter, request_size=request_size,
-                                tls_ca=tls_ca)
+                                tls_ca=tls_ca, skip_shallow=skip_shallow, skip_table=skip_table,
+                                skip_mode=skip_mode)
     except ValueError as e:
         raise click.UsageError(str(e))
     _quiet_transformers()
@@ -192,4 +208,83 @@ def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_
     click.echo(json.dumps(metrics))
 
 
-__all__ = ["evaluate_command", "train_command"]
+@click.command()
+@click.option("--corpus", "corpus", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text file (one sentence per line), JSON lines with \"text\", or CoNLL; repeatable.")
+@click.option("--corpus-format", type=click.Choice(["auto", "text", "jsonl", "conll"]), default="auto",
+              show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory (new or empty; with --resume, the run's directory).")
+@click.option("--skip-layers", default=3, show_default=True, type=click.IntRange(min=1),
+              help="How many of the lowest layers the shallow layers replace.")
+@click.option("--backbone", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Teacher checkpoint directory (default: the embedded backbone).")
+@click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=3))
+@click.option("--final-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Also match the final layer's output, with this weight (backpropagates through the upper layers).")
+@click.option("--max-sentences", default=None, type=click.IntRange(min=2), help="Use a seeded sample of the corpus.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--checkpoint-every", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Steps between checkpoints (also one at each epoch's end).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, auto, cuda or cuda:N.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def distill_command(corpus, corpus_format, out, skip_layers, backbone, epochs, batch_size, lr, max_length,
+                    final_weight, max_sentences, seed, checkpoint_every, resume, threads, device, progress) -> None:
+    """Distill shallow n-gram layers that replace the backbone's lowest layers (skip mode)."""
+    from .distill import DistillConfig, distill
+
+    try:
+        config = DistillConfig(corpus=tuple(corpus), out=out, backbone=backbone, skip_layers=skip_layers,
+                               epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
+                               final_weight=final_weight, max_sentences=max_sentences, corpus_format=corpus_format,
+                               seed=seed, checkpoint_every=checkpoint_every, resume=resume, threads=threads,
+                               device=device, show_progress=progress)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    _quiet_transformers()
+    try:
+        distill(config, echo=click.echo)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
+
+
+@click.command()
+@click.option("--shallow", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Shallow-layer directory from `vbert distill`.")
+@click.option("--corpus", "corpus", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Corpus whose n-grams are precomputed (as for distill); repeatable.")
+@click.option("--corpus-format", type=click.Choice(["auto", "text", "jsonl", "conll"]), default="auto",
+              show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Table file to write (must not exist).")
+@click.option("--budget-mb", default=512.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Memory the table may take (entries + index); the most frequent n-grams first.")
+@click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16", show_default=True)
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=3))
+@click.option("--backbone", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Whose tokenizer (default: the embedded backbone).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def build_table_command(shallow, corpus, corpus_format, out, budget_mb, dtype, max_length, backbone, device,
+                        progress) -> None:
+    """Precompute the shallow layers' outputs for a corpus's n-grams into a table file."""
+    from .table import TableConfig, build_table
+
+    try:
+        config = TableConfig(shallow=shallow, corpus=tuple(corpus), out=out, budget_mb=budget_mb, dtype=dtype,
+                             max_length=max_length, corpus_format=corpus_format, backbone=backbone, device=device,
+                             show_progress=progress)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    _quiet_transformers()
+    try:
+        build_table(config, echo=click.echo)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+
+
+__all__ = ["build_table_command", "distill_command", "evaluate_command", "train_command"]

@@ -293,3 +293,51 @@ def word_level(token_labels: Sequence[str], word_ids: Sequence[int | None], num_
         seen.add(word_id)
         words[word_id] = label
     return words
+
+
+# -- text corpora (distillation, n-gram tables) ----------------------------------------------------
+CORPUS_FORMATS = ("auto", "text", "jsonl", "conll")
+
+
+def _corpus_format(lines: list[tuple[int, str]]) -> str:
+    first = next((t for _, t in lines if t.strip()), "")
+    if first.lstrip().startswith("{"):
+        return "jsonl"
+    if "\t" in first or first.startswith("-DOCSTART-"):
+        return "conll"
+    return "text"
+
+
+def read_corpus(path, fmt: str = "auto") -> list[str]:
+    """Sentences of a corpus file: plain text (one per line), JSON lines (their "text"), or CoNLL
+    (words of a sentence joined by spaces). fmt "auto" decides from the first non-blank line: a JSON
+    object -> jsonl, tab-separated columns or -DOCSTART- -> conll, else text."""
+    if fmt not in CORPUS_FORMATS:
+        raise ValueError(f"corpus format {fmt!r} is not one of {CORPUS_FORMATS}")
+    lines = _read_lines(path)
+    fmt = _corpus_format(lines) if fmt == "auto" else fmt
+    if fmt == "jsonl":
+        return _jsonl_texts(path, lines)
+    if fmt == "conll":
+        return [" ".join(ex.words) for ex in read_conll(path)]
+    texts = [t.strip() for _, t in lines if t.strip()]
+    if not texts:
+        raise DataError(f"{path}: no text lines")
+    return texts
+
+
+def _jsonl_texts(path, lines: list[tuple[int, str]]) -> list[str]:
+    texts = []
+    for number, text in lines:
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
+            raise DataError(f"{path}:{number}: expected an object with a non-empty \"text\"")
+        texts.append(obj["text"])
+    if not texts:
+        raise DataError(f"{path}: no texts")
+    return texts

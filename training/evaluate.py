@@ -176,6 +176,9 @@ class EvaluateConfig:
     tenant_adapter: str | None = None    # the adapter's name on the server (default: the directory's name)
     request_size: int = 32               # texts per server request
     tls_ca: str | None = None
+    skip_shallow: str | None = None      # in-process skip mode: shallow layers (`vbert distill`) ...
+    skip_table: str | None = None        # ... and their n-gram table file (None: computed, exact)
+    skip_mode: str = "exact"
 
     def __post_init__(self) -> None:
         if not Path(self.adapter_dir).is_dir():
@@ -184,6 +187,10 @@ class EvaluateConfig:
             raise ValueError("batch_size and request_size must be >= 1")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.skip_table is not None and self.skip_shallow is None:
+            raise ValueError("--skip-table needs --skip-shallow (the shallow layers it was built from)")
+        if self.skip_shallow is not None and self.server is not None:
+            raise ValueError("skip mode is the server's configuration; --skip-shallow is for in-process scoring")
         if self.server is not None and not self.api_key:
             raise ValueError("evaluating against a server needs the tenant's API key (--api-key or VBERT_API_KEY)")
 
@@ -204,10 +211,11 @@ def backbone_of(adapter_dir: str | Path, backbone: str | None) -> str | None:
     return None
 
 
-def _fitting_model_config(artifact, backbone: str | None, device: str, dtype: str):
-    """A MultiTenantModel config with one slot sized to this artifact (nothing else is allocated)."""
+def _fitting_model_config(artifact, backbone: str | None, device: str, dtype: str, config=None):
+    """A MultiTenantModel config with one slot sized to this artifact (nothing else is allocated);
+    in skip mode when config (an EvaluateConfig) names shallow layers."""
     from vbert import BackboneConfig, BottleneckAdapter, LoraAdapter, ModelConfig, PoolConfig
-    from vbert.config import LORA_TARGETS
+    from vbert.config import LORA_TARGETS, SkipConfig, SkipTableConfig
 
     a = artifact.adapter
     pool = PoolConfig(num_lora_slots=int(isinstance(a, LoraAdapter)),
@@ -216,7 +224,11 @@ def _fitting_model_config(artifact, backbone: str | None, device: str, dtype: st
                       lora_targets=a.targets if isinstance(a, LoraAdapter) else LORA_TARGETS,
                       max_bottleneck_size=a.size if isinstance(a, BottleneckAdapter) else 1,
                       max_labels=max(1, artifact.head.spec.num_labels))
-    return ModelConfig(backbone=BackboneConfig(path=backbone, device=device, dtype=dtype), pool=pool)
+    skip = SkipConfig()
+    if config is not None and config.skip_shallow is not None:
+        name = artifact.skip_table or "default"
+        skip = SkipConfig((SkipTableConfig(name, config.skip_shallow, config.skip_table),), mode=config.skip_mode)
+    return ModelConfig(backbone=BackboneConfig(path=backbone, device=device, dtype=dtype), pool=pool, skip=skip)
 
 
 def evaluate(config: EvaluateConfig) -> dict:
@@ -240,7 +252,8 @@ def evaluate(config: EvaluateConfig) -> dict:
         spec = artifact.head.spec
         backbone = backbone_of(config.adapter_dir, config.backbone)
         if config.server is None:
-            mt_model = MultiTenantModel(_fitting_model_config(artifact, backbone, config.device, config.dtype))
+            mt_model = MultiTenantModel(_fitting_model_config(artifact, backbone, config.device, config.dtype,
+                                                              config))
             tokenizer_path, max_positions = mt_model.path, mt_model.spec.max_position_embeddings
         else:
             from vbert.backbone import BackboneSpec
@@ -269,7 +282,10 @@ def evaluate(config: EvaluateConfig) -> dict:
     else:
         artifact.validate(mt_model.spec.shape)
         predict = served_predictor(mt_model, mt_model.load_adapter(artifact), config.batch_size)
-    return score(task, predict, encoded, examples)
+    metrics = score(task, predict, encoded, examples)
+    if mt_model is not None and mt_model.skip is not None:
+        metrics["skip"] = mt_model.skip.stats()
+    return metrics
 
 
 __all__ = ["DataError", "EvaluateConfig", "IGNORE_INDEX", "TASKS", "Task", "evaluate", "model_logits", "score",

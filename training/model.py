@@ -120,7 +120,9 @@ class TrainableModel(nn.Module):
     classify [B, C], tag [B, L, C]. New parameters are drawn from torch's global generator
     (seed it first for a reproducible init)."""
 
-    def __init__(self, backbone, adapter: AdapterConfig, head_spec: HeadSpec):
+    def __init__(self, backbone, adapter: AdapterConfig, head_spec: HeadSpec, skip=None):
+        """skip: a vbert.skip.SkipRuntime with one table (force-computing): train in skip mode, the
+        lower layers replaced by its shallow layers (frozen) and adapters only above them."""
         super().__init__()
         if head_spec.kind is HeadKind.EMBED:
             raise ValueError("training needs a classify or tag head")
@@ -128,6 +130,13 @@ class TrainableModel(nn.Module):
             raise ValueError(f"pooling {head_spec.pooling!r} is not one of {TRAIN_POOLINGS}")
         self.backbone, self.adapter_config, self.head_spec = backbone, adapter, head_spec
         self.shape = backbone_shape(backbone)
+        self.skip = skip
+        if skip is not None:
+            low = [layer for layer in adapter.layers(self.shape.num_layers) if layer < skip.skip_layers]
+            if adapter.kind == "none" or low:
+                raise ValueError(f"skip mode replaces layers 0..{skip.skip_layers - 1}: adapters must sit above "
+                                 f"them (--layers {self.shape.num_layers - skip.skip_layers} or fewer), and full "
+                                 f"fine-tuning cannot train in skip mode")
         self.lora = nn.ModuleDict()
         self.bottleneck = nn.ModuleDict()
         self._handles = []
@@ -161,8 +170,24 @@ class TrainableModel(nn.Module):
         self.backbone.train(mode and self.is_full_finetune)   # no dropout anyway; keeps eval semantics
         return self
 
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [B, L, H]: the whole backbone, or in skip mode the shallow layers'
+        merged states (exactly as the server computes them) through the upper layers."""
+        if self.skip is None:
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.bool()
+        types = torch.zeros_like(input_ids)
+        h = self.skip.lower_states(input_ids, types, mask, [0] * input_ids.shape[0], torch.float32).clone()
+        am, _ = self.backbone._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
+                                                      embedding_output=h, encoder_hidden_states=None,
+                                                      past_key_values=None)
+        for layer in self.backbone.encoder.layer[self.skip.skip_layers:]:
+            h = layer(h, attention_mask=am)
+            h = h[0] if isinstance(h, tuple) else h
+        return h
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+        hidden = self.encode(input_ids, attention_mask)                                              # [B, L, H]
         if self.head_spec.kind is HeadKind.TAG:
             return self.head(hidden)                                                         # [B, L, C]
         if self.head_spec.pooling == "cls":
@@ -205,7 +230,8 @@ class TrainableModel(nn.Module):
         else:
             raise ValueError("a full fine-tuned model has no adapter artifact; use save_full_finetune")
         head = self.head_weights()
-        return AdapterArtifact(adapter, Head(head.spec, t(head.weight), t(head.bias)))
+        skip_table = self.skip.default if self.skip is not None else None
+        return AdapterArtifact(adapter, Head(head.spec, t(head.weight), t(head.bias)), skip_table)
 
 
 # -- full fine-tuning: a Hugging Face checkpoint directory plus the head ---------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +61,9 @@ class TrainConfig:
     max_labels: int = DEFAULT_MAX_LABELS
     dev_fraction: float = 0.1
     group_by_length: bool = True
+    skip_shallow: str | None = None      # train in skip mode on these shallow layers (a `vbert distill` dir)
+    skip_table: str = "default"          # the table name the adapter records (the server's name for it)
+    skip_dtype: str = "float16"          # the table's dtype (shallow outputs are rounded to it, as served)
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -89,6 +92,10 @@ class TrainConfig:
             raise ValueError(f"dev_fraction must be in (0, 1), got {self.dev_fraction}")
         if self.backbone is not None and not Path(self.backbone).is_dir():
             raise ValueError(f"backbone {self.backbone!r} is not a directory")
+        if self.skip_shallow is not None and not Path(self.skip_shallow).is_dir():
+            raise ValueError(f"skip shallow directory {self.skip_shallow!r} does not exist")
+        if self.skip_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"skip dtype {self.skip_dtype!r} is not float32, float16 or bfloat16")
 
     @property
     def is_full_finetune(self) -> bool:
@@ -192,6 +199,18 @@ def _train_epoch(task: Task, model: TrainableModel, batches: list[list[dict]], o
     return total_loss / max(1, num_batches)
 
 
+def _skip_runtime(config: TrainConfig, backbone_path, device):
+    """One force-computing table: the shallow layers' exact outputs, rounded to the table dtype."""
+    from vbert.backbone import Encoder
+    from vbert.skip import SkipRuntime, open_table
+
+    teacher = Encoder.from_checkpoint(backbone_path)
+    table = open_table(config.skip_table, config.skip_shallow, None, teacher, device, 1, config.skip_dtype)
+    runtime = SkipRuntime({config.skip_table: table})
+    runtime.force = True
+    return runtime
+
+
 def _backbone_name(config: TrainConfig) -> str:
     """The name recorded in the artifact (as MultiTenantModel names the embedded default)."""
     return "all-MiniLM-L6-v2" if config.backbone is None else Path(config.backbone).name
@@ -242,7 +261,11 @@ def _train(config: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
     torch.manual_seed(config.seed)
     backbone = load_backbone(backbone_path, trainable=config.is_full_finetune)
     spec = HeadSpec(task.head_kind, labels, pooling=config.pooling if task.head_kind is HeadKind.CLASSIFY else "mean")
-    model = TrainableModel(backbone, config.adapter, spec).to(device)
+    skip = _skip_runtime(config, backbone_path, device) if config.skip_shallow is not None else None
+    adapter_config = config.adapter
+    if skip is not None and adapter_config.num_top_layers is None:
+        adapter_config = replace(adapter_config, num_top_layers=backbone.config.num_hidden_layers - skip.skip_layers)
+    model = TrainableModel(backbone, adapter_config, spec, skip).to(device)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_encoded) / config.batch_size)
     num_steps = steps_per_epoch * config.epochs

@@ -2,7 +2,8 @@
 pool loads into a slot and that the store saves as files.
 
 On-disk layout (a directory):
-  vbert_adapter.json        {"format": "vbert-adapter", "version": 1, "kind", "head", "backbone", ...}
+  vbert_adapter.json        {"format": "vbert-adapter", "version": 1, "kind", "head", "backbone", ...,
+                            "skip_table" (only for adapters trained in skip mode: the table's name)}
   adapter_config.json       LoRA only: the PEFT config (so PEFT loads the directory unchanged)
   adapter_model.safetensors LoRA: PEFT tensor names; bottleneck: `layers.N.{down,up}.{weight,bias}`
   head.safetensors          classify / tag heads: `weight` [C, H], `bias` [C]
@@ -35,6 +36,7 @@ HEAD_FILE = "head.safetensors"
 class AdapterArtifact:
     adapter: LoraAdapter | BottleneckAdapter | None
     head: Head
+    skip_table: str | None = None    # the skip-mode n-gram table it was trained with (None: the full model)
 
     @property
     def kind(self) -> str:
@@ -71,7 +73,7 @@ class AdapterArtifact:
                                            for k, w in a.layer_weights.items()})
         h = self.head
         head = Head(h.spec, fn(h.weight) if h.weight is not None else None, fn(h.bias) if h.bias is not None else None)
-        return AdapterArtifact(a, head)
+        return AdapterArtifact(a, head, self.skip_table)
 
 
 def _bottleneck_tensors(a: BottleneckAdapter) -> dict[str, torch.Tensor]:
@@ -111,6 +113,8 @@ def save_artifact(artifact: AdapterArtifact, path: str | Path, backbone_name: st
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     meta: dict = {"format": FORMAT, "version": VERSION, "kind": artifact.kind, "head": artifact.head.spec.to_json(),
                   "backbone": {"name": backbone_name}}
+    if artifact.skip_table is not None:
+        meta["skip_table"] = artifact.skip_table
     if shape is not None:
         meta["backbone"].update(hidden_size=shape.hidden_size, num_layers=shape.num_layers,
                                 intermediate_size=shape.intermediate_size)
@@ -164,4 +168,7 @@ def load_artifact(path: str | Path) -> AdapterArtifact:
         adapter = None
     else:
         raise AdapterError(f"{path}: adapter kind {kind!r} is not one of lora, bottleneck, none")
-    return AdapterArtifact(adapter, head)
+    skip_table = meta.get("skip_table")
+    if skip_table is not None and (not isinstance(skip_table, str) or not skip_table):
+        raise AdapterError(f"{path / META_FILE}: skip_table must be a non-empty string, got {skip_table!r}")
+    return AdapterArtifact(adapter, head, skip_table)

@@ -214,14 +214,22 @@ class Encoder(nn.Module):
                 adapters: list[LayerAdapters | None] | None = None, has_padding: bool = True) -> torch.Tensor:
         """input_ids, token_type_ids [B, L] long; mask [B, L] bool (True = real token).
         adapters: per layer, or None for the bare backbone. Returns hidden states [B, L, H]."""
+        return self.run_layers(self.embed(input_ids, token_type_ids), mask, adapters, has_padding=has_padding)
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding layer: [B, L] ids -> [B, L, H] (the input of layer 0)."""
         seq = input_ids.shape[1]
         if seq > self.spec.max_position_embeddings:
             raise ValueError(f"sequence of {seq} tokens exceeds the backbone's {self.spec.max_position_embeddings} positions")
         pos = torch.arange(seq, device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
-        x = self.embed_norm(x)                                                 # [B, L, H]
-        attn_mask = mask[:, None, None, :] if has_padding else None           # [B, 1, 1, L]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, attn_mask, adapters[i] if adapters is not None else None)
-        return x
+        return self.embed_norm(x)                                              # [B, L, H]
 
+    def run_layers(self, x: torch.Tensor, mask: torch.Tensor, adapters: list[LayerAdapters | None] | None = None,
+                   start: int = 0, stop: int | None = None, has_padding: bool = True) -> torch.Tensor:
+        """Layers start..stop-1 on hidden states x [B, L, H] (the input of layer `start`; skip mode
+        starts above the layers its n-gram table replaces). adapters: indexed by absolute layer."""
+        attn_mask = mask[:, None, None, :] if has_padding else None           # [B, 1, 1, L]
+        for i in range(start, self.spec.num_layers if stop is None else stop):
+            x = self.layers[i](x, attn_mask, adapters[i] if adapters is not None else None)
+        return x

@@ -102,6 +102,60 @@ class BatchingConfig:
             raise ValueError(f"max_bucket_tokens must be >= 1, got {self.max_bucket_tokens}")
 
 
+SKIP_MODES = ("exact", "fallback")
+
+
+@dataclass(frozen=True)
+class SkipTableConfig:
+    """One set of shallow layers (a `vbert distill` directory) and its n-gram table file (from
+    `vbert build-table`; None: every trigram is computed by the shallow layers, through the cache)."""
+
+    name: str
+    shallow: str
+    table: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"skip table name {self.name!r}: use letters, digits, - and _")
+        if not Path(self.shallow).is_dir():
+            raise ValueError(f"skip table {self.name!r}: shallow directory {self.shallow!r} does not exist")
+        if self.table is not None and not Path(self.table).is_file():
+            raise ValueError(f"skip table {self.name!r}: table file {self.table!r} does not exist")
+
+
+@dataclass(frozen=True)
+class SkipConfig:
+    """Lower-layer skipping (vbert.skip). Off when no tables are given.
+
+    mode: "exact" (a trigram missing from the table is computed by the shallow layers and cached:
+        outputs equal the shallow model's) or "fallback" (missing trigram -> bigram -> unigram entry;
+        approximate, computed only when even the unigram is missing).
+    default: the table of adapters that name none (trained on the full model) and of the bare
+        backbone; default the first.
+    miss_cache_entries: computed entries kept per table (each 3 x hidden values).
+    """
+
+    tables: tuple[SkipTableConfig, ...] = ()
+    mode: str = "exact"
+    default: str | None = None
+    miss_cache_entries: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.mode not in SKIP_MODES:
+            raise ValueError(f"skip mode {self.mode!r} is not one of {SKIP_MODES}")
+        names = [t.name for t in self.tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"skip table names must be unique, got {names}")
+        if self.default is not None and self.default not in names:
+            raise ValueError(f"default skip table {self.default!r} is not one of {names}")
+        if self.miss_cache_entries < 1:
+            raise ValueError(f"miss_cache_entries must be >= 1, got {self.miss_cache_entries}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tables)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Composition of the model core's configs (each component receives only its own)."""
@@ -109,3 +163,4 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    skip: SkipConfig = field(default_factory=SkipConfig)

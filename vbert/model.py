@@ -76,6 +76,7 @@ class _Bucket:
     mask: torch.Tensor                 # [B, L] bool
     is_full: bool                      # no padding at all (attention needs no mask)
     adapters: BatchAdapters
+    tables: np.ndarray | None = None   # skip mode: [B] index of each row's n-gram table
 
 
 @dataclass
@@ -101,6 +102,15 @@ class MultiTenantModel:
         self.max_length = min(config.backbone.max_length, self.spec.max_position_embeddings)
         self.pool = AdapterPool(config.pool, self.spec, self.device, default_head_of(path))
         self._tokenizer = None
+        self.skip = self._open_skip(config.skip, enc) if config.skip.enabled else None
+        self._slot_table = np.zeros(config.pool.num_slots + 1, np.int64)   # skip mode: each slot's table
+
+    def _open_skip(self, config, teacher):
+        from .skip import SkipRuntime, open_table
+
+        tables = {t.name: open_table(t.name, t.shallow, t.table, teacher, self.device.device,
+                                     config.miss_cache_entries) for t in config.tables}
+        return SkipRuntime(tables, config.mode, config.default)
 
     # -- tokenization -----------------------------------------------------------------------
     @property
@@ -142,8 +152,34 @@ class MultiTenantModel:
         return out
 
     # -- adapters ------------------------------------------------------------------------------
+    def check_skip(self, artifact: AdapterArtifact) -> int:
+        """Skip mode: the index of the table the artifact runs with; raises AdapterError if it names a
+        table this model does not hold or has adapter weights in the layers the table replaces.
+        Without skip mode: an adapter trained in skip mode is refused (its upper layers expect the
+        shallow layers' states)."""
+        from .adapters import AdapterError
+
+        if self.skip is None:
+            if artifact.skip_table is not None:
+                raise AdapterError(f"adapter was trained in skip mode (table {artifact.skip_table!r}) and this "
+                                   f"server runs the full backbone; enable skip mode with that table")
+            return 0
+        low = [layer for layer in (artifact.adapter.layers if artifact.adapter is not None else ())
+               if layer < self.skip.skip_layers]
+        if low:
+            raise AdapterError(f"adapter has weights in layers {sorted(low)}, which skip mode replaces by its n-gram "
+                               f"table (layers 0..{self.skip.skip_layers - 1}); train it on the top "
+                               f"{self.spec.num_layers - self.skip.skip_layers} layers (--layers)")
+        if artifact.skip_table is not None and artifact.skip_table not in self.skip.tables:
+            raise AdapterError(f"adapter was trained with skip table {artifact.skip_table!r}, which this server "
+                               f"does not hold (it holds {self.skip.names})")
+        return self.skip.index_of(artifact.skip_table)
+
     def load_adapter(self, artifact: AdapterArtifact, stream=None) -> int:
-        return self.pool.load(artifact, stream)
+        table = self.check_skip(artifact)
+        slot = self.pool.load(artifact, stream)
+        self._slot_table[slot] = table
+        return slot
 
     def unload_adapter(self, slot: int) -> None:
         self.pool.unload(slot)
@@ -191,8 +227,10 @@ class MultiTenantModel:
             raise InputError(f"token ids must be in [0, {self.spec.vocab_size})")
         dev = self.device
         ids_t, types_t, mask_t = (dev.to_device(dev.host_tensor(torch.from_numpy(a))) for a in (ids, types, mask))
-        adapters = self.pool.gather([r.slot for r in rows], [r.normalize for r in rows])
-        return _Bucket(idx, ids_t, types_t, mask_t, bool(mask.all()), adapters)
+        slots = [r.slot for r in rows]
+        adapters = self.pool.gather(slots, [r.normalize for r in rows])
+        tables = self._slot_table[slots] if self.skip is not None else None
+        return _Bucket(idx, ids_t, types_t, mask_t, bool(mask.all()), adapters, tables)
 
     @torch.inference_mode()
     def execute(self, prepared: PreparedBatch) -> list[RowOutput]:
@@ -206,8 +244,14 @@ class MultiTenantModel:
 
     def _execute_bucket(self, bucket: _Bucket, rows: list[EncodeRow]) -> list[RowOutput]:
         batch, mask_t, dev = bucket.adapters, bucket.mask, self.device
-        hidden = self.encoder(bucket.input_ids, bucket.token_type_ids, mask_t, batch.layers,
-                              has_padding=not bucket.is_full)                                  # [B, L, H]
+        if self.skip is None:
+            hidden = self.encoder(bucket.input_ids, bucket.token_type_ids, mask_t, batch.layers,
+                                  has_padding=not bucket.is_full)                              # [B, L, H]
+        else:                          # lower layers from the n-gram tables, the rest as usual
+            lower = self.skip.lower_states(bucket.input_ids, bucket.token_type_ids, mask_t, bucket.tables,
+                                           dev.dtype)                                          # [B, L, H]
+            hidden = self.encoder.run_layers(lower, mask_t, batch.layers, start=self.skip.skip_layers,
+                                             has_padding=not bucket.is_full)
         pooled = pool_hidden(hidden, mask_t, batch.pooling, self.encoder.pooler)                # [B, H]
         results: dict[HeadKind, tuple[np.ndarray, torch.Tensor]] = {}
         for kind, code in HEAD_KIND_CODES.items():
@@ -248,4 +292,7 @@ class MultiTenantModel:
                      "bytes_per_lora_slot": p.bytes_per_slot("lora"),
                      "bytes_per_bottleneck_slot": p.bytes_per_slot("bottleneck"),
                      "total_bytes": p.total_bytes()},
+            "skip": None if self.skip is None else {
+                "skip_layers": self.skip.skip_layers, "mode": self.skip.mode, "default": self.skip.default,
+                "tables": self.skip.stats()},
         }

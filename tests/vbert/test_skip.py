@@ -1,0 +1,235 @@
+"""Skip mode: the n-gram table serves exactly what the shallow layers compute, misses are computed
+(exact) or looked up as fallbacks (approximate), several tables share one batch of the upper layers,
+and tables built for other weights or damaged on disk are refused."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_WORDS, classify, make_artifact, tag, tiny_pool_config, write_tiny_checkpoint
+from training.table import TableConfig, build_table
+from vbert import BackboneConfig, EncodeRow, ModelConfig, MultiTenantModel
+from vbert.adapters import AdapterError
+from vbert.backbone import Encoder
+from vbert.config import SkipConfig, SkipTableConfig
+from vbert.ngram import TableError, key_bits, load_table, pack, trigram_ids
+from vbert.skip import ShallowModel, SkipError, compute_entries, load_shallow, save_shallow, teacher_upper_hash
+
+SKIP = 2                                     # of the tiny checkpoint's 3 layers
+
+
+def sentences(n: int, seed: int, words=TINY_WORDS) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))) for _ in range(n)]
+
+
+def write_shallow(teacher: Encoder, path: Path, perturb: int | None = None) -> Path:
+    """Shallow layers initialized from the teacher; `perturb` seeds a change of every weight (a
+    second, different set of shallow layers, as distillation on another domain would give)."""
+    model = ShallowModel.from_teacher(teacher, SKIP, teacher.spec.pad_token_id)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(perturb if perturb is not None else 0)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))   # merge pos/type embeddings start at 0 otherwise
+    save_shallow(model, path, "tiny", teacher_upper_hash(teacher, SKIP))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("skip")
+    ckpt = write_tiny_checkpoint(root / "ckpt")
+    teacher = Encoder.from_checkpoint(ckpt)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(sentences(60, 1)) + "\n")
+    shallow_a = write_shallow(teacher, root / "shallow-a", perturb=1)
+    shallow_b = write_shallow(teacher, root / "shallow-b", perturb=2)
+    tables = {}
+    for name, shallow in (("a", shallow_a), ("b", shallow_b)):
+        tables[name] = root / f"table-{name}.safetensors"
+        build_table(TableConfig(shallow=str(shallow), corpus=(str(corpus),), out=str(tables[name]), budget_mb=64,
+                                dtype="float32", backbone=str(ckpt), show_progress=False), echo=lambda s: None)
+    return {"root": root, "ckpt": ckpt, "teacher": teacher, "corpus": corpus, "shallow": {"a": shallow_a,
+            "b": shallow_b}, "tables": tables}
+
+
+def skip_model(setup, names=("a",), tables=True, mode="exact", cache=4096) -> MultiTenantModel:
+    cfg = SkipConfig(tuple(SkipTableConfig(n, str(setup["shallow"][n]), str(setup["tables"][n]) if tables else None)
+                           for n in names), mode=mode, miss_cache_entries=cache)
+    return MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
+                                        pool=tiny_pool_config(), skip=cfg))
+
+
+def top_layers_artifact(model, kind, head, seed, skip_table=None):
+    art = make_artifact(model.spec.shape, kind, head, seed, **({"rank": 4} if kind == "lora" else {"size": 8}))
+    a = art.adapter
+    if kind == "lora":
+        a.modules = {k: w for k, w in a.modules.items() if k[0] >= SKIP}
+    else:
+        a.layer_weights = {k: w for k, w in a.layer_weights.items() if k >= SKIP}
+    art.skip_table = skip_table
+    return art
+
+
+def rows_of(model, texts, slot=0):
+    return [EncodeRow(ids, slot) for ids in model.tokenize(texts)]
+
+
+def test_table_entries_equal_the_shallow_layers_computed_on_the_fly(setup):
+    shallow, meta = load_shallow(setup["shallow"]["a"], setup["teacher"])
+    table = load_table(setup["tables"]["a"], weights_hash=meta.weights_hash)
+    assert len(table.keys) > 100
+    bits = key_bits(shallow.spec.vocab_size)
+    perm = torch.randperm(len(table.keys), generator=torch.Generator().manual_seed(0))[:333]   # other batching
+    again = compute_entries(shallow, table.keys[perm], bits, torch.float32, chunk=64)
+    assert torch.equal(again, table.values[perm])
+    one = compute_entries(shallow, table.keys[perm[:1]], bits, torch.float32, chunk=64)
+    assert torch.equal(one, table.values[perm[:1]])
+
+
+def test_full_table_equals_force_computed_path_and_counts_hits(setup):
+    model = skip_model(setup)
+    texts = setup["corpus"].read_text().splitlines()[:20]            # every trigram is in the table
+    out = model.forward(rows_of(model, texts))
+    stats = model.skip.stats()["a"]
+    assert stats["hit_rate"] == 1.0 and stats["computed"] == 0 and stats["tokens"] > 100
+    model.skip.force = True
+    forced = model.forward(rows_of(model, texts))
+    for x, y in zip(out, forced):
+        assert torch.equal(x.embedding, y.embedding)
+    full = MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
+                                        pool=tiny_pool_config()))
+    ref = full.forward(rows_of(full, texts))
+    assert not torch.allclose(ref[0].embedding, out[0].embedding, atol=1e-3)   # skip mode is not the full model
+
+
+def test_exact_mode_computes_misses_once_and_equals_the_shallow_layers(setup):
+    model = skip_model(setup, cache=4096)
+    unseen = sentences(12, 99, TINY_WORDS[::-1])
+    out = model.forward(rows_of(model, unseen))
+    first = dict(model.skip.stats()["a"])
+    assert first["computed"] > 0 and first["hit_rate"] < 1.0
+    again = model.forward(rows_of(model, unseen))                  # now from the miss cache
+    second = model.skip.stats()["a"]
+    assert second["computed"] == first["computed"] and second["cache_hits"] > first["cache_hits"]
+    model.skip.force = True
+    forced = model.forward(rows_of(model, unseen))
+    for x, y, z in zip(out, again, forced):
+        assert torch.equal(x.embedding, z.embedding) and torch.equal(y.embedding, z.embedding)
+
+
+def test_tiny_miss_cache_evicts_and_stays_exact(setup):
+    model = skip_model(setup, tables=False, cache=8)                # no table: everything computed
+    texts = sentences(10, 5)
+    model.forward(rows_of(model, sentences(10, 6)))
+    out = model.forward(rows_of(model, texts))                     # evicts the first batch's entries
+    stats = model.skip.stats()["a"]
+    assert stats["cache"]["size"] == 8 and stats["cache"]["evictions"] > 0
+    model.skip.force = True
+    for x, y in zip(out, model.forward(rows_of(model, texts))):
+        assert torch.equal(x.embedding, y.embedding)
+
+
+def test_fallback_mode_is_approximate_and_counted(setup):
+    exact, approx = skip_model(setup), skip_model(setup, mode="fallback")
+    unseen = sentences(8, 123, TINY_WORDS[::-1])
+    e = exact.forward(rows_of(exact, unseen))
+    a = approx.forward(rows_of(approx, unseen))
+    stats = approx.skip.stats()["a"]
+    assert stats["fallback"] > 0 and stats["computed"] == 0        # every unigram of the vocabulary is in the table
+    assert any(not torch.allclose(x.embedding, y.embedding) for x, y in zip(e, a))
+    sims = [float(torch.cosine_similarity(x.embedding, y.embedding, dim=0)) for x, y in zip(e, a)]
+    assert min(sims) > 0.5
+
+
+def test_rows_of_two_tables_share_one_batch(setup):
+    both = skip_model(setup, names=("a", "b"))
+    heads = (classify(3), tag(4))
+    arts = [top_layers_artifact(both, kind, heads[i % 2], seed=i, skip_table=("a", "b", None)[i % 3])
+            for i, kind in enumerate(["lora", "bottleneck", "lora", "bottleneck", "lora", "bottleneck"])]
+    slots = [both.load_adapter(a) for a in arts]
+    texts = sentences(6, 7)
+    ids = both.tokenize(texts)
+    mixed = both.forward([EncodeRow(ids[i], slots[i]) for i in range(6)])
+    for name in ("a", "b"):                                         # each table alone, in its own model
+        single = skip_model(setup, names=(name,))
+        for i, art in enumerate(arts):
+            if (art.skip_table or "a") != name:
+                continue
+            art_single = top_layers_artifact(single, ["lora", "bottleneck"][i % 2], heads[i % 2], seed=i)
+            out = single.forward([EncodeRow(ids[i], single.load_adapter(art_single))])[0]
+            torch.testing.assert_close(out.logits, mixed[i].logits, atol=1e-5, rtol=1e-5)
+    tables_used = both.skip.stats()
+    assert tables_used["a"]["tokens"] > 0 and tables_used["b"]["tokens"] > 0
+
+
+def test_adapters_that_cannot_run_in_this_mode_are_refused(setup):
+    model = skip_model(setup)
+    full_model_adapter = make_artifact(model.spec.shape, "bottleneck", classify(2), 1, size=8)   # all layers
+    with pytest.raises(AdapterError, match="layers \\[0, 1\\]"):
+        model.load_adapter(full_model_adapter)
+    with pytest.raises(AdapterError, match="skip table 'zzz'"):
+        model.load_adapter(top_layers_artifact(model, "lora", classify(2), 2, skip_table="zzz"))
+    full = MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
+                                        pool=tiny_pool_config()))
+    with pytest.raises(AdapterError, match="trained in skip mode"):
+        full.load_adapter(top_layers_artifact(full, "lora", classify(2), 3, skip_table="a"))
+
+
+def test_mismatched_and_corrupt_tables_are_refused(setup, tmp_path):
+    cfg = SkipConfig((SkipTableConfig("a", str(setup["shallow"]["b"]), str(setup["tables"]["a"])),))
+    with pytest.raises(TableError, match="rebuild it"):            # table of a, shallow layers of b
+        MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
+                                     pool=tiny_pool_config(), skip=cfg))
+    damaged = tmp_path / "damaged.safetensors"
+    data = bytearray(setup["tables"]["a"].read_bytes())
+    data[-100] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    cfg = SkipConfig((SkipTableConfig("a", str(setup["shallow"]["a"]), str(damaged)),))
+    with pytest.raises(TableError, match="corrupt"):
+        MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
+                                     pool=tiny_pool_config(), skip=cfg))
+    other = write_tiny_checkpoint(tmp_path / "other", seed=5)      # shallow layers of another teacher
+    cfg = SkipConfig((SkipTableConfig("a", str(setup["shallow"]["a"]), str(setup["tables"]["a"])),))
+    with pytest.raises(SkipError, match="other upper-layer weights"):
+        MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(other), device="cpu"),
+                                     pool=tiny_pool_config(), skip=cfg))
+
+
+def test_merge_uses_each_tokens_three_windows(setup):
+    """A token's state comes from the trigrams centred on it and its two neighbours, so changing
+    token 3 changes tokens 1..5 (each such trigram's slots all see the whole trigram), no others."""
+    shallow, _ = load_shallow(setup["shallow"]["a"])
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    types = torch.zeros_like(ids)
+    base = shallow(ids, types, mask)
+    changed = ids.clone()
+    changed[0, 3] = 20
+    diff = (shallow(changed, types, mask) - base).abs().amax(-1)[0]
+    assert (diff[1:6] > 1e-4).all()
+    assert (diff[[0, 6]] == 0).all()
+    keys = pack(trigram_ids(ids, mask, shallow.edge_id), key_bits(shallow.spec.vocab_size))
+    assert keys.shape == ids.shape
+
+
+def test_real_backbone_skip_mode_table_equals_computed(default_checkpoint, tmp_path):
+    teacher = Encoder.from_checkpoint(default_checkpoint)
+    shallow = ShallowModel.from_teacher(teacher, 3, teacher.spec.pad_token_id)
+    save_shallow(shallow, tmp_path / "shallow", "all-MiniLM-L6-v2", teacher_upper_hash(teacher, 3))
+    corpus = tmp_path / "c.txt"
+    texts = ["The patient was treated for breast cancer.", "Gene expression increased in tumor cells.",
+             "We show results of a new method."]
+    corpus.write_text("\n".join(texts))
+    build_table(TableConfig(shallow=str(tmp_path / "shallow"), corpus=(str(corpus),), out=str(tmp_path / "t.st"),
+                            budget_mb=16, dtype="float16", show_progress=False), echo=lambda s: None)
+    cfg = SkipConfig((SkipTableConfig("bio", str(tmp_path / "shallow"), str(tmp_path / "t.st")),))
+    model = MultiTenantModel(ModelConfig(backbone=BackboneConfig(device="cpu"), skip=cfg))
+    out = model.forward(rows_of(model, texts))
+    assert model.skip.stats()["bio"]["hit_rate"] == 1.0
+    model.skip.force = True
+    for x, y in zip(out, model.forward(rows_of(model, texts))):
+        assert torch.equal(x.embedding, y.embedding)

@@ -1,0 +1,267 @@
+"""`vbert distill`: train shallow n-gram layers to stand in for the backbone's lowest k layers.
+
+    vbert distill --corpus ../shared/data/cls/sci-cite/train.txt ... --skip-layers 3 --out shallow/
+
+The shallow layers (vbert.skip.ShallowModel) start as copies of the teacher's embeddings and lowest
+k layers; for each sentence of the corpus every token's trigram goes through them, the three views
+of each token are merged, and the loss is the MSE against the teacher's hidden states entering
+layer k (optionally plus `final_weight` times the MSE of the final layer's output, with the frozen
+upper layers run on the merged states). The upper layers stay the teacher's own, so adapters
+trained on the full model still apply above them.
+
+Checkpoints (OUT/checkpoint.pt: weights, optimizer, schedule, position in the epoch, generator
+state) are written every `checkpoint_every` steps and at each epoch's end; --resume continues a
+run exactly where its last checkpoint left it. Seeded: the same seed gives the same weights on CPU.
+A seeded 2 % of the corpus (at most 500 sentences) is held out; its MSE is reported per epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data import CORPUS_FORMATS, DataError, read_corpus
+from .train import epoch_batches, lr_lambda
+
+CHECKPOINT_FILE = "checkpoint.pt"
+DEV_FRACTION, MAX_DEV = 0.02, 500
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    corpus: tuple[str, ...]
+    out: str
+    backbone: str | None = None
+    skip_layers: int = 3
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 2e-4
+    warmup: float = 0.05
+    max_length: int = 128
+    final_weight: float = 0.0
+    max_sentences: int | None = None
+    corpus_format: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 200
+    resume: bool = False
+    threads: int | None = None
+    device: str = "cpu"
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.corpus:
+            raise ValueError("give at least one corpus file")
+        for path in self.corpus:
+            if not Path(path).is_file():
+                raise ValueError(f"corpus file {path!r} does not exist")
+        for name in ("skip_layers", "epochs", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.max_length < 3:
+            raise ValueError(f"max_length must be >= 3, got {self.max_length}")
+        if self.final_weight < 0:
+            raise ValueError(f"final_weight must be >= 0, got {self.final_weight}")
+        if self.max_sentences is not None and self.max_sentences < 2:
+            raise ValueError(f"max_sentences must be >= 2, got {self.max_sentences}")
+        if self.corpus_format not in CORPUS_FORMATS:
+            raise ValueError(f"corpus format {self.corpus_format!r} is not one of {CORPUS_FORMATS}")
+        if self.backbone is not None and not Path(self.backbone).is_dir():
+            raise ValueError(f"backbone {self.backbone!r} is not a directory")
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the real tokens: a, b [B, L, H], mask [B, L] bool."""
+    return ((a - b) ** 2)[mask].mean()
+
+
+def load_sentences(config: DistillConfig) -> list[str]:
+    texts = [t for path in config.corpus for t in read_corpus(path, config.corpus_format)]
+    if len(texts) < 2:
+        raise DataError(f"the corpus has {len(texts)} sentence(s); distillation needs at least 2")
+    if config.max_sentences is not None and len(texts) > config.max_sentences:
+        g = torch.Generator().manual_seed(config.seed)
+        keep = sorted(torch.randperm(len(texts), generator=g)[:config.max_sentences].tolist())
+        texts = [texts[i] for i in keep]
+    return texts
+
+
+class Distiller:
+    """Teacher (frozen vbert Encoder) + student (ShallowModel) + the loss; one object per run."""
+
+    def __init__(self, teacher, student, final_weight: float):
+        self.teacher, self.student, self.final_weight = teacher, student, final_weight
+        self.k = student.skip_layers
+
+    def batch_tensors(self, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.student.edge_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = torch.tensor(r)
+            mask[b, :len(r)] = True
+        return ids.to(device), torch.zeros_like(ids).to(device), mask.to(device)
+
+    def loss(self, ids, types, mask) -> tuple[torch.Tensor, float]:
+        """(total loss, MSE at layer k)."""
+        with torch.no_grad():
+            target = self.teacher.run_layers(self.teacher.embed(ids, types), mask, stop=self.k)     # [B, L, H]
+            final_target = (self.teacher.run_layers(target, mask, start=self.k) if self.final_weight else None)
+        merged = self.student(ids, types, mask)                                                    # [B, L, H]
+        mse = _masked_mse(merged, target, mask)
+        total = mse
+        if final_target is not None:
+            final = self.teacher.run_layers(merged, mask, start=self.k)
+            total = total + self.final_weight * _masked_mse(final, final_target, mask)
+        return total, float(mse.detach())
+
+    @torch.no_grad()
+    def dev_mse(self, rows: list[list[int]], batch_size: int, device) -> float:
+        total, count = 0.0, 0
+        for start in range(0, len(rows), batch_size):
+            ids, types, mask = self.batch_tensors(rows[start:start + batch_size], device)
+            _, mse = self.loss(ids, types, mask)
+            n = int(mask.sum())
+            total, count = total + mse * n, count + n
+        return total / max(1, count)
+
+
+def distill(config: DistillConfig, echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) a distillation; writes OUT/shallow.{json,safetensors}; returns the summary."""
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _distill(config, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from vbert.backbone import Encoder
+    from vbert.config import default_backbone_path
+    from vbert.device import DeviceContext
+    from vbert.skip import ShallowModel, save_shallow, teacher_upper_hash
+
+    started = time.perf_counter()
+    out = Path(config.out)
+    ckpt_path = out / CHECKPOINT_FILE
+    if config.resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT_FILE} in {out}")
+    if not config.resume and out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output {out} exists and is not empty (use --resume to continue a run)")
+    out.mkdir(parents=True, exist_ok=True)
+    device = DeviceContext.create(config.device, "float32").device
+    backbone_path = config.backbone or default_backbone_path()
+
+    texts = load_sentences(config)
+    tokenizer = AutoTokenizer.from_pretrained(str(backbone_path), local_files_only=True)
+    rows = [list(r) for r in tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]]
+    g = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    num_dev = max(1, min(MAX_DEV, round(DEV_FRACTION * len(rows))))
+    dev_rows = [rows[i] for i in sorted(order[:num_dev])]
+    train_rows = [rows[i] for i in sorted(order[num_dev:])]
+
+    teacher = Encoder.from_checkpoint(backbone_path).to(device).eval().requires_grad_(False)
+    edge_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    torch.manual_seed(config.seed)
+    student = ShallowModel.from_teacher(teacher, config.skip_layers, edge_id).to(device).train()
+    distiller = Distiller(teacher, student, config.final_weight)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
+    num_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("linear", round(config.warmup * num_steps),
+                                                                       num_steps))
+    lengths = [len(r) for r in train_rows]
+    order_gen = torch.Generator().manual_seed(config.seed + 1)
+    epoch, step_in_epoch, history = 1, 0, []
+    if config.resume:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ckpt["config"] != _resumable(config):
+            raise ValueError(f"--resume: {ckpt_path} was written by a run with other settings "
+                             f"({ckpt['config']}); give the same options")
+        student.load_state_dict(ckpt["student"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        order_gen.set_state(ckpt["epoch_generator"])
+        epoch, step_in_epoch, history = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["history"]
+        echo(f"resuming at epoch {epoch}, step {step_in_epoch}/{steps_per_epoch}")
+    echo(f"distilling {config.skip_layers} of {teacher.spec.num_layers} layers: {len(train_rows)} train, "
+         f"{len(dev_rows)} dev sentences, {sum(p.numel() for p in student.parameters()):,} parameters, "
+         f"{num_steps} steps on {device}")
+    if not history:
+        history.append({"epoch": 0, "dev_mse": distiller.dev_mse(dev_rows, config.batch_size, device)})
+        echo(f"before training: dev mse {history[0]['dev_mse']:.5f}")
+
+    while epoch <= config.epochs:
+        epoch_state = order_gen.get_state()
+        batches = epoch_batches(lengths, config.batch_size, order_gen, True)
+        bar = tqdm(total=len(batches), initial=step_in_epoch, desc=f"distill epoch {epoch}/{config.epochs}",
+                   disable=not config.show_progress, leave=False)
+        total, count = 0.0, 0
+        with bar:
+            for i in range(step_in_epoch, len(batches)):
+                ids, types, mask = distiller.batch_tensors([train_rows[j] for j in batches[i]], device)
+                loss, mse = distiller.loss(ids, types, mask)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                total, count = total + mse, count + 1
+                bar.update(1)
+                bar.set_postfix(mse=f"{total / count:.5f}")
+                if (i + 1) % config.checkpoint_every == 0 and i + 1 < len(batches):
+                    _save_checkpoint(ckpt_path, config, student, optimizer, scheduler, epoch_state, epoch, i + 1,
+                                     history)
+        record = {"epoch": epoch, "train_mse": total / max(1, count),
+                  "dev_mse": distiller.dev_mse(dev_rows, config.batch_size, device)}
+        history.append(record)
+        echo(f"epoch {epoch}/{config.epochs}  train mse {record['train_mse']:.5f}  dev mse {record['dev_mse']:.5f}")
+        epoch, step_in_epoch = epoch + 1, 0
+        _save_checkpoint(ckpt_path, config, student, optimizer, scheduler, order_gen.get_state(), epoch, 0, history)
+
+    summary = {"corpus": list(config.corpus), "sentences": len(rows), "train_sentences": len(train_rows),
+               "dev_sentences": len(dev_rows), "history": history, "args": asdict(config),
+               "seconds_this_run": time.perf_counter() - started}
+    student.eval()
+    name = "all-MiniLM-L6-v2" if config.backbone is None else Path(config.backbone).name
+    meta = save_shallow(student, out, name, teacher_upper_hash(teacher, config.skip_layers), summary)
+    echo(f"wrote {out} (weights {meta.weights_hash[:12]}, dev mse {history[-1]['dev_mse']:.5f})")
+    return summary
+
+
+def _resumable(config: DistillConfig) -> dict:
+    """The settings a resumed run must share with the run it continues."""
+    d = asdict(config)
+    for key in ("resume", "show_progress", "threads", "device", "checkpoint_every"):
+        d.pop(key)
+    d["corpus"] = list(d["corpus"])
+    return d
+
+
+def _save_checkpoint(path: Path, config, student, optimizer, scheduler, epoch_generator_state, epoch: int,
+                     step_in_epoch: int, history: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"config": _resumable(config), "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch_generator": epoch_generator_state, "epoch": epoch,
+                "step_in_epoch": step_in_epoch, "history": list(history)}, tmp)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    from .cli import distill_command
+
+    distill_command(prog_name="python -m training.distill")
