@@ -43,7 +43,7 @@ class App:
         metrics = Metrics()
         engine = Engine(config.engine_config(), config.scheduler_config(), ModelRunner(model, manager.cache),
                         manager.cache, on_step=metrics.on_step)
-        metrics.watch(cache=manager.cache, scheduler=engine.scheduler)
+        metrics.watch(cache=manager.cache, scheduler=engine.scheduler, skip=model.skip)
         token = load_admin_token(config.data_dir, config.admin_token)
         return cls(config, model, manager, engine, Authenticator(manager, token), RateLimiter(), metrics, token)
 

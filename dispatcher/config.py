@@ -13,7 +13,7 @@ from manager.cache import CacheConfig
 from manager.manager import ManagerConfig
 from scheduler.config import SchedulerConfig
 from scheduler.engine import EngineConfig
-from vbert.config import BackboneConfig, ModelConfig, PoolConfig
+from vbert.config import BackboneConfig, ModelConfig, PoolConfig, SkipConfig, SkipTableConfig
 
 ENV_PREFIX = "VBERT_"
 
@@ -52,6 +52,12 @@ class ServerConfig:
     max_bottleneck_size: int = 64
     max_labels: int = 64
     host_cache_mb: int = 2048
+    # skip mode (lower layers from n-gram tables; vbert.skip)
+    skip: bool = False                   # on/off; needs skip_tables
+    skip_tables: str | None = None       # "name=SHALLOW_DIR[:TABLE_FILE],name2=..." (distill / build-table output)
+    skip_default: str | None = None      # table of adapters that name none (default: the first)
+    skip_mode: str = "exact"             # exact | fallback (approximate)
+    skip_cache_entries: int = 16384      # computed misses kept per table
     # limits
     max_message_bytes: int = 16 << 20
     max_texts_per_request: int = 64
@@ -107,7 +113,23 @@ class ServerConfig:
                                     max_length=self.max_tokens_per_text),
             pool=PoolConfig(num_lora_slots=self.lora_slots, num_bottleneck_slots=self.bottleneck_slots,
                             max_lora_rank=self.max_lora_rank, max_bottleneck_size=self.max_bottleneck_size,
-                            max_labels=self.max_labels))
+                            max_labels=self.max_labels),
+            skip=self.skip_config())
+
+    def skip_config(self) -> SkipConfig:
+        if not self.skip:
+            return SkipConfig()
+        if not self.skip_tables:
+            raise ValueError("skip is on but skip_tables is empty: give name=SHALLOW_DIR[:TABLE_FILE],...")
+        tables = []
+        for item in self.skip_tables.split(","):
+            name, sep, paths = item.strip().partition("=")
+            if not sep or not name or not paths:
+                raise ValueError(f"skip_tables entry {item!r}: expected name=SHALLOW_DIR[:TABLE_FILE]")
+            shallow, _, table = paths.partition(":")
+            tables.append(SkipTableConfig(name.strip(), shallow, table or None))
+        return SkipConfig(tuple(tables), mode=self.skip_mode, default=self.skip_default,
+                          miss_cache_entries=self.skip_cache_entries)
 
     def manager_config(self) -> ManagerConfig:
         return ManagerConfig.under(self.data_dir, cache=CacheConfig(host_budget_bytes=self.host_cache_mb << 20))

@@ -24,9 +24,9 @@ class Metrics:
         self.inputs = Counter("vbert_inputs_total", "inputs served", ["method"], registry=r)
         self._sources = {}
 
-    def watch(self, cache=None, scheduler=None) -> None:
-        """Read cache counters and queue depth when scraped."""
-        self._sources = {"cache": cache, "scheduler": scheduler}
+    def watch(self, cache=None, scheduler=None, skip=None) -> None:
+        """Read cache counters, queue depth and skip-mode table counters when scraped."""
+        self._sources = {"cache": cache, "scheduler": scheduler, "skip": skip}
         self.registry.register(_LiveCollector(self._sources))
 
     def on_step(self, batch, output) -> None:
@@ -62,3 +62,21 @@ class _LiveCollector:
             g = GaugeMetricFamily("vbert_queue_depth", "requests waiting in the engine")
             g.add_metric([], scheduler.num_waiting)
             yield g
+        skip = self.sources.get("skip")
+        if skip is not None:
+            stats = skip.stats()
+            rate = GaugeMetricFamily("vbert_skip_table_hit_rate",
+                                     "share of distinct n-gram lookups served from the table or miss cache",
+                                     labels=["table"])
+            for table, st in stats.items():
+                rate.add_metric([table], st["hit_rate"])
+            yield rate
+            for key, help_text in (("tokens", "tokens whose lower layers came from skip mode"),
+                                   ("lookups", "distinct n-gram lookups"), ("table_hits", "n-gram table hits"),
+                                   ("cache_hits", "n-gram miss cache hits"),
+                                   ("computed", "n-grams computed by the shallow layers (exact)"),
+                                   ("fallback", "n-grams served by a bigram/unigram entry (approximate)")):
+                c = CounterMetricFamily(f"vbert_skip_{key}", help_text, labels=["table"])
+                for table, st in stats.items():
+                    c.add_metric([table], st[key])
+                yield c

@@ -16,6 +16,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from vbert.adapters import AdapterError
 from vbert.artifact import AdapterArtifact
 from vbert.heads import HeadSpec
 from vbert.model import MultiTenantModel
@@ -95,6 +96,11 @@ class Manager:
         registered if any step fails."""
         if adapter_name == DEFAULT_ADAPTER:
             raise FailedPreconditionError(f"adapter name {DEFAULT_ADAPTER!r} is reserved for the bare backbone")
+        if isinstance(artifact, AdapterArtifact):
+            try:
+                self.model.check_skip(artifact)        # runs with this server's skip mode (or full model)?
+            except AdapterError as e:
+                raise FailedPreconditionError(str(e)) from e
         with self._admin:
             tenant = self.registry.get_tenant(tenant_name)
             stored = self.store.put(artifact, self.model.spec.shape, self.model.pool.config)

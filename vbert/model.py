@@ -103,7 +103,7 @@ class MultiTenantModel:
         self.pool = AdapterPool(config.pool, self.spec, self.device, default_head_of(path))
         self._tokenizer = None
         self.skip = self._open_skip(config.skip, enc) if config.skip.enabled else None
-        self._slot_table = np.zeros(config.pool.num_slots + 1, np.int64)   # skip mode: each slot's table
+        self.pool.skip_check = self.check_skip     # every load (also the manager cache's) checks the mode
 
     def _open_skip(self, config, teacher):
         from .skip import SkipRuntime, open_table
@@ -176,10 +176,7 @@ class MultiTenantModel:
         return self.skip.index_of(artifact.skip_table)
 
     def load_adapter(self, artifact: AdapterArtifact, stream=None) -> int:
-        table = self.check_skip(artifact)
-        slot = self.pool.load(artifact, stream)
-        self._slot_table[slot] = table
-        return slot
+        return self.pool.load(artifact, stream)
 
     def unload_adapter(self, slot: int) -> None:
         self.pool.unload(slot)
@@ -229,7 +226,7 @@ class MultiTenantModel:
         ids_t, types_t, mask_t = (dev.to_device(dev.host_tensor(torch.from_numpy(a))) for a in (ids, types, mask))
         slots = [r.slot for r in rows]
         adapters = self.pool.gather(slots, [r.normalize for r in rows])
-        tables = self._slot_table[slots] if self.skip is not None else None
+        tables = self.pool.slot_table[slots] if self.skip is not None else None
         return _Bucket(idx, ids_t, types_t, mask_t, bool(mask.all()), adapters, tables)
 
     @torch.inference_mode()

@@ -17,7 +17,7 @@ Which adapter should be resident is not decided here (that is the manager's cach
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -87,6 +87,8 @@ class AdapterPool:
         self.slot_kind = np.zeros(s, np.int64)
         self.slot_bank = np.zeros(s, np.int64)              # index into the LoRA or bottleneck bank
         self.slot_layers = np.zeros((s, nl), bool)          # layers where the slot's adapter acts
+        self.slot_table = np.zeros(s, np.int64)             # skip mode: index of the slot's n-gram table
+        self.skip_check: Callable[[AdapterArtifact], int] | None = None   # set by a skip-mode model
         self.slot_head_kind = np.zeros(s, np.int64)
         self.slot_num_labels = np.zeros(s, np.int64)
         self.slot_pooling = np.zeros(s, np.int64)
@@ -122,13 +124,15 @@ class AdapterPool:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- load / unload ---------------------------------------------------------------------
-    def validate(self, artifact: AdapterArtifact) -> None:
-        """Raise AdapterError naming the mismatch if the artifact cannot live in this pool."""
+    def validate(self, artifact: AdapterArtifact) -> int:
+        """Raise AdapterError naming the mismatch if the artifact cannot live in this pool (or cannot
+        run in the model's skip mode); returns the index of its skip table (0 without skip mode)."""
         validate_artifact(artifact, self.spec.shape, self.config)
+        return self.skip_check(artifact) if self.skip_check is not None else 0
 
     def load(self, artifact: AdapterArtifact, stream=None) -> int:
         """Validate, copy into a free slot (on `stream` under CUDA) and return the slot."""
-        self.validate(artifact)
+        table = self.validate(artifact)
         kind = {"lora": KIND_LORA, "bottleneck": KIND_BOTTLENECK, "none": KIND_NONE}[artifact.kind]
         if not self._free_slots or (kind != KIND_NONE and not self._free_banks[kind]):
             raise PoolFullError(f"adapter pool has no free {artifact.kind} slot")
@@ -142,6 +146,7 @@ class AdapterPool:
             self._write_head(slot, artifact.head)
         self.slot_kind[slot], self.slot_bank[slot] = kind, bank
         self.slot_layers[slot] = False
+        self.slot_table[slot] = table
         if artifact.adapter is not None:
             self.slot_layers[slot, list(artifact.adapter.layers)] = True
         return slot
@@ -154,6 +159,7 @@ class AdapterPool:
             self._free_banks[kind].append(int(self.slot_bank[slot]))
         self.slot_kind[slot] = self.slot_bank[slot] = 0
         self.slot_layers[slot] = False
+        self.slot_table[slot] = 0
         self.slot_heads[slot] = None
         self._free_slots.append(slot)
 
