@@ -263,19 +263,22 @@ def distill_command(corpus, corpus_format, out, skip_layers, backbone, epochs, b
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Table file to write (must not exist).")
 @click.option("--budget-mb", default=512.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Memory the table may take (entries + index); the most frequent n-grams first.")
+@click.option("--fallback-share", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of the budget (after unigrams) for bigram fallback entries; the rest holds trigrams.")
 @click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16", show_default=True)
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=3))
 @click.option("--backbone", default=None, type=click.Path(exists=True, file_okay=False),
               help="Whose tokenizer (default: the embedded backbone).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def build_table_command(shallow, corpus, corpus_format, out, budget_mb, dtype, max_length, backbone, device,
-                        progress) -> None:
+def build_table_command(shallow, corpus, corpus_format, out, budget_mb, fallback_share, dtype, max_length, backbone,
+                        device, progress) -> None:
     """Precompute the shallow layers' outputs for a corpus's n-grams into a table file."""
     from .table import TableConfig, build_table
 
     try:
-        config = TableConfig(shallow=shallow, corpus=tuple(corpus), out=out, budget_mb=budget_mb, dtype=dtype,
+        config = TableConfig(shallow=shallow, corpus=tuple(corpus), out=out, budget_mb=budget_mb,
+                             fallback_share=fallback_share, dtype=dtype,
                              max_length=max_length, corpus_format=corpus_format, backbone=backbone, device=device,
                              show_progress=progress)
     except ValueError as e:

@@ -4,8 +4,8 @@
 
 Every token of every corpus sentence contributes its trigram (edge ids outside the sentence) and
 its three fallbacks (left bigram, right bigram, unigram). Unigrams go in first (so strict fallback
-mode always finds something for a token the corpus has seen), then the other keys by frequency
-until the memory budget is spent. Values are computed with vbert.skip.compute_entries (the same
+mode always finds something for a token the corpus has seen), then a share of the budget goes to
+the most frequent bigrams, and the rest to the most frequent trigrams (select_keys). Values are computed with vbert.skip.compute_entries (the same
 function the server uses on a miss) and written with vbert.ngram.save_table, tagged with the
 shallow weights' hash.
 """
@@ -30,6 +30,7 @@ class TableConfig:
     corpus: tuple[str, ...]
     out: str
     budget_mb: float = 512.0
+    fallback_share: float = 0.1        # of the budget after unigrams: bigram fallback entries
     dtype: str = "float16"
     max_length: int = 128
     corpus_format: str = "auto"
@@ -49,6 +50,8 @@ class TableConfig:
             raise ValueError(f"shallow directory {self.shallow!r} does not exist")
         if not self.budget_mb > 0:
             raise ValueError(f"budget_mb must be > 0, got {self.budget_mb}")
+        if not 0 <= self.fallback_share <= 1:
+            raise ValueError(f"fallback_share must be in [0, 1], got {self.fallback_share}")
         if self.dtype not in TABLE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {tuple(TABLE_DTYPES)}")
         if self.max_length < 3:
@@ -63,14 +66,42 @@ def entry_bytes(hidden_size: int, dtype: torch.dtype) -> int:
     return 3 * hidden_size * torch.finfo(dtype).bits // 8 + INDEX_BYTES_PER_ENTRY
 
 
-def select_keys(keys: np.ndarray, counts: np.ndarray, bits: int, edge_id: int, max_entries: int) -> np.ndarray:
-    """Unigram keys first, then the rest in the given (frequency) order, at most max_entries."""
-    from vbert.ngram import unpack
+def trigram_counts(rows, edge_id: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct trigram keys, occurrences) over all positions of all rows (edge ids outside each
+    row), most frequent first: exactly the keys exact mode looks up on this text."""
+    from vbert.ngram import pack
 
-    ids = unpack(torch.from_numpy(keys), bits).numpy()                                 # [N, 3]
-    unigram = (ids[:, 0] == edge_id) & (ids[:, 2] == edge_id)
-    order = np.concatenate([np.nonzero(unigram)[0], np.nonzero(~unigram)[0]])
-    return keys[order[:max_entries]]
+    rows = [np.asarray(r, dtype=np.int64) for r in rows if len(r)]
+    flat = np.concatenate(rows)
+    ends = np.cumsum([len(r) for r in rows])
+    starts = ends - np.array([len(r) for r in rows])
+    left, right = np.roll(flat, 1), np.roll(flat, -1)
+    left[starts], right[ends - 1] = edge_id, edge_id
+    keys = pack(torch.from_numpy(np.stack([left, flat, right], 1)), bits).numpy()
+    uniq, counts = np.unique(keys, return_counts=True)
+    order = np.lexsort((uniq, -counts))
+    return uniq[order], counts[order]
+
+
+def select_keys(rows, edge_id: int, bits: int, max_entries: int, fallback_share: float) -> np.ndarray:
+    """What goes in the table, in priority order, at most max_entries keys:
+    1. the unigram (E, b, E) of every token seen (strict fallback always finds something);
+    2. `fallback_share` of the rest: bigram fallbacks (a, b, E) / (E, b, c), most frequent first;
+    3. the rest: trigrams, most frequent first (what exact mode looks up).
+    A key is taken once (a sentence-edge trigram is also a bigram)."""
+    from vbert.ngram import count_ngrams, unpack
+
+    fallback_keys, _ = count_ngrams(rows, edge_id, bits)                        # all kinds, most frequent first
+    ids = unpack(torch.from_numpy(fallback_keys), bits).numpy()
+    edges = (ids[:, 0] == edge_id).astype(int) + (ids[:, 2] == edge_id).astype(int)
+    unigrams, bigrams = fallback_keys[edges == 2], fallback_keys[edges == 1]
+    trigrams, _ = trigram_counts(rows, edge_id, bits)
+    room = max(0, max_entries - len(unigrams))
+    n_bigrams = min(len(bigrams), int(room * fallback_share))
+    chosen = [unigrams[:max_entries], bigrams[:n_bigrams]]
+    taken = np.concatenate(chosen)
+    rest = trigrams[~np.isin(trigrams, taken)][:max(0, max_entries - len(taken))]
+    return np.concatenate([taken, rest])
 
 
 def build_table(config: TableConfig, echo: Callable[[str], None] = print) -> dict:
@@ -79,7 +110,7 @@ def build_table(config: TableConfig, echo: Callable[[str], None] = print) -> dic
 
     from vbert.config import default_backbone_path
     from vbert.device import DeviceContext
-    from vbert.ngram import TableMeta, count_ngrams, key_bits, save_table, unpack
+    from vbert.ngram import TableMeta, key_bits, save_table, unpack
     from vbert.skip import TABLE_DTYPES, compute_entries, load_shallow
 
     started = time.perf_counter()
@@ -93,11 +124,12 @@ def build_table(config: TableConfig, echo: Callable[[str], None] = print) -> dic
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the shallow layers {model.spec.vocab_size}")
     texts = [t for path in config.corpus for t in read_corpus(path, config.corpus_format)]
     rows = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
-    keys, counts = count_ngrams(rows, meta.edge_id, bits, show_progress=config.show_progress)
     max_entries = int(config.budget_mb * 2**20 // entry_bytes(model.spec.hidden_size, dtype))
-    chosen = select_keys(keys, counts, bits, meta.edge_id, max_entries)
+    chosen = select_keys(rows, meta.edge_id, bits, max_entries, config.fallback_share)
     chosen_t = torch.from_numpy(np.ascontiguousarray(chosen))
-    echo(f"{len(texts)} sentences, {int(sum(len(r) for r in rows)):,} tokens, {len(keys):,} distinct n-grams; "
+    distinct, _ = trigram_counts(rows, meta.edge_id, bits)
+    covered = float(np.isin(distinct, chosen).mean())
+    echo(f"{len(texts)} sentences, {int(sum(len(r) for r in rows)):,} tokens, {len(distinct):,} distinct trigrams; "
          f"budget {config.budget_mb:g} MiB holds {max_entries:,}; computing {len(chosen):,} entries")
     with tqdm(total=len(chosen), desc="table entries", unit="entry", disable=not config.show_progress) as bar:
         values = compute_entries(model, chosen_t, bits, dtype, progress=bar).cpu()
@@ -111,7 +143,8 @@ def build_table(config: TableConfig, echo: Callable[[str], None] = print) -> dic
                                                "backbone": meta.backbone, "skip_layers": str(meta.skip_layers)})
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     save_table(config.out, chosen_t, values, table_meta)
-    summary = {"out": str(config.out), "entries": len(chosen), "kinds": kinds, "distinct_ngrams": len(keys),
+    summary = {"out": str(config.out), "entries": len(chosen), "kinds": kinds, "distinct_trigrams": len(distinct),
+               "share_of_distinct_trigrams_in_table": covered,
                "budget_mb": config.budget_mb, "file_bytes": Path(config.out).stat().st_size,
                "seconds": time.perf_counter() - started}
     echo(f"wrote {config.out}: {len(chosen):,} entries ({kinds}), {summary['file_bytes'] / 2**20:.1f} MiB, "

@@ -40,7 +40,7 @@ SHALLOW_META = "shallow.json"
 SHALLOW_WEIGHTS = "shallow.safetensors"
 SKIP_MODES = ("exact", "fallback")
 TABLE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-COMPUTE_CHUNK = 2048           # trigrams per shallow forward (fixed, so results do not depend on batching)
+COMPUTE_CHUNK = 256            # trigrams per shallow forward (fixed, so results do not depend on batching)
 
 
 class SkipError(ValueError):
@@ -101,20 +101,15 @@ class ShallowModel(nn.Module):
             x = layer(x, attn_mask, None)
         return x
 
-    def merge(self, slots: torch.Tensor, mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        """slots [B, L, 3, H] (each position's own trigram outputs), mask [B, L] bool -> [B, L, H]."""
-        g = torch.sigmoid(self.gates).to(slots.dtype)                                               # [3, H]
-        real = mask.unsqueeze(-1).to(slots.dtype)                                                    # [B, L, 1]
-        centre = slots[:, :, 1] * real
-        right_slot = slots[:, :, 2] * real            # position j's view of j+1
-        left_slot = slots[:, :, 0] * real             # position j's view of j-1
-        from_left = torch.zeros_like(centre)
-        from_left[:, 1:] = right_slot[:, :-1]         # token i as the right slot of trigram i-1
-        from_right = torch.zeros_like(centre)
-        from_right[:, :-1] = left_slot[:, 1:]         # token i as the left slot of trigram i+1
-        s = g[0] * from_left + g[1] * centre + g[2] * from_right
-        pos = torch.arange(slots.shape[1], device=slots.device)
-        s = s + self.position_embeddings(pos).to(s.dtype) + self.token_type_embeddings(token_type_ids).to(s.dtype)
+    def merge(self, slots: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        """slots [B, L, 3, H] (each position's own trigram outputs, any float dtype; ZERO at padding
+        positions, so they contribute nothing to their neighbours) -> [B, L, H] float32."""
+        g = torch.sigmoid(self.gates)                                                               # [3, H]
+        s = slots[:, :, 1] * g[1]                     # centre of its own trigram              [B, L, H]
+        s[:, 1:] += slots[:, :-1, 2] * g[0]           # token i as the right slot of trigram i-1
+        s[:, :-1] += slots[:, 1:, 0] * g[2]           # token i as the left slot of trigram i+1
+        s += self.position_embeddings.weight[:slots.shape[1]]
+        s += self.token_type_embeddings(token_type_ids)
         return self.merge_norm(s)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -123,7 +118,7 @@ class ShallowModel(nn.Module):
         slots = torch.zeros(*input_ids.shape, 3, self.spec.hidden_size, device=input_ids.device,
                             dtype=self.word_embeddings.weight.dtype)
         slots[mask] = self.forward_ngrams(tri[mask])
-        return self.merge(slots, mask, token_type_ids)
+        return self.merge(slots, token_type_ids)
 
     def weights_hash(self) -> str:
         """Hash of the weights a table's values depend on (embeddings + shallow layers)."""
@@ -275,13 +270,19 @@ class SkipTable:
         if force:
             c.computed += n
             return compute_entries(self.shallow, keys, self.bits, self.dtype)
-        out = torch.empty((n, 3, self.shallow.spec.hidden_size), dtype=self.dtype, device=keys.device)
+        out = None
         todo = torch.ones(n, dtype=torch.bool, device=keys.device)
         if self.table is not None:
             pos, hit = self.table.lookup(keys)
+            hits = int(hit.sum())
+            c.table_hits += hits
+            if hits == n:                              # everything in the table: one gather
+                return self.table.values[pos]
+            out = torch.empty((n, 3, self.shallow.spec.hidden_size), dtype=self.dtype, device=keys.device)
             out[hit] = self.table.values[pos[hit]]
             todo &= ~hit
-            c.table_hits += int(hit.sum())
+        if out is None:
+            out = torch.empty((n, 3, self.shallow.spec.hidden_size), dtype=self.dtype, device=keys.device)
         if mode == "fallback" and self.table is not None and bool(todo.any()):
             idx = todo.nonzero().squeeze(1)
             remaining = torch.ones_like(idx, dtype=torch.bool)
@@ -343,22 +344,32 @@ class SkipRuntime:
         """The input of layer k for a padded batch: [B, L, H] in `dtype`. row_tables[b]: the index
         (into self.names) of the table row b uses."""
         row_tables = np.asarray(row_tables, dtype=np.int64)
-        bsz, seq = input_ids.shape
+        used = np.unique(row_tables).tolist()
+        if len(used) == 1:                             # the common case: no row gathering at all
+            return self._lower(self.tables[self.names[used[0]]], input_ids, token_type_ids, mask).to(dtype)
         h = next(iter(self.tables.values())).shallow.spec.hidden_size
-        out = torch.empty((bsz, seq, h), dtype=dtype, device=input_ids.device)
-        for t in np.unique(row_tables).tolist():
-            table = self.tables[self.names[t]]
+        out = torch.empty((*input_ids.shape, h), dtype=dtype, device=input_ids.device)
+        for t in used:
             rows = torch.from_numpy(np.nonzero(row_tables == t)[0]).to(input_ids.device)
-            ids, m, types = input_ids[rows], mask[rows], token_type_ids[rows]
-            keys = pack(trigram_ids(ids, m, table.shallow.edge_id), table.bits)                  # [b, L]
-            real_keys = keys[m]                                                                   # [n]
-            unique, inverse = torch.unique(real_keys, return_inverse=True)
-            table.counters.tokens += real_keys.numel()
-            values = table.slots(unique, self.mode, self.force)                                   # [U, 3, H]
-            slots = torch.zeros((*ids.shape, 3, h), dtype=torch.float32, device=ids.device)
-            slots[m] = values[inverse].float()
-            out[rows] = table.shallow.merge(slots, m, types).to(dtype)
+            out[rows] = self._lower(self.tables[self.names[t]], input_ids[rows], token_type_ids[rows],
+                                    mask[rows]).to(dtype)
         return out
+
+    def _lower(self, table: SkipTable, ids: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Rows of one table: unique trigram keys, their slot outputs, merged -> [b, L, H] float32."""
+        bsz, seq = ids.shape
+        keys = pack(trigram_ids(ids, mask, table.shallow.edge_id), table.bits)                       # [b, L]
+        all_real = bool(mask.all())
+        real_keys = keys.view(-1) if all_real else keys[mask]                                       # [n]
+        unique, inverse = torch.unique(real_keys, return_inverse=True)
+        table.counters.tokens += real_keys.numel()
+        values = table.slots(unique, self.mode, self.force)                                         # [U, 3, H]
+        if all_real:
+            slots = values[inverse].view(bsz, seq, 3, -1)
+        else:
+            slots = torch.zeros((bsz, seq, *values.shape[1:]), dtype=values.dtype, device=ids.device)
+            slots[mask] = values[inverse]
+        return table.shallow.merge(slots, types)
 
     def stats(self) -> dict:
         return {name: {**asdict(t.counters), "hit_rate": t.counters.hit_rate(),

@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Skip mode vs the full model: the lowest k layers served from an n-gram table.
+
+    python benchmarks/skip.py --shallow var/shallow-k3 --json benchmarks/results/cpu-DATE/skip.json
+
+Same process, same inputs, timed interleaved (each iteration runs every contender once, order
+rotated): the full 6-layer model, and skip mode (k = 3 of 6) on
+  in_corpus   batches of sentences from the corpus the table was built from (every trigram in the table)
+  held_out    batches of test-set sentences (exact mode: misses computed by the shallow layers and
+              cached; the hit rate is what a server sees on new text of the same domain)
+  fallback    the held-out batches in fallback mode (misses -> bigram / unigram entries; approximate)
+Inputs are real sentences packed to exactly --seq tokens per row (B x L real tokens, no padding).
+Without --shallow the shallow layers are the teacher's own lower layers (undistilled: the speed is
+the same, the outputs are not). Without --table one is built from --corpus into a temporary file.
+Writes the JSON (full_tokens_per_s, skip_tokens_per_s, skip_over_full, hit_rate, table_bytes, ...)
+and a PNG next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data"
+DEFAULT_CORPUS = [DATA / "cls/sci-cite/train.txt", DATA / "cls/rct-20k/train.txt", DATA / "cls/chemprot/train.txt",
+                  DATA / "ner/NCBI-disease/train.txt"]
+DEFAULT_HELD_OUT = [DATA / "cls/sci-cite/test.txt", DATA / "cls/rct-20k/test.txt", DATA / "ner/NCBI-disease/test.txt"]
+
+
+def packed_rows(tokenizer, texts: list[str], seq: int, count: int) -> list[list[int]]:
+    """`count` rows of exactly `seq` ids: [CLS] + consecutive sentences' word pieces + [SEP]."""
+    body = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        body.extend(ids)
+        if len(body) >= count * (seq - 2):
+            break
+    if len(body) < count * (seq - 2):
+        raise SystemExit(f"not enough text for {count} rows of {seq} tokens")
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    return [[cls] + body[i * (seq - 2):(i + 1) * (seq - 2)] + [sep] for i in range(count)]
+
+
+def shallow_dir(args, teacher, tmp: Path) -> Path:
+    from vbert.skip import ShallowModel, save_shallow, teacher_upper_hash
+
+    if args.shallow:
+        return Path(args.shallow)
+    model = ShallowModel.from_teacher(teacher, args.skip_layers, teacher.spec.pad_token_id)
+    save_shallow(model, tmp / "shallow", "all-MiniLM-L6-v2", teacher_upper_hash(teacher, args.skip_layers))
+    return tmp / "shallow"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--shallow", default=None, help="`vbert distill` output (default: undistilled teacher layers)")
+    p.add_argument("--table", default=None, help="`vbert build-table` output (default: built from --corpus)")
+    p.add_argument("--corpus", nargs="*", default=[str(x) for x in DEFAULT_CORPUS])
+    p.add_argument("--held-out", nargs="*", default=[str(x) for x in DEFAULT_HELD_OUT])
+    p.add_argument("--budget-mb", type=float, default=512.0)
+    p.add_argument("--skip-layers", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from training.data import read_corpus
+    from training.table import TableConfig, build_table
+    from vbert import BackboneConfig, EncodeRow, ModelConfig, MultiTenantModel
+    from vbert.backbone import Encoder
+    from vbert.config import SkipConfig, SkipTableConfig, default_backbone_path
+
+    tmp = tempfile.TemporaryDirectory(prefix="vbert-skip-bench-")
+    teacher = Encoder.from_checkpoint(default_backbone_path())
+    shallow = shallow_dir(args, teacher, Path(tmp.name))
+    table_path = args.table
+    build = None
+    if table_path is None:
+        table_path = str(Path(tmp.name) / "table.safetensors")
+        build = build_table(TableConfig(shallow=str(shallow), corpus=tuple(args.corpus), out=table_path,
+                                        budget_mb=args.budget_mb), echo=tqdm.write)
+
+    base = BackboneConfig(device="cpu", dtype="float32")
+    full = MultiTenantModel(ModelConfig(backbone=base))
+    def skip_model(mode: str) -> MultiTenantModel:
+        return MultiTenantModel(ModelConfig(backbone=base, skip=SkipConfig(
+            (SkipTableConfig("bench", str(shallow), table_path),), mode=mode, miss_cache_entries=1 << 16)))
+
+    skip = {"in_corpus": skip_model("exact"), "held_out": skip_model("exact"), "fallback": skip_model("fallback")}
+    tok = full.tokenizer
+    n = args.batch * (args.iters + args.warmup)
+    corpus_texts = [t for f in args.corpus for t in read_corpus(f)]
+    held_texts = [t for f in args.held_out for t in read_corpus(f)]
+    inputs = {"in_corpus": packed_rows(tok, corpus_texts, args.seq, n),
+              "held_out": packed_rows(tok, held_texts, args.seq, n)}
+    contenders = {
+        "full": (full, "in_corpus"),
+        "skip_in_corpus": (skip["in_corpus"], "in_corpus"),
+        "full_held_out": (full, "held_out"),
+        "skip_held_out": (skip["held_out"], "held_out"),
+        "skip_fallback": (skip["fallback"], "held_out"),
+    }
+    times = {name: [] for name in contenders}
+    snapshots = {}
+    total = args.warmup + args.iters
+    for it in tqdm(range(total), desc="iterations", unit="it"):
+        rows_of = {k: v[it * args.batch:(it + 1) * args.batch] for k, v in inputs.items()}
+        names = list(contenders)
+        names = names[it % len(names):] + names[:it % len(names)]
+        for name in names:
+            model, which = contenders[name]
+            batch = [EncodeRow(r) for r in rows_of[which]]
+            t0 = time.perf_counter()
+            model.forward(batch)
+            dt = time.perf_counter() - t0
+            if it >= args.warmup:
+                times[name].append(dt)
+        if it == args.warmup - 1:
+            snapshots = {m: json.loads(json.dumps(s.skip.stats())) for m, s in skip.items()}
+
+    tokens = args.batch * args.seq
+    tps = {name: tokens / statistics.median(t) for name, t in times.items()}
+
+    def measured(which: str) -> dict:
+        """Counters of the measured iterations only (after warm-up)."""
+        now, then = skip[which].skip.stats()["bench"], snapshots[which]["bench"]
+        d = {k: now[k] - then[k] for k in ("tokens", "lookups", "table_hits", "cache_hits", "computed", "fallback")}
+        d["hit_rate"] = (d["table_hits"] + d["cache_hits"]) / d["lookups"] if d["lookups"] else 0.0
+        d["table_hit_rate"] = d["table_hits"] / d["lookups"] if d["lookups"] else 0.0
+        return d
+
+    table = skip["in_corpus"].skip.tables["bench"]
+    result = {
+        "date": datetime.date.today().isoformat(), "machine": platform.platform(), "processor": platform.processor(),
+        "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq, "iters": args.iters,
+        "skip_layers": args.skip_layers, "num_layers": full.spec.num_layers,
+        "shallow": str(args.shallow) if args.shallow else "undistilled (teacher's lower layers)",
+        "table": args.table or f"built from {[Path(c).name for c in args.corpus]} ({args.budget_mb:g} MiB budget)",
+        "table_build": build,
+        "full_tokens_per_s": tps["full"], "skip_tokens_per_s": tps["skip_in_corpus"],
+        "skip_over_full": tps["skip_in_corpus"] / tps["full"],
+        "held_out": {"full_tokens_per_s": tps["full_held_out"], "skip_tokens_per_s": tps["skip_held_out"],
+                     "skip_over_full": tps["skip_held_out"] / tps["full_held_out"],
+                     "fallback_tokens_per_s": tps["skip_fallback"],
+                     "fallback_over_full": tps["skip_fallback"] / tps["full_held_out"]},
+        "hit_rate": measured("in_corpus")["hit_rate"], "counters_in_corpus": measured("in_corpus"),
+        "counters_held_out": measured("held_out"), "counters_fallback": measured("fallback"),
+        "table_bytes": table.table.nbytes(), "table_entries": len(table.table.keys),
+        "miss_cache_bytes": table.cache.values.nbytes,
+        "seconds_median": {k: statistics.median(v) for k, v in times.items()},
+        "seconds_all": times,
+    }
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, tps, out.with_suffix(".png"))
+    print(json.dumps({k: result[k] for k in ("full_tokens_per_s", "skip_tokens_per_s", "skip_over_full", "hit_rate",
+                                             "table_bytes", "held_out")}, indent=2))
+
+
+def plot(result: dict, tps: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["full\n(in-corpus)", "skip\n(in-corpus)", "full\n(held-out)", "skip exact\n(held-out)",
+              "skip fallback\n(held-out)"]
+    values = [tps[k] for k in ("full", "skip_in_corpus", "full_held_out", "skip_held_out", "skip_fallback")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(labels, values, color=["#888", "#2a7", "#888", "#2a7", "#7a2"])
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"skip {result['skip_layers']} of {result['num_layers']} layers, B={result['batch']} "
+                 f"L={result['seq']}: skip/full {result['skip_over_full']:.2f} (hit rate held-out "
+                 f"{result['counters_held_out']['hit_rate']:.2f})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
