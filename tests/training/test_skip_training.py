@@ -1,0 +1,160 @@
+"""Distillation of the shallow layers (loss goes down, seeded, resumable after a real SIGKILL), the
+table builder's CLI, and adapters trained in skip mode that serve exactly what training saw."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_WORDS
+from tests.training.test_train import VBERT, write_classification
+from tests.vbert.test_skip import sentences
+from training.distill import DistillConfig, distill
+from training.evaluate import model_logits
+from training.model import AdapterConfig
+from training.train import TrainConfig, train
+from vbert import BackboneConfig, EncodeRow, ModelConfig, MultiTenantModel, load_artifact
+from vbert.backbone import Encoder
+from vbert.config import SkipConfig, SkipTableConfig
+from vbert.ngram import load_table
+from vbert.skip import load_shallow, read_shallow_meta
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(sentences(300, 11, TINY_WORDS)) + "\n")
+    return path
+
+
+def distill_config(checkpoint, corpus, out, **kw) -> DistillConfig:
+    base = dict(corpus=(str(corpus),), out=str(out), backbone=str(checkpoint), skip_layers=2, epochs=2,
+                batch_size=8, lr=3e-3, seed=0, threads=1, show_progress=False)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def shallow(tiny_checkpoint, corpus, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("shallow") / "s"
+    summary = distill(distill_config(tiny_checkpoint, corpus, out), echo=lambda _: None)
+    return out, summary
+
+
+def test_distillation_lowers_the_hidden_state_error(shallow, tiny_checkpoint):
+    out, summary = shallow
+    dev = [h["dev_mse"] for h in summary["history"]]
+    assert dev[-1] < 0.7 * dev[0]                                  # epoch 0 = the teacher-initialized layers
+    model, meta = load_shallow(out, Encoder.from_checkpoint(tiny_checkpoint))
+    assert meta.skip_layers == 2 and model.weights_hash() == meta.weights_hash
+    assert meta.distill["train_sentences"] + meta.distill["dev_sentences"] == 300
+
+
+def test_distillation_is_seeded(shallow, tiny_checkpoint, corpus, tmp_path):
+    distill(distill_config(tiny_checkpoint, corpus, tmp_path / "again"), echo=lambda _: None)
+    assert read_shallow_meta(tmp_path / "again").weights_hash == read_shallow_meta(shallow[0]).weights_hash
+    distill(distill_config(tiny_checkpoint, corpus, tmp_path / "other", seed=1), echo=lambda _: None)
+    assert read_shallow_meta(tmp_path / "other").weights_hash != read_shallow_meta(shallow[0]).weights_hash
+
+
+def test_distillation_resumes_after_sigkill_to_the_same_weights(tiny_checkpoint, corpus, tmp_path):
+    args = ["distill", "--corpus", str(corpus), "--backbone", str(tiny_checkpoint), "--skip-layers", "2",
+            "--epochs", "3", "--batch-size", "2", "--lr", "3e-3", "--threads", "1", "--checkpoint-every", "5",
+            "--no-progress"]
+    ref = tmp_path / "uninterrupted"
+    subprocess.run(VBERT + args + ["--out", str(ref)], cwd=ROOT, check=True, capture_output=True)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(VBERT + args + ["--out", str(run)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.is_file() and torch.load(ckpt, weights_only=False)["epoch"] >= 2:   # mid-run, past an epoch
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "shallow.json").exists()
+    state = torch.load(ckpt, weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"]) != (4, 0)
+    done = subprocess.run(VBERT + args + ["--out", str(run), "--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming at epoch" in done.stdout
+    assert read_shallow_meta(run).weights_hash == read_shallow_meta(ref).weights_hash
+    bad = subprocess.run(VBERT + args + ["--out", str(run), "--resume", "--seed", "7"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "other settings" in bad.stderr
+
+
+def test_build_table_cli(shallow, tiny_checkpoint, corpus, tmp_path):
+    out = tmp_path / "t.safetensors"
+    cmd = VBERT + ["build-table", "--shallow", str(shallow[0]), "--corpus", str(corpus), "--out", str(out),
+                   "--budget-mb", "1", "--backbone", str(tiny_checkpoint), "--no-progress"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    table = load_table(out, weights_hash=read_shallow_meta(shallow[0]).weights_hash)
+    assert table.nbytes() <= 1.1 * 2**20 and table.meta.kinds["unigram"] > 0 and table.meta.kinds["trigram"] > 0
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_adapter_trained_in_skip_mode_serves_what_training_saw(shallow, tiny_checkpoint, corpus, tmp_path):
+    data = write_classification(tmp_path / "train.jsonl", n=64)
+    result = train(TrainConfig(task="classification", train_path=str(data), out=str(tmp_path / "a"),
+                               backbone=str(tiny_checkpoint), adapter=AdapterConfig(kind="bottleneck",
+                                                                                   bottleneck_size=8),
+                               epochs=2, lr=3e-3, skip_shallow=str(shallow[0]), skip_table="bio",
+                               skip_dtype="float16", show_progress=False), echo=lambda _: None)
+    art = load_artifact(result.path)
+    assert art.skip_table == "bio" and set(art.adapter.layers) == {2}     # only above the 2 skipped layers
+    losses = [e["loss"] for e in result.summary["epochs"]]
+    assert losses[-1] < losses[0]
+    table = tmp_path / "t.safetensors"
+    subprocess.run(VBERT + ["build-table", "--shallow", str(shallow[0]), "--corpus", str(corpus), "--out",
+                            str(table), "--budget-mb", "1", "--backbone", str(tiny_checkpoint), "--no-progress"],
+                   cwd=ROOT, check=True, capture_output=True)
+    model = MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(tiny_checkpoint), device="cpu"),
+                                         skip=SkipConfig((SkipTableConfig("bio", str(shallow[0]), str(table)),))))
+    slot = model.load_adapter(art)
+    rows = [e["input_ids"] for e in result.dev_encoded]
+    served = model.forward([EncodeRow(r, slot) for r in rows])
+    for exp, out in zip(model_logits(result.model, rows, batch_size=3), served):
+        torch.testing.assert_close(out.logits, exp, atol=1e-4, rtol=0)
+    stats = model.skip.stats()["bio"]
+    assert stats["table_hits"] > 0 and stats["computed"] > 0      # both paths took part, same results
+    with pytest.raises(ValueError, match="adapters must sit above"):
+        train(TrainConfig(task="classification", train_path=str(data), out=str(tmp_path / "b"),
+                          backbone=str(tiny_checkpoint), adapter=AdapterConfig(kind="lora", num_top_layers=3),
+                          skip_shallow=str(shallow[0]), show_progress=False), echo=lambda _: None)
+
+
+def test_evaluate_cli_in_skip_mode(shallow, tiny_checkpoint, tmp_path):
+    data = write_classification(tmp_path / "train.jsonl", n=48)
+    test = write_classification(tmp_path / "test.jsonl", n=16, seed=3)
+    train(TrainConfig(task="classification", train_path=str(data), out=str(tmp_path / "a"),
+                      backbone=str(tiny_checkpoint), adapter=AdapterConfig(kind="lora", rank=4, num_top_layers=1),
+                      epochs=1, show_progress=False), echo=lambda _: None)
+    out = tmp_path / "m.json"
+    done = subprocess.run(VBERT + ["evaluate", "--adapter", str(tmp_path / "a"), "--test", str(test), "--json",
+                                   str(out), "--skip-shallow", str(shallow[0]), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics["num_examples"] == 16 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["skip"]["default"]["tokens"] > 0 and metrics["skip"]["default"]["computed"] > 0
+    train(TrainConfig(task="classification", train_path=str(data), out=str(tmp_path / "all-layers"),
+                      backbone=str(tiny_checkpoint), adapter=AdapterConfig(kind="lora", rank=4), epochs=1,
+                      show_progress=False), echo=lambda _: None)
+    low = subprocess.run(VBERT + ["evaluate", "--adapter", str(tmp_path / "all-layers"), "--test", str(test),
+                                  "--json", str(tmp_path / "x.json"), "--skip-shallow", str(shallow[0]),
+                                  "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert low.returncode == 1 and "skip mode replaces" in low.stderr and not (tmp_path / "x.json").exists()
