@@ -95,6 +95,8 @@ def _exit_on_remote_error(e) -> None:
               help="With --skip-shallow: the name of the server's skip table the adapter will run with.")
 @click.option("--skip-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
               show_default=True, help="With --skip-shallow: the dtype of that table (`vbert build-table --dtype`).")
+@click.option("--skip-table-file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="With --skip-shallow: the table file, looked up instead of computed (same values, faster).")
 @click.option("--max-labels", default=64, show_default=True, type=click.IntRange(min=1),
               help="Refuse more labels than this (the serving pool's max_labels).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
@@ -111,8 +113,8 @@ def _exit_on_remote_error(e) -> None:
 def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, backbone, rank, lora_targets, alpha,
                   bottleneck_size, layers, lr, schedule, warmup, weight_decay, batch_size, max_length, patience,
                   full_finetune, pooling, dev_fraction, group_by_length, skip_shallow, skip_table, skip_dtype,
-                  max_labels, threads, device, progress, register,
-                  server, tenant, adapter_name, admin_token, data_dir) -> None:
+                  skip_table_file, max_labels, threads, device, progress, register, server, tenant, adapter_name,
+                  admin_token, data_dir) -> None:
     """Fine-tune an adapter and its head on the frozen backbone; write a servable adapter directory."""
     from .model import AdapterConfig
     from .train import TrainConfig, check_output_dir, train
@@ -132,6 +134,7 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
                              pooling=pooling, threads=threads, device=device, max_labels=max_labels,
                              dev_fraction=dev_fraction, group_by_length=group_by_length,
                              skip_shallow=skip_shallow, skip_table=skip_table, skip_dtype=skip_dtype,
+                             skip_table_file=skip_table_file,
                              show_progress=progress)
         check_output_dir(out)
     except (ValueError, FileExistsError) as e:

@@ -64,6 +64,7 @@ class TrainConfig:
     skip_shallow: str | None = None      # train in skip mode on these shallow layers (a `vbert distill` dir)
     skip_table: str = "default"          # the table name the adapter records (the server's name for it)
     skip_dtype: str = "float16"          # the table's dtype (shallow outputs are rounded to it, as served)
+    skip_table_file: str | None = None   # its n-gram table: looked up instead of computed (same values, faster)
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -92,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"dev_fraction must be in (0, 1), got {self.dev_fraction}")
         if self.backbone is not None and not Path(self.backbone).is_dir():
             raise ValueError(f"backbone {self.backbone!r} is not a directory")
+        if self.skip_table_file is not None and self.skip_shallow is None:
+            raise ValueError("skip_table_file needs skip_shallow (the shallow layers it was built from)")
         if self.skip_shallow is not None and not Path(self.skip_shallow).is_dir():
             raise ValueError(f"skip shallow directory {self.skip_shallow!r} does not exist")
         if self.skip_dtype not in ("float32", "float16", "bfloat16"):
@@ -199,16 +202,22 @@ def _train_epoch(task: Task, model: TrainableModel, batches: list[list[dict]], o
     return total_loss / max(1, num_batches)
 
 
+SKIP_TRAIN_CACHE = 1 << 18               # computed trigrams kept while training in skip mode
+
+
 def _skip_runtime(config: TrainConfig, backbone_path, device):
-    """One force-computing table: the shallow layers' exact outputs, rounded to the table dtype."""
+    """The shallow layers' exact outputs, rounded to the table dtype: from the table file when given
+    (exact mode: misses computed and cached), else computed and cached."""
     from vbert.backbone import Encoder
     from vbert.skip import SkipRuntime, open_table
 
     teacher = Encoder.from_checkpoint(backbone_path)
-    table = open_table(config.skip_table, config.skip_shallow, None, teacher, device, 1, config.skip_dtype)
-    runtime = SkipRuntime({config.skip_table: table})
-    runtime.force = True
-    return runtime
+    table = open_table(config.skip_table, config.skip_shallow, config.skip_table_file, teacher, device,
+                       SKIP_TRAIN_CACHE, config.skip_dtype)
+    if table.table is not None and table.table.meta.dtype != config.skip_dtype:
+        raise ValueError(f"skip table file {config.skip_table_file} holds {table.table.meta.dtype}, not "
+                         f"--skip-dtype {config.skip_dtype}")
+    return SkipRuntime({config.skip_table: table}, mode="exact")
 
 
 def _backbone_name(config: TrainConfig) -> str:

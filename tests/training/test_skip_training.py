@@ -131,6 +131,12 @@ def test_adapter_trained_in_skip_mode_serves_what_training_saw(shallow, tiny_che
         torch.testing.assert_close(out.logits, exp, atol=1e-4, rtol=0)
     stats = model.skip.stats()["bio"]
     assert stats["table_hits"] > 0 and stats["computed"] > 0      # both paths took part, same results
+    with_table = train(TrainConfig(task="classification", train_path=str(data), out=str(tmp_path / "c"),
+                                   backbone=str(tiny_checkpoint), adapter=AdapterConfig(kind="bottleneck",
+                                                                                       bottleneck_size=8),
+                                   epochs=2, lr=3e-3, skip_shallow=str(shallow[0]), skip_table="bio",
+                                   skip_table_file=str(table), show_progress=False), echo=lambda _: None)
+    assert load_artifact(with_table.path).tensors()[0].equal(art.tensors()[0])   # table = computed, bit for bit
     with pytest.raises(ValueError, match="adapters must sit above"):
         train(TrainConfig(task="classification", train_path=str(data), out=str(tmp_path / "b"),
                           backbone=str(tiny_checkpoint), adapter=AdapterConfig(kind="lora", num_top_layers=3),
