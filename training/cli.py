@@ -183,7 +183,8 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
 @click.option("--skip-table", default=None, type=click.Path(exists=True, dir_okay=False),
               help="With --skip-shallow: the n-gram table from `vbert build-table` (default: compute every trigram).")
 @click.option("--skip-mode", type=click.Choice(["exact", "fallback"]), default="exact", show_default=True,
-              help="exact: table misses computed by the shallow layers; fallback: bigram/unigram entries (approximate).")
+              help="exact: table misses computed by the shallow layers; fallback: bigram/unigram entries "
+                   "(approximate).")
 def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_adapter, tls_ca, request_size,
                      backbone, device, dtype, batch_size, max_length, skip_shallow, skip_table, skip_mode) -> None:
     """Score an adapter on a test file (in-process, or against a running server)."""

@@ -16,7 +16,6 @@ A seeded 2 % of the corpus (at most 500 sentences) is held out; its MSE is repor
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass

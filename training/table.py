@@ -5,9 +5,9 @@
 Every token of every corpus sentence contributes its trigram (edge ids outside the sentence) and
 its three fallbacks (left bigram, right bigram, unigram). Unigrams go in first (so strict fallback
 mode always finds something for a token the corpus has seen), then a share of the budget goes to
-the most frequent bigrams, and the rest to the most frequent trigrams (select_keys). Values are computed with vbert.skip.compute_entries (the same
-function the server uses on a miss) and written with vbert.ngram.save_table, tagged with the
-shallow weights' hash.
+the most frequent bigrams, and the rest to the most frequent trigrams (select_keys). Values are
+computed with vbert.skip.compute_entries (the same function the server uses on a miss) and written
+with vbert.ngram.save_table, tagged with the shallow weights' hash.
 """
 from __future__ import annotations
 

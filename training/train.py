@@ -275,7 +275,8 @@ def _train(config: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
     if skip is not None and adapter_config.num_top_layers is None:
         adapter_config = replace(adapter_config, num_top_layers=backbone.config.num_hidden_layers - skip.skip_layers)
     model = TrainableModel(backbone, adapter_config, spec, skip).to(device)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_encoded) / config.batch_size)
     num_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(

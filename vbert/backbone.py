@@ -220,7 +220,8 @@ class Encoder(nn.Module):
         """The embedding layer: [B, L] ids -> [B, L, H] (the input of layer 0)."""
         seq = input_ids.shape[1]
         if seq > self.spec.max_position_embeddings:
-            raise ValueError(f"sequence of {seq} tokens exceeds the backbone's {self.spec.max_position_embeddings} positions")
+            raise ValueError(f"sequence of {seq} tokens exceeds the backbone's "
+                             f"{self.spec.max_position_embeddings} positions")
         pos = torch.arange(seq, device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
         return self.embed_norm(x)                                              # [B, L, H]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbone import BackboneSpec, EncoderLayer, read_checkpoint_state
+from .backbone import BackboneSpec, EncoderLayer
 from .ngram import KeyIndex, MissCache, NgramTable, TableError, fallback_keys, key_bits, load_table, pack, \
     trigram_ids, unpack, weights_hash
 
