@@ -49,6 +49,17 @@ def vbert() -> list[str]:
     return [sys.executable, "-m", "dispatcher.cli"]
 
 
+def run_logged(run: Path, commands: list[list[str]]) -> None:
+    """Run commands one after the other from the repository root, appending to RUN/log.txt."""
+    with open(run / "log.txt", "a") as log:
+        for cmd in commands:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            started = time.perf_counter()
+            subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+            log.write(f"({time.perf_counter() - started:.1f} s)\n")
+
+
 def run_one(set_name: str, method: str, data: Path, runs: Path, rerun: bool, epochs: int | None) -> dict:
     task, sub, default_epochs = SETS[set_name]
     run = runs / f"{set_name}-{method}"
@@ -65,13 +76,7 @@ def run_one(set_name: str, method: str, data: Path, runs: Path, rerun: bool, epo
     eval_json = run / "test.json"
     eval_cmd = vbert() + ["evaluate", "--adapter", str(artifact), "--test", str(data / sub / "test.txt"),
                           "--json", str(eval_json), "--device", "cpu", "--max-length", "128"]
-    with open(run / "log.txt", "w") as log:
-        for cmd in (train_cmd, eval_cmd):
-            log.write("$ " + " ".join(cmd) + "\n")
-            log.flush()
-            started = time.perf_counter()
-            subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
-            log.write(f"({time.perf_counter() - started:.1f} s)\n")
+    run_logged(run, [train_cmd, eval_cmd])
     training = json.loads((artifact / "training.json").read_text())
     result = {
         "set": set_name, "task": task, "method": method, "test": json.loads(eval_json.read_text()),

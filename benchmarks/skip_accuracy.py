@@ -1,0 +1,150 @@
+"""The skip issue's accuracy table: adapters on the full model vs in skip mode, on real data.
+
+    python benchmarks/skip_accuracy.py --shallow var/shallow-k3 --table var/table-k3.safetensors \
+        --json benchmarks/results/cpu-DATE/skip_accuracy.json
+
+Per set (sci-cite, rct-20k, NCBI-disease; recipe and epochs as benchmarks/training_table.py, bottleneck
+adapters on the top 3 layers, the ones skip mode still runs):
+  full-model adapter   `vbert train --layers 3`, scored on the full model, in skip mode (exact: the
+                       table, misses computed by the shallow layers) and in fallback mode (approximate)
+  skip-mode adapter    `vbert train --layers 3 --skip-shallow S --skip-table-file T`, scored in skip mode
+Every command runs in its own process as a user would run it; finished runs are reused (--rerun
+forces them). Writes the JSON, a Markdown table (.md) and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_table import COMMON, REPO, SETS, headline, metric_names, run_logged, vbert  # noqa: E402
+
+SKIP_SETS = ("sci-cite", "rct-20k", "NCBI-disease")
+ADAPTER = ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3", "--layers", "3"]
+SCORES = {  # name: (adapter trained in skip mode?, evaluate flags beyond the common ones)
+    "full-model adapter, full model": (False, []),
+    "full-model adapter, skip mode (exact)": (False, ["skip"]),
+    "full-model adapter, skip mode (fallback)": (False, ["skip", "--skip-mode", "fallback"]),
+    "skip-mode adapter, skip mode (exact)": (True, ["skip"]),
+}
+
+
+def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rerun: bool,
+            epochs: int | None = None) -> dict:
+    task, sub, default_epochs = SETS[set_name]
+    epochs = epochs or default_epochs
+    run = runs / f"skip-{set_name}"
+    result_path = run / "result.json"
+    if result_path.exists() and not rerun:
+        return json.loads(result_path.read_text())
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    base = vbert() + ["train", "--task", task, "--train", str(data / sub / "train.txt"), "--dev",
+                      str(data / sub / "dev.txt"), "--epochs", str(epochs)] + COMMON + ADAPTER
+    skip_flags = ["--skip-shallow", shallow, "--skip-table-file", table]
+    trains = {False: base + ["--out", str(run / "full-model")],
+              True: base + ["--out", str(run / "skip-mode")] + skip_flags}
+    evals = {}
+    for name, (in_skip, flags) in SCORES.items():
+        extra = [f for f in flags if f != "skip"]
+        if "skip" in flags:
+            extra = ["--skip-shallow", shallow, "--skip-table", table] + extra
+        out = run / (name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".json")
+        evals[name] = (out, vbert() + ["evaluate", "--adapter", str(run / ("skip-mode" if in_skip else "full-model")),
+                                       "--test", str(data / sub / "test.txt"), "--json", str(out), "--device", "cpu",
+                                       "--max-length", "128"] + extra)
+    run_logged(run, list(trains.values()) + [cmd for _, cmd in evals.values()])
+    trained = {k: json.loads((run / d / "training.json").read_text()) for k, d in
+               (("full-model", "full-model"), ("skip-mode", "skip-mode"))}
+    result = {"set": set_name, "task": task,
+              "scores": {name: json.loads(out.read_text()) for name, (out, _) in evals.items()},
+              "train_seconds": {k: v["train_seconds"] for k, v in trained.items()},
+              "trainable_parameters": trained["full-model"]["trainable_parameters"],
+              "commands": {"train": {str(k): " ".join(v[2:]) for k, v in trains.items()},
+                           "evaluate": {k: " ".join(v[1][2:]) for k, v in evals.items()}}}
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| set | adapter, scored on | test metric | vs full model | CPU train time | table hit rate |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        key = headline(r["task"])
+        ref = r["scores"]["full-model adapter, full model"][key]
+        for name, m in r["scores"].items():
+            skip = m.get("skip", {})
+            stats = next(iter(skip.values()), None)
+            hit = f"{stats['table_hits'] / max(1, stats['lookups']):.2f}" if stats else ""
+            minutes = r["train_seconds"]["skip-mode" if name.startswith("skip-mode") else "full-model"] / 60
+            metrics = ", ".join(f"{n} {100 * m[n]:.1f}" for n in metric_names(r["task"]) if n in m)
+            delta = "" if m is r["scores"]["full-model adapter, full model"] else f"{100 * (m[key] - ref):+.1f}"
+            lines.append(f"| {r['set']} | {name} | {metrics} | {delta} | {minutes:.1f} min | {hit} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(SCORES)
+    for j, name in enumerate(SCORES):
+        values = [100 * r["scores"][name][headline(r["task"])] for r in results]
+        ax.bar([i + j * width for i in range(len(results))], values, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))])
+    ax.set_xticklabels([f"{r['set']}\n({headline(r['task'])})" for r in results])
+    ax.set_ylabel("test metric (%)")
+    ax.set_title("skip mode (3 of 6 layers from the n-gram table) vs the full model")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shallow", required=True, help="`vbert distill` output")
+    p.add_argument("--table", required=True, help="`vbert build-table` output for those shallow layers")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--sets", default=",".join(SKIP_SETS))
+    p.add_argument("--runs", default=str(REPO / "var" / "training-runs"))
+    p.add_argument("--rerun", action="store_true")
+    p.add_argument("--epochs", type=int, default=None, help="override every set's epoch count (smoke runs)")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    sets = [s for s in args.sets.split(",") if s]
+    for s in sets:
+        if s not in SETS:
+            p.error(f"unknown set {s!r}")
+    results = []
+    for s in tqdm(sets, desc="sets", unit="set"):
+        results.append(run_set(s, Path(args.data), Path(args.runs), str(Path(args.shallow).resolve()),
+                               str(Path(args.table).resolve()), args.rerun, args.epochs))
+        tqdm.write(f"{s}: " + ", ".join(f"{k}: {v[headline(results[-1]['task'])]:.3f}"
+                                         for k, v in results[-1]["scores"].items()))
+    shallow_meta = json.loads((Path(args.shallow) / "shallow.json").read_text())
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+           "shallow": {"path": args.shallow, "skip_layers": shallow_meta["skip_layers"],
+                       "distill": {k: shallow_meta["distill"].get(k) for k in ("corpus", "sentences", "history")}},
+           "table": args.table, "results": results}
+    out.write_text(json.dumps(doc, indent=2))
+    table = markdown(results)
+    out.with_suffix(".md").write_text(table)
+    plot(results, out.with_suffix(".png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
