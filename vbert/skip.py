@@ -40,7 +40,7 @@ SHALLOW_META = "shallow.json"
 SHALLOW_WEIGHTS = "shallow.safetensors"
 SKIP_MODES = ("exact", "fallback")
 TABLE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-COMPUTE_CHUNK = 256            # trigrams per shallow forward (fixed, so results do not depend on batching)
+COMPUTE_CHUNK = 256            # trigrams per shallow forward, always (fewer are padded): one shape
 
 
 class SkipError(ValueError):
@@ -91,12 +91,12 @@ class ShallowModel(nn.Module):
             model.merge_norm.load_state_dict(teacher.layers[skip_layers - 1].ffn_norm.state_dict())
         return model.float()
 
-    def forward_ngrams(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [N, 3] long (edge id outside the sentence) -> slot outputs [N, 3, H]."""
+    def forward_ngrams(self, ids: torch.Tensor, has_edges: bool = True) -> torch.Tensor:
+        """ids [N, 3] long (edge id outside the sentence) -> slot outputs [N, 3, H]. has_edges False
+        promises that no id is the edge id (attention then runs without a mask: faster)."""
         x = self.word_embeddings(ids) + self.slot_embeddings + self.type_embedding                  # [N, 3, H]
         x = self.embed_norm(x)
-        keep = ids != self.edge_id                                                                   # [N, 3]
-        attn_mask = keep[:, None, None, :]                                                           # [N, 1, 1, 3]
+        attn_mask = (ids != self.edge_id)[:, None, None, :] if has_edges else None                  # [N, 1, 1, 3]
         for layer in self.layers:
             x = layer(x, attn_mask, None)
         return x
@@ -217,20 +217,27 @@ def read_shallow_meta(path: str | Path) -> ShallowMeta:
 def compute_entries(model: ShallowModel, keys: torch.Tensor, bits: int, dtype: torch.dtype,
                     chunk: int = COMPUTE_CHUNK, progress=None) -> torch.Tensor:
     """Slot outputs of the trigrams `keys` [N] (int64), rounded to `dtype`: [N, 3, H].
-    Every forward runs on a chunk of exactly `chunk` trigrams (the last one padded), so an entry's
-    value is the same whether it was computed while building a table or on a cache miss."""
+    Every forward runs on exactly `chunk` trigrams (the last one padded), trigrams with an edge id
+    (masked attention) and without one (no mask) in separate chunks: one shape and one path per key,
+    so an entry's value does not depend on the batch it was computed in (tested bit for bit: table
+    build, cache miss and training agree; with chunks of other sizes the CPU GEMMs of the real
+    backbone do differ in the last bits). A small miss set still pays a whole chunk."""
     dev = model.word_embeddings.weight.device
     n, h = keys.shape[0], model.spec.hidden_size
     out = torch.empty((n, 3, h), dtype=dtype, device=dev)
     ids = unpack(keys.to(dev), bits)                                                              # [N, 3]
-    for start in range(0, n, chunk):
-        part = ids[start:start + chunk]
-        m = part.shape[0]
-        if m < chunk:
-            part = torch.cat([part, part[:1].expand(chunk - m, 3)])
-        out[start:start + m] = model.forward_ngrams(part)[:m].to(dtype)
-        if progress is not None:
-            progress.update(m)
+    edged = (ids == model.edge_id).any(1)
+    for has_edges in (False, True):                   # a key's path depends only on the key itself
+        idx = edged.nonzero().squeeze(1) if has_edges else (~edged).nonzero().squeeze(1)
+        for start in range(0, idx.numel(), chunk):
+            part_idx = idx[start:start + chunk]
+            part = ids[part_idx]
+            m = part.shape[0]
+            if m < chunk:
+                part = torch.cat([part, part[:1].expand(chunk - m, 3)])
+            out[part_idx] = model.forward_ngrams(part, has_edges)[:m].to(dtype)
+            if progress is not None:
+                progress.update(m)
     return out
 
 
