@@ -17,14 +17,14 @@ import argparse
 import datetime
 import json
 import platform
-import shutil
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training_table import COMMON, REPO, SETS, headline, metric_names, run_logged, vbert  # noqa: E402
+from training_table import (COMMON, REPO, SETS, finished_or_fresh, grouped_bars, headline, metric_names, run_logged,  # noqa: E402
+                            vbert)
 
 SKIP_SETS = ("sci-cite", "rct-20k", "NCBI-disease")
 ADAPTER = ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3", "--layers", "3"]
@@ -42,11 +42,9 @@ def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rer
     epochs = epochs or default_epochs
     run = runs / f"skip-{set_name}"
     result_path = run / "result.json"
-    if result_path.exists() and not rerun:
-        return json.loads(result_path.read_text())
-    if run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True)
+    done = finished_or_fresh(run, rerun)
+    if done is not None:
+        return done
     base = vbert() + ["train", "--task", task, "--train", str(data / sub / "train.txt"), "--dev",
                       str(data / sub / "dev.txt"), "--epochs", str(epochs)] + COMMON + ADAPTER
     skip_flags = ["--skip-shallow", shallow, "--skip-table-file", table]
@@ -92,23 +90,9 @@ def markdown(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(SCORES)
-    for j, name in enumerate(SCORES):
-        values = [100 * r["scores"][name][headline(r["task"])] for r in results]
-        ax.bar([i + j * width for i in range(len(results))], values, width, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))])
-    ax.set_xticklabels([f"{r['set']}\n({headline(r['task'])})" for r in results])
-    ax.set_ylabel("test metric (%)")
-    ax.set_title("skip mode (3 of 6 layers from the n-gram table) vs the full model")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    grouped_bars(path, [f"{r['set']}\n({headline(r['task'])})" for r in results],
+                 {name: [100 * r["scores"][name][headline(r["task"])] for r in results] for name in SCORES},
+                 "skip mode (3 of 6 layers from the n-gram table) vs the full model")
 
 
 def main() -> None:

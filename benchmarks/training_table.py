@@ -60,15 +60,23 @@ def run_logged(run: Path, commands: list[list[str]]) -> None:
             log.write(f"({time.perf_counter() - started:.1f} s)\n")
 
 
+def finished_or_fresh(run: Path, rerun: bool) -> dict | None:
+    """RUN/result.json of a finished run (unless rerun); else None, with RUN emptied for a new run."""
+    if (run / "result.json").exists() and not rerun:
+        return json.loads((run / "result.json").read_text())
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    return None
+
+
 def run_one(set_name: str, method: str, data: Path, runs: Path, rerun: bool, epochs: int | None) -> dict:
     task, sub, default_epochs = SETS[set_name]
     run = runs / f"{set_name}-{method}"
     result_path = run / "result.json"
-    if result_path.exists() and not rerun:
-        return json.loads(result_path.read_text())
-    if run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True)
+    done = finished_or_fresh(run, rerun)
+    if done is not None:
+        return done
     artifact = run / "artifact"
     train_cmd = vbert() + ["train", "--task", task, "--train", str(data / sub / "train.txt"),
                            "--dev", str(data / sub / "dev.txt"), "--out", str(artifact),
@@ -137,33 +145,34 @@ def markdown(results: list[dict], baselines: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], baselines: dict, path: Path) -> None:
+def grouped_bars(path: Path, groups: list[str], series: dict[str, list[float]], title: str) -> None:
+    """A PNG of one bar per (group, series), series side by side within each group."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sets = [s for s in SETS if any(r["set"] == s for r in results)]
-    methods = ["majority"] + list(METHODS)
     fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(methods)
-    for j, method in enumerate(methods):
-        values = []
-        for s in sets:
-            key = headline(SETS[s][0])
-            if method == "majority":
-                values.append(100 * baselines[s][key])
-            else:
-                r = next((r for r in results if r["set"] == s and r["method"] == method), None)
-                values.append(100 * r["test"][key] if r else 0.0)
-        ax.bar([i + j * width for i in range(len(sets))], values, width, label=method)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sets))])
-    ax.set_xticklabels([f"{s}\n({headline(SETS[s][0])})" for s in sets])
+    width = 0.8 / len(series)
+    for j, (name, values) in enumerate(series.items()):
+        ax.bar([i + j * width for i in range(len(groups))], values, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels(groups)
     ax.set_ylabel("test metric (%)")
-    ax.set_title("adapters vs full fine-tuning, all-MiniLM-L6-v2 backbone")
-    ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot(results: list[dict], baselines: dict, path: Path) -> None:
+    sets = [s for s in SETS if any(r["set"] == s for r in results)]
+    series = {"majority": [100 * baselines[s][headline(SETS[s][0])] for s in sets]}
+    for method in METHODS:
+        found = [next((r for r in results if r["set"] == s and r["method"] == method), None) for s in sets]
+        series[method] = [100 * r["test"][headline(r["task"])] if r else 0.0 for r in found]
+    grouped_bars(path, [f"{s}\n({headline(SETS[s][0])})" for s in sets], series,
+                 "adapters vs full fine-tuning, all-MiniLM-L6-v2 backbone")
 
 
 def main() -> None:

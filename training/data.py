@@ -308,6 +308,15 @@ def _corpus_format(lines: list[tuple[int, str]]) -> str:
     return "text"
 
 
+def check_corpus(paths) -> None:
+    """ValueError unless at least one corpus file is given and every one exists."""
+    if not paths:
+        raise ValueError("give at least one corpus file")
+    for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"corpus file {path!r} does not exist")
+
+
 def read_corpus(path, fmt: str = "auto") -> list[str]:
     """Sentences of a corpus file: plain text (one per line), JSON lines (their "text"), or CoNLL
     (words of a sentence joined by spaces). fmt "auto" decides from the first non-blank line: a JSON

@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from .data import CORPUS_FORMATS, DataError, read_corpus
-from .train import epoch_batches, lr_lambda
+from .data import CORPUS_FORMATS, DataError, check_corpus, read_corpus
+from .train import epoch_batches, lr_lambda, torch_threads
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DEV_FRACTION, MAX_DEV = 0.02, 500
@@ -53,11 +53,7 @@ class DistillConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        if not self.corpus:
-            raise ValueError("give at least one corpus file")
-        for path in self.corpus:
-            if not Path(path).is_file():
-                raise ValueError(f"corpus file {path!r} does not exist")
+        check_corpus(self.corpus)
         for name in ("skip_layers", "epochs", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -135,13 +131,8 @@ class Distiller:
 
 def distill(config: DistillConfig, echo: Callable[[str], None] = print) -> dict:
     """Run (or resume) a distillation; writes OUT/shallow.{json,safetensors}; returns the summary."""
-    threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _distill(config, echo)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:

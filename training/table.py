@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import CORPUS_FORMATS, read_corpus
+from .data import CORPUS_FORMATS, check_corpus, read_corpus
 
 INDEX_BYTES_PER_ENTRY = 24          # key (8) + hash index slots (capacity 2N of 8 bytes)
 
@@ -41,11 +41,7 @@ class TableConfig:
     def __post_init__(self) -> None:
         from vbert.skip import TABLE_DTYPES
 
-        if not self.corpus:
-            raise ValueError("give at least one corpus file")
-        for path in self.corpus:
-            if not Path(path).is_file():
-                raise ValueError(f"corpus file {path!r} does not exist")
+        check_corpus(self.corpus)
         if not Path(self.shallow).is_dir():
             raise ValueError(f"shallow directory {self.shallow!r} does not exist")
         if not self.budget_mb > 0:

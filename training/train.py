@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -225,16 +226,23 @@ def _backbone_name(config: TrainConfig) -> str:
     return "all-MiniLM-L6-v2" if config.backbone is None else Path(config.backbone).name
 
 
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's CPU thread count set to `threads` (None: unchanged) for the block, then restored."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(config: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
     """Train, keep the best dev epoch, write the output directory and training.json."""
     check_output_dir(config.out)
-    threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _train(config, echo)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(config: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
