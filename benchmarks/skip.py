@@ -5,11 +5,12 @@
 
 Same process, same inputs, timed interleaved (each iteration runs every contender once, order
 rotated): the full 6-layer model, and skip mode (k = 3 of 6) on
-  in_corpus   batches of sentences from the corpus the table was built from (every trigram in the table)
-  held_out    batches of test-set sentences (exact mode: misses computed by the shallow layers and
-              cached; the hit rate is what a server sees on new text of the same domain)
-  fallback    the held-out batches in fallback mode (misses -> bigram / unigram entries; approximate)
-Inputs are real sentences packed to exactly --seq tokens per row (B x L real tokens, no padding).
+  in_corpus   rows of the corpus the table was built from: its sentences of >= --seq tokens,
+              truncated to --seq as the server truncates them (every trigram is in the table)
+  held_out    test-set sentences packed into rows of --seq tokens (text the table has not seen; exact
+              mode: misses computed by the shallow layers and cached)
+  fallback    the held-out rows in fallback mode (misses -> bigram / unigram entries; approximate)
+Every row has exactly --seq real tokens (B x L, no padding); both models get the same rows.
 Without --shallow the shallow layers are the teacher's own lower layers (undistilled: the speed is
 the same, the outputs are not). Without --table one is built from --corpus into a temporary file.
 Writes the JSON (full_tokens_per_s, skip_tokens_per_s, skip_over_full, hit_rate, table_bytes, ...)
@@ -49,6 +50,15 @@ def packed_rows(tokenizer, texts: list[str], seq: int, count: int) -> list[list[
         raise SystemExit(f"not enough text for {count} rows of {seq} tokens")
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     return [[cls] + body[i * (seq - 2):(i + 1) * (seq - 2)] + [sep] for i in range(count)]
+
+
+def long_rows(tokenizer, texts: list[str], seq: int, count: int) -> list[list[int]]:
+    """`count` rows of exactly `seq` ids: the sentences of at least `seq` tokens, truncated as the
+    server and `vbert build-table` truncate them, reused in turn if there are fewer than `count`."""
+    rows = [r for r in tokenizer(texts, truncation=True, max_length=seq)["input_ids"] if len(r) == seq]
+    if not rows:
+        raise SystemExit(f"no sentence of {seq} tokens in the corpus")
+    return [rows[i % len(rows)] for i in range(count)]
 
 
 def shallow_dir(args, teacher, tmp: Path) -> Path:
@@ -106,7 +116,7 @@ def main() -> None:
     n = args.batch * (args.iters + args.warmup)
     corpus_texts = [t for f in args.corpus for t in read_corpus(f)]
     held_texts = [t for f in args.held_out for t in read_corpus(f)]
-    inputs = {"in_corpus": packed_rows(tok, corpus_texts, args.seq, n),
+    inputs = {"in_corpus": long_rows(tok, corpus_texts, args.seq, n),
               "held_out": packed_rows(tok, held_texts, args.seq, n)}
     contenders = {
         "full": (full, "in_corpus"),

@@ -164,3 +164,25 @@ def test_evaluate_cli_in_skip_mode(shallow, tiny_checkpoint, tmp_path):
                                   "--json", str(tmp_path / "x.json"), "--skip-shallow", str(shallow[0]),
                                   "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
     assert low.returncode == 1 and "skip mode replaces" in low.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_table_selection_unigrams_then_bigram_share_then_frequent_trigrams():
+    from collections import Counter
+
+    from training.table import select_keys, trigram_counts
+    from vbert.ngram import unpack
+
+    rows = [[1, 5, 6, 7, 2], [1, 5, 6, 8, 2], [1, 5, 6, 7, 2], [1, 9, 2]]
+    edge, bits = 0, 4
+    keys, counts = trigram_counts(rows, edge, bits)
+    naive = Counter((r[i - 1] if i else edge, r[i], r[i + 1] if i + 1 < len(r) else edge)
+                    for r in rows for i in range(len(r)))
+    got = {tuple(unpack(torch.tensor([k]), bits)[0].tolist()): int(c) for k, c in zip(keys, counts)}
+    assert got == dict(naive) and list(counts) == sorted(counts, reverse=True)
+    chosen = unpack(torch.from_numpy(select_keys(rows, edge, bits, max_entries=12, fallback_share=0.25)), bits)
+    kinds = [(int(a == edge) + int(c == edge)) for a, _, c in chosen.tolist()]
+    unigrams = {(edge, t, edge) for r in rows for t in r}
+    assert kinds[:len(unigrams)] == [2] * len(unigrams)           # every token's unigram first
+    assert {tuple(x) for x in chosen.tolist()[:len(unigrams)]} == unigrams
+    rest = chosen.tolist()[len(unigrams):]
+    assert len(chosen) == 12 and (5, 6, 7) in [tuple(x) for x in rest]   # the most frequent inner trigram
