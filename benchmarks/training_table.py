@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 SETS = {  # name: (task, subdirectory, epochs)
     "sci-cite": ("classification", "cls/sci-cite", 3),
     "rct-20k": ("classification", "cls/rct-20k", 10),
-    "chemprot": ("classification", "cls/chemprot", 5),
-    "NCBI-disease": ("ner", "ner/NCBI-disease", 5),
+    "chemprot": ("classification", "cls/chemprot", 3),
+    "NCBI-disease": ("ner", "ner/NCBI-disease", 3),
 }
 METHODS = {  # name: extra `vbert train` flags
     "bottleneck": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3"],
