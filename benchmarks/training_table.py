@@ -183,6 +183,8 @@ def main() -> None:
     p.add_argument("--runs", default=str(REPO / "var" / "training-runs"))
     p.add_argument("--epochs", type=int, default=None, help="override every set's epoch count (smoke runs)")
     p.add_argument("--rerun", action="store_true", help="train again even where a finished run exists")
+    p.add_argument("--finished-only", action="store_true",
+                   help="table only the runs already finished (under --runs or --json's runs/), train nothing")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     data, runs = Path(args.data), Path(args.runs)
@@ -195,12 +197,23 @@ def main() -> None:
         if name not in METHODS:
             p.error(f"unknown method {name!r}")
     jobs = [(s, m) for s in sets for m in methods]
+    kept = Path(args.json).parent / "runs"           # committed copies of finished runs' result.json
+    for s, m in jobs:
+        copy, here = kept / f"{s}-{m}.json", runs / f"{s}-{m}" / "result.json"
+        if copy.exists() and not here.exists() and not args.rerun:
+            here.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(copy, here)
+    if args.finished_only:
+        jobs = [(s, m) for s, m in jobs if (runs / f"{s}-{m}" / "result.json").exists()]
+        sets = [s for s in sets if any(j[0] == s for j in jobs)]
     results = []
     for s, m in tqdm(jobs, desc="training runs", unit="run"):
         tqdm.write(f"{s} / {m} ...")
         r = run_one(s, m, data, runs, args.rerun, args.epochs)
         tqdm.write(f"{s} / {m}: test {r['test']}  ({r['train_seconds'] / 60:.1f} min)")
         results.append(r)
+        kept.mkdir(parents=True, exist_ok=True)
+        (kept / f"{s}-{m}.json").write_text(json.dumps(r, indent=2))
     baselines = {s: baseline(s, data) for s in sets}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
