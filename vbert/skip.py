@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .backbone import BackboneSpec, EncoderLayer
-from .ngram import KeyIndex, MissCache, NgramTable, TableError, fallback_keys, key_bits, load_table, pack, \
+from .ngram import MissCache, NgramTable, TableError, fallback_keys, key_bits, load_table, pack, \
     trigram_ids, unpack, weights_hash
 
 SHALLOW_FORMAT = "vbert-shallow"
@@ -52,7 +52,7 @@ class ShallowModel(nn.Module):
     """Shallow layers over trigrams + the merge into layer-k token states.
 
     forward_ngrams(ids [N, 3]) -> [N, 3, H]: slot outputs of N trigrams.
-    merge(slots [B, L, 3, H], mask, token_type_ids) -> [B, L, H]: the input of layer k.
+    merge(slots [B, L, 3, H], token_type_ids) -> [B, L, H]: the input of layer k.
     """
 
     def __init__(self, spec: BackboneSpec, skip_layers: int, edge_id: int):
@@ -178,13 +178,7 @@ def load_shallow(path: str | Path, teacher=None) -> tuple[ShallowModel, ShallowM
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / SHALLOW_META).is_file() or not (path / SHALLOW_WEIGHTS).is_file():
-        raise SkipError(f"{path}: not a shallow-layer directory (expected {SHALLOW_META} and {SHALLOW_WEIGHTS}; "
-                        f"`vbert distill` writes them)")
-    doc = json.loads((path / SHALLOW_META).read_text())
-    if doc.get("format") != SHALLOW_FORMAT:
-        raise SkipError(f"{path / SHALLOW_META}: format {doc.get('format')!r} is not {SHALLOW_FORMAT!r}")
-    meta = ShallowMeta(**{k: doc[k] for k in ShallowMeta.__dataclass_fields__})
+    meta = read_shallow_meta(path)
     spec = BackboneSpec(**meta.spec)
     if teacher is not None:
         if asdict(teacher.spec) | {"name": spec.name} != asdict(spec):
@@ -208,7 +202,14 @@ def load_shallow(path: str | Path, teacher=None) -> tuple[ShallowModel, ShallowM
 
 
 def read_shallow_meta(path: str | Path) -> ShallowMeta:
-    doc = json.loads((Path(path) / SHALLOW_META).read_text())
+    """The metadata of a `vbert distill` directory; SkipError if it is not one."""
+    path = Path(path)
+    if not (path / SHALLOW_META).is_file() or not (path / SHALLOW_WEIGHTS).is_file():
+        raise SkipError(f"{path}: not a shallow-layer directory (expected {SHALLOW_META} and {SHALLOW_WEIGHTS}; "
+                        f"`vbert distill` writes them)")
+    doc = json.loads((path / SHALLOW_META).read_text())
+    if doc.get("format") != SHALLOW_FORMAT:
+        raise SkipError(f"{path / SHALLOW_META}: format {doc.get('format')!r} is not {SHALLOW_FORMAT!r}")
     return ShallowMeta(**{k: doc[k] for k in ShallowMeta.__dataclass_fields__})
 
 
@@ -396,6 +397,6 @@ def open_table(name: str, shallow_dir: str | Path, table_path: str | Path | None
     return SkipTable(name, model, meta, table, cache_entries, TABLE_DTYPES[dtype], device)
 
 
-__all__ = ["COMPUTE_CHUNK", "KeyIndex", "ShallowMeta", "ShallowModel", "SkipError", "SkipRuntime", "SkipTable",
+__all__ = ["COMPUTE_CHUNK", "ShallowMeta", "ShallowModel", "SkipError", "SkipRuntime", "SkipTable",
            "TableCounters", "compute_entries", "load_shallow", "open_table", "read_shallow_meta", "save_shallow",
            "teacher_upper_hash"]
