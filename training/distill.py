@@ -12,6 +12,9 @@ trained on the full model still apply above them.
 Checkpoints (OUT/checkpoint.pt: weights, optimizer, schedule, position in the epoch, generator
 state) are written every `checkpoint_every` steps and at each epoch's end; --resume continues a
 run exactly where its last checkpoint left it. Seeded: the same seed gives the same weights on CPU.
+`init` starts from an earlier `vbert distill` directory instead of the teacher's layers (to train
+longer, or to specialize general shallow layers on a domain corpus); its lineage is kept in the
+new directory's metadata.
 A seeded 2 % of the corpus (at most 500 sentences) is held out; its MSE is reported per epoch.
 """
 from __future__ import annotations
@@ -51,6 +54,7 @@ class DistillConfig:
     threads: int | None = None
     device: str = "cpu"
     show_progress: bool = True
+    init: str | None = None
 
     def __post_init__(self) -> None:
         check_corpus(self.corpus)
@@ -71,6 +75,8 @@ class DistillConfig:
             raise ValueError(f"corpus format {self.corpus_format!r} is not one of {CORPUS_FORMATS}")
         if self.backbone is not None and not Path(self.backbone).is_dir():
             raise ValueError(f"backbone {self.backbone!r} is not a directory")
+        if self.init is not None and not Path(self.init).is_dir():
+            raise ValueError(f"init {self.init!r} is not a directory")
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -142,7 +148,7 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
     from vbert.backbone import Encoder
     from vbert.config import default_backbone_path
     from vbert.device import DeviceContext
-    from vbert.skip import ShallowModel, save_shallow, teacher_upper_hash
+    from vbert.skip import ShallowModel, SkipError, load_shallow, save_shallow, teacher_upper_hash
 
     started = time.perf_counter()
     out = Path(config.out)
@@ -167,7 +173,20 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
     teacher = Encoder.from_checkpoint(backbone_path).to(device).eval().requires_grad_(False)
     edge_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(config.seed)
-    student = ShallowModel.from_teacher(teacher, config.skip_layers, edge_id).to(device).train()
+    init = None
+    if config.init is None:
+        student = ShallowModel.from_teacher(teacher, config.skip_layers, edge_id)
+    else:
+        try:
+            student, init_meta = load_shallow(config.init, teacher)
+        except SkipError as e:
+            raise ValueError(f"--init: {e}") from e
+        if (init_meta.skip_layers, init_meta.edge_id) != (config.skip_layers, edge_id):
+            raise ValueError(f"--init {config.init}: replaces {init_meta.skip_layers} layers with edge id "
+                             f"{init_meta.edge_id}; this run has --skip-layers {config.skip_layers}, edge id {edge_id}")
+        init = {"path": str(config.init), "weights_hash": init_meta.weights_hash, "distill": init_meta.distill}
+        student.requires_grad_(True)
+    student = student.to(device).train()
     distiller = Distiller(teacher, student, config.final_weight)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
@@ -224,7 +243,7 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
         _save_checkpoint(ckpt_path, config, student, optimizer, scheduler, order_gen.get_state(), epoch, 0, history)
 
     summary = {"corpus": list(config.corpus), "sentences": len(rows), "train_sentences": len(train_rows),
-               "dev_sentences": len(dev_rows), "history": history, "args": asdict(config),
+               "dev_sentences": len(dev_rows), "history": history, "args": asdict(config), "init": init,
                "seconds_this_run": time.perf_counter() - started}
     student.eval()
     name = "all-MiniLM-L6-v2" if config.backbone is None else Path(config.backbone).name

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_WORDS
+from tests.conftest import TINY_WORDS, write_tiny_checkpoint
 from tests.training.test_train import VBERT, write_classification
 from tests.vbert.test_skip import sentences
 from training.distill import DistillConfig, distill
@@ -63,6 +63,25 @@ def test_distillation_is_seeded(shallow, tiny_checkpoint, corpus, tmp_path):
     assert read_shallow_meta(tmp_path / "again").weights_hash == read_shallow_meta(shallow[0]).weights_hash
     distill(distill_config(tiny_checkpoint, corpus, tmp_path / "other", seed=1), echo=lambda _: None)
     assert read_shallow_meta(tmp_path / "other").weights_hash != read_shallow_meta(shallow[0]).weights_hash
+
+
+def test_distillation_continues_from_an_earlier_run(shallow, tiny_checkpoint, corpus, tmp_path):
+    first, summary = shallow
+    out = tmp_path / "longer"
+    more = distill(distill_config(tiny_checkpoint, corpus, out, epochs=1, init=str(first)), echo=lambda _: None)
+    # same corpus and seed -> same dev split: the new run starts where the first one ended, and improves
+    assert more["history"][0]["dev_mse"] == pytest.approx(summary["history"][-1]["dev_mse"], rel=1e-5)
+    assert more["history"][-1]["dev_mse"] < more["history"][0]["dev_mse"]
+    meta = read_shallow_meta(out)
+    assert meta.distill["init"]["weights_hash"] == read_shallow_meta(first).weights_hash
+    assert meta.weights_hash != read_shallow_meta(first).weights_hash
+    with pytest.raises(ValueError, match="--skip-layers 1"):
+        distill(distill_config(tiny_checkpoint, corpus, tmp_path / "k1", skip_layers=1, init=str(first)),
+                echo=lambda _: None)
+    other_teacher = write_tiny_checkpoint(tmp_path / "other-teacher", seed=1)
+    with pytest.raises(ValueError, match="--init: .*other upper-layer weights"):
+        distill(distill_config(other_teacher, corpus, tmp_path / "t", init=str(first)), echo=lambda _: None)
+    assert not (tmp_path / "t" / "shallow.json").exists()
 
 
 def test_distillation_resumes_after_sigkill_to_the_same_weights(tiny_checkpoint, corpus, tmp_path):
