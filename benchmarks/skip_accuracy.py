@@ -9,7 +9,8 @@ adapters on the top 3 layers, the ones skip mode still runs):
                        table, misses computed by the shallow layers) and in fallback mode (approximate)
   skip-mode adapter    `vbert train --layers 3 --skip-shallow S --skip-table-file T`, scored in skip mode
 Every command runs in its own process as a user would run it; finished runs are reused (--rerun
-forces them). Writes the JSON, a Markdown table (.md) and a PNG.
+forces them; the runs that depend on the shallow layers are kept per weights hash). Writes the JSON,
+a Markdown table (.md) and a PNG.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training_table import (COMMON, REPO, SETS, finished_or_fresh, grouped_bars, headline, metric_names, run_logged,  # noqa: E402
+from training_table import (COMMON, REPO, SETS, grouped_bars, headline, metric_names, run_logged,  # noqa: E402
                             vbert)
 
 SKIP_SETS = ("sci-cite", "rct-20k", "NCBI-disease")
@@ -38,37 +40,55 @@ SCORES = {  # name: (adapter trained in skip mode?, evaluate flags beyond the co
 
 def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rerun: bool,
             epochs: int | None = None) -> dict:
+    """RUN = RUNS/skip-SET. The full-model adapter does not depend on the shallow layers: it is trained
+    and scored once per set (RUN/full-model) and reused across distillations; everything that does
+    depend on them lives in RUN/shallow-<weights hash>/, so a new distillation never reuses stale scores."""
     task, sub, default_epochs = SETS[set_name]
     epochs = epochs or default_epochs
     run = runs / f"skip-{set_name}"
-    result_path = run / "result.json"
-    done = finished_or_fresh(run, rerun)
-    if done is not None:
-        return done
+    weights = json.loads((Path(shallow) / "shallow.json").read_text())["weights_hash"][:12]
+    if rerun and run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    skip_run = run / f"shallow-{weights}"
+    if (skip_run / "result.json").exists():
+        return json.loads((skip_run / "result.json").read_text())
+    if skip_run.exists():
+        shutil.rmtree(skip_run)
+    skip_run.mkdir()
     base = vbert() + ["train", "--task", task, "--train", str(data / sub / "train.txt"), "--dev",
                       str(data / sub / "dev.txt"), "--epochs", str(epochs)] + COMMON + ADAPTER
     skip_flags = ["--skip-shallow", shallow, "--skip-table-file", table]
-    trains = {False: base + ["--out", str(run / "full-model")],
-              True: base + ["--out", str(run / "skip-mode")] + skip_flags}
+    adapters = {False: run / "full-model", True: skip_run / "skip-mode"}
+    trains = {False: base + ["--out", str(adapters[False])],
+              True: base + ["--out", str(adapters[True])] + skip_flags}
     evals = {}
     for name, (in_skip, flags) in SCORES.items():
         extra = [f for f in flags if f != "skip"]
         if "skip" in flags:
             extra = ["--skip-shallow", shallow, "--skip-table", table] + extra
-        out = run / (name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".json")
-        evals[name] = (out, vbert() + ["evaluate", "--adapter", str(run / ("skip-mode" if in_skip else "full-model")),
+        out = (skip_run if "skip" in flags else run) / (
+            name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".json")
+        evals[name] = (out, vbert() + ["evaluate", "--adapter", str(adapters[in_skip]),
                                        "--test", str(data / sub / "test.txt"), "--json", str(out), "--device", "cpu",
                                        "--max-length", "128"] + extra)
-    run_logged(run, list(trains.values()) + [cmd for _, cmd in evals.values()])
-    trained = {k: json.loads((run / d / "training.json").read_text()) for k, d in
-               (("full-model", "full-model"), ("skip-mode", "skip-mode"))}
-    result = {"set": set_name, "task": task,
+    reference = evals["full-model adapter, full model"]
+    commands = []
+    if not reference[0].exists():           # the shallow-independent part, unless an earlier run finished it
+        if adapters[False].exists():
+            shutil.rmtree(adapters[False])
+        commands += [trains[False], reference[1]]
+    commands += [trains[True]] + [cmd for name, (_, cmd) in evals.items() if name != "full-model adapter, full model"]
+    run_logged(run, commands)
+    trained = {k: json.loads((adapters[k == "skip-mode"] / "training.json").read_text())
+               for k in ("full-model", "skip-mode")}
+    result = {"set": set_name, "task": task, "shallow_weights": weights,
               "scores": {name: json.loads(out.read_text()) for name, (out, _) in evals.items()},
               "train_seconds": {k: v["train_seconds"] for k, v in trained.items()},
               "trainable_parameters": trained["full-model"]["trainable_parameters"],
               "commands": {"train": {str(k): " ".join(v[2:]) for k, v in trains.items()},
                            "evaluate": {k: " ".join(v[1][2:]) for k, v in evals.items()}}}
-    result_path.write_text(json.dumps(result, indent=2))
+    (skip_run / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
