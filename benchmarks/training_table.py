@@ -35,7 +35,7 @@ SETS = {  # name: (task, subdirectory, epochs)
     "sci-cite": ("classification", "cls/sci-cite", 3),
     "rct-20k": ("classification", "cls/rct-20k", 10),
     "chemprot": ("classification", "cls/chemprot", 3),
-    "NCBI-disease": ("ner", "ner/NCBI-disease", 3),
+    "NCBI-disease": ("ner", "ner/NCBI-disease", 10),
 }
 METHODS = {  # name: extra `vbert train` flags
     "bottleneck": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3"],
@@ -74,13 +74,16 @@ def run_one(set_name: str, method: str, data: Path, runs: Path, rerun: bool, epo
     task, sub, default_epochs = SETS[set_name]
     run = runs / f"{set_name}-{method}"
     result_path = run / "result.json"
+    epochs = epochs or default_epochs
     done = finished_or_fresh(run, rerun)
-    if done is not None:
+    if done is not None and done["args"]["epochs"] == epochs:
         return done
+    if done is not None:                     # a run of an older recipe (other epoch count): train again
+        done = finished_or_fresh(run, True)
     artifact = run / "artifact"
     train_cmd = vbert() + ["train", "--task", task, "--train", str(data / sub / "train.txt"),
                            "--dev", str(data / sub / "dev.txt"), "--out", str(artifact),
-                           "--epochs", str(epochs or default_epochs)] + COMMON + METHODS[method]
+                           "--epochs", str(epochs)] + COMMON + METHODS[method]
     eval_json = run / "test.json"
     eval_cmd = vbert() + ["evaluate", "--adapter", str(artifact), "--test", str(data / sub / "test.txt"),
                           "--json", str(eval_json), "--device", "cpu", "--max-length", "128"]
