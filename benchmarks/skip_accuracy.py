@@ -1,6 +1,6 @@
 """The skip issue's accuracy table: adapters on the full model vs in skip mode, on real data.
 
-    python benchmarks/skip_accuracy.py --shallow var/shallow-k3 --table var/table-k3.safetensors \
+    python benchmarks/skip_accuracy.py --shallow var/shallow-k3c --table var/table-k3c.safetensors \
         --json benchmarks/results/cpu-DATE/skip_accuracy.json
 
 Per set (sci-cite, rct-20k, NCBI-disease; recipe and epochs as benchmarks/training_table.py but NCBI-disease 5,
@@ -75,7 +75,7 @@ def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rer
                                        "--max-length", "128"] + extra)
     reference = evals["full-model adapter, full model"]
     commands = []
-    reused = (reference[0].exists()
+    reused = (reference[0].exists() and (adapters[False] / "training.json").exists()
               and json.loads((adapters[False] / "training.json").read_text())["args"]["epochs"] == epochs)
     if not reused:                          # the shallow-independent part, unless an earlier run finished it
         if adapters[False].exists():
