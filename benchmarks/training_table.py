@@ -44,6 +44,8 @@ METHODS = {  # name: extra `vbert train` flags
     # variants, run only when named in --methods (tried on NCBI-disease, where the recipe above misses):
     "lora-all": ["--adapter-kind", "lora", "--rank", "8", "--lora-targets", "query,key,value,attn_out,ffn_in,ffn_out",
                  "--lr", "1e-3"],
+    "lora-all-r16": ["--adapter-kind", "lora", "--rank", "16", "--lora-targets",
+                     "query,key,value,attn_out,ffn_in,ffn_out", "--lr", "1e-3"],
     "bottleneck-lr1e-3": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "1e-3"],
 }
 DEFAULT_METHODS = ("bottleneck", "lora", "full")
