@@ -37,15 +37,14 @@ SETS = {  # name: (task, subdirectory, epochs)
     "chemprot": ("classification", "cls/chemprot", 3),
     "NCBI-disease": ("ner", "ner/NCBI-disease", 10),
 }
+ALL_LINEAR = "query,key,value,attn_out,ffn_in,ffn_out"
 METHODS = {  # name: extra `vbert train` flags
     "bottleneck": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3"],
     "lora": ["--adapter-kind", "lora", "--rank", "8", "--lr", "3e-3"],
     "full": ["--full-finetune", "--lr", "1e-4"],
     # variants, run only when named in --methods (tried on NCBI-disease, where the recipe above misses):
-    "lora-all": ["--adapter-kind", "lora", "--rank", "8", "--lora-targets", "query,key,value,attn_out,ffn_in,ffn_out",
-                 "--lr", "1e-3"],
-    "lora-all-r16": ["--adapter-kind", "lora", "--rank", "16", "--lora-targets",
-                     "query,key,value,attn_out,ffn_in,ffn_out", "--lr", "1e-3"],
+    "lora-all": ["--adapter-kind", "lora", "--rank", "8", "--lora-targets", ALL_LINEAR, "--lr", "1e-3"],
+    "lora-all-r16": ["--adapter-kind", "lora", "--rank", "16", "--lora-targets", ALL_LINEAR, "--lr", "1e-3"],
     "bottleneck-lr1e-3": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "1e-3"],
 }
 DEFAULT_METHODS = ("bottleneck", "lora", "full")
@@ -84,7 +83,7 @@ def run_one(set_name: str, method: str, data: Path, runs: Path, rerun: bool, epo
     if done is not None and done["args"]["epochs"] == epochs:
         return done
     if done is not None:                     # a run of an older recipe (other epoch count): train again
-        done = finished_or_fresh(run, True)
+        finished_or_fresh(run, True)
     train_cmd, eval_cmd = commands(set_name, method, data, run, epochs)
     run_logged(run, [train_cmd, eval_cmd])
     return summarize(set_name, SETS[set_name][0], method, run, train_cmd, eval_cmd)
