@@ -198,7 +198,7 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
     epoch, step_in_epoch, history = 1, 0, []
     if config.resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["config"] != _resumable(config):
+        if {"init": None, **ckpt["config"]} != _resumable(config):   # checkpoints from before --init lack it
             raise ValueError(f"--resume: {ckpt_path} was written by a run with other settings "
                              f"({ckpt['config']}); give the same options")
         student.load_state_dict(ckpt["student"])
