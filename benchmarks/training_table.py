@@ -46,6 +46,13 @@ METHODS = {  # name: extra `vbert train` flags
     "lora-all": ["--adapter-kind", "lora", "--rank", "8", "--lora-targets", ALL_LINEAR, "--lr", "1e-3"],
     "lora-all-r16": ["--adapter-kind", "lora", "--rank", "16", "--lora-targets", ALL_LINEAR, "--lr", "1e-3"],
     "bottleneck-lr1e-3": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "1e-3"],
+    "lora-all-lr2e-3": ["--adapter-kind", "lora", "--rank", "8", "--lora-targets", ALL_LINEAR, "--lr", "2e-3"],
+    "lora-all-r16-e20": ["--adapter-kind", "lora", "--rank", "16", "--lora-targets", ALL_LINEAR, "--lr", "1e-3"],
+    "bottleneck-e20": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3"],
+    "bottleneck-e6": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3"],
+}
+METHOD_EPOCHS = {  # variants that differ from their base method only in the epoch count (replaces the set's)
+    "lora-all-r16-e20": 20, "bottleneck-e20": 20, "bottleneck-e6": 6,
 }
 DEFAULT_METHODS = ("bottleneck", "lora", "full")
 COMMON = ["--max-length", "128", "--batch-size", "32", "--seed", "0", "--no-progress"]
@@ -78,7 +85,7 @@ def finished_or_fresh(run: Path, rerun: bool) -> dict | None:
 
 def run_one(set_name: str, method: str, data: Path, runs: Path, rerun: bool, epochs: int | None) -> dict:
     run = runs / f"{set_name}-{method}"
-    epochs = epochs or SETS[set_name][2]
+    epochs = epochs or METHOD_EPOCHS.get(method) or SETS[set_name][2]
     done = finished_or_fresh(run, rerun)
     if done is not None and done["args"]["epochs"] == epochs:
         return done
@@ -238,7 +245,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "date": datetime.date.today().isoformat(), "machine": platform.platform(), "processor": platform.processor(),
-        "recipe": {"common": COMMON, "methods": METHODS, "epochs": {s: SETS[s][2] for s in sets}},
+        "recipe": {"common": COMMON, "methods": METHODS, "epochs": {s: SETS[s][2] for s in sets},
+                   "method_epochs": METHOD_EPOCHS},
         "baselines": baselines, "results": results,
     }
     out.write_text(json.dumps(doc, indent=2))
