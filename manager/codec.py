@@ -1,7 +1,7 @@
 """Canonical encoding of an AdapterArtifact as one safetensors file (the store's blob format).
 
 Every tensor under a canonical name, float32, sorted; the artifact's config (kind, LoRA scales and
-ranks, bottleneck size, head spec) embedded as safetensors metadata, so the bytes (and their sha256)
+ranks, bottleneck size and placement, head spec) embedded as safetensors metadata, so the bytes (and their sha256)
 cover all content and the same content always gives the same bytes. Decoding is strict: any
 disagreement between the bytes, the embedded config and the JSON is a _Problem, which the store
 reports as a CorruptAdapterError.
@@ -19,7 +19,7 @@ import math
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from vbert.adapters import (AdapterError, BottleneckAdapter, BottleneckWeights, LoraAdapter,
+from vbert.adapters import (BOTTLENECK_PLACEMENTS, AdapterError, BottleneckAdapter, BottleneckWeights, LoraAdapter,
                             LoraWeights)
 from vbert.artifact import AdapterArtifact
 from vbert.config import LORA_TARGETS
@@ -81,6 +81,8 @@ def _content(artifact: AdapterArtifact) -> tuple[dict, dict[str, torch.Tensor]]:
             for part, t in zip(_BOTTLENECK_PARTS, (w.down_w, w.down_b, w.up_w, w.up_b)):
                 tensors[f"bottleneck.{layer}.{part}"] = _as_float32(f"bottleneck layer {layer} {part}", t)
         content["bottleneck"] = {"size": int(a.size), "layers": [int(x) for x in sorted(a.layer_weights)]}
+        if a.placement != "attn_out":                    # absent for the original placement: older blobs keep their bytes
+            content["bottleneck"]["placement"] = str(a.placement)
     elif a is not None:
         raise FailedPreconditionError(f"unknown adapter type {type(a).__name__}")
     has_weights = head.weight is not None or head.bias is not None
@@ -193,6 +195,9 @@ def _bottleneck_from(cfg, tensors: _Tensors) -> BottleneckAdapter:
     if not isinstance(layers, list) or not layers:
         raise _Problem("bottleneck config needs a non-empty layer list")
     m = _int(cfg, "size", "bottleneck", 1)
+    placement = cfg.get("placement", "attn_out")
+    if placement not in BOTTLENECK_PLACEMENTS:
+        raise _Problem(f"bottleneck placement {placement!r} is not one of {BOTTLENECK_PLACEMENTS}")
     weights: dict[int, BottleneckWeights] = {}
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
@@ -203,7 +208,7 @@ def _bottleneck_from(cfg, tensors: _Tensors) -> BottleneckAdapter:
         weights[layer] = BottleneckWeights(down_w, tensors.take(f"{p}.down.bias", (m,)),   # [m]
                                            tensors.take(f"{p}.up.weight", (h, m)),         # [H, m]
                                            tensors.take(f"{p}.up.bias", (h,)))             # [H]
-    return BottleneckAdapter(size=m, layer_weights=weights)
+    return BottleneckAdapter(size=m, layer_weights=weights, placement=placement)
 
 
 _ADAPTER_DECODERS = {"lora": _lora_from, "bottleneck": _bottleneck_from, "none": None}

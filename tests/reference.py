@@ -3,7 +3,8 @@
 One request at a time through a plain Hugging Face BertModel, the tenant's adapter applied with
 forward hooks that add the textbook formula to the module's output:
   LoRA on module M:     M(x) + scale * (x @ A.T) @ B.T
-  bottleneck on layer i: D(x) + up(gelu(down(D(x)))),  D = attention.output.dense
+  bottleneck on layer i: D(x) + up(gelu(down(D(x)))),  D = attention.output.dense (placement
+                         attn_out) or output.dense (the feed-forward output, ffn_out)
 and the head computed from the model's last hidden state / pooler output.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _hooks(model, adapter):
             handles.append(mod.register_forward_hook(hook))
     elif isinstance(adapter, BottleneckAdapter):
         for layer, w in adapter.layer_weights.items():
-            mod = model.get_submodule(f"encoder.layer.{layer}.attention.output.dense")
+            where = {"attn_out": "attention.output.dense", "ffn_out": "output.dense"}[adapter.placement]
+            mod = model.get_submodule(f"encoder.layer.{layer}.{where}")
 
             def hook(m, inp, out, w=w):
                 return out + F.gelu(out @ w.down_w.T + w.down_b) @ w.up_w.T + w.up_b

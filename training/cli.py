@@ -66,6 +66,9 @@ def _exit_on_remote_error(e) -> None:
 @click.option("--alpha", default=None, type=click.FloatRange(min=0, min_open=True),
               help="LoRA alpha (scale = alpha / rank; default 2 * rank).")
 @click.option("--bottleneck-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--bottleneck-placement", type=click.Choice(["attn_out", "ffn_out"]), default="attn_out",
+              show_default=True, help="Bottleneck on each layer's attention output or feed-forward output "
+                                      "(before its residual add and LayerNorm).")
 @click.option("--layers", default=None, type=click.IntRange(min=1), help="Adapters on the top N layers (default all).")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Learning rate (default 1e-3 for adapters, 5e-5 with --full-finetune).")
@@ -111,7 +114,7 @@ def _exit_on_remote_error(e) -> None:
               help="With --register: admin token (else VBERT_ADMIN_TOKEN, else DATA_DIR/admin_token).")
 @click.option("--data-dir", default="./var", show_default=True, help="With --register: the server's data directory.")
 def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, backbone, rank, lora_targets, alpha,
-                  bottleneck_size, layers, lr, schedule, warmup, weight_decay, batch_size, max_length, patience,
+                  bottleneck_size, bottleneck_placement, layers, lr, schedule, warmup, weight_decay, batch_size, max_length, patience,
                   full_finetune, pooling, dev_fraction, group_by_length, skip_shallow, skip_table, skip_dtype,
                   skip_table_file, max_labels, threads, device, progress, register, server, tenant, adapter_name,
                   admin_token, data_dir) -> None:
@@ -127,7 +130,8 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
         token = _admin_token(admin_token, data_dir)
     try:
         adapter = AdapterConfig(kind="none" if full_finetune else adapter_kind, rank=rank, alpha=alpha,
-                                targets=_targets(lora_targets), bottleneck_size=bottleneck_size, num_top_layers=layers)
+                                targets=_targets(lora_targets), bottleneck_size=bottleneck_size, num_top_layers=layers,
+                                bottleneck_placement=bottleneck_placement)
         config = TrainConfig(task=task, train_path=train_path, out=out, dev_path=dev_path, adapter=adapter,
                              backbone=backbone, epochs=epochs, seed=seed, lr=lr, schedule=schedule, warmup=warmup,
                              weight_decay=weight_decay, batch_size=batch_size, max_length=max_length, patience=patience,

@@ -3,6 +3,7 @@ forward hooks, and a task head. The hooks add exactly the formulas the server co
 (see tests/reference.py), so an exported adapter serves the outputs seen at training time:
   LoRA on module M:      M(x) + scale * (x @ A.T) @ B.T
   bottleneck on layer i: D(x) + up(gelu(down(D(x)))),  D = encoder.layer.i.attention.output.dense
+                         (placement attn_out) or encoder.layer.i.output.dense (ffn_out)
 Heads: classify = Linear(H, C) on the pooled vector (masked mean over real tokens, or [CLS]);
 tag = Linear(H, C) on every token.
 
@@ -23,12 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vbert import (AdapterArtifact, BackboneShape, BottleneckAdapter, Head, HeadKind, HeadSpec, LoraAdapter)
-from vbert.adapters import BottleneckWeights, LoraWeights
+from vbert.adapters import BOTTLENECK_PLACEMENTS, BottleneckWeights, LoraWeights
 from vbert.config import DEFAULT_LORA_TARGETS, LORA_TARGETS
 from vbert.peft_format import HF_MODULE
 
 ADAPTER_KINDS = ("bottleneck", "lora", "none")   # "none": full fine-tuning (no adapter, backbone trainable)
 TRAIN_POOLINGS = ("mean", "cls")
+BOTTLENECK_HF_MODULE = {"attn_out": "attention.output.dense", "ffn_out": "output.dense"}   # per placement
 FULL_META_FILE = "vbert_full_finetune.json"       # marks a full fine-tuned checkpoint directory
 FULL_FORMAT = "vbert-full-finetune"
 HEAD_FILE = "head.safetensors"
@@ -40,6 +42,7 @@ class AdapterConfig:
 
     kind: "bottleneck", "lora" or "none" (full fine-tuning: every backbone weight is trainable).
     num_top_layers: adapters on the top m layers only (None = all layers).
+    bottleneck_placement: "attn_out" or "ffn_out" (see vbert.adapters.BottleneckAdapter).
     alpha: LoRA alpha (None = 2 * rank); the scale is alpha / rank.
     """
 
@@ -49,10 +52,14 @@ class AdapterConfig:
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     bottleneck_size: int = 64
     num_top_layers: int | None = None
+    bottleneck_placement: str = "attn_out"
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
             raise ValueError(f"adapter kind {self.kind!r} is not one of {ADAPTER_KINDS}")
+        if self.bottleneck_placement not in BOTTLENECK_PLACEMENTS:
+            raise ValueError(f"bottleneck placement {self.bottleneck_placement!r} is not one of "
+                             f"{BOTTLENECK_PLACEMENTS}")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.bottleneck_size < 1:
@@ -151,7 +158,8 @@ class TrainableModel(nn.Module):
         elif adapter.kind == "bottleneck":
             for layer in adapter.layers(self.shape.num_layers):
                 m = self.bottleneck[str(layer)] = BottleneckModule(self.shape.hidden_size, adapter.bottleneck_size)
-                mod = backbone.get_submodule(f"encoder.layer.{layer}.attention.output.dense")
+                where = BOTTLENECK_HF_MODULE[adapter.bottleneck_placement]
+                mod = backbone.get_submodule(f"encoder.layer.{layer}.{where}")
                 self._handles.append(mod.register_forward_hook(m.hook))
         self.head = nn.Linear(self.shape.hidden_size, head_spec.num_labels)
 
@@ -226,7 +234,7 @@ class TrainableModel(nn.Module):
         elif cfg.kind == "bottleneck":
             adapter = BottleneckAdapter(cfg.bottleneck_size, {
                 int(k): BottleneckWeights(t(m.down.weight), t(m.down.bias), t(m.up.weight), t(m.up.bias))
-                for k, m in self.bottleneck.items()})
+                for k, m in self.bottleneck.items()}, placement=cfg.bottleneck_placement)
         else:
             raise ValueError("a full fine-tuned model has no adapter artifact; use save_full_finetune")
         head = self.head_weights()

@@ -138,12 +138,21 @@ class BottleneckWeights:
     up_b: torch.Tensor    # [H]
 
 
+BOTTLENECK_PLACEMENTS = ("attn_out", "ffn_out")
+
+
 @dataclass
 class BottleneckAdapter:
-    """Bottleneck adapters keyed by layer (by default the top m layers of the backbone)."""
+    """Bottleneck adapters keyed by layer (by default the top m layers of the backbone).
+
+    placement: where in each layer the adapter sits, always on a sublayer's output before its
+    residual add and LayerNorm: "attn_out" (after the attention output projection, Houlsby's first
+    position; the format's original and default) or "ffn_out" (after the feed-forward output
+    projection, Pfeiffer's position)."""
 
     size: int
     layer_weights: dict[int, BottleneckWeights]
+    placement: str = "attn_out"
     kind: str = field(default="bottleneck", init=False)
 
     @property
@@ -157,6 +166,8 @@ class BottleneckAdapter:
     def validate(self, shape: BackboneShape, max_size: int | None = None) -> None:
         if not self.layer_weights:
             raise AdapterError("bottleneck adapter has no layers")
+        if self.placement not in BOTTLENECK_PLACEMENTS:
+            raise AdapterError(f"bottleneck placement {self.placement!r} is not one of {BOTTLENECK_PLACEMENTS}")
         if self.size < 1:
             raise AdapterError(f"bottleneck size must be >= 1, got {self.size}")
         if max_size is not None and self.size > max_size:
@@ -173,7 +184,7 @@ class BottleneckAdapter:
 
     @classmethod
     def random(cls, shape: BackboneShape, size: int, top_layers: int | None = None, std: float = 0.05,
-               generator: torch.Generator | None = None) -> "BottleneckAdapter":
+               generator: torch.Generator | None = None, placement: str = "attn_out") -> "BottleneckAdapter":
         n = shape.num_layers
         top = n if top_layers is None else top_layers
         if not 1 <= top <= n:
@@ -187,7 +198,7 @@ class BottleneckAdapter:
                 up_w=torch.randn(h, size, generator=generator) * std,
                 up_b=torch.randn(h, generator=generator) * std,
             )
-        return cls(size=size, layer_weights=weights)
+        return cls(size=size, layer_weights=weights, placement=placement)
 
 
 Adapter = LoraAdapter | BottleneckAdapter

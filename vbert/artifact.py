@@ -6,6 +6,7 @@ On-disk layout (a directory):
                             "skip_table" (only for adapters trained in skip mode: the table's name)}
   adapter_config.json       LoRA only: the PEFT config (so PEFT loads the directory unchanged)
   adapter_model.safetensors LoRA: PEFT tensor names; bottleneck: `layers.N.{down,up}.{weight,bias}`
+                            (vbert_adapter.json's "bottleneck": {"size", "layers", "placement"})
   head.safetensors          classify / tag heads: `weight` [C, H], `bias` [C]
 A directory with only the two PEFT files (trained with Hugging Face PEFT) also loads: as LoRA with
 an embed head, or with PEFT's saved `classifier` as a classify (SEQ_CLS) or tag (TOKEN_CLS) head.
@@ -22,11 +23,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import peft_format
-from .adapters import AdapterError, BackboneShape, BottleneckAdapter, BottleneckWeights, LoraAdapter, LoraWeights
+from .adapters import (BOTTLENECK_PLACEMENTS, AdapterError, BackboneShape, BottleneckAdapter, BottleneckWeights,
+                       LoraAdapter, LoraWeights)
 from .heads import Head, HeadKind, HeadSpec
 
 FORMAT = "vbert-adapter"
 VERSION = 1
+# Version 2 only marks a bottleneck placed anywhere but attn_out, so that a reader that predates
+# placements refuses it instead of serving it in the wrong place; everything else stays version 1.
+VERSIONS = (1, 2)
 META_FILE = "vbert_adapter.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 HEAD_FILE = "head.safetensors"
@@ -86,7 +91,7 @@ def _bottleneck_tensors(a: BottleneckAdapter) -> dict[str, torch.Tensor]:
     return out
 
 
-def _bottleneck_from_tensors(size: int, t: dict[str, torch.Tensor]) -> BottleneckAdapter:
+def _bottleneck_from_tensors(size: int, t: dict[str, torch.Tensor], placement: str = "attn_out") -> BottleneckAdapter:
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in t.items():
         parts = k.split(".")
@@ -100,7 +105,7 @@ def _bottleneck_from_tensors(size: int, t: dict[str, torch.Tensor]) -> Bottlenec
         if missing:
             raise AdapterError(f"bottleneck layer {layer} is missing {sorted(missing)}")
         weights[layer] = BottleneckWeights(d["down.weight"], d["down.bias"], d["up.weight"], d["up.bias"])
-    return BottleneckAdapter(size=size, layer_weights=weights)
+    return BottleneckAdapter(size=size, layer_weights=weights, placement=placement)
 
 
 def save_artifact(artifact: AdapterArtifact, path: str | Path, backbone_name: str = "",
@@ -124,7 +129,9 @@ def save_artifact(artifact: AdapterArtifact, path: str | Path, backbone_name: st
         (tmp / peft_format.CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
     elif isinstance(a, BottleneckAdapter):
-        meta["bottleneck"] = {"size": a.size, "layers": list(a.layers)}
+        meta["bottleneck"] = {"size": a.size, "layers": list(a.layers), "placement": a.placement}
+        if a.placement != "attn_out":
+            meta["version"] = 2
         save_file({k: v.contiguous() for k, v in _bottleneck_tensors(a).items()}, str(tmp / WEIGHTS_FILE))
     if artifact.head.weight is not None:
         save_file({"weight": artifact.head.weight.contiguous(), "bias": artifact.head.bias.contiguous()},
@@ -150,8 +157,9 @@ def load_artifact(path: str | Path) -> AdapterArtifact:
         meta = json.loads((path / META_FILE).read_text())
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path / META_FILE}: invalid JSON ({e})")
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise AdapterError(f"{path}: format {meta.get('format')!r} v{meta.get('version')!r} is not {FORMAT} v{VERSION}")
+    if meta.get("format") != FORMAT or meta.get("version") not in VERSIONS:
+        raise AdapterError(f"{path}: format {meta.get('format')!r} v{meta.get('version')!r} is not {FORMAT} "
+                           f"v{' or v'.join(map(str, VERSIONS))}")
     spec = HeadSpec.from_json(meta.get("head", {}))
     head = Head(spec)
     if spec.kind is not HeadKind.EMBED:
@@ -163,7 +171,12 @@ def load_artifact(path: str | Path) -> AdapterArtifact:
     if kind == "lora":
         adapter, _ = peft_format.read_peft_lora(path)
     elif kind == "bottleneck":
-        adapter = _bottleneck_from_tensors(int(meta["bottleneck"]["size"]), load_file(str(path / WEIGHTS_FILE)))
+        placement = meta["bottleneck"].get("placement", "attn_out")
+        if placement not in BOTTLENECK_PLACEMENTS:
+            raise AdapterError(f"{path / META_FILE}: bottleneck placement {placement!r} is not one of "
+                               f"{BOTTLENECK_PLACEMENTS}")
+        adapter = _bottleneck_from_tensors(int(meta["bottleneck"]["size"]), load_file(str(path / WEIGHTS_FILE)),
+                                           placement)
     elif kind == "none":
         adapter = None
     else:

@@ -91,11 +91,17 @@ class LayerAdapters:
 
     lora: input group -> (A [B, in, sum r], [(target, B [B, r, out], out_offset)]): all targets in
         a group share their input, so their A are concatenated and shrunk with one bmm.
-    bottleneck: (down_w [B, H, m], down_b [B, 1, m], up_w [B, m, H], up_b [B, 1, H]) or None.
+    bottleneck: (down_w [B, H, m], down_b [B, 1, m], up_w [B, m, H], up_b [B, 1, H]) or None: on the
+        attention output (placement attn_out); bottleneck_ffn: the same on the feed-forward output
+        (ffn_out). A row whose adapter sits elsewhere gets the bank's all-zero entry (the identity).
     """
 
     lora: dict[str, tuple[torch.Tensor, list[tuple[str, torch.Tensor, int]]]] = field(default_factory=dict)
     bottleneck: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    bottleneck_ffn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.lora) or self.bottleneck is not None or self.bottleneck_ffn is not None
 
 
 def apply_lora(out: torch.Tensor, x: torch.Tensor, group: tuple | None) -> torch.Tensor:
@@ -152,6 +158,7 @@ class EncoderLayer(nn.Module):
         h = self.attn_norm(a + x)
         inter = self.act(apply_lora(self.ffn_in(h), h, lora.get("ffn_in")))  # [B, L, I]
         out = apply_lora(self.ffn_out(inter), inter, lora.get("ffn_out"))
+        out = apply_bottleneck(out, adapters.bottleneck_ffn if adapters is not None else None)
         return self.ffn_norm(out + h)
 
 

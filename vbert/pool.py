@@ -5,7 +5,8 @@ Banks (all preallocated at construction, entry 0 of each is the all-zero null en
     A_g [num_layers, num_lora_slots + 1, in, R * |g|]   (A transposed, targets side by side)
     B_t [num_layers, num_lora_slots + 1, R, out]        (pre-scaled by alpha / r)
   bottleneck: down_w [nl, S_b + 1, H, M], down_b [nl, S_b + 1, 1, M], up_w [nl, S_b + 1, M, H],
-    up_b [nl, S_b + 1, 1, H]
+    up_b [nl, S_b + 1, 1, H]; one bank for both placements (attn_out, ffn_out): a batch gathers it
+    once per placement present, with the null entry for rows placed elsewhere
   heads: weight [num_slots + 1, C, H], bias [num_slots + 1, C]
 R = max_lora_rank, M = max_bottleneck_size, C = max_labels. Smaller adapters are zero-padded,
 which is exact (zero columns add nothing; gelu(0) = 0) and costs memory and compute in proportion
@@ -87,6 +88,7 @@ class AdapterPool:
         self.slot_kind = np.zeros(s, np.int64)
         self.slot_bank = np.zeros(s, np.int64)              # index into the LoRA or bottleneck bank
         self.slot_layers = np.zeros((s, nl), bool)          # layers where the slot's adapter acts
+        self.slot_ffn = np.zeros(s, bool)                   # bottleneck placed on the feed-forward output
         self.slot_table = np.zeros(s, np.int64)             # skip mode: index of the slot's n-gram table
         self.skip_check: Callable[[AdapterArtifact], int] | None = None   # set by a skip-mode model
         self.slot_head_kind = np.zeros(s, np.int64)
@@ -146,6 +148,7 @@ class AdapterPool:
             self._write_head(slot, artifact.head)
         self.slot_kind[slot], self.slot_bank[slot] = kind, bank
         self.slot_layers[slot] = False
+        self.slot_ffn[slot] = kind == KIND_BOTTLENECK and artifact.adapter.placement == "ffn_out"
         self.slot_table[slot] = table
         if artifact.adapter is not None:
             self.slot_layers[slot, list(artifact.adapter.layers)] = True
@@ -159,6 +162,7 @@ class AdapterPool:
             self._free_banks[kind].append(int(self.slot_bank[slot]))
         self.slot_kind[slot] = self.slot_bank[slot] = 0
         self.slot_layers[slot] = False
+        self.slot_ffn[slot] = False
         self.slot_table[slot] = 0
         self.slot_heads[slot] = None
         self._free_slots.append(slot)
@@ -223,11 +227,15 @@ class AdapterPool:
         dev = self.device.device
         layers = None
         lora_rows, bn_rows = kinds == KIND_LORA, kinds == KIND_BOTTLENECK
+        ffn_rows = bn_rows & self.slot_ffn[slots]
+        attn_rows = bn_rows & ~ffn_rows
         if lora_rows.any() or bn_rows.any():
             lora_idx = torch.from_numpy(np.where(lora_rows, banks, 0)).to(dev)
-            bn_idx = torch.from_numpy(np.where(bn_rows, banks, 0)).to(dev)
+            attn_idx = torch.from_numpy(np.where(attn_rows, banks, 0)).to(dev)
+            ffn_idx = torch.from_numpy(np.where(ffn_rows, banks, 0)).to(dev)
             lora_layers = self.slot_layers[slots[lora_rows]].any(0)
-            bn_layers = self.slot_layers[slots[bn_rows]].any(0)
+            attn_layers = self.slot_layers[slots[attn_rows]].any(0)
+            ffn_layers = self.slot_layers[slots[ffn_rows]].any(0)
             layers = []
             for i in range(self.spec.num_layers):
                 la = LayerAdapters()
@@ -239,9 +247,11 @@ class AdapterPool:
                             parts.append((t, self.lora_b[t][i].index_select(0, lora_idx), offset))
                             offset += out
                         la.lora[g] = (self.lora_a[g][i].index_select(0, lora_idx), parts)
-                if bn_layers[i]:
-                    la.bottleneck = tuple(t[i].index_select(0, bn_idx) for t in self.bn)
-                layers.append(la if (la.lora or la.bottleneck is not None) else None)
+                if attn_layers[i]:
+                    la.bottleneck = tuple(t[i].index_select(0, attn_idx) for t in self.bn)
+                if ffn_layers[i]:
+                    la.bottleneck_ffn = tuple(t[i].index_select(0, ffn_idx) for t in self.bn)
+                layers.append(la if la else None)
         norm = self.slot_normalize[slots].copy()
         if normalize is not None:
             for b, v in enumerate(normalize):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from manager.config import StoreConfig
@@ -63,6 +64,7 @@ ARTIFACTS = {
     "bottleneck-tag-top2": lambda s: make_artifact(s, "bottleneck", tag(2), 6, size=16, top_layers=2),
     "bottleneck-embed": lambda s: make_artifact(s, "bottleneck", embed_head("mean", False), 7, size=8,
                                                 top_layers=1),
+    "bottleneck-ffn-out": lambda s: make_artifact(s, "bottleneck", classify(3), 12, size=8, placement="ffn_out"),
     "none-classify": lambda s: make_artifact(s, "none", classify(4), 8),
     "none-tag": lambda s: make_artifact(s, "none", tag(5), 10),
     "none-embed": lambda s: make_artifact(s, "none", embed_head("cls", True), 11),
@@ -84,7 +86,7 @@ def assert_same_artifact(a: AdapterArtifact, b: AdapterArtifact) -> None:
             v = b.adapter.modules[key]
             assert torch.equal(w.A, v.A) and torch.equal(w.B, v.B) and w.scale == v.scale, key
     elif a.kind == "bottleneck":
-        assert a.adapter.size == b.adapter.size
+        assert a.adapter.size == b.adapter.size and a.adapter.placement == b.adapter.placement
         assert set(a.adapter.layer_weights) == set(b.adapter.layer_weights)
         for layer, w in a.adapter.layer_weights.items():
             v = b.adapter.layer_weights[layer]
@@ -100,6 +102,19 @@ def tree(root: Path) -> list[str]:
 
 
 # -- encoding ------------------------------------------------------------------------------------------
+
+def test_bottleneck_placement_is_encoded_only_when_not_the_original(shape):
+    """attn_out (the original placement) leaves the encoding as it was, so older blobs keep their
+    bytes and sha; ffn_out is recorded and survives the round trip."""
+    plain = make_artifact(shape, "bottleneck", classify(2), 1, size=4)
+    _, config = encode_artifact(plain)
+    assert "placement" not in config["bottleneck"]
+    placed = make_artifact(shape, "bottleneck", classify(2), 1, size=4, placement="ffn_out")
+    data, config = encode_artifact(placed)
+    assert config["bottleneck"]["placement"] == "ffn_out"
+    assert decode_artifact(data, config).adapter.placement == "ffn_out"
+    assert encode_artifact(plain)[0] != data   # same tensors, other placement: other bytes, other sha
+
 
 @pytest.mark.parametrize("name", list(ARTIFACTS))
 def test_encode_decode_round_trip(shape, name):
@@ -388,7 +403,15 @@ def test_self_consistent_but_invalid_blobs_are_corrupt(store, shape):
     sha = _forge(store, os.urandom(1000), config)
     with pytest.raises(CorruptAdapterError, match="not safetensors|not valid JSON"):
         store.get(sha)
-    assert len(store.list_shas()) == 5  # complete on disk, yet none is ever served
+    placed = make_artifact(shape, "bottleneck", classify(2), 1, size=4, placement="ffn_out")
+    data, config = encode_artifact(placed)
+    config = dict(config, bottleneck=dict(config["bottleneck"], placement="mlp"))
+    meta = {METADATA_KEY: json.dumps({k: v for k, v in config.items()
+                                      if k not in ("num_tensors", "num_bytes", "sha256")})}
+    sha = _forge(store, st_save(st_load(data), metadata=meta), config)
+    with pytest.raises(CorruptAdapterError, match="bottleneck placement 'mlp' is not one of"):
+        store.get(sha)
+    assert len(store.list_shas()) == 6  # complete on disk, yet none is ever served
 
 
 # -- recovery ------------------------------------------------------------------------------------------

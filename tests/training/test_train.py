@@ -166,6 +166,32 @@ def test_served_logits_equal_training_time(runs, checkpoint, task, kind):
         score(t, torch_predictor(result.model), result.dev_encoded, result.dev_examples)
 
 
+def test_ffn_out_bottleneck_serves_as_trained(checkpoint, data, tmp_path):
+    """A bottleneck trained on the feed-forward output is exported with that placement and served
+    there: the same logits as at training time, and not those of the same weights on the attention
+    output."""
+    adapter = AdapterConfig(kind="bottleneck", bottleneck_size=16, bottleneck_placement="ffn_out")
+    result = train(_config(checkpoint, data, tmp_path / "o", "ner", "bottleneck", epochs=2, adapter=adapter),
+                   echo=lambda _: None)
+    art = load_artifact(result.path)
+    assert art.adapter.placement == "ffn_out"
+    assert json.loads((result.path / "training.json").read_text())["args"]["adapter"]["bottleneck_placement"] == \
+        "ffn_out"
+    model = _served_model(checkpoint)
+    slot = model.load_adapter(art)
+    art.adapter.placement = "attn_out"
+    elsewhere = model.load_adapter(art)
+    rows = [e["input_ids"] for e in result.dev_encoded]
+    trained = model_logits(result.model, rows, batch_size=3)
+    served = model.forward([EncodeRow(r, slot) for r in rows])
+    misplaced = model.forward([EncodeRow(r, elsewhere) for r in rows])
+    for exp, out, wrong in zip(trained, served, misplaced):
+        torch.testing.assert_close(out.logits, exp, atol=ATOL, rtol=0)
+        assert not torch.allclose(wrong.logits, exp, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="bottleneck placement 'mlp' is not one of"):
+        AdapterConfig(kind="bottleneck", bottleneck_placement="mlp")
+
+
 def test_lora_artifact_loads_in_peft(runs, checkpoint):
     from peft import PeftModel
     from transformers import BertModel
@@ -222,11 +248,12 @@ def test_register_then_evaluate_through_server(server, checkpoint, data, runs, t
     out = tmp_path / "cls"
     res = CliRunner().invoke(main, [
         "train", "--task", "classification", "--train", str(data["classification"]), "--adapter-kind", "bottleneck",
-        "--bottleneck-size", "16", "--out", str(out), "--backbone", str(checkpoint), "--epochs", "6",
+        "--bottleneck-size", "16", "--bottleneck-placement", "ffn_out", "--out", str(out), "--backbone", str(checkpoint), "--epochs", "6",
         "--lr", "0.02", "--batch-size", "8", "--threads", "1", "--no-progress",
         "--register", "--server", server.address, "--tenant", "acme", "--adapter", "cls", "--admin-token", ADMIN_TOKEN])
     assert res.exit_code == 0, res.output
     assert "registered acme/cls version 1" in res.output
+    assert load_artifact(out).adapter.placement == "ffn_out"     # served there too: remote == local below
     with Client(server.address, admin_token=ADMIN_TOKEN) as admin:
         admin.upload_adapter("acme", "ner", runs["ner", "lora"].path)
     for task, name, path in (("classification", "cls", out), ("ner", "ner", runs["ner", "lora"].path)):

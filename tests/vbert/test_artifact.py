@@ -11,6 +11,7 @@ from vbert import AdapterError, EncodeRow, load_artifact, save_artifact
 
 @pytest.mark.parametrize("kind,head,kw", [
     ("bottleneck", tag(3), {"size": 8, "top_layers": 2}),
+    ("bottleneck", classify(3), {"size": 8, "placement": "ffn_out"}),
     ("lora", classify(5, "cls"), {"rank": 3}),
     ("none", classify(2), {}),
     ("lora", embed_head("cls", True), {"rank": 2}),
@@ -22,8 +23,10 @@ def test_saved_artifact_serves_identically(tiny_model, tmp_path, kind, head, kw)
     assert back.kind == art.kind and back.head.spec == art.head.spec
     assert back.num_parameters() == art.num_parameters()
     ids = [2, 9, 10, 11, 3]
-    a, b = tiny_model.forward([EncodeRow(ids, tiny_model.load_adapter(art)),
-                               EncodeRow(ids, tiny_model.load_adapter(back))])
+    # one call each: the same row in the same place of the same-shaped batch computes bit for bit
+    # the same (two rows of one batch may be split differently across CPU threads)
+    [a] = tiny_model.forward([EncodeRow(ids, tiny_model.load_adapter(art))])
+    [b] = tiny_model.forward([EncodeRow(ids, tiny_model.load_adapter(back))])
     ta, tb = (a.embedding, b.embedding) if a.embedding is not None else (a.logits, b.logits)
     assert torch.equal(ta, tb)
 
@@ -58,3 +61,34 @@ def test_truncated_lora_weights_are_detected(tiny_model, tmp_path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(AdapterError, match="unreadable safetensors file"):
         load_artifact(d)
+
+
+def test_bottleneck_placement_on_disk(tiny_model, tmp_path):
+    """attn_out artifacts are written exactly as before placements existed (version 1, which a file
+    without "placement" still loads as); ffn_out is version 2, so a reader that predates placements
+    refuses it instead of serving the adapter in the wrong place; an unknown placement is named."""
+    shape = tiny_model.spec.shape
+    plain = save_artifact(make_artifact(shape, "bottleneck", classify(2), 1, size=4), tmp_path / "plain")
+    meta = json.loads((plain / "vbert_adapter.json").read_text())
+    assert meta["version"] == 1 and meta["bottleneck"]["placement"] == "attn_out"
+    del meta["bottleneck"]["placement"]
+    (plain / "vbert_adapter.json").write_text(json.dumps(meta))
+    assert load_artifact(plain).adapter.placement == "attn_out"
+
+    art = make_artifact(shape, "bottleneck", classify(2), 1, size=4, placement="ffn_out")
+    placed = save_artifact(art, tmp_path / "placed")
+    meta = json.loads((placed / "vbert_adapter.json").read_text())
+    assert meta["version"] == 2 and meta["bottleneck"]["placement"] == "ffn_out"
+    assert load_artifact(placed).adapter.placement == "ffn_out"
+    # the same weights in the other place compute something else
+    ids = [2, 9, 10, 11, 3]
+    a, b = tiny_model.forward([EncodeRow(ids, tiny_model.load_adapter(load_artifact(plain))),
+                               EncodeRow(ids, tiny_model.load_adapter(load_artifact(placed)))])
+    assert not torch.allclose(a.logits, b.logits)
+
+    (placed / "vbert_adapter.json").write_text(json.dumps({**meta, "bottleneck": {**meta["bottleneck"],
+                                                                                  "placement": "mlp"}}))
+    with pytest.raises(AdapterError, match="bottleneck placement 'mlp' is not one of"):
+        load_artifact(placed)
+    with pytest.raises(AdapterError, match="bottleneck placement 'mlp' is not one of"):
+        tiny_model.load_adapter(make_artifact(shape, "bottleneck", classify(2), 1, size=4, placement="mlp"))
