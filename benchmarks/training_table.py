@@ -50,6 +50,8 @@ METHODS = {  # name: extra `vbert train` flags
     "lora-all-r16-e20": ["--adapter-kind", "lora", "--rank", "16", "--lora-targets", ALL_LINEAR, "--lr", "1e-3"],
     "bottleneck-e20": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3"],
     "bottleneck-e6": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3"],
+    "bottleneck-ffn": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3",
+                       "--bottleneck-placement", "ffn_out"],
 }
 METHOD_EPOCHS = {  # variants that differ from their base method only in the epoch count (replaces the set's)
     "lora-all-r16-e20": 20, "bottleneck-e20": 20, "bottleneck-e6": 6,
