@@ -114,7 +114,8 @@ def summarize(set_name: str, task: str, method: str, run: Path, train_cmd: list[
     artifact, eval_json = run / "artifact", run / "test.json"
     training = json.loads((artifact / "training.json").read_text())
     result = {
-        "set": set_name, "task": task, "method": method, "test": json.loads(eval_json.read_text()),
+        "set": set_name, "task": task, "method": method, "date": datetime.date.today().isoformat(),
+        "test": json.loads(eval_json.read_text()),
         "best_dev": training["best_dev"], "best_epoch": training["best_epoch"], "epochs": training["epochs"],
         "trainable_parameters": training["trainable_parameters"],
         "adapter_parameters": training["adapter_parameters"],
