@@ -164,7 +164,7 @@ def markdown(results: list[dict], baselines: dict) -> str:
 
         lines.append(f"| {set_name} | majority baseline | {fmt(base)} | | | 0 | | |")
         for r in rows:
-            delta = "" if full is None or r is full else f"{100 * (r['test'][key] - full['test'][key]):+.1f}"
+            delta = "" if full is None or r is full else f"{100 * (r['test'][key] - full['test'][key]):+.2f}"
             dev = r["best_dev"][key] if r["best_dev"] else float("nan")
             lines.append(
                 f"| {set_name} | {r['method']} | {fmt(r['test'])} | {100 * dev:.1f} ({r['best_epoch']}/"
@@ -179,7 +179,7 @@ def grouped_bars(path: Path, groups: list[str], series: dict[str, list[float]], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(series)
     for j, (name, values) in enumerate(series.items()):
         ax.bar([i + j * width for i in range(len(groups))], values, width, label=name)
@@ -187,7 +187,7 @@ def grouped_bars(path: Path, groups: list[str], series: dict[str, list[float]], 
     ax.set_xticklabels(groups)
     ax.set_ylabel("test metric (%)")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
