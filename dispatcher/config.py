@@ -13,7 +13,8 @@ from manager.cache import CacheConfig
 from manager.manager import ManagerConfig
 from scheduler.config import SchedulerConfig
 from scheduler.engine import EngineConfig
-from vbert.config import BackboneConfig, ModelConfig, PoolConfig, SkipConfig, SkipTableConfig
+from vbert.config import (DEFAULT_LORA_TARGETS, BackboneConfig, ModelConfig, PoolConfig, SkipConfig,
+                          SkipTableConfig)
 
 ENV_PREFIX = "VBERT_"
 
@@ -49,6 +50,7 @@ class ServerConfig:
     lora_slots: int = 256
     bottleneck_slots: int = 256
     max_lora_rank: int = 16
+    lora_targets: str = ",".join(DEFAULT_LORA_TARGETS)   # modules LoRA adapters may target (comma-separated)
     max_bottleneck_size: int = 64
     max_labels: int = 64
     host_cache_mb: int = 2048
@@ -113,7 +115,8 @@ class ServerConfig:
                                     max_length=self.max_tokens_per_text),
             pool=PoolConfig(num_lora_slots=self.lora_slots, num_bottleneck_slots=self.bottleneck_slots,
                             max_lora_rank=self.max_lora_rank, max_bottleneck_size=self.max_bottleneck_size,
-                            max_labels=self.max_labels),
+                            max_labels=self.max_labels,
+                            lora_targets=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())),
             skip=self.skip_config())
 
     def skip_config(self) -> SkipConfig:

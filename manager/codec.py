@@ -81,7 +81,7 @@ def _content(artifact: AdapterArtifact) -> tuple[dict, dict[str, torch.Tensor]]:
             for part, t in zip(_BOTTLENECK_PARTS, (w.down_w, w.down_b, w.up_w, w.up_b)):
                 tensors[f"bottleneck.{layer}.{part}"] = _as_float32(f"bottleneck layer {layer} {part}", t)
         content["bottleneck"] = {"size": int(a.size), "layers": [int(x) for x in sorted(a.layer_weights)]}
-        if a.placement != "attn_out":                    # absent for the original placement: older blobs keep their bytes
+        if a.placement != "attn_out":      # absent for the original placement: older blobs keep their bytes
             content["bottleneck"]["placement"] = str(a.placement)
     elif a is not None:
         raise FailedPreconditionError(f"unknown adapter type {type(a).__name__}")

@@ -114,10 +114,10 @@ def _exit_on_remote_error(e) -> None:
               help="With --register: admin token (else VBERT_ADMIN_TOKEN, else DATA_DIR/admin_token).")
 @click.option("--data-dir", default="./var", show_default=True, help="With --register: the server's data directory.")
 def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, backbone, rank, lora_targets, alpha,
-                  bottleneck_size, bottleneck_placement, layers, lr, schedule, warmup, weight_decay, batch_size, max_length, patience,
-                  full_finetune, pooling, dev_fraction, group_by_length, skip_shallow, skip_table, skip_dtype,
-                  skip_table_file, max_labels, threads, device, progress, register, server, tenant, adapter_name,
-                  admin_token, data_dir) -> None:
+                  bottleneck_size, bottleneck_placement, layers, lr, schedule, warmup, weight_decay, batch_size,
+                  max_length, patience, full_finetune, pooling, dev_fraction, group_by_length, skip_shallow, skip_table,
+                  skip_dtype, skip_table_file, max_labels, threads, device, progress, register, server, tenant,
+                  adapter_name, admin_token, data_dir) -> None:
     """Fine-tune an adapter and its head on the frozen backbone; write a servable adapter directory."""
     from .model import AdapterConfig
     from .train import TrainConfig, check_output_dir, train

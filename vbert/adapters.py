@@ -92,7 +92,8 @@ class LoraAdapter:
             if target not in LORA_TARGETS:
                 raise AdapterError(f"{name}: unknown target (known: {LORA_TARGETS})")
             if allowed_targets is not None and target not in allowed_targets:
-                raise AdapterError(f"{name}: target not enabled in this pool (enabled: {allowed_targets})")
+                raise AdapterError(f"{name}: target not enabled in this pool (enabled: {allowed_targets}; the "
+                                   f"server setting lora_targets enables more)")
             if not 0 <= layer < shape.num_layers:
                 raise AdapterError(f"{name}: layer out of range, backbone has {shape.num_layers} layers")
             r = w.rank

@@ -16,7 +16,7 @@ from dispatcher.client import tar_directory, upload_chunks
 from dispatcher.gen.vbert.v1 import admin_pb2, tenant_pb2
 from manager.errors import InvalidArgumentError
 from tests.conftest import classify, make_artifact
-from tests.dispatcher.conftest import ADMIN_TOKEN, bearer
+from tests.dispatcher.conftest import ADMIN_TOKEN, RunningServer, bearer, tiny_server_config
 from vbert import BackboneShape, EncodeRow, MultiTenantModel, load_artifact, save_artifact
 
 ADMIN = bearer(ADMIN_TOKEN)
@@ -344,3 +344,31 @@ def test_extract_accepts_flat_dot_and_one_folder_layouts(tmp_path):
 def test_extract_refuses(tmp_path, members):
     with pytest.raises(InvalidArgumentError):
         extract_adapter_tar(tar_of(members), tmp_path, max_files=4)
+
+
+def test_lora_targets_setting_enables_feed_forward_lora(tiny_checkpoint, tmp_path):
+    """LoRA on the feed-forward layers (the NER recipe) is refused by a server with the default
+    targets, naming the setting, and served by one whose lora_targets include them."""
+    targets = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+    for enabled in (False, True):
+        kw = {"lora_targets": ",".join(targets)} if enabled else {}
+        server = RunningServer(tiny_server_config(tiny_checkpoint, tmp_path / f"var-{enabled}", **kw))
+        try:
+            key = register(server, "ner")
+            path = save(server, tmp_path / f"all-{enabled}", 1, targets=targets)
+            if not enabled:
+                e = fails(upload_dir, server, "ner", "all", path)
+                assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "ffn_in: target not enabled" in e.details() and "lora_targets" in e.details()
+                continue
+            upload_dir(server, "ner", "all", path)
+            got = classify_call(server, key, "all")
+            local = MultiTenantModel(server.app.config.model_config())
+            slot = local.load_adapter(load_artifact(path))
+            outs = local.forward([EncodeRow(ids, slot) for ids in local.tokenize(TEXTS)])
+            for out, res in zip(outs, got.results):
+                assert res.label == out.predicted()
+                assert {s.label: s.score for s in res.scores} == pytest.approx(
+                    {lab: float(p) for lab, p in zip(out.labels, torch.softmax(out.logits.float(), -1))}, abs=1e-4)
+        finally:
+            server.stop()

@@ -248,8 +248,9 @@ def test_register_then_evaluate_through_server(server, checkpoint, data, runs, t
     out = tmp_path / "cls"
     res = CliRunner().invoke(main, [
         "train", "--task", "classification", "--train", str(data["classification"]), "--adapter-kind", "bottleneck",
-        "--bottleneck-size", "16", "--bottleneck-placement", "ffn_out", "--out", str(out), "--backbone", str(checkpoint), "--epochs", "6",
-        "--lr", "0.02", "--batch-size", "8", "--threads", "1", "--no-progress",
+        "--bottleneck-size", "16", "--bottleneck-placement", "ffn_out", "--out", str(out),
+        "--backbone", str(checkpoint), "--epochs", "6", "--lr", "0.02", "--batch-size", "8", "--threads", "1",
+        "--no-progress",
         "--register", "--server", server.address, "--tenant", "acme", "--adapter", "cls", "--admin-token", ADMIN_TOKEN])
     assert res.exit_code == 0, res.output
     assert "registered acme/cls version 1" in res.output
