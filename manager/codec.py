@@ -1,10 +1,10 @@
 """Canonical encoding of an AdapterArtifact as one safetensors file (the store's blob format).
 
 Every tensor under a canonical name, float32, sorted; the artifact's config (kind, LoRA scales and
-ranks, bottleneck size and placement, head spec) embedded as safetensors metadata, so the bytes (and their sha256)
-cover all content and the same content always gives the same bytes. Decoding is strict: any
-disagreement between the bytes, the embedded config and the JSON is a _Problem, which the store
-reports as a CorruptAdapterError.
+ranks, bottleneck size and placement, head spec) embedded as safetensors metadata, so the bytes
+(and their sha256) cover all content and the same content always gives the same bytes. Decoding is
+strict: any disagreement between the bytes, the embedded config and the JSON is a _Problem, which
+the store reports as a CorruptAdapterError.
 
 Tensor names: lora.<layer>.<target>.A [r, in], lora.<layer>.<target>.B [out, r],
 bottleneck.<layer>.down.weight [m, H], .down.bias [m], .up.weight [H, m], .up.bias [H],
