@@ -52,9 +52,11 @@ METHODS = {  # name: extra `vbert train` flags
                                 "--lr", "2e-3"],
     "bottleneck-ffn": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3",
                        "--bottleneck-placement", "ffn_out"],
+    "bottleneck-ffn-e20": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3",
+                           "--bottleneck-placement", "ffn_out"],
 }
 METHOD_EPOCHS = {  # variants trained for their own epoch count instead of the set's
-    "lora-all-r16-e20": 20, "lora-all-r16-lr2e-3-e20": 20,
+    "lora-all-r16-e20": 20, "lora-all-r16-lr2e-3-e20": 20, "bottleneck-ffn-e20": 20,
 }
 DEFAULT_METHODS = ("bottleneck", "lora", "full")
 COMMON = ["--max-length", "128", "--batch-size", "32", "--seed", "0", "--no-progress"]

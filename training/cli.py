@@ -77,6 +77,9 @@ def _exit_on_remote_error(e) -> None:
 @click.option("--warmup", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Fraction of the steps with a linear warm-up.")
 @click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Dropout while training: the frozen backbone's hidden and attention dropout and the head's "
+                   "input (0: off). Serving never drops anything.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
               help="Sub-tokens per training example, [CLS] and [SEP] included.")
@@ -114,10 +117,10 @@ def _exit_on_remote_error(e) -> None:
               help="With --register: admin token (else VBERT_ADMIN_TOKEN, else DATA_DIR/admin_token).")
 @click.option("--data-dir", default="./var", show_default=True, help="With --register: the server's data directory.")
 def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, backbone, rank, lora_targets, alpha,
-                  bottleneck_size, bottleneck_placement, layers, lr, schedule, warmup, weight_decay, batch_size,
-                  max_length, patience, full_finetune, pooling, dev_fraction, group_by_length, skip_shallow, skip_table,
-                  skip_dtype, skip_table_file, max_labels, threads, device, progress, register, server, tenant,
-                  adapter_name, admin_token, data_dir) -> None:
+                  bottleneck_size, bottleneck_placement, layers, lr, schedule, warmup, weight_decay, dropout,
+                  batch_size, max_length, patience, full_finetune, pooling, dev_fraction, group_by_length, skip_shallow,
+                  skip_table, skip_dtype, skip_table_file, max_labels, threads, device, progress, register, server,
+                  tenant, adapter_name, admin_token, data_dir) -> None:
     """Fine-tune an adapter and its head on the frozen backbone; write a servable adapter directory."""
     from .model import AdapterConfig
     from .train import TrainConfig, check_output_dir, train
@@ -134,8 +137,8 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
                                 bottleneck_placement=bottleneck_placement)
         config = TrainConfig(task=task, train_path=train_path, out=out, dev_path=dev_path, adapter=adapter,
                              backbone=backbone, epochs=epochs, seed=seed, lr=lr, schedule=schedule, warmup=warmup,
-                             weight_decay=weight_decay, batch_size=batch_size, max_length=max_length, patience=patience,
-                             pooling=pooling, threads=threads, device=device, max_labels=max_labels,
+                             weight_decay=weight_decay, dropout=dropout, batch_size=batch_size, max_length=max_length,
+                             patience=patience, pooling=pooling, threads=threads, device=device, max_labels=max_labels,
                              dev_fraction=dev_fraction, group_by_length=group_by_length,
                              skip_shallow=skip_shallow, skip_table=skip_table, skip_dtype=skip_dtype,
                              skip_table_file=skip_table_file,

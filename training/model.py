@@ -9,8 +9,10 @@ tag = Linear(H, C) on every token.
 
 Initialization follows PEFT / Houlsby: LoRA A kaiming-uniform, B zeros; bottleneck down as
 nn.Linear, up zeros. Both start as the identity, so step 0 is the bare backbone.
-Dropout is off everywhere (the backbone is loaded with zero dropout), so training is deterministic
-for a given seed on CPU.
+Dropout is off unless asked for (`dropout` > 0: the frozen backbone's hidden and attention dropout
+and dropout on the head's input, during training only, as BertForTokenClassification and PEFT
+training do). Either way training is deterministic for a given seed on CPU (the masks come from
+torch's seeded global generator).
 """
 from __future__ import annotations
 
@@ -83,12 +85,15 @@ class AdapterConfig:
         return range(num_layers - top, num_layers)
 
 
-def load_backbone(path: str | Path, trainable: bool = False):
-    """A Hugging Face BertModel from a local directory, dropout off; frozen unless `trainable`."""
+def load_backbone(path: str | Path, trainable: bool = False, dropout: float = 0.0):
+    """A Hugging Face BertModel from a local directory with this hidden and attention dropout
+    (0: off); frozen unless `trainable`."""
     from transformers import BertModel
 
-    model = BertModel.from_pretrained(str(path), local_files_only=True, hidden_dropout_prob=0.0,
-                                      attention_probs_dropout_prob=0.0)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    model = BertModel.from_pretrained(str(path), local_files_only=True, hidden_dropout_prob=dropout,
+                                      attention_probs_dropout_prob=dropout)
     model.requires_grad_(trainable)
     return model.train(trainable)
 
@@ -162,6 +167,9 @@ class TrainableModel(nn.Module):
                 mod = backbone.get_submodule(f"encoder.layer.{layer}.{where}")
                 self._handles.append(mod.register_forward_hook(m.hook))
         self.head = nn.Linear(self.shape.hidden_size, head_spec.num_labels)
+        c = backbone.config
+        self.dropout = max(c.hidden_dropout_prob, c.attention_probs_dropout_prob)   # as load_backbone set it
+        self.head_dropout = nn.Dropout(c.hidden_dropout_prob)
 
     @property
     def is_full_finetune(self) -> bool:
@@ -175,7 +183,8 @@ class TrainableModel(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.backbone.train(mode and self.is_full_finetune)   # no dropout anyway; keeps eval semantics
+        # a frozen backbone trains in eval mode unless it has dropout to apply
+        self.backbone.train(mode and (self.is_full_finetune or self.dropout > 0))
         return self
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -197,13 +206,13 @@ class TrainableModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encode(input_ids, attention_mask)                                              # [B, L, H]
         if self.head_spec.kind is HeadKind.TAG:
-            return self.head(hidden)                                                         # [B, L, C]
+            return self.head(self.head_dropout(hidden))                                      # [B, L, C]
         if self.head_spec.pooling == "cls":
             pooled = hidden[:, 0]                                                            # [B, H]
         else:
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)                                # [B, L, 1]
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)                           # [B, H]
-        return self.head(pooled)                                                             # [B, C]
+        return self.head(self.head_dropout(pooled))                                          # [B, C]
 
     # -- export ----------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

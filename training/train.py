@@ -7,7 +7,8 @@ directory plus the head (the reference for the README's comparison; `vbert evalu
     python -m training.train --task classification --train train.jsonl --adapter-kind lora --out out/
     (= vbert train ...; see training/cli.py for the options)
 
-Deterministic for a given seed on CPU: seeded init, a seeded data order, no dropout.
+Deterministic for a given seed on CPU: seeded init, a seeded data order, dropout masks (`dropout`,
+off by default) from the seeded global generator.
 The epoch with the best dev metric (macro-F1 / span F1) is the one written; `patience` stops
 training after that many epochs without improvement. Without a dev file a seeded slice of the
 training file is held out. `training.json` in the output records the run.
@@ -53,6 +54,7 @@ class TrainConfig:
     schedule: str = "linear"
     warmup: float = 0.1
     weight_decay: float = 0.0
+    dropout: float = 0.0                 # backbone hidden/attention dropout and head-input dropout, training only
     batch_size: int = 32
     max_length: int = 128
     patience: int | None = None
@@ -86,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.threads is not None and self.threads < 1:
@@ -276,7 +280,7 @@ def _train(config: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
 
     # model
     torch.manual_seed(config.seed)
-    backbone = load_backbone(backbone_path, trainable=config.is_full_finetune)
+    backbone = load_backbone(backbone_path, trainable=config.is_full_finetune, dropout=config.dropout)
     spec = HeadSpec(task.head_kind, labels, pooling=config.pooling if task.head_kind is HeadKind.CLASSIFY else "mean")
     skip = _skip_runtime(config, backbone_path, device) if config.skip_shallow is not None else None
     adapter_config = config.adapter

@@ -192,6 +192,29 @@ def test_ffn_out_bottleneck_serves_as_trained(checkpoint, data, tmp_path):
         AdapterConfig(kind="bottleneck", bottleneck_placement="mlp")
 
 
+def test_dropout_is_seeded_and_never_served(checkpoint, data, tmp_path):
+    """--dropout trains with dropout (other weights than without), reproducibly for a seed, and the
+    exported adapter serves exactly what training evaluated (dropout off at evaluation)."""
+    def run(name, **kw):
+        return train(_config(checkpoint, data, tmp_path / name, "ner", "bottleneck", epochs=2, **kw),
+                     echo=lambda _: None)
+
+    first, again, plain = run("a", dropout=0.3), run("b", dropout=0.3), run("c")
+    a, b, c = (_tensors(r.path) for r in (first, again, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert json.loads((first.path / "training.json").read_text())["args"]["dropout"] == 0.3
+    model = _served_model(checkpoint)
+    slot = model.load_adapter(load_artifact(first.path))
+    rows = [e["input_ids"] for e in first.dev_encoded]
+    for exp, out in zip(model_logits(first.model, rows, batch_size=3),
+                        model.forward([EncodeRow(r, slot) for r in rows])):
+        torch.testing.assert_close(out.logits, exp, atol=ATOL, rtol=0)
+    assert not first.model.training
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        _config(checkpoint, data, tmp_path / "d", "ner", "bottleneck", dropout=1.0)
+
+
 def test_lora_artifact_loads_in_peft(runs, checkpoint):
     from peft import PeftModel
     from transformers import BertModel
