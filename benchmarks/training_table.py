@@ -54,9 +54,15 @@ METHODS = {  # name: extra `vbert train` flags
                        "--bottleneck-placement", "ffn_out"],
     "bottleneck-ffn-e20": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3",
                            "--bottleneck-placement", "ffn_out"],
+    # with dropout 0.1 while training (backbone hidden/attention and head input), and the reference
+    # given the same, so the comparison stays fair:
+    "bottleneck-ffn-drop-e20": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3",
+                                "--bottleneck-placement", "ffn_out", "--dropout", "0.1"],
+    "full-drop": ["--full-finetune", "--lr", "1e-4", "--dropout", "0.1"],
 }
 METHOD_EPOCHS = {  # variants trained for their own epoch count instead of the set's
     "lora-all-r16-e20": 20, "lora-all-r16-lr2e-3-e20": 20, "bottleneck-ffn-e20": 20,
+    "bottleneck-ffn-drop-e20": 20,
 }
 DEFAULT_METHODS = ("bottleneck", "lora", "full")
 COMMON = ["--max-length", "128", "--batch-size", "32", "--seed", "0", "--no-progress"]
