@@ -87,11 +87,9 @@ class AdapterConfig:
 
 def load_backbone(path: str | Path, trainable: bool = False, dropout: float = 0.0):
     """A Hugging Face BertModel from a local directory with this hidden and attention dropout
-    (0: off); frozen unless `trainable`."""
+    (0: off; TrainConfig validates it); frozen unless `trainable`."""
     from transformers import BertModel
 
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     model = BertModel.from_pretrained(str(path), local_files_only=True, hidden_dropout_prob=dropout,
                                       attention_probs_dropout_prob=dropout)
     model.requires_grad_(trainable)
