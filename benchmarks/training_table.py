@@ -62,10 +62,19 @@ METHODS = {  # name: extra `vbert train` flags
     # the dropout recipe with seed 1 (COMMON's --seed 0 comes first; the later flag wins):
     "bottleneck-ffn-drop-e20-s1": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3",
                                    "--bottleneck-placement", "ffn_out", "--dropout", "0.1", "--seed", "1"],
+    "bottleneck-ffn-drop-e20-s2": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3",
+                                   "--bottleneck-placement", "ffn_out", "--dropout", "0.1", "--seed", "2"],
+    "full-drop-s1": ["--full-finetune", "--lr", "1e-4", "--dropout", "0.1", "--seed", "1"],
+    # twice the bottleneck (a server needs max_bottleneck_size >= 128 to hold it):
+    "bottleneck-ffn128-drop-e20": ["--adapter-kind", "bottleneck", "--bottleneck-size", "128", "--lr", "3e-3",
+                                   "--bottleneck-placement", "ffn_out", "--dropout", "0.1"],
+    "bottleneck-ffn128-drop-e20-s1": ["--adapter-kind", "bottleneck", "--bottleneck-size", "128", "--lr", "3e-3",
+                                      "--bottleneck-placement", "ffn_out", "--dropout", "0.1", "--seed", "1"],
 }
 METHOD_EPOCHS = {  # variants trained for their own epoch count instead of the set's
     "lora-all-r16-e20": 20, "lora-all-r16-lr2e-3-e20": 20, "bottleneck-ffn-e20": 20,
-    "bottleneck-ffn-drop-e20": 20, "bottleneck-ffn-drop-e20-s1": 20,
+    "bottleneck-ffn-drop-e20": 20, "bottleneck-ffn-drop-e20-s1": 20, "bottleneck-ffn128-drop-e20": 20,
+    "bottleneck-ffn128-drop-e20-s1": 20, "bottleneck-ffn-drop-e20-s2": 20,
 }
 DEFAULT_METHODS = ("bottleneck", "lora", "full")
 COMMON = ["--max-length", "128", "--batch-size", "32", "--seed", "0", "--no-progress"]

@@ -224,7 +224,7 @@ class TieredCache:
                 if adapter_id in self._t.device:
                     return
                 kind = art.kind
-                while self.pool.num_free(kind) == 0:
+                while not self.pool.fits(art):        # a Houlsby bottleneck needs two bank entries
                     self._evict_device_lru(kind)
                 t0 = time.perf_counter()
                 slot = self.pool.load(art, self._stream)

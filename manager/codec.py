@@ -7,8 +7,8 @@ strict: any disagreement between the bytes, the embedded config and the JSON is 
 the store reports as a CorruptAdapterError.
 
 Tensor names: lora.<layer>.<target>.A [r, in], lora.<layer>.<target>.B [out, r],
-bottleneck.<layer>.down.weight [m, H], .down.bias [m], .up.weight [H, m], .up.bias [H],
-head.weight [C, H], head.bias [C].
+bottleneck.<layer>.down.weight [m, H], .down.bias [m], .up.weight [H, m], .up.bias [H] (placement
+"both" adds the same under bottleneck_ffn.<layer>, the feed-forward ones), head.weight [C, H], head.bias [C].
 """
 from __future__ import annotations
 from __future__ import annotations
@@ -77,9 +77,10 @@ def _content(artifact: AdapterArtifact) -> tuple[dict, dict[str, torch.Tensor]]:
         content["lora"] = {"rank": int(a.rank), "alpha": _finite_float("lora alpha", a.alpha),
                            "use_rslora": bool(a.use_rslora), "modules": modules}
     elif isinstance(a, BottleneckAdapter):
-        for layer, w in sorted(a.layer_weights.items()):
-            for part, t in zip(_BOTTLENECK_PARTS, (w.down_w, w.down_b, w.up_w, w.up_b)):
-                tensors[f"bottleneck.{layer}.{part}"] = _as_float32(f"bottleneck layer {layer} {part}", t)
+        for prefix, ws in (("bottleneck", a.layer_weights), ("bottleneck_ffn", a.ffn_weights)):  # ffn: "both" only
+            for layer, w in sorted(ws.items()):
+                for part, t in zip(_BOTTLENECK_PARTS, (w.down_w, w.down_b, w.up_w, w.up_b)):
+                    tensors[f"{prefix}.{layer}.{part}"] = _as_float32(f"{prefix} layer {layer} {part}", t)
         content["bottleneck"] = {"size": int(a.size), "layers": [int(x) for x in sorted(a.layer_weights)]}
         if a.placement != "attn_out":      # absent for the original placement: older blobs keep their bytes
             content["bottleneck"]["placement"] = str(a.placement)
@@ -198,17 +199,20 @@ def _bottleneck_from(cfg, tensors: _Tensors) -> BottleneckAdapter:
     placement = cfg.get("placement", "attn_out")
     if placement not in BOTTLENECK_PLACEMENTS:
         raise _Problem(f"bottleneck placement {placement!r} is not one of {BOTTLENECK_PLACEMENTS}")
-    weights: dict[int, BottleneckWeights] = {}
+    prefixes = ("bottleneck", "bottleneck_ffn") if placement == "both" else ("bottleneck",)
+    weights: dict[str, dict[int, BottleneckWeights]] = {p: {} for p in prefixes}
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise _Problem(f"bottleneck layer {layer!r} is not an integer >= 0")
-        p = f"bottleneck.{layer}"
-        down_w = tensors.take(f"{p}.down.weight", (m, None))                              # [m, H]
-        h = down_w.shape[1]
-        weights[layer] = BottleneckWeights(down_w, tensors.take(f"{p}.down.bias", (m,)),   # [m]
-                                           tensors.take(f"{p}.up.weight", (h, m)),         # [H, m]
-                                           tensors.take(f"{p}.up.bias", (h,)))             # [H]
-    return BottleneckAdapter(size=m, layer_weights=weights, placement=placement)
+        for prefix in prefixes:
+            p = f"{prefix}.{layer}"
+            down_w = tensors.take(f"{p}.down.weight", (m, None))                                      # [m, H]
+            h = down_w.shape[1]
+            weights[prefix][layer] = BottleneckWeights(down_w, tensors.take(f"{p}.down.bias", (m,)),   # [m]
+                                                       tensors.take(f"{p}.up.weight", (h, m)),         # [H, m]
+                                                       tensors.take(f"{p}.up.bias", (h,)))             # [H]
+    return BottleneckAdapter(size=m, layer_weights=weights["bottleneck"], placement=placement,
+                             ffn_weights=weights.get("bottleneck_ffn", {}))
 
 
 _ADAPTER_DECODERS = {"lora": _lora_from, "bottleneck": _bottleneck_from, "none": None}

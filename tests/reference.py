@@ -4,7 +4,8 @@ One request at a time through a plain Hugging Face BertModel, the tenant's adapt
 forward hooks that add the textbook formula to the module's output:
   LoRA on module M:     M(x) + scale * (x @ A.T) @ B.T
   bottleneck on layer i: D(x) + up(gelu(down(D(x)))),  D = attention.output.dense (placement
-                         attn_out) or output.dense (the feed-forward output, ffn_out)
+                         attn_out) or output.dense (the feed-forward output, ffn_out), or at
+                         both (Houlsby)
 and the head computed from the model's last hidden state / pooler output.
 """
 from __future__ import annotations
@@ -33,14 +34,15 @@ def _hooks(model, adapter):
 
             handles.append(mod.register_forward_hook(hook))
     elif isinstance(adapter, BottleneckAdapter):
-        for layer, w in adapter.layer_weights.items():
-            where = {"attn_out": "attention.output.dense", "ffn_out": "output.dense"}[adapter.placement]
-            mod = model.get_submodule(f"encoder.layer.{layer}.{where}")
+        for position, weights in adapter.positions().items():      # placement "both": the two
+            where = {"attn_out": "attention.output.dense", "ffn_out": "output.dense"}[position]
+            for layer, w in weights.items():
+                mod = model.get_submodule(f"encoder.layer.{layer}.{where}")
 
-            def hook(m, inp, out, w=w):
-                return out + F.gelu(out @ w.down_w.T + w.down_b) @ w.up_w.T + w.up_b
+                def hook(m, inp, out, w=w):
+                    return out + F.gelu(out @ w.down_w.T + w.down_b) @ w.up_w.T + w.up_b
 
-            handles.append(mod.register_forward_hook(hook))
+                handles.append(mod.register_forward_hook(hook))
     return handles
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import click
 
-# = vbert.config.LORA_TARGETS / DEFAULT_LORA_TARGETS (not imported: importing vbert pulls in torch, and
-# every `vbert` command would start slower)
+# = vbert.config.LORA_TARGETS / DEFAULT_LORA_TARGETS / vbert.adapters.BOTTLENECK_PLACEMENTS (not imported:
+# importing vbert pulls in torch, and every `vbert` command would start slower)
 LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 DEFAULT_LORA_TARGETS = ("query", "key", "value", "attn_out")
+BOTTLENECK_PLACEMENTS = ("attn_out", "ffn_out", "both")
 
 
 def _targets(value: str) -> tuple[str, ...]:
@@ -66,9 +67,10 @@ def _exit_on_remote_error(e) -> None:
 @click.option("--alpha", default=None, type=click.FloatRange(min=0, min_open=True),
               help="LoRA alpha (scale = alpha / rank; default 2 * rank).")
 @click.option("--bottleneck-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--bottleneck-placement", type=click.Choice(["attn_out", "ffn_out"]), default="attn_out",
-              show_default=True, help="Bottleneck on each layer's attention output or feed-forward output "
-                                      "(before its residual add and LayerNorm).")
+@click.option("--bottleneck-placement", type=click.Choice(list(BOTTLENECK_PLACEMENTS)), default="attn_out",
+              show_default=True, help="Bottleneck on each layer's attention output, feed-forward output "
+                                      "(before its residual add and LayerNorm), or both (Houlsby: twice the "
+                                      "weights; two of a server's bottleneck slots).")
 @click.option("--layers", default=None, type=click.IntRange(min=1), help="Adapters on the top N layers (default all).")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Learning rate (default 1e-3 for adapters, 5e-5 with --full-finetune).")

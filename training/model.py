@@ -3,7 +3,8 @@ forward hooks, and a task head. The hooks add exactly the formulas the server co
 (see tests/reference.py), so an exported adapter serves the outputs seen at training time:
   LoRA on module M:      M(x) + scale * (x @ A.T) @ B.T
   bottleneck on layer i: D(x) + up(gelu(down(D(x)))),  D = encoder.layer.i.attention.output.dense
-                         (placement attn_out) or encoder.layer.i.output.dense (ffn_out)
+                         (placement attn_out) or encoder.layer.i.output.dense (ffn_out), or one at
+                         each (both: Houlsby's two adapters per layer)
 Heads: classify = Linear(H, C) on the pooled vector (masked mean over real tokens, or [CLS]);
 tag = Linear(H, C) on every token.
 
@@ -159,15 +160,23 @@ class TrainableModel(nn.Module):
                     mod = backbone.get_submodule(f"encoder.layer.{layer}.{HF_MODULE[target]}")
                     self._handles.append(mod.register_forward_hook(m.hook))
         elif adapter.kind == "bottleneck":
+            positions = (("attn_out", "ffn_out") if adapter.bottleneck_placement == "both"
+                         else (adapter.bottleneck_placement,))
             for layer in adapter.layers(self.shape.num_layers):
-                m = self.bottleneck[str(layer)] = BottleneckModule(self.shape.hidden_size, adapter.bottleneck_size)
-                where = BOTTLENECK_HF_MODULE[adapter.bottleneck_placement]
-                mod = backbone.get_submodule(f"encoder.layer.{layer}.{where}")
-                self._handles.append(mod.register_forward_hook(m.hook))
+                for position in positions:
+                    m = BottleneckModule(self.shape.hidden_size, adapter.bottleneck_size)
+                    self.bottleneck[self._bottleneck_key(layer, position)] = m
+                    mod = backbone.get_submodule(f"encoder.layer.{layer}.{BOTTLENECK_HF_MODULE[position]}")
+                    self._handles.append(mod.register_forward_hook(m.hook))
         self.head = nn.Linear(self.shape.hidden_size, head_spec.num_labels)
         c = backbone.config
         self.dropout = max(c.hidden_dropout_prob, c.attention_probs_dropout_prob)   # as load_backbone set it
         self.head_dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def _bottleneck_key(self, layer: int, position: str) -> str:
+        """"N" at the placement (for "both": at attn_out), "N_ffn" for both's feed-forward one."""
+        both_ffn = self.adapter_config.bottleneck_placement == "both" and position == "ffn_out"
+        return f"{layer}_ffn" if both_ffn else str(layer)
 
     @property
     def is_full_finetune(self) -> bool:
@@ -239,9 +248,12 @@ class TrainableModel(nn.Module):
                 modules[(int(layer), target)] = LoraWeights(t(m.A), t(m.B), m.scale)
             adapter = LoraAdapter(rank=cfg.rank, alpha=cfg.lora_alpha, modules=modules)
         elif cfg.kind == "bottleneck":
-            adapter = BottleneckAdapter(cfg.bottleneck_size, {
-                int(k): BottleneckWeights(t(m.down.weight), t(m.down.bias), t(m.up.weight), t(m.up.bias))
-                for k, m in self.bottleneck.items()}, placement=cfg.bottleneck_placement)
+            weights = {k: BottleneckWeights(t(m.down.weight), t(m.down.bias), t(m.up.weight), t(m.up.bias))
+                       for k, m in self.bottleneck.items()}
+            adapter = BottleneckAdapter(cfg.bottleneck_size, {int(k): w for k, w in weights.items() if k.isdigit()},
+                                        placement=cfg.bottleneck_placement,
+                                        ffn_weights={int(k.removesuffix("_ffn")): w for k, w in weights.items()
+                                                     if k.endswith("_ffn")})
         else:
             raise ValueError("a full fine-tuned model has no adapter artifact; use save_full_finetune")
         head = self.head_weights()

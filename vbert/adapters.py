@@ -139,7 +139,8 @@ class BottleneckWeights:
     up_b: torch.Tensor    # [H]
 
 
-BOTTLENECK_PLACEMENTS = ("attn_out", "ffn_out")
+BOTTLENECK_PLACEMENTS = ("attn_out", "ffn_out", "both")
+BOTTLENECK_POSITIONS = ("attn_out", "ffn_out")   # where one set of weights can sit ("both" uses the two)
 
 
 @dataclass
@@ -148,40 +149,56 @@ class BottleneckAdapter:
 
     placement: where in each layer the adapter sits, always on a sublayer's output before its
     residual add and LayerNorm: "attn_out" (after the attention output projection, Houlsby's first
-    position; the format's original and default) or "ffn_out" (after the feed-forward output
-    projection, Pfeiffer's position)."""
+    position; the format's original and default), "ffn_out" (after the feed-forward output
+    projection, Pfeiffer's position) or "both" (Houlsby: one adapter at each, twice the weights).
+    layer_weights sit at the placement ("both": at attn_out); ffn_weights only for "both", at
+    ffn_out, on the same layers."""
 
     size: int
     layer_weights: dict[int, BottleneckWeights]
     placement: str = "attn_out"
+    ffn_weights: dict[int, BottleneckWeights] = field(default_factory=dict)
     kind: str = field(default="bottleneck", init=False)
 
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.layer_weights))
 
+    def positions(self) -> dict[str, dict[int, BottleneckWeights]]:
+        """{position: {layer: weights}} for each position in BOTTLENECK_POSITIONS the adapter uses."""
+        if self.placement == "both":
+            return {"attn_out": self.layer_weights, "ffn_out": self.ffn_weights}
+        return {self.placement: self.layer_weights}
+
     def num_parameters(self) -> int:
         return sum(w.down_w.numel() + w.down_b.numel() + w.up_w.numel() + w.up_b.numel()
-                   for w in self.layer_weights.values())
+                   for ws in self.positions().values() for w in ws.values())
 
     def validate(self, shape: BackboneShape, max_size: int | None = None) -> None:
         if not self.layer_weights:
             raise AdapterError("bottleneck adapter has no layers")
         if self.placement not in BOTTLENECK_PLACEMENTS:
             raise AdapterError(f"bottleneck placement {self.placement!r} is not one of {BOTTLENECK_PLACEMENTS}")
+        if self.placement == "both" and set(self.ffn_weights) != set(self.layer_weights):
+            raise AdapterError(f"bottleneck placement 'both' needs weights at attn_out and ffn_out on the same "
+                               f"layers, got {sorted(self.layer_weights)} and {sorted(self.ffn_weights)}")
+        if self.placement != "both" and self.ffn_weights:
+            raise AdapterError(f"bottleneck placement {self.placement!r} has a second set of weights "
+                               f"(only 'both' has)")
         if self.size < 1:
             raise AdapterError(f"bottleneck size must be >= 1, got {self.size}")
         if max_size is not None and self.size > max_size:
             raise AdapterError(f"bottleneck size {self.size} exceeds the pool's max_bottleneck_size {max_size}")
         h, m = shape.hidden_size, self.size
-        for layer, w in self.layer_weights.items():
-            name = f"bottleneck layer {layer}"
-            if not 0 <= layer < shape.num_layers:
-                raise AdapterError(f"{name}: layer out of range, backbone has {shape.num_layers} layers")
-            for part, t, expected in (("down.weight", w.down_w, (m, h)), ("down.bias", w.down_b, (m,)),
-                                      ("up.weight", w.up_w, (h, m)), ("up.bias", w.up_b, (h,))):
-                _check_shape(f"{name} {part}", t, expected)
-                _check_finite(f"{name} {part}", t)
+        for position, weights in self.positions().items():
+            for layer, w in weights.items():
+                name = f"bottleneck layer {layer}" + (f" {position}" if self.placement == "both" else "")
+                if not 0 <= layer < shape.num_layers:
+                    raise AdapterError(f"{name}: layer out of range, backbone has {shape.num_layers} layers")
+                for part, t, expected in (("down.weight", w.down_w, (m, h)), ("down.bias", w.down_b, (m,)),
+                                          ("up.weight", w.up_w, (h, m)), ("up.bias", w.up_b, (h,))):
+                    _check_shape(f"{name} {part}", t, expected)
+                    _check_finite(f"{name} {part}", t)
 
     @classmethod
     def random(cls, shape: BackboneShape, size: int, top_layers: int | None = None, std: float = 0.05,
@@ -191,15 +208,18 @@ class BottleneckAdapter:
         if not 1 <= top <= n:
             raise AdapterError(f"top_layers must be in [1, {n}], got {top_layers}")
         h = shape.hidden_size
-        weights = {}
-        for layer in range(n - top, n):
-            weights[layer] = BottleneckWeights(
+
+        def one() -> BottleneckWeights:
+            return BottleneckWeights(
                 down_w=torch.randn(size, h, generator=generator) * (1.0 / math.sqrt(h)),
                 down_b=torch.randn(size, generator=generator) * std,
                 up_w=torch.randn(h, size, generator=generator) * std,
                 up_b=torch.randn(h, generator=generator) * std,
             )
-        return cls(size=size, layer_weights=weights, placement=placement)
+
+        weights = {layer: one() for layer in range(n - top, n)}
+        ffn = {layer: one() for layer in range(n - top, n)} if placement == "both" else {}
+        return cls(size=size, layer_weights=weights, placement=placement, ffn_weights=ffn)
 
 
 Adapter = LoraAdapter | BottleneckAdapter

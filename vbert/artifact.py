@@ -6,7 +6,8 @@ On-disk layout (a directory):
                             "skip_table" (only for adapters trained in skip mode: the table's name)}
   adapter_config.json       LoRA only: the PEFT config (so PEFT loads the directory unchanged)
   adapter_model.safetensors LoRA: PEFT tensor names; bottleneck: `layers.N.{down,up}.{weight,bias}`
-                            (vbert_adapter.json's "bottleneck": {"size", "layers", "placement"})
+                            (vbert_adapter.json's "bottleneck": {"size", "layers", "placement"}; placement
+                            "both" adds `ffn_layers.N.*`, the feed-forward ones, and `layers.N.*` are at attn_out)
   head.safetensors          classify / tag heads: `weight` [C, H], `bias` [C]
 A directory with only the two PEFT files (trained with Hugging Face PEFT) also loads: as LoRA with
 an embed head, or with PEFT's saved `classifier` as a classify (SEQ_CLS) or tag (TOKEN_CLS) head.
@@ -60,7 +61,8 @@ class AdapterArtifact:
         if isinstance(a, LoraAdapter):
             out += [t for w in a.modules.values() for t in (w.A, w.B)]
         elif isinstance(a, BottleneckAdapter):
-            out += [t for w in a.layer_weights.values() for t in (w.down_w, w.down_b, w.up_w, w.up_b)]
+            out += [t for ws in a.positions().values() for w in ws.values()
+                    for t in (w.down_w, w.down_b, w.up_w, w.up_b)]
         return out + [t for t in (self.head.weight, self.head.bias) if t is not None]
 
     def nbytes(self) -> int:
@@ -74,38 +76,46 @@ class AdapterArtifact:
             a = LoraAdapter(a.rank, a.alpha, {k: LoraWeights(fn(w.A), fn(w.B), w.scale) for k, w in a.modules.items()},
                             a.use_rslora)
         elif isinstance(a, BottleneckAdapter):
-            a = BottleneckAdapter(a.size, {k: BottleneckWeights(*(fn(t) for t in (w.down_w, w.down_b, w.up_w, w.up_b)))
-                                           for k, w in a.layer_weights.items()})
+            def mapped(ws: dict[int, BottleneckWeights]) -> dict[int, BottleneckWeights]:
+                return {k: BottleneckWeights(*(fn(t) for t in (w.down_w, w.down_b, w.up_w, w.up_b)))
+                        for k, w in ws.items()}
+
+            a = BottleneckAdapter(a.size, mapped(a.layer_weights), a.placement, mapped(a.ffn_weights))
         h = self.head
         head = Head(h.spec, fn(h.weight) if h.weight is not None else None, fn(h.bias) if h.bias is not None else None)
         return AdapterArtifact(a, head, self.skip_table)
 
 
 def _bottleneck_tensors(a: BottleneckAdapter) -> dict[str, torch.Tensor]:
+    """`layers.N.*` at the placement (for "both": at attn_out) and, for "both", `ffn_layers.N.*`."""
     out = {}
-    for layer, w in a.layer_weights.items():
-        out[f"layers.{layer}.down.weight"] = w.down_w
-        out[f"layers.{layer}.down.bias"] = w.down_b
-        out[f"layers.{layer}.up.weight"] = w.up_w
-        out[f"layers.{layer}.up.bias"] = w.up_b
+    for prefix, ws in (("layers", a.layer_weights), ("ffn_layers", a.ffn_weights)):
+        for layer, w in ws.items():
+            out[f"{prefix}.{layer}.down.weight"] = w.down_w
+            out[f"{prefix}.{layer}.down.bias"] = w.down_b
+            out[f"{prefix}.{layer}.up.weight"] = w.up_w
+            out[f"{prefix}.{layer}.up.bias"] = w.up_b
     return out
 
 
 def _bottleneck_from_tensors(size: int, t: dict[str, torch.Tensor], placement: str = "attn_out") -> BottleneckAdapter:
-    layers: dict[int, dict[str, torch.Tensor]] = {}
+    prefixes = ("layers", "ffn_layers") if placement == "both" else ("layers",)
+    found: dict[str, dict[int, dict[str, torch.Tensor]]] = {p: {} for p in prefixes}
     for k, v in t.items():
         parts = k.split(".")
-        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in ("down", "up") \
+        if len(parts) != 4 or parts[0] not in prefixes or not parts[1].isdigit() or parts[2] not in ("down", "up") \
                 or parts[3] not in ("weight", "bias"):
-            raise AdapterError(f"unexpected tensor {k!r} in bottleneck adapter")
-        layers.setdefault(int(parts[1]), {})[f"{parts[2]}.{parts[3]}"] = v
-    weights = {}
-    for layer, d in layers.items():
-        missing = {"down.weight", "down.bias", "up.weight", "up.bias"} - set(d)
-        if missing:
-            raise AdapterError(f"bottleneck layer {layer} is missing {sorted(missing)}")
-        weights[layer] = BottleneckWeights(d["down.weight"], d["down.bias"], d["up.weight"], d["up.bias"])
-    return BottleneckAdapter(size=size, layer_weights=weights, placement=placement)
+            raise AdapterError(f"unexpected tensor {k!r} in bottleneck adapter (placement {placement})")
+        found[parts[0]].setdefault(int(parts[1]), {})[f"{parts[2]}.{parts[3]}"] = v
+    weights: dict[str, dict[int, BottleneckWeights]] = {p: {} for p in prefixes}
+    for prefix, layers in found.items():
+        for layer, d in layers.items():
+            missing = {"down.weight", "down.bias", "up.weight", "up.bias"} - set(d)
+            if missing:
+                raise AdapterError(f"bottleneck {prefix} {layer} is missing {sorted(missing)}")
+            weights[prefix][layer] = BottleneckWeights(d["down.weight"], d["down.bias"], d["up.weight"], d["up.bias"])
+    return BottleneckAdapter(size=size, layer_weights=weights["layers"], placement=placement,
+                             ffn_weights=weights.get("ffn_layers", {}))
 
 
 def save_artifact(artifact: AdapterArtifact, path: str | Path, backbone_name: str = "",

@@ -5,8 +5,9 @@ Banks (all preallocated at construction, entry 0 of each is the all-zero null en
     A_g [num_layers, num_lora_slots + 1, in, R * |g|]   (A transposed, targets side by side)
     B_t [num_layers, num_lora_slots + 1, R, out]        (pre-scaled by alpha / r)
   bottleneck: down_w [nl, S_b + 1, H, M], down_b [nl, S_b + 1, 1, M], up_w [nl, S_b + 1, M, H],
-    up_b [nl, S_b + 1, 1, H]; one bank for both placements (attn_out, ffn_out): a batch gathers it
-    once per placement present, with the null entry for rows placed elsewhere
+    up_b [nl, S_b + 1, 1, H]; one bank for both positions (attn_out, ffn_out): a batch gathers it
+    once per position present, with the null entry for rows with nothing there. A Houlsby adapter
+    (placement "both") takes two entries of the bank, one per position.
   heads: weight [num_slots + 1, C, H], bias [num_slots + 1, C]
 R = max_lora_rank, M = max_bottleneck_size, C = max_labels. Smaller adapters are zero-padded,
 which is exact (zero columns add nothing; gelu(0) = 0) and costs memory and compute in proportion
@@ -23,7 +24,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .adapters import AdapterError, BackboneShape, BottleneckAdapter, LoraAdapter
+from .adapters import (BOTTLENECK_POSITIONS, AdapterError, BackboneShape, BottleneckAdapter, BottleneckWeights,
+                       LoraAdapter)
 from .artifact import AdapterArtifact
 from .backbone import BackboneSpec, LayerAdapters
 from .config import PoolConfig
@@ -44,6 +46,9 @@ def validate_artifact(artifact: AdapterArtifact, shape: BackboneShape, config: P
         a.validate(shape, config.max_lora_rank, tuple(config.lora_targets))
     elif isinstance(a, BottleneckAdapter):
         a.validate(shape, config.max_bottleneck_size)
+        if len(a.positions()) > config.num_bottleneck_slots:
+            raise AdapterError(f"bottleneck placement {a.placement!r} takes {len(a.positions())} bottleneck "
+                               f"slots; the pool has num_bottleneck_slots={config.num_bottleneck_slots}")
     elif a is not None:
         raise AdapterError(f"unknown adapter type {type(a).__name__}")
     artifact.head.validate(shape.hidden_size, config.max_labels)
@@ -86,9 +91,9 @@ class AdapterPool:
         self.head_bias = torch.zeros(s, c, **kw)
         # host-side slot table: what each slot holds, read when a batch is built (no device sync)
         self.slot_kind = np.zeros(s, np.int64)
-        self.slot_bank = np.zeros(s, np.int64)              # index into the LoRA or bottleneck bank
+        self.slot_bank = np.zeros(s, np.int64)              # index into the LoRA bank (0: none)
+        self.slot_bn = {p: np.zeros(s, np.int64) for p in BOTTLENECK_POSITIONS}   # bottleneck bank per position
         self.slot_layers = np.zeros((s, nl), bool)          # layers where the slot's adapter acts
-        self.slot_ffn = np.zeros(s, bool)                   # bottleneck placed on the feed-forward output
         self.slot_table = np.zeros(s, np.int64)             # skip mode: index of the slot's n-gram table
         self.skip_check: Callable[[AdapterArtifact], int] | None = None   # set by a skip-mode model
         self.slot_head_kind = np.zeros(s, np.int64)
@@ -106,8 +111,21 @@ class AdapterPool:
         return {"lora": self.config.num_lora_slots, "bottleneck": self.config.num_bottleneck_slots}
 
     def num_free(self, kind: str) -> int:
+        """How many more adapters of this kind fit (a Houlsby bottleneck takes two bank entries:
+        use `fits` for a given artifact)."""
         code = {"lora": KIND_LORA, "bottleneck": KIND_BOTTLENECK}.get(kind)
         return len(self._free_slots) if code is None else min(len(self._free_slots), len(self._free_banks[code]))
+
+    @staticmethod
+    def _banks_needed(artifact: AdapterArtifact) -> int:
+        a = artifact.adapter
+        return len(a.positions()) if isinstance(a, BottleneckAdapter) else int(a is not None)
+
+    def fits(self, artifact: AdapterArtifact) -> bool:
+        """Whether `load(artifact)` finds a free slot and enough free bank entries now."""
+        kind = {"lora": KIND_LORA, "bottleneck": KIND_BOTTLENECK}.get(artifact.kind)
+        free_banks = len(self._free_banks[kind]) if kind is not None else 0
+        return bool(self._free_slots) and free_banks >= self._banks_needed(artifact)
 
     def bytes_per_slot(self, kind: str) -> int:
         """Device bytes one resident adapter of this kind occupies (padded), head included."""
@@ -136,19 +154,23 @@ class AdapterPool:
         """Validate, copy into a free slot (on `stream` under CUDA) and return the slot."""
         table = self.validate(artifact)
         kind = {"lora": KIND_LORA, "bottleneck": KIND_BOTTLENECK, "none": KIND_NONE}[artifact.kind]
-        if not self._free_slots or (kind != KIND_NONE and not self._free_banks[kind]):
+        if not self.fits(artifact):
             raise PoolFullError(f"adapter pool has no free {artifact.kind} slot")
         slot = self._free_slots.pop()
-        bank = self._free_banks[kind].pop() if kind != KIND_NONE else 0
+        self.slot_kind[slot] = kind
+        self.slot_bank[slot] = 0
+        for p in BOTTLENECK_POSITIONS:
+            self.slot_bn[p][slot] = 0
         with torch.no_grad(), self.device.stream(stream):
             if kind == KIND_LORA:
-                self._write_lora(bank, artifact.adapter)
+                self.slot_bank[slot] = self._free_banks[kind].pop()
+                self._write_lora(int(self.slot_bank[slot]), artifact.adapter)
             elif kind == KIND_BOTTLENECK:
-                self._write_bottleneck(bank, artifact.adapter)
+                for p, weights in artifact.adapter.positions().items():
+                    self.slot_bn[p][slot] = self._free_banks[kind].pop()
+                    self._write_bottleneck(int(self.slot_bn[p][slot]), artifact.adapter.size, weights)
             self._write_head(slot, artifact.head)
-        self.slot_kind[slot], self.slot_bank[slot] = kind, bank
         self.slot_layers[slot] = False
-        self.slot_ffn[slot] = kind == KIND_BOTTLENECK and artifact.adapter.placement == "ffn_out"
         self.slot_table[slot] = table
         if artifact.adapter is not None:
             self.slot_layers[slot, list(artifact.adapter.layers)] = True
@@ -158,11 +180,14 @@ class AdapterPool:
         if not 1 <= slot < len(self.slot_kind) or slot in self._free_slots:
             raise KeyError(f"slot {slot} is not loaded")
         kind = int(self.slot_kind[slot])
-        if kind != KIND_NONE:
+        if kind == KIND_LORA:
             self._free_banks[kind].append(int(self.slot_bank[slot]))
+        elif kind == KIND_BOTTLENECK:
+            self._free_banks[kind] += [int(b[slot]) for b in self.slot_bn.values() if b[slot]]
         self.slot_kind[slot] = self.slot_bank[slot] = 0
+        for p in BOTTLENECK_POSITIONS:
+            self.slot_bn[p][slot] = 0
         self.slot_layers[slot] = False
-        self.slot_ffn[slot] = False
         self.slot_table[slot] = 0
         self.slot_heads[slot] = None
         self._free_slots.append(slot)
@@ -188,12 +213,11 @@ class AdapterPool:
             self._put(self.lora_a[group][layer, bank, :, j * R:j * R + w.rank], w.A.t())
             self._put(self.lora_b[target][layer, bank, :w.rank], (w.B * w.scale).t())
 
-    def _write_bottleneck(self, bank: int, a: BottleneckAdapter) -> None:
+    def _write_bottleneck(self, bank: int, m: int, weights: dict[int, BottleneckWeights]) -> None:
         for t in self.bn:
             t[:, bank].zero_()
         down_w, down_b, up_w, up_b = self.bn
-        m = a.size
-        for layer, w in a.layer_weights.items():
+        for layer, w in weights.items():
             self._put(down_w[layer, bank, :, :m], w.down_w.t())
             self._put(down_b[layer, bank, 0, :m], w.down_b)
             self._put(up_w[layer, bank, :m], w.up_w.t())
@@ -226,13 +250,12 @@ class AdapterPool:
         banks = self.slot_bank[slots]
         dev = self.device.device
         layers = None
-        lora_rows, bn_rows = kinds == KIND_LORA, kinds == KIND_BOTTLENECK
-        ffn_rows = bn_rows & self.slot_ffn[slots]
-        attn_rows = bn_rows & ~ffn_rows
-        if lora_rows.any() or bn_rows.any():
+        attn_banks, ffn_banks = self.slot_bn["attn_out"][slots], self.slot_bn["ffn_out"][slots]
+        lora_rows, attn_rows, ffn_rows = kinds == KIND_LORA, attn_banks > 0, ffn_banks > 0
+        if lora_rows.any() or attn_rows.any() or ffn_rows.any():
             lora_idx = torch.from_numpy(np.where(lora_rows, banks, 0)).to(dev)
-            attn_idx = torch.from_numpy(np.where(attn_rows, banks, 0)).to(dev)
-            ffn_idx = torch.from_numpy(np.where(ffn_rows, banks, 0)).to(dev)
+            attn_idx = torch.from_numpy(attn_banks).to(dev)
+            ffn_idx = torch.from_numpy(ffn_banks).to(dev)
             lora_layers = self.slot_layers[slots[lora_rows]].any(0)
             attn_layers = self.slot_layers[slots[attn_rows]].any(0)
             ffn_layers = self.slot_layers[slots[ffn_rows]].any(0)

@@ -70,6 +70,22 @@ def test_lru_eviction_and_host_tier_hits(setup):
     assert cache.stats()["device"]["hits"] == 1
 
 
+def test_houlsby_adapter_evicts_until_two_bank_entries_are_free(setup):
+    """Both bottleneck slots hold single-placement adapters; a Houlsby one (both positions) needs
+    the two entries, so the cache evicts both and then serves it correctly."""
+    model, arts, cache, _ = setup
+    arts[20] = make_artifact(model.spec.shape, "bottleneck", classify(3), 20, size=8, placement="both")
+    for a in (2, 4):
+        with cache.use([a], timeout=30):
+            pass
+    assert cache.is_resident(2) and cache.is_resident(4) and model.pool.num_free("bottleneck") == 0
+    with cache.use([20], timeout=30) as (s,):
+        out = model.forward([EncodeRow(IDS, s)])[0]
+    torch.testing.assert_close(out.logits, expected(model, arts[20]), atol=1e-6, rtol=0)
+    assert not cache.is_resident(2) and not cache.is_resident(4) and cache.is_resident(20)
+    assert cache.stats()["device"]["evictions"] == 2
+
+
 def test_held_and_pinned_adapters_are_never_evicted(setup):
     _, _, cache, _ = setup
     cache.pin(1).result(30)

@@ -65,6 +65,7 @@ ARTIFACTS = {
     "bottleneck-embed": lambda s: make_artifact(s, "bottleneck", embed_head("mean", False), 7, size=8,
                                                 top_layers=1),
     "bottleneck-ffn-out": lambda s: make_artifact(s, "bottleneck", classify(3), 12, size=8, placement="ffn_out"),
+    "bottleneck-both": lambda s: make_artifact(s, "bottleneck", tag(3), 13, size=4, top_layers=2, placement="both"),
     "none-classify": lambda s: make_artifact(s, "none", classify(4), 8),
     "none-tag": lambda s: make_artifact(s, "none", tag(5), 10),
     "none-embed": lambda s: make_artifact(s, "none", embed_head("cls", True), 11),
@@ -87,11 +88,13 @@ def assert_same_artifact(a: AdapterArtifact, b: AdapterArtifact) -> None:
             assert torch.equal(w.A, v.A) and torch.equal(w.B, v.B) and w.scale == v.scale, key
     elif a.kind == "bottleneck":
         assert a.adapter.size == b.adapter.size and a.adapter.placement == b.adapter.placement
-        assert set(a.adapter.layer_weights) == set(b.adapter.layer_weights)
-        for layer, w in a.adapter.layer_weights.items():
-            v = b.adapter.layer_weights[layer]
-            for x, y in ((w.down_w, v.down_w), (w.down_b, v.down_b), (w.up_w, v.up_w), (w.up_b, v.up_b)):
-                assert torch.equal(x, y), layer
+        pa, pb = a.adapter.positions(), b.adapter.positions()
+        assert {p: set(ws) for p, ws in pa.items()} == {p: set(ws) for p, ws in pb.items()}
+        for position, ws in pa.items():
+            for layer, w in ws.items():
+                v = pb[position][layer]
+                for x, y in ((w.down_w, v.down_w), (w.down_b, v.down_b), (w.up_w, v.up_w), (w.up_b, v.up_b)):
+                    assert torch.equal(x, y), (position, layer)
     else:
         assert b.adapter is None
 

@@ -19,7 +19,8 @@ from training.evaluate import (TASKS, EvaluateConfig, evaluate, model_logits, sc
                                server_predictions, torch_predictor)
 from training.model import AdapterConfig, is_full_finetune_dir
 from training.train import TrainConfig, train
-from vbert import (BackboneConfig, EncodeRow, ModelConfig, MultiTenantModel, PoolConfig, load_artifact)
+from vbert import (AdapterArtifact, BackboneConfig, BottleneckAdapter, EncodeRow, ModelConfig, MultiTenantModel,
+                   PoolConfig, load_artifact)
 
 ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).with_name("vbert")
@@ -190,6 +191,35 @@ def test_ffn_out_bottleneck_serves_as_trained(checkpoint, data, tmp_path):
         assert not torch.allclose(wrong.logits, exp, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="bottleneck placement 'mlp' is not one of"):
         AdapterConfig(kind="bottleneck", bottleneck_placement="mlp")
+
+
+def test_houlsby_bottleneck_serves_as_trained(checkpoint, data, tmp_path):
+    """--bottleneck-placement both trains an adapter at each position of each layer (twice the
+    parameters of one placement); exported, it serves the training-time logits, and neither of its
+    two halves alone does."""
+    adapter = AdapterConfig(kind="bottleneck", bottleneck_size=8, bottleneck_placement="both", num_top_layers=2)
+    result = train(_config(checkpoint, data, tmp_path / "o", "ner", "bottleneck", epochs=2, adapter=adapter),
+                   echo=lambda _: None)
+    art = load_artifact(result.path)
+    a = art.adapter
+    assert a.placement == "both" and a.layers == (1, 2) and sorted(a.ffn_weights) == [1, 2]
+    h = art.head.weight.shape[1]
+    assert a.num_parameters() == 2 * 2 * (2 * h * 8 + 8 + h)      # 2 layers x 2 positions x (down + up)
+    assert result.model.num_trainable_parameters() == a.num_parameters() + art.head.num_parameters()
+    assert all(not torch.equal(w.up_w, torch.zeros_like(w.up_w)) for ws in a.positions().values()
+               for w in ws.values())   # both halves trained
+    model = _served_model(checkpoint, num_bottleneck_slots=4)
+    slot = model.load_adapter(art)
+    halves = [model.load_adapter(AdapterArtifact(BottleneckAdapter(a.size, ws, position), art.head))
+              for position, ws in a.positions().items()]
+    rows = [e["input_ids"] for e in result.dev_encoded]
+    trained = model_logits(result.model, rows, batch_size=3)
+    served = model.forward([EncodeRow(r, slot) for r in rows])
+    for exp, out in zip(trained, served):
+        torch.testing.assert_close(out.logits, exp, atol=ATOL, rtol=0)
+    for half in halves:
+        outs = model.forward([EncodeRow(r, half) for r in rows])
+        assert not all(torch.allclose(o.logits, exp, atol=ATOL, rtol=0) for o, exp in zip(outs, trained))
 
 
 def test_dropout_is_seeded_and_never_served(checkpoint, data, tmp_path):
@@ -385,3 +415,14 @@ def test_epoch_batches_cover_every_example_once_and_group_similar_lengths():
     assert again == grouped                                      # seeded: same batches, same order
     other = epoch_batches(lengths, 32, torch.Generator().manual_seed(2), group_by_length=True)
     assert other != grouped
+
+
+def test_cli_choices_match_the_library():
+    """training/cli.py copies these tuples (so that `vbert --help` does not import torch); they must
+    stay what the library accepts."""
+    from training import cli
+    from vbert.adapters import BOTTLENECK_PLACEMENTS
+    from vbert.config import DEFAULT_LORA_TARGETS, LORA_TARGETS
+
+    assert cli.BOTTLENECK_PLACEMENTS == BOTTLENECK_PLACEMENTS
+    assert cli.LORA_TARGETS == LORA_TARGETS and cli.DEFAULT_LORA_TARGETS == DEFAULT_LORA_TARGETS

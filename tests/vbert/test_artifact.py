@@ -12,6 +12,7 @@ from vbert import AdapterError, EncodeRow, load_artifact, save_artifact
 @pytest.mark.parametrize("kind,head,kw", [
     ("bottleneck", tag(3), {"size": 8, "top_layers": 2}),
     ("bottleneck", classify(3), {"size": 8, "placement": "ffn_out"}),
+    ("bottleneck", tag(2), {"size": 4, "top_layers": 2, "placement": "both"}),
     ("lora", classify(5, "cls"), {"rank": 3}),
     ("none", classify(2), {}),
     ("lora", embed_head("cls", True), {"rank": 2}),
@@ -92,3 +93,17 @@ def test_bottleneck_placement_on_disk(tiny_model, tmp_path):
         load_artifact(placed)
     with pytest.raises(AdapterError, match="bottleneck placement 'mlp' is not one of"):
         tiny_model.load_adapter(make_artifact(shape, "bottleneck", classify(2), 1, size=4, placement="mlp"))
+
+
+@pytest.mark.parametrize("placement", ["attn_out", "ffn_out", "both"])
+def test_map_tensors_keeps_the_bottleneck_placement(tiny_model, placement):
+    """The cache maps an artifact's tensors into pinned memory under CUDA: the copy must keep where
+    the adapter sits (and both sets of a Houlsby adapter), so it serves as the original does."""
+    art = make_artifact(tiny_model.spec.shape, "bottleneck", classify(3), 4, size=4, placement=placement)
+    copy = art.map_tensors(lambda t: t.clone())
+    assert copy.adapter.placement == placement and copy.num_parameters() == art.num_parameters()
+    assert copy.nbytes() == art.nbytes()
+    ids = [2, 9, 10, 11, 3]
+    [a] = tiny_model.forward([EncodeRow(ids, tiny_model.load_adapter(art))])
+    [b] = tiny_model.forward([EncodeRow(ids, tiny_model.load_adapter(copy))])
+    assert torch.equal(a.logits, b.logits)

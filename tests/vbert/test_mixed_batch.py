@@ -17,8 +17,8 @@ ATOL = 1e-4
 
 
 def tenant_artifacts(shape):
-    """Twelve tenants: both adapter kinds, several ranks / bottleneck sizes / layer sets, both
-    bottleneck placements, every head kind and pooling, several label counts, a head-only tenant."""
+    """Twelve tenants: both adapter kinds, several ranks / bottleneck sizes / layer sets, every
+    bottleneck placement, every head kind and pooling, several label counts, a head-only tenant."""
     arts = {
         "lora-r2-cls3": make_artifact(shape, "lora", classify(3), 1, rank=2),
         "lora-r8-ffn-tag5": make_artifact(shape, "lora", tag(5), 2, rank=8,
@@ -34,6 +34,9 @@ def tenant_artifacts(shape):
         "bn-ffn-m8-cls3": make_artifact(shape, "bottleneck", classify(3), 11, size=8, placement="ffn_out"),
         "bn-ffn-m16-top1-tag4": make_artifact(shape, "bottleneck", tag(4), 12, size=16, top_layers=1,
                                               placement="ffn_out"),
+        # Houlsby: one at each position (two bank entries), next to rows with one at either
+        "bn-both-m8-top2-cls5": make_artifact(shape, "bottleneck", classify(5), 13, size=8, top_layers=2,
+                                              placement="both"),
     }
     # per-module ranks and scales (PEFT rank_pattern / alpha_pattern / rsLoRA)
     mixed = make_artifact(shape, "lora", tag(3), 9, rank=6)

@@ -64,6 +64,46 @@ def test_pool_full_and_capacity(tiny_checkpoint):
         m.forward([EncodeRow(IDS, slots[0])])
 
 
+def test_houlsby_bottleneck_takes_two_bank_entries(tiny_checkpoint):
+    """A bottleneck at both positions takes two entries of the bottleneck bank: it fits only where
+    two are free, unloading gives both back, and a pool with one entry refuses it by name."""
+    from tests.conftest import tiny_pool_config
+    from vbert import BackboneConfig, ModelConfig, MultiTenantModel
+
+    def model(banks):
+        return MultiTenantModel(ModelConfig(BackboneConfig(path=str(tiny_checkpoint), device="cpu"),
+                                            tiny_pool_config(num_lora_slots=1, num_bottleneck_slots=banks)))
+
+    m = model(3)
+    shape = m.spec.shape
+    both = make_artifact(shape, "bottleneck", classify(2), 1, size=4, placement="both")
+    one = m.load_adapter(make_artifact(shape, "bottleneck", classify(2), 2, size=4))
+    assert m.pool.fits(both)
+    s = m.load_adapter(both)
+    assert m.pool.num_free("bottleneck") == 0 and not m.pool.fits(both)
+    m.unload_adapter(one)
+    assert m.pool.num_free("bottleneck") == 1 and not m.pool.fits(both)
+    with pytest.raises(PoolFullError, match="no free bottleneck slot"):
+        m.load_adapter(make_artifact(shape, "bottleneck", classify(2), 3, size=4, placement="both"))
+    m.unload_adapter(s)
+    assert m.pool.num_free("bottleneck") == 3
+    with pytest.raises(AdapterError, match="placement 'both' takes 2 bottleneck slots; the pool has "
+                                           "num_bottleneck_slots=1"):
+        model(1).load_adapter(both)
+
+
+def test_houlsby_bottleneck_needs_both_sets_on_the_same_layers(tiny_model):
+    art = make_artifact(tiny_model.spec.shape, "bottleneck", classify(2), 1, size=4, placement="both")
+    del art.adapter.ffn_weights[1]
+    with pytest.raises(AdapterError, match=r"needs weights at attn_out and ffn_out on the same layers, "
+                                           r"got \[0, 1, 2\] and \[0, 2\]"):
+        tiny_model.load_adapter(art)
+    single = make_artifact(tiny_model.spec.shape, "bottleneck", classify(2), 1, size=4)
+    single.adapter.ffn_weights = dict(single.adapter.layer_weights)
+    with pytest.raises(AdapterError, match="placement 'attn_out' has a second set of weights"):
+        tiny_model.load_adapter(single)
+
+
 def _bad_lora(shape, **change):
     art = make_artifact(shape, "lora", classify(2), 1, rank=2)
     w = art.adapter.modules[(0, "query")]
