@@ -70,11 +70,14 @@ METHODS = {  # name: extra `vbert train` flags
                                    "--bottleneck-placement", "ffn_out", "--dropout", "0.1"],
     "bottleneck-ffn128-drop-e20-s1": ["--adapter-kind", "bottleneck", "--bottleneck-size", "128", "--lr", "3e-3",
                                       "--bottleneck-placement", "ffn_out", "--dropout", "0.1", "--seed", "1"],
+    # Houlsby: the bottleneck at both positions of every layer (twice the weights, two server slots)
+    "bottleneck-both-drop-e20": ["--adapter-kind", "bottleneck", "--bottleneck-size", "64", "--lr", "3e-3",
+                                 "--bottleneck-placement", "both", "--dropout", "0.1"],
 }
 METHOD_EPOCHS = {  # variants trained for their own epoch count instead of the set's
     "lora-all-r16-e20": 20, "lora-all-r16-lr2e-3-e20": 20, "bottleneck-ffn-e20": 20,
     "bottleneck-ffn-drop-e20": 20, "bottleneck-ffn-drop-e20-s1": 20, "bottleneck-ffn128-drop-e20": 20,
-    "bottleneck-ffn128-drop-e20-s1": 20, "bottleneck-ffn-drop-e20-s2": 20,
+    "bottleneck-ffn128-drop-e20-s1": 20, "bottleneck-ffn-drop-e20-s2": 20, "bottleneck-both-drop-e20": 20,
 }
 DEFAULT_METHODS = ("bottleneck", "lora", "full")
 COMMON = ["--max-length", "128", "--batch-size", "32", "--seed", "0", "--no-progress"]
