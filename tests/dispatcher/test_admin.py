@@ -197,6 +197,32 @@ def test_upload_round_trip_classifies_like_the_local_model(server, tmp_path):
             {lab: float(p) for lab, p in zip(out.labels, probs)}, abs=1e-4)
 
 
+def test_bottleneck_placements_upload_and_serve_side_by_side(server, tmp_path):
+    """Bottleneck adapters at each placement (attn_out, ffn_out, and both = Houlsby, which takes two
+    bank entries), uploaded over gRPC and classified in one batch each, answer as the local model
+    does with the same files; the same weights at another placement answer differently."""
+    key = register(server, "placements")
+    shape = server.app.model.spec.shape
+    local = MultiTenantModel(server.app.config.model_config())
+    answers = {}
+    for placement in ("attn_out", "ffn_out", "both"):
+        d = save_artifact(make_artifact(shape, "bottleneck", classify(3), 21, size=8, placement=placement),
+                          tmp_path / placement)
+        assert upload_dir(server, "placements", placement, d).kind == "bottleneck"
+        got = classify_call(server, key, placement)
+        slot = local.load_adapter(load_artifact(d))
+        outs = local.forward([EncodeRow(ids, slot) for ids in local.tokenize(TEXTS)])
+        answers[placement] = [{s.label: s.score for s in res.scores} for res in got.results]
+        for out, res, scores in zip(outs, got.results, answers[placement]):
+            assert res.label == out.predicted()
+            assert scores == pytest.approx(
+                {lab: float(p) for lab, p in zip(out.labels, torch.softmax(out.logits.float(), -1))}, abs=1e-4)
+    def gap(a, b):
+        return max(abs(x[k] - y[k]) for x, y in zip(answers[a], answers[b]) for k in x)
+
+    assert gap("attn_out", "ffn_out") > 1e-3 and gap("both", "attn_out") > 1e-3   # same seed, same first weights
+
+
 def test_upload_of_a_plain_peft_directory(server, tmp_path):
     register(server, "peft-co")
     d = save(server, tmp_path / "p", seed=3)
