@@ -197,6 +197,52 @@ def markdown(results: list[dict], baselines: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_of(method: str) -> tuple[str, int]:
+    """("bottleneck-ffn-drop-e20", 1) for "bottleneck-ffn-drop-e20-s1"; seed 0 has no suffix."""
+    base, _, tail = method.rpartition("-s")
+    return (base, int(tail)) if base and tail.isdigit() else (method, 0)
+
+
+def seed_summary(results: list[dict]) -> list[dict]:
+    """Per set and recipe run with more than one seed: the headline metric's mean, min and max, and
+    the mean's distance to the best full fine-tuning mean of the set (a single run of a recipe is
+    its own mean, so a reference run with one seed still counts)."""
+    out = []
+    for set_name in SETS:
+        rows = [r for r in results if r["set"] == set_name]
+        if not rows:
+            continue
+        key = headline(rows[0]["task"])
+        recipes: dict[str, list[tuple[int, float]]] = {}
+        for r in rows:
+            base, seed = seed_of(r["method"])
+            recipes.setdefault(base, []).append((seed, 100 * r["test"][key]))
+        means = {b: sum(v for _, v in runs) / len(runs) for b, runs in recipes.items()}
+        if all(len(runs) < 2 for runs in recipes.values()):
+            continue
+        refs = [b for b in recipes if b == "full" or b.startswith("full-")]
+        ref = max(refs, key=lambda b: means[b], default=None)
+        for base, runs in recipes.items():
+            if len(runs) < 2 and base != ref:
+                continue
+            values = [v for _, v in sorted(runs)]
+            out.append({"set": set_name, "recipe": base, "metric": key, "seeds": sorted(s for s, _ in runs),
+                        "values": values, "mean": means[base], "min": min(values), "max": max(values),
+                        "reference": ref, "vs_reference_mean": None if base == ref else means[base] - means[ref]})
+    return out
+
+
+def seed_markdown(summary: list[dict]) -> str:
+    if not summary:
+        return ""
+    lines = ["| set | recipe | seeds | test metric per seed | mean | vs reference mean |", "|---|---|---|---|---|---|"]
+    for g in summary:
+        delta = "reference" if g["vs_reference_mean"] is None else f"{g['vs_reference_mean']:+.2f}"
+        lines.append(f"| {g['set']} | {g['recipe']} | {', '.join(map(str, g['seeds']))} | "
+                     f"{', '.join(f'{v:.2f}' for v in g['values'])} | {g['mean']:.2f} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
 def grouped_bars(path: Path, groups: list[str], series: dict[str, list[float]], title: str) -> None:
     """A PNG of one bar per (group, series), series side by side within each group."""
     import matplotlib
@@ -274,10 +320,10 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "machine": platform.platform(), "processor": platform.processor(),
         "recipe": {"common": COMMON, "methods": METHODS, "epochs": {s: SETS[s][2] for s in sets},
                    "method_epochs": METHOD_EPOCHS},
-        "baselines": baselines, "results": results,
+        "baselines": baselines, "results": results, "seeds": seed_summary(results),
     }
     out.write_text(json.dumps(doc, indent=2))
-    table = markdown(results, baselines)
+    table = markdown(results, baselines) + "\n" + seed_markdown(doc["seeds"])
     out.with_suffix(".md").write_text(table)
     plot(results, baselines, out.with_suffix(".png"))
     print(table)
