@@ -219,7 +219,7 @@ def _fitting_model_config(artifact, backbone: str | None, device: str, dtype: st
 
     a = artifact.adapter
     pool = PoolConfig(num_lora_slots=int(isinstance(a, LoraAdapter)),
-                      num_bottleneck_slots=int(isinstance(a, BottleneckAdapter)),
+                      num_bottleneck_slots=len(a.positions()) if isinstance(a, BottleneckAdapter) else 0,
                       max_lora_rank=a.max_rank if isinstance(a, LoraAdapter) else 1,
                       lora_targets=a.targets if isinstance(a, LoraAdapter) else LORA_TARGETS,
                       max_bottleneck_size=a.size if isinstance(a, BottleneckAdapter) else 1,

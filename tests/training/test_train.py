@@ -220,6 +220,12 @@ def test_houlsby_bottleneck_serves_as_trained(checkpoint, data, tmp_path):
     for half in halves:
         outs = model.forward([EncodeRow(r, half) for r in rows])
         assert not all(torch.allclose(o.logits, exp, atol=ATOL, rtol=0) for o, exp in zip(outs, trained))
+    # `vbert evaluate` sizes its one-adapter pool for the two bank entries: the training-time dev scores
+    dev = tmp_path / "dev.conll"
+    dev.write_text("".join("".join(f"{w} {t}\n" for w, t in zip(ex.words, ex.tags)) + "\n"
+                           for ex in result.dev_examples))
+    assert evaluate(EvaluateConfig(adapter_dir=str(result.path), test_path=str(dev), device="cpu")) == \
+        result.summary["best_dev"]
 
 
 def test_dropout_is_seeded_and_never_served(checkpoint, data, tmp_path):
