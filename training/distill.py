@@ -5,9 +5,12 @@
 The shallow layers (vbert.skip.ShallowModel) start as copies of the teacher's embeddings and lowest
 k layers; for each sentence of the corpus every token's trigram goes through them, the three views
 of each token are merged, and the loss is the MSE against the teacher's hidden states entering
-layer k (optionally plus `final_weight` times the MSE of the final layer's output, with the frozen
-upper layers run on the merged states). The upper layers stay the teacher's own, so adapters
-trained on the full model still apply above them.
+layer k, optionally plus `final_weight` times the MSE of the final layer's output (the frozen upper
+layers run on the merged states) and `attention_weight` times the KL divergence of the attention
+that layer k (the first upper layer) computes on the merged states from the attention it computes
+on the teacher's states (per head and real query token; padded keys excluded). The upper layers
+stay the teacher's own, so adapters trained on the full model still apply above them. Every epoch
+reports the held-out MSE and attention KL, whatever the weights.
 
 Checkpoints (OUT/checkpoint.pt: weights, optimizer, schedule, position in the epoch, generator
 state) are written every `checkpoint_every` steps and at each epoch's end; --resume continues a
@@ -46,6 +49,7 @@ class DistillConfig:
     warmup: float = 0.05
     max_length: int = 128
     final_weight: float = 0.0
+    attention_weight: float = 0.0
     max_sentences: int | None = None
     corpus_format: str = "auto"
     seed: int = 0
@@ -67,8 +71,10 @@ class DistillConfig:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.max_length < 3:
             raise ValueError(f"max_length must be >= 3, got {self.max_length}")
-        if self.final_weight < 0:
-            raise ValueError(f"final_weight must be >= 0, got {self.final_weight}")
+        for name in ("final_weight", "attention_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.max_sentences is not None and self.max_sentences < 2:
             raise ValueError(f"max_sentences must be >= 2, got {self.max_sentences}")
         if self.corpus_format not in CORPUS_FORMATS:
@@ -98,8 +104,9 @@ def load_sentences(config: DistillConfig) -> list[str]:
 class Distiller:
     """Teacher (frozen vbert Encoder) + student (ShallowModel) + the loss; one object per run."""
 
-    def __init__(self, teacher, student, final_weight: float):
-        self.teacher, self.student, self.final_weight = teacher, student, final_weight
+    def __init__(self, teacher, student, final_weight: float, attention_weight: float = 0.0):
+        self.teacher, self.student = teacher, student
+        self.final_weight, self.attention_weight = final_weight, attention_weight
         self.k = student.skip_layers
 
     def batch_tensors(self, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,8 +118,18 @@ class Distiller:
             mask[b, :len(r)] = True
         return ids.to(device), torch.zeros_like(ids).to(device), mask.to(device)
 
-    def loss(self, ids, types, mask) -> tuple[torch.Tensor, float]:
-        """(total loss, MSE at layer k)."""
+    def attention_kl(self, merged: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) of layer k's attention on the target vs the merged states, summed
+        over keys, averaged over heads and real query tokens."""
+        layer = self.teacher.layers[self.k]
+        with torch.no_grad():
+            t = layer.attention_log_probs(target, mask)                                      # [B, nh, L, L]
+        s = layer.attention_log_probs(merged, mask)
+        kl = (t.exp() * (t - s)).sum(-1)                                                     # [B, nh, L]
+        return kl.mean(1)[mask].mean()
+
+    def loss(self, ids, types, mask) -> tuple[torch.Tensor, float, float]:
+        """(total loss, MSE at layer k, attention KL at layer k)."""
         with torch.no_grad():
             target = self.teacher.run_layers(self.teacher.embed(ids, types), mask, stop=self.k)     # [B, L, H]
             final_target = (self.teacher.run_layers(target, mask, start=self.k) if self.final_weight else None)
@@ -122,17 +139,23 @@ class Distiller:
         if final_target is not None:
             final = self.teacher.run_layers(merged, mask, start=self.k)
             total = total + self.final_weight * _masked_mse(final, final_target, mask)
-        return total, float(mse.detach())
+        if self.attention_weight or not torch.is_grad_enabled():      # always measured on the dev set
+            kl = self.attention_kl(merged, target, mask)
+            total = total + self.attention_weight * kl
+        else:
+            kl = torch.zeros(())
+        return total, float(mse.detach()), float(kl.detach())
 
     @torch.no_grad()
-    def dev_mse(self, rows: list[list[int]], batch_size: int, device) -> float:
-        total, count = 0.0, 0
+    def dev_metrics(self, rows: list[list[int]], batch_size: int, device) -> dict[str, float]:
+        """{"dev_mse", "dev_attn_kl"}: per real token over the held-out sentences."""
+        mse_sum, kl_sum, count = 0.0, 0.0, 0
         for start in range(0, len(rows), batch_size):
             ids, types, mask = self.batch_tensors(rows[start:start + batch_size], device)
-            _, mse = self.loss(ids, types, mask)
+            _, mse, kl = self.loss(ids, types, mask)
             n = int(mask.sum())
-            total, count = total + mse * n, count + n
-        return total / max(1, count)
+            mse_sum, kl_sum, count = mse_sum + mse * n, kl_sum + kl * n, count + n
+        return {"dev_mse": mse_sum / max(1, count), "dev_attn_kl": kl_sum / max(1, count)}
 
 
 def distill(config: DistillConfig, echo: Callable[[str], None] = print) -> dict:
@@ -187,7 +210,7 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
         init = {"path": str(config.init), "weights_hash": init_meta.weights_hash, "distill": init_meta.distill}
         student.requires_grad_(True)
     student = student.to(device).train()
-    distiller = Distiller(teacher, student, config.final_weight)
+    distiller = Distiller(teacher, student, config.final_weight, config.attention_weight)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     num_steps = steps_per_epoch * config.epochs
@@ -198,7 +221,8 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
     epoch, step_in_epoch, history = 1, 0, []
     if config.resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if {"init": None, **ckpt["config"]} != _resumable(config):   # checkpoints from before --init lack it
+        older = {"init": None, "attention_weight": 0.0}               # checkpoints from before these options
+        if {**older, **ckpt["config"]} != _resumable(config):
             raise ValueError(f"--resume: {ckpt_path} was written by a run with other settings "
                              f"({ckpt['config']}); give the same options")
         student.load_state_dict(ckpt["student"])
@@ -211,8 +235,8 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
          f"{len(dev_rows)} dev sentences, {sum(p.numel() for p in student.parameters()):,} parameters, "
          f"{num_steps} steps on {device}")
     if not history:
-        history.append({"epoch": 0, "dev_mse": distiller.dev_mse(dev_rows, config.batch_size, device)})
-        echo(f"before training: dev mse {history[0]['dev_mse']:.5f}")
+        history.append({"epoch": 0, **distiller.dev_metrics(dev_rows, config.batch_size, device)})
+        echo(f"before training: dev mse {history[0]['dev_mse']:.5f}  attention kl {history[0]['dev_attn_kl']:.5f}")
 
     while epoch <= config.epochs:
         epoch_state = order_gen.get_state()
@@ -223,7 +247,7 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
         with bar:
             for i in range(step_in_epoch, len(batches)):
                 ids, types, mask = distiller.batch_tensors([train_rows[j] for j in batches[i]], device)
-                loss, mse = distiller.loss(ids, types, mask)
+                loss, mse, _ = distiller.loss(ids, types, mask)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -236,9 +260,10 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
                     _save_checkpoint(ckpt_path, config, student, optimizer, scheduler, epoch_state, epoch, i + 1,
                                      history)
         record = {"epoch": epoch, "train_mse": total / max(1, count),
-                  "dev_mse": distiller.dev_mse(dev_rows, config.batch_size, device)}
+                  **distiller.dev_metrics(dev_rows, config.batch_size, device)}
         history.append(record)
-        echo(f"epoch {epoch}/{config.epochs}  train mse {record['train_mse']:.5f}  dev mse {record['dev_mse']:.5f}")
+        echo(f"epoch {epoch}/{config.epochs}  train mse {record['train_mse']:.5f}  dev mse {record['dev_mse']:.5f}  "
+             f"attention kl {record['dev_attn_kl']:.5f}")
         epoch, step_in_epoch = epoch + 1, 0
         _save_checkpoint(ckpt_path, config, student, optimizer, scheduler, order_gen.get_state(), epoch, 0, history)
 

@@ -7,6 +7,7 @@ loop over rows or tenants.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,6 +161,17 @@ class EncoderLayer(nn.Module):
         out = apply_lora(self.ffn_out(inter), inter, lora.get("ffn_out"))
         out = apply_bottleneck(out, adapters.bottleneck_ffn if adapters is not None else None)
         return self.ffn_norm(out + h)
+
+
+    def attention_log_probs(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Log attention probabilities of this layer (no adapters) for input states x [B, L, H] and
+        real-token mask [B, L] bool: [B, nh, L, L], padded keys at probability 0 (used to distill
+        skip mode's shallow layers: the attention the first upper layer computes on their output)."""
+        bsz, seq, hidden = x.shape
+        q, k, _ = self.qkv(x).view(bsz, seq, 3, self.num_heads, hidden // self.num_heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hidden // self.num_heads)              # [B, nh, L, L]
+        scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        return torch.log_softmax(scores, dim=-1)
 
 
 class Encoder(nn.Module):

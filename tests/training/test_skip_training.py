@@ -58,6 +58,23 @@ def test_distillation_lowers_the_hidden_state_error(shallow, tiny_checkpoint):
     assert meta.distill["train_sentences"] + meta.distill["dev_sentences"] == 300
 
 
+def test_attention_distillation_lowers_the_attention_divergence(shallow, tiny_checkpoint, corpus, tmp_path):
+    """--attention-weight adds the KL divergence of the first upper layer's attention (on the merged
+    states vs on the teacher's): it goes down from the teacher-initialized layers and ends below the
+    run without the term, which still reports it."""
+    plain = [h["dev_attn_kl"] for h in shallow[1]["history"]]
+    # the tiny random model attends almost uniformly (KL ~5e-5), so the term needs a large weight to count
+    summary = distill(distill_config(tiny_checkpoint, corpus, tmp_path / "att", attention_weight=1000.0),
+                      echo=lambda _: None)
+    kl = [h["dev_attn_kl"] for h in summary["history"]]
+    assert kl[0] == pytest.approx(plain[0]) and kl[0] > 0          # the same start, measured the same way
+    assert kl[-1] < 0.7 * kl[0] and kl[-1] < 0.95 * plain[-1]
+    assert read_shallow_meta(tmp_path / "att").weights_hash != read_shallow_meta(shallow[0]).weights_hash
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="attention_weight must be a finite number >= 0"):
+            distill_config(tiny_checkpoint, corpus, tmp_path / "bad", attention_weight=bad)
+
+
 def test_distillation_is_seeded(shallow, tiny_checkpoint, corpus, tmp_path):
     distill(distill_config(tiny_checkpoint, corpus, tmp_path / "again"), echo=lambda _: None)
     assert read_shallow_meta(tmp_path / "again").weights_hash == read_shallow_meta(shallow[0]).weights_hash
