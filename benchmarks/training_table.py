@@ -8,7 +8,9 @@ For every (set, method) it runs the public commands exactly as a user would,
 each in its own process, and keeps RUN/result.json. Runs already finished are reused (the table can
 be built over several sessions; --rerun forces them). The artifacts themselves go under --runs
 (default ./var/training-runs, not committed: a full fine-tuning checkpoint is ~90 MB); the per-run
-summaries are copied next to the JSON. Writes the JSON, a Markdown table (.md) and a PNG.
+summaries are copied next to the JSON. Writes the JSON, a Markdown table (.md) and a PNG; recipes
+run with several seeds (method names ending in -sN) also get a seed summary (mean per recipe against
+the best full fine-tuning mean) in both.
 
 Recipe (the same for every set, chosen once, not tuned per set): max length 128, batch 32,
 linear schedule with 10 % warm-up, dev-selected best epoch, seed 0; bottleneck size 64 and LoRA rank 8
