@@ -128,8 +128,9 @@ class Distiller:
         kl = (t.exp() * (t - s)).sum(-1)                                                     # [B, nh, L]
         return kl.mean(1)[mask].mean()
 
-    def loss(self, ids, types, mask) -> tuple[torch.Tensor, float, float]:
-        """(total loss, MSE at layer k, attention KL at layer k)."""
+    def loss(self, ids, types, mask, measure_attention: bool = False) -> tuple[torch.Tensor, float, float]:
+        """(total loss, MSE at layer k, attention KL at layer k). The KL is computed when it is in
+        the loss or `measure_attention` (dev metrics); else reported as 0."""
         with torch.no_grad():
             target = self.teacher.run_layers(self.teacher.embed(ids, types), mask, stop=self.k)     # [B, L, H]
             final_target = (self.teacher.run_layers(target, mask, start=self.k) if self.final_weight else None)
@@ -139,7 +140,7 @@ class Distiller:
         if final_target is not None:
             final = self.teacher.run_layers(merged, mask, start=self.k)
             total = total + self.final_weight * _masked_mse(final, final_target, mask)
-        if self.attention_weight or not torch.is_grad_enabled():      # always measured on the dev set
+        if self.attention_weight or measure_attention:
             kl = self.attention_kl(merged, target, mask)
             total = total + self.attention_weight * kl
         else:
@@ -152,7 +153,7 @@ class Distiller:
         mse_sum, kl_sum, count = 0.0, 0.0, 0
         for start in range(0, len(rows), batch_size):
             ids, types, mask = self.batch_tensors(rows[start:start + batch_size], device)
-            _, mse, kl = self.loss(ids, types, mask)
+            _, mse, kl = self.loss(ids, types, mask, measure_attention=True)
             n = int(mask.sum())
             mse_sum, kl_sum, count = mse_sum + mse * n, kl_sum + kl * n, count + n
         return {"dev_mse": mse_sum / max(1, count), "dev_attn_kl": kl_sum / max(1, count)}

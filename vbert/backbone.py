@@ -150,8 +150,7 @@ class EncoderLayer(nn.Module):
                 adapters: LayerAdapters | None) -> torch.Tensor:
         bsz, seq, hidden = x.shape                                            # x [B, L, H]
         lora = adapters.lora if adapters is not None else {}
-        qkv = apply_lora(self.qkv(x), x, lora.get("qkv"))                     # [B, L, 3H]
-        q, k, v = qkv.view(bsz, seq, 3, self.num_heads, hidden // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self._split_heads(apply_lora(self.qkv(x), x, lora.get("qkv")))   # each [B, nh, L, d]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)    # [B, nh, L, d]
         ctx = ctx.transpose(1, 2).reshape(bsz, seq, hidden)                   # [B, L, H]
         a = apply_lora(self.attn_out(ctx), ctx, lora.get("attn_out"))
@@ -162,14 +161,17 @@ class EncoderLayer(nn.Module):
         out = apply_bottleneck(out, adapters.bottleneck_ffn if adapters is not None else None)
         return self.ffn_norm(out + h)
 
+    def _split_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """[B, L, 3H] -> [3, B, nh, L, d] (query, key, value)."""
+        bsz, seq, three_h = qkv.shape
+        return qkv.view(bsz, seq, 3, self.num_heads, three_h // (3 * self.num_heads)).permute(2, 0, 3, 1, 4)
 
     def attention_log_probs(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Log attention probabilities of this layer (no adapters) for input states x [B, L, H] and
         real-token mask [B, L] bool: [B, nh, L, L], padded keys at probability 0 (used to distill
         skip mode's shallow layers: the attention the first upper layer computes on their output)."""
-        bsz, seq, hidden = x.shape
-        q, k, _ = self.qkv(x).view(bsz, seq, 3, self.num_heads, hidden // self.num_heads).permute(2, 0, 3, 1, 4)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(hidden // self.num_heads)              # [B, nh, L, L]
+        q, k, _ = self._split_heads(self.qkv(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])                           # [B, nh, L, L]
         scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
         return torch.log_softmax(scores, dim=-1)
 
