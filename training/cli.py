@@ -15,6 +15,7 @@ import click
 LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 DEFAULT_LORA_TARGETS = ("query", "key", "value", "attn_out")
 BOTTLENECK_PLACEMENTS = ("attn_out", "ffn_out", "both")
+ATTENTION_LAYERS = ("first", "upper")                    # = training.distill.ATTENTION_LAYERS
 
 
 def _targets(value: str) -> tuple[str, ...]:
@@ -241,6 +242,8 @@ def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_
 @click.option("--attention-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Also match the attention of the first layer above the shallow ones (KL divergence), with "
                    "this weight.")
+@click.option("--attention-layers", type=click.Choice(list(ATTENTION_LAYERS)), default="first", show_default=True,
+              help="The attention term on the first upper layer only, or averaged over every upper layer.")
 @click.option("--max-sentences", default=None, type=click.IntRange(min=2), help="Use a seeded sample of the corpus.")
 @click.option("--init", default=None, type=click.Path(exists=True, file_okay=False),
               help="Start from this earlier `vbert distill` directory instead of the teacher's layers.")
@@ -252,8 +255,8 @@ def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_
 @click.option("--device", default="cpu", show_default=True, help="cpu, auto, cuda or cuda:N.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def distill_command(corpus, corpus_format, out, skip_layers, backbone, epochs, batch_size, lr, max_length,
-                    final_weight, attention_weight, max_sentences, init, seed, checkpoint_every, resume, threads,
-                    device, progress) -> None:
+                    final_weight, attention_weight, attention_layers, max_sentences, init, seed, checkpoint_every,
+                    resume, threads, device, progress) -> None:
     """Distill shallow n-gram layers that replace the backbone's lowest layers (skip mode)."""
     from .distill import DistillConfig, distill
 
@@ -261,6 +264,7 @@ def distill_command(corpus, corpus_format, out, skip_layers, backbone, epochs, b
         config = DistillConfig(corpus=tuple(corpus), out=out, backbone=backbone, skip_layers=skip_layers,
                                epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
                                final_weight=final_weight, attention_weight=attention_weight,
+                               attention_layers=attention_layers,
                                max_sentences=max_sentences, corpus_format=corpus_format,
                                seed=seed, checkpoint_every=checkpoint_every, resume=resume, threads=threads,
                                device=device, show_progress=progress, init=init)

@@ -8,9 +8,10 @@ of each token are merged, and the loss is the MSE against the teacher's hidden s
 layer k, optionally plus `final_weight` times the MSE of the final layer's output (the frozen upper
 layers run on the merged states) and `attention_weight` times the KL divergence of the attention
 that layer k (the first upper layer) computes on the merged states from the attention it computes
-on the teacher's states (per head and real query token; padded keys excluded). The upper layers
+on the teacher's states (per head and real query token; padded keys excluded; `attention_layers =
+"upper"` averages it over every upper layer, each on its own input along the merged path). The upper layers
 stay the teacher's own, so adapters trained on the full model still apply above them. Every epoch
-reports the held-out MSE and attention KL, whatever the weights.
+reports the held-out MSE at layer k, the final layer's MSE and the attention KL, whatever the weights.
 
 Checkpoints (OUT/checkpoint.pt: weights, optimizer, schedule, position in the epoch, generator
 state) are written every `checkpoint_every` steps and at each epoch's end; --resume continues a
@@ -35,6 +36,7 @@ from .train import epoch_batches, lr_lambda, torch_threads
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DEV_FRACTION, MAX_DEV = 0.02, 500
+ATTENTION_LAYERS = ("first", "upper")   # the attention term on layer k only, or averaged over every upper layer
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class DistillConfig:
     max_length: int = 128
     final_weight: float = 0.0
     attention_weight: float = 0.0
+    attention_layers: str = "first"
     max_sentences: int | None = None
     corpus_format: str = "auto"
     seed: int = 0
@@ -75,6 +78,8 @@ class DistillConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.attention_layers not in ATTENTION_LAYERS:
+            raise ValueError(f"attention_layers must be one of {ATTENTION_LAYERS}, got {self.attention_layers!r}")
         if self.max_sentences is not None and self.max_sentences < 2:
             raise ValueError(f"max_sentences must be >= 2, got {self.max_sentences}")
         if self.corpus_format not in CORPUS_FORMATS:
@@ -104,9 +109,13 @@ def load_sentences(config: DistillConfig) -> list[str]:
 class Distiller:
     """Teacher (frozen vbert Encoder) + student (ShallowModel) + the loss; one object per run."""
 
-    def __init__(self, teacher, student, final_weight: float, attention_weight: float = 0.0):
+    def __init__(self, teacher, student, final_weight: float, attention_weight: float = 0.0,
+                 attention_layers: str = "first"):
+        if attention_layers not in ATTENTION_LAYERS:
+            raise ValueError(f"attention_layers must be one of {ATTENTION_LAYERS}, got {attention_layers!r}")
         self.teacher, self.student = teacher, student
         self.final_weight, self.attention_weight = final_weight, attention_weight
+        self.attention_layers = attention_layers
         self.k = student.skip_layers
 
     def batch_tensors(self, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,45 +127,63 @@ class Distiller:
             mask[b, :len(r)] = True
         return ids.to(device), torch.zeros_like(ids).to(device), mask.to(device)
 
-    def attention_kl(self, merged: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """KL(teacher || student) of layer k's attention on the target vs the merged states, summed
-        over keys, averaged over heads and real query tokens."""
-        layer = self.teacher.layers[self.k]
+    def upper_states(self, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """The teacher's upper layers on x (the states entering layer k): [input of layer k, ..., input
+        of the last layer, final output]."""
+        states = [x]
+        for i in range(self.k, self.teacher.spec.num_layers):
+            states.append(self.teacher.run_layers(states[-1], mask, start=i, stop=i + 1))
+        return states
+
+    def attention_kl(self, layer: int, student: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+                     ) -> torch.Tensor:
+        """KL(teacher || student) of `layer`'s attention on the target vs the student's states (both the
+        input of that layer), summed over keys, averaged over heads and real query tokens."""
+        module = self.teacher.layers[layer]
         with torch.no_grad():
-            t = layer.attention_log_probs(target, mask)                                      # [B, nh, L, L]
-        s = layer.attention_log_probs(merged, mask)
+            t = module.attention_log_probs(target, mask)                                     # [B, nh, L, L]
+        s = module.attention_log_probs(student, mask)
         kl = (t.exp() * (t - s)).sum(-1)                                                     # [B, nh, L]
         return kl.mean(1)[mask].mean()
 
-    def loss(self, ids, types, mask, measure_attention: bool = False) -> tuple[torch.Tensor, float, float]:
-        """(total loss, MSE at layer k, attention KL at layer k). The KL is computed when it is in
-        the loss or `measure_attention` (dev metrics); else reported as 0."""
+    def loss(self, ids, types, mask, measure: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        """(total loss, {"mse", "final_mse", "attn_kl", "upper_attn_kl"}): the MSE at layer k, the final
+        layer's MSE, layer k's attention KL and the mean attention KL over all upper layers. A term is
+        computed when it is in the loss or `measure` (dev metrics); else reported as 0."""
+        upper_attention = self.attention_weight and self.attention_layers == "upper"
+        run_upper = bool(self.final_weight or upper_attention or measure)
         with torch.no_grad():
             target = self.teacher.run_layers(self.teacher.embed(ids, types), mask, stop=self.k)     # [B, L, H]
-            final_target = (self.teacher.run_layers(target, mask, start=self.k) if self.final_weight else None)
+            teacher_states = self.upper_states(target, mask) if run_upper else [target]
         merged = self.student(ids, types, mask)                                                    # [B, L, H]
+        states = self.upper_states(merged, mask) if run_upper else [merged]
         mse = _masked_mse(merged, target, mask)
-        total = mse
-        if final_target is not None:
-            final = self.teacher.run_layers(merged, mask, start=self.k)
-            total = total + self.final_weight * _masked_mse(final, final_target, mask)
-        if self.attention_weight or measure_attention:
-            kl = self.attention_kl(merged, target, mask)
-            total = total + self.attention_weight * kl
-        else:
-            kl = torch.zeros(())
-        return total, float(mse.detach()), float(kl.detach())
+        zero = torch.zeros(())
+        terms = {"mse": mse, "final_mse": zero, "attn_kl": zero, "upper_attn_kl": zero}
+        if run_upper:
+            terms["final_mse"] = _masked_mse(states[-1], teacher_states[-1], mask)
+        if self.attention_weight or measure:
+            terms["attn_kl"] = self.attention_kl(self.k, merged, target, mask)
+        if upper_attention or measure:
+            kls = [terms["attn_kl"]] + [self.attention_kl(self.k + i, states[i], teacher_states[i], mask)
+                                        for i in range(1, len(states) - 1)]
+            terms["upper_attn_kl"] = torch.stack(kls).mean()
+        total = (mse + self.final_weight * terms["final_mse"]
+                 + self.attention_weight * terms["upper_attn_kl" if upper_attention else "attn_kl"])
+        return total, {name: float(value.detach()) for name, value in terms.items()}
 
     @torch.no_grad()
     def dev_metrics(self, rows: list[list[int]], batch_size: int, device) -> dict[str, float]:
-        """{"dev_mse", "dev_attn_kl"}: per real token over the held-out sentences."""
-        mse_sum, kl_sum, count = 0.0, 0.0, 0
+        """{"dev_mse", "dev_final_mse", "dev_attn_kl", "dev_upper_attn_kl"}: per real token over the
+        held-out sentences."""
+        sums, count = {"mse": 0.0, "final_mse": 0.0, "attn_kl": 0.0, "upper_attn_kl": 0.0}, 0
         for start in range(0, len(rows), batch_size):
             ids, types, mask = self.batch_tensors(rows[start:start + batch_size], device)
-            _, mse, kl = self.loss(ids, types, mask, measure_attention=True)
+            _, metrics = self.loss(ids, types, mask, measure=True)
             n = int(mask.sum())
-            mse_sum, kl_sum, count = mse_sum + mse * n, kl_sum + kl * n, count + n
-        return {"dev_mse": mse_sum / max(1, count), "dev_attn_kl": kl_sum / max(1, count)}
+            sums = {k: v + metrics[k] * n for k, v in sums.items()}
+            count += n
+        return {f"dev_{k}": v / max(1, count) for k, v in sums.items()}
 
 
 def distill(config: DistillConfig, echo: Callable[[str], None] = print) -> dict:
@@ -211,7 +238,7 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
         init = {"path": str(config.init), "weights_hash": init_meta.weights_hash, "distill": init_meta.distill}
         student.requires_grad_(True)
     student = student.to(device).train()
-    distiller = Distiller(teacher, student, config.final_weight, config.attention_weight)
+    distiller = Distiller(teacher, student, config.final_weight, config.attention_weight, config.attention_layers)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     num_steps = steps_per_epoch * config.epochs
@@ -222,7 +249,7 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
     epoch, step_in_epoch, history = 1, 0, []
     if config.resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        older = {"init": None, "attention_weight": 0.0}               # checkpoints from before these options
+        older = {"init": None, "attention_weight": 0.0, "attention_layers": "first"}  # checkpoints from before these
         if {**older, **ckpt["config"]} != _resumable(config):
             raise ValueError(f"--resume: {ckpt_path} was written by a run with other settings "
                              f"({ckpt['config']}); give the same options")
@@ -237,7 +264,9 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
          f"{num_steps} steps on {device}")
     if not history:
         history.append({"epoch": 0, **distiller.dev_metrics(dev_rows, config.batch_size, device)})
-        echo(f"before training: dev mse {history[0]['dev_mse']:.5f}  attention kl {history[0]['dev_attn_kl']:.5f}")
+        echo(f"before training: dev mse {history[0]['dev_mse']:.5f}  final-layer mse "
+             f"{history[0]['dev_final_mse']:.5f}  attention kl {history[0]['dev_attn_kl']:.5f} (all upper layers "
+             f"{history[0]['dev_upper_attn_kl']:.5f})")
 
     while epoch <= config.epochs:
         epoch_state = order_gen.get_state()
@@ -248,13 +277,13 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
         with bar:
             for i in range(step_in_epoch, len(batches)):
                 ids, types, mask = distiller.batch_tensors([train_rows[j] for j in batches[i]], device)
-                loss, mse, _ = distiller.loss(ids, types, mask)
+                loss, metrics = distiller.loss(ids, types, mask)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
-                total, count = total + mse, count + 1
+                total, count = total + metrics["mse"], count + 1
                 bar.update(1)
                 bar.set_postfix(mse=f"{total / count:.5f}")
                 if (i + 1) % config.checkpoint_every == 0 and i + 1 < len(batches):
@@ -264,7 +293,8 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
                   **distiller.dev_metrics(dev_rows, config.batch_size, device)}
         history.append(record)
         echo(f"epoch {epoch}/{config.epochs}  train mse {record['train_mse']:.5f}  dev mse {record['dev_mse']:.5f}  "
-             f"attention kl {record['dev_attn_kl']:.5f}")
+             f"final-layer mse {record['dev_final_mse']:.5f}  attention kl {record['dev_attn_kl']:.5f} "
+             f"(all upper layers {record['dev_upper_attn_kl']:.5f})")
         epoch, step_in_epoch = epoch + 1, 0
         _save_checkpoint(ckpt_path, config, student, optimizer, scheduler, order_gen.get_state(), epoch, 0, history)
 

@@ -15,7 +15,7 @@ import torch
 from tests.conftest import TINY_WORDS, write_tiny_checkpoint
 from tests.training.test_train import VBERT, write_classification
 from tests.vbert.test_skip import sentences
-from training.distill import DistillConfig, distill
+from training.distill import DistillConfig, Distiller, distill
 from training.evaluate import model_logits
 from training.model import AdapterConfig
 from training.train import TrainConfig, train
@@ -23,7 +23,7 @@ from vbert import BackboneConfig, EncodeRow, ModelConfig, MultiTenantModel, load
 from vbert.backbone import Encoder
 from vbert.config import SkipConfig, SkipTableConfig
 from vbert.ngram import load_table
-from vbert.skip import load_shallow, read_shallow_meta
+from vbert.skip import ShallowModel, load_shallow, read_shallow_meta
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,9 +70,61 @@ def test_attention_distillation_lowers_the_attention_divergence(shallow, tiny_ch
     assert kl[0] == pytest.approx(plain[0]) and kl[0] > 0          # the same start, measured the same way
     assert kl[-1] < 0.7 * kl[0] and kl[-1] < 0.95 * plain[-1]
     assert read_shallow_meta(tmp_path / "att").weights_hash != read_shallow_meta(shallow[0]).weights_hash
+    # --attention-layers upper (k = 1: two upper layers): the KL averaged over them goes down
+    every = distill(distill_config(tiny_checkpoint, corpus, tmp_path / "upper", skip_layers=1, attention_weight=1000.0,
+                                   attention_layers="upper"), echo=lambda _: None)
+    upper = [h["dev_upper_attn_kl"] for h in every["history"]]
+    assert upper[-1] < 0.7 * upper[0] and every["args"]["attention_layers"] == "upper"
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="attention_weight must be a finite number >= 0"):
             distill_config(tiny_checkpoint, corpus, tmp_path / "bad", attention_weight=bad)
+
+
+def test_the_loss_is_the_weighted_sum_of_its_measured_terms(shallow, tiny_checkpoint, corpus, tmp_path):
+    """Distiller.loss = layer-k MSE + final_weight * final-layer MSE + attention_weight * attention KL,
+    each term measured independently here (the teacher's upper layers on the merged states); every
+    run reports the final layer's MSE per epoch, whatever its weight."""
+    teacher = Encoder.from_checkpoint(tiny_checkpoint).eval().requires_grad_(False)
+    student, _ = load_shallow(shallow[0], teacher)
+    distiller = Distiller(teacher, student, final_weight=2.0, attention_weight=3.0)
+    ids, types, mask = distiller.batch_tensors([[2, 5, 9, 7, 3], [2, 11, 3]], "cpu")
+    total, terms = distiller.loss(ids, types, mask)
+    with torch.no_grad():
+        target = teacher.run_layers(teacher.embed(ids, types), mask, stop=2)
+        merged = student(ids, types, mask)
+        final_mse = ((teacher.run_layers(merged, mask, start=2) - teacher.run_layers(target, mask, start=2)) ** 2
+                     )[mask].mean()
+    assert terms["mse"] == pytest.approx(float(((merged - target) ** 2)[mask].mean()), rel=1e-5)
+    assert terms["final_mse"] == pytest.approx(float(final_mse), rel=1e-5) and terms["final_mse"] > 0
+    assert terms["attn_kl"] > 0
+    expected = terms["mse"] + 2 * terms["final_mse"] + 3 * terms["attn_kl"]
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
+    _, unweighted = Distiller(teacher, student, 0.0).loss(ids, types, mask)
+    assert unweighted["final_mse"] == 0 and unweighted["attn_kl"] == 0       # not computed unless asked
+    # attention_layers="upper": the KL averaged over every upper layer, each on its input along either path
+    # (k = 1 here, so the tiny 3-layer teacher has two upper layers)
+    low = ShallowModel.from_teacher(teacher, 1, student.edge_id)
+    upper = Distiller(teacher, low, final_weight=2.0, attention_weight=3.0, attention_layers="upper")
+    total, terms = upper.loss(ids, types, mask)
+    with torch.no_grad():
+        target = teacher.run_layers(teacher.embed(ids, types), mask, stop=1)
+        merged = low(ids, types, mask)
+        kls = []
+        for layer in range(1, teacher.spec.num_layers):
+            t = teacher.layers[layer].attention_log_probs(target, mask)
+            s = teacher.layers[layer].attention_log_probs(merged, mask)
+            kls.append(float((t.exp() * (t - s)).sum(-1).mean(1)[mask].mean()))
+            target, merged = (teacher.run_layers(x, mask, start=layer, stop=layer + 1) for x in (target, merged))
+    assert len(kls) == 2 and kls[0] == pytest.approx(terms["attn_kl"], rel=1e-5) and kls[1] > 0
+    assert terms["upper_attn_kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(terms["mse"] + 2 * terms["final_mse"] + 3 * terms["upper_attn_kl"],
+                                         rel=1e-5)
+    with pytest.raises(ValueError, match="attention_layers must be one of"):
+        Distiller(teacher, student, 0.0, 1.0, attention_layers="all")
+    plain = [h["dev_final_mse"] for h in shallow[1]["history"]]
+    assert plain[-1] < plain[0]
+    with pytest.raises(ValueError, match="final_weight must be a finite number >= 0"):
+        distill_config(tiny_checkpoint, corpus, tmp_path / "bad", final_weight=-1.0)
 
 
 def test_distillation_is_seeded(shallow, tiny_checkpoint, corpus, tmp_path):

@@ -427,8 +427,10 @@ def test_cli_choices_match_the_library():
     """training/cli.py copies these tuples (so that `vbert --help` does not import torch); they must
     stay what the library accepts."""
     from training import cli
+    from training.distill import ATTENTION_LAYERS
     from vbert.adapters import BOTTLENECK_PLACEMENTS
     from vbert.config import DEFAULT_LORA_TARGETS, LORA_TARGETS
 
     assert cli.BOTTLENECK_PLACEMENTS == BOTTLENECK_PLACEMENTS
     assert cli.LORA_TARGETS == LORA_TARGETS and cli.DEFAULT_LORA_TARGETS == DEFAULT_LORA_TARGETS
+    assert cli.ATTENTION_LAYERS == ATTENTION_LAYERS
