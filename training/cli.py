@@ -240,8 +240,8 @@ def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_
 @click.option("--final-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Also match the final layer's output, with this weight (backpropagates through the upper layers).")
 @click.option("--attention-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="Also match the attention of the first layer above the shallow ones (KL divergence), with "
-                   "this weight.")
+              help="Also match the attention (KL divergence) of the first layer above the shallow ones, or of "
+                   "every upper layer with --attention-layers upper, with this weight.")
 @click.option("--attention-layers", type=click.Choice(list(ATTENTION_LAYERS)), default="first", show_default=True,
               help="The attention term on the first upper layer only, or averaged over every upper layer.")
 @click.option("--max-sentences", default=None, type=click.IntRange(min=2), help="Use a seeded sample of the corpus.")
