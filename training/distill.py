@@ -11,7 +11,8 @@ that layer k (the first upper layer) computes on the merged states from the atte
 on the teacher's states (per head and real query token; padded keys excluded; `attention_layers =
 "upper"` averages it over every upper layer, each on its own input along the merged path). The upper layers
 stay the teacher's own, so adapters trained on the full model still apply above them. Every epoch
-reports the held-out MSE at layer k, the final layer's MSE and the attention KL, whatever the weights.
+reports the held-out MSE at layer k, the final layer's MSE and the attention KL of layer k and of
+all upper layers, whatever the weights.
 
 Checkpoints (OUT/checkpoint.pt: weights, optimizer, schedule, position in the epoch, generator
 state) are written every `checkpoint_every` steps and at each epoch's end; --resume continues a
