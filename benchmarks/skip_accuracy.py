@@ -8,9 +8,11 @@ bottleneck adapters on the top 3 layers, the ones skip mode still runs):
   full-model adapter   `vbert train --layers 3`, scored on the full model, in skip mode (exact: the
                        table, misses computed by the shallow layers) and in fallback mode (approximate)
   skip-mode adapter    `vbert train --layers 3 --skip-shallow S --skip-table-file T`, scored in skip mode
-Every command runs in its own process as a user would run it; finished runs are reused (--rerun
-forces them; the runs that depend on the shallow layers are kept per weights hash). Writes the JSON,
-a Markdown table (.md) and a PNG.
+--per-set SET=SHALLOW,TABLE scores one set with other shallow layers (per-domain layers, as vBERT distills
+per domain); the JSON records which layers scored each set. Every command runs in its own process as a
+user would run it; finished runs are reused (--rerun forces them; the runs that depend on the shallow
+layers are kept per weights hash). Writes the JSON, a Markdown table (.md, deltas to two decimals, so
+-2.04 is not shown as -2.0) and a PNG.
 """
 from __future__ import annotations
 
@@ -95,7 +97,14 @@ def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rer
     return result
 
 
-def markdown(results: list[dict]) -> str:
+def set_label(result: dict, default_shallow: str | None) -> str:
+    """The set's name, plus its shallow layers' directory name where they are not the default ones."""
+    shallow = result.get("shallow", default_shallow)
+    return result["set"] if shallow == default_shallow else f"{result['set']} [{Path(shallow).name}]"
+
+
+def markdown(results: list[dict], default_shallow: str | None = None) -> str:
+    """One row per score; a set served with other shallow layers than `default_shallow` names them."""
     lines = ["| set | adapter, scored on | test metric | vs full model | CPU train time | table hit rate |",
              "|---|---|---|---|---|---|"]
     for r in results:
@@ -107,15 +116,22 @@ def markdown(results: list[dict]) -> str:
             hit = f"{stats['table_hits'] / max(1, stats['lookups']):.2f}" if stats else ""
             minutes = r["train_seconds"]["skip-mode" if name.startswith("skip-mode") else "full-model"] / 60
             metrics = ", ".join(f"{n} {100 * m[n]:.1f}" for n in metric_names(r["task"]) if n in m)
-            delta = "" if m is r["scores"]["full-model adapter, full model"] else f"{100 * (m[key] - ref):+.1f}"
-            lines.append(f"| {r['set']} | {name} | {metrics} | {delta} | {minutes:.1f} min | {hit} |")
+            delta = "" if m is r["scores"]["full-model adapter, full model"] else f"{100 * (m[key] - ref):+.2f}"
+            cells = [set_label(r, default_shallow), name, metrics, delta, f"{minutes:.1f} min", hit]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], path: Path) -> None:
-    grouped_bars(path, [f"{r['set']}\n({headline(r['task'])})" for r in results],
+def plot(results: list[dict], path: Path, default_shallow: str | None = None) -> None:
+    grouped_bars(path, [f"{set_label(r, default_shallow)}\n({headline(r['task'])})" for r in results],
                  {name: [100 * r["scores"][name][headline(r["task"])] for r in results] for name in SCORES},
                  "skip mode (3 of 6 layers from the n-gram table) vs the full model")
+
+
+def describe(shallow: str) -> dict:
+    meta = json.loads((Path(shallow) / "shallow.json").read_text())
+    return {"path": shallow, "skip_layers": meta["skip_layers"],
+            "distill": {k: meta["distill"].get(k) for k in ("corpus", "sentences", "history")}}
 
 
 def main() -> None:
@@ -127,29 +143,44 @@ def main() -> None:
     p.add_argument("--runs", default=str(REPO / "var" / "training-runs"))
     p.add_argument("--rerun", action="store_true")
     p.add_argument("--epochs", type=int, default=None, help="override every set's epoch count (smoke runs)")
+    p.add_argument("--per-set", action="append", default=[], metavar="SET=SHALLOW,TABLE",
+                   help="score SET with these shallow layers and table instead (repeatable)")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     sets = [s for s in args.sets.split(",") if s]
     for s in sets:
         if s not in SETS:
             p.error(f"unknown set {s!r}")
+    layers = {s: (args.shallow, args.table) for s in sets}
+    for item in args.per_set:
+        name, _, paths = item.partition("=")
+        shallow, _, table = paths.partition(",")
+        if name not in layers or not shallow or not table:
+            p.error(f"--per-set {item!r}: expected SET=SHALLOW,TABLE with SET one of {', '.join(sets)}")
+        layers[name] = (shallow, table)
+    for s, (shallow, table) in layers.items():
+        for path in (Path(shallow) / "shallow.json", Path(table)):
+            if not path.exists():
+                p.error(f"{s}: {path} does not exist")
     results = []
     for s in tqdm(sets, desc="sets", unit="set"):
-        results.append(run_set(s, Path(args.data), Path(args.runs), str(Path(args.shallow).resolve()),
-                               str(Path(args.table).resolve()), args.rerun, args.epochs))
+        shallow, table = layers[s]
+        results.append(run_set(s, Path(args.data), Path(args.runs), str(Path(shallow).resolve()),
+                               str(Path(table).resolve()), args.rerun, args.epochs))
+        results[-1] = {**results[-1], "shallow": shallow, "table": table}
         tqdm.write(f"{s}: " + ", ".join(f"{k}: {v[headline(results[-1]['task'])]:.3f}"
                                          for k, v in results[-1]["scores"].items()))
-    shallow_meta = json.loads((Path(args.shallow) / "shallow.json").read_text())
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-           "shallow": {"path": args.shallow, "skip_layers": shallow_meta["skip_layers"],
-                       "distill": {k: shallow_meta["distill"].get(k) for k in ("corpus", "sentences", "history")}},
-           "table": args.table, "results": results}
+           "shallow": describe(args.shallow), "table": args.table, "results": results}
+    others = {s: {"shallow": describe(sh), "table": t} for s, (sh, t) in layers.items() if sh != args.shallow}
+    if others:
+        doc["per_set"] = others
     out.write_text(json.dumps(doc, indent=2))
-    table = markdown(results)
+    table = markdown(results, args.shallow)
     out.with_suffix(".md").write_text(table)
-    plot(results, out.with_suffix(".png"))
+    plot(results, out.with_suffix(".png"), args.shallow)
     print(table)
 
 
