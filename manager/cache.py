@@ -84,9 +84,10 @@ class TieredCache:
 
     # -- the residency protocol ----------------------------------------------------------------
     def prefetch(self, adapter_ids: Iterable[int]) -> Future:
-        """Make the adapters device-resident; the returned future completes (or fails with the
-        loading error, e.g. CorruptAdapterError, CacheFullError) when all are. Each id is held
-        once it is resident, until `release`."""
+        """Make the adapters device-resident; the returned future completes when all are, or fails
+        with the first loading error (e.g. CorruptAdapterError, CacheFullError) once every id has
+        finished loading or failing; the ids that did load are then released again. On success
+        each id is held until `release`."""
         ids = list(adapter_ids)
         outer: Future = Future()
         if not ids:
@@ -94,6 +95,7 @@ class TieredCache:
             return outer
         remaining = [len(ids)]
         held: list[int] = []
+        errors: list[BaseException] = []
         gate = threading.Lock()
 
         def done(adapter_id: int, inner: Future) -> None:
@@ -101,15 +103,19 @@ class TieredCache:
             with gate:
                 if exc is None:
                     held.append(adapter_id)
+                else:
+                    errors.append(exc)
                 remaining[0] -= 1
                 finished = remaining[0] == 0
-            if exc is not None and not outer.done():
-                outer.set_exception(exc)
-            if finished:
-                if outer.done():   # failed: give back the holds of the ids that did load
-                    self.release(held)
-                else:
-                    outer.set_result(None)
+            if not finished:
+                return
+            # Settle only once every id has finished, so that a caller who sees the failure also
+            # sees its holds given back (no load still in flight that would take a hold later).
+            if errors:
+                self.release(held)
+                outer.set_exception(errors[0])
+            else:
+                outer.set_result(None)
 
         for adapter_id in ids:
             self._request(adapter_id).add_done_callback(lambda f, a=adapter_id: done(a, f))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -132,12 +133,27 @@ def test_invalidate_removes_from_every_tier_even_when_held(setup):
 
 
 def test_loader_errors_propagate_and_leave_nothing(setup):
-    model, _, cache, _ = setup
-    free = model.pool.num_free("lora")
-    with pytest.raises(KeyError, match="adapter 99 is not in the store"):
-        cache.prefetch([1, 99]).result(30)
-    assert cache.stats()["disk"]["errors"] == 1 and cache.stats()["device"]["held"] == 0
-    assert model.pool.num_free("lora") == free - 1   # 1 loaded fine, but its hold was given back
+    model, arts, _, _ = setup
+    failed = threading.Event()
+
+    def loader(adapter_id):          # adapter 1 loads only after 99 has failed: the slow-load race
+        if adapter_id == 99:
+            failed.set()
+            raise KeyError("adapter 99 is not in the store")
+        assert failed.wait(30)
+        time.sleep(0.3)
+        return arts[adapter_id]
+
+    cache = TieredCache(CacheConfig(host_budget_bytes=10 ** 9, num_loader_threads=2), model.pool, loader)
+    try:
+        free = model.pool.num_free("lora")
+        with pytest.raises(KeyError, match="adapter 99 is not in the store"):
+            cache.prefetch([1, 99]).result(30)
+        # The failure is reported only once 1 has finished too, with 1's hold already given back.
+        assert cache.stats()["disk"]["errors"] == 1 and cache.stats()["device"]["held"] == 0
+        assert model.pool.num_free("lora") == free - 1   # 1 loaded fine and stays cached, unheld
+    finally:
+        cache.close()
 
 
 def test_concurrent_users_get_correct_outputs(setup):
