@@ -13,7 +13,8 @@ missing or repeated header, a declared size of 0 or above `max_upload_bytes` (be
 read), more data than declared (as soon as it arrives), less data than declared, a sha256
 mismatch, and an unsafe or malformed archive. An archive that holds no readable adapter, or an
 adapter that does not fit the backbone or the pool, is FAILED_PRECONDITION. Nothing is stored
-unless every check passed; the temporary extraction directory is always removed.
+unless every check passed; the temporary extraction directory (under data_dir/uploads, never the
+system temp directory) is always removed, and a killed process's leftovers at the next start.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import asyncio
 import dataclasses
 import hashlib
 import io
+import logging
 import re
 import shutil
 import tarfile
@@ -133,6 +135,27 @@ def extract_adapter_tar(payload: bytes | bytearray, dest: Path, max_bytes: int =
     except OSError as e:
         raise InvalidArgumentError(f"the archive cannot be extracted: {e.strerror or e}") from None
     return dest.joinpath(*prefix)
+
+
+def uploads_dir(data_dir: str | Path, *, clear: bool = False) -> Path:
+    """data_dir/uploads (mode 0700, created if missing), where each upload is extracted into a folder
+    of its own, never the system temp directory: a tenant's files stay inside the data directory.
+    With clear (once at start-up, before serving) every leftover there is removed first: a process
+    killed mid-upload leaves its folder behind; the count is logged."""
+    path = Path(data_dir) / "uploads"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if clear:
+        path.chmod(0o700)
+        leftovers = list(path.iterdir())
+        for p in leftovers:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        if leftovers:
+            logging.getLogger("vbert.dispatcher").warning("start-up removed %d leftover uploads from %s",
+                                                          len(leftovers), path)
+    return path
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -250,7 +273,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return adapter_pb(rec, h.tenant, self._m.cache)
 
     def _store_upload(self, payload: bytes | bytearray, h, actor: str) -> AdapterRecord:
-        tmp = Path(tempfile.mkdtemp(prefix="vbert-upload-"))
+        tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=uploads_dir(self.app.config.data_dir)))
         try:
             directory = extract_adapter_tar(payload, tmp, self.max_upload_bytes, self.max_upload_files)
             try:

@@ -40,6 +40,8 @@ class App:
         manager = Manager(config.manager_config(), model)
         if manager.recovery.num_removed:
             log.warning("start-up recovery removed %d leftover files", manager.recovery.num_removed)
+        from .admin_service import uploads_dir   # here, not at the top: admin_service imports this module
+        uploads_dir(config.data_dir, clear=True)  # a killed process's half-extracted uploads, before serving
         metrics = Metrics()
         engine = Engine(config.engine_config(), config.scheduler_config(), ModelRunner(model, manager.cache),
                         manager.cache, on_step=metrics.on_step)

@@ -86,7 +86,8 @@ class Authenticator:
         self._lock = threading.Lock()
 
     def cached(self, key: str | None) -> Tenant | None:
-        """The tenant of a key verified in the last ttl_s seconds, without hashing; else None."""
+        """The tenant of a key verified in the last ttl_s seconds and not expired since (a rotation's
+        grace period ends on time), without hashing; else None."""
         if not key:
             return None
         with self._lock:
@@ -99,11 +100,13 @@ class Authenticator:
         """Verify a key (scrypt + registry lookup: blocking, call it off the event loop)."""
         if not key:
             raise UnauthenticatedError("missing 'authorization: Bearer <api key>' metadata")
-        tenant = self.manager.authenticate(key)
+        started = time.monotonic()   # before the check: started + valid_for is never after the key's expiry
+        tenant, valid_for = self.manager.authenticate_valid_for(key)
+        until = started + (self.ttl_s if valid_for is None else min(self.ttl_s, valid_for))
         with self._lock:
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            self._cache[hashlib.sha256(key.encode()).digest()] = (tenant, time.monotonic() + self.ttl_s)
+            self._cache[hashlib.sha256(key.encode()).digest()] = (tenant, until)
         return self._check_active(tenant)
 
     @staticmethod

@@ -9,8 +9,8 @@ Errors raise `VbertError` (status code, details, the server's request id, retry-
 
 Retries (exponential backoff with jitter, at most `max_retries` after the first attempt):
 - only UNAVAILABLE and RESOURCE_EXHAUSTED are ever retried; every other code is raised at once;
-- a server's `retry-after-ms` trailer sets the wait (never shorter than asked, plus up to 10%
-  jitter); a wait longer than `timeout` is not taken, the error is raised instead;
+- a server's `retry-after-ms` trailer sets the wait (never shorter than asked nor than `backoff_s`,
+  plus up to 10% jitter); a wait longer than `timeout` is not taken, the error is raised instead;
 - idempotent calls are retried on both codes: every tenant call (classify, tag, embed), every
   read (get, list, status), and the admin writes that set a state (update quotas, suspend,
   resume, activate, pin, unpin);
@@ -89,9 +89,10 @@ def should_retry(error: VbertError, is_idempotent: bool) -> bool:
 
 def retry_delay(error: VbertError, attempt: int, backoff_s: float, max_backoff_s: float,
                 rand: Callable[[], float] = random.random) -> float:
-    """Seconds to wait before retry number attempt + 1 (attempt counts from 0)."""
+    """Seconds to wait before retry number attempt + 1 (attempt counts from 0). A server's hint is
+    never taken below backoff_s: a hint of 0 does not mean "retry at once"."""
     if error.retry_after_s is not None:
-        return error.retry_after_s * (1 + 0.1 * rand())
+        return max(error.retry_after_s, min(backoff_s, max_backoff_s)) * (1 + 0.1 * rand())
     return min(max_backoff_s, backoff_s * 2 ** attempt) * (0.5 + 0.5 * rand())
 
 

@@ -91,6 +91,10 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.admin_port is not None and not is_loopback(self.admin_host) and self.tls_cert is None:
+            raise ValueError(f"admin_host {self.admin_host!r} is not loopback: the admin listener would carry "
+                             f"the admin token in plain text; set admin_host to 127.0.0.1, or set tls_cert "
+                             f"and tls_key (TLS)")
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             v = getattr(self, name)
             if v is not None and not Path(v).is_file():

@@ -3,6 +3,7 @@ anything unexpected is logged with the request id and answered INTERNAL naming t
 from __future__ import annotations
 
 import logging
+import math
 
 import grpc
 
@@ -17,6 +18,7 @@ from vbert.model import InputError
 log = logging.getLogger("vbert.dispatcher")
 
 RETRY_AFTER_KEY = "retry-after-ms"
+MIN_RETRY_AFTER_MS = 10   # the smallest hint sent: rounded up, never 0 ("retry at once")
 
 
 class RateLimitedError(RuntimeError):
@@ -74,6 +76,6 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_i
         message = f"internal error (request id {request_id})"
     trailing = [("x-request-id", request_id)]
     if retry is not None:
-        trailing.append((RETRY_AFTER_KEY, str(int(retry * 1000))))
+        trailing.append((RETRY_AFTER_KEY, str(max(MIN_RETRY_AFTER_MS, math.ceil(retry * 1000)))))  # never "0"
     context.set_trailing_metadata(trailing)
     await context.abort(code, message or code.name.lower())

@@ -7,7 +7,7 @@ import time
 
 from manager.records import Tenant
 
-from .errors import RateLimitedError
+from .errors import MIN_RETRY_AFTER_MS, RateLimitedError
 
 
 class RateLimiter:
@@ -28,7 +28,7 @@ class RateLimiter:
             tokens = min(float(burst), tokens + (now - last) * rate)
             if tokens < n:
                 self._buckets[tenant.id] = (tokens, now)
-                wait = (n - tokens) / rate
+                wait = max(MIN_RETRY_AFTER_MS / 1000, (n - tokens) / rate)   # a nearly full bucket: not 0
                 raise RateLimitedError(f"tenant {tenant.name!r} is over its rate limit of {rate:g} requests/s "
                                        f"(burst {burst}); retry in {wait:.2f} s", retry_after_s=wait)
             self._buckets[tenant.id] = (tokens - n, now)

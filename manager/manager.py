@@ -83,6 +83,10 @@ class Manager:
     def authenticate(self, api_key: str) -> Tenant:
         return self.registry.authenticate(api_key)
 
+    def authenticate_valid_for(self, api_key: str) -> tuple[Tenant, float | None]:
+        """The key's tenant and for how many more seconds the key is valid (None: no expiry)."""
+        return self.registry.authenticate_valid_for(api_key)
+
     def delete_tenant(self, name: str, actor: str = "admin") -> list[AdapterRecord]:
         with self._admin:
             removed = self.registry.delete_tenant(name, actor=actor)

@@ -9,6 +9,7 @@ are applied at start-up, one transaction each.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -120,6 +121,7 @@ class Registry(Protocol):
     def rotate_key(self, name: str, grace_s: float = 0, actor: str = "admin") -> str: ...
     def revoke_keys(self, name: str, actor: str = "admin") -> int: ...
     def authenticate(self, key: str) -> Tenant: ...
+    def authenticate_valid_for(self, key: str) -> tuple[Tenant, float | None]: ...
     def add_adapter_version(self, tenant_id: int, name: str, kind: str, config: dict, head: dict, sha256: str,
                             size: int, actor: str, activate: bool = True) -> AdapterRecord: ...
     def activate_version(self, tenant_id: int, name: str, version: int, actor: str) -> AdapterRecord: ...
@@ -171,6 +173,16 @@ def _check_actor(actor: object) -> str:
     return actor
 
 
+def _make_private(path) -> None:
+    """The database (key hashes, audit log) is mode 0600 like the admin token: an empty file is created
+    so (sqlite would make it 0644), an existing one and its -wal/-shm files are tightened; sqlite gives
+    the -wal/-shm files it creates the main file's mode."""
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if p.exists() and p.stat().st_mode & 0o077:
+            p.chmod(0o600)
+
+
 class SqliteRegistry(Registry):
     """The registry in one SQLite file (see the module docstring). Thread-safe; `close()` when done."""
 
@@ -180,6 +192,7 @@ class SqliteRegistry(Registry):
         self._params = ScryptParams(config.scrypt_n, config.scrypt_r, config.scrypt_p)
         self._path = config.path
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        _make_private(self._path)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
@@ -374,6 +387,11 @@ class SqliteRegistry(Registry):
 
         Unknown, malformed, wrong, expired and revoked keys all raise the same UnauthenticatedError.
         """
+        return self.authenticate_valid_for(key)[0]
+
+    def authenticate_valid_for(self, key: str) -> tuple[Tenant, float | None]:
+        """`authenticate`, and for how many more seconds the key is valid (> 0; None: until rotated or
+        revoked), so a cache of verified keys never outlives a rotation's grace period."""
         prefix = parse_prefix(key)
         if prefix is None:
             raise UnauthenticatedError(_UNAUTHENTICATED)
@@ -383,9 +401,10 @@ class SqliteRegistry(Registry):
             raise UnauthenticatedError(_UNAUTHENTICATED)
         params = ScryptParams(row["scrypt_n"], row["scrypt_r"], row["scrypt_p"])
         is_valid = verify_key(key, row["salt"], row["digest"], params)
-        if not is_valid or (row["expires"] is not None and self._clock() >= row["expires"]):
+        valid_for = None if row["expires"] is None else row["expires"] - self._clock()
+        if not is_valid or (valid_for is not None and valid_for <= 0):
             raise UnauthenticatedError(_UNAUTHENTICATED)
-        return _tenant(row)
+        return _tenant(row), valid_for
 
     def add_adapter_version(self, tenant_id: int, name: str, kind: str, config: dict, head: dict, sha256: str,
                             size: int, actor: str, activate: bool = True) -> AdapterRecord:
