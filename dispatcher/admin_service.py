@@ -12,7 +12,13 @@ INVALID_ARGUMENT (a retry of the same upload can never succeed, so never RESOURC
 missing or repeated header, a declared size of 0 or above `max_upload_bytes` (before any data is
 read), more data than declared (as soon as it arrives), less data than declared, a sha256
 mismatch, and an unsafe or malformed archive. An archive that holds no readable adapter, or an
-adapter that does not fit the backbone or the pool, is FAILED_PRECONDITION. Nothing is stored
+adapter that does not fit the backbone or the pool, is FAILED_PRECONDITION. So is an adapter whose
+head metadata fails the head schema (vbert.heads: labels a JSON list of non-empty strings of at most
+128 UTF-8 bytes without control characters or lone surrogates, at most the pool's max_labels of them;
+kind and pooling from their enums; normalize a JSON boolean; no unknown fields), and one whose
+worst-case Classify/Tag response (max_texts_per_request texts x max_tokens_per_text tokens with its
+labels, vbert.heads.check_response_size) would not fit max_message_bytes: the archive is well formed,
+the adapter in it is not usable here. Nothing is stored
 unless every check passed; the temporary extraction directory (under data_dir/uploads, never the
 system temp directory) is always removed, and a killed process's leftovers at the next start.
 """
@@ -30,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 
+from manager.config import ResponseLimits
 from manager.errors import FailedPreconditionError, InvalidArgumentError
 from manager.records import AdapterRecord, Quotas, Tenant, validate_name
 from vbert.adapters import AdapterError
@@ -62,10 +69,20 @@ def tenant_pb(t: Tenant) -> admin_pb2.Tenant:
         weight=q.weight))
 
 
+QUARANTINED = "quarantined"      # head_kind of a version whose head fails the schema (manager.manager)
+
+
 def adapter_pb(rec: AdapterRecord, tenant_name: str, cache) -> admin_pb2.Adapter:
-    head = HeadSpec.from_json(rec.head)
+    """Never fails on a stored record: a quarantined version (or one whose head does not parse) is
+    listed with head_kind "quarantined", no labels, not active; the problem is in the audit log and
+    the start-up WARNING, and resolving the adapter answers FAILED_PRECONDITION naming it."""
+    try:
+        head = None if rec.is_quarantined else HeadSpec.from_json(rec.head)
+    except AdapterError:
+        head = None
+    head_kind, labels = (head.kind.value, list(head.labels)) if head is not None else (QUARANTINED, [])
     return admin_pb2.Adapter(tenant=tenant_name, name=rec.name, version=rec.version, kind=rec.kind,
-                             head_kind=head.kind.value, labels=list(head.labels), sha256=rec.sha256, size=rec.size,
+                             head_kind=head_kind, labels=labels, sha256=rec.sha256, size=rec.size,
                              created=rec.created, is_active=rec.is_active, is_pinned=cache.is_pinned(rec.id),
                              is_resident=cache.is_resident(rec.id))
 
@@ -282,7 +299,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 reason = str(e).replace(f"{directory}: ", "").replace(f"{directory}/", "").replace(str(directory), ".")
                 what = "is not a usable adapter" if isinstance(e, AdapterError) else "cannot be read as an adapter"
                 raise FailedPreconditionError(f"the uploaded directory {what}: {reason}") from e
-            return self._m.upload_adapter(h.tenant, h.name, artifact, actor=actor, activate=h.activate)
+            return self._m.upload_adapter(h.tenant, h.name, artifact, actor=actor, activate=h.activate,
+                                          response_limits=self._response_limits())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -303,6 +321,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def _active(self, tenant_name: str, adapter_name: str) -> AdapterRecord:
         tenant = self._m.get_tenant(tenant_name)
         return self._m.registry.get_active_adapter(tenant.id, validate_name(adapter_name, "adapter"))
+
+    def _response_limits(self) -> ResponseLimits:
+        c = self.app.config
+        return ResponseLimits(c.max_texts_per_request, c.max_tokens_per_text, c.max_message_bytes)
 
     @unary
     async def PinAdapter(self, request, context):

@@ -60,7 +60,11 @@ def _finite_float(name: str, x) -> float:
 def _content(artifact: AdapterArtifact) -> tuple[dict, dict[str, torch.Tensor]]:
     """The artifact's config (JSON-able, canonical types) and its tensors under canonical names."""
     a, head = artifact.adapter, artifact.head
-    content: dict = {"format": FORMAT, "version": VERSION, "kind": artifact.kind, "head": head.spec.to_json()}
+    try:                                   # what is written must read back under the head schema
+        head_json = HeadSpec.from_json(head.spec.to_json()).to_json()
+    except (AdapterError, AttributeError) as e:
+        raise FailedPreconditionError(f"head spec: {e}") from None
+    content: dict = {"format": FORMAT, "version": VERSION, "kind": artifact.kind, "head": head_json}
     if artifact.skip_table is not None:                  # absent otherwise: older blobs keep their bytes
         content["skip_table"] = str(artifact.skip_table)
     tensors: dict[str, torch.Tensor] = {}
@@ -232,8 +236,8 @@ def _build(content: dict, tensors: dict[str, torch.Tensor]) -> AdapterArtifact:
     if skip_table is not None and (not isinstance(skip_table, str) or not skip_table):
         raise _Problem(f"skip_table must be a non-empty string, got {skip_table!r}")
     try:
-        spec = HeadSpec.from_json(content["head"] if isinstance(content["head"], dict) else {})
-    except (AdapterError, TypeError) as e:
+        spec = HeadSpec.from_json(content["head"])
+    except AdapterError as e:
         raise _Problem(f"head spec: {e}")
     taken = _Tensors(tensors)
     decoder = _ADAPTER_DECODERS[kind]

@@ -74,3 +74,19 @@ class StoreConfig:
     def root(self) -> Path:
         """The store's root directory."""
         return Path(self.data_dir) / self.subdir
+
+
+@dataclass(frozen=True)
+class ResponseLimits:
+    """The server's limits that bound the largest response a head can produce (checked at upload by
+    vbert.heads.check_response_size): texts per request, tokens per text, bytes per gRPC message."""
+
+    max_texts_per_request: int = 64
+    max_tokens_per_text: int = 512
+    max_message_bytes: int = 16 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("max_texts_per_request", "max_tokens_per_text", "max_message_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

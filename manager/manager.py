@@ -7,27 +7,48 @@ It keeps the three parts consistent with each other:
   the blobs nobody references any more;
 - resolving (tenant, adapter name) gives the id of the version active NOW; a request keeps that id,
   so activating a new version switches new requests atomically while scheduled ones finish on
-  the version they started with.
+  the version they started with;
+- at start-up, every registered version whose head fails today's schema (vbert.heads: an older
+  server let it in) is quarantined: made inactive for good with its problem recorded, an audit
+  entry and a WARNING naming tenant, adapter, version and problem. It stays listed (with
+  `problem` set) until deleted; resolving its adapter answers FAILED_PRECONDITION naming the
+  problem; the tenant's other adapters are not affected. A head with more labels than the pool's
+  max_labels now is only reported (that depends on the settings; the pool refuses to load it).
 Admin writes are serialized by one lock (they are rare); the inference path does not take it.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from vbert.adapters import AdapterError
 from vbert.artifact import AdapterArtifact
-from vbert.heads import HeadSpec
+from vbert.heads import HeadSpec, check_head_json, check_response_size
 from vbert.model import MultiTenantModel
 
 from .cache import CacheConfig, TieredCache
-from .config import RegistryConfig, StoreConfig
+from .config import RegistryConfig, ResponseLimits, StoreConfig
 from .errors import FailedPreconditionError, NotFoundError
 from .registry import AdapterRecord, Quotas, Registry, Tenant, open_registry
 from .store import AdapterStore
 
+log = logging.getLogger(__name__)
+
 DEFAULT_ADAPTER = "default"   # every tenant: the bare backbone (embeddings), no upload needed
+STARTUP_ACTOR = "startup-check"
+
+
+def record_problem(rec: AdapterRecord) -> str | None:
+    """Why a registered version cannot be served under today's head schema, or None: its head (and
+    the copy in its config, if any) must pass HeadSpec.from_json."""
+    for where, head in (("head", rec.head), ("config head", rec.config.get("head", rec.head))):
+        try:
+            HeadSpec.from_json(head)
+        except AdapterError as e:
+            return str(e) if where == "head" else f"{where}: {e}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -60,6 +81,7 @@ class Manager:
     def __init__(self, config: ManagerConfig, model: MultiTenantModel):
         self.config, self.model = config, model
         self.registry: Registry = open_registry(config.registry)
+        self.quarantined = self._quarantine_unusable(model.pool.config.max_labels)
         self.store = AdapterStore(config.store)
         self.recovery = self.store.recover(keep=self.registry.referenced_shas())
         self.cache = TieredCache(config.cache, model.pool, self._load_from_store)
@@ -69,6 +91,25 @@ class Manager:
     def close(self) -> None:
         self.cache.close()
         self.registry.close()
+
+    def _quarantine_unusable(self, max_labels: int) -> list[AdapterRecord]:
+        """The start-up check (module docstring): quarantine every version whose head fails the schema;
+        returns the versions quarantined now."""
+        out = []
+        for rec in self.registry.list_usable_adapters():
+            problem = record_problem(rec)
+            if problem is not None:
+                out.append(self.registry.quarantine_version(rec.id, problem, actor=STARTUP_ACTOR))
+                log.warning("start-up check quarantined adapter %r version %d of tenant %r (it was %s): %s",
+                            rec.name, rec.version, self.registry.get_tenant_by_id(rec.tenant_id).name, rec.state,
+                            problem)
+                continue
+            try:
+                check_head_json(rec.head, max_labels)
+            except AdapterError as e:
+                log.warning("adapter %r version %d of tenant %r cannot be loaded with these settings: %s",
+                            rec.name, rec.version, self.registry.get_tenant_by_id(rec.tenant_id).name, e)
+        return out
 
     def _load_from_store(self, adapter_id: int) -> AdapterArtifact:
         return self.store.get(self.registry.get_adapter(adapter_id).sha256)
@@ -95,14 +136,20 @@ class Manager:
 
     # -- adapters --------------------------------------------------------------------------------
     def upload_adapter(self, tenant_name: str, adapter_name: str, artifact: AdapterArtifact,
-                       actor: str = "admin", activate: bool = True) -> AdapterRecord:
-        """Validate against the backbone, store, register (a new version). Nothing is stored or
+                       actor: str = "admin", activate: bool = True,
+                       response_limits: ResponseLimits | None = None) -> AdapterRecord:
+        """Validate against the backbone (and, given response_limits, the largest response its head can
+        produce: vbert.heads.check_response_size), store, register (a new version). Nothing is stored or
         registered if any step fails."""
         if adapter_name == DEFAULT_ADAPTER:
             raise FailedPreconditionError(f"adapter name {DEFAULT_ADAPTER!r} is reserved for the bare backbone")
         if isinstance(artifact, AdapterArtifact):
             try:
                 self.model.check_skip(artifact)        # runs with this server's skip mode (or full model)?
+                if response_limits is not None:
+                    r = response_limits
+                    check_response_size(artifact.head.spec, r.max_texts_per_request, r.max_tokens_per_text,
+                                        r.max_message_bytes)
             except AdapterError as e:
                 raise FailedPreconditionError(str(e)) from e
         with self._admin:
@@ -160,5 +207,16 @@ class Manager:
         try:
             rec = self.registry.get_active_adapter(tenant.id, adapter_name)
         except NotFoundError:
+            quarantined = [r for r in self.registry.list_adapters(tenant.id, adapter_name) if r.is_quarantined]
+            if quarantined:
+                q = quarantined[-1]
+                raise FailedPreconditionError(
+                    f"adapter {adapter_name!r} of tenant {tenant.name!r} has no active version: version {q.version} "
+                    f"is quarantined ({q.problem}); activate another version or upload a new one") from None
             raise NotFoundError(f"tenant {tenant.name!r} has no active adapter {adapter_name!r}") from None
-        return AdapterRef(tenant.id, adapter_name, rec.id, rec.version, rec.kind, HeadSpec.from_json(rec.head))
+        try:
+            head = HeadSpec.from_json(rec.head)
+        except AdapterError as e:
+            raise FailedPreconditionError(f"adapter {adapter_name!r} version {rec.version} of tenant "
+                                          f"{tenant.name!r} is not usable: {e}") from None
+        return AdapterRef(tenant.id, adapter_name, rec.id, rec.version, rec.kind, head)

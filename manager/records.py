@@ -1,15 +1,20 @@
 """Plain records of the registry (no SQL, no protobuf) and the checks of their fields."""
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from manager.errors import InvalidArgumentError
+from vbert.adapters import AdapterError
+from vbert.heads import HeadSpec
 
 TENANT_STATUSES = ("active", "suspended")
 ADAPTER_KINDS = ("lora", "bottleneck", "none")
-ADAPTER_STATES = ("active", "inactive")
+ADAPTER_STATES = ("active", "inactive")   # a quarantined version is inactive and has a problem
+MAX_PROBLEM_CHARS = 1000
 MAX_PAGE_SIZE = 1000
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -84,10 +89,15 @@ class AdapterRecord:
     size: int
     created: float
     state: str
+    problem: str | None = None   # set: quarantined (unusable for good; why, in words)
 
     @property
     def is_active(self) -> bool:
         return self.state == "active"
+
+    @property
+    def is_quarantined(self) -> bool:
+        return self.problem is not None
 
 
 @dataclass(frozen=True)
@@ -98,3 +108,48 @@ class AuditEntry:
     action: str
     target: str
     detail: dict = field(hash=False)
+
+
+def _tenant(row: Mapping) -> Tenant:
+    quotas = Quotas(row["requests_per_s"], row["burst"], row["max_tokens_per_request"], row["weight"])
+    return Tenant(row["id"], row["name"], row["created"], row["status"], quotas)
+
+
+def _check_quotas(quotas: object) -> Quotas:
+    if not isinstance(quotas, Quotas):
+        raise InvalidArgumentError(f"quotas must be a Quotas, got {type(quotas).__name__}")
+    return quotas
+
+
+def _json_object(text: object) -> dict:
+    """A JSON object stored in a row; damaged text reads as {} so that one bad row never breaks a listing
+    (the start-up check then quarantines a record whose head is {})."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _adapter(row: Mapping) -> AdapterRecord:
+    return AdapterRecord(row["id"], row["tenant_id"], row["name"], row["version"], row["kind"],
+                         _json_object(row["config"]), _json_object(row["head"]), row["sha256"], row["size"],
+                         row["created"], row["state"], row["problem"])
+
+
+def _json(what: str, value: object) -> str:
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"{what} must be a JSON object (dict), got {type(value).__name__}")
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"{what} is not JSON-serializable: {e}") from None
+
+
+def check_head(head: object) -> dict:
+    """A head spec's JSON against the schema of vbert.heads (types, enums, labels); InvalidArgumentError."""
+    try:
+        HeadSpec.from_json(head)
+    except AdapterError as e:
+        raise InvalidArgumentError(f"head spec: {e}") from None
+    return head

@@ -21,7 +21,9 @@ from typing import Protocol, runtime_checkable
 from manager.config import RegistryConfig
 from manager.errors import (AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError,
                             UnauthenticatedError)
-from manager.records import (TENANT_STATUSES, ADAPTER_KINDS, MAX_PAGE_SIZE, _SHA256_RE, _UNAUTHENTICATED, validate_name, _check_int, _check_number, Quotas, Tenant, AdapterRecord, AuditEntry)
+from manager.records import (TENANT_STATUSES, ADAPTER_KINDS, MAX_PAGE_SIZE, MAX_PROBLEM_CHARS, _SHA256_RE,
+                             _UNAUTHENTICATED, validate_name, _adapter, _check_int, _check_number, _check_quotas,
+                             _json, _tenant, check_head, Quotas, Tenant, AdapterRecord, AuditEntry)
 from manager.keys import (IssuedKey, ScryptParams, burn_hash, issue_key, parse_prefix, verify_key,
                           with_new_prefix)
 
@@ -60,6 +62,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE UNIQUE INDEX adapters_one_active ON adapters(tenant_id, name) WHERE state = 'active'",
         "CREATE INDEX adapters_by_sha256 ON adapters(sha256)",
         "CREATE INDEX audit_by_target ON audit(target, id)",
+    ),
+    (  # 3: quarantine: a version an older server let in that fails today's checks keeps its row, inactive,
+       # with the problem in words (NULL: usable); activate_version refuses it
+        "ALTER TABLE adapters ADD COLUMN problem TEXT",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -129,29 +135,11 @@ class Registry(Protocol):
     def get_adapter(self, adapter_id: int) -> AdapterRecord: ...
     def list_adapters(self, tenant_id: int, name: str | None = None) -> list[AdapterRecord]: ...
     def delete_adapter(self, tenant_id: int, name: str, actor: str) -> list[AdapterRecord]: ...
+    def list_usable_adapters(self) -> list[AdapterRecord]: ...
+    def quarantine_version(self, adapter_id: int, problem: str, actor: str) -> AdapterRecord: ...
     def referenced_shas(self) -> set[str]: ...
     def list_audit(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]: ...
     def close(self) -> None: ...
-
-
-def _tenant(row: sqlite3.Row) -> Tenant:
-    quotas = Quotas(row["requests_per_s"], row["burst"], row["max_tokens_per_request"], row["weight"])
-    return Tenant(row["id"], row["name"], row["created"], row["status"], quotas)
-
-
-def _adapter(row: sqlite3.Row) -> AdapterRecord:
-    return AdapterRecord(row["id"], row["tenant_id"], row["name"], row["version"], row["kind"],
-                         json.loads(row["config"]), json.loads(row["head"]), row["sha256"], row["size"],
-                         row["created"], row["state"])
-
-
-def _json(what: str, value: object) -> str:
-    if not isinstance(value, dict):
-        raise InvalidArgumentError(f"{what} must be a JSON object (dict), got {type(value).__name__}")
-    try:
-        return json.dumps(value, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise InvalidArgumentError(f"{what} is not JSON-serializable: {e}") from None
 
 
 def _one(conn: sqlite3.Connection, sql: str, args: tuple, what: str) -> sqlite3.Row:
@@ -159,12 +147,6 @@ def _one(conn: sqlite3.Connection, sql: str, args: tuple, what: str) -> sqlite3.
     if row is None:
         raise NotFoundError(f"{what} not found")
     return row
-
-
-def _check_quotas(quotas: object) -> Quotas:
-    if not isinstance(quotas, Quotas):
-        raise InvalidArgumentError(f"quotas must be a Quotas, got {type(quotas).__name__}")
-    return quotas
 
 
 def _check_actor(actor: object) -> str:
@@ -417,6 +399,7 @@ class SqliteRegistry(Registry):
         if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
             raise InvalidArgumentError(f"sha256 {sha256!r} must be 64 lowercase hex digits")
         _check_int("adapter size", size, 0)
+        check_head(head)   # the head schema (vbert.heads): no record that cannot be listed or served
         with self._write() as conn:
             tenant = self._tenant_id_row(conn, tenant_id)
             version = conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM adapters "
@@ -439,9 +422,12 @@ class SqliteRegistry(Registry):
         _check_int("adapter version", version)
         with self._write() as conn:
             tenant = self._tenant_id_row(conn, tenant_id)
-            row = _one(conn, "SELECT id FROM adapters WHERE tenant_id = ? AND name = ? AND version = ?",
+            row = _one(conn, "SELECT id, problem FROM adapters WHERE tenant_id = ? AND name = ? AND version = ?",
                        (tenant_id, validate_name(name, "adapter"), version),
                        f"adapter {name!r} version {version} of tenant {tenant['name']!r}")
+            if row["problem"] is not None:
+                raise FailedPreconditionError(f"adapter {name!r} version {version} of tenant {tenant['name']!r} "
+                                              f"is quarantined: {row['problem']}")
             conn.execute("UPDATE adapters SET state = 'inactive' "
                          "WHERE tenant_id = ? AND name = ? AND state = 'active'", (tenant_id, name))
             conn.execute("UPDATE adapters SET state = 'active' WHERE id = ?", (row["id"],))
@@ -483,6 +469,27 @@ class SqliteRegistry(Registry):
             self._audit(conn, actor, "delete_adapter", f"{tenant['name']}/{name}",
                         {"versions": [r.version for r in removed]})
         return removed
+
+    def list_usable_adapters(self) -> list[AdapterRecord]:
+        """Every version not quarantined, of every tenant, by id (for the start-up check)."""
+        return [_adapter(row) for row in self._conn().execute("SELECT * FROM adapters WHERE problem IS NULL "
+                                                              "ORDER BY id")]
+
+    def quarantine_version(self, adapter_id: int, problem: str, actor: str) -> AdapterRecord:
+        """Make one version unusable for good: inactive, its problem recorded (listed, never activated
+        again; deleting the adapter removes it), with an audit entry."""
+        _check_actor(actor)
+        if not isinstance(problem, str) or not problem:
+            raise InvalidArgumentError(f"problem must be a non-empty string, got {problem!r}")
+        problem = problem[:MAX_PROBLEM_CHARS]
+        with self._write() as conn:
+            rec = self._adapter_by_id(conn, adapter_id)
+            tenant = self._tenant_id_row(conn, rec.tenant_id)
+            conn.execute("UPDATE adapters SET state = 'inactive', problem = ? WHERE id = ?", (problem, rec.id))
+            self._audit(conn, actor, "quarantine_version", f"{tenant['name']}/{rec.name}",
+                        {"version": rec.version, "sha256": rec.sha256, "was_active": rec.is_active,
+                         "problem": problem})
+            return self._adapter_by_id(conn, rec.id)
 
     def referenced_shas(self) -> set[str]:
         """Every artifact sha256 some adapter version still refers to (the rest may be collected)."""

@@ -167,10 +167,12 @@ def load_artifact(path: str | Path) -> AdapterArtifact:
         meta = json.loads((path / META_FILE).read_text())
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path / META_FILE}: invalid JSON ({e})")
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path / META_FILE}: not a JSON object")
     if meta.get("format") != FORMAT or meta.get("version") not in VERSIONS:
         raise AdapterError(f"{path}: format {meta.get('format')!r} v{meta.get('version')!r} is not {FORMAT} "
                            f"v{' or v'.join(map(str, VERSIONS))}")
-    spec = HeadSpec.from_json(meta.get("head", {}))
+    spec = HeadSpec.from_json(meta.get("head", {}))   # the head schema (vbert.heads): types, enums, labels
     head = Head(spec)
     if spec.kind is not HeadKind.EMBED:
         if not (path / HEAD_FILE).is_file():
