@@ -4,7 +4,7 @@ others flood the server, hold idle streams, or hammer it with bad keys, measured
 
     .venv/bin/python benchmarks/isolation.py --json benchmarks/out/isolation.json
     .venv/bin/python benchmarks/isolation.py --quick                      # 5 s phases, a smoke run
-    .venv/bin/python benchmarks/isolation.py --server-env VBERT_STEP_LATENCY_TARGET_MS=200
+    .venv/bin/python benchmarks/isolation.py --server-env VBERT_LATENCY_TARGET_MS=200
 
 It starts the real server as a subprocess (`.venv/bin/vbert serve`) on 127.0.0.1 with a free port,
 a temporary data dir, the default backbone (all-MiniLM-L6-v2), metrics off, a random admin token
@@ -41,7 +41,7 @@ IPv6) and B connect over [::1], everyone else over 127.0.0.1.
 
 Top-level JSON keys: b_p99_alone_ms, b_p99_flood_ms (the worst p99 of the non-alone phases, over
 B's answered calls), latency_target_ms (a *latency_target* field of admin GetStatus, at any depth,
-when the server reports one; else VBERT_STEP_LATENCY_TARGET_MS or VBERT_LATENCY_TARGET_MS as passed
+when the server reports one; else VBERT_LATENCY_TARGET_MS as passed
 with --server-env; else null; `latency_target_source` says which), b_errors (over all phases),
 rss_max_bytes, rss_hwm_bytes, target_met (b_p99_flood_ms <= 2 * b_p99_alone_ms + latency_target_ms,
 b_errors == 0 and every phase ran; null without a target), phases (each with the server's GetStatus
@@ -89,7 +89,7 @@ TENANT_A, TENANT_B = "iso-a", "iso-b"
 PHASES = ("alone", "flood_quota", "flood_10x", "idle_streams", "failed_auth")
 LOAD_OF = {"alone": None, "flood_quota": "flood", "flood_10x": "flood", "idle_streams": "streams",
            "failed_auth": "auth"}
-TARGET_ENVS = ("VBERT_STEP_LATENCY_TARGET_MS", "VBERT_LATENCY_TARGET_MS")   # the name the server uses is not settled
+TARGET_ENVS = ("VBERT_LATENCY_TARGET_MS",)
 SERVER_PACKAGES = ("dispatcher", "manager", "scheduler", "vbert", "protos")
 MIN_RETRY_S = 0.01
 
@@ -836,7 +836,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each phase")
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset, in this order")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment of the server (repeatable), e.g. VBERT_STEP_LATENCY_TARGET_MS=200")
+                   help="extra environment of the server (repeatable), e.g. VBERT_LATENCY_TARGET_MS=200")
     p.add_argument("--b-interval", type=float, default=0.2, help="seconds between B's calls (open loop)")
     p.add_argument("--a-texts", type=int, default=16, help="texts per call of the flooding tenant A")
     p.add_argument("--a-concurrency", type=int, default=32, help="A's calls in flight")

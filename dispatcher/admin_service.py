@@ -87,6 +87,18 @@ def adapter_pb(rec: AdapterRecord, tenant_name: str, cache) -> admin_pb2.Adapter
                              is_resident=cache.is_resident(rec.id))
 
 
+def limits_pb(app: App) -> admin_pb2.ServerLimits:
+    c, use = app.config, app.admission.stats()
+    return admin_pb2.ServerLimits(
+        max_concurrent_rpcs=c.max_concurrent_rpcs, max_concurrent_rpcs_per_tenant=c.max_concurrent_rpcs_per_tenant,
+        max_concurrent_public_rpcs=c.max_concurrent_public_rpcs,
+        max_concurrent_public_rpcs_per_peer=c.max_concurrent_public_rpcs_per_peer,
+        max_failed_auth_per_s=c.max_failed_auth_per_s, max_failed_auth_burst=c.max_failed_auth_burst,
+        latency_target_ms=c.latency_target_ms, step_token_budget=app.engine.step_budget() or 0,
+        num_rpcs_in_flight=use["num_keyed_in_flight"], num_public_rpcs_in_flight=use["num_public_in_flight"],
+        num_refused=sum(use["num_refused"].values()))
+
+
 # -- safe extraction of an uploaded archive ----------------------------------------------------
 def _member_parts(name: str) -> tuple[str, ...]:
     if name.startswith("/") or "\\" in name or "\x00" in name:
@@ -304,6 +316,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _response_limits(self) -> ResponseLimits:
+        c = self.app.config
+        return ResponseLimits(c.max_texts_per_request, c.max_tokens_per_text, c.max_message_bytes)
+
     @unary
     async def ListAdapters(self, request, context):
         records = await asyncio.to_thread(self._m.list_adapters, request.tenant)
@@ -321,10 +337,6 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def _active(self, tenant_name: str, adapter_name: str) -> AdapterRecord:
         tenant = self._m.get_tenant(tenant_name)
         return self._m.registry.get_active_adapter(tenant.id, validate_name(adapter_name, "adapter"))
-
-    def _response_limits(self) -> ResponseLimits:
-        c = self.app.config
-        return ResponseLimits(c.max_texts_per_request, c.max_tokens_per_text, c.max_message_bytes)
 
     @unary
     async def PinAdapter(self, request, context):
@@ -362,4 +374,5 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             backbone=app.model.name, device=app.model.device.describe(), dtype=app.model.device.dtype_name,
             num_tenants=num_tenants, num_resident_adapters=self._m.cache.stats()["device"]["resident"],
             queue_depth=app.engine.scheduler.num_waiting, lora_slots=pool.num_lora_slots,
-            bottleneck_slots=pool.num_bottleneck_slots, is_draining=app.is_draining, version=VERSION)
+            bottleneck_slots=pool.num_bottleneck_slots, is_draining=app.is_draining, version=VERSION,
+            limits=limits_pb(app))

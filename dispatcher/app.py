@@ -13,6 +13,7 @@ from scheduler.runner import ModelRunner
 from scheduler.types import Request
 from vbert.model import MultiTenantModel
 
+from .admission import Admission
 from .auth import Authenticator, load_admin_token
 from .config import ServerConfig
 from .limits import RateLimiter
@@ -31,6 +32,7 @@ class App:
     limiter: RateLimiter
     metrics: Metrics
     admin_token: str
+    admission: Admission = field(default_factory=Admission)
     started: float = field(default_factory=time.time)
     is_draining: bool = False
 
@@ -47,7 +49,8 @@ class App:
                         manager.cache, on_step=metrics.on_step)
         metrics.watch(cache=manager.cache, scheduler=engine.scheduler, skip=model.skip)
         token = load_admin_token(config.data_dir, config.admin_token)
-        return cls(config, model, manager, engine, Authenticator(manager, token), RateLimiter(), metrics, token)
+        return cls(config, model, manager, engine, Authenticator(manager, token), RateLimiter(), metrics, token,
+                   Admission(config.admission_config()))
 
     def start(self) -> "App":
         self.engine.start()

@@ -12,21 +12,25 @@ import asyncio
 import contextvars
 import hashlib
 import hmac
+import inspect
 import os
 import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import logging
 
-from manager.errors import PermissionDeniedError, UnauthenticatedError
+from manager.errors import InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
 from manager.manager import Manager
 from manager.records import Tenant
 
+from .admission import Admission, SlotLimitError
 from .errors import DrainingError, abort
+from .logs import RefusalSampler
 
 log = logging.getLogger("vbert.dispatcher")
 _tenant: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar("tenant", default=None)
@@ -83,7 +87,8 @@ class Authenticator:
         self.manager, self.ttl_s = manager, ttl_s
         self._admin = hashlib.sha256(admin_token.encode()).digest()
         self._cache: dict[bytes, tuple[Tenant, float]] = {}
-        self._lock = threading.Lock()
+        self._known: set[bytes] = set()     # digests of keys that verified once (exempt from the
+        self._lock = threading.Lock()       # failed-authentication limit of their address)
 
     def cached(self, key: str | None) -> Tenant | None:
         """The tenant of a key verified in the last ttl_s seconds and not expired since (a rotation's
@@ -101,13 +106,31 @@ class Authenticator:
         if not key:
             raise UnauthenticatedError("missing 'authorization: Bearer <api key>' metadata")
         started = time.monotonic()   # before the check: started + valid_for is never after the key's expiry
-        tenant, valid_for = self.manager.authenticate_valid_for(key)
+        digest = hashlib.sha256(key.encode()).digest()
+        try:
+            tenant, valid_for = self.manager.authenticate_valid_for(key)
+        except UnauthenticatedError:
+            with self._lock:
+                self._known.discard(digest)
+            raise
         until = started + (self.ttl_s if valid_for is None else min(self.ttl_s, valid_for))
         with self._lock:
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            self._cache[hashlib.sha256(key.encode()).digest()] = (tenant, until)
+            if len(self._known) > 100_000:
+                self._known.clear()
+            self._cache[digest] = (tenant, until)
+            self._known.add(digest)
         return self._check_active(tenant)
+
+    def is_known(self, key: str | None) -> bool:
+        """Whether this key verified before (it is verified again all the same; only the failed-
+        authentication limit of its address does not apply, so a flood of bad keys from the same
+        address does not lock out a good one whose cache entry just expired)."""
+        if not key:
+            return False
+        with self._lock:
+            return hashlib.sha256(key.encode()).digest() in self._known
 
     @staticmethod
     def _check_active(tenant: Tenant) -> Tenant:
@@ -126,12 +149,54 @@ class Authenticator:
             self._cache.clear()
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authentication, request ids, draining refusal, and one log line + one histogram sample per
-    call (method, status code, duration; tenant in the log, never as a metric label)."""
+class _Undecodable:
+    """Stands in for a request message that could not be parsed (e.g. invalid UTF-8 in a string
+    field); the wrapped handler answers INVALID_ARGUMENT instead of grpc's UNKNOWN."""
 
-    def __init__(self, auth: Authenticator, is_draining, metrics=None):
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer):
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - untrusted bytes: any parse failure is the caller's
+            return _Undecodable(e)
+    return parse
+
+
+def _checked(request):
+    if isinstance(request, _Undecodable):
+        raise InvalidArgumentError(f"the request message cannot be parsed: {request.error} (string fields must "
+                                   f"be valid UTF-8)")
+    return request
+
+
+async def _checked_stream(request_iterator):
+    async for request in request_iterator:
+        yield _checked(request)
+
+
+PUBLIC, TENANT, ADMIN = "public", "tenant", "admin"
+REFUSALS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"})   # logs sampled
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authentication, call slots (dispatcher.admission), request ids, draining refusal, undecodable
+    messages, and one log line + one histogram sample per keyed call (method, status code, duration;
+    tenant in the log, never as a metric label). Keys not in the verified cache are hashed on a small
+    pool of their own, so a flood of bad keys cannot occupy the threads other calls need."""
+
+    def __init__(self, auth: Authenticator, is_draining, metrics=None, admission: Admission | None = None,
+                 num_hash_threads: int = 2):
         self.auth, self.is_draining, self.metrics = auth, is_draining, metrics
+        self.admission = admission or Admission()
+        self._hash_pool = ThreadPoolExecutor(num_hash_threads, thread_name_prefix="vbert-auth")
+        self._refusals = RefusalSampler()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -139,20 +204,47 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = details.method
         if method in PUBLIC_METHODS or method.startswith(PUBLIC_PREFIXES):
-            return handler
-        is_admin = method.startswith(ADMIN_PREFIX)
-        return _wrap(handler, self, is_admin, method)
+            kind = PUBLIC
+        else:
+            kind = ADMIN if method.startswith(ADMIN_PREFIX) else TENANT
+        return _wrap(handler, self, kind, method)
 
-    async def enter(self, context, is_admin: bool) -> None:
-        """Runs in the handler's task: request id, draining check, authentication."""
+    async def enter(self, context, kind: str):
+        """Runs in the handler's task before the handler: takes the call's slot and authenticates.
+        Returns the function that gives the slot back (None if none was taken)."""
+        if kind == PUBLIC:
+            peer = context.peer()
+            self.admission.enter_public(peer)
+            return lambda: self.admission.leave_public(peer)
         _request_id.set(uuid.uuid4().hex[:16])
         if self.is_draining():
             raise DrainingError("the server is draining; retry on another replica")
         token = bearer(context.invocation_metadata())
-        if is_admin:
+        if kind == ADMIN:
             self.auth.check_admin(token)
-        else:   # cache hit inline; a miss hashes and queries the registry on a worker thread
-            _tenant.set(self.auth.cached(token) or await asyncio.to_thread(self.auth.tenant, token))
+            return None
+        tenant = self.auth.cached(token)
+        if tenant is None:   # a miss hashes and queries the registry on the hashing pool
+            peer = context.peer()
+            is_limited = bool(token) and not self.auth.is_known(token)
+            if is_limited:
+                try:
+                    self.admission.begin_auth(peer)
+                except SlotLimitError:
+                    await asyncio.sleep(self.admission.config.failed_auth_delay_s)   # tarpit
+                    raise
+            is_failed = False
+            try:
+                tenant = await asyncio.get_running_loop().run_in_executor(self._hash_pool, self.auth.tenant, token)
+            except UnauthenticatedError:
+                is_failed = True
+                raise
+            finally:   # a good key (or a suspended tenant's) gives its attempt back
+                if is_limited:
+                    self.admission.end_auth(peer, is_ok=not is_failed)
+        _tenant.set(tenant)
+        self.admission.enter_tenant(tenant.id, tenant.name)
+        return lambda: self.admission.leave_tenant(tenant.id)
 
     def record(self, method: str, context, started: float) -> None:
         code = context.code()
@@ -160,46 +252,69 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         seconds = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.rpc_seconds.labels(method=method.rsplit("/", 1)[-1], code=name).observe(seconds)
+        extra = {}
+        if name in REFUSALS:
+            suppressed = self._refusals.admit()
+            if suppressed is None:
+                return
+            if suppressed:
+                extra["num_suppressed"] = suppressed
         tenant = _tenant.get()
         log.info("rpc", extra={"request_id": current_request_id(), "tenant": tenant.name if tenant else None,
-                               "method": method, "code": name, "duration_ms": round(seconds * 1000, 2)})
+                               "method": method, "code": name, "duration_ms": round(seconds * 1000, 2), **extra})
+
+    def close(self) -> None:
+        self._hash_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _wrap(handler, interceptor: AuthInterceptor, is_admin: bool, method: str):
-    def guard(behavior, streaming_response: bool):
+def _wrap(handler, interceptor: AuthInterceptor, kind: str, method: str):
+    is_recorded = kind != PUBLIC
+
+    def guard(behavior, streaming_request: bool, streaming_response: bool):
+        def checked(request):
+            return _checked_stream(request) if streaming_request else _checked(request)
+
         if streaming_response:
             async def wrapped(request, context):
-                started = time.perf_counter()
+                started, release = time.perf_counter(), None
                 try:
                     try:
-                        await interceptor.enter(context, is_admin)
+                        release = await interceptor.enter(context, kind)
+                        request = checked(request)
                     except Exception as e:  # noqa: BLE001 - mapped to its status code
                         await abort(context, e, current_request_id())
-                    async for item in behavior(request, context):
-                        yield item
+                    if inspect.isasyncgenfunction(behavior):
+                        async for item in behavior(request, context):
+                            yield item
+                    else:   # a coroutine that writes with context.write (e.g. health Watch)
+                        await behavior(request, context)
                 finally:
-                    interceptor.record(method, context, started)
+                    if release is not None:
+                        release()
+                    if is_recorded:
+                        interceptor.record(method, context, started)
         else:
             async def wrapped(request, context):
-                started = time.perf_counter()
+                started, release = time.perf_counter(), None
                 try:
                     try:
-                        await interceptor.enter(context, is_admin)
+                        release = await interceptor.enter(context, kind)
+                        request = checked(request)
                     except Exception as e:  # noqa: BLE001
                         await abort(context, e, current_request_id())
                     return await behavior(request, context)
                 finally:
-                    interceptor.record(method, context, started)
+                    if release is not None:
+                        release()
+                    if is_recorded:
+                        interceptor.record(method, context, started)
         return wrapped
 
+    deserialize, serialize = _lenient(handler.request_deserializer), handler.response_serializer
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary, False), handler.request_deserializer,
-                                                   handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary, False, False), deserialize, serialize)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream, True), handler.request_deserializer,
-                                                    handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream, False, True), deserialize, serialize)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(guard(handler.stream_unary, False), handler.request_deserializer,
-                                                    handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream, True), handler.request_deserializer,
-                                                 handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(guard(handler.stream_unary, True, False), deserialize, serialize)
+    return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream, True, True), deserialize, serialize)

@@ -154,7 +154,8 @@ def _status(s) -> dict:
     return {"backbone": s.backbone, "device": s.device, "dtype": s.dtype, "num_tenants": s.num_tenants,
             "num_resident_adapters": s.num_resident_adapters, "queue_depth": s.queue_depth,
             "lora_slots": s.lora_slots, "bottleneck_slots": s.bottleneck_slots, "is_draining": s.is_draining,
-            "version": s.version}
+            "version": s.version,
+            "limits": {f.name: getattr(s.limits, f.name) for f in s.limits.DESCRIPTOR.fields}}
 
 
 def _inputs(texts: str | Iterable[str]) -> list[tenant_pb2.Input]:

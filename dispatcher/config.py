@@ -16,6 +16,8 @@ from scheduler.engine import EngineConfig
 from vbert.config import (DEFAULT_LORA_TARGETS, BackboneConfig, ModelConfig, PoolConfig, SkipConfig,
                           SkipTableConfig)
 
+from .admission import AdmissionConfig
+
 ENV_PREFIX = "VBERT_"
 
 
@@ -64,7 +66,12 @@ class ServerConfig:
     max_message_bytes: int = 16 << 20
     max_texts_per_request: int = 64
     max_tokens_per_text: int = 512
-    max_concurrent_rpcs: int = 256
+    max_concurrent_rpcs: int = 4096      # keyed calls in flight, all tenants together (memory bound)
+    max_concurrent_rpcs_per_tenant: int = 32   # calls (and open streams) one tenant holds at once
+    max_concurrent_public_rpcs: int = 32       # calls without a key (health, reflection) held at once ...
+    max_concurrent_public_rpcs_per_peer: int = 8   # ... of which from one address
+    max_failed_auth_per_s: float = 5.0   # failed authentications per second one address may make ...
+    max_failed_auth_burst: int = 20      # ... after a burst of this many; then refused without hashing
     default_deadline_s: float = 30.0
     keepalive_min_ping_s: float = 10.0   # client pings at most this often are accepted, never GOAWAY'd
     # engine
@@ -73,6 +80,8 @@ class ServerConfig:
     max_rows_per_step: int = 64
     max_waiting: int = 10000
     max_waiting_per_tenant: int = 1000
+    latency_target_ms: float = 250.0     # how long a light tenant may wait behind other tenants' steps;
+                                         # steps are sized from measured step times to stay within it
     # lifecycle
     grace_s: float = 30.0
     log_level: str = "INFO"
@@ -100,17 +109,21 @@ class ServerConfig:
             if v is not None and not Path(v).is_file():
                 raise ValueError(f"{name} {v!r} is not a file")
         for name in ("max_message_bytes", "max_texts_per_request", "max_tokens_per_text", "max_concurrent_rpcs",
+                     "max_concurrent_rpcs_per_tenant", "max_concurrent_public_rpcs",
+                     "max_concurrent_public_rpcs_per_peer", "max_failed_auth_burst",
                      "host_cache_mb", "max_tokens_per_step", "max_rows_per_step", "max_waiting",
                      "max_waiting_per_tenant"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("default_deadline_s", "keepalive_min_ping_s", "grace_s"):
+        for name in ("default_deadline_s", "keepalive_min_ping_s", "grace_s", "max_failed_auth_per_s",
+                     "latency_target_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
         # the parts validate themselves
-        self.model_config(), self.scheduler_config(), self.manager_config()
+        self.model_config(), self.scheduler_config(), self.manager_config(), self.admission_config()
+        self.engine_config()
 
     # -- the parts -----------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -147,7 +160,14 @@ class ServerConfig:
                                max_waiting_per_tenant=self.max_waiting_per_tenant)
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(is_pipelined=self.is_pipelined)
+        return EngineConfig(is_pipelined=self.is_pipelined, latency_target_s=self.latency_target_ms / 1000)
+
+    def admission_config(self) -> AdmissionConfig:
+        return AdmissionConfig(total=self.max_concurrent_rpcs, per_tenant=self.max_concurrent_rpcs_per_tenant,
+                               public=self.max_concurrent_public_rpcs,
+                               public_per_peer=self.max_concurrent_public_rpcs_per_peer,
+                               failed_auth_per_s=self.max_failed_auth_per_s,
+                               failed_auth_burst=self.max_failed_auth_burst)
 
     @property
     def address(self) -> str:

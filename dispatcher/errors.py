@@ -15,6 +15,8 @@ from scheduler.policy import QueueFullError
 from vbert.adapters import AdapterError
 from vbert.model import InputError
 
+from .admission import SlotLimitError
+
 log = logging.getLogger("vbert.dispatcher")
 
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -43,6 +45,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterError, grpc.StatusCode.FAILED_PRECONDITION),
     (CorruptAdapterError, grpc.StatusCode.DATA_LOSS),
     (RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SlotLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -62,7 +65,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, float | None]:
             return code, str(exc), retry
     for cls, code in STATUS_OF:
         if isinstance(exc, cls):
-            retry = exc.retry_after_s if isinstance(exc, RateLimitedError) else (
+            retry = exc.retry_after_s if isinstance(exc, (RateLimitedError, SlotLimitError)) else (
                 QUEUE_RETRY_AFTER_S if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None)
             return code, str(exc), retry
     return grpc.StatusCode.INTERNAL, "", None

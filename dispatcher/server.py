@@ -74,17 +74,20 @@ class Server:
     def __init__(self, app: App):
         self.app, config = app, app.config
         self.health = health.aio.HealthServicer()
-        interceptor = AuthInterceptor(app.auth, lambda: app.is_draining, app.metrics)
-        kw = dict(interceptors=[interceptor], options=server_options(config),
-                  maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        # call slots are ours (dispatcher.admission: per tenant, per caller without a key, in total),
+        # not grpc's one global pool, which idle streams of one caller can fill for everyone
+        self.interceptor = interceptor = AuthInterceptor(app.auth, lambda: app.is_draining, app.metrics,
+                                                         app.admission)
+        kw = dict(interceptors=[interceptor], options=server_options(config))
         self.main = grpc.aio.server(**kw)
         separate_admin = config.admin_port is not None
         self.admin = grpc.aio.server(**kw) if separate_admin else self.main
         tenant_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(app), self.main)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(app), self.main)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), self.admin)
-        for s, names in ((self.main, TENANT_SERVICES + (() if separate_admin else (ADMIN_SERVICE,))),
-                         *(((self.admin, (ADMIN_SERVICE,)),) if separate_admin else ())):
+        # reflection on the tenant listener lists the tenant services only (callers there have no
+        # business with the admin API, even when it shares the listener on loopback)
+        for s, names in ((self.main, TENANT_SERVICES), *(((self.admin, (ADMIN_SERVICE,)),) if separate_admin else ())):
             health_pb2_grpc.add_HealthServicer_to_server(self.health, s)
             reflection.enable_server_reflection(
                 names + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), s)
@@ -112,6 +115,7 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(s.stop(self.app.config.grace_s) for s in self._servers))
         await asyncio.to_thread(self.app.close)
+        self.interceptor.close()
         if getattr(self, "metrics_server", None) is not None:
             self.metrics_server[0].shutdown()
         self._stopped.set()

@@ -61,29 +61,47 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
 
     # -- the work ------------------------------------------------------------------------------
     async def _stream(self, request_iterator, context, handler):
+        """Answer a stream's messages in order, at most STREAM_WINDOW of them in work at once. However the
+        call ends (the client aborts, a message fails, the server drains), reading stops and every
+        message still in work is cancelled, its engine requests with it, and its outcome retrieved: a
+        client that went away leaves nothing submitting on its behalf and no unretrieved task error."""
         rid = current_request_id()
-        window: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        queue: asyncio.Queue = asyncio.Queue()      # tasks in order; then None, or the reading error
 
         async def read():
             try:
                 async for req in request_iterator:
-                    await window.put(asyncio.ensure_future(handler(req, context)))
-            finally:
-                await window.put(None)
+                    await window.acquire()
+                    task = asyncio.ensure_future(handler(req, context))
+                    task.add_done_callback(_retrieve)
+                    queue.put_nowait(task)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. an undecodable message: answered below
+                queue.put_nowait(e)
+            else:
+                queue.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
         try:
-            while (task := await window.get()) is not None:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, Exception):
+                    await abort(context, item, rid)
                 try:
-                    response = await task
+                    response = await item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as e:  # noqa: BLE001
                     await abort(context, e, rid)
+                window.release()
                 yield response
-            await reader
         finally:
             reader.cancel()
+            while not queue.empty():
+                item = queue.get_nowait()
+                if isinstance(item, asyncio.Future):
+                    item.cancel()
         context.set_trailing_metadata([("x-request-id", rid)])
 
     async def _run(self, request, context, kind: HeadKind, normalize: bool | None = None):
@@ -124,3 +142,9 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
         return tenant_pb2.EmbedResponse(results=[convert.embedding(c.output) for c in completions],
                                         metadata=convert.metadata(completions, time.perf_counter() - started,
                                                                   ref.version))
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Mark a stream message's outcome as seen (its error was answered, or nobody is left to answer)."""
+    if not task.cancelled():
+        task.exception()

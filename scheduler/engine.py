@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -24,6 +24,7 @@ from manager.cache import CacheFullError, TieredCache
 from .config import SchedulerConfig
 from .policy import QueueFullError, Scheduler
 from .runner import ModelRunner, PreparedStep
+from .sizing import StepSizer
 from .types import Request, RequestStatus, ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -47,15 +48,40 @@ class EngineStoppedError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """latency_target_s: how long a light tenant's request may wait behind other tenants' work (the
+    step computing, the steps prepared ahead, its own step). While more than one tenant submitted
+    within `recent_window_s`, steps are sized (scheduler.sizing) to latency_target_s divided by the
+    number of steps such a request may wait for; None: steps are bounded by the scheduler's budgets
+    only. max_admit_chars: the most text characters tokenized in one admission round (round-robin over
+    tenants), so one tenant's long texts never hold up the next step for long."""
+
     is_pipelined: bool = True
     max_prepared_steps: int = 1      # steps prepared ahead of the one computing
     idle_wait_s: float = 0.02        # longest sleep of an idle loop (deadline sweeps, residency)
+    latency_target_s: float | None = None
+    recent_window_s: float = 5.0
+    max_admit_chars: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.max_prepared_steps < 1:
             raise ValueError(f"max_prepared_steps must be >= 1, got {self.max_prepared_steps}")
         if not 0 < self.idle_wait_s <= 1:
             raise ValueError(f"idle_wait_s must be in (0, 1], got {self.idle_wait_s}")
+        if self.latency_target_s is not None and not 0 < self.latency_target_s < float("inf"):
+            raise ValueError(f"latency_target_s must be a finite number > 0 (or None), got {self.latency_target_s}")
+        if not 0 < self.recent_window_s < float("inf"):
+            raise ValueError(f"recent_window_s must be a finite number > 0, got {self.recent_window_s}")
+        if self.max_admit_chars < 1:
+            raise ValueError(f"max_admit_chars must be >= 1, got {self.max_admit_chars}")
+
+    @property
+    def num_steps_waited(self) -> int:
+        """Steps a request arriving behind a flood may wait for, its own included."""
+        return (2 + self.max_prepared_steps) if self.is_pipelined else 2
+
+    @property
+    def step_target_s(self) -> float | None:
+        return None if self.latency_target_s is None else self.latency_target_s / self.num_steps_waited
 
 
 @dataclass(frozen=True)
@@ -141,6 +167,29 @@ class CacheResidency:
         return failed
 
 
+def take_round_robin(incoming: list[Request], max_chars: int) -> tuple[list[Request], list[Request]]:
+    """(taken, left): requests taken one per tenant in turn, in arrival order within a tenant, until
+    their texts hold max_chars characters (at least one is taken; tokenized requests count 0).
+    Both lists keep the arrival order."""
+    queues: dict[int, deque] = {}
+    for req in incoming:
+        queues.setdefault(req.tenant_id, deque()).append(req)
+    taken: set[int] = set()
+    chars = 0
+    while queues:
+        for tenant_id in list(queues):
+            req = queues[tenant_id].popleft()
+            size = len(req.text) if req.text is not None and not req.is_tokenized else 0
+            if taken and chars + size > max_chars:
+                return ([r for r in incoming if r.request_id in taken],
+                        [r for r in incoming if r.request_id not in taken])
+            taken.add(req.request_id)
+            chars += size
+            if not queues[tenant_id]:
+                del queues[tenant_id]
+    return list(incoming), []
+
+
 def adapters_per_step(cache: TieredCache | None, is_pipelined: bool) -> int | None:
     """How many distinct adapters one step may use so that its adapters fit on the device: the
     smallest non-empty bank, halved when pipelining (the step computing and the next one each
@@ -166,6 +215,9 @@ class Engine:
         self.residency = (CacheResidency(cache, self._notify, max_outstanding=cap)
                           if (cache is not None and config.is_pipelined) else None)
         self.scheduler = Scheduler(scheduler_config, residency=self.residency)
+        self.sizer = (StepSizer(config.step_target_s, scheduler_config.max_tokens_per_step)
+                      if config.step_target_s is not None else None)
+        self._last_seen: dict[int, float] = {}     # tenant id -> when it last submitted
         self._max_waiting_per_tenant = scheduler_config.max_waiting_per_tenant
         self._incoming_per_tenant: Counter = Counter()
         self._step_slots = threading.Semaphore(config.max_prepared_steps)
@@ -234,6 +286,7 @@ class Engine:
                 raise QueueFullError(f"tenant {request.tenant_id} has {tenant_load} requests waiting, its limit is "
                                      f"{self._max_waiting_per_tenant}; retry later")
             self._futures[request.request_id] = (request, fut)
+            self._last_seen[request.tenant_id] = time.monotonic()
             if request.is_tokenized:
                 try:
                     self.scheduler.add(request)
@@ -275,10 +328,14 @@ class Engine:
 
     # -- the loops -------------------------------------------------------------------------------
     def _admit(self) -> None:
-        """Tokenize new requests (one tokenizer call) and queue them; fail broken adapters' requests."""
+        """Tokenize new requests (one tokenizer call of at most max_admit_chars characters, taken
+        round-robin over tenants) and queue them; fail broken adapters' requests."""
         with self._wake:
-            incoming, self._incoming = self._incoming, []
-            self._incoming_per_tenant.clear()
+            incoming, self._incoming = take_round_robin(self._incoming, self.config.max_admit_chars)
+            for req in incoming:
+                self._incoming_per_tenant[req.tenant_id] -= 1
+                if self._incoming_per_tenant[req.tenant_id] <= 0:
+                    del self._incoming_per_tenant[req.tenant_id]
         for req, err in self.runner.tokenize(incoming):
             self._fail(req, err)
         for req in incoming:
@@ -296,9 +353,21 @@ class Engine:
             if not self._incoming and not self._is_stopping:
                 self._wake.wait(self.config.idle_wait_s)
 
+    def step_budget(self) -> int | None:
+        """The next step's token budget: from the latency target while other tenants may be waiting
+        (more than one tenant submitted recently), else None (the scheduler's own budget)."""
+        if self.sizer is None:
+            return None
+        horizon = time.monotonic() - self.config.recent_window_s
+        with self._wake:
+            for tenant_id in [t for t, seen in self._last_seen.items() if seen < horizon]:
+                del self._last_seen[tenant_id]
+            num_recent = len(self._last_seen)
+        return self.sizer.budget() if num_recent > 1 else None
+
     def _schedule(self) -> ScheduledBatch | None:
         """Schedule the next step and answer the requests it dropped (None if nothing to run)."""
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self.step_budget())
         for req in batch.dropped:
             if req.status is RequestStatus.EXPIRED:
                 self._fail(req, DeadlineExceededError(f"request {req.request_id} passed its deadline while queued"))
@@ -343,6 +412,8 @@ class Engine:
             return
         finally:
             self.runner.release(step)
+        if self.sizer is not None:
+            self.sizer.observe(step.batch.num_tokens, output.compute_s)
         if self.on_step is not None:
             self.on_step(step.batch, output)
         by_id = {r.request_id: r for r in output.results}

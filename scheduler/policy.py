@@ -11,6 +11,10 @@ Language Models", OSDI'24). A step is filled in three moves, within `max_tokens_
    (other tenants' smaller requests fill the step; order within a tenant never changes) and goes first
    in the next step, so no request starves behind a stream of small ones.
 
+A step may get a smaller token budget than max_tokens_per_step (`schedule(max_tokens=...)`, from the
+engine's latency target, scheduler.sizing); its first row is admitted even above that budget, so a long
+request still runs, in a step of its own.
+
 Idle tenants bank no credit: a tenant that becomes backlogged again has its counter lifted to the smallest
 counter of the backlogged tenants (or the last served counter if there are none).
 
@@ -150,9 +154,18 @@ class Scheduler:
             return req
 
     # -- one step ----------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
-        """Pick one step's work. Scheduled requests are RUNNING until update() or abort_step()."""
+    def schedule(self, max_tokens: int | None = None) -> ScheduledBatch:
+        """Pick one step's work. Scheduled requests are RUNNING until update() or abort_step().
+
+        max_tokens: this step's token budget when smaller than max_tokens_per_step (e.g. from a latency
+        target, scheduler.sizing); the first row of a step is admitted even above it (up to
+        max_tokens_per_step), so no request is too long for a small budget."""
         wanted: list[int] = []
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        budget = self.config.max_tokens_per_step if max_tokens is None else min(max_tokens,
+                                                                                self.config.max_tokens_per_step)
         with self._lock:
             now = self.clock()
             step = self._next_step
@@ -160,7 +173,7 @@ class Scheduler:
             dropped = self._expire(now)
             self._unpark_resident(now, wanted)
             rows: list[ScheduledRow] = []
-            tokens_left, rows_left = self.config.max_tokens_per_step, self.config.max_rows_per_step
+            tokens_left, rows_left = budget, self.config.max_rows_per_step
             starved = self._starved_head()
             reserve_tokens, reserve_rows = (starved[1].tokens_to_compute(), 1) if starved else (0, 0)
             for _ in range(len(self._decode_ready)):   # 1. running generative requests, in rotation
@@ -200,7 +213,8 @@ class Scheduler:
                 tokens_left, rows_left = left
             for tenant in passed:
                 self._push(tenant)
-            batch = ScheduledBatch(step=step, rows=tuple(rows), dropped=tuple(dropped))
+            batch = ScheduledBatch(step=step, rows=tuple(rows), dropped=tuple(dropped),
+                                   token_budget=budget if budget < self.config.max_tokens_per_step else None)
             if rows:
                 self._in_flight[step] = batch.rows
                 self._counts["scheduled_rows"] += len(rows)
@@ -300,7 +314,9 @@ class Scheduler:
             self._park(tenant, req.adapter_id)
             return tokens_left, rows_left
         need = req.tokens_to_compute()
-        if need > tokens_left or rows_left < 1 or self._is_adapter_budget_spent(req.adapter_id, rows):
+        is_first = not rows and need <= self.config.max_tokens_per_step   # a step always takes its first row
+        if (need > tokens_left and not is_first) or rows_left < 1 \
+                or self._is_adapter_budget_spent(req.adapter_id, rows):
             return None
         tenant.queue.popleft()
         self._num_waiting -= 1
@@ -312,7 +328,7 @@ class Scheduler:
         self._last_counter = tenant.counter
         if tenant.queue:
             self._push(tenant)
-        return tokens_left - need, rows_left - 1
+        return max(0, tokens_left - need), rows_left - 1
 
     def _is_adapter_budget_spent(self, adapter_id: int | None, rows: list[ScheduledRow]) -> bool:
         """True if the step already uses max_adapters_per_step distinct adapters and this is a new one."""

@@ -91,6 +91,7 @@ class ScheduledBatch:
     step: int
     rows: tuple[ScheduledRow, ...]
     dropped: tuple[Request, ...] = ()  # expired or cancelled while queued (answered, not computed)
+    token_budget: int | None = None    # the step's token budget when below max_tokens_per_step (latency sizing)
 
     @property
     def num_rows(self) -> int:

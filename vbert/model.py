@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .device import DeviceContext
 from .heads import HEAD_KIND_CODES, Head, HeadKind, HeadSpec, classify_logits, embed, pool_hidden, tag_logits
 from .pool import AdapterPool, BatchAdapters
+from .tokens import TextTooLong, tokenize_bounded
 
 
 class InputError(ValueError):
@@ -134,21 +135,17 @@ class MultiTenantModel:
 
     def tokenize_each(self, texts: Sequence[str], truncate: Sequence[bool],
                       max_length: Sequence[int | None] | None = None) -> list[list[int] | InputError]:
-        """One tokenizer call for many texts; a bad text gives, in its place, an InputError whose
-        message is a predicate ("is empty", "has N tokens, above the limit of M ...")."""
+        """Tokenizer calls over many texts (vbert.tokens: the cost is bounded by each text's token
+        limit, not its length); a bad text gives, in its place, an InputError whose message is a
+        predicate ("is empty", "has N tokens, above the limit of M ...")."""
         out: list[list[int] | InputError] = [InputError("is empty") for _ in texts]
         good = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
         if good:
-            ids = self.tokenizer([texts[i] for i in good], truncation=False, add_special_tokens=True)["input_ids"]
-            for i, row in zip(good, ids):
-                limit = min(self.max_length, (max_length[i] if max_length is not None else None) or self.max_length)
-                if len(row) > limit:
-                    if not truncate[i]:
-                        out[i] = InputError(f"has {len(row)} tokens, above the limit of {limit} "
-                                            f"(truncation is off)")
-                        continue
-                    row = row[:limit - 1] + row[-1:]
-                out[i] = row
+            limits = [min(self.max_length, (max_length[i] if max_length is not None else None) or self.max_length)
+                      for i in good]
+            rows = tokenize_bounded(self.tokenizer, [texts[i] for i in good], limits, [truncate[i] for i in good])
+            for i, row in zip(good, rows):
+                out[i] = InputError(str(row)) if isinstance(row, TextTooLong) else row
         return out
 
     # -- adapters ------------------------------------------------------------------------------

@@ -92,8 +92,8 @@ def test_health_reflection_metrics_restart(tiny_checkpoint, tmp_path):
         (resp,) = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
                                                  timeout=10))
         names = {svc.name for svc in resp.list_services_response.service}
-        assert {"vbert.v1.TenantService", "vbert.v1.AdminService", "inference.GRPCInferenceService",
-                "grpc.health.v1.Health"} <= names
+        assert {"vbert.v1.TenantService", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+        assert "vbert.v1.AdminService" not in names   # callers without a key do not learn of the admin API
         body = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode()
         assert 'vbert_rpc_duration_seconds_count{code="OK",method="Classify"}' in body
         assert "vbert_adapter_cache_misses" in body and "vbert_queue_depth" in body and "tenant" not in body

@@ -189,7 +189,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("backbone", "device", "dtype", "num_tenants", "num_resident_adapters", "queue_depth", "lora_slots", "bottleneck_slots", "is_draining", "version")
+    __slots__ = ("backbone", "device", "dtype", "num_tenants", "num_resident_adapters", "queue_depth", "lora_slots", "bottleneck_slots", "is_draining", "version", "limits")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,7 @@ class ServerStatus(_message.Message):
     BOTTLENECK_SLOTS_FIELD_NUMBER: _ClassVar[int]
     IS_DRAINING_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     device: str
     dtype: str
@@ -210,4 +211,31 @@ class ServerStatus(_message.Message):
     bottleneck_slots: int
     is_draining: bool
     version: str
-    def __init__(self, backbone: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_tenants: _Optional[int] = ..., num_resident_adapters: _Optional[int] = ..., queue_depth: _Optional[int] = ..., lora_slots: _Optional[int] = ..., bottleneck_slots: _Optional[int] = ..., is_draining: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
+    limits: ServerLimits
+    def __init__(self, backbone: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_tenants: _Optional[int] = ..., num_resident_adapters: _Optional[int] = ..., queue_depth: _Optional[int] = ..., lora_slots: _Optional[int] = ..., bottleneck_slots: _Optional[int] = ..., is_draining: _Optional[bool] = ..., version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+
+class ServerLimits(_message.Message):
+    __slots__ = ("max_concurrent_rpcs", "max_concurrent_rpcs_per_tenant", "max_concurrent_public_rpcs", "max_concurrent_public_rpcs_per_peer", "max_failed_auth_per_s", "max_failed_auth_burst", "latency_target_ms", "step_token_budget", "num_rpcs_in_flight", "num_public_rpcs_in_flight", "num_refused")
+    MAX_CONCURRENT_RPCS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_RPCS_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_PUBLIC_RPCS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_PUBLIC_RPCS_PER_PEER_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILED_AUTH_PER_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILED_AUTH_BURST_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_TARGET_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    NUM_RPCS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_PUBLIC_RPCS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    max_concurrent_rpcs: int
+    max_concurrent_rpcs_per_tenant: int
+    max_concurrent_public_rpcs: int
+    max_concurrent_public_rpcs_per_peer: int
+    max_failed_auth_per_s: float
+    max_failed_auth_burst: int
+    latency_target_ms: float
+    step_token_budget: int
+    num_rpcs_in_flight: int
+    num_public_rpcs_in_flight: int
+    num_refused: int
+    def __init__(self, max_concurrent_rpcs: _Optional[int] = ..., max_concurrent_rpcs_per_tenant: _Optional[int] = ..., max_concurrent_public_rpcs: _Optional[int] = ..., max_concurrent_public_rpcs_per_peer: _Optional[int] = ..., max_failed_auth_per_s: _Optional[float] = ..., max_failed_auth_burst: _Optional[int] = ..., latency_target_ms: _Optional[float] = ..., step_token_budget: _Optional[int] = ..., num_rpcs_in_flight: _Optional[int] = ..., num_public_rpcs_in_flight: _Optional[int] = ..., num_refused: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,81 @@
+"""Step sizing from a latency target: how many tokens the next step may compute so that it takes
+about `target_s`, learned from the steps already computed. Pure Python, no torch.
+
+A step's compute time is modelled as `overhead_s + s_per_token * num_tokens` (padding is small: rows
+are cut into length buckets), fitted by least squares over the recent steps with exponential
+forgetting, so the model follows the device, the backbone and the load of the machine. The budget is
+`(target_s - overhead_s) / s_per_token`, clamped to [min_tokens, max_tokens]. Before the first step
+there is nothing to go on: the budget is max_tokens, and the first measured step corrects it.
+
+Why it bounds a light tenant's wait: the fair policy puts a tenant that was idle first in the next
+step, so a request arriving behind a flood waits for the step computing now, the steps already
+prepared, and then its own step. With every step near `target_s` that is at most
+(1 + prepared + 1) steps; the engine divides its latency target by that number to get `target_s`.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+
+class StepSizer:
+    def __init__(self, target_s: float, max_tokens: int, min_tokens: int = 1, forget: float = 0.9):
+        if not (isinstance(target_s, (int, float)) and 0 < target_s < math.inf):
+            raise ValueError(f"target_s must be a finite number > 0, got {target_s!r}")
+        if not 1 <= min_tokens <= max_tokens:
+            raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {min_tokens} and {max_tokens}")
+        if not 0 < forget < 1:
+            raise ValueError(f"forget must be in (0, 1), got {forget!r}")
+        self.target_s, self.max_tokens, self.min_tokens, self.forget = float(target_s), max_tokens, min_tokens, forget
+        self._lock = threading.Lock()
+        self._w = self._sx = self._sxx = self._sy = self._sxy = 0.0   # decayed sums over (tokens, seconds)
+        self.overhead_s: float | None = None
+        self.s_per_token: float | None = None
+        self.num_observed = 0
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        """A computed step: its tokens and the seconds its compute took."""
+        if num_tokens < 1 or not (seconds >= 0 and math.isfinite(seconds)):
+            return
+        with self._lock:
+            f = self.forget
+            x, y = float(num_tokens), float(seconds)
+            self._w = f * self._w + 1
+            self._sx = f * self._sx + x
+            self._sxx = f * self._sxx + x * x
+            self._sy = f * self._sy + y
+            self._sxy = f * self._sxy + x * y
+            self.num_observed += 1
+            self._fit()
+
+    def _fit(self) -> None:
+        w, sx, sxx, sy, sxy = self._w, self._sx, self._sxx, self._sy, self._sxy
+        mean_x, mean_y = sx / w, sy / w
+        var_x = sxx / w - mean_x * mean_x
+        slope = (sxy / w - mean_x * mean_y) / var_x if var_x > 1e-9 * max(1.0, mean_x * mean_x) else None
+        if slope is None or slope <= 0:     # steps of one size (or noise): all of the time is per token
+            self.overhead_s, self.s_per_token = 0.0, max(mean_y / mean_x, 1e-12)
+            return
+        intercept = mean_y - slope * mean_x
+        if intercept < 0:                   # a negative overhead would only inflate the budget
+            self.overhead_s, self.s_per_token = 0.0, max(sxy / sxx, 1e-12)
+        else:
+            self.overhead_s, self.s_per_token = intercept, slope
+
+    def budget(self) -> int:
+        """Tokens the next step may compute to take about target_s."""
+        with self._lock:
+            if self.s_per_token is None:
+                return self.max_tokens
+            tokens = (self.target_s - self.overhead_s) / self.s_per_token
+        return int(min(self.max_tokens, max(self.min_tokens, tokens)))
+
+    def predict_s(self, num_tokens: int) -> float | None:
+        with self._lock:
+            if self.s_per_token is None:
+                return None
+            return self.overhead_s + self.s_per_token * num_tokens
+
+    def stats(self) -> dict:
+        return {"target_s": self.target_s, "overhead_s": self.overhead_s, "s_per_token": self.s_per_token,
+                "budget_tokens": self.budget(), "num_observed": self.num_observed}
