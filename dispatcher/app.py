@@ -18,6 +18,7 @@ from .auth import Authenticator, load_admin_token
 from .config import ServerConfig
 from .limits import RateLimiter
 from .metrics import Metrics
+from .uploads import uploads_dir
 
 log = logging.getLogger("vbert.dispatcher")
 
@@ -42,7 +43,6 @@ class App:
         manager = Manager(config.manager_config(), model)
         if manager.recovery.num_removed:
             log.warning("start-up recovery removed %d leftover files", manager.recovery.num_removed)
-        from .admin_service import uploads_dir   # here, not at the top: admin_service imports this module
         uploads_dir(config.data_dir, clear=True)  # a killed process's half-extracted uploads, before serving
         metrics = Metrics()
         engine = Engine(config.engine_config(), config.scheduler_config(), ModelRunner(model, manager.cache),

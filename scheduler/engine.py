@@ -19,10 +19,11 @@ from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from manager.cache import CacheFullError, TieredCache
+from manager.cache import TieredCache
 
 from .config import SchedulerConfig
 from .policy import QueueFullError, Scheduler
+from .residency import CacheResidency, adapters_per_step
 from .runner import ModelRunner, PreparedStep
 from .sizing import StepSizer
 from .types import Request, RequestStatus, ScheduledBatch
@@ -48,18 +49,21 @@ class EngineStoppedError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """latency_target_s: how long a light tenant's request may wait behind other tenants' work (the
-    step computing, the steps prepared ahead, its own step). While more than one tenant submitted
-    within `recent_window_s`, steps are sized (scheduler.sizing) to latency_target_s divided by the
-    number of steps such a request may wait for; None: steps are bounded by the scheduler's budgets
-    only. max_admit_chars: the most text characters tokenized in one admission round (round-robin over
-    tenants), so one tenant's long texts never hold up the next step for long."""
+    """latency_target_s: how long a light tenant's request may wait behind other tenants' work. While
+    more than one tenant submitted within `recent_window_s`, steps are sized (scheduler.sizing) so that
+    the step computing when a request arrives plus its own step fit the target, and the next step is
+    prepared only `prepare_lead_s` before the one computing is predicted to end (so a request that
+    arrives meanwhile still joins it): a step's target is (latency_target_s - prepare_lead_s) / 2.
+    None: steps are bounded by the scheduler's budgets only. max_admit_chars: the most text characters
+    tokenized in one admission round (round-robin over tenants), so one tenant's long texts never hold
+    up the next step for long."""
 
     is_pipelined: bool = True
     max_prepared_steps: int = 1      # steps prepared ahead of the one computing
     idle_wait_s: float = 0.02        # longest sleep of an idle loop (deadline sweeps, residency)
     latency_target_s: float | None = None
     recent_window_s: float = 5.0
+    prepare_lead_s: float = 0.01
     max_admit_chars: int = 1 << 20
 
     def __post_init__(self) -> None:
@@ -73,15 +77,19 @@ class EngineConfig:
             raise ValueError(f"recent_window_s must be a finite number > 0, got {self.recent_window_s}")
         if self.max_admit_chars < 1:
             raise ValueError(f"max_admit_chars must be >= 1, got {self.max_admit_chars}")
-
-    @property
-    def num_steps_waited(self) -> int:
-        """Steps a request arriving behind a flood may wait for, its own included."""
-        return (2 + self.max_prepared_steps) if self.is_pipelined else 2
+        if not 0 <= self.prepare_lead_s < float("inf"):
+            raise ValueError(f"prepare_lead_s must be a finite number >= 0, got {self.prepare_lead_s}")
+        if self.latency_target_s is not None and self.is_pipelined and self.latency_target_s <= 2 * self.prepare_lead_s:
+            raise ValueError(f"latency_target_s ({self.latency_target_s}) must exceed twice prepare_lead_s "
+                             f"({self.prepare_lead_s})")
 
     @property
     def step_target_s(self) -> float | None:
-        return None if self.latency_target_s is None else self.latency_target_s / self.num_steps_waited
+        """What one step may take: a request arriving behind a flood waits for the step computing (and,
+        pipelined, at most prepare_lead_s more) and then its own step."""
+        if self.latency_target_s is None:
+            return None
+        return (self.latency_target_s - (self.prepare_lead_s if self.is_pipelined else 0.0)) / 2
 
 
 @dataclass(frozen=True)
@@ -95,76 +103,6 @@ class Completion:
     tokenize_s: float
     inference_s: float      # the compute of its step
     step: int
-
-
-class CacheResidency:
-    """The policy's view of the adapter cache: is an adapter resident; start loading some.
-
-    Loads are bounded: at most `max_outstanding` adapters are loading or loaded-but-unclaimed at a
-    time, and a loaded adapter stays held (cannot be evicted) until the step that uses it takes its
-    own hold (`claimed`) or `hold_s` passes. Without the bound, asking for every parked adapter at
-    once makes later loads evict earlier ones before any step uses them."""
-
-    def __init__(self, cache: TieredCache, on_change, max_outstanding: int, hold_s: float = 2.0):
-        self.cache, self.on_change = cache, on_change
-        self.max_outstanding, self.hold_s = max_outstanding, hold_s
-        self.failed: dict[int, BaseException] = {}
-        self._loading: set[int] = set()
-        self._held: dict[int, float] = {}      # adapter id -> when its load finished
-        self._lock = threading.Lock()
-
-    def is_resident(self, adapter_id: int) -> bool:
-        return self.cache.is_resident(adapter_id)
-
-    def request(self, adapter_ids: list[int]) -> None:
-        self.expire()
-        start = []
-        with self._lock:
-            for a in adapter_ids:
-                if len(self._loading) + len(self._held) >= self.max_outstanding:
-                    break
-                if a not in self._loading and a not in self._held:
-                    self._loading.add(a)
-                    start.append(a)
-        for a in start:   # one by one: a broken adapter must not block the others
-            self.cache.prefetch([a]).add_done_callback(lambda f, a=a: self._loaded(a, f))
-
-    def _loaded(self, adapter_id: int, fut: Future) -> None:
-        exc = fut.exception()
-        with self._lock:
-            self._loading.discard(adapter_id)
-            if exc is None:
-                self._held[adapter_id] = time.monotonic()
-            elif not isinstance(exc, CacheFullError):   # full: the policy asks again later
-                self.failed[adapter_id] = exc
-        self.on_change()
-
-    def claimed(self, adapter_ids) -> None:
-        """A step holds these now: give back the prefetch holds."""
-        with self._lock:
-            mine = [a for a in adapter_ids if self._held.pop(a, None) is not None]
-        if mine:
-            self.cache.release(mine)
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            old = [a for a, t in self._held.items() if now - t > self.hold_s]
-            for a in old:
-                del self._held[a]
-        if old:
-            self.cache.release(old)
-
-    def close(self) -> None:
-        with self._lock:
-            held, self._held = list(self._held), {}
-        if held:
-            self.cache.release(held)
-
-    def take_failures(self) -> dict[int, BaseException]:
-        with self._lock:
-            failed, self.failed = self.failed, {}
-        return failed
 
 
 def take_round_robin(incoming: list[Request], max_chars: int) -> tuple[list[Request], list[Request]]:
@@ -190,18 +128,6 @@ def take_round_robin(incoming: list[Request], max_chars: int) -> tuple[list[Requ
     return list(incoming), []
 
 
-def adapters_per_step(cache: TieredCache | None, is_pipelined: bool) -> int | None:
-    """How many distinct adapters one step may use so that its adapters fit on the device: the
-    smallest non-empty bank, halved when pipelining (the step computing and the next one each
-    hold theirs)."""
-    if cache is None:
-        return None
-    banks = [n for n in cache.pool.capacity.values() if n > 0]
-    if not banks:
-        return None
-    return max(1, min(banks) // 2) if is_pipelined else min(banks)
-
-
 class Engine:
     def __init__(self, config: EngineConfig, scheduler_config: SchedulerConfig, runner: ModelRunner,
                  cache: TieredCache | None = None, on_step=None):
@@ -218,6 +144,8 @@ class Engine:
         self.sizer = (StepSizer(config.step_target_s, scheduler_config.max_tokens_per_step)
                       if config.step_target_s is not None else None)
         self._last_seen: dict[int, float] = {}     # tenant id -> when it last submitted
+        self._is_sized = False                     # the last step was sized by the latency target
+        self._compute_ends: float | None = None    # predicted end of the step computing (sized steps)
         self._max_waiting_per_tenant = scheduler_config.max_waiting_per_tenant
         self._incoming_per_tenant: Counter = Counter()
         self._step_slots = threading.Semaphore(config.max_prepared_steps)
@@ -348,10 +276,10 @@ class Engine:
             self.residency.expire()
             self._fail_broken_adapters(self.residency.take_failures())
 
-    def _idle_wait(self) -> None:
+    def _idle_wait(self, timeout_s: float | None = None) -> None:
         with self._wake:
             if not self._incoming and not self._is_stopping:
-                self._wake.wait(self.config.idle_wait_s)
+                self._wake.wait(self.config.idle_wait_s if timeout_s is None else timeout_s)
 
     def step_budget(self) -> int | None:
         """The next step's token budget: from the latency target while other tenants may be waiting
@@ -365,9 +293,25 @@ class Engine:
             num_recent = len(self._last_seen)
         return self.sizer.budget() if num_recent > 1 else None
 
+    def _prepare_wait_s(self) -> float:
+        """0 when the next step may be scheduled now; else how long to wait before looking again.
+        Sized steps: only prepare_lead_s before the step computing is predicted to end, so requests
+        arriving during it join the next step. Otherwise (Orca): while a step computes, only when a
+        full step's worth of requests waits; else when compute is free, so late arrivals join."""
+        if not (self._is_computing or not self._prepared.empty()):
+            return 0.0
+        if self._is_sized:
+            ends = self._compute_ends
+            if ends is None or not self._prepared.empty():
+                return self.config.idle_wait_s
+            return max(0.0, ends - self.config.prepare_lead_s - time.monotonic())
+        return 0.0 if self.scheduler.num_waiting >= self._full_step_rows else self.config.idle_wait_s
+
     def _schedule(self) -> ScheduledBatch | None:
         """Schedule the next step and answer the requests it dropped (None if nothing to run)."""
-        batch = self.scheduler.schedule(self.step_budget())
+        budget = self.step_budget()
+        self._is_sized = budget is not None
+        batch = self.scheduler.schedule(budget)
         for req in batch.dropped:
             if req.status is RequestStatus.EXPIRED:
                 self._fail(req, DeadlineExceededError(f"request {req.request_id} passed its deadline while queued"))
@@ -429,18 +373,20 @@ class Engine:
         self.num_steps += 1
 
     def _prepare_loop(self) -> None:
-        """Tokenization and adapter loads run ahead all the time. The next step is scheduled
-        while the current one computes only when a full step's worth of requests is waiting;
-        otherwise it waits for compute to be nearly free, so late arrivals join the step (Orca:
-        the batch is picked at every iteration from all waiting work)."""
+        """Tokenization and adapter loads run ahead all the time. The next step is scheduled while
+        the current one computes only when `_prepare_wait_s` says so; otherwise late arrivals still
+        join it (Orca: the batch is picked at every iteration from all waiting work)."""
         while not self._is_stopping:
             self._admit()
-            is_busy = self._is_computing or not self._prepared.empty()
-            if is_busy and self.scheduler.num_waiting < self._full_step_rows:
-                self._idle_wait()
+            wait = self._prepare_wait_s()
+            if wait > 0:
+                self._idle_wait(min(wait, self.config.idle_wait_s))
                 continue
             if not self._step_slots.acquire(timeout=self.config.idle_wait_s):
                 continue                   # max_prepared_steps are prepared already
+            if self._prepare_wait_s() > 0:   # a step started computing while the slot was awaited
+                self._step_slots.release()
+                continue
             batch = self._schedule()
             step = self._prepare(batch) if batch is not None else None
             if step is None:
@@ -456,8 +402,10 @@ class Engine:
             step = self._prepared.get()
             if step is None:
                 return
-            self._step_slots.release()     # the next step may be prepared while this one computes
-            self._is_computing = True
+            predicted = self.sizer.predict_s(step.batch.num_tokens) if self.sizer is not None else None
+            self._compute_ends = None if predicted is None else time.monotonic() + predicted
+            self._is_computing = True      # before the slot is given back: the preparation thread must
+            self._step_slots.release()     # see this step computing when it may prepare the next one
             try:
                 self._compute(step)
             finally:

@@ -4,8 +4,12 @@ about `target_s`, learned from the steps already computed. Pure Python, no torch
 A step's compute time is modelled as `overhead_s + s_per_token * num_tokens` (padding is small: rows
 are cut into length buckets), fitted by least squares over the recent steps with exponential
 forgetting, so the model follows the device, the backbone and the load of the machine. The budget is
-`(target_s - overhead_s) / s_per_token`, clamped to [min_tokens, max_tokens]. Before the first step
-there is nothing to go on: the budget is max_tokens, and the first measured step corrects it.
+`(target_s - overhead_s) / s_per_token`, clamped to [min_tokens, max_tokens] and to twice the largest
+step of the recent ones (a budget never extrapolates far past what was measured). When the recent
+steps are all about one size (as they are once the budget holds), their times cannot separate the
+overhead from the per-token cost: the whole time is then taken as per-token cost, which is exact at
+the size measured and keeps the budget where the steps take `target_s`. Before the first step there
+is nothing to go on: the budget is max_tokens, and the first measured step corrects it.
 
 Why it bounds a light tenant's wait: the fair policy puts a tenant that was idle first in the next
 step, so a request arriving behind a flood waits for the step computing now, the steps already
@@ -16,6 +20,11 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
+
+MIN_SPREAD = 0.2          # relative spread of step sizes below which the slope is not trusted
+MAX_GROWTH = 2.0          # the budget stays within this factor of the largest recent step
+RECENT = 32               # steps whose sizes bound the budget
 
 
 class StepSizer:
@@ -29,6 +38,7 @@ class StepSizer:
         self.target_s, self.max_tokens, self.min_tokens, self.forget = float(target_s), max_tokens, min_tokens, forget
         self._lock = threading.Lock()
         self._w = self._sx = self._sxx = self._sy = self._sxy = 0.0   # decayed sums over (tokens, seconds)
+        self._recent: deque[int] = deque(maxlen=RECENT)
         self.overhead_s: float | None = None
         self.s_per_token: float | None = None
         self.num_observed = 0
@@ -46,13 +56,14 @@ class StepSizer:
             self._sy = f * self._sy + y
             self._sxy = f * self._sxy + x * y
             self.num_observed += 1
+            self._recent.append(num_tokens)
             self._fit()
 
     def _fit(self) -> None:
         w, sx, sxx, sy, sxy = self._w, self._sx, self._sxx, self._sy, self._sxy
         mean_x, mean_y = sx / w, sy / w
         var_x = sxx / w - mean_x * mean_x
-        slope = (sxy / w - mean_x * mean_y) / var_x if var_x > 1e-9 * max(1.0, mean_x * mean_x) else None
+        slope = (sxy / w - mean_x * mean_y) / var_x if var_x > (MIN_SPREAD * mean_x) ** 2 else None
         if slope is None or slope <= 0:     # steps of one size (or noise): all of the time is per token
             self.overhead_s, self.s_per_token = 0.0, max(mean_y / mean_x, 1e-12)
             return
@@ -68,6 +79,7 @@ class StepSizer:
             if self.s_per_token is None:
                 return self.max_tokens
             tokens = (self.target_s - self.overhead_s) / self.s_per_token
+            tokens = min(tokens, MAX_GROWTH * max(self._recent))
         return int(min(self.max_tokens, max(self.min_tokens, tokens)))
 
     def predict_s(self, num_tokens: int) -> float | None:

@@ -224,7 +224,7 @@ def test_per_tenant_limit_is_refused_at_submit(world):
 def test_residency_bounds_loads_and_holds_until_claimed(world):
     """The policy's prefetch: at most max_outstanding adapters loading or loaded-unclaimed; a loaded
     adapter stays held (not evictable) until a step claims it or its hold expires."""
-    from scheduler.engine import CacheResidency
+    from scheduler.residency import CacheResidency
 
     changes = []
     res = CacheResidency(world.cache, lambda: changes.append(1), max_outstanding=2, hold_s=60)

@@ -46,6 +46,21 @@ def test_sizer_follows_a_slower_machine_and_clamps():
         StepSizer(0.1, 10, min_tokens=20)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_sizer_is_stable_when_every_step_is_about_one_size(seed):
+    """Steps of about one size (the budget, or the work there is) with noisy times: a free least-squares
+    slope can come out near zero and send the budget to the cap: one step of max_tokens, a stall of
+    seconds on a CPU while every other tenant waits."""
+    sizer = StepSizer(target_s=0.12, max_tokens=8192)
+    rng = random.Random(seed)
+    for _ in range(500):
+        n = sizer.budget() if sizer.num_observed else 700
+        n = int(min(n, 910) * rng.uniform(0.93, 1.0))    # whole rows; no more work than ~910 tokens waits
+        sizer.observe(n, 0.1 * n / 700 * rng.uniform(0.8, 1.25) + 0.01 * rng.random())
+        assert sizer.budget() <= 2 * 910                 # never far past what was measured
+    assert 500 < sizer.budget() <= 2 * 910
+
+
 def test_policy_budget_bounds_a_step_but_always_takes_its_first_row():
     sched = Scheduler(SchedulerConfig(max_tokens_per_step=1000, max_rows_per_step=64))
     for t in (1, 2):
@@ -76,7 +91,7 @@ def test_round_robin_admission_takes_every_tenant_before_a_long_queue():
 def test_engine_sizes_steps_only_while_several_tenants_are_active(tiny_checkpoint):
     world = World(tiny_checkpoint)
     steps = []
-    engine = Engine(EngineConfig(latency_target_s=0.003), SchedulerConfig(max_tokens_per_step=4096),
+    engine = Engine(EngineConfig(latency_target_s=0.004, prepare_lead_s=0.0005), SchedulerConfig(max_tokens_per_step=4096),
                     ModelRunner(world.model, world.cache), world.cache,
                     on_step=lambda batch, out: steps.append((batch.num_rows, batch.num_tokens, batch.token_budget)))
     ids = [2] + [7] * 30 + [3]
