@@ -249,7 +249,8 @@ class OwnServer:
 
         config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, data_dir=data_dir, backbone=args.backbone,
                               admin_token="grpc-load-admin", max_concurrent_rpcs=max(256, 4 * args.max_in_flight),
-                              max_waiting=max(10000, 4 * args.requests), log_level=args.log_level)
+                              max_waiting=max(10000, 4 * args.requests), log_level=args.log_level,
+                              **({} if args.latency_target_ms is None else {"latency_target_ms": args.latency_target_ms}))
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="server-loop").start()
         self.app = App.create(config)
@@ -411,6 +412,8 @@ def parse_args(argv=None):
     p.add_argument("--admin-token", default=None, help="with --target: the admin token")
     p.add_argument("--backbone", default=None, help="checkpoint directory (default: all-MiniLM-L6-v2)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of the tenants' adapters")
+    p.add_argument("--latency-target-ms", type=float, default=None,
+                   help="the server's latency_target_ms (default: the server's default)")
     p.add_argument("--log-level", default="WARNING", help="server log level (INFO = one JSON line per RPC)")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--seed", type=int, default=0)

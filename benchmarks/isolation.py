@@ -7,7 +7,8 @@ others flood the server, hold idle streams, or hammer it with bad keys, measured
     .venv/bin/python benchmarks/isolation.py --server-env VBERT_LATENCY_TARGET_MS=200
 
 It starts the real server as a subprocess (`.venv/bin/vbert serve`) on 127.0.0.1 with a free port,
-a temporary data dir, the default backbone (all-MiniLM-L6-v2), metrics off, a random admin token
+a temporary data dir, the default backbone (all-MiniLM-L6-v2), metrics on a free loopback port (scraped
+for the tokens the engine computed in each measured window: `server_tokens_per_s`), a random admin token
 and log level WARNING; `--server-env KEY=VALUE` (repeatable) adds or overrides `VBERT_*` settings
 (VBERT_* variables of this shell are not passed on). A server that does not come up (e.g. it rejects
 a setting) is reported in the JSON (`error`, `server_log_tail`), not as a traceback. Tenants A and B
@@ -426,6 +427,8 @@ class ServerProcess:
         self.address = f"127.0.0.1:{env['VBERT_PORT']}"
         # B on IPv6 loopback when the server listens on both (VBERT_HOST=localhost): another peer address
         self.b_address = f"[::1]:{env['VBERT_PORT']}" if env.get("VBERT_HOST") == "localhost" else self.address
+        self.metrics_url = f"http://127.0.0.1:{env['VBERT_METRICS_PORT']}/metrics" \
+            if env.get("VBERT_METRICS_PORT", "0") != "0" else None
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log,
@@ -619,6 +622,21 @@ def load_init(kind: str, args, address: str, key_a: str, a_texts: list[str], b_t
     return {**base, "text": b_texts[0], "concurrency": args.auth_concurrency, "rpc_timeout": 5.0}
 
 
+def computed_tokens(server: ServerProcess) -> float | None:
+    """Tokens the server's engine has computed so far (the sum of its vbert_batch_tokens histogram)."""
+    if server.metrics_url is None:
+        return None
+    import urllib.request
+    try:
+        body = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    except OSError:
+        return None
+    for line in body.splitlines():
+        if line.startswith("vbert_batch_tokens_sum"):
+            return float(line.split()[-1])
+    return None
+
+
 def run_phases(args, server: ServerProcess, admin, token: str, keys: dict, a_texts, b_texts, bar) -> list[dict]:
     b = Child("b", {"address": server.b_address, "key": keys[TENANT_B], "adapter": ADAPTER, "texts": b_texts})
     phases = []
@@ -649,8 +667,18 @@ def run_phases(args, server: ServerProcess, admin, token: str, keys: dict, a_tex
                     load.send(job)
                 b.send({**job, "interval": args.b_interval, "timeout": args.rpc_timeout})
                 entry["t_measure"] = round(entry["t_start"] + args.warmup, 3)
+                window: dict = {}   # the engine's computed tokens at the start and the end of the measured window
+                timers = [threading.Timer(delay, lambda k=k: window.__setitem__(k, (time.perf_counter(),
+                                                                                     computed_tokens(server))))
+                          for k, delay in (("start", args.warmup), ("end", args.warmup + args.phase_seconds))]
+                for t in timers:
+                    t.start()
                 limit = args.warmup + args.phase_seconds + args.rpc_timeout + 30
                 entry["b"] = summarize_b(b.receive(limit), args.phase_seconds)
+                for t in timers:
+                    t.join()
+                (t0, n0), (t1, n1) = window.get("start", (0, None)), window.get("end", (0, None))
+                entry["server_tokens_per_s"] = round((n1 - n0) / (t1 - t0), 1) if None not in (n0, n1) else None
                 if load is not None:
                     entry["load"] = load.receive(limit)
                 entry["t_end"] = server.now()
@@ -674,7 +702,7 @@ def run_phases(args, server: ServerProcess, admin, token: str, keys: dict, a_tex
                        f"errors {eb['errors'] or 0}" + (f" | load ok {lw['ok']} refused {lw['refused'] or 0}"
                                                         if lw else "") +
                        f" | RSS {entry['rss_max_bytes'] / 2**20 if entry['rss_max_bytes'] else 0:.0f} MiB"
-                       f" | server CPU {entry.get('server_cpu_share')}",
+                       f" | server CPU {entry.get('server_cpu_share')} | tokens/s {entry.get('server_tokens_per_s')}",
                        file=sys.stderr)
             time.sleep(args.settle)
     finally:
@@ -699,7 +727,7 @@ def run(args) -> dict:
         adapters = write_adapters(tmp, args.seed, args.rank)
         env = {k: v for k, v in os.environ.items() if not k.startswith("VBERT_")}
         server_env = {"VBERT_HOST": "localhost" if args.separate_peers else "127.0.0.1", "VBERT_PORT": str(free_port()), "VBERT_DATA_DIR": str(tmp / "data"),
-                      "VBERT_METRICS_PORT": "0", "VBERT_LOG_LEVEL": "WARNING", **args.server_env_dict}
+                      "VBERT_METRICS_PORT": str(free_port()), "VBERT_LOG_LEVEL": "WARNING", **args.server_env_dict}
         result["server_env"] = {**server_env, "VBERT_ADMIN_TOKEN": "<random>"}
         result["workload"] = {**workload, "b_interval_s": args.b_interval, "separate_peers": args.separate_peers, "a_texts_per_request": args.a_texts,
                               "a_concurrency": args.a_concurrency, "idle_health_streams": args.idle_health_streams,

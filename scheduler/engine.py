@@ -25,7 +25,7 @@ from .config import SchedulerConfig
 from .policy import QueueFullError, Scheduler
 from .residency import CacheResidency, adapters_per_step
 from .runner import ModelRunner, PreparedStep
-from .sizing import StepSizer
+from .sizing import Demand, StepSizer
 from .types import Request, RequestStatus, ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,14 @@ class EngineStoppedError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """latency_target_s: how long a light tenant's request may wait behind other tenants' work. While
-    more than one tenant submitted within `recent_window_s`, steps are sized (scheduler.sizing) so that
-    the step computing when a request arrives plus its own step fit the target, and the next step is
-    prepared only `prepare_lead_s` before the one computing is predicted to end (so a request that
-    arrives meanwhile still joins it): a step's target is (latency_target_s - prepare_lead_s) / 2.
-    None: steps are bounded by the scheduler's budgets only. max_admit_chars: the most text characters
-    tokenized in one admission round (round-robin over tenants), so one tenant's long texts never hold
-    up the next step for long."""
+    """latency_target_s: how long a light tenant's request may wait behind other tenants' work. While a
+    light tenant is among the recent ones (scheduler.sizing.Demand over `recent_window_s`), steps are
+    sized (scheduler.sizing.StepSizer) so that the step computing when its request arrives plus its
+    own step fit the target, and the next step is prepared only `prepare_lead_s` before the one
+    computing is predicted to end (so a request that arrives meanwhile still joins it): a step's target
+    is (latency_target_s - prepare_lead_s) / 2. None: steps are bounded by the scheduler's budgets only.
+    max_admit_chars: the most text characters tokenized in one admission round (round-robin over
+    tenants), so one tenant's long texts never hold up the next step for long."""
 
     is_pipelined: bool = True
     max_prepared_steps: int = 1      # steps prepared ahead of the one computing
@@ -143,7 +143,7 @@ class Engine:
         self.scheduler = Scheduler(scheduler_config, residency=self.residency)
         self.sizer = (StepSizer(config.step_target_s, scheduler_config.max_tokens_per_step)
                       if config.step_target_s is not None else None)
-        self._last_seen: dict[int, float] = {}     # tenant id -> when it last submitted
+        self.demand = Demand(config.recent_window_s)   # recent tokens per tenant: is a light one waiting?
         self._is_sized = False                     # the last step was sized by the latency target
         self._compute_ends: float | None = None    # predicted end of the step computing (sized steps)
         self._max_waiting_per_tenant = scheduler_config.max_waiting_per_tenant
@@ -214,13 +214,13 @@ class Engine:
                 raise QueueFullError(f"tenant {request.tenant_id} has {tenant_load} requests waiting, its limit is "
                                      f"{self._max_waiting_per_tenant}; retry later")
             self._futures[request.request_id] = (request, fut)
-            self._last_seen[request.tenant_id] = time.monotonic()
             if request.is_tokenized:
                 try:
                     self.scheduler.add(request)
                 except BaseException:
                     del self._futures[request.request_id]
                     raise
+                self.demand.add(request.tenant_id, request.num_tokens, time.monotonic())
             else:
                 self._incoming.append(request)
                 self._incoming_per_tenant[request.tenant_id] += 1
@@ -272,6 +272,8 @@ class Engine:
                     self.scheduler.add(req)
                 except (QueueFullError, ValueError) as e:
                     self._fail(req, e)
+                    continue
+                self.demand.add(req.tenant_id, req.num_tokens, time.monotonic())
         if self.residency is not None:
             self.residency.expire()
             self._fail_broken_adapters(self.residency.take_failures())
@@ -282,16 +284,11 @@ class Engine:
                 self._wake.wait(self.config.idle_wait_s if timeout_s is None else timeout_s)
 
     def step_budget(self) -> int | None:
-        """The next step's token budget: from the latency target while other tenants may be waiting
-        (more than one tenant submitted recently), else None (the scheduler's own budget)."""
-        if self.sizer is None:
+        """The next step's token budget: from the latency target while a light tenant is among the
+        recent ones (it would otherwise wait behind large steps), else None (the scheduler's own)."""
+        if self.sizer is None or not self.demand.has_light_tenant(time.monotonic()):
             return None
-        horizon = time.monotonic() - self.config.recent_window_s
-        with self._wake:
-            for tenant_id in [t for t, seen in self._last_seen.items() if seen < horizon]:
-                del self._last_seen[tenant_id]
-            num_recent = len(self._last_seen)
-        return self.sizer.budget() if num_recent > 1 else None
+        return self.sizer.budget()
 
     def _prepare_wait_s(self) -> float:
         """0 when the next step may be scheduled now; else how long to wait before looking again.

@@ -91,3 +91,48 @@ class StepSizer:
     def stats(self) -> dict:
         return {"target_s": self.target_s, "overhead_s": self.overhead_s, "s_per_token": self.s_per_token,
                 "budget_tokens": self.budget(), "num_observed": self.num_observed}
+
+
+class Demand:
+    """Each tenant's recent demand in tokens, decayed exponentially with time constant `window_s`, and
+    whether a *light* tenant is among the recent ones: one whose demand is below `light_share` of an
+    equal share of all recent demand. Steps are worth sizing only then: a light tenant's request,
+    arriving with nothing of its own queued, goes first in the next step and waits only for the steps
+    ahead of it. When every recent tenant is about equally loaded (each queued behind its own
+    requests), smaller steps would cost throughput and help no one. Thread-safe; no torch."""
+
+    def __init__(self, window_s: float = 5.0, light_share: float = 0.25, refresh_s: float = 0.05):
+        if not 0 < window_s < math.inf:
+            raise ValueError(f"window_s must be a finite number > 0, got {window_s!r}")
+        if not 0 < light_share < 1:
+            raise ValueError(f"light_share must be in (0, 1), got {light_share!r}")
+        self.window_s, self.light_share, self.refresh_s = window_s, light_share, refresh_s
+        self._lock = threading.Lock()
+        self._tokens: dict[int, tuple[float, float]] = {}   # tenant id -> (decayed tokens, as of when)
+        self._checked_at = -math.inf
+        self._has_light = False
+
+    def add(self, tenant_id: int, num_tokens: int, now: float) -> None:
+        with self._lock:
+            if tenant_id not in self._tokens:
+                self._checked_at = -math.inf           # a new tenant: look again at the next question
+            value, at = self._tokens.get(tenant_id, (0.0, now))
+            self._tokens[tenant_id] = (value * math.exp(-(now - at) / self.window_s) + num_tokens, now)
+
+    def has_light_tenant(self, now: float) -> bool:
+        """True while at least two tenants are recent and one of them is light (recomputed at most
+        every refresh_s; tenants whose demand decayed below one token are forgotten)."""
+        with self._lock:
+            if now - self._checked_at < self.refresh_s:
+                return self._has_light
+            values = {}
+            for tenant_id, (value, at) in list(self._tokens.items()):
+                v = value * math.exp(-(now - at) / self.window_s)
+                if v < 1.0:
+                    del self._tokens[tenant_id]
+                else:
+                    values[tenant_id] = v
+            fair = sum(values.values()) / len(values) if values else 0.0
+            self._has_light = len(values) > 1 and min(values.values()) < self.light_share * fair
+            self._checked_at = now
+            return self._has_light

@@ -11,7 +11,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.engine import Engine, EngineConfig, take_round_robin
 from scheduler.policy import Scheduler
 from scheduler.runner import ModelRunner
-from scheduler.sizing import StepSizer
+from scheduler.sizing import Demand, StepSizer
 from scheduler.types import Request
 from tests.scheduler.test_policy import fake_run, req
 from tests.scheduler.test_engine import World
@@ -88,27 +88,45 @@ def test_round_robin_admission_takes_every_tenant_before_a_long_queue():
     assert take_round_robin([a[0]], max_chars=1) == ([a[0]], [])   # at least one is taken
 
 
-def test_engine_sizes_steps_only_while_several_tenants_are_active(tiny_checkpoint):
-    world = World(tiny_checkpoint)
+def test_demand_finds_a_light_tenant_among_recent_ones():
+    d = Demand(window_s=5.0, light_share=0.25, refresh_s=0)
+    d.add(1, 10_000, now=0.0)
+    assert not d.has_light_tenant(0.0)                 # one tenant: nobody to protect
+    d.add(2, 9_000, now=0.0)
+    assert not d.has_light_tenant(0.1)                 # two about equal: no light one
+    d.add(3, 200, now=0.2)
+    assert d.has_light_tenant(0.2)                     # a tenant far below an equal share
+    assert not d.has_light_tenant(60.0)                # everyone's demand decayed away
+    with pytest.raises(ValueError, match="light_share"):
+        Demand(light_share=1.5)
+
+
+def _run_engine(world, loads, target=0.004):
+    """loads: (tenant, number of requests); returns each step's (rows, tokens, budget)."""
     steps = []
-    engine = Engine(EngineConfig(latency_target_s=0.004, prepare_lead_s=0.0005), SchedulerConfig(max_tokens_per_step=4096),
-                    ModelRunner(world.model, world.cache), world.cache,
+    engine = Engine(EngineConfig(latency_target_s=target, prepare_lead_s=0.0005),
+                    SchedulerConfig(max_tokens_per_step=4096), ModelRunner(world.model, world.cache), world.cache,
                     on_step=lambda batch, out: steps.append((batch.num_rows, batch.num_tokens, batch.token_budget)))
     ids = [2] + [7] * 30 + [3]
+    with engine:
+        futures = [engine.submit(Request(tenant_id=t, adapter_id=None, deadline=time.monotonic() + 60, prompt_ids=ids))
+                   for t, n in loads for _ in range(n)]
+        for f in futures:
+            f.result(60)
+    return steps, len(ids)
+
+
+def test_engine_sizes_steps_only_while_a_light_tenant_is_active(tiny_checkpoint):
+    world = World(tiny_checkpoint)
     try:
-        with engine:
-            solo = [engine.submit(Request(tenant_id=1, adapter_id=None, deadline=time.monotonic() + 60,
-                                          prompt_ids=ids)) for _ in range(64)]
-            [f.result(60) for f in solo]
-            assert all(budget is None for _, _, budget in steps)   # one tenant: no sizing
-            assert engine.sizer.num_observed == len(steps)
-            steps.clear()
-            both = [engine.submit(Request(tenant_id=t, adapter_id=None, deadline=time.monotonic() + 60,
-                                          prompt_ids=ids)) for _ in range(64) for t in (1, 2)]
-            [f.result(60) for f in both]
+        solo, _ = _run_engine(world, [(1, 64)])
+        assert all(budget is None for _, _, budget in solo)        # one tenant: no sizing
+        equal, _ = _run_engine(world, [(1, 64), (2, 64)])
+        assert all(budget is None for _, _, budget in equal)       # equally loaded: no sizing
+        mixed, n = _run_engine(world, [(2, 1), (1, 128)])          # a light and a heavy tenant
     finally:
         world.cache.close()
-    sized = [(rows, tokens, budget) for rows, tokens, budget in steps if budget is not None]
-    assert sized, steps
+    sized = [(rows, tokens, budget) for rows, tokens, budget in mixed if budget is not None]
+    assert sized, mixed
     assert all(tokens <= budget or rows == 1 for rows, tokens, budget in sized)
-    assert max(tokens for _, tokens, _ in sized) < 64 * len(ids)   # smaller than an unsized step
+    assert max(tokens for _, tokens, _ in sized) < 64 * n          # smaller than an unsized step
