@@ -130,9 +130,11 @@ def _classification(c) -> dict:
 
 
 def _tagging(t) -> dict:
-    return {"tokens": [{"token": x.token, "label": x.label, "score": x.score} for x in t.tokens],
+    return {"tokens": [{"token": x.token, "label": x.label, "score": x.score, "start_char": x.start_char,
+                        "end_char": x.end_char} for x in t.tokens],
             "entities": [{"label": e.label, "text": e.text, "start_token": e.start_token, "end_token": e.end_token,
-                          "score": e.score} for e in t.entities]}
+                          "score": e.score, "start_char": e.start_char, "end_char": e.end_char}
+                         for e in t.entities]}
 
 
 def _quotas(q) -> dict:
@@ -234,8 +236,10 @@ class _Api:
         return self._run(_Call("tenant", "Classify", req, lambda r: [_classification(c) for c in r.results]))
 
     def tag(self, adapter: str, texts: str | Iterable[str], truncate: bool = True):
-        """One {"tokens": [{token, label, score}], "entities": [{label, text, start_token, end_token,
-        score}]} per text (entities: the IOB2 spans)."""
+        """One {"tokens": [{token, label, score, start_char, end_char}], "entities": [{label, text,
+        start_token, end_token, score, start_char, end_char}]} per text (entities: the IOB2 spans over
+        words, as the HF pipeline's aggregation_strategy="first"; start_char/end_char: offsets into the
+        text, end exclusive, -1 for special tokens; an entity's text is text[start_char:end_char])."""
         req = tenant_pb2.TagRequest(adapter=adapter, inputs=_inputs(texts), truncation=_truncation(truncate))
         return self._run(_Call("tenant", "Tag", req, lambda r: [_tagging(t) for t in r.results]))
 

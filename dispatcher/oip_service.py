@@ -17,9 +17,15 @@ Tensors (ModelMetadata says the same; platform "vbert")
                                             classification extension (tritonclient's
                                             InferRequestedOutput("scores", class_count=k)): BYTES
                                             [n, k], "score:index:label", best first
-  tag      "tags"     BYTES [n]             per text, JSON: [{"token", "label", "score"}, ...]
+  tag      "tags"     BYTES [n]             per text, JSON: [{"token", "label", "score",
+                                            "start_char", "end_char"}, ...]
            "entities" BYTES [n]             per text, JSON: [{"label", "text", "start_token",
-                                            "end_token", "score"}, ...] (IOB2 spans)
+                                            "end_token", "score", "start_char", "end_char"}, ...]
+                                            (IOB2 spans over words, aggregated as the HF pipeline's
+                                            aggregation_strategy="first"); start_char/end_char:
+                                            character offsets into the text (end exclusive), -1 for
+                                            special tokens; an entity's "text" is the text's own
+                                            characters text[start_char:end_char] (tenant.proto)
   embed    "embedding" FP32 [n, H]
   Outputs come back in raw_output_contents (FP32 little-endian; BYTES as 4-byte little-endian
   length + bytes per element), all of the head's outputs unless some are requested (an unknown
@@ -246,10 +252,12 @@ def tag_outputs(completions, reqs, want: dict[str, int], tokenizer_and_special) 
     tokenizer, special = tokenizer_and_special
     tags, entities = [], []
     for c, r in zip(completions, reqs):
-        t = convert.tagging(c.output, tokenizer.convert_ids_to_tokens(r.prompt_ids), special)
-        tags.append(json.dumps([{"token": x.token, "label": x.label, "score": x.score} for x in t.tokens]))
+        t = convert.tagging_of(c.output, r, tokenizer, special)
+        tags.append(json.dumps([{"token": x.token, "label": x.label, "score": x.score, "start_char": x.start_char,
+                                 "end_char": x.end_char} for x in t.tokens]))
         entities.append(json.dumps([{"label": e.label, "text": e.text, "start_token": e.start_token,
-                                     "end_token": e.end_token, "score": e.score} for e in t.entities]))
+                                     "end_token": e.end_token, "score": e.score, "start_char": e.start_char,
+                                     "end_char": e.end_char} for e in t.entities]))
     return {"tags": _strings(tags), "entities": _strings(entities)}
 
 

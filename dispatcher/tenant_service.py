@@ -131,8 +131,7 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
     async def _tag(self, request, context):
         completions, reqs, ref, started = await self._run(request, context, HeadKind.TAG)
         tok = self.app.model.tokenizer
-        results = [convert.tagging(c.output, tok.convert_ids_to_tokens(r.prompt_ids), self._special)
-                   for c, r in zip(completions, reqs)]
+        results = [convert.tagging_of(c.output, r, tok, self._special) for c, r in zip(completions, reqs)]
         return tenant_pb2.TagResponse(results=results,
                                       metadata=convert.metadata(completions, time.perf_counter() - started, ref.version))
 

@@ -26,7 +26,8 @@ class ModelRunner:
         self._stream = model.device.new_stream()   # copy stream under CUDA, None on CPU
 
     def tokenize(self, requests: list[Request]) -> list[tuple[Request, InputError]]:
-        """Tokenize requests given as text, in place (one tokenizer call); returns the failures."""
+        """Tokenize requests given as text, in place (one tokenizer call): prompt_ids, and in metadata
+        "offsets" and "word_ids" (see vbert.tokens.TokenizedText); returns the failures."""
         todo = [r for r in requests if not r.is_tokenized]
         if not todo:
             return []
@@ -34,12 +35,14 @@ class ModelRunner:
         rows = self.model.tokenize_each([r.text for r in todo], [r.truncate for r in todo], [r.max_length for r in todo])
         dt = time.perf_counter() - t0
         failed = []
-        for r, ids in zip(todo, rows):
+        for r, row in zip(todo, rows):
             r.metadata["tokenize_s"] = dt
-            if isinstance(ids, InputError):
-                failed.append((r, InputError(f"text {ids}")))
+            if isinstance(row, InputError):
+                failed.append((r, InputError(f"text {row}")))
             else:
-                r.prompt_ids = ids
+                r.prompt_ids = row.ids
+                r.metadata["offsets"] = row.offsets     # (start, end) in r.text per token; (0, 0) for specials
+                r.metadata["word_ids"] = row.word_ids   # word index per token; None for specials
         return failed
 
     def prepare(self, batch: ScheduledBatch) -> PreparedStep:

@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .device import DeviceContext
 from .heads import HEAD_KIND_CODES, Head, HeadKind, HeadSpec, classify_logits, embed, pool_hidden, tag_logits
 from .pool import AdapterPool, BatchAdapters
-from .tokens import TextTooLong, tokenize_bounded
+from .tokens import TextTooLong, TokenizedText, tokenize_bounded_spans
 
 
 class InputError(ValueError):
@@ -131,19 +131,21 @@ class MultiTenantModel:
         for i, row in enumerate(out):
             if isinstance(row, InputError):
                 raise InputError(f"text {i} {row}")
-        return out
+        return [row.ids for row in out]
 
     def tokenize_each(self, texts: Sequence[str], truncate: Sequence[bool],
-                      max_length: Sequence[int | None] | None = None) -> list[list[int] | InputError]:
+                      max_length: Sequence[int | None] | None = None) -> list[TokenizedText | InputError]:
         """Tokenizer calls over many texts (vbert.tokens: the cost is bounded by each text's token
-        limit, not its length); a bad text gives, in its place, an InputError whose message is a
-        predicate ("is empty", "has N tokens, above the limit of M ...")."""
-        out: list[list[int] | InputError] = [InputError("is empty") for _ in texts]
+        limit, not its length); each text gives its kept tokens' ids, character offsets and word
+        indices, or, for a bad text, an InputError whose message is a predicate ("is empty",
+        "has N tokens, above the limit of M ...")."""
+        out: list[TokenizedText | InputError] = [InputError("is empty") for _ in texts]
         good = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
         if good:
             limits = [min(self.max_length, (max_length[i] if max_length is not None else None) or self.max_length)
                       for i in good]
-            rows = tokenize_bounded(self.tokenizer, [texts[i] for i in good], limits, [truncate[i] for i in good])
+            rows = tokenize_bounded_spans(self.tokenizer, [texts[i] for i in good], limits,
+                                          [truncate[i] for i in good])
             for i, row in zip(good, rows):
                 out[i] = InputError(str(row)) if isinstance(row, TextTooLong) else row
         return out

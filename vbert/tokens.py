@@ -14,10 +14,14 @@ of the window: a whitespace-splitting pre-tokenizer (BERT's, byte-level BPE) giv
 same ids whatever follows. The rest, texts averaging more than `MAX_CHARS_PER_TOKEN` characters per
 token (runs of whitespace, single words of thousands of characters), are read up to that bound:
 cut there when truncation is on, refused naming the bound when it is off.
+
+`tokenize_bounded_spans` keeps, with each kept token, its (start, end) character offsets into the
+text as given and its word index (from the same tokenizer call), for Tag's character offsets.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 FIRST_CHARS_PER_TOKEN = 8
@@ -29,12 +33,30 @@ class TextTooLong(Exception):
     """A predicate for the caller's error message, e.g. 'has more than 512 tokens ...'."""
 
 
+@dataclass(frozen=True)
+class TokenizedText:
+    """One text's kept tokens: ids (with the special tokens), each token's (start, end) character
+    offsets into the text as given ((0, 0) for special tokens) and its word index (the tokenizer's
+    pre-tokenized word, e.g. BERT's split on whitespace and punctuation; None for special tokens)."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    word_ids: list[int | None]
+
+
 def tokenize_bounded(tokenizer, texts: Sequence[str], limits: Sequence[int],
                      truncate: Sequence[bool]) -> list[list[int] | TextTooLong]:
     """Token ids (with the tokenizer's special tokens) of each non-empty text, cut to its limit, or
     TextTooLong in its place when it exceeds the limit and truncation is off. Batched: one
     tokenizer call per round over the texts still undecided."""
-    out: list[list[int] | TextTooLong | None] = [None] * len(texts)
+    return [row if isinstance(row, TextTooLong) else row.ids
+            for row in tokenize_bounded_spans(tokenizer, texts, limits, truncate)]
+
+
+def tokenize_bounded_spans(tokenizer, texts: Sequence[str], limits: Sequence[int],
+                           truncate: Sequence[bool]) -> list[TokenizedText | TextTooLong]:
+    """`tokenize_bounded` with each kept token's character offsets and word index (a fast tokenizer)."""
+    out: list[TokenizedText | TextTooLong | None] = [None] * len(texts)
     window = {i: FIRST_CHARS_PER_TOKEN * limits[i] for i in range(len(texts))}
     pending = list(range(len(texts)))
     while pending:
@@ -45,34 +67,43 @@ def tokenize_bounded(tokenizer, texts: Sequence[str], limits: Sequence[int],
         for k, i in enumerate(pending):
             cut, boundary = cuts[k]
             row, special, offsets = enc["input_ids"][k], enc["special_tokens_mask"][k], enc["offset_mapping"][k]
-            limit, num_specials = limits[i], sum(special)
+            limit, num_specials, n = limits[i], sum(special), len(row)
+            everything = list(range(n))
+            first_and_last = list(range(limit - 1)) + [n - 1]         # positions kept by a plain cut
+            keep: list[int] | TextTooLong
             if boundary is None:                                  # the whole text was read
-                if len(row) <= limit:
-                    out[i] = row
+                if n <= limit:
+                    keep = everything
                 elif truncate[i]:
-                    out[i] = row[:limit - 1] + row[-1:]
+                    keep = first_and_last
                 else:
-                    out[i] = TextTooLong(f"has {len(row)} tokens, above the limit of {limit} (truncation is off)")
-                continue
-            safe = [t for t, s, (_, end) in zip(row, special, offsets) if not s and end <= boundary]
-            if len(safe) + num_specials > limit:                  # more than the limit: the prefix decides
+                    keep = TextTooLong(f"has {n} tokens, above the limit of {limit} (truncation is off)")
+            elif (len(safe := [j for j in everything if not special[j] and offsets[j][1] <= boundary])
+                  + num_specials > limit):                        # more than the limit: the prefix decides
                 if truncate[i]:
-                    head = [t for t, s in zip(row, special) if s][:1] if num_specials else []
-                    tail = row[-1:] if num_specials > 1 else []
-                    out[i] = head + safe[:limit - len(head) - len(tail)] + tail
+                    head = [j for j in everything if special[j]][:1] if num_specials else []
+                    tail = [n - 1] if num_specials > 1 else []
+                    keep = head + safe[:limit - len(head) - len(tail)] + tail
                 else:
-                    out[i] = TextTooLong(f"has more than {len(safe) + num_specials - 1} tokens, above the limit "
-                                         f"of {limit} (truncation is off)")
+                    keep = TextTooLong(f"has more than {len(safe) + num_specials - 1} tokens, above the limit "
+                                       f"of {limit} (truncation is off)")
             elif window[i] >= MAX_CHARS_PER_TOKEN * limit:        # read as far as the bound allows
                 if truncate[i]:
-                    out[i] = row if len(row) <= limit else row[:limit - 1] + row[-1:]
+                    keep = everything if n <= limit else first_and_last
                 else:
-                    out[i] = TextTooLong(f"has {len(texts[i])} characters, more than the "
-                                         f"{MAX_CHARS_PER_TOKEN * limit} read for a limit of {limit} tokens "
-                                         f"(truncation is off)")
+                    keep = TextTooLong(f"has {len(texts[i])} characters, more than the "
+                                       f"{MAX_CHARS_PER_TOKEN * limit} read for a limit of {limit} tokens "
+                                       f"(truncation is off)")
             else:
                 window[i] = min(4 * window[i], MAX_CHARS_PER_TOKEN * limit)
                 again.append(i)
+                continue
+            if isinstance(keep, TextTooLong):
+                out[i] = keep
+            else:
+                words = enc.word_ids(k)
+                out[i] = TokenizedText(ids=[row[j] for j in keep], offsets=[tuple(offsets[j]) for j in keep],
+                                       word_ids=[None if special[j] else words[j] for j in keep])
         pending = again
     return out
 

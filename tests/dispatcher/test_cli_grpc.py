@@ -101,3 +101,20 @@ def test_admin_token_sources_and_tenant_lifecycle(server, adapter_dir, tmp_path)
     assert admin(server, "status", "-o", "json")["version"] == "0.1.0"
     assert admin(server, "tenant", "delete", "life-co", "--yes", "-o", "json")["num_adapters_deleted"] == 0
     assert vbert(server, "tenant", "get", "life-co", "--admin-token", ADMIN_TOKEN).returncode == 4
+
+
+def test_tag_shows_character_offsets(server):
+    from vbert import HeadKind, HeadSpec
+
+    key = server.register("cli-tag")
+    art = make_artifact(server.app.model.spec.shape, "bottleneck", HeadSpec(HeadKind.TAG, ("B-X", "I-X", "O")), 5,
+                        size=4)
+    server.app.manager.upload_adapter("cli-tag", "ner", art)
+    text = "  the café, the gene"
+    (res,) = ok(server, "tag", "--api-key", key, "--adapter", "ner", "-o", "json", text)
+    tokens = res["tokens"]
+    assert (tokens[0]["start_char"], tokens[0]["end_char"], tokens[-1]["start_char"]) == (-1, -1, -1)
+    assert [text[t["start_char"]:t["end_char"]] for t in tokens[1:-1]] == ["the", "café", ",", "the", "gene"]
+    assert all(e["text"] == text[e["start_char"]:e["end_char"]] for e in res["entities"])
+    table = ok(server, "tag", "--api-key", key, "--adapter", "ner", text)
+    assert table.splitlines()[0].split() == ["INPUT", "TOKEN", "START_CHAR", "END_CHAR", "LABEL", "SCORE"]

@@ -54,6 +54,10 @@ def test_sync_client_admin_and_tenant_calls(server, adapters):
         tagged = c.tag("ner", TEXTS)
         assert len(tagged) == 2 and tagged[0]["tokens"][0]["token"] == "[CLS]"
         assert all(t["label"] in ("T0", "T1", "T2") for t in tagged[0]["tokens"])
+        cls, first = tagged[0]["tokens"][:2]
+        assert (cls["start_char"], cls["end_char"]) == (-1, -1)
+        assert TEXTS[0][first["start_char"]:first["end_char"]].lower() == first["token"]
+        assert all(e["text"] == TEXTS[i][e["start_char"]:e["end_char"]] for i in (0, 1) for e in tagged[i]["entities"])
         vectors = c.embed(TEXTS, normalize=True)
         assert [len(v) for v in vectors] == [server.app.model.spec.hidden_size] * 2
         assert sum(x * x for x in vectors[0]) == pytest.approx(1, abs=1e-4)

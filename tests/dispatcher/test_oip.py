@@ -219,10 +219,13 @@ def test_tag_equals_the_tenant_api(server, tenants, stock):
         adapter="ner", inputs=[tenant_pb2.Input(text=t) for t in TEXTS[:2]]), tenants["alpha"])
     for tags, entities, res in zip(got["tags"]["data"], got["entities"]["data"], ref.results):
         tags, entities = json.loads(tags), json.loads(entities)
-        assert [(t["token"], t["label"]) for t in tags] == [(t.token, t.label) for t in res.tokens]
+        assert [(t["token"], t["label"], t["start_char"], t["end_char"]) for t in tags] == \
+               [(t.token, t.label, t.start_char, t.end_char) for t in res.tokens]
+        assert tags[0]["start_char"] == -1 and tags[1]["start_char"] >= 0      # [CLS], then a word
         assert np.allclose([t["score"] for t in tags], [t.score for t in res.tokens], atol=1e-5)
-        assert [(e["label"], e["start_token"], e["end_token"]) for e in entities] == \
-               [(e.label, e.start_token, e.end_token) for e in res.entities]
+        assert [(e["label"], e["text"], e["start_token"], e["end_token"], e["start_char"], e["end_char"])
+                for e in entities] == \
+               [(e.label, e.text, e.start_token, e.end_token, e.start_char, e.end_char) for e in res.entities]
 
 
 def test_tenant_isolation_and_auth(stock):

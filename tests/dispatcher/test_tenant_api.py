@@ -71,6 +71,8 @@ def test_classify_tag_embed_results_equal_the_model(server, tenants):
     assert [t.label for t in tagged.tokens] == exp.predicted() and tagged.tokens[0].token == "[CLS]"
     for ent in tagged.entities:
         assert ent.label == "Disease" and ent.end_token > ent.start_token
+        assert ent.text == text[ent.start_char:ent.end_char] and ent.start_char == tagged.tokens[ent.start_token].start_char
+    assert [(t.start_char, t.end_char) for t in tagged.tokens[1:3]] == [(0, 3), (4, 11)]   # "the patient"
 
     emb = call(server, "Embed", T.EmbedRequest(adapter="emb", inputs=texts(text)), keys["alpha"])[0].results[0]
     exp, _ = local(server, arts["emb"], text)

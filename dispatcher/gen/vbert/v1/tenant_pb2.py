@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vbert/v1/tenant.proto\x12\x08vbert.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"I\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x12.vbert.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x8a\x01\n\x08Metadata\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\x02\x12\x17\n\x0ftokenization_ms\x18\x03 \x01(\x02\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x02\x12\x10\n\x08total_ms\x18\x05 \x01(\x02\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\r\"|\n\x0f\x43lassifyRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.vbert.v1.Input\x12(\n\ntruncation\x18\x03 \x01(\x0e\x32\x14.vbert.v1.Truncation\x12\r\n\x05top_k\x18\x04 \x01(\r\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"E\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12$\n\x06scores\x18\x02 \x03(\x0b\x32\x14.vbert.v1.LabelScore\"c\n\x10\x43lassifyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.vbert.v1.Classification\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.vbert.v1.Metadata\"h\n\nTagRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.vbert.v1.Input\x12(\n\ntruncation\x18\x03 \x01(\x0e\x32\x14.vbert.v1.Truncation\"7\n\x08TokenTag\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\\\n\x06\x45ntity\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bstart_token\x18\x03 \x01(\r\x12\x11\n\tend_token\x18\x04 \x01(\r\x12\r\n\x05score\x18\x05 \x01(\x02\"Q\n\x07Tagging\x12\"\n\x06tokens\x18\x01 \x03(\x0b\x32\x12.vbert.v1.TokenTag\x12\"\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x10.vbert.v1.Entity\"W\n\x0bTagResponse\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.vbert.v1.Tagging\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.vbert.v1.Metadata\"\x90\x01\n\x0c\x45mbedRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.vbert.v1.Input\x12(\n\ntruncation\x18\x03 \x01(\x0e\x32\x14.vbert.v1.Truncation\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_normalize\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"[\n\rEmbedResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.vbert.v1.Embedding\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.vbert.v1.Metadata\"J\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\"2\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08is_final\x18\x02 \x01(\x08*B\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x0c\n\x08TRUNCATE\x10\x01\x12\n\n\x06REJECT\x10\x02\x32\xd4\x03\n\rTenantService\x12\x41\n\x08\x43lassify\x12\x19.vbert.v1.ClassifyRequest\x1a\x1a.vbert.v1.ClassifyResponse\x12\x32\n\x03Tag\x12\x14.vbert.v1.TagRequest\x1a\x15.vbert.v1.TagResponse\x12\x38\n\x05\x45mbed\x12\x16.vbert.v1.EmbedRequest\x1a\x17.vbert.v1.EmbedResponse\x12K\n\x0e\x43lassifyStream\x12\x19.vbert.v1.ClassifyRequest\x1a\x1a.vbert.v1.ClassifyResponse(\x01\x30\x01\x12<\n\tTagStream\x12\x14.vbert.v1.TagRequest\x1a\x15.vbert.v1.TagResponse(\x01\x30\x01\x12\x42\n\x0b\x45mbedStream\x12\x16.vbert.v1.EmbedRequest\x1a\x17.vbert.v1.EmbedResponse(\x01\x30\x01\x12\x43\n\x08Generate\x12\x19.vbert.v1.GenerateRequest\x1a\x1a.vbert.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vbert/v1/tenant.proto\x12\x08vbert.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"I\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x12.vbert.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x8a\x01\n\x08Metadata\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\x02\x12\x17\n\x0ftokenization_ms\x18\x03 \x01(\x02\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x02\x12\x10\n\x08total_ms\x18\x05 \x01(\x02\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\r\"|\n\x0f\x43lassifyRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.vbert.v1.Input\x12(\n\ntruncation\x18\x03 \x01(\x0e\x32\x14.vbert.v1.Truncation\x12\r\n\x05top_k\x18\x04 \x01(\r\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"E\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12$\n\x06scores\x18\x02 \x03(\x0b\x32\x14.vbert.v1.LabelScore\"c\n\x10\x43lassifyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.vbert.v1.Classification\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.vbert.v1.Metadata\"h\n\nTagRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.vbert.v1.Input\x12(\n\ntruncation\x18\x03 \x01(\x0e\x32\x14.vbert.v1.Truncation\"]\n\x08TokenTag\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x12\n\nstart_char\x18\x04 \x01(\x05\x12\x10\n\x08\x65nd_char\x18\x05 \x01(\x05\"\x82\x01\n\x06\x45ntity\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bstart_token\x18\x03 \x01(\r\x12\x11\n\tend_token\x18\x04 \x01(\r\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x12\n\nstart_char\x18\x06 \x01(\x05\x12\x10\n\x08\x65nd_char\x18\x07 \x01(\x05\"Q\n\x07Tagging\x12\"\n\x06tokens\x18\x01 \x03(\x0b\x32\x12.vbert.v1.TokenTag\x12\"\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x10.vbert.v1.Entity\"W\n\x0bTagResponse\x12\"\n\x07results\x18\x01 \x03(\x0b\x32\x11.vbert.v1.Tagging\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.vbert.v1.Metadata\"\x90\x01\n\x0c\x45mbedRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.vbert.v1.Input\x12(\n\ntruncation\x18\x03 \x01(\x0e\x32\x14.vbert.v1.Truncation\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_normalize\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"[\n\rEmbedResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.vbert.v1.Embedding\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.vbert.v1.Metadata\"J\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\"2\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08is_final\x18\x02 \x01(\x08*B\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x0c\n\x08TRUNCATE\x10\x01\x12\n\n\x06REJECT\x10\x02\x32\xd4\x03\n\rTenantService\x12\x41\n\x08\x43lassify\x12\x19.vbert.v1.ClassifyRequest\x1a\x1a.vbert.v1.ClassifyResponse\x12\x32\n\x03Tag\x12\x14.vbert.v1.TagRequest\x1a\x15.vbert.v1.TagResponse\x12\x38\n\x05\x45mbed\x12\x16.vbert.v1.EmbedRequest\x1a\x17.vbert.v1.EmbedResponse\x12K\n\x0e\x43lassifyStream\x12\x19.vbert.v1.ClassifyRequest\x1a\x1a.vbert.v1.ClassifyResponse(\x01\x30\x01\x12<\n\tTagStream\x12\x14.vbert.v1.TagRequest\x1a\x15.vbert.v1.TagResponse(\x01\x30\x01\x12\x42\n\x0b\x45mbedStream\x12\x16.vbert.v1.EmbedRequest\x1a\x17.vbert.v1.EmbedResponse(\x01\x30\x01\x12\x43\n\x08Generate\x12\x19.vbert.v1.GenerateRequest\x1a\x1a.vbert.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vbert.v1.tenant_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUNCATION']._serialized_start=1444
-  _globals['_TRUNCATION']._serialized_end=1510
+  _globals['_TRUNCATION']._serialized_start=1521
+  _globals['_TRUNCATION']._serialized_end=1587
   _globals['_TOKENIDS']._serialized_start=35
   _globals['_TOKENIDS']._serialized_end=58
   _globals['_INPUT']._serialized_start=60
@@ -50,23 +50,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TAGREQUEST']._serialized_start=618
   _globals['_TAGREQUEST']._serialized_end=722
   _globals['_TOKENTAG']._serialized_start=724
-  _globals['_TOKENTAG']._serialized_end=779
-  _globals['_ENTITY']._serialized_start=781
-  _globals['_ENTITY']._serialized_end=873
-  _globals['_TAGGING']._serialized_start=875
-  _globals['_TAGGING']._serialized_end=956
-  _globals['_TAGRESPONSE']._serialized_start=958
-  _globals['_TAGRESPONSE']._serialized_end=1045
-  _globals['_EMBEDREQUEST']._serialized_start=1048
-  _globals['_EMBEDREQUEST']._serialized_end=1192
-  _globals['_EMBEDDING']._serialized_start=1194
-  _globals['_EMBEDDING']._serialized_end=1221
-  _globals['_EMBEDRESPONSE']._serialized_start=1223
-  _globals['_EMBEDRESPONSE']._serialized_end=1314
-  _globals['_GENERATEREQUEST']._serialized_start=1316
-  _globals['_GENERATEREQUEST']._serialized_end=1390
-  _globals['_GENERATERESPONSE']._serialized_start=1392
-  _globals['_GENERATERESPONSE']._serialized_end=1442
-  _globals['_TENANTSERVICE']._serialized_start=1513
-  _globals['_TENANTSERVICE']._serialized_end=1981
+  _globals['_TOKENTAG']._serialized_end=817
+  _globals['_ENTITY']._serialized_start=820
+  _globals['_ENTITY']._serialized_end=950
+  _globals['_TAGGING']._serialized_start=952
+  _globals['_TAGGING']._serialized_end=1033
+  _globals['_TAGRESPONSE']._serialized_start=1035
+  _globals['_TAGRESPONSE']._serialized_end=1122
+  _globals['_EMBEDREQUEST']._serialized_start=1125
+  _globals['_EMBEDREQUEST']._serialized_end=1269
+  _globals['_EMBEDDING']._serialized_start=1271
+  _globals['_EMBEDDING']._serialized_end=1298
+  _globals['_EMBEDRESPONSE']._serialized_start=1300
+  _globals['_EMBEDRESPONSE']._serialized_end=1391
+  _globals['_GENERATEREQUEST']._serialized_start=1393
+  _globals['_GENERATEREQUEST']._serialized_end=1467
+  _globals['_GENERATERESPONSE']._serialized_start=1469
+  _globals['_GENERATERESPONSE']._serialized_end=1519
+  _globals['_TENANTSERVICE']._serialized_start=1590
+  _globals['_TENANTSERVICE']._serialized_end=2058
 # @@protoc_insertion_point(module_scope)

@@ -93,28 +93,36 @@ class TagRequest(_message.Message):
     def __init__(self, adapter: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
 
 class TokenTag(_message.Message):
-    __slots__ = ("token", "label", "score")
+    __slots__ = ("token", "label", "score", "start_char", "end_char")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    START_CHAR_FIELD_NUMBER: _ClassVar[int]
+    END_CHAR_FIELD_NUMBER: _ClassVar[int]
     token: str
     label: str
     score: float
-    def __init__(self, token: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    start_char: int
+    end_char: int
+    def __init__(self, token: _Optional[str] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., start_char: _Optional[int] = ..., end_char: _Optional[int] = ...) -> None: ...
 
 class Entity(_message.Message):
-    __slots__ = ("label", "text", "start_token", "end_token", "score")
+    __slots__ = ("label", "text", "start_token", "end_token", "score", "start_char", "end_char")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     START_TOKEN_FIELD_NUMBER: _ClassVar[int]
     END_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    START_CHAR_FIELD_NUMBER: _ClassVar[int]
+    END_CHAR_FIELD_NUMBER: _ClassVar[int]
     label: str
     text: str
     start_token: int
     end_token: int
     score: float
-    def __init__(self, label: _Optional[str] = ..., text: _Optional[str] = ..., start_token: _Optional[int] = ..., end_token: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+    start_char: int
+    end_char: int
+    def __init__(self, label: _Optional[str] = ..., text: _Optional[str] = ..., start_token: _Optional[int] = ..., end_token: _Optional[int] = ..., score: _Optional[float] = ..., start_char: _Optional[int] = ..., end_char: _Optional[int] = ...) -> None: ...
 
 class Tagging(_message.Message):
     __slots__ = ("tokens", "entities")
