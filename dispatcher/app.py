@@ -56,9 +56,11 @@ class App:
         self.engine.start()
         return self
 
-    def close(self) -> None:
-        self.engine.stop(drain=True, timeout=self.config.grace_s)
+    def close(self) -> int:
+        """Drain the engine (up to grace_s) and close the manager; returns the engine's drained count."""
+        num_drained = self.engine.stop(drain=True, timeout=self.config.grace_s)
         self.manager.close()
+        return num_drained
 
     def new_request(self, tenant: Tenant, ref: AdapterRef, deadline: float, *, text: str | None = None,
                     token_ids: list[int] | None = None, truncate: bool = True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -108,16 +109,26 @@ class Server:
         log.info("serving", extra={"method": f"{self.app.config.host}:{self.port}"})
 
     async def drain_and_stop(self) -> None:
-        """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish."""
+        """Graceful shutdown: NOT_SERVING, refuse new RPCs, let in-flight ones finish; then one log
+        line: the calls in flight and the inputs queued in the engine when the drain began, how many
+        inputs the engine still finished after the listeners stopped, and how long it all took."""
         if self.app.is_draining:
             return
         self.app.is_draining = True
+        started = time.monotonic()
+        use = self.app.admission.stats()
+        num_calls = use["num_keyed_in_flight"] + use["num_public_in_flight"]
+        num_inputs = self.app.engine.num_pending
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(s.stop(self.app.config.grace_s) for s in self._servers))
-        await asyncio.to_thread(self.app.close)
+        num_late = await asyncio.to_thread(self.app.close)
         self.interceptor.close()
         if getattr(self, "metrics_server", None) is not None:
             self.metrics_server[0].shutdown()
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        log.info(f"drained {num_calls} calls in flight ({num_inputs} inputs queued; {num_late} finished after "
+                 f"the listeners stopped) in {duration_ms:.0f} ms",
+                 extra={"method": "shutdown", "inputs": num_inputs, "duration_ms": duration_ms})
         self._stopped.set()
 
     async def wait(self) -> None:

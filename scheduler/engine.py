@@ -169,9 +169,12 @@ class Engine:
             t.start()
         return self
 
-    def stop(self, drain: bool = True, timeout: float | None = 60) -> None:
-        """Refuse new requests; with drain, finish the queued ones first; then end the threads."""
+    def stop(self, drain: bool = True, timeout: float | None = 60) -> int:
+        """Refuse new requests; with drain, finish the queued ones first; then end the threads.
+        Returns how many of the requests pending at the call were drained (finished rather than
+        failed with EngineStoppedError when the timeout ran out or without drain)."""
         self._is_accepting = False
+        num_pending = self.num_pending
         deadline = None if timeout is None else time.monotonic() + timeout
         while drain and self.num_pending and (deadline is None or time.monotonic() < deadline):
             time.sleep(0.01)
@@ -179,8 +182,10 @@ class Engine:
         self._notify()
         for t in self._threads:
             t.join(timeout)
-        for req, fut in list(self._futures.values()):
+        left = list(self._futures.values())
+        for req, fut in left:
             self._fail(req, EngineStoppedError("the engine stopped before this request was computed"))
+        return max(0, num_pending - len(left))
 
     def __enter__(self) -> "Engine":
         return self.start()

@@ -1,4 +1,5 @@
-"""`vbert train`, `evaluate`, `distill` and `build-table` (registered on the main group in dispatcher/cli.py).
+"""`vbert train`, `evaluate`, `distill` and `build-table` (put on the main group by dispatcher/cli.py; this
+module imports neither it nor the modules that do the work, until a command runs).
 
 Flags become a TrainConfig / EvaluateConfig here; nothing below receives click's arguments.
 Errors in the data or the options exit with status 1 (2 for usage errors) and a one-line message.
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import click
 
-# = vbert.config.LORA_TARGETS / DEFAULT_LORA_TARGETS / vbert.adapters.BOTTLENECK_PLACEMENTS (not imported:
-# importing vbert pulls in torch, and every `vbert` command would start slower)
+from .recipes import help_lines
+
+# = vbert.config.LORA_TARGETS / vbert.adapters.BOTTLENECK_PLACEMENTS (not imported: importing vbert
+# pulls in torch, and every `vbert` command would start slower)
 LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
-DEFAULT_LORA_TARGETS = ("query", "key", "value", "attn_out")
 BOTTLENECK_PLACEMENTS = ("attn_out", "ffn_out", "both")
 ATTENTION_LAYERS = ("first", "upper")                    # = training.distill.ATTENTION_LAYERS
 
@@ -44,13 +46,18 @@ def _quiet_transformers() -> None:
 
 
 def _exit_on_remote_error(e) -> None:
-    from dispatcher.cli import EXIT_OF_STATUS
+    from dispatcher.commands.exit_codes import exit_code
 
     click.echo(f"error: {e}", err=True)
-    raise SystemExit(EXIT_OF_STATUS.get(e.code.name, 1))
+    raise SystemExit(exit_code(e.code.name))
 
 
-@click.command()
+TRAIN_EPILOG = "\b\nDefaults per task and adapter kind: the recipe that met the 2-point target in the project's " \
+    "table\n(benchmarks/results/cpu-2026-11-23/training/table.md); a flag replaces one setting, training.json records " \
+    "the values used:\n" + "\n".join(f"  {line}" for line in help_lines())
+
+
+@click.command("train", epilog=TRAIN_EPILOG)
 @click.option("--task", type=click.Choice(["classification", "ner"]), required=True,
               help="classification: JSON lines {text, label}; ner: CoNLL (word first, IOB2 tag last column).")
 @click.option("--train", "train_path", required=True, type=click.Path(exists=True, dir_okay=False))
@@ -58,31 +65,31 @@ def _exit_on_remote_error(e) -> None:
               help="Dev file for model selection (default: a seeded slice of --train is held out).")
 @click.option("--adapter-kind", type=click.Choice(["bottleneck", "lora"]), default="bottleneck", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (new or empty).")
-@click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Default: the recipe's (below).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--backbone", default=None, type=click.Path(exists=True, file_okay=False),
               help="Local HF BERT checkpoint dir (default: the embedded all-MiniLM-L6-v2).")
-@click.option("--rank", default=8, show_default=True, type=click.IntRange(min=1), help="LoRA rank.")
-@click.option("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS), show_default=True,
-              help=f"LoRA target modules, a subset of {','.join(LORA_TARGETS)}.")
+@click.option("--rank", default=None, type=click.IntRange(min=1), help="LoRA rank (default: the recipe's).")
+@click.option("--lora-targets", default=None,
+              help=f"LoRA target modules, a subset of {','.join(LORA_TARGETS)} (default: the recipe's).")
 @click.option("--alpha", default=None, type=click.FloatRange(min=0, min_open=True),
               help="LoRA alpha (scale = alpha / rank; default 2 * rank).")
-@click.option("--bottleneck-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--bottleneck-placement", type=click.Choice(list(BOTTLENECK_PLACEMENTS)), default="attn_out",
-              show_default=True, help="Bottleneck on each layer's attention output, feed-forward output "
-                                      "(before its residual add and LayerNorm), or both (Houlsby: twice the "
-                                      "weights; two of a server's bottleneck slots).")
+@click.option("--bottleneck-size", default=None, type=click.IntRange(min=1), help="Default: the recipe's.")
+@click.option("--bottleneck-placement", type=click.Choice(list(BOTTLENECK_PLACEMENTS)), default=None,
+              help="Bottleneck on each layer's attention output, feed-forward output (before its residual add "
+                   "and LayerNorm), or both (Houlsby: twice the weights; two of a server's bottleneck slots). "
+                   "Default: the recipe's.")
 @click.option("--layers", default=None, type=click.IntRange(min=1), help="Adapters on the top N layers (default all).")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="Learning rate (default 1e-3 for adapters, 5e-5 with --full-finetune).")
+              help="Learning rate (default: the recipe's).")
 @click.option("--schedule", type=click.Choice(["linear", "constant"]), default="linear", show_default=True,
               help="After the warm-up: linear decay to 0, or constant.")
 @click.option("--warmup", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Fraction of the steps with a linear warm-up.")
 @click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("--dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--dropout", default=None, type=click.FloatRange(0, 1, max_open=True),
               help="Dropout while training: the frozen backbone's hidden and attention dropout and the head's "
-                   "input (0: off). Serving never drops anything.")
+                   "input (0: off; default: the recipe's). Serving never drops anything.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
               help="Sub-tokens per training example, [CLS] and [SEP] included.")
@@ -136,7 +143,8 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
         token = _admin_token(admin_token, data_dir)
     try:
         adapter = AdapterConfig(kind="none" if full_finetune else adapter_kind, rank=rank, alpha=alpha,
-                                targets=_targets(lora_targets), bottleneck_size=bottleneck_size, num_top_layers=layers,
+                                targets=None if lora_targets is None else _targets(lora_targets),
+                                bottleneck_size=bottleneck_size, num_top_layers=layers,
                                 bottleneck_placement=bottleneck_placement)
         config = TrainConfig(task=task, train_path=train_path, out=out, dev_path=dev_path, adapter=adapter,
                              backbone=backbone, epochs=epochs, seed=seed, lr=lr, schedule=schedule, warmup=warmup,
@@ -166,7 +174,7 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
         click.echo(f"registered {tenant}/{info['name']} version {info['version']} on {server}")
 
 
-@click.command()
+@click.command("evaluate")
 @click.option("--adapter", "adapter_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Adapter directory from `vbert train` (or a --full-finetune checkpoint).")
 @click.option("--test", "test_path", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -222,7 +230,7 @@ def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_
     click.echo(json.dumps(metrics))
 
 
-@click.command()
+@click.command("distill")
 @click.option("--corpus", "corpus", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="Text file (one sentence per line), JSON lines with \"text\", or CoNLL; repeatable.")
 @click.option("--corpus-format", type=click.Choice(["auto", "text", "jsonl", "conll"]), default="auto",
@@ -277,7 +285,7 @@ def distill_command(corpus, corpus_format, out, skip_layers, backbone, epochs, b
         raise click.ClickException(str(e))
 
 
-@click.command()
+@click.command("build-table")
 @click.option("--shallow", required=True, type=click.Path(exists=True, file_okay=False),
               help="Shallow-layer directory from `vbert distill`.")
 @click.option("--corpus", "corpus", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
@@ -314,4 +322,5 @@ def build_table_command(shallow, corpus, corpus_format, out, budget_mb, fallback
         raise click.ClickException(str(e))
 
 
-__all__ = ["build_table_command", "distill_command", "evaluate_command", "train_command"]
+COMMANDS = [train_command, evaluate_command, distill_command, build_table_command]
+__all__ = ["COMMANDS", "build_table_command", "distill_command", "evaluate_command", "train_command"]

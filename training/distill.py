@@ -325,9 +325,3 @@ def _save_checkpoint(path: Path, config, student, optimizer, scheduler, epoch_ge
                 "scheduler": scheduler.state_dict(), "epoch_generator": epoch_generator_state, "epoch": epoch,
                 "step_in_epoch": step_in_epoch, "history": list(history)}, tmp)
     tmp.replace(path)
-
-
-if __name__ == "__main__":
-    from .cli import distill_command
-
-    distill_command(prog_name="python -m training.distill")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,8 +28,10 @@ from torch import nn
 
 from vbert import (AdapterArtifact, BackboneShape, BottleneckAdapter, Head, HeadKind, HeadSpec, LoraAdapter)
 from vbert.adapters import BOTTLENECK_PLACEMENTS, BottleneckWeights, LoraWeights
-from vbert.config import DEFAULT_LORA_TARGETS, LORA_TARGETS
+from vbert.config import LORA_TARGETS
 from vbert.peft_format import HF_MODULE
+
+from .recipes import recipe
 
 ADAPTER_KINDS = ("bottleneck", "lora", "none")   # "none": full fine-tuning (no adapter, backbone trainable)
 TRAIN_POOLINGS = ("mean", "cls")
@@ -37,6 +39,7 @@ BOTTLENECK_HF_MODULE = {"attn_out": "attention.output.dense", "ffn_out": "output
 FULL_META_FILE = "vbert_full_finetune.json"       # marks a full fine-tuned checkpoint directory
 FULL_FORMAT = "vbert-full-finetune"
 HEAD_FILE = "head.safetensors"
+RECIPE_FIELDS = ("rank", "targets", "bottleneck_size", "bottleneck_placement")   # None: the task's recipe
 
 
 @dataclass(frozen=True)
@@ -45,35 +48,48 @@ class AdapterConfig:
 
     kind: "bottleneck", "lora" or "none" (full fine-tuning: every backbone weight is trainable).
     num_top_layers: adapters on the top m layers only (None = all layers).
-    bottleneck_placement: "attn_out" or "ffn_out" (see vbert.adapters.BottleneckAdapter).
+    bottleneck_placement: "attn_out", "ffn_out" or "both" (see vbert.adapters.BottleneckAdapter).
     alpha: LoRA alpha (None = 2 * rank); the scale is alpha / rank.
+    rank, targets, bottleneck_size, bottleneck_placement: None = the task's default recipe
+    (training.recipes), filled in by `resolved` (TrainConfig does it, the task being known there).
     """
 
     kind: str = "bottleneck"
-    rank: int = 8
+    rank: int | None = None
     alpha: float | None = None
-    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    bottleneck_size: int = 64
+    targets: tuple[str, ...] | None = None
+    bottleneck_size: int | None = None
     num_top_layers: int | None = None
-    bottleneck_placement: str = "attn_out"
+    bottleneck_placement: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
             raise ValueError(f"adapter kind {self.kind!r} is not one of {ADAPTER_KINDS}")
-        if self.bottleneck_placement not in BOTTLENECK_PLACEMENTS:
+        if self.bottleneck_placement is not None and self.bottleneck_placement not in BOTTLENECK_PLACEMENTS:
             raise ValueError(f"bottleneck placement {self.bottleneck_placement!r} is not one of "
                              f"{BOTTLENECK_PLACEMENTS}")
-        if self.rank < 1:
+        if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.bottleneck_size < 1:
+        if self.bottleneck_size is not None and self.bottleneck_size < 1:
             raise ValueError(f"bottleneck size must be >= 1, got {self.bottleneck_size}")
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
-        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"lora targets {list(self.targets)}: must be non-empty, unique, from {LORA_TARGETS}")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
+            unknown = [t for t in self.targets if t not in LORA_TARGETS]
+            if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+                raise ValueError(f"lora targets {list(self.targets)}: must be non-empty, unique, from {LORA_TARGETS}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be a positive number, got {self.alpha}")
         if self.num_top_layers is not None and self.num_top_layers < 1:
             raise ValueError(f"layers must be >= 1, got {self.num_top_layers}")
+
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.rank, self.targets, self.bottleneck_size, self.bottleneck_placement)
+
+    def resolved(self, task: str) -> "AdapterConfig":
+        """The settings left unset filled in from the default recipe of `task` and this kind."""
+        r = recipe(task, self.kind)
+        return replace(self, **{name: getattr(r, name) for name in RECIPE_FIELDS if getattr(self, name) is None})
 
     @property
     def lora_alpha(self) -> float:
@@ -139,6 +155,8 @@ class TrainableModel(nn.Module):
             raise ValueError("training needs a classify or tag head")
         if head_spec.pooling not in TRAIN_POOLINGS:
             raise ValueError(f"pooling {head_spec.pooling!r} is not one of {TRAIN_POOLINGS}")
+        if adapter.kind != "none" and not adapter.is_resolved:
+            raise ValueError(f"adapter settings left to the task's recipe: resolve them first ({adapter})")
         self.backbone, self.adapter_config, self.head_spec = backbone, adapter, head_spec
         self.shape = backbone_shape(backbone)
         self.skip = skip

@@ -4,11 +4,12 @@ classification (JSON lines {text, label}) or NER (CoNLL), and write a servable a
 With `full_finetune` every backbone weight trains too and the output is a Hugging Face checkpoint
 directory plus the head (the reference for the README's comparison; `vbert evaluate` scores it).
 
-    python -m training.train --task classification --train train.jsonl --adapter-kind lora --out out/
-    (= vbert train ...; see training/cli.py for the options)
+    vbert train --task classification --train train.jsonl --adapter-kind lora --out out/
+    (training/cli.py turns its options into a TrainConfig; `python -m dispatcher.cli train` without the script)
 
-Deterministic for a given seed on CPU: seeded init, a seeded data order, dropout masks (`dropout`,
-off by default) from the seeded global generator.
+Deterministic for a given seed on CPU: seeded init, a seeded data order, dropout masks (when
+`dropout` > 0) from the seeded global generator. Settings left unset take the task's default recipe
+(training/recipes.py), recorded resolved in training.json.
 The epoch with the best dev metric (macro-F1 / span F1) is the one written; `patience` stops
 training after that many epochs without improvement. Without a dev file a seeded slice of the
 training file is held out. `training.json` in the output records the run.
@@ -19,7 +20,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,18 +30,20 @@ import torch.nn.functional as F
 from .data import IGNORE_INDEX, DataError, check_labels, split_dev
 from .evaluate import TASKS, TRAINING_FILE, Task, pad_batch, score, torch_predictor
 from .model import TRAIN_POOLINGS, AdapterConfig, TrainableModel, load_backbone, save_full_finetune
+from .recipes import UNRECORDED_BEFORE, recipe
 
 SCHEDULES = ("linear", "constant")
 DEFAULT_MAX_LABELS = 64            # = the server pool's default max_labels
-DEFAULT_ADAPTER_LR = 1e-3
-DEFAULT_FULL_LR = 5e-5
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. lr None: 1e-3 for adapters, 5e-5 for full fine-tuning. patience None: no
-    early stopping. warmup: fraction of the steps with a linear warm-up. max_labels: the head limit
-    of the server that will serve the adapter."""
+    """One training run. epochs, lr, dropout and the adapter's rank / targets / bottleneck size and
+    placement left None take the default recipe of the task and adapter kind (training.recipes: what
+    met the 2-point target in the project's table); they are resolved here, so the config and the
+    run's training.json hold the values used. patience None: no early stopping. warmup: fraction of
+    the steps with a linear warm-up. max_labels: the head limit of the server that will serve the
+    adapter."""
 
     task: str
     train_path: str
@@ -48,13 +51,13 @@ class TrainConfig:
     dev_path: str | None = None
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     backbone: str | None = None
-    epochs: int = 3
+    epochs: int | None = None
     seed: int = 0
     lr: float | None = None
     schedule: str = "linear"
     warmup: float = 0.1
     weight_decay: float = 0.0
-    dropout: float = 0.0                 # backbone hidden/attention dropout and head-input dropout, training only
+    dropout: float | None = None         # backbone hidden/attention dropout and head-input dropout, training only
     batch_size: int = 32
     max_length: int = 128
     patience: int | None = None
@@ -73,6 +76,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task {self.task!r} is not one of {tuple(TASKS)}")
+        r = recipe(self.task, self.adapter.kind)
+        object.__setattr__(self, "adapter", self.adapter.resolved(self.task))
+        for name in ("epochs", "lr", "dropout"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(r, name))
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.pooling not in TRAIN_POOLINGS:
@@ -82,7 +90,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+        if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
@@ -111,15 +119,30 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return DEFAULT_FULL_LR if self.is_full_finetune else DEFAULT_ADAPTER_LR
+        return self.lr
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["adapter"]["targets"] = list(self.adapter.targets)
         d["learning_rate"] = self.learning_rate
         return d
+
+    @classmethod
+    def from_record(cls, args: dict, **overrides) -> "TrainConfig":
+        """The config of a recorded run (training.json's "args", or a benchmark run's): every recorded
+        setting as given, and the ones older records lack (recipes.UNRECORDED_BEFORE) at the value they
+        had then, never at today's defaults. `overrides` replace fields (e.g. out, train_path)."""
+        args = {**args, **overrides}
+        adapter = {**args.get("adapter", {})}
+        adapter.setdefault("bottleneck_placement", UNRECORDED_BEFORE["bottleneck_placement"])
+        if adapter.get("targets") is not None:
+            adapter["targets"] = tuple(adapter["targets"])
+        names = {f.name for f in fields(cls)} - {"adapter"}
+        kw = {k: v for k, v in args.items() if k in names}
+        kw.setdefault("dropout", UNRECORDED_BEFORE["dropout"])
+        if kw.get("lr") is None:
+            kw["lr"] = args["learning_rate"]
+        return cls(adapter=AdapterConfig(**adapter), **kw)
 
 
 @dataclass
@@ -352,9 +375,3 @@ def _train(config: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
     (out / TRAINING_FILE).write_text(json.dumps(summary, indent=2))
     echo(f"wrote {out} (best epoch {best_epoch}, {artifact_bytes:,} bytes, {train_seconds:.1f} s)")
     return TrainResult(out, model, summary, dev_encoded, dev_examples)
-
-
-if __name__ == "__main__":
-    from .cli import train_command
-
-    train_command(prog_name="python -m training.train")

@@ -161,7 +161,7 @@ def load_artifact(path: str | Path) -> AdapterArtifact:
         raise AdapterError(f"{path} is not an adapter directory")
     if not (path / META_FILE).is_file():
         if (path / peft_format.CONFIG_FILE).is_file():
-            return peft_format.load_peft_dir(path)
+            return AdapterArtifact(*peft_format.read_peft_dir(path))
         raise AdapterError(f"{path}: neither {META_FILE} nor {peft_format.CONFIG_FILE} found")
     try:
         meta = json.loads((path / META_FILE).read_text())

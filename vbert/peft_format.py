@@ -92,15 +92,14 @@ def read_peft_lora(path: str | Path) -> tuple[LoraAdapter, dict[str, torch.Tenso
     return LoraAdapter(rank=rank, alpha=alpha, modules=modules, use_rslora=use_rslora), rest
 
 
-def load_peft_dir(path: str | Path):
-    """A plain PEFT directory as an AdapterArtifact: LoRA plus the head PEFT saved, if any."""
-    from .artifact import AdapterArtifact
-
+def read_peft_dir(path: str | Path) -> tuple[LoraAdapter, Head]:
+    """A plain PEFT directory: its LoRA and the head PEFT saved (an embed head when it saved none);
+    vbert.artifact.load_artifact makes them an AdapterArtifact."""
     adapter, rest = read_peft_lora(path)
     cfg = json.loads((Path(path) / CONFIG_FILE).read_text())
     w, b = rest.get("base_model.model.classifier.weight"), rest.get("base_model.model.classifier.bias")
     if w is None:
-        return AdapterArtifact(adapter, Head(HeadSpec(HeadKind.EMBED, pooling="mean")))
+        return adapter, Head(HeadSpec(HeadKind.EMBED, pooling="mean"))
     if b is None:
         raise AdapterError(f"{path}: classifier weight saved without its bias")
     labels = tuple(f"LABEL_{i}" for i in range(w.shape[0]))
@@ -111,7 +110,7 @@ def load_peft_dir(path: str | Path):
         spec = HeadSpec(HeadKind.TAG, labels)
     else:
         raise AdapterError(f"{path}: a saved classifier with task_type {task!r} (expected SEQ_CLS or TOKEN_CLS)")
-    return AdapterArtifact(adapter, Head(spec, w.float(), b.float()))
+    return adapter, Head(spec, w.float(), b.float())
 
 
 def to_peft(adapter: LoraAdapter, base_model_name_or_path: str = "") -> tuple[dict, dict[str, torch.Tensor]]:

@@ -1,7 +1,9 @@
 """`vbert serve` as a real process: health, reflection, metrics, SIGTERM drain, restart."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,21 +32,26 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, data_dir, backbone=None, extra_env=None):
+    def __init__(self, data_dir, backbone=None, extra_env=None, log_path=None):
         self.port, self.metrics_port = free_port(), free_port()
         env = dict(os.environ, VBERT_ADMIN_TOKEN="proc-admin", VBERT_DEVICE="cpu", VBERT_LORA_SLOTS="4",
                    VBERT_BOTTLENECK_SLOTS="4", VBERT_MAX_LORA_RANK="8", VBERT_MAX_BOTTLENECK_SIZE="16",
                    VBERT_MAX_LABELS="8", **(extra_env or {}))
         args = [VBERT, "serve", "--port", str(self.port), "--data-dir", str(data_dir),
                 "--metrics-port", str(self.metrics_port)] + (["--backbone", str(backbone)] if backbone else [])
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.log_path = log_path              # the JSON logs to a file (a pipe nobody reads would fill up)
+        stderr = open(log_path, "w") if log_path else subprocess.PIPE
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        if log_path:
+            stderr.close()
         self.address = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.address)
         health = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.time() + 120
         while True:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.proc.stderr.read()[-3000:]}")
+                logs = Path(log_path).read_text() if log_path else self.proc.stderr.read()
+                raise AssertionError(f"server exited: {logs[-3000:]}")
             try:
                 if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                     break
@@ -64,7 +71,19 @@ class ServeProcess:
         return code
 
 
-def prepare_data_dir(checkpoint, data_dir):
+def drain_line(logs: str) -> dict:
+    """The shutdown log line: {"msg": "drained N calls in flight (M inputs queued; ...) in X ms", "inputs": M,
+    "duration_ms": X}, plus num_calls = N."""
+    lines = [json.loads(x) for x in logs.splitlines() if x.startswith("{")]
+    (line,) = [x for x in lines if x["msg"].startswith("drained ")]
+    m = re.match(r"drained (\d+) calls in flight \((\d+) inputs queued; (\d+) finished after the listeners stopped\) "
+                 r"in (\d+) ms$", line["msg"])
+    assert m, line
+    assert line["method"] == "shutdown" and line["inputs"] == int(m[2])
+    return {**line, "num_calls": int(m[1])}
+
+
+def prepare_data_dir(checkpoint, data_dir, quotas=None):
     """A tenant and an adapter registered through the manager before the server starts."""
     from manager.manager import Manager, ManagerConfig
     from tests.conftest import tiny_pool_config
@@ -72,7 +91,7 @@ def prepare_data_dir(checkpoint, data_dir):
 
     model = MultiTenantModel(ModelConfig(BackboneConfig(path=str(checkpoint), device="cpu"), tiny_pool_config()))
     m = Manager(ManagerConfig.under(str(data_dir)), model)
-    _, key = m.create_tenant("acme")
+    _, key = m.create_tenant("acme", quotas)
     m.upload_adapter("acme", "cls", make_artifact(model.spec.shape, "lora", classify(3), 1, rank=4))
     m.close()
     return key
@@ -122,7 +141,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     _, key = m.create_tenant("acme")
     m.upload_adapter("acme", "cls", make_artifact(model.spec.shape, "lora", classify(3), 1, rank=8))
     m.close()
-    s = ServeProcess(tmp_path / "var")
+    s = ServeProcess(tmp_path / "var", log_path=tmp_path / "serve.log")
     long_text = "The patient was treated with cisplatin and showed a partial response. " * 8
     results, errors = [], []
 
@@ -154,6 +173,44 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     assert s.proc.wait(120) == 0
     assert not errors, [e.code() for e in errors]
     assert len(results) == 12 and all(len(r.results) == 8 for r in results)
+    line = drain_line((tmp_path / "serve.log").read_text())
+    assert line["num_calls"] > 0 and line["inputs"] > 0 and line["duration_ms"] > 0
+
+
+def test_sigterm_logs_what_it_drained(tiny_checkpoint, tmp_path):
+    """A real `vbert serve` SIGTERMed while callers keep it busy: one log line says how many calls were
+    in flight, how many inputs were queued, and how long the drain took; the calls already running finish."""
+    from manager.records import Quotas
+
+    key = prepare_data_dir(tiny_checkpoint, tmp_path / "var", Quotas(requests_per_s=1e6, burst=1_000_000))
+    s = ServeProcess(tmp_path / "var", tiny_checkpoint, log_path=tmp_path / "serve.log")
+    texts = [tenant_pb2.Input(text=" ".join(["the patient gene cell"] * 6))] * 32
+    num_ok, codes, is_running = [0], [], threading.Event()
+
+    def worker():
+        stub = tenant_pb2_grpc.TenantServiceStub(grpc.insecure_channel(s.address))
+        while True:
+            try:
+                stub.Classify(tenant_pb2.ClassifyRequest(adapter="cls", inputs=texts), metadata=bearer(key), timeout=60)
+                num_ok[0] += 1
+                is_running.set()
+            except grpc.RpcError as e:          # after SIGTERM: refused (UNAVAILABLE)
+                codes.append(e.code())
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert is_running.wait(60)
+    time.sleep(0.5)
+    num_before = num_ok[0]
+    assert s.terminate(60) == 0
+    for t in threads:
+        t.join(60)
+    assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, codes   # nothing in flight failed: new calls were refused
+    line = drain_line((tmp_path / "serve.log").read_text())
+    assert 0 < line["num_calls"] <= 4 and line["inputs"] <= 4 * len(texts) and line["duration_ms"] > 0
+    assert num_ok[0] >= num_before
 
 
 def test_bad_config_is_refused_at_start(tmp_path):

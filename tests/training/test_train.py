@@ -76,9 +76,11 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def _config(checkpoint, data, out, task, kind, **kw) -> TrainConfig:
+    """Small explicit settings (the tasks' default recipes train for longer, with other placements)."""
     base = dict(task=task, train_path=str(data[task]), out=str(out), backbone=str(checkpoint), epochs=6,
-                batch_size=8, lr=2e-2, threads=1, show_progress=False,
-                adapter=AdapterConfig(kind=kind, rank=4, bottleneck_size=16))
+                batch_size=8, lr=2e-2, dropout=0.0, threads=1, show_progress=False,
+                adapter=AdapterConfig(kind=kind, rank=4, bottleneck_size=16, bottleneck_placement="attn_out",
+                                      targets=("query", "key", "value", "attn_out")))
     base.update(kw)
     return TrainConfig(**base)
 
@@ -356,7 +358,7 @@ def test_bad_data_errors(checkpoint, data, tmp_path):
     common = ["--task", "classification", "--backbone", str(checkpoint), "--epochs", "1", "--no-progress"]
     cases = [([*VBERT, "train", "--train", str(bad)], "line 3"),
              ([*VBERT, "train", "--train", str(empty)], "no examples"),
-             ([sys.executable, "-m", "training.train", "--train", str(many), "--max-labels", "4"],
+             ([sys.executable, "-m", "dispatcher.cli", "train", "--train", str(many), "--max-labels", "4"],
               "5 labels, above the head limit of 4")]
     for i, (args, message) in enumerate(cases):
         p = _run(args + common + ["--out", str(tmp_path / f"out{i}")], ROOT)
@@ -424,13 +426,14 @@ def test_epoch_batches_cover_every_example_once_and_group_similar_lengths():
 
 
 def test_cli_choices_match_the_library():
-    """training/cli.py copies these tuples (so that `vbert --help` does not import torch); they must
-    stay what the library accepts."""
-    from training import cli
+    """training/cli.py and training/recipes.py copy these tuples (so that `vbert --help` does not import
+    torch); they must stay what the library accepts."""
+    from training import cli, recipes
     from training.distill import ATTENTION_LAYERS
     from vbert.adapters import BOTTLENECK_PLACEMENTS
     from vbert.config import DEFAULT_LORA_TARGETS, LORA_TARGETS
 
     assert cli.BOTTLENECK_PLACEMENTS == BOTTLENECK_PLACEMENTS
-    assert cli.LORA_TARGETS == LORA_TARGETS and cli.DEFAULT_LORA_TARGETS == DEFAULT_LORA_TARGETS
+    assert cli.LORA_TARGETS == LORA_TARGETS == recipes.ALL_LORA_TARGETS
+    assert recipes.ATTENTION_LORA_TARGETS == DEFAULT_LORA_TARGETS
     assert cli.ATTENTION_LAYERS == ATTENTION_LAYERS

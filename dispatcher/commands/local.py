@@ -1,0 +1,87 @@
+"""`vbert info`, `serve` and `demo`: the commands that run the model in this process."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _model_config(backbone: str | None, device: str, dtype: str, lora_slots: int, bottleneck_slots: int):
+    from vbert import BackboneConfig, ModelConfig, PoolConfig
+
+    return ModelConfig(backbone=BackboneConfig(path=backbone, device=device, dtype=dtype),
+                       pool=PoolConfig(num_lora_slots=lora_slots, num_bottleneck_slots=bottleneck_slots))
+
+
+def _config_options(f):
+    f = click.option("--backbone", default=None, help="Local HF BERT checkpoint dir (default: embedded all-MiniLM-L6-v2).")(f)
+    f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
+    f = click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16, bfloat16.")(f)
+    f = click.option("--lora-slots", default=256, show_default=True, type=int)(f)
+    f = click.option("--bottleneck-slots", default=256, show_default=True, type=int)(f)
+    return f
+
+
+@click.command()
+@_config_options
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def info(backbone, device, dtype, lora_slots, bottleneck_slots, output) -> None:
+    """Print the backbone, device, dtype and adapter pool capacity."""
+    from vbert import MultiTenantModel
+
+    try:
+        model = MultiTenantModel(_model_config(backbone, device, dtype, lora_slots, bottleneck_slots))
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    d = model.info()
+    if output == "json":
+        click.echo(json.dumps(d, indent=2))
+        return
+    pool = d.pop("pool")
+    for k, v in d.items():
+        click.echo(f"{k:<28}{v}")
+    for k, v in pool.items():
+        click.echo(f"pool.{k:<23}{v}")
+
+
+@click.command()
+@click.option("--host", default=None, help="Tenant API address (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Tenant API port (default 50051).")
+@click.option("--data-dir", default=None, help="Registry, adapters and admin token (default ./var).")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus port (default 9400; 0 = off).")
+@click.option("--admin-port", type=int, default=None, help="Separate loopback admin listener.")
+@click.option("--config", "config_file", default=None, help="TOML config file (flags > VBERT_* env > file).")
+@click.option("--backbone", default=None)
+@click.option("--device", default=None)
+@click.option("--dtype", default=None)
+def serve(host, port, data_dir, metrics_port, admin_port, config_file, backbone, device, dtype) -> None:
+    """Start the gRPC server (tenant API, admin API, Open Inference Protocol, health, reflection)."""
+    import asyncio
+    import os
+
+    from dispatcher.config import ServerConfig
+    from dispatcher.logs import configure
+    from dispatcher.server import serve as run_server
+
+    try:
+        config = ServerConfig.load(config_file, os.environ, dict(
+            host=host, port=port, data_dir=data_dir, metrics_port=metrics_port, admin_port=admin_port,
+            backbone=backbone, device=device, dtype=dtype))
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    configure(config.log_level)
+    raise SystemExit(asyncio.run(run_server(config)))
+
+
+@click.command()
+@click.option("--tenants", default=300, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo(tenants, batch, seed) -> None:
+    """Default backbone, random tenants, one mixed batch: per-row results and throughput."""
+    from vbert.demo import run_demo
+
+    run_demo(num_tenants=tenants, batch=batch, seed=seed, echo=click.echo)
+
+
+COMMANDS = [info, serve, demo]
