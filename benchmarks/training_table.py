@@ -123,12 +123,28 @@ def run_one(set_name: str, method: str, data: Path, runs: Path, rerun: bool, epo
     return summarize(set_name, SETS[set_name][0], method, run, train_cmd, eval_cmd)
 
 
+def explicit(flags: list[str]) -> list[str]:
+    """A method's flags with every setting `vbert train` now defaults per task spelled out as the table
+    ran it (before 2026-12-05 the defaults were the same for every task: attention-output bottleneck,
+    no dropout, LoRA on the attention projections), so each row reruns as it was recorded."""
+    out = list(flags)
+    if "--full-finetune" not in out and "--adapter-kind" in out:
+        kind = out[out.index("--adapter-kind") + 1]
+        if kind == "bottleneck" and "--bottleneck-placement" not in out:
+            out += ["--bottleneck-placement", "attn_out"]
+        if kind == "lora" and "--lora-targets" not in out:
+            out += ["--lora-targets", "query,key,value,attn_out"]
+    if "--dropout" not in out:
+        out += ["--dropout", "0"]
+    return out
+
+
 def commands(set_name: str, method: str, data: Path, run: Path, epochs: int) -> tuple[list[str], list[str]]:
     """(`vbert train`, `vbert evaluate`) of one run: the adapter goes to RUN/artifact, the scores to RUN/test.json."""
     task, sub, _ = SETS[set_name]
     train_cmd = vbert() + ["train", "--task", task, "--train", str(data / sub / "train.txt"),
                            "--dev", str(data / sub / "dev.txt"), "--out", str(run / "artifact"),
-                           "--epochs", str(epochs)] + COMMON + METHODS[method]
+                           "--epochs", str(epochs)] + COMMON + explicit(METHODS[method])
     eval_cmd = vbert() + ["evaluate", "--adapter", str(run / "artifact"), "--test", str(data / sub / "test.txt"),
                           "--json", str(run / "test.json"), "--device", "cpu", "--max-length", "128"]
     return train_cmd, eval_cmd

@@ -37,15 +37,14 @@ def test_the_recipes_are_the_rows_that_met_the_target():
     """Each default equals the settings of the recorded runs whose rows met the 2-point target."""
     cls, ner = recipe("classification", "bottleneck"), recipe("ner", "bottleneck")
     assert (cls.bottleneck_placement, cls.bottleneck_size, cls.dropout, cls.epochs, cls.lr) == ("ffn_out", 64, 0.0, 3, 3e-3)
-    assert (ner.bottleneck_placement, ner.bottleneck_size, ner.dropout, ner.epochs, ner.lr) == ("ffn_out", 128, 0.1, 20, 3e-3)
+    assert (ner.bottleneck_placement, ner.bottleneck_size, ner.dropout, ner.epochs, ner.lr) == ("both", 64, 0.1, 20, 3e-3)
     if not RUNS:
         pytest.skip("no recorded runs in benchmarks/results")
     recorded = {f.stem: json.loads(f.read_text()) for f in RUNS}
     for name, (task, kind) in {"sci-cite-bottleneck-ffn": ("classification", "bottleneck"),
                                "chemprot-bottleneck-ffn": ("classification", "bottleneck"),
                                "sci-cite-lora": ("classification", "lora"),
-                               "NCBI-disease-bottleneck-ffn128-drop-e20": ("ner", "bottleneck"),
-                               "NCBI-disease-bottleneck-ffn128-drop-e20-s1": ("ner", "bottleneck"),
+                               "NCBI-disease-bottleneck-both-drop-e20": ("ner", "bottleneck"),
                                "NCBI-disease-lora-all-r16-lr2e-3-e20": ("ner", "lora")}.items():
         run = TrainConfig.from_record(recorded[name]["args"])
         default = _config(task, kind)
