@@ -120,7 +120,13 @@ class Server:
         num_calls = use["num_keyed_in_flight"] + use["num_public_in_flight"]
         num_inputs = self.app.engine.num_pending
         await self.health.enter_graceful_shutdown()
-        await asyncio.gather(*(s.stop(self.app.config.grace_s) for s in self._servers))
+        # the listeners stay open while the tenant calls in flight finish, so every new call meanwhile
+        # gets the interceptor's UNAVAILABLE (retry elsewhere), not whatever a closing listener answers
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.app.config.grace_s
+        while self.app.admission.stats()["num_keyed_in_flight"] and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*(s.stop(max(0.5, deadline - loop.time())) for s in self._servers))
         num_late = await asyncio.to_thread(self.app.close)
         self.interceptor.close()
         if getattr(self, "metrics_server", None) is not None:
