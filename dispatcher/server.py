@@ -32,6 +32,9 @@ TENANT_SERVICES = (tenant_pb2.DESCRIPTOR.services_by_name["TenantService"].full_
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
+DRAIN_QUIET_S = 0.25   # a drain keeps refusing new calls this long after the last call in flight ended
+
+
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ping_ms = int(config.keepalive_min_ping_s * 1000)
     return [
@@ -122,9 +125,17 @@ class Server:
         await self.health.enter_graceful_shutdown()
         # the listeners stay open while the tenant calls in flight finish, so every new call meanwhile
         # gets the interceptor's UNAVAILABLE (retry elsewhere), not whatever a closing listener answers
+        # (and stay open DRAIN_QUIET_S after the last one, for calls already on their way)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.app.config.grace_s
-        while self.app.admission.stats()["num_keyed_in_flight"] and loop.time() < deadline:
+        quiet_since = None
+        while loop.time() < deadline:
+            if self.app.admission.stats()["num_keyed_in_flight"]:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= DRAIN_QUIET_S:
+                break
             await asyncio.sleep(0.02)
         await asyncio.gather(*(s.stop(max(0.5, deadline - loop.time())) for s in self._servers))
         num_late = await asyncio.to_thread(self.app.close)
