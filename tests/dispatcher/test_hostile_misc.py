@@ -8,7 +8,6 @@ import io
 import os
 import signal
 import stat
-import subprocess
 import sys
 import tarfile
 import threading
@@ -17,18 +16,18 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import dispatcher.admin_service as admin_service
 from dispatcher.auth import Authenticator
 from dispatcher.client import Client, VbertError, _Call, retry_delay, upload_chunks
 from dispatcher.config import ServerConfig
 from dispatcher.errors import RETRY_AFTER_KEY, RateLimitedError, abort
-from dispatcher.gen.vbert.v1 import admin_pb2, admin_pb2_grpc, tenant_pb2, tenant_pb2_grpc
+from dispatcher.gen.vbert.v1 import admin_pb2, admin_pb2_grpc, tenant_pb2
 from dispatcher.limits import RateLimiter
 from manager.errors import UnauthenticatedError
 from manager.records import Quotas, Tenant
 from tests.dispatcher.conftest import ADMIN_TOKEN, RunningServer, bearer, tiny_server_config
+from tests.dispatcher.test_server_process import ServeProcess
 
 VBERT = str(Path(sys.executable).parent / "vbert")
 ADMIN = bearer(ADMIN_TOKEN)
@@ -96,38 +95,13 @@ def test_start_up_removes_leftover_uploads(tiny_checkpoint, tmp_path, caplog):
     assert any("removed 2 leftover uploads" in r.getMessage() for r in caplog.records)
 
 
-class _Serve:
-    """`vbert serve` in its own process, with TMPDIR pointed at `system_tmp`; output to a file
-    (never a pipe that could fill up and block the server)."""
+class _Serve(ServeProcess):
+    """`vbert serve` in its own process, with TMPDIR pointed at `system_tmp`; its logs to a file (never a
+    pipe that could fill up and block the server)."""
 
     def __init__(self, checkpoint, data_dir: Path, system_tmp: Path, log_path: Path):
-        from tests.dispatcher.test_server_process import free_port
-
-        self.port = free_port()
-        env = dict(os.environ, TMPDIR=str(system_tmp), VBERT_ADMIN_TOKEN=ADMIN_TOKEN, VBERT_DEVICE="cpu",
-                   VBERT_LORA_SLOTS="4", VBERT_BOTTLENECK_SLOTS="4", VBERT_MAX_LORA_RANK="8",
-                   VBERT_MAX_BOTTLENECK_SIZE="16", VBERT_MAX_LABELS="8")
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([VBERT, "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-                                      "--metrics-port", "0", "--backbone", str(checkpoint)],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}",
-                                             options=[("grpc.max_send_message_length", 64 << 20)])
-        health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.time() + 180
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {Path(log_path).read_text()[-3000:]}")
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            if time.time() > deadline:
-                self.proc.kill()
-                raise AssertionError("server never became healthy")
-            time.sleep(0.2)
+        super().__init__(data_dir, checkpoint, extra_env={"TMPDIR": str(system_tmp), "VBERT_ADMIN_TOKEN": ADMIN_TOKEN},
+                         log_path=log_path, channel_options=[("grpc.max_send_message_length", 64 << 20)])
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
 
     def close(self, sig=signal.SIGTERM) -> int:
@@ -135,7 +109,6 @@ class _Serve:
             self.proc.send_signal(sig)
         code = self.proc.wait(60)
         self.channel.close()
-        self.log.close()
         return code
 
 

@@ -32,11 +32,12 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, data_dir, backbone=None, extra_env=None, log_path=None):
+    def __init__(self, data_dir, backbone=None, extra_env=None, log_path=None, channel_options=()):
         self.port, self.metrics_port = free_port(), free_port()
         env = dict(os.environ, VBERT_ADMIN_TOKEN="proc-admin", VBERT_DEVICE="cpu", VBERT_LORA_SLOTS="4",
                    VBERT_BOTTLENECK_SLOTS="4", VBERT_MAX_LORA_RANK="8", VBERT_MAX_BOTTLENECK_SIZE="16",
-                   VBERT_MAX_LABELS="8", **(extra_env or {}))
+                   VBERT_MAX_LABELS="8")
+        env.update(extra_env or {})
         args = [VBERT, "serve", "--port", str(self.port), "--data-dir", str(data_dir),
                 "--metrics-port", str(self.metrics_port)] + (["--backbone", str(backbone)] if backbone else [])
         self.log_path = log_path              # the JSON logs to a file (a pipe nobody reads would fill up)
@@ -45,9 +46,9 @@ class ServeProcess:
         if log_path:
             stderr.close()
         self.address = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = grpc.insecure_channel(self.address, options=list(channel_options))
         health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while True:
             if self.proc.poll() is not None:
                 logs = Path(log_path).read_text() if log_path else self.proc.stderr.read()
