@@ -1,0 +1,62 @@
+"""The trained example adapters shipped under examples/adapters-trained/: intact, as described, and
+right on one of their documented example sentences with the real default backbone."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from vbert import BackboneConfig, EncodeRow, HeadKind, ModelConfig, MultiTenantModel, PoolConfig, load_artifact
+from vbert.artifact import META_FILE
+
+ROOT = Path(__file__).resolve().parents[1] / "examples" / "adapters-trained"
+
+SHIPPED = {
+    # directory: (head kind, head labels, adapter kind)
+    "sci-cite": (HeadKind.CLASSIFY, ("background", "method", "result"), "bottleneck"),
+}
+
+
+def result_of(name: str) -> dict:
+    return json.loads((ROOT / name / "RESULT.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_files_match_their_sha256(name):
+    files = result_of(name)["files"]
+    assert {"vbert_adapter.json", "adapter_model.safetensors", "head.safetensors"} <= set(files)
+    for fname, want in files.items():
+        data = (ROOT / name / fname).read_bytes()
+        assert len(data) == want["bytes"], f"{name}/{fname}: size changed"
+        assert hashlib.sha256(data).hexdigest() == want["sha256"], f"{name}/{fname}: sha256 changed"
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_artifact_loads_with_its_head_and_kind(name):
+    head_kind, head_labels, adapter_kind = SHIPPED[name]
+    art = load_artifact(ROOT / name)
+    assert art.head.spec.kind is head_kind
+    assert tuple(art.head.spec.labels) == head_labels
+    meta = json.loads((ROOT / name / META_FILE).read_text())
+    assert art.kind == meta["kind"] == adapter_kind
+    assert meta["bottleneck"]["placement"] == "ffn_out" and int(meta["bottleneck"]["size"]) == 64
+    res = result_of(name)
+    assert res["split"] == "test" and res["test"]["num_examples"] > 0 and res["train_command"]
+
+
+@pytest.fixture(scope="module")
+def real_model(default_checkpoint):
+    return MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(default_checkpoint), device="cpu"),
+                                        pool=PoolConfig(num_lora_slots=1, num_bottleneck_slots=2)))
+
+
+def test_sci_cite_example_classified_as_documented(real_model):
+    ex = result_of("sci-cite")["examples"][0]
+    slot = real_model.load_adapter(load_artifact(ROOT / "sci-cite"))
+    try:
+        (out,) = real_model.forward([EncodeRow(real_model.tokenize([ex["text"]])[0], slot)])
+        assert out.predicted() == ex["label"]
+    finally:
+        real_model.unload_adapter(slot)
