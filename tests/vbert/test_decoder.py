@@ -1,0 +1,286 @@
+"""The decoder core: paged KV cache, flattened steps, per-token LoRA, against Hugging Face and PEFT."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vbert.adapters import AdapterError
+from vbert.decoder import DecoderLoadError, DecoderModel, DecoderSpec, StepSequence
+from vbert.decoder_lora import (DecoderLoraConfig, DecoderLoraPool, DecoderLoraPoolFullError,
+                                read_peft_causal_lm)
+from vbert.device import DeviceContext
+from vbert.generation import generate_greedy
+from vbert.kv_cache import KVCacheConfig, KVCacheFullError, PagedKVCache
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+VOCAB = 97
+CPU = DeviceContext.create("cpu", "float32")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _randomize(model: torch.nn.Module, seed: int, std: float = 0.25) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else noise)
+
+
+def write_tiny_decoder(path: Path, kind: str = "llama", tied: bool = True, seed: int = 0):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tied, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common, rope_theta=5000.0)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**common, rope_theta=20000.0, use_sliding_window=False)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    _randomize(model, seed)
+    model.eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=[("llama", True), ("llama", False), ("qwen2", True)],
+                ids=["llama-tied", "llama-untied", "qwen2-bias"])
+def checkpoint(request, tmp_path_factory):
+    kind, tied = request.param
+    path = tmp_path_factory.mktemp(f"{kind}-{tied}")
+    hf = write_tiny_decoder(path, kind, tied)
+    return path, hf
+
+
+def _prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_greedy(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         do_sample=False, max_new_tokens=n, min_new_tokens=0, eos_token_id=None,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+# -- HF equivalence ---------------------------------------------------------------------------
+def test_spec_reads_config(checkpoint):
+    path, hf = checkpoint
+    model = DecoderModel.from_pretrained(path, CPU)
+    assert model.spec.num_kv_heads == 2 and model.spec.num_heads == 4 and model.spec.head_dim == 8
+    assert model.spec.rope_theta == hf.config.rope_parameters["rope_theta"]
+    assert model.spec.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert (model.lm_head is model.embed) == hf.config.tie_word_embeddings
+    assert (model.layers[0].qkv_bias is not None) == (hf.config.model_type == "qwen2")
+
+
+def test_step_logits_equal_hf_forward(checkpoint):
+    """One prompt prefilled in three chunks plus a decode token: each step's logits equal HF's
+    full forward logits at that position; two sequences share the steps."""
+    path, hf = checkpoint
+    model = DecoderModel.from_pretrained(path, CPU)
+    cache = model.new_cache(KVCacheConfig(block_size=4, num_blocks=32))
+    a, b = _prompts([11, 6])
+    with torch.no_grad():
+        ref_a = hf(torch.tensor([a])).logits[0]     # [11, V]
+        ref_b = hf(torch.tensor([b])).logits[0]
+    chunks = [(0, 5, 0, 6), (5, 9, None, None), (9, 11, None, None)]   # (a from, a to, b from, b to)
+    for a0, a1, b0, b1 in chunks:
+        seqs = [StepSequence("a", a0, a1 - a0)]
+        ids, pos = a[a0:a1], list(range(a0, a1))
+        cache.allocate("a", a1)
+        if b0 is not None:
+            seqs.append(StepSequence("b", b0, b1 - b0))
+            ids, pos = ids + b[b0:b1], pos + list(range(b0, b1))
+            cache.allocate("b", b1)
+        logits = model.forward(torch.tensor(ids), torch.tensor(pos), seqs, cache)
+        torch.testing.assert_close(logits[0], ref_a[a1 - 1], atol=1e-4, rtol=1e-4)
+        if b0 is not None:
+            torch.testing.assert_close(logits[1], ref_b[b1 - 1], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_equals_hf_generate_with_joins_and_chunks(checkpoint):
+    path, hf = checkpoint
+    model = DecoderModel.from_pretrained(path, CPU)
+    cache = model.new_cache(KVCacheConfig(block_size=4, num_blocks=64))
+    start_free = cache.num_free_blocks
+    prompts = _prompts([3, 17, 9, 1, 12])
+    max_new = [12, 5, 9, 7, 10]
+    log = []
+    out = generate_greedy(model, prompts, cache, max_new_tokens=max_new, chunk_size=5, token_budget=12,
+                          arrival_steps=[0, 0, 2, 5, 6], step_log=log)
+    for p, n, got in zip(prompts, max_new, out):
+        assert got == _hf_greedy(hf, p, n)
+    assert cache.num_free_blocks == start_free
+    # the schedule really mixed prefill chunks and decode tokens, and the batch changed over time
+    assert any(len(s) > 1 and any(k > 1 for _, k in s) and any(k == 1 for _, k in s) for s in log)
+    assert len({tuple(i for i, _ in s) for s in log}) > 3
+
+
+# -- LoRA -------------------------------------------------------------------------------------
+def _write_lora(hf_model_path: Path, path: Path, r: int, seed: int, alpha: int):
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_model_path)
+    cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=TARGETS,
+                          lora_dropout=0.0)
+    pm = peft.get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(pm.named_parameters()):
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(path)
+
+
+def test_lora_mixed_batch_equals_peft_generate(checkpoint, tmp_path):
+    path, _ = checkpoint
+    specs = [(2, 1, 4), (8, 2, 16), (4, 3, 4)]   # (r, seed, alpha)
+    dirs = []
+    for r, seed, alpha in specs:
+        d = tmp_path / f"lora{seed}"
+        _write_lora(path, d, r, seed, alpha)
+        dirs.append(d)
+    model = DecoderModel.from_pretrained(path, CPU)
+    pool = DecoderLoraPool(DecoderLoraConfig(num_slots=4, max_rank=8), model.spec, CPU)
+    slots = [pool.load(read_peft_causal_lm(d)) for d in dirs]
+    cache = model.new_cache(KVCacheConfig(block_size=4, num_blocks=64))
+    prompts = _prompts([5, 9, 2, 13, 7], seed=3)
+    rows = [slots[0], 0, slots[1], slots[2], slots[0]]
+    max_new = [8, 6, 10, 5, 7]
+    out = generate_greedy(model, prompts, cache, adapter_slots=rows, max_new_tokens=max_new, lora=pool,
+                          chunk_size=4, token_budget=10, arrival_steps=[0, 1, 0, 3, 4])
+    refs = {0: transformers.AutoModelForCausalLM.from_pretrained(path).eval()}
+    for slot, d in zip(slots, dirs):
+        base = transformers.AutoModelForCausalLM.from_pretrained(path)
+        refs[slot] = peft.PeftModel.from_pretrained(base, d).eval()
+    num_changed = 0
+    for p, n, slot, got in zip(prompts, max_new, rows, out):
+        assert got == _hf_greedy(refs[slot], p, n), f"slot {slot}"
+        num_changed += slot != 0 and got != _hf_greedy(refs[0], p, n)
+    assert num_changed >= 2   # the adapters matter
+    # unload frees the slot for another adapter
+    pool.unload(slots[0])
+    assert pool.num_free_slots == 2
+
+
+def test_lora_pool_refuses(checkpoint, tmp_path):
+    path, _ = checkpoint
+    model = DecoderModel.from_pretrained(path, CPU)
+    _write_lora(path, tmp_path / "big", r=8, seed=5, alpha=8)
+    adapter = read_peft_causal_lm(tmp_path / "big")
+    small = DecoderLoraPool(DecoderLoraConfig(num_slots=1, max_rank=4), model.spec, CPU)
+    with pytest.raises(AdapterError, match="rank 8"):
+        small.load(adapter)
+    pool = DecoderLoraPool(DecoderLoraConfig(num_slots=1, max_rank=8), model.spec, CPU)
+    pool.load(adapter)
+    with pytest.raises(DecoderLoraPoolFullError):
+        pool.load(adapter)
+    with pytest.raises(ValueError, match="no LoRA pool"):
+        cache = model.new_cache(KVCacheConfig(num_blocks=4))
+        cache.allocate(0, 2)
+        model.forward(torch.tensor([1, 2]), torch.tensor([0, 1]), [StepSequence(0, 0, 2, 1)], cache)
+
+
+def test_bgmv_semantics_per_token_loop(checkpoint, tmp_path):
+    """DecoderLoraPool.apply equals its Semantics line computed token by token."""
+    path, _ = checkpoint
+    model = DecoderModel.from_pretrained(path, CPU)
+    _write_lora(path, tmp_path / "a", r=3, seed=7, alpha=6)
+    _write_lora(path, tmp_path / "b", r=8, seed=8, alpha=8)
+    pool = DecoderLoraPool(DecoderLoraConfig(num_slots=3, max_rank=8), model.spec, CPU)
+    adapters = {pool.load(read_peft_causal_lm(tmp_path / d)): read_peft_causal_lm(tmp_path / d) for d in "ab"}
+    idx = torch.tensor([0, *adapters, 0, *reversed(list(adapters))])
+    x = torch.randn(len(idx), 48)                     # down_proj input [n, I]
+    base = torch.randn(len(idx), 32)
+    got = pool.apply(1, "down", x, base.clone(), idx, (0,))
+    for i, slot in enumerate(idx.tolist()):
+        want = base[i].clone()
+        if slot:
+            w = adapters[slot].modules[(1, "down_proj")]
+            want += w.scale * (w.B @ (w.A @ x[i]))
+        torch.testing.assert_close(got[i], want)
+
+
+def test_peft_reader_refuses(checkpoint, tmp_path):
+    path, _ = checkpoint
+    base = transformers.AutoModelForCausalLM.from_pretrained(path)
+    cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "lm_head"])
+    pm = peft.get_peft_model(base, cfg)
+    pm.save_pretrained(tmp_path / "head")
+    with pytest.raises(AdapterError, match="not LoRA on a supported module"):
+        read_peft_causal_lm(tmp_path / "head")
+    with pytest.raises(AdapterError, match="cannot read"):
+        read_peft_causal_lm(tmp_path / "missing")
+
+
+def test_forward_checks_positions(checkpoint):
+    path, _ = checkpoint
+    model = DecoderModel.from_pretrained(path, CPU)
+    cache = model.new_cache(KVCacheConfig(block_size=4, num_blocks=4))
+    cache.allocate(0, 3)
+    with pytest.raises(ValueError, match="positions"):
+        model.forward(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 1]), [StepSequence(0, 0, 3)], cache)
+    with pytest.raises(ValueError, match="outside"):
+        cache2 = model.new_cache(KVCacheConfig(block_size=4, num_blocks=4))
+        cache2.allocate(0, 2)
+        model.forward(torch.tensor([1, 2, 3, 4, 5]), None, [StepSequence(0, 0, 5)], cache2)   # 1 block of 4
+
+
+# -- KV cache ---------------------------------------------------------------------------------
+def test_kv_cache_config_validation():
+    with pytest.raises(ValueError, match="exactly one"):
+        KVCacheConfig()
+    with pytest.raises(ValueError, match="exactly one"):
+        KVCacheConfig(num_blocks=4, budget_bytes=1024)
+    with pytest.raises(ValueError, match="block_size"):
+        KVCacheConfig(block_size=0, num_blocks=4)
+    with pytest.raises(ValueError, match="dtype"):
+        KVCacheConfig(num_blocks=4, dtype="int8")
+    cache = PagedKVCache(KVCacheConfig(block_size=4, budget_bytes=10_000), 2, 2, 8, CPU)
+    assert cache.bytes_per_block == 2 * 2 * 4 * 2 * 8 * 4
+    assert cache.num_blocks == 10_000 // cache.bytes_per_block and cache.total_bytes() <= 10_000
+    with pytest.raises(ValueError, match="below one block"):
+        PagedKVCache(KVCacheConfig(block_size=4, budget_bytes=100), 2, 2, 8, CPU)
+
+
+def test_kv_cache_allocation_and_round_trip():
+    cache = PagedKVCache(KVCacheConfig(block_size=4, num_blocks=6), 2, 2, 3, CPU)
+    cache.allocate("x", 3)
+    cache.allocate("y", 10)          # 3 blocks
+    assert cache.num_free_blocks == 2
+    before = (cache.num_free_blocks, cache.block_table("x"), cache.block_table("y"))
+    with pytest.raises(KVCacheFullError, match="needs 3 more"):
+        cache.allocate("y", 21)
+    with pytest.raises(KVCacheFullError):
+        cache.allocate("z", 9)
+    assert (cache.num_free_blocks, cache.block_table("x"), cache.block_table("y")) == before
+    assert not cache.has_sequence("z")
+    cache.allocate("x", 9)           # x grows to 3 blocks, interleaved with y's in the pool
+    assert cache.num_free_blocks == 0 and len(cache.block_table("x")) == 3
+    k = torch.randn(9, 2, 3)
+    v = torch.randn(9, 2, 3)
+    slots = torch.from_numpy(cache.slots("x", 0, 9))
+    cache.write(1, slots[:4], k[:4], v[:4])       # written in two steps
+    cache.write(1, slots[4:], k[4:], v[4:])
+    rk, rv = cache.read(1, slots)
+    assert torch.equal(rk, k) and torch.equal(rv, v)
+    assert not cache.k[0].any()                   # other layers untouched
+    with pytest.raises(ValueError, match="outside"):
+        cache.slots("x", 0, 13)
+    assert cache.free("x") == 3 and cache.free("y") == 3
+    assert cache.num_free_blocks == 6
+    with pytest.raises(KeyError):
+        cache.free("x")
+
+
+def test_load_refuses_scaled_rope(tmp_path):
+    cfg = dict(model_type="llama", hidden_act="silu", num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+               rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})
+    with pytest.raises(DecoderLoadError, match="llama3"):
+        DecoderSpec.from_hf_config(cfg)
+    with pytest.raises(DecoderLoadError, match="model_type"):
+        DecoderSpec.from_hf_config({**cfg, "model_type": "gpt2"})

@@ -1,0 +1,186 @@
+"""Per-token LoRA for the decoder: PEFT (CAUSAL_LM) import and a stacked slot pool (Punica BGMV).
+
+PEFT names a Llama module `base_model.model.model.layers.N.self_attn.q_proj` (k_proj, v_proj, o_proj)
+or `...mlp.gate_proj` (up_proj, down_proj). Conventions as on the encoder side (vbert/adapters.py):
+y = W x + scale * B (A x), A [r, in], B [out, r], scale = alpha / r (alpha / sqrt(r) with rsLoRA).
+
+Pool banks (preallocated; slot 0 is the all-zero "no adapter" entry):
+  A_g [num_layers, num_slots + 1, in, R * |g|]  per input group g (targets sharing an input side by side)
+  B_t [num_layers, num_slots + 1, R, out]       per target, pre-scaled by its scale
+R = max_rank; smaller ranks are zero-padded, which is exact.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors.torch import load_file
+
+from .adapters import AdapterError, LoraAdapter, LoraWeights, _check_finite, _check_shape
+from .device import DeviceContext
+from .peft_format import CONFIG_FILE, WEIGHTS_FILE, _pattern_value
+
+DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# input group -> targets that read the same input (their A matrices sit side by side)
+DECODER_LORA_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+                       "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
+                  r"(?:\.default)?\.weight$")
+
+
+class DecoderShape(Protocol):
+    num_layers: int
+
+    def target_dims(self, target: str) -> tuple[int, int]: ...
+
+
+def decoder_module_name(layer: int, target: str) -> str:
+    return f"model.layers.{layer}.{_PARENT[target]}.{target}"
+
+
+def read_peft_causal_lm(path: str | Path) -> LoraAdapter:
+    """The LoRA of a PEFT directory saved for a Llama-family causal LM (modules keyed (layer, target),
+    target one of DECODER_LORA_TARGETS)."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path / CONFIG_FILE}: cannot read PEFT config ({e})")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    if cfg.get("task_type") not in ("CAUSAL_LM", None):
+        raise AdapterError(f"{path}: task_type {cfg.get('task_type')!r} is not CAUSAL_LM")
+    for key in ("use_dora", "fan_in_fan_out"):
+        if cfg.get(key):
+            raise AdapterError(f"{path}: PEFT option {key}=True is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{path}: PEFT option bias={cfg['bias']!r} is not supported (only 'none')")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"{path}: modules_to_save {cfg['modules_to_save']!r} is not supported")
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise AdapterError(f"{path}: {WEIGHTS_FILE} is missing")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise AdapterError(f"{weights_path}: unreadable safetensors file ({e})")
+    rank, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    use_rslora = bool(cfg.get("use_rslora", False))
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        m = _KEY.match(k)
+        if m is None or m.group(3) not in DECODER_LORA_TARGETS or _PARENT[m.group(3)] != m.group(2):
+            raise AdapterError(f"{path}: tensor {k!r} is not LoRA on a supported module "
+                               f"(supported: {DECODER_LORA_TARGETS} in decoder layers)")
+        parts.setdefault((int(m.group(1)), m.group(3)), {})[m.group(4)] = v
+    modules = {}
+    for (layer, target), ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{path}: layer {layer} {target} has lora_{''.join(ab)} but not both A and B")
+        alpha_m = float(_pattern_value(cfg.get("alpha_pattern"), decoder_module_name(layer, target), alpha))
+        modules[(layer, target)] = LoraWeights(ab["A"].float(), ab["B"].float(),
+                                               LoraAdapter.scale_for(ab["A"].shape[0], alpha_m, use_rslora))
+    if not modules:
+        raise AdapterError(f"{path}: no LoRA weights found in {WEIGHTS_FILE}")
+    return LoraAdapter(rank=rank, alpha=alpha, modules=modules, use_rslora=use_rslora)
+
+
+def validate_decoder_lora(adapter: LoraAdapter, shape: DecoderShape, max_rank: int) -> None:
+    """Raise AdapterError naming the mismatch if the adapter cannot run on a decoder of this shape."""
+    if not adapter.modules:
+        raise AdapterError("lora adapter has no modules")
+    for (layer, target), w in adapter.modules.items():
+        name = f"lora layer {layer} {target}"
+        if target not in DECODER_LORA_TARGETS:
+            raise AdapterError(f"{name}: unknown target (known: {DECODER_LORA_TARGETS})")
+        if not 0 <= layer < shape.num_layers:
+            raise AdapterError(f"{name}: layer out of range, the decoder has {shape.num_layers} layers")
+        if not 1 <= w.rank <= max_rank:
+            raise AdapterError(f"{name}: rank {w.rank} is not in [1, max_rank={max_rank}]")
+        fin, fout = shape.target_dims(target)
+        _check_shape(f"{name} lora_A", w.A, (w.rank, fin))
+        _check_shape(f"{name} lora_B", w.B, (fout, w.rank))
+        _check_finite(f"{name} lora_A", w.A)
+        _check_finite(f"{name} lora_B", w.B)
+
+
+class DecoderLoraPoolFullError(RuntimeError):
+    """No free LoRA slot; the caller must unload one first."""
+
+
+@dataclass(frozen=True)
+class DecoderLoraConfig:
+    num_slots: int = 8
+    max_rank: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_slots, int) or self.num_slots < 1:
+            raise ValueError(f"num_slots must be an integer >= 1, got {self.num_slots!r}")
+        if not isinstance(self.max_rank, int) or self.max_rank < 1:
+            raise ValueError(f"max_rank must be an integer >= 1, got {self.max_rank!r}")
+
+
+class DecoderLoraPool:
+    """Stacked LoRA banks for all targets of all layers; `load` returns the slot a token names."""
+
+    def __init__(self, config: DecoderLoraConfig, shape: DecoderShape, device: DeviceContext):
+        self.config, self.shape, self.device = config, shape, device
+        nl, s, R = shape.num_layers, config.num_slots + 1, config.max_rank
+        kw = dict(device=device.device, dtype=device.dtype)
+        self.a = {g: torch.zeros(nl, s, shape.target_dims(ts[0])[0], R * len(ts), **kw)
+                  for g, ts in DECODER_LORA_GROUPS.items()}
+        self.b = {t: torch.zeros(nl, s, R, shape.target_dims(t)[1], **kw) for t in DECODER_LORA_TARGETS}
+        self._free = list(range(s - 1, 0, -1))
+        self._loaded: set[int] = set()
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
+
+    def load(self, adapter: LoraAdapter) -> int:
+        validate_decoder_lora(adapter, self.shape, self.config.max_rank)
+        if not self._free:
+            raise DecoderLoraPoolFullError(f"decoder LoRA pool has no free slot (of {self.config.num_slots})")
+        slot = self._free.pop()
+        R = self.config.max_rank
+        with torch.no_grad():
+            for t in (*self.a.values(), *self.b.values()):
+                t[:, slot].zero_()
+            for (layer, target), w in adapter.modules.items():
+                group = next(g for g, ts in DECODER_LORA_GROUPS.items() if target in ts)
+                j = DECODER_LORA_GROUPS[group].index(target)
+                self._put(self.a[group][layer, slot, :, j * R:j * R + w.rank], w.A.t())
+                self._put(self.b[target][layer, slot, :w.rank], (w.B * w.scale).t())
+        self._loaded.add(slot)
+        return slot
+
+    def unload(self, slot: int) -> None:
+        if slot not in self._loaded:
+            raise KeyError(f"slot {slot} is not loaded")
+        self._loaded.discard(slot)
+        self._free.append(slot)
+
+    def _put(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(self.device.host_tensor(src.to(self.device.dtype)), non_blocking=self.device.is_cuda)
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, idx: torch.Tensor,
+              offsets: tuple[int, ...]) -> torch.Tensor:
+        """Semantics (BGMV): for each token i and target t of `group`,
+        out[i, off_t:off_t + out_t] += x[i] @ A_t[layer, idx[i]] @ B_t[layer, idx[i]] (B pre-scaled),
+        with idx[i] = 0 adding nothing. x [n, in], out [n, sum out_t], idx [n] long; returns out."""
+        R = self.config.max_rank
+        xa = torch.bmm(x.unsqueeze(1), self.a[group][layer].index_select(0, idx))   # [n, 1, R * |g|]
+        for j, (target, off) in enumerate(zip(DECODER_LORA_GROUPS[group], offsets)):
+            b = self.b[target][layer].index_select(0, idx)                            # [n, R, out_t]
+            delta = torch.bmm(xa[:, :, j * R:(j + 1) * R], b).squeeze(1)              # [n, out_t]
+            out[:, off:off + delta.shape[1]] += delta
+        return out
