@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "examples" / "adapters-trained"
 SHIPPED = {
     # directory: (head kind, head labels, adapter kind)
     "sci-cite": (HeadKind.CLASSIFY, ("background", "method", "result"), "bottleneck"),
+    "ncbi-disease": (HeadKind.TAG, ("B-Disease", "I-Disease", "O"), "bottleneck"),
 }
 
 
@@ -58,5 +59,21 @@ def test_sci_cite_example_classified_as_documented(real_model):
     try:
         (out,) = real_model.forward([EncodeRow(real_model.tokenize([ex["text"]])[0], slot)])
         assert out.predicted() == ex["label"]
+    finally:
+        real_model.unload_adapter(slot)
+
+
+def test_ncbi_disease_example_tags_its_diseases(real_model):
+    from dispatcher.convert import tagging
+
+    ex = result_of("ncbi-disease")["examples"][0]
+    slot = real_model.load_adapter(load_artifact(ROOT / "ncbi-disease"))
+    try:
+        (row,) = real_model.tokenize_each([ex["text"]], [True])
+        (out,) = real_model.forward([EncodeRow(row.ids, slot)])
+        tok = real_model.tokenizer
+        result = tagging(out, tok.convert_ids_to_tokens(row.ids), set(tok.all_special_tokens), text=ex["text"],
+                         offsets=row.offsets, word_ids=row.word_ids)          # as the server tags a text
+        assert [e.text for e in result.entities] == ex["entities"]
     finally:
         real_model.unload_adapter(slot)
