@@ -11,18 +11,16 @@ R = max_rank; smaller ranks are zero-padded, which is exact.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file
 
 from .adapters import AdapterError, LoraAdapter, LoraWeights, _check_finite, _check_shape
 from .device import DeviceContext
-from .peft_format import CONFIG_FILE, WEIGHTS_FILE, _pattern_value
+from .peft_format import WEIGHTS_FILE, _pattern_value, read_peft_files
 
 DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # input group -> targets that read the same input (their A matrices sit side by side)
@@ -48,28 +46,11 @@ def read_peft_causal_lm(path: str | Path) -> LoraAdapter:
     """The LoRA of a PEFT directory saved for a Llama-family causal LM (modules keyed (layer, target),
     target one of DECODER_LORA_TARGETS)."""
     path = Path(path)
-    try:
-        cfg = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path / CONFIG_FILE}: cannot read PEFT config ({e})")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    cfg, tensors = read_peft_files(path)
     if cfg.get("task_type") not in ("CAUSAL_LM", None):
         raise AdapterError(f"{path}: task_type {cfg.get('task_type')!r} is not CAUSAL_LM")
-    for key in ("use_dora", "fan_in_fan_out"):
-        if cfg.get(key):
-            raise AdapterError(f"{path}: PEFT option {key}=True is not supported")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterError(f"{path}: PEFT option bias={cfg['bias']!r} is not supported (only 'none')")
     if cfg.get("modules_to_save"):
         raise AdapterError(f"{path}: modules_to_save {cfg['modules_to_save']!r} is not supported")
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise AdapterError(f"{path}: {WEIGHTS_FILE} is missing")
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise AdapterError(f"{weights_path}: unreadable safetensors file ({e})")
     rank, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     use_rslora = bool(cfg.get("use_rslora", False))
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}

@@ -40,14 +40,17 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def read_peft_lora(path: str | Path) -> tuple[LoraAdapter, dict[str, torch.Tensor]]:
-    """LoRA weights of a PEFT directory, plus the tensors that are not LoRA weights (e.g. a
-    saved classifier)."""
+def read_peft_files(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config and the tensors of a PEFT LoRA directory, after the checks every model family shares
+    (a LORA config, no DoRA, no fan_in_fan_out, no trained biases, a readable weights file); AdapterError
+    names the problem."""
     path = Path(path)
     try:
         cfg = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise AdapterError(f"{path / CONFIG_FILE}: cannot read PEFT config ({e})")
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path / CONFIG_FILE}: the PEFT config is not a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for key, bad in _UNSUPPORTED:
@@ -62,6 +65,14 @@ def read_peft_lora(path: str | Path) -> tuple[LoraAdapter, dict[str, torch.Tenso
         tensors = load_file(str(weights_path))
     except Exception as e:  # safetensors raises several types for damaged files
         raise AdapterError(f"{weights_path}: unreadable safetensors file ({e})")
+    return cfg, tensors
+
+
+def read_peft_lora(path: str | Path) -> tuple[LoraAdapter, dict[str, torch.Tensor]]:
+    """LoRA weights of a PEFT directory, plus the tensors that are not LoRA weights (e.g. a
+    saved classifier)."""
+    path = Path(path)
+    cfg, tensors = read_peft_files(path)
     rank, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     use_rslora = bool(cfg.get("use_rslora", False))
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
