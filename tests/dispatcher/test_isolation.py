@@ -46,11 +46,16 @@ def run(coro):
     return asyncio.new_event_loop().run_until_complete(coro)
 
 
-async def _idle_streams(address, n, open_one):
-    """Open n calls that stay idle; returns (the calls, how many were refused at once, their codes)."""
+async def _idle_streams(address, n, open_one, at_most_open):
+    """Open n calls that stay idle; returns (the calls, those refused, their codes, the first's trailers).
+    Waits (up to 30 s, a loaded CI machine is slow to answer 260 calls) until at most `at_most_open` are
+    still open, then half a second more so that a limit that admits too many would show."""
     async with grpc.aio.insecure_channel(address) as ch:
         calls = [open_one(ch) for _ in range(n)]
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while sum(not c.done() for c in calls) > at_most_open and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
         refused = [c for c in calls if c.done()]
         codes = {(await c.code()) for c in refused}
         trailers = [await c.trailing_metadata() for c in refused[:1]]
@@ -67,7 +72,7 @@ def test_idle_health_watch_streams_lock_out_nobody(iso_server):
             call = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=30)
             asyncio.ensure_future(_drain(call))
             return call
-        async for calls, refused, codes, trailers in _idle_streams(s.address, 260, watch):
+        async for calls, refused, codes, trailers in _idle_streams(s.address, 260, watch, 3):
             assert len(calls) - len(refused) <= 3      # one address holds at most 3 calls without a key
             assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
             assert int(dict(trailers[0])[RETRY_AFTER_KEY]) > 0
@@ -91,7 +96,7 @@ def test_one_tenants_idle_streams_do_not_take_other_tenants_slots(iso_server):
         def stream(ch):   # a stream that never sends a message
             return tenant_pb2_grpc.TenantServiceStub(ch).ClassifyStream(metadata=bearer(s.keys["attacker"]),
                                                                         timeout=30)
-        async for calls, refused, codes, trailers in _idle_streams(s.address, 260, stream):
+        async for calls, refused, codes, trailers in _idle_streams(s.address, 260, stream, 4):
             assert len(calls) - len(refused) == 4      # the attacker's limit
             assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
             assert "per-tenant limit" in (await refused[0].details())
