@@ -112,7 +112,8 @@ class TenantServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Declared for the generation issue; answers UNIMPLEMENTED until then.
+        """Text generation on a decoder adapter ("default" = the bare decoder): text deltas as tokens are
+        produced, then one final message with the finish reason, token usage and timing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
