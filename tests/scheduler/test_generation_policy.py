@@ -1,0 +1,182 @@
+"""The generation policy (Orca): decode first, chunked prefill within the token budget, VTC-fair admission,
+KV blocks as a hard budget with preemption and recompute, request-level (static) mode, cancellation."""
+from __future__ import annotations
+
+import pytest
+
+from scheduler.generation_policy import GenerationScheduler, GenerationSchedulerConfig
+from scheduler.policy import QueueFullError
+from scheduler.types import Request, RequestStatus, RowResult, StepOutput
+from vbert.device import DeviceContext
+from vbert.kv_cache import KVCacheConfig, PagedKVCache
+
+CPU = DeviceContext.create("cpu", "float32")
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def kv(num_blocks: int, block_size: int = 4) -> PagedKVCache:
+    return PagedKVCache(KVCacheConfig(block_size=block_size, num_blocks=num_blocks), 1, 1, 2, CPU)
+
+
+def req(tenant: int, prompt_len: int, max_new: int, deadline: float = 1e9, weight: float = 1.0) -> Request:
+    return Request(tenant_id=tenant, adapter_id=None, deadline=deadline, prompt_ids=list(range(1, prompt_len + 1)),
+                   max_new_tokens=max_new, weight=weight)
+
+
+def run_step(s: GenerationScheduler, stop=lambda r, t: False):
+    """Schedule one step, 'compute' it (token = 7 for rows that reach their last token) and update."""
+    batch = s.schedule()
+    results = tuple(RowResult(r.request.request_id, None,
+                              7 if r.request.num_computed_tokens + r.num_tokens == r.request.num_tokens else None)
+                    for r in batch.rows)
+    done = s.update(batch, StepOutput(batch.step, results), stop)
+    return batch, done
+
+
+def test_decode_first_then_prefill_chunks_and_joins_at_once():
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=8, max_running=4), kv(64))
+    a = req(1, 3, 5)
+    s.add(a)
+    b1, _ = run_step(s)
+    assert [(r.request, r.num_tokens) for r in b1.rows] == [(a, 3)] and a.output_ids == [7]
+    long = req(2, 20, 2)
+    s.add(long)                                   # joins the very next step, prefilled in chunks
+    b2, _ = run_step(s)
+    assert [(r.request, r.num_tokens) for r in b2.rows] == [(a, 1), (long, 7)]
+    b3, _ = run_step(s)
+    assert [(r.request, r.num_tokens) for r in b3.rows] == [(a, 1), (long, 7)]
+    assert long.output_ids == []                  # no token until its prompt is computed
+    b4, _ = run_step(s)
+    assert [(r.request, r.num_tokens) for r in b4.rows] == [(a, 1), (long, 6)]
+    assert long.output_ids == [7] and long.num_computed_tokens == 20
+    b5, done = run_step(s)
+    assert [(r.request, r.num_tokens) for r in b5.rows] == [(a, 1), (long, 1)]
+    assert done == [a, long] and s.num_running == 0
+    assert s.kv.num_free_blocks == 64             # every block back
+
+
+def test_stop_callback_sees_every_token_and_finishes():
+    s = GenerationScheduler(GenerationSchedulerConfig(), kv(16))
+    r = req(1, 2, 10)
+    s.add(r)
+    seen = []
+    _, done = run_step(s, lambda q, t: seen.append(t) or len(q.output_ids) == 3)
+    assert not done
+    run_step(s, lambda q, t: seen.append(t) or len(q.output_ids) == 3)
+    _, done = run_step(s, lambda q, t: seen.append(t) or len(q.output_ids) == 3)
+    assert done == [r] and r.status is RequestStatus.FINISHED and seen == [7, 7, 7]
+    assert s.kv.num_free_blocks == 16
+
+
+def test_vtc_admits_the_light_tenant_before_the_flooders_backlog():
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=16, max_running=4), kv(256))
+    flood = [req(1, 8, 50) for _ in range(10)]
+    for r in flood:
+        s.add(r)
+    run_step(s)                                   # tenant 1: two requests prefilled, counter 16
+    light = req(2, 8, 2)
+    s.add(light)                                  # lifted to tenant 1's counter: no banked credit, no debt
+    batch, _ = run_step(s)
+    assert light in {r.request for r in batch.rows}
+    assert sum(r.status is not RequestStatus.WAITING for r in flood) <= 3
+    # from now on the two tenants' counters stay within one request's tokens of each other
+    heavy = req(2, 8, 40)
+    s.add(heavy)
+    for _ in range(20):
+        run_step(s)
+        c = {t: v["virtual_counter"] for t, v in s.stats()["tenants"].items()}
+        if s.num_waiting_for(2):
+            assert abs(c[1] - c[2]) <= 16 + 8
+
+
+def test_kv_pressure_preempts_the_newest_and_everything_finishes():
+    # 12 blocks of 4 tokens; each request needs 4 + 12 = 16 tokens = 4 blocks at the end: 3 fit, 5 do not
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=32, max_running=5), kv(12))
+    reqs = [req(i, 4, 12) for i in range(5)]
+    for r in reqs:
+        s.add(r)
+    finished, steps = [], 0
+    while s.has_work and steps < 500:
+        _, done = run_step(s)
+        finished += done
+        steps += 1
+        assert s.kv.num_free_blocks >= 0
+    assert sorted(r.request_id for r in finished) == sorted(r.request_id for r in reqs)
+    assert all(len(r.output_ids) == 12 and r.status is RequestStatus.FINISHED for r in reqs)
+    assert s.counts["preempted"] > 0
+    assert max(r.metadata["num_preemptions"] for r in reqs[3:]) > 0   # the newest were preempted
+    assert reqs[0].metadata["num_preemptions"] == 0                     # the oldest never
+    assert s.kv.num_free_blocks == 12
+
+
+def test_request_too_large_for_the_whole_cache_is_refused_at_add():
+    s = GenerationScheduler(GenerationSchedulerConfig(), kv(4))
+    with pytest.raises(ValueError, match="more than the whole cache"):
+        s.add(req(1, 10, 10))                      # 20 tokens = 5 blocks > 4
+    assert s.num_waiting == 0
+
+
+def test_static_mode_admits_a_batch_only_when_idle_and_holds_early_finishers():
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=64, max_running=2, mode="request"), kv(64))
+    short, long = req(1, 4, 2), req(2, 4, 6)
+    s.add(short)
+    s.add(long)
+    late = req(3, 4, 1)
+    b1, _ = run_step(s)
+    assert {r.request for r in b1.rows} == {short, long}
+    s.add(late)
+    leaves = []
+    for _ in range(5):
+        batch, done = run_step(s)
+        assert late not in {r.request for r in batch.rows}     # nobody joins a running batch
+        leaves.append(done)
+    assert short.status is RequestStatus.FINISHED and leaves[:4] == [[], [], [], []]
+    assert set(leaves[4]) == {short, long}                     # returned together when the batch ends
+    batch, done = run_step(s)
+    assert [r.request for r in batch.rows] == [late] and done == [late]
+
+
+def test_cancel_frees_blocks_at_once_and_queue_limits():
+    s = GenerationScheduler(GenerationSchedulerConfig(max_waiting=3, max_waiting_per_tenant=2), kv(32))
+    a, b = req(1, 9, 5), req(2, 3, 5)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    assert s.kv.num_free_blocks < 32
+    assert s.cancel(a.request_id) is a and a.status is RequestStatus.CANCELLED
+    assert s.cancel(b.request_id) is b
+    assert s.kv.num_free_blocks == 32 and s.num_running == 0 and s.cancel(a.request_id) is None
+    s.add(req(1, 2, 2))
+    s.add(req(1, 2, 2))
+    with pytest.raises(QueueFullError, match="tenant 1"):
+        s.add(req(1, 2, 2))
+    s.add(req(2, 2, 2))
+    with pytest.raises(QueueFullError, match="queue is full"):
+        s.add(req(3, 2, 2))
+
+
+def test_waiting_requests_expire_running_ones_do_not():
+    clock = Clock()
+    s = GenerationScheduler(GenerationSchedulerConfig(max_running=1), kv(32), clock=clock)
+    running, waiting = req(1, 2, 5, deadline=1.0), req(2, 2, 5, deadline=1.0)
+    s.add(running)
+    s.add(waiting)
+    run_step(s)
+    clock.t = 2.0
+    batch, _ = run_step(s)
+    assert batch.dropped == (waiting,) and waiting.status is RequestStatus.EXPIRED
+    assert running.status is RequestStatus.RUNNING
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="mode"):
+        GenerationSchedulerConfig(mode="static")
+    with pytest.raises(ValueError, match="max_running"):
+        GenerationSchedulerConfig(max_running=0)
