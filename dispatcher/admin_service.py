@@ -68,19 +68,22 @@ def tenant_pb(t: Tenant) -> admin_pb2.Tenant:
 QUARANTINED = "quarantined"      # head_kind of a version whose head fails the schema (manager.manager)
 
 
-def adapter_pb(rec: AdapterRecord, tenant_name: str, cache) -> admin_pb2.Adapter:
+def adapter_pb(rec: AdapterRecord, tenant_name: str, caches: dict) -> admin_pb2.Adapter:
     """Never fails on a stored record: a quarantined version (or one whose head does not parse) is
     listed with head_kind "quarantined", no labels, not active; the problem is in the audit log and
-    the start-up WARNING, and resolving the adapter answers FAILED_PRECONDITION naming it."""
+    the start-up WARNING, and resolving the adapter answers FAILED_PRECONDITION naming it. `caches`:
+    the manager's caches by backbone (a backbone this server does not load: neither pinned nor resident)."""
     try:
         head = None if rec.is_quarantined else HeadSpec.from_json(rec.head)
     except AdapterError:
         head = None
     head_kind, labels = (head.kind.value, list(head.labels)) if head is not None else (QUARANTINED, [])
+    cache = caches.get(rec.backbone)
     return admin_pb2.Adapter(tenant=tenant_name, name=rec.name, version=rec.version, kind=rec.kind,
                              head_kind=head_kind, labels=labels, sha256=rec.sha256, size=rec.size,
-                             created=rec.created, is_active=rec.is_active, is_pinned=cache.is_pinned(rec.id),
-                             is_resident=cache.is_resident(rec.id))
+                             created=rec.created, is_active=rec.is_active,
+                             is_pinned=cache is not None and cache.is_pinned(rec.id),
+                             is_resident=cache is not None and cache.is_resident(rec.id), backbone=rec.backbone)
 
 
 def limits_pb(app: App) -> admin_pb2.ServerLimits:
@@ -207,7 +210,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                        f"nothing was stored")
         rec = await asyncio.to_thread(self._store_upload, payload, h, self._actor(context))
         self._wrote()
-        return adapter_pb(rec, h.tenant, self._m.cache)
+        return adapter_pb(rec, h.tenant, self._m.caches)
 
     def _store_upload(self, payload: bytes | bytearray, h, actor: str) -> AdapterRecord:
         tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=uploads_dir(self.app.config.data_dir)))
@@ -231,7 +234,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     @unary
     async def ListAdapters(self, request, context):
         records = await asyncio.to_thread(self._m.list_adapters, request.tenant)
-        return admin_pb2.ListAdaptersResponse(adapters=[adapter_pb(r, request.tenant, self._m.cache) for r in records])
+        return admin_pb2.ListAdaptersResponse(adapters=[adapter_pb(r, request.tenant, self._m.caches) for r in records])
 
     @unary
     async def ActivateAdapter(self, request, context):
@@ -240,7 +243,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         rec = await asyncio.to_thread(self._m.activate, request.tenant, request.name, request.version,
                                       self._actor(context))
         self._wrote()
-        return adapter_pb(rec, request.tenant, self._m.cache)
+        return adapter_pb(rec, request.tenant, self._m.caches)
 
     def _active(self, tenant_name: str, adapter_name: str) -> AdapterRecord:
         tenant = self._m.get_tenant(tenant_name)
@@ -257,14 +260,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await asyncio.shield(asyncio.to_thread(self._m.unpin, request.tenant, request.name))
             raise
         self._wrote()
-        return adapter_pb(rec, request.tenant, self._m.cache)
+        return adapter_pb(rec, request.tenant, self._m.caches)
 
     @unary
     async def UnpinAdapter(self, request, context):
         rec = await asyncio.to_thread(self._active, request.tenant, request.name)
         await asyncio.to_thread(self._m.unpin, request.tenant, request.name)
         self._wrote()
-        return adapter_pb(rec, request.tenant, self._m.cache)
+        return adapter_pb(rec, request.tenant, self._m.caches)
 
     @unary
     async def DeleteAdapter(self, request, context):

@@ -149,7 +149,8 @@ def _tenant(t) -> dict:
 def _adapter(a) -> dict:
     return {"tenant": a.tenant, "name": a.name, "version": a.version, "kind": a.kind, "head_kind": a.head_kind,
             "labels": list(a.labels), "sha256": a.sha256, "size": a.size, "created": a.created,
-            "is_active": a.is_active, "is_pinned": a.is_pinned, "is_resident": a.is_resident}
+            "is_active": a.is_active, "is_pinned": a.is_pinned, "is_resident": a.is_resident,
+            "backbone": a.backbone or "encoder"}   # an older server does not send it: all its adapters are encoder ones
 
 
 def _status(s) -> dict:

@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 
 from manager.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
-from manager.manager import AdapterRef
+from manager.manager import ENCODER, AdapterRef, require_backbone
 from manager.records import Tenant
 from vbert.heads import HeadKind, HeadSpec
 
@@ -314,7 +314,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _resolve(self, model_name: str) -> AdapterRef:
         tenant = current_tenant()
         adapter = split_model_name(model_name, tenant)
-        return await asyncio.to_thread(self.app.manager.resolve, tenant, adapter)
+        ref = await asyncio.to_thread(self.app.manager.resolve, tenant, adapter)
+        require_backbone(ref, ENCODER, "the Open Inference Protocol")
+        return ref
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         app = self.app

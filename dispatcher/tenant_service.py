@@ -8,7 +8,7 @@ import time
 import grpc
 
 from manager.errors import FailedPreconditionError
-from manager.manager import AdapterRef
+from manager.manager import ENCODER, AdapterRef, require_backbone
 from vbert.heads import HeadKind
 
 from . import convert
@@ -110,6 +110,7 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
         started = time.perf_counter()
         app, tenant = self.app, current_tenant()
         ref: AdapterRef = await asyncio.to_thread(app.manager.resolve, tenant, request.adapter or "default")
+        require_backbone(ref, ENCODER, METHOD_FOR[kind])
         if ref.head.kind is not kind:
             raise FailedPreconditionError(f"adapter {request.adapter!r} has a {ref.head.kind.value} head; "
                                           f"call {METHOD_FOR[ref.head.kind]} instead")

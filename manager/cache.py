@@ -1,6 +1,7 @@
 """The tiered adapter cache: device pool slots <- host memory <- disk store.
 
-- device tier: the vbert AdapterPool's slots (count-limited per adapter kind), LRU;
+- device tier: a slot pool's slots (count-limited per adapter kind), LRU: the encoder's vbert AdapterPool
+  or the decoder's vbert.decoder_lora.DecoderLoraPool (anything with the SlotPool interface);
 - host tier: decoded artifacts in host memory (pinned under CUDA), LRU within a byte budget;
 - disk tier: the adapter store, read through the `loader` callable given at construction.
 
@@ -21,10 +22,25 @@ import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 from vbert.artifact import AdapterArtifact
-from vbert.pool import AdapterPool
+from vbert.device import DeviceContext
+
+
+class SlotPool(Protocol):
+    """What the cache needs of a device pool (vbert.pool.AdapterPool, vbert.decoder_lora.DecoderLoraPool)."""
+
+    device: DeviceContext
+
+    @property
+    def capacity(self) -> dict[str, int]: ...      # adapter kind -> slots
+
+    def fits(self, artifact: AdapterArtifact) -> bool: ...
+
+    def load(self, artifact: AdapterArtifact, stream=None) -> int: ...   # -> slot (0 is "no adapter")
+
+    def unload(self, slot: int) -> None: ...
 
 
 class NotResidentError(RuntimeError):
@@ -69,7 +85,7 @@ class _Tiers:
 
 
 class TieredCache:
-    def __init__(self, config: CacheConfig, pool: AdapterPool, loader: Callable[[int], AdapterArtifact]):
+    def __init__(self, config: CacheConfig, pool: SlotPool, loader: Callable[[int], AdapterArtifact]):
         self.config, self.pool, self.loader = config, pool, loader
         self.device = pool.device
         self._lock = threading.RLock()

@@ -6,12 +6,16 @@ ranks, bottleneck size and placement, head spec) embedded as safetensors metadat
 strict: any disagreement between the bytes, the embedded config and the JSON is a _Problem, which
 the store reports as a CorruptAdapterError.
 
+A decoder artifact (generate head) has `"backbone": "decoder"` in its config and LoRA targets of
+vbert.decoder_lora.DECODER_LORA_TARGETS; encoder artifacts have no "backbone" field (so blobs written
+before decoders existed keep their bytes and sha256).
+
 Tensor names: lora.<layer>.<target>.A [r, in], lora.<layer>.<target>.B [out, r],
 bottleneck.<layer>.down.weight [m, H], .down.bias [m], .up.weight [H, m], .up.bias [H] (placement
 "both" adds the same under bottleneck_ffn.<layer>, the feed-forward ones), head.weight [C, H], head.bias [C].
 """
 from __future__ import annotations
-from __future__ import annotations
+
 import hashlib
 import json
 import logging
@@ -23,8 +27,11 @@ from vbert.adapters import (BOTTLENECK_PLACEMENTS, AdapterError, BottleneckAdapt
                             LoraWeights)
 from vbert.artifact import AdapterArtifact
 from vbert.config import LORA_TARGETS
-from vbert.heads import Head, HeadKind, HeadSpec
+from vbert.decoder_lora import DECODER_LORA_TARGETS
+from vbert.heads import DECODER, ENCODER, Head, HeadSpec
+
 from .errors import CorruptAdapterError, FailedPreconditionError
+
 log = logging.getLogger(__name__)
 
 FORMAT = "vbert-store-adapter"
@@ -34,6 +41,7 @@ STORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # all cast to fl
 _FILE_FIELDS = ("num_tensors", "num_bytes", "sha256")          # in the JSON, not in the embedded copy
 _BOTTLENECK_PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
 _MAX_HEADER_BYTES = 100 * 2**20
+TARGETS_OF = {ENCODER: LORA_TARGETS, DECODER: DECODER_LORA_TARGETS}   # LoRA targets per backbone
 
 
 class _Problem(Exception):
@@ -67,13 +75,21 @@ def _content(artifact: AdapterArtifact) -> tuple[dict, dict[str, torch.Tensor]]:
     content: dict = {"format": FORMAT, "version": VERSION, "kind": artifact.kind, "head": head_json}
     if artifact.skip_table is not None:                  # absent otherwise: older blobs keep their bytes
         content["skip_table"] = str(artifact.skip_table)
+    backbone = head.spec.backbone
+    if backbone != ENCODER:                              # absent for the encoder: older blobs keep their bytes
+        content["backbone"] = backbone
+    try:
+        artifact.check_backbone()                        # decoder: LoRA on decoder targets, no skip table
+    except AdapterError as e:
+        raise FailedPreconditionError(str(e)) from None
+    targets = TARGETS_OF[backbone]
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(a, LoraAdapter):
         modules = []
         for (layer, target), w in sorted(a.modules.items()):
             name = f"lora layer {layer} {target}"
-            if target not in LORA_TARGETS:
-                raise FailedPreconditionError(f"{name}: unknown target (known: {LORA_TARGETS})")
+            if target not in targets:
+                raise FailedPreconditionError(f"{name}: unknown target for the {backbone} (known: {targets})")
             modules.append({"layer": int(layer), "target": target, "rank": int(w.rank),
                             "scale": _finite_float(f"{name} scale", w.scale)})
             tensors[f"lora.{layer}.{target}.A"] = _as_float32(f"{name} lora_A", w.A)  # [r, in]
@@ -91,9 +107,9 @@ def _content(artifact: AdapterArtifact) -> tuple[dict, dict[str, torch.Tensor]]:
     elif a is not None:
         raise FailedPreconditionError(f"unknown adapter type {type(a).__name__}")
     has_weights = head.weight is not None or head.bias is not None
-    if head.spec.kind is HeadKind.EMBED and has_weights:
-        raise FailedPreconditionError("an embed head has no weights")
-    if head.spec.kind is not HeadKind.EMBED:
+    if not head.spec.has_weights and has_weights:
+        raise FailedPreconditionError(f"a {head.spec.kind.value} head has no weights")
+    if head.spec.has_weights:
         if head.weight is None or head.bias is None:
             raise FailedPreconditionError(f"{head.spec.kind.value} head is missing its weight or bias")
         tensors["head.weight"] = _as_float32("head weight", head.weight)  # [C, H]
@@ -176,14 +192,15 @@ class _Tensors:
         return t
 
 
-def _lora_from(cfg, tensors: _Tensors) -> LoraAdapter:
+def _lora_from(cfg, tensors: _Tensors, backbone: str = ENCODER) -> LoraAdapter:
     modules_cfg = cfg.get("modules") if isinstance(cfg, dict) else None
     if not (isinstance(modules_cfg, list) and modules_cfg and isinstance(cfg.get("use_rslora"), bool)):
         raise _Problem("lora config needs a non-empty module list and a boolean use_rslora")
+    targets = TARGETS_OF[backbone]
     modules: dict[tuple[int, str], LoraWeights] = {}
     for m in modules_cfg:
-        if not isinstance(m, dict) or m.get("target") not in LORA_TARGETS:
-            raise _Problem(f"lora module {m!r}: target is not one of {LORA_TARGETS}")
+        if not isinstance(m, dict) or m.get("target") not in targets:
+            raise _Problem(f"lora module {m!r}: target is not one of the {backbone}'s {targets}")
         layer, target = _int(m, "layer", "lora module"), m["target"]
         where = f"lora module {layer} {target}"
         r = _int(m, "rank", where, 1)
@@ -195,7 +212,7 @@ def _lora_from(cfg, tensors: _Tensors) -> LoraAdapter:
                        modules=modules, use_rslora=cfg["use_rslora"])
 
 
-def _bottleneck_from(cfg, tensors: _Tensors) -> BottleneckAdapter:
+def _bottleneck_from(cfg, tensors: _Tensors, backbone: str = ENCODER) -> BottleneckAdapter:
     layers = cfg.get("layers") if isinstance(cfg, dict) else None
     if not isinstance(layers, list) or not layers:
         raise _Problem("bottleneck config needs a non-empty layer list")
@@ -230,7 +247,7 @@ def _build(content: dict, tensors: dict[str, torch.Tensor]) -> AdapterArtifact:
     kind = content.get("kind")
     if kind not in _ADAPTER_DECODERS:
         raise _Problem(f"adapter kind {kind!r} is not one of {list(_ADAPTER_DECODERS)}")
-    if set(content) - {"skip_table"} != {"format", "version", "kind", "head"} | ({kind} - {"none"}):
+    if set(content) - {"skip_table", "backbone"} != {"format", "version", "kind", "head"} | ({kind} - {"none"}):
         raise _Problem(f"config fields {sorted(content)} do not fit a {kind} adapter")
     skip_table = content.get("skip_table")
     if skip_table is not None and (not isinstance(skip_table, str) or not skip_table):
@@ -239,11 +256,20 @@ def _build(content: dict, tensors: dict[str, torch.Tensor]) -> AdapterArtifact:
         spec = HeadSpec.from_json(content["head"])
     except AdapterError as e:
         raise _Problem(f"head spec: {e}")
+    backbone = content.get("backbone", ENCODER)
+    if "backbone" in content and backbone != DECODER:   # canonical: written for the decoder only
+        raise _Problem(f"backbone {backbone!r} is not {DECODER!r} (encoder blobs have no backbone field)")
+    if backbone != spec.backbone:
+        raise _Problem(f"backbone {backbone!r} does not fit the {spec.kind.value} head (its backbone is "
+                       f"{spec.backbone!r})")
+    if backbone == DECODER and (kind != "lora" or skip_table is not None):
+        raise _Problem(f"a decoder adapter must be LoRA without a skip table, got kind {kind!r}"
+                       f"{'' if skip_table is None else ' with a skip table'}")
     taken = _Tensors(tensors)
     decoder = _ADAPTER_DECODERS[kind]
-    adapter = decoder(content[kind], taken) if decoder is not None else None
+    adapter = decoder(content[kind], taken, backbone) if decoder is not None else None
     head = Head(spec)
-    if spec.kind is not HeadKind.EMBED:
+    if spec.has_weights:
         c = spec.num_labels
         head = Head(spec, taken.take("head.weight", (c, None)), taken.take("head.bias", (c,)))  # [C, H], [C]
     unexpected = sorted(set(tensors) - taken.taken)

@@ -15,6 +15,11 @@ It keeps the three parts consistent with each other:
   problem; the tenant's other adapters are not affected. A head with more labels than the pool's
   max_labels now is only reported (that depends on the settings; the pool refuses to load it).
 Admin writes are serialized by one lock (they are rare); the inference path does not take it.
+
+Two backbones: every adapter belongs to one (AdapterRecord.backbone, from its head: a generate head
+is a decoder adapter). The encoder's adapters live in `cache` (over the model's AdapterPool), the
+decoder's, when the server has one, in `decoder_cache` (over a DecoderLoraPool); registry and store
+are shared. A servicer checks that a resolved adapter is on its RPC's backbone (require_backbone).
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from dataclasses import dataclass, field
 
 from vbert.adapters import AdapterError
 from vbert.artifact import AdapterArtifact
-from vbert.heads import HeadSpec, check_head_json, check_response_size
+from vbert.decoder_lora import DecoderLoraPool
+from vbert.heads import BACKBONES, DECODER, ENCODER, HeadKind, HeadSpec, check_head_json, check_response_size
 from vbert.model import MultiTenantModel
 
 from .cache import CacheConfig, TieredCache
@@ -66,8 +72,8 @@ class ManagerConfig:
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """What a request needs to run on a tenant's adapter: the exact version's id and its head.
-    adapter_id None = the bare backbone (pool slot 0)."""
+    """What a request needs to run on a tenant's adapter: the exact version's id, its head and the
+    backbone it runs on. adapter_id None = the bare backbone (pool slot 0)."""
 
     tenant_id: int
     name: str
@@ -75,22 +81,51 @@ class AdapterRef:
     version: int
     kind: str
     head: HeadSpec
+    backbone: str = ENCODER
+    tenant_name: str = ""
+
+
+_USE_INSTEAD = {ENCODER: "Classify, Tag or Embed", DECODER: "Generate"}
+
+
+def require_backbone(ref: AdapterRef, backbone: str, rpc: str) -> None:
+    """FailedPreconditionError naming the adapter, its backbone and the RPC unless the resolved adapter
+    runs on `backbone` (an RPC of one backbone called with an adapter of the other)."""
+    if ref.backbone != backbone:
+        article = "an" if backbone == ENCODER else "a"
+        raise FailedPreconditionError(
+            f"adapter {ref.name!r} of tenant {ref.tenant_name!r} is on the {ref.backbone} backbone; {rpc} needs "
+            f"{article} {backbone} adapter (use {_USE_INSTEAD.get(ref.backbone, 'another RPC')})")
 
 
 class Manager:
-    def __init__(self, config: ManagerConfig, model: MultiTenantModel):
-        self.config, self.model = config, model
+    def __init__(self, config: ManagerConfig, model: MultiTenantModel, decoder_pool: DecoderLoraPool | None = None):
+        self.config, self.model, self.decoder_pool = config, model, decoder_pool
         self.registry: Registry = open_registry(config.registry)
         self.quarantined = self._quarantine_unusable(model.pool.config.max_labels)
         self.store = AdapterStore(config.store)
         self.recovery = self.store.recover(keep=self.registry.referenced_shas())
         self.cache = TieredCache(config.cache, model.pool, self._load_from_store)
+        self.decoder_cache = (TieredCache(config.cache, decoder_pool, self._load_from_store)
+                              if decoder_pool is not None else None)
+        self.caches: dict[str, TieredCache] = {ENCODER: self.cache}
+        if self.decoder_cache is not None:
+            self.caches[DECODER] = self.decoder_cache
         self._admin = threading.Lock()
         self._default_head = model.pool.head(0).spec
 
     def close(self) -> None:
-        self.cache.close()
+        for cache in self.caches.values():
+            cache.close()
         self.registry.close()
+
+    def cache_for(self, rec: AdapterRecord) -> TieredCache:
+        """The cache of the record's backbone; FailedPreconditionError if this server does not load it."""
+        cache = self.caches.get(rec.backbone)
+        if cache is None:
+            raise FailedPreconditionError(f"adapter {rec.name!r} version {rec.version} is on the {rec.backbone} "
+                                          f"backbone; this server loads no {rec.backbone} backbone")
+        return cache
 
     def _quarantine_unusable(self, max_labels: int) -> list[AdapterRecord]:
         """The start-up check (module docstring): quarantine every version whose head fails the schema;
@@ -143,7 +178,7 @@ class Manager:
         registered if any step fails."""
         if adapter_name == DEFAULT_ADAPTER:
             raise FailedPreconditionError(f"adapter name {DEFAULT_ADAPTER!r} is reserved for the bare backbone")
-        if isinstance(artifact, AdapterArtifact):
+        if isinstance(artifact, AdapterArtifact) and artifact.backbone == ENCODER:
             try:
                 self.model.check_skip(artifact)        # runs with this server's skip mode (or full model)?
                 if response_limits is not None:
@@ -154,11 +189,12 @@ class Manager:
                 raise FailedPreconditionError(str(e)) from e
         with self._admin:
             tenant = self.registry.get_tenant(tenant_name)
-            stored = self.store.put(artifact, self.model.spec.shape, self.model.pool.config)
+            decoder = self.decoder_pool.limits if self.decoder_pool is not None else None
+            stored = self.store.put(artifact, self.model.spec.shape, self.model.pool.config, decoder=decoder)
             try:
                 return self.registry.add_adapter_version(
                     tenant.id, adapter_name, stored.kind, stored.config, artifact.head.spec.to_json(),
-                    stored.sha256, stored.size, actor=actor, activate=activate)
+                    stored.sha256, stored.size, actor=actor, activate=activate, backbone=artifact.backbone)
             except BaseException:
                 self._delete_unreferenced([stored.sha256])
                 raise
@@ -179,18 +215,22 @@ class Manager:
         return self.registry.list_adapters(self.registry.get_tenant(tenant_name).id)
 
     def pin(self, tenant_name: str, adapter_name: str) -> Future:
-        return self.cache.pin(self._active_id(tenant_name, adapter_name))
+        rec = self._active(tenant_name, adapter_name)
+        return self.cache_for(rec).pin(rec.id)
 
     def unpin(self, tenant_name: str, adapter_name: str) -> None:
-        self.cache.unpin(self._active_id(tenant_name, adapter_name))
+        rec = self._active(tenant_name, adapter_name)
+        self.cache_for(rec).unpin(rec.id)
 
-    def _active_id(self, tenant_name: str, adapter_name: str) -> int:
+    def _active(self, tenant_name: str, adapter_name: str) -> AdapterRecord:
         tenant = self.registry.get_tenant(tenant_name)
-        return self.registry.get_active_adapter(tenant.id, adapter_name).id
+        return self.registry.get_active_adapter(tenant.id, adapter_name)
 
     def _forget(self, removed: list[AdapterRecord]) -> None:
         for rec in removed:
-            self.cache.invalidate(rec.id)
+            cache = self.caches.get(rec.backbone)
+            if cache is not None:
+                cache.invalidate(rec.id)
         self._delete_unreferenced({rec.sha256 for rec in removed})
 
     def _delete_unreferenced(self, shas) -> None:
@@ -200,10 +240,14 @@ class Manager:
                 self.store.delete(sha)
 
     # -- inference path ----------------------------------------------------------------------------
-    def resolve(self, tenant: Tenant, adapter_name: str) -> AdapterRef:
-        """The active version of the tenant's adapter (or the bare backbone for 'default')."""
+    def resolve(self, tenant: Tenant, adapter_name: str, default_backbone: str = ENCODER) -> AdapterRef:
+        """The active version of the tenant's adapter, on the backbone of its record; 'default' is the
+        bare `default_backbone` (the encoder's default head, or a generate head on the decoder)."""
         if adapter_name == DEFAULT_ADAPTER:
-            return AdapterRef(tenant.id, adapter_name, None, 0, "none", self._default_head)
+            if default_backbone not in BACKBONES:
+                raise ValueError(f"default_backbone {default_backbone!r} is not one of {BACKBONES}")
+            head = self._default_head if default_backbone == ENCODER else HeadSpec(HeadKind.GENERATE)
+            return AdapterRef(tenant.id, adapter_name, None, 0, "none", head, default_backbone, tenant.name)
         try:
             rec = self.registry.get_active_adapter(tenant.id, adapter_name)
         except NotFoundError:
@@ -219,4 +263,4 @@ class Manager:
         except AdapterError as e:
             raise FailedPreconditionError(f"adapter {adapter_name!r} version {rec.version} of tenant "
                                           f"{tenant.name!r} is not usable: {e}") from None
-        return AdapterRef(tenant.id, adapter_name, rec.id, rec.version, rec.kind, head)
+        return AdapterRef(tenant.id, adapter_name, rec.id, rec.version, rec.kind, head, rec.backbone, tenant.name)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from manager.errors import InvalidArgumentError
 from vbert.adapters import AdapterError
-from vbert.heads import HeadSpec
+from vbert.heads import BACKBONES, ENCODER, HeadSpec
 
 TENANT_STATUSES = ("active", "suspended")
 ADAPTER_KINDS = ("lora", "bottleneck", "none")
@@ -90,6 +90,7 @@ class AdapterRecord:
     created: float
     state: str
     problem: str | None = None   # set: quarantined (unusable for good; why, in words)
+    backbone: str = ENCODER      # vbert.heads.BACKBONES: the backbone the adapter runs on
 
     @property
     def is_active(self) -> bool:
@@ -134,7 +135,7 @@ def _json_object(text: object) -> dict:
 def _adapter(row: Mapping) -> AdapterRecord:
     return AdapterRecord(row["id"], row["tenant_id"], row["name"], row["version"], row["kind"],
                          _json_object(row["config"]), _json_object(row["head"]), row["sha256"], row["size"],
-                         row["created"], row["state"], row["problem"])
+                         row["created"], row["state"], row["problem"], row["backbone"])
 
 
 def _json(what: str, value: object) -> str:
@@ -146,10 +147,22 @@ def _json(what: str, value: object) -> str:
         raise InvalidArgumentError(f"{what} is not JSON-serializable: {e}") from None
 
 
-def check_head(head: object) -> dict:
-    """A head spec's JSON against the schema of vbert.heads (types, enums, labels); InvalidArgumentError."""
+def check_backbone(backbone: object) -> str:
+    if backbone not in BACKBONES:
+        raise InvalidArgumentError(f"adapter backbone {backbone!r} is not one of {BACKBONES}")
+    return backbone
+
+
+def check_head(head: object, backbone: str | None = None) -> dict:
+    """A head spec's JSON against the schema of vbert.heads (types, enums, labels) and, given a backbone,
+    the head kind against it (a generate head on the decoder, the others on the encoder); InvalidArgumentError."""
+    if backbone is not None:
+        check_backbone(backbone)
     try:
-        HeadSpec.from_json(head)
+        spec = HeadSpec.from_json(head)
     except AdapterError as e:
         raise InvalidArgumentError(f"head spec: {e}") from None
+    if backbone is not None and spec.backbone != backbone:
+        raise InvalidArgumentError(f"a {spec.kind.value} head belongs on the {spec.backbone} backbone, "
+                                   f"not the {backbone}")
     return head

@@ -23,7 +23,7 @@ from manager.errors import (AlreadyExistsError, FailedPreconditionError, Invalid
                             UnauthenticatedError)
 from manager.records import (TENANT_STATUSES, ADAPTER_KINDS, MAX_PAGE_SIZE, MAX_PROBLEM_CHARS, _SHA256_RE,
                              _UNAUTHENTICATED, validate_name, _adapter, _check_int, _check_number, _check_quotas,
-                             _json, _tenant, check_head, Quotas, Tenant, AdapterRecord, AuditEntry)
+                             _json, _tenant, check_backbone, check_head, Quotas, Tenant, AdapterRecord, AuditEntry)
 from manager.keys import (IssuedKey, ScryptParams, burn_hash, issue_key, parse_prefix, verify_key,
                           with_new_prefix)
 
@@ -66,6 +66,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 3: quarantine: a version an older server let in that fails today's checks keeps its row, inactive,
        # with the problem in words (NULL: usable); activate_version refuses it
         "ALTER TABLE adapters ADD COLUMN problem TEXT",
+    ),
+    (  # 4: the backbone an adapter runs on (vbert.heads.BACKBONES); every older row is an encoder adapter
+        "ALTER TABLE adapters ADD COLUMN backbone TEXT NOT NULL DEFAULT 'encoder' "
+        "CHECK (backbone IN ('encoder', 'decoder'))",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -129,7 +133,8 @@ class Registry(Protocol):
     def authenticate(self, key: str) -> Tenant: ...
     def authenticate_valid_for(self, key: str) -> tuple[Tenant, float | None]: ...
     def add_adapter_version(self, tenant_id: int, name: str, kind: str, config: dict, head: dict, sha256: str,
-                            size: int, actor: str, activate: bool = True) -> AdapterRecord: ...
+                            size: int, actor: str, activate: bool = True, backbone: str = "encoder"
+                            ) -> AdapterRecord: ...
     def activate_version(self, tenant_id: int, name: str, version: int, actor: str) -> AdapterRecord: ...
     def get_active_adapter(self, tenant_id: int, name: str) -> AdapterRecord: ...
     def get_adapter(self, adapter_id: int) -> AdapterRecord: ...
@@ -389,8 +394,10 @@ class SqliteRegistry(Registry):
         return _tenant(row), valid_for
 
     def add_adapter_version(self, tenant_id: int, name: str, kind: str, config: dict, head: dict, sha256: str,
-                            size: int, actor: str, activate: bool = True) -> AdapterRecord:
-        """Version n + 1 of the tenant's adapter `name`; with activate, it replaces the active version."""
+                            size: int, actor: str, activate: bool = True, backbone: str = "encoder"
+                            ) -> AdapterRecord:
+        """Version n + 1 of the tenant's adapter `name` on `backbone`; with activate, it replaces the active
+        version."""
         validate_name(name, "adapter")
         _check_actor(actor)
         if kind not in ADAPTER_KINDS:
@@ -399,7 +406,7 @@ class SqliteRegistry(Registry):
         if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
             raise InvalidArgumentError(f"sha256 {sha256!r} must be 64 lowercase hex digits")
         _check_int("adapter size", size, 0)
-        check_head(head)   # the head schema (vbert.heads): no record that cannot be listed or served
+        check_head(head, backbone)   # the head schema (vbert.heads), of the backbone's kind
         with self._write() as conn:
             tenant = self._tenant_id_row(conn, tenant_id)
             version = conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM adapters "
@@ -409,10 +416,11 @@ class SqliteRegistry(Registry):
                              "WHERE tenant_id = ? AND name = ? AND state = 'active'", (tenant_id, name))
             adapter_id = conn.execute(
                 "INSERT INTO adapters (tenant_id, name, version, kind, config, head, sha256, size, created, "
-                "state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "state, backbone) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (tenant_id, name, version, kind, config_json, head_json, sha256, size, self._clock(),
-                 "active" if activate else "inactive")).lastrowid
-            detail = {"version": version, "kind": kind, "sha256": sha256, "size": size, "activate": activate}
+                 "active" if activate else "inactive", backbone)).lastrowid
+            detail = {"version": version, "kind": kind, "sha256": sha256, "size": size, "activate": activate,
+                      "backbone": backbone}
             self._audit(conn, actor, "add_adapter_version", f"{tenant['name']}/{name}", detail)
             return self._adapter_by_id(conn, adapter_id)
 

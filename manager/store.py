@@ -32,6 +32,8 @@ from pathlib import Path
 from vbert.adapters import AdapterError, BackboneShape
 from vbert.artifact import AdapterArtifact
 from vbert.config import PoolConfig
+from vbert.decoder_lora import DecoderAdapterLimits
+from vbert.heads import DECODER
 from vbert.pool import validate_artifact
 
 from .codec import _embedded_content, _loads, _Problem, decode_artifact, encode_artifact
@@ -133,14 +135,23 @@ class AdapterStore:
         return d / f"{sha}{TENSOR_SUFFIX}", d / f"{sha}{CONFIG_SUFFIX}"
 
     # -- write -------------------------------------------------------------------------------------
-    def put(self, artifact: AdapterArtifact, shape: BackboneShape, pool_config: PoolConfig) -> StoredAdapter:
-        """Validate against the backbone and pool limits (nothing touches disk on failure), then store
-        durably. Idempotent: the same content returns the same sha; an intact blob is not rewritten,
-        a corrupt one is replaced."""
+    def put(self, artifact: AdapterArtifact, shape: BackboneShape, pool_config: PoolConfig,
+            decoder: DecoderAdapterLimits | None = None) -> StoredAdapter:
+        """Validate against its backbone (nothing touches disk on failure), then store durably: an encoder
+        artifact against `shape` and the pool limits, a decoder one (generate head) against `decoder`
+        (the decoder's shape and max LoRA rank; None: this server has no decoder, FailedPreconditionError).
+        Idempotent: the same content returns the same sha; an intact blob is not rewritten, a corrupt
+        one is replaced."""
         if not isinstance(artifact, AdapterArtifact):
             raise InvalidArgumentError(f"expected an AdapterArtifact, got {type(artifact).__name__}")
+        if artifact.backbone == DECODER and decoder is None:
+            raise FailedPreconditionError("the adapter is for a decoder backbone (a generate head); this server "
+                                          "loads no decoder backbone")
         try:
-            validate_artifact(artifact, shape, pool_config)
+            if artifact.backbone == DECODER:
+                decoder.validate(artifact)
+            else:
+                validate_artifact(artifact, shape, pool_config)
         except AdapterError as e:
             raise FailedPreconditionError(str(e)) from e
         data, config = encode_artifact(artifact)

@@ -10,7 +10,13 @@ On-disk layout (a directory):
                             "both" adds `ffn_layers.N.*`, the feed-forward ones, and `layers.N.*` are at attn_out)
   head.safetensors          classify / tag heads: `weight` [C, H], `bias` [C]
 A directory with only the two PEFT files (trained with Hugging Face PEFT) also loads: as LoRA with
-an embed head, or with PEFT's saved `classifier` as a classify (SEQ_CLS) or tag (TOKEN_CLS) head.
+an embed head, or with PEFT's saved `classifier` as a classify (SEQ_CLS) or tag (TOKEN_CLS) head;
+task_type CAUSAL_LM makes it a decoder artifact (LoRA on a Llama-family decoder + a generate head).
+
+A decoder artifact (backbone "decoder": its head is a generate head) is always LoRA keyed
+(layer, target), target in vbert.decoder_lora.DECODER_LORA_TARGETS; its directory is the same with
+the PEFT files written for a causal LM (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`)
+and no head file.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ from safetensors.torch import load_file, save_file
 from . import peft_format
 from .adapters import (BOTTLENECK_PLACEMENTS, AdapterError, BackboneShape, BottleneckAdapter, BottleneckWeights,
                        LoraAdapter, LoraWeights)
-from .heads import Head, HeadKind, HeadSpec
+from .config import LORA_TARGETS
+from .decoder_lora import DECODER_LORA_TARGETS, read_peft_causal_lm, to_peft_causal_lm
+from .heads import DECODER, Head, HeadKind, HeadSpec
 
 FORMAT = "vbert-adapter"
 VERSION = 1
@@ -47,6 +55,30 @@ class AdapterArtifact:
     @property
     def kind(self) -> str:
         return self.adapter.kind if self.adapter is not None else "none"
+
+    @property
+    def backbone(self) -> str:
+        """"decoder" for a generate head (vbert.heads.DECODER), else "encoder"."""
+        return self.head.spec.backbone
+
+    def check_backbone(self) -> None:
+        """AdapterError unless the adapter fits its backbone's family (no shapes checked): a decoder
+        artifact is LoRA on DECODER_LORA_TARGETS without a skip table; an encoder LoRA targets LORA_TARGETS."""
+        a = self.adapter
+        if self.backbone == DECODER:
+            if not isinstance(a, LoraAdapter):
+                raise AdapterError(f"a decoder adapter (generate head) must be LoRA on {DECODER_LORA_TARGETS}, "
+                                   f"got adapter kind {self.kind!r}")
+            if self.skip_table is not None:
+                raise AdapterError(f"a decoder adapter has no skip table (got {self.skip_table!r})")
+            allowed, family = DECODER_LORA_TARGETS, "a decoder adapter (generate head)"
+        elif isinstance(a, LoraAdapter):
+            allowed, family = LORA_TARGETS, "an encoder adapter"
+        else:
+            return
+        for layer, target in sorted(a.modules):
+            if target not in allowed:
+                raise AdapterError(f"lora layer {layer} {target}: not a target of {family} (known: {allowed})")
 
     def validate(self, shape: BackboneShape) -> None:
         if self.adapter is not None:
@@ -124,6 +156,7 @@ def save_artifact(artifact: AdapterArtifact, path: str | Path, backbone_name: st
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty")
+    artifact.check_backbone()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     meta: dict = {"format": FORMAT, "version": VERSION, "kind": artifact.kind, "head": artifact.head.spec.to_json(),
@@ -135,7 +168,8 @@ def save_artifact(artifact: AdapterArtifact, path: str | Path, backbone_name: st
                                 intermediate_size=shape.intermediate_size)
     a = artifact.adapter
     if isinstance(a, LoraAdapter):
-        cfg, tensors = peft_format.to_peft(a, base_model_name_or_path=backbone_name)
+        to_peft = to_peft_causal_lm if artifact.backbone == DECODER else peft_format.to_peft
+        cfg, tensors = to_peft(a, base_model_name_or_path=backbone_name)
         (tmp / peft_format.CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
     elif isinstance(a, BottleneckAdapter):
@@ -161,6 +195,8 @@ def load_artifact(path: str | Path) -> AdapterArtifact:
         raise AdapterError(f"{path} is not an adapter directory")
     if not (path / META_FILE).is_file():
         if (path / peft_format.CONFIG_FILE).is_file():
+            if _peft_task_type(path) == "CAUSAL_LM":
+                return AdapterArtifact(read_peft_causal_lm(path), Head(HeadSpec(HeadKind.GENERATE)))
             return AdapterArtifact(*peft_format.read_peft_dir(path))
         raise AdapterError(f"{path}: neither {META_FILE} nor {peft_format.CONFIG_FILE} found")
     try:
@@ -174,13 +210,15 @@ def load_artifact(path: str | Path) -> AdapterArtifact:
                            f"v{' or v'.join(map(str, VERSIONS))}")
     spec = HeadSpec.from_json(meta.get("head", {}))   # the head schema (vbert.heads): types, enums, labels
     head = Head(spec)
-    if spec.kind is not HeadKind.EMBED:
+    if spec.has_weights:
         if not (path / HEAD_FILE).is_file():
             raise AdapterError(f"{path}: {spec.kind.value} head declared but {HEAD_FILE} is missing")
         t = load_file(str(path / HEAD_FILE))
         head = Head(spec, t.get("weight"), t.get("bias"))
     kind = meta.get("kind")
-    if kind == "lora":
+    if kind == "lora" and spec.backbone == DECODER:
+        adapter = read_peft_causal_lm(path)
+    elif kind == "lora":
         adapter, _ = peft_format.read_peft_lora(path)
     elif kind == "bottleneck":
         placement = meta["bottleneck"].get("placement", "attn_out")
@@ -196,4 +234,15 @@ def load_artifact(path: str | Path) -> AdapterArtifact:
     skip_table = meta.get("skip_table")
     if skip_table is not None and (not isinstance(skip_table, str) or not skip_table):
         raise AdapterError(f"{path / META_FILE}: skip_table must be a non-empty string, got {skip_table!r}")
-    return AdapterArtifact(adapter, head, skip_table)
+    artifact = AdapterArtifact(adapter, head, skip_table)
+    artifact.check_backbone()
+    return artifact
+
+
+def _peft_task_type(path: Path) -> object:
+    """The task_type of a plain PEFT directory's config (None if unreadable: the reader names the problem)."""
+    try:
+        cfg = json.loads((path / peft_format.CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("task_type") if isinstance(cfg, dict) else None

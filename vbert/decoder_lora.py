@@ -8,19 +8,26 @@ Pool banks (preallocated; slot 0 is the all-zero "no adapter" entry):
   A_g [num_layers, num_slots + 1, in, R * |g|]  per input group g (targets sharing an input side by side)
   B_t [num_layers, num_slots + 1, R, out]       per target, pre-scaled by its scale
 R = max_rank; smaller ranks are zero-padded, which is exact.
+
+The pool also speaks the slot interface of the manager's TieredCache (`device`, `capacity`, `fits`,
+`load(artifact, stream)`, `unload`), so decoder adapters are cached exactly as encoder ones.
 """
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors.torch import save_file
 
 from .adapters import AdapterError, LoraAdapter, LoraWeights, _check_finite, _check_shape
 from .device import DeviceContext
-from .peft_format import WEIGHTS_FILE, _pattern_value, read_peft_files
+from .heads import DECODER
+from .peft_format import CONFIG_FILE, WEIGHTS_FILE, _pattern_value, read_peft_files
 
 DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # input group -> targets that read the same input (their A matrices sit side by side)
@@ -72,6 +79,46 @@ def read_peft_causal_lm(path: str | Path) -> LoraAdapter:
     return LoraAdapter(rank=rank, alpha=alpha, modules=modules, use_rslora=use_rslora)
 
 
+def to_peft_causal_lm(adapter: LoraAdapter, base_model_name_or_path: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT config (task CAUSAL_LM) and tensors of a decoder LoRA. target_modules is a regex over the
+    exact module paths (`model.layers.N.self_attn.q_proj`, ...); modules whose rank or scale differ from
+    the adapter's nominal ones get rank_pattern / alpha_pattern entries (full module paths)."""
+    if not adapter.modules:
+        raise AdapterError("lora adapter has no modules")
+    rank_pattern, alpha_pattern, tensors, names = {}, {}, {}, []
+    for (layer, target), w in sorted(adapter.modules.items()):
+        if target not in DECODER_LORA_TARGETS:
+            raise AdapterError(f"lora layer {layer} {target}: not a decoder target (known: {DECODER_LORA_TARGETS})")
+        name = decoder_module_name(layer, target)
+        names.append(name)
+        if w.rank != adapter.rank:
+            rank_pattern[name] = w.rank
+        alpha_m = w.scale * (math.sqrt(w.rank) if adapter.use_rslora else w.rank)
+        if abs(alpha_m - adapter.alpha) > 1e-6 * max(1.0, abs(adapter.alpha)):
+            alpha_pattern[name] = alpha_m
+        tensors[f"base_model.model.{name}.lora_A.weight"] = w.A.detach().float().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = w.B.detach().float().contiguous()
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": adapter.rank, "lora_alpha": adapter.alpha, "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": adapter.use_rslora, "fan_in_fan_out": False, "inference_mode": True,
+        "target_modules": "|".join(re.escape(n) for n in names),
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "modules_to_save": None,
+    }
+    return cfg, tensors
+
+
+def write_peft_causal_lm(adapter: LoraAdapter, path: str | Path, base_model_name_or_path: str = "") -> Path:
+    """Write the adapter as a PEFT directory (adapter_config.json + adapter_model.safetensors) that
+    `peft.PeftModel.from_pretrained(<a Llama-family causal LM>, path)` loads; read_peft_causal_lm reads it back."""
+    cfg, tensors = to_peft_causal_lm(adapter, base_model_name_or_path)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    save_file(tensors, str(path / WEIGHTS_FILE))
+    return path
+
+
 def validate_decoder_lora(adapter: LoraAdapter, shape: DecoderShape, max_rank: int) -> None:
     """Raise AdapterError naming the mismatch if the adapter cannot run on a decoder of this shape."""
     if not adapter.modules:
@@ -89,6 +136,46 @@ def validate_decoder_lora(adapter: LoraAdapter, shape: DecoderShape, max_rank: i
         _check_shape(f"{name} lora_B", w.B, (fout, w.rank))
         _check_finite(f"{name} lora_A", w.A)
         _check_finite(f"{name} lora_B", w.B)
+        if not math.isfinite(w.scale):
+            raise AdapterError(f"{name}: scale {w.scale} is not finite")
+
+
+class HasAdapter(Protocol):
+    """What the pool reads of a vbert.artifact.AdapterArtifact (imported there, not here: no cycle)."""
+
+    adapter: object
+    skip_table: str | None
+
+    @property
+    def backbone(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+
+def validate_decoder_artifact(artifact: HasAdapter, shape: DecoderShape, max_rank: int) -> None:
+    """Raise AdapterError naming the problem unless the artifact is a decoder LoRA (generate head, LoRA
+    on DECODER_LORA_TARGETS, no skip table) that fits a decoder of this shape with this max rank."""
+    if artifact.backbone != DECODER:
+        raise AdapterError(f"the adapter is for the {artifact.backbone} backbone, not the decoder "
+                           f"(a decoder adapter has a generate head)")
+    if not isinstance(artifact.adapter, LoraAdapter):
+        raise AdapterError(f"a decoder adapter must be LoRA on {DECODER_LORA_TARGETS}, got adapter kind "
+                           f"{artifact.kind!r}")
+    if artifact.skip_table is not None:
+        raise AdapterError(f"a decoder adapter has no skip table (got {artifact.skip_table!r})")
+    validate_decoder_lora(artifact.adapter, shape, max_rank)
+
+
+@dataclass(frozen=True)
+class DecoderAdapterLimits:
+    """What an upload is validated against when the server has a decoder (the store needs no pool)."""
+
+    shape: DecoderShape
+    max_rank: int
+
+    def validate(self, artifact: HasAdapter) -> None:
+        validate_decoder_artifact(artifact, self.shape, self.max_rank)
 
 
 class DecoderLoraPoolFullError(RuntimeError):
@@ -124,16 +211,35 @@ class DecoderLoraPool:
     def num_free_slots(self) -> int:
         return len(self._free)
 
+    @property
+    def capacity(self) -> dict[str, int]:
+        """Slots per adapter kind (the TieredCache's and the scheduler's view): LoRA only."""
+        return {"lora": self.config.num_slots}
+
+    @property
+    def limits(self) -> DecoderAdapterLimits:
+        return DecoderAdapterLimits(self.shape, self.config.max_rank)
+
+    def fits(self, artifact: HasAdapter) -> bool:
+        """Whether `load(artifact)` finds a free slot now."""
+        return bool(self._free)
+
     def total_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
 
-    def load(self, adapter: LoraAdapter) -> int:
-        validate_decoder_lora(adapter, self.shape, self.config.max_rank)
+    def load(self, adapter: LoraAdapter | HasAdapter, stream=None) -> int:
+        """Validate, copy into a free slot (on `stream` under CUDA) and return the slot. Takes a
+        LoraAdapter or a decoder AdapterArtifact (as the TieredCache passes)."""
+        if isinstance(adapter, LoraAdapter):
+            validate_decoder_lora(adapter, self.shape, self.config.max_rank)
+        else:
+            validate_decoder_artifact(adapter, self.shape, self.config.max_rank)
+            adapter = adapter.adapter
         if not self._free:
             raise DecoderLoraPoolFullError(f"decoder LoRA pool has no free slot (of {self.config.num_slots})")
         slot = self._free.pop()
         R = self.config.max_rank
-        with torch.no_grad():
+        with torch.no_grad(), self.device.stream(stream):
             for t in (*self.a.values(), *self.b.values()):
                 t[:, slot].zero_()
             for (layer, target), w in adapter.modules.items():

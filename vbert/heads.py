@@ -1,9 +1,12 @@
 """Per-tenant task heads and their batched application.
 
-Three kinds share one backbone pass:
+Three kinds share one encoder pass:
 - classify: pooled vector -> logits over the head's labels;
 - tag: every token -> logits over the head's tag set (NER);
 - embed: pooled vector, optionally L2-normalized (no weights).
+A fourth, generate, marks an adapter of the decoder backbone (text generation through its own LM
+head: no weights, labels, pooling or normalization here). The head kind names the backbone an
+adapter belongs to (HeadSpec.backbone).
 Pooling: "mean" (masked mean over all real tokens, as sentence-transformers), "cls" (first token),
 "pooler" (BERT's pretrained tanh(dense(CLS)), as Hugging Face BertForSequenceClassification).
 """
@@ -26,8 +29,13 @@ class HeadKind(str, Enum):
     CLASSIFY = "classify"
     TAG = "tag"
     EMBED = "embed"
+    GENERATE = "generate"
 
 
+ENCODER, DECODER = "encoder", "decoder"    # the backbones an adapter can belong to
+BACKBONES = (ENCODER, DECODER)
+WEIGHTLESS_KINDS = (HeadKind.EMBED, HeadKind.GENERATE)
+# The encoder pool's head codes; a generate head never enters the encoder pool (vbert.pool refuses it).
 HEAD_KIND_CODES = {HeadKind.CLASSIFY: 0, HeadKind.TAG: 1, HeadKind.EMBED: 2}
 POOLING_CODES = {name: i for i, name in enumerate(POOLINGS)}
 
@@ -40,6 +48,10 @@ POOLING_CODES = {name: i for i, name in enumerate(POOLINGS)}
 HEAD_FIELDS = ("kind", "labels", "pooling", "normalize")
 MAX_LABEL_BYTES = 128
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")   # exactly Unicode's category Cc
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _preview(value: object, limit: int = 48) -> str:
@@ -103,9 +115,13 @@ class HeadSpec:
         if not isinstance(self.normalize, bool):          # bool("no") is True: only true/false are accepted
             raise AdapterError(f"head normalize must be true or false, got {type(self.normalize).__name__} "
                                f"{_preview(self.normalize)}")
-        if self.kind is HeadKind.EMBED:
+        if self.kind in WEIGHTLESS_KINDS:
             if self.labels:
-                raise AdapterError("an embed head takes no labels")
+                raise AdapterError(f"{_article(self.kind.value)} {self.kind.value} head takes no labels")
+            if self.kind is HeadKind.GENERATE and (self.pooling != "mean" or self.normalize):
+                raise AdapterError(f"a generate head takes no pooling or normalization (got pooling "
+                                   f"{self.pooling!r}, normalize {self.normalize}): the decoder's LM head "
+                                   f"generates the text")
         else:
             if not self.labels:
                 raise AdapterError(f"a {self.kind.value} head needs at least one label")
@@ -116,6 +132,16 @@ class HeadSpec:
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    @property
+    def has_weights(self) -> bool:
+        """Classify and tag heads carry a weight and a bias; embed and generate heads none."""
+        return self.kind not in WEIGHTLESS_KINDS
+
+    @property
+    def backbone(self) -> str:
+        """The backbone this head's adapter runs on: DECODER for a generate head, else ENCODER."""
+        return DECODER if self.kind is HeadKind.GENERATE else ENCODER
 
     def to_json(self) -> dict:
         return {"kind": self.kind.value, "labels": list(self.labels), "pooling": self.pooling,
@@ -189,9 +215,9 @@ class Head:
     bias: torch.Tensor | None = None    # [num_labels]
 
     def validate(self, hidden_size: int, max_labels: int | None = None) -> None:
-        if self.spec.kind is HeadKind.EMBED:
+        if not self.spec.has_weights:
             if self.weight is not None or self.bias is not None:
-                raise AdapterError("an embed head has no weights")
+                raise AdapterError(f"{_article(self.spec.kind.value)} {self.spec.kind.value} head has no weights")
             return
         c = self.spec.num_labels
         check_num_labels(c, max_labels)
@@ -207,7 +233,7 @@ class Head:
 
     @classmethod
     def random(cls, spec: HeadSpec, hidden_size: int, generator: torch.Generator | None = None) -> "Head":
-        if spec.kind is HeadKind.EMBED:
+        if not spec.has_weights:
             return cls(spec)
         c = spec.num_labels
         w = torch.randn(c, hidden_size, generator=generator) / math.sqrt(hidden_size)

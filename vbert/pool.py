@@ -30,7 +30,7 @@ from .artifact import AdapterArtifact
 from .backbone import BackboneSpec, LayerAdapters
 from .config import PoolConfig
 from .device import DeviceContext
-from .heads import HEAD_KIND_CODES, POOLING_CODES, Head
+from .heads import ENCODER, HEAD_KIND_CODES, POOLING_CODES, Head
 
 LORA_GROUPS = {"qkv": ("query", "key", "value"), "attn_out": ("attn_out",), "ffn_in": ("ffn_in",),
                "ffn_out": ("ffn_out",)}
@@ -41,6 +41,9 @@ def validate_artifact(artifact: AdapterArtifact, shape: BackboneShape, config: P
     """Raise AdapterError naming the mismatch if the artifact cannot be served by a backbone of
     this shape in a pool of this config (kind, layers, every tensor's shape, rank and size limits,
     enabled LoRA targets, label count, NaN/Inf)."""
+    if artifact.backbone != ENCODER:
+        raise AdapterError(f"the adapter is for the {artifact.backbone} backbone (a {artifact.head.spec.kind.value} "
+                           f"head); the encoder's pool cannot load it")
     a = artifact.adapter
     if isinstance(a, LoraAdapter):
         a.validate(shape, config.max_lora_rank, tuple(config.lora_targets))

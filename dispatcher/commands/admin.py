@@ -19,8 +19,8 @@ def _quotas(**q) -> dict:
 
 TENANT_COLUMNS = ["id", "name", "status", "created", "quotas.requests_per_s", "quotas.burst",
                   "quotas.max_tokens_per_request", "quotas.weight"]
-ADAPTER_COLUMNS = ["name", "version", "kind", "head_kind", "labels", "is_active", "is_pinned", "is_resident", "size",
-                   "sha256"]
+ADAPTER_COLUMNS = ["name", "version", "backbone", "kind", "head_kind", "labels", "is_active", "is_pinned",
+                   "is_resident", "size", "sha256"]
 
 
 @click.group()

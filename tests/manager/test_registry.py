@@ -392,6 +392,39 @@ def test_an_older_database_is_migrated_forward(config):
         assert reg.authenticate(reg.rotate_key("old")) == old
 
 
+def test_a_schema_3_database_gets_the_backbone_column(config):
+    """Migration 4: adapters registered before decoders existed are encoder adapters; new versions
+    can be decoder ones; a backbone outside BACKBONES is refused by the code and by the CHECK."""
+    config.path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(config.path, isolation_level=None)
+    assert migrate(conn, target=3) == 3
+    conn.execute("INSERT INTO tenants (name, created, status, requests_per_s, burst, max_tokens_per_request, "
+                 "weight) VALUES ('old', 1.0, 'active', 5, 10, 128, 1.0)")
+    conn.execute("INSERT INTO adapters (tenant_id, name, version, kind, config, head, sha256, size, created, state) "
+                 "VALUES (1, 'tickets', 1, 'lora', '{}', '{\"kind\": \"embed\"}', ?, 10, 1.0, 'active')", (sha(1),))
+    assert "backbone" not in {r[1] for r in conn.execute("PRAGMA table_info(adapters)")}
+    conn.close()
+    with SqliteRegistry(config) as reg:
+        assert schema_version(reg._conn()) == SCHEMA_VERSION == 4
+        old = reg.get_tenant("old")
+        assert reg.get_active_adapter(old.id, "tickets").backbone == "encoder"
+        chat = reg.add_adapter_version(old.id, "chat", "lora", {}, {"kind": "generate"}, sha(2), 20, actor="ops",
+                                       backbone="decoder")
+        assert chat.backbone == "decoder" and reg.get_adapter(chat.id).backbone == "decoder"
+        assert [r.backbone for r in reg.list_adapters(old.id)] == ["decoder", "encoder"]
+        assert reg.list_audit(1)[0].detail["backbone"] == "decoder"
+        with pytest.raises(InvalidArgumentError, match="backbone 'gpu' is not one of"):
+            reg.add_adapter_version(old.id, "x", "lora", {}, {"kind": "embed"}, sha(3), 1, actor="ops", backbone="gpu")
+        with pytest.raises(InvalidArgumentError, match="a generate head belongs on the decoder backbone"):
+            reg.add_adapter_version(old.id, "x", "lora", {}, {"kind": "generate"}, sha(3), 1, actor="ops")
+        with pytest.raises(InvalidArgumentError, match="a classify head belongs on the encoder backbone"):
+            reg.add_adapter_version(old.id, "x", "lora", {}, {"kind": "classify", "labels": ["a"]}, sha(3), 1,
+                                    actor="ops", backbone="decoder")
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            reg._conn().execute("UPDATE adapters SET backbone = 'gpu' WHERE id = ?", (chat.id,))
+        assert [r.name for r in reg.list_adapters(old.id)] == ["chat", "tickets"]
+
+
 def test_a_newer_database_is_refused_clearly(config):
     SqliteRegistry(config).close()
     conn = sqlite3.connect(config.path)

@@ -121,7 +121,7 @@ class UploadAdapterChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadAdapterHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("tenant", "name", "version", "kind", "head_kind", "labels", "sha256", "size", "created", "is_active", "is_pinned", "is_resident")
+    __slots__ = ("tenant", "name", "version", "kind", "head_kind", "labels", "sha256", "size", "created", "is_active", "is_pinned", "is_resident", "backbone")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class Adapter(_message.Message):
     IS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     IS_PINNED_FIELD_NUMBER: _ClassVar[int]
     IS_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     name: str
     version: int
@@ -146,7 +147,8 @@ class Adapter(_message.Message):
     is_active: bool
     is_pinned: bool
     is_resident: bool
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., head_kind: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., created: _Optional[float] = ..., is_active: _Optional[bool] = ..., is_pinned: _Optional[bool] = ..., is_resident: _Optional[bool] = ...) -> None: ...
+    backbone: str
+    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., head_kind: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., created: _Optional[float] = ..., is_active: _Optional[bool] = ..., is_pinned: _Optional[bool] = ..., is_resident: _Optional[bool] = ..., backbone: _Optional[str] = ...) -> None: ...
 
 class AdapterRef(_message.Message):
     __slots__ = ("tenant", "name")
@@ -189,7 +191,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("backbone", "device", "dtype", "num_tenants", "num_resident_adapters", "queue_depth", "lora_slots", "bottleneck_slots", "is_draining", "version", "limits")
+    __slots__ = ("backbone", "device", "dtype", "num_tenants", "num_resident_adapters", "queue_depth", "lora_slots", "bottleneck_slots", "is_draining", "version", "limits", "backbones")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +203,7 @@ class ServerStatus(_message.Message):
     IS_DRAINING_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    BACKBONES_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     device: str
     dtype: str
@@ -212,7 +215,32 @@ class ServerStatus(_message.Message):
     is_draining: bool
     version: str
     limits: ServerLimits
-    def __init__(self, backbone: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_tenants: _Optional[int] = ..., num_resident_adapters: _Optional[int] = ..., queue_depth: _Optional[int] = ..., lora_slots: _Optional[int] = ..., bottleneck_slots: _Optional[int] = ..., is_draining: _Optional[bool] = ..., version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+    backbones: _containers.RepeatedCompositeFieldContainer[Backbone]
+    def __init__(self, backbone: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_tenants: _Optional[int] = ..., num_resident_adapters: _Optional[int] = ..., queue_depth: _Optional[int] = ..., lora_slots: _Optional[int] = ..., bottleneck_slots: _Optional[int] = ..., is_draining: _Optional[bool] = ..., version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., backbones: _Optional[_Iterable[_Union[Backbone, _Mapping]]] = ...) -> None: ...
+
+class Backbone(_message.Message):
+    __slots__ = ("name", "kind", "model", "num_parameters", "weight_bytes", "adapter_slots", "adapter_pool_bytes", "kv_cache_bytes", "kv_blocks_total", "kv_blocks_free")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    model: str
+    num_parameters: int
+    weight_bytes: int
+    adapter_slots: int
+    adapter_pool_bytes: int
+    kv_cache_bytes: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapter_pool_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_concurrent_rpcs", "max_concurrent_rpcs_per_tenant", "max_concurrent_public_rpcs", "max_concurrent_public_rpcs_per_peer", "max_failed_auth_per_s", "max_failed_auth_burst", "latency_target_ms", "step_token_budget", "num_rpcs_in_flight", "num_public_rpcs_in_flight", "num_refused")
