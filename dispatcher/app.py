@@ -9,8 +9,12 @@ from dataclasses import dataclass, field
 from manager.manager import AdapterRef, Manager
 from manager.records import Tenant
 from scheduler.engine import Engine
+from scheduler.generation_engine import GenerationEngine
+from scheduler.generation_runner import GenerationRunner
+from scheduler.residency import CacheResidency
 from scheduler.runner import ModelRunner
 from scheduler.types import Request
+from vbert.decoder_backbone import DecoderBackbone
 from vbert.model import MultiTenantModel
 
 from .admission import Admission
@@ -34,31 +38,52 @@ class App:
     metrics: Metrics
     admin_token: str
     admission: Admission = field(default_factory=Admission)
+    decoder: DecoderBackbone | None = None          # the decoder backbone (None: encoder only)
+    generation: GenerationEngine | None = None      # its step loop
     started: float = field(default_factory=time.time)
     is_draining: bool = False
 
     @classmethod
     def create(cls, config: ServerConfig) -> "App":
         model = MultiTenantModel(config.model_config())
-        manager = Manager(config.manager_config(), model)
+        decoder = DecoderBackbone.load(config.decoder_config(), model.device) if config.has_decoder else None
+        manager = Manager(config.manager_config(), model, decoder_pool=decoder.lora if decoder else None)
         if manager.recovery.num_removed:
             log.warning("start-up recovery removed %d leftover files", manager.recovery.num_removed)
         uploads_dir(config.data_dir, clear=True)  # a killed process's half-extracted uploads, before serving
         metrics = Metrics()
         engine = Engine(config.engine_config(), config.scheduler_config(), ModelRunner(model, manager.cache),
                         manager.cache, on_step=metrics.on_step)
-        metrics.watch(cache=manager.cache, scheduler=engine.scheduler, skip=model.skip)
+        generation = cls._generation_engine(config, decoder, manager, metrics) if decoder else None
+        metrics.watch(cache=manager.cache, scheduler=engine.scheduler, skip=model.skip,
+                      generation=generation.scheduler if generation else None)
         token = load_admin_token(config.data_dir, config.admin_token)
         return cls(config, model, manager, engine, Authenticator(manager, token), RateLimiter(), metrics, token,
-                   Admission(config.admission_config()))
+                   Admission(config.admission_config()), decoder, generation)
+
+    @staticmethod
+    def _generation_engine(config: ServerConfig, decoder: DecoderBackbone, manager: Manager,
+                           metrics: Metrics) -> GenerationEngine:
+        cache = manager.decoder_cache
+        sched = config.generation_scheduler_config()
+        residency = CacheResidency(cache, lambda: generation.wake(), max_outstanding=sched.max_adapters)
+        generation = GenerationEngine(config.generation_engine_config(), sched,
+                                      GenerationRunner(decoder.model, decoder.kv, cache), decoder.tokenizer,
+                                      decoder.eos_token_ids, adapters=cache, residency=residency,
+                                      on_step=metrics.on_generation_step, on_finish=metrics.on_generation_finish)
+        return generation
 
     def start(self) -> "App":
         self.engine.start()
+        if self.generation is not None:
+            self.generation.start()
         return self
 
     def close(self) -> int:
-        """Drain the engine (up to grace_s) and close the manager; returns the engine's drained count."""
+        """Drain the engines (up to grace_s) and close the manager; returns the engines' drained count."""
         num_drained = self.engine.stop(drain=True, timeout=self.config.grace_s)
+        if self.generation is not None:
+            num_drained += self.generation.stop(drain=True, timeout=self.config.grace_s)
         self.manager.close()
         return num_drained
 

@@ -13,12 +13,17 @@ from manager.cache import CacheConfig
 from manager.manager import ManagerConfig
 from scheduler.config import SchedulerConfig
 from scheduler.engine import EngineConfig
+from scheduler.generation_engine import GenerationEngineConfig
+from scheduler.generation_policy import GenerationSchedulerConfig
 from vbert.config import (DEFAULT_LORA_TARGETS, BackboneConfig, ModelConfig, PoolConfig, SkipConfig,
                           SkipTableConfig)
+
+from vbert.decoder_backbone import DecoderBackboneConfig
 
 from .admission import AdmissionConfig
 
 ENV_PREFIX = "VBERT_"
+BACKBONE_NAMES = ("encoder", "decoder")
 
 
 def is_loopback(host: str) -> bool:
@@ -56,6 +61,16 @@ class ServerConfig:
     max_bottleneck_size: int = 64
     max_labels: int = 64
     host_cache_mb: int = 2048
+    # backbones: which the server loads (comma-separated: encoder, decoder)
+    backbones: str = "encoder,decoder"
+    decoder: str | None = None           # a local Llama-family checkpoint dir; None: SmolLM2-135M-Instruct
+    decoder_kv_cache_mb: int = 256       # the KV cache of generation (a hard budget; K and V, all layers)
+    decoder_block_size: int = 16         # tokens per KV block
+    decoder_lora_slots: int = 32         # decoder LoRA adapters resident at once
+    decoder_max_lora_rank: int = 16
+    generation_mode: str = "iteration"   # iteration (Orca) | request (static batches, a baseline)
+    generation_max_tokens_per_step: int = 512   # decode tokens + prefill chunks per decoder step
+    generation_max_running: int = 32     # sequences per decoder step
     # skip mode (lower layers from n-gram tables; vbert.skip)
     skip: bool = False                   # on/off; needs skip_tables
     skip_tables: str | None = None       # "name=SHALLOW_DIR[:TABLE_FILE],name2=..." (distill / build-table output)
@@ -112,7 +127,7 @@ class ServerConfig:
                      "max_concurrent_rpcs_per_tenant", "max_concurrent_public_rpcs",
                      "max_concurrent_public_rpcs_per_peer", "max_failed_auth_burst",
                      "host_cache_mb", "max_tokens_per_step", "max_rows_per_step", "max_waiting",
-                     "max_waiting_per_tenant"):
+                     "max_waiting_per_tenant", "decoder_kv_cache_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("default_deadline_s", "keepalive_min_ping_s", "grace_s", "max_failed_auth_per_s",
@@ -121,9 +136,24 @@ class ServerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+        names = self.backbone_names
+        if not names or set(names) - set(BACKBONE_NAMES) or len(set(names)) != len(names):
+            raise ValueError(f"backbones {self.backbones!r} must name one or both of {BACKBONE_NAMES}, "
+                             f"comma-separated")
+        if "encoder" not in names:
+            raise ValueError("backbones without the encoder (a decoder-only server) is not supported yet; "
+                             "use 'encoder,decoder'")
         # the parts validate themselves
         self.model_config(), self.scheduler_config(), self.manager_config(), self.admission_config()
-        self.engine_config()
+        self.engine_config(), self.decoder_config(), self.generation_scheduler_config()
+
+    @property
+    def backbone_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.backbones.split(",") if n.strip())
+
+    @property
+    def has_decoder(self) -> bool:
+        return "decoder" in self.backbone_names
 
     # -- the parts -----------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -161,6 +191,20 @@ class ServerConfig:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(is_pipelined=self.is_pipelined, latency_target_s=self.latency_target_ms / 1000)
+
+    def decoder_config(self) -> DecoderBackboneConfig:
+        return DecoderBackboneConfig(path=self.decoder, cache_dir=str(Path(self.data_dir) / "models"),
+                                     kv_cache_bytes=self.decoder_kv_cache_mb << 20, block_size=self.decoder_block_size,
+                                     num_lora_slots=self.decoder_lora_slots, max_lora_rank=self.decoder_max_lora_rank)
+
+    def generation_scheduler_config(self) -> GenerationSchedulerConfig:
+        return GenerationSchedulerConfig(max_tokens_per_step=self.generation_max_tokens_per_step,
+                                         max_running=self.generation_max_running, max_waiting=self.max_waiting,
+                                         max_waiting_per_tenant=self.max_waiting_per_tenant,
+                                         max_adapters=max(1, self.decoder_lora_slots // 2), mode=self.generation_mode)
+
+    def generation_engine_config(self) -> GenerationEngineConfig:
+        return GenerationEngineConfig()
 
     def admission_config(self) -> AdmissionConfig:
         return AdmissionConfig(total=self.max_concurrent_rpcs, per_tenant=self.max_concurrent_rpcs_per_tenant,

@@ -5,6 +5,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
@@ -22,17 +23,45 @@ class Metrics:
         self.step_seconds = Histogram("vbert_step_compute_seconds", "compute time per step",
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.inputs = Counter("vbert_inputs_total", "inputs served", ["method"], registry=r)
+        # generation (the decoder's step loop)
+        self.generation_tokens = Counter("vbert_generation_tokens_total", "decoder tokens computed or generated",
+                                         ["kind"], registry=r)   # prompt (prefill and recompute), generated
+        self.generation_requests = Counter("vbert_generation_requests_total", "generation requests finished",
+                                           ["finish_reason"], registry=r)
+        self.time_to_first_token = Histogram("vbert_time_to_first_token_seconds",
+                                             "arrival -> first generated token", buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram("vbert_time_per_output_token_seconds",
+                                               "mean time between a request's generated tokens after the first",
+                                               buckets=TOKEN_BUCKETS, registry=r)
+        self.generation_step_seconds = Histogram("vbert_generation_step_seconds", "compute time per decoder step",
+                                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.generation_step_rows = Histogram("vbert_generation_step_rows", "sequences per decoder step",
+                                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self._sources = {}
 
-    def watch(self, cache=None, scheduler=None, skip=None) -> None:
-        """Read cache counters, queue depth and skip-mode table counters when scraped."""
-        self._sources = {"cache": cache, "scheduler": scheduler, "skip": skip}
+    def watch(self, cache=None, scheduler=None, skip=None, generation=None) -> None:
+        """Read cache counters, queue depths, skip-mode table counters and the KV cache when scraped."""
+        self._sources = {"cache": cache, "scheduler": scheduler, "skip": skip, "generation": generation}
         self.registry.register(_LiveCollector(self._sources))
 
     def on_step(self, batch, output) -> None:
         self.batch_rows.observe(batch.num_rows)
         self.batch_tokens.observe(batch.num_tokens)
         self.step_seconds.observe(output.compute_s)
+
+    def on_generation_step(self, batch, output) -> None:
+        self.generation_step_rows.observe(batch.num_rows)
+        self.generation_step_seconds.observe(output.compute_s)
+        generated = sum(r.new_token_id is not None for r in output.results)
+        self.generation_tokens.labels(kind="prompt").inc(batch.num_tokens - generated)
+        self.generation_tokens.labels(kind="generated").inc(generated)
+
+    def on_generation_finish(self, request, result) -> None:
+        self.generation_requests.labels(finish_reason=result.finish_reason.value).inc()
+        if result.num_generated_tokens:
+            self.time_to_first_token.observe(result.time_to_first_token_s)
+        if result.num_generated_tokens > 1:
+            self.time_per_output_token.observe(result.time_per_output_token_s)
 
     def serve(self, host: str, port: int):
         if port:
@@ -62,6 +91,21 @@ class _LiveCollector:
             g = GaugeMetricFamily("vbert_queue_depth", "requests waiting in the engine")
             g.add_metric([], scheduler.num_waiting)
             yield g
+        generation = self.sources.get("generation")
+        if generation is not None:
+            stats = generation.stats()
+            for name, help_text, value in (
+                    ("vbert_generation_queue_depth", "generation requests waiting", stats["num_waiting"]),
+                    ("vbert_generation_running", "generation requests running", stats["num_running"]),
+                    ("vbert_kv_cache_blocks_free", "free KV cache blocks", stats["num_free_blocks"]),
+                    ("vbert_kv_cache_blocks", "KV cache blocks in all", stats["num_blocks"])):
+                g = GaugeMetricFamily(name, help_text)
+                g.add_metric([], value)
+                yield g
+            c = CounterMetricFamily("vbert_generation_preemptions", "running requests preempted for KV blocks "
+                                    "(recomputed later)")
+            c.add_metric([], stats["num_preempted"])
+            yield c
         skip = self.sources.get("skip")
         if skip is not None:
             stats = skip.stats()

@@ -1,4 +1,4 @@
-"""Tenant API servicer: Classify, Tag, Embed (unary and bidirectional streams), Generate (declared).
+"""Tenant API servicer: Classify, Tag, Embed (unary and bidirectional streams), Generate (server stream).
 Model compute never runs on the event loop: requests go to the engine's threads and are awaited."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from manager.errors import FailedPreconditionError
 from manager.manager import ENCODER, AdapterRef, require_backbone
 from vbert.heads import HeadKind
 
-from . import convert
+from . import convert, generate_rpc
 from .app import App
 from .auth import current_request_id, current_tenant
 from .errors import abort
@@ -55,9 +55,14 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
             yield response
 
     async def Generate(self, request, context):
-        await abort(context, NotImplementedError("Generate is declared but generation is not implemented yet"),
-                    current_request_id())
-        yield tenant_pb2.GenerateResponse()   # unreachable; makes this an async generator
+        rid = current_request_id()
+        try:
+            async for response in generate_rpc.generate(self.app, request, context):
+                yield response
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to its status code
+            await abort(context, e, rid)
 
     # -- the work ------------------------------------------------------------------------------
     async def _stream(self, request_iterator, context, handler):

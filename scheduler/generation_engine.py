@@ -250,9 +250,12 @@ class GenerationEngine:
             self._wake.notify_all()
         return True
 
-    def _notify(self) -> None:
+    def wake(self) -> None:
+        """Look at the queues now (e.g. an adapter finished loading)."""
         with self._wake:
             self._wake.notify_all()
+
+    _notify = wake
 
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -134,3 +134,15 @@ class DecoderBackbone:
 
     def num_parameters(self) -> int:
         return self.weight_bytes() // self.model.embed.element_size()
+
+    def info(self) -> dict:
+        s, kv, lora = self.spec, self.kv, self.lora
+        return {"backbone": self.name, "path": str(self.path), "layers": s.num_layers, "hidden_size": s.hidden_size,
+                "heads": f"{s.num_heads} query / {s.num_kv_heads} KV", "context": s.max_position_embeddings,
+                "parameters": self.num_parameters(), "weight_bytes": self.weight_bytes(),
+                "device": self.model.device.describe(), "dtype": self.model.device.dtype_name,
+                "eos_token_ids": list(self.eos_token_ids), "chat_template": self.has_chat_template,
+                "kv_cache": {"bytes": kv.total_bytes(), "blocks": kv.num_blocks, "free_blocks": kv.num_free_blocks,
+                             "block_size": kv.block_size, "tokens": kv.num_blocks * kv.block_size},
+                "lora_pool": {"slots": lora.config.num_slots, "max_rank": lora.config.max_rank,
+                              "bytes": lora.total_bytes()}}

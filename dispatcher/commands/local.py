@@ -22,26 +22,39 @@ def _config_options(f):
     return f
 
 
+def _flat(prefix: str, d: dict):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(f"{prefix}{k}.", v)
+        else:
+            yield f"{prefix}{k}", v
+
+
 @click.command()
 @_config_options
+@click.option("--backbones", default="encoder,decoder", show_default=True, help="encoder,decoder or encoder.")
+@click.option("--decoder", default=None, help="Local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct).")
+@click.option("--data-dir", default="./var", show_default=True, help="Where the default decoder is converted once.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def info(backbone, device, dtype, lora_slots, bottleneck_slots, output) -> None:
-    """Print the backbone, device, dtype and adapter pool capacity."""
+def info(backbone, device, dtype, lora_slots, bottleneck_slots, backbones, decoder, data_dir, output) -> None:
+    """Print the backbones (encoder, decoder) with their memory, the device, dtype and adapter pools."""
+    from dispatcher.config import ServerConfig
     from vbert import MultiTenantModel
+    from vbert.decoder_backbone import DecoderBackbone
 
     try:
         model = MultiTenantModel(_model_config(backbone, device, dtype, lora_slots, bottleneck_slots))
-    except ValueError as e:
+        config = ServerConfig(backbones=backbones, decoder=decoder, data_dir=data_dir)
+        out = {"encoder": model.info()}
+        if config.has_decoder:
+            out["decoder"] = DecoderBackbone.load(config.decoder_config(), model.device).info()
+    except (ValueError, OSError) as e:
         raise click.UsageError(str(e))
-    d = model.info()
     if output == "json":
-        click.echo(json.dumps(d, indent=2))
+        click.echo(json.dumps(out, indent=2))
         return
-    pool = d.pop("pool")
-    for k, v in d.items():
-        click.echo(f"{k:<28}{v}")
-    for k, v in pool.items():
-        click.echo(f"pool.{k:<23}{v}")
+    for key, value in _flat("", out):
+        click.echo(f"{key:<36}{value}")
 
 
 @click.command()
@@ -51,11 +64,17 @@ def info(backbone, device, dtype, lora_slots, bottleneck_slots, output) -> None:
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (default 9400; 0 = off).")
 @click.option("--admin-port", type=int, default=None, help="Separate loopback admin listener.")
 @click.option("--config", "config_file", default=None, help="TOML config file (flags > VBERT_* env > file).")
-@click.option("--backbone", default=None)
+@click.option("--backbone", default=None, help="Encoder: a local HF BERT checkpoint dir (default all-MiniLM-L6-v2).")
+@click.option("--backbones", default=None, help="Which to load: encoder,decoder (default) or encoder.")
+@click.option("--decoder", default=None, help="Decoder: a local HF Llama-family checkpoint dir "
+                                              "(default SmolLM2-135M-Instruct).")
+@click.option("--generation-mode", type=click.Choice(["iteration", "request"]), default=None,
+              help="Generation batching: iteration (Orca, default) or request (static batches).")
 @click.option("--device", default=None)
 @click.option("--dtype", default=None)
-def serve(host, port, data_dir, metrics_port, admin_port, config_file, backbone, device, dtype) -> None:
-    """Start the gRPC server (tenant API, admin API, Open Inference Protocol, health, reflection)."""
+def serve(host, port, data_dir, metrics_port, admin_port, config_file, backbone, backbones, decoder, generation_mode,
+          device, dtype) -> None:
+    """Start the gRPC server (tenant API with Generate, admin API, Open Inference Protocol, health, reflection)."""
     import asyncio
     import os
 
@@ -66,7 +85,8 @@ def serve(host, port, data_dir, metrics_port, admin_port, config_file, backbone,
     try:
         config = ServerConfig.load(config_file, os.environ, dict(
             host=host, port=port, data_dir=data_dir, metrics_port=metrics_port, admin_port=admin_port,
-            backbone=backbone, device=device, dtype=dtype))
+            backbone=backbone, backbones=backbones, decoder=decoder, generation_mode=generation_mode, device=device,
+            dtype=dtype))
     except ValueError as e:
         raise click.UsageError(str(e))
     configure(config.log_level)

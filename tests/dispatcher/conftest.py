@@ -54,6 +54,7 @@ def tiny_server_config(checkpoint, data_dir, **kw) -> ServerConfig:
                 lora_slots=8, bottleneck_slots=8, max_lora_rank=8, max_bottleneck_size=16, max_labels=8,
                 admin_token=ADMIN_TOKEN, max_texts_per_request=8, grace_s=10)
     base.update(kw)
+    base.setdefault("backbones", "encoder,decoder" if base.get("decoder") else "encoder")
     return ServerConfig(**base)
 
 

@@ -36,7 +36,7 @@ class ServeProcess:
         self.port, self.metrics_port = free_port(), free_port()
         env = dict(os.environ, VBERT_ADMIN_TOKEN="proc-admin", VBERT_DEVICE="cpu", VBERT_LORA_SLOTS="4",
                    VBERT_BOTTLENECK_SLOTS="4", VBERT_MAX_LORA_RANK="8", VBERT_MAX_BOTTLENECK_SIZE="16",
-                   VBERT_MAX_LABELS="8")
+                   VBERT_MAX_LABELS="8", VBERT_BACKBONES="encoder")
         env.update(extra_env or {})
         args = [VBERT, "serve", "--port", str(self.port), "--data-dir", str(data_dir),
                 "--metrics-port", str(self.metrics_port)] + (["--backbone", str(backbone)] if backbone else [])

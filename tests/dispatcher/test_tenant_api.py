@@ -119,7 +119,7 @@ def test_not_found_wrong_head_and_generate(server, tenants):
     assert err.code() is grpc.StatusCode.FAILED_PRECONDITION and "call Classify instead" in err.details()
     err = code_of(lambda: list(server.tenant.Generate(T.GenerateRequest(adapter="cls", prompt="x"),
                                                       metadata=bearer(keys["alpha"]), timeout=10)))
-    assert err.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION and "no decoder backbone" in err.details()
 
 
 def test_authentication_and_tenant_isolation(server, tenants):

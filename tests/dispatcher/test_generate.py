@@ -1,0 +1,149 @@
+"""Generate over real gRPC on loopback, on a tiny random decoder: streaming deltas, the final message,
+stop strings, chat messages, log-probabilities, cancellation by the client (blocks freed), quotas, every
+bad parameter answered INVALID_ARGUMENT naming it, adapters of the wrong backbone FAILED_PRECONDITION."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import torch
+
+from dispatcher.gen.vbert.v1 import tenant_pb2
+from tests.conftest import classify, make_artifact
+from tests.decoder_models import write_tiny_decoder_checkpoint
+from tests.dispatcher.conftest import RunningServer, bearer, tiny_server_config
+
+T = tenant_pb2
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    return write_tiny_decoder_checkpoint(tmp_path_factory.mktemp("decoder") / "model")
+
+
+@pytest.fixture(scope="module")
+def gen_server(tiny_checkpoint, decoder_dir, tmp_path_factory):
+    s = RunningServer(tiny_server_config(tiny_checkpoint, tmp_path_factory.mktemp("var"), decoder=str(decoder_dir),
+                                         decoder_kv_cache_mb=1, decoder_block_size=4))
+    s.keys = {"acme": s.register("acme"), "small": s.register("small", max_tokens_per_request=20)}
+    s.app.manager.upload_adapter("acme", "cls", make_artifact(s.app.model.spec.shape, "lora", classify(2), 1, rank=2))
+    yield s
+    s.stop()
+
+
+def generate(s, tenant="acme", timeout=20, **fields):
+    return list(s.tenant.Generate(T.GenerateRequest(**fields), metadata=bearer(s.keys[tenant]), timeout=timeout))
+
+
+def hf_greedy(decoder_dir, ids, n):
+    model = transformers.LlamaForCausalLM.from_pretrained(decoder_dir).eval()
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_stream_of_deltas_then_a_final_message(gen_server, decoder_dir):
+    s = gen_server
+    msgs = generate(s, prompt="the patient was treated", max_new_tokens=10, temperature=0, ignore_eos=True)
+    deltas, final = msgs[:-1], msgs[-1]
+    assert len(deltas) >= 2 and not any(m.is_final for m in deltas)
+    assert final.is_final and final.finish_reason == T.LENGTH
+    ids = [t for m in msgs for t in m.token_ids]
+    prompt_ids = s.app.decoder.tokenizer("the patient was treated")["input_ids"]
+    assert ids == hf_greedy(decoder_dir, prompt_ids, 10)
+    assert "".join(m.text for m in msgs) == s.app.decoder.tokenizer.decode(ids, skip_special_tokens=True)
+    assert final.usage.prompt_tokens == len(prompt_ids) and final.usage.completion_tokens == 10
+    md = final.metadata
+    assert 0 < md.time_to_first_token_ms <= md.total_ms and md.time_per_output_token_ms > 0
+    assert md.adapter_version == 0 and md.num_preemptions == 0
+    tokens = s.app.metrics.registry.get_sample_value("vbert_generation_tokens_total", {"kind": "generated"})
+    assert tokens >= 10
+
+
+def test_stop_string_chat_and_logprobs(gen_server):
+    s = gen_server
+    free = "".join(m.text for m in generate(s, prompt="Hello world", max_new_tokens=16, temperature=0,
+                                              ignore_eos=True))
+    stop = next(free[i:i + 2] for i in range(2, len(free) - 2) if free[i:i + 2].strip() == free[i:i + 2])
+    msgs = generate(s, prompt="Hello world", max_new_tokens=16, temperature=0, ignore_eos=True, stop=[stop])
+    assert msgs[-1].finish_reason == T.STOP and "".join(m.text for m in msgs) == free[:free.index(stop)]
+    chat = [T.ChatMessage(role="system", content="be brief"), T.ChatMessage(role="user", content="hi")]
+    final = generate(s, messages=chat, max_new_tokens=3, temperature=0, ignore_eos=True)[-1]
+    rendered = s.app.decoder.tokenizer.apply_chat_template([{"role": "system", "content": "be brief"},
+                                                            {"role": "user", "content": "hi"}],
+                                                           add_generation_prompt=True, tokenize=True)
+    rendered = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+    assert final.usage.prompt_tokens == len(rendered)
+    msgs = generate(s, prompt="aspirin", max_new_tokens=4, temperature=0.8, seed=5, logprobs=3, ignore_eos=True)
+    lps = [lp for m in msgs for lp in m.logprobs]
+    assert [lp.token_id for lp in lps] == [t for m in msgs for t in m.token_ids]
+    assert all(len(lp.top_ids) == 3 and lp.logprob <= 0 for lp in lps)
+    again = generate(s, prompt="aspirin", max_new_tokens=4, temperature=0.8, seed=5, ignore_eos=True)
+    assert [t for m in again for t in m.token_ids] == [lp.token_id for lp in lps]   # seeded
+
+
+def test_client_cancel_frees_every_kv_block(gen_server):
+    s = gen_server
+    kv = s.app.decoder.kv
+    free0 = kv.num_free_blocks
+    call = s.tenant.Generate(T.GenerateRequest(prompt="the quick brown fox", max_new_tokens=200, ignore_eos=True),
+                             metadata=bearer(s.keys["acme"]), timeout=30)
+    next(call)
+    next(call)
+    assert kv.num_free_blocks < free0
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while (kv.num_free_blocks != free0 or s.app.generation.num_pending) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert kv.num_free_blocks == free0 and s.app.generation.num_pending == 0
+    reasons = s.app.metrics.registry.get_sample_value("vbert_generation_requests_total",
+                                                      {"finish_reason": "cancelled"})
+    assert reasons >= 1
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    (dict(prompt="x", temperature=-1), "temperature"),
+    (dict(prompt="x", top_p=1.5), "top_p"),
+    (dict(prompt="x", logprobs=50), "logprobs"),
+    (dict(prompt="x", stop=[""]), "stop"),
+    (dict(), "exactly one of prompt and messages"),
+    (dict(prompt="x", messages=[T.ChatMessage(role="user", content="y")]), "exactly one of prompt and messages"),
+    (dict(messages=[T.ChatMessage(role="robot", content="y")]), "role 'robot'"),
+    (dict(prompt="the " * 300, max_new_tokens=4), "more than 252"),
+    (dict(prompt="x", max_new_tokens=256), "max_new_tokens 256 leaves no room"),
+])
+def test_bad_parameters_are_invalid_argument_naming_them(gen_server, fields, fragment):
+    with pytest.raises(grpc.RpcError) as e:
+        generate(gen_server, **fields)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in e.value.details()
+
+
+def test_long_prompt_truncated_on_request_and_quota_counts_new_tokens(gen_server):
+    s = gen_server
+    final = generate(s, prompt="the " * 300, max_new_tokens=6, truncate_prompt=True, temperature=0)[-1]
+    assert final.usage.prompt_tokens == 256 - 6
+    with pytest.raises(grpc.RpcError) as e:             # quota 20 tokens: prompt + max_new_tokens
+        generate(s, "small", prompt="the patient was treated with aspirin", max_new_tokens=15)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than 5" in e.value.details()
+    final = generate(s, "small", prompt="aspirin", temperature=0, ignore_eos=True)[-1]
+    assert final.usage.prompt_tokens + final.usage.completion_tokens == 20   # 0 = up to the quota
+    assert final.finish_reason == T.LENGTH
+
+
+def test_encoder_adapter_in_generate_is_failed_precondition(gen_server):
+    with pytest.raises(grpc.RpcError) as e:
+        generate(gen_server, adapter="cls", prompt="hello")
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "encoder" in e.value.details()
+
+
+def test_server_without_decoder_answers_failed_precondition(tiny_checkpoint, tmp_path):
+    s = RunningServer(tiny_server_config(tiny_checkpoint, tmp_path / "var"))
+    try:
+        key = s.register("t")
+        with pytest.raises(grpc.RpcError) as e:
+            list(s.tenant.Generate(T.GenerateRequest(prompt="hi"), metadata=bearer(key), timeout=10))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no decoder" in e.value.details()
+    finally:
+        s.stop()
