@@ -161,6 +161,20 @@ def _status(s) -> dict:
             "limits": {f.name: getattr(s.limits, f.name) for f in s.limits.DESCRIPTOR.fields}}
 
 
+def _generation_event(r) -> dict:
+    """One streamed message: {"text", "token_ids"[, "logprobs"]}; the final one adds "finish_reason"
+    ("stop" | "length" | "cancelled"), "usage" and "metadata" (timing in ms)."""
+    out = {"text": r.text, "token_ids": list(r.token_ids)}
+    if r.logprobs:
+        out["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": dict(zip(lp.top_ids, lp.top_logprobs))}
+                           for lp in r.logprobs]
+    if r.is_final:
+        out["finish_reason"] = tenant_pb2.FinishReason.Name(r.finish_reason).lower()
+        out["usage"] = {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens}
+        out["metadata"] = {f.name: v for f, v in r.metadata.ListFields()}
+    return out
+
+
 def _inputs(texts: str | Iterable[str]) -> list[tenant_pb2.Input]:
     if isinstance(texts, str):
         texts = [texts]
@@ -251,6 +265,19 @@ class _Api:
         if normalize is not None:
             req.normalize = normalize
         return self._run(_Call("tenant", "Embed", req, lambda r: [list(e.values) for e in r.results]))
+
+    def _generate_request(self, prompt: str | None, messages, adapter: str, max_new_tokens: int,
+                          temperature: float | None, top_k: int, top_p: float | None, seed: int | None, stop,
+                          stop_token_ids, logprobs: int, truncate_prompt: bool, ignore_eos: bool):
+        req = tenant_pb2.GenerateRequest(
+            adapter=adapter, prompt=prompt or "", max_new_tokens=max_new_tokens, top_k=top_k,
+            stop=[stop] if isinstance(stop, str) else list(stop or ()), stop_token_ids=list(stop_token_ids or ()),
+            logprobs=logprobs, truncate_prompt=truncate_prompt, ignore_eos=ignore_eos,
+            messages=[tenant_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()])
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
+            if value is not None:
+                setattr(req, name, value)
+        return req
 
     # -- admin API: tenants ----------------------------------------------------------------------
     def register_tenant(self, name: str, quotas: dict | None = None):
@@ -352,6 +379,25 @@ class Client(_Api):
             time.sleep(self._after_failure(call, error, attempt))
             attempt += 1
 
+    def generate(self, prompt: str | None = None, *, messages=None, adapter: str = "default",
+                 max_new_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
+                 top_p: float | None = None, seed: int | None = None, stop=(), stop_token_ids=(), logprobs: int = 0,
+                 truncate_prompt: bool = False, ignore_eos: bool = False, timeout: float | None = None):
+        """Stream a generation: prompt (or messages=[{"role", "content"}, ...] through the chat template) on a decoder adapter
+        ("default" = the bare decoder); yields one dict per streamed message (see _generation_event), the last
+        with "finish_reason", "usage" and "metadata". temperature None = 1.0, 0 = greedy. Not retried: a
+        failure raises VbertError (before or during the stream)."""
+        req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                     stop_token_ids, logprobs, truncate_prompt, ignore_eos)
+        call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
+        try:
+            for r in call:
+                yield _generation_event(r)
+        except grpc.RpcError as e:
+            raise VbertError.from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
     def all_tenants(self, page_size: int = 100) -> list[dict]:
         out, token = [], ""
         while True:
@@ -396,6 +442,23 @@ class AsyncClient(_Api):
                 error = VbertError.from_rpc_error(e)
             await asyncio.sleep(self._after_failure(call, error, attempt))
             attempt += 1
+
+    async def generate(self, prompt: str | None = None, *, messages=None, adapter: str = "default",
+                       max_new_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
+                       top_p: float | None = None, seed: int | None = None, stop=(), stop_token_ids=(),
+                       logprobs: int = 0, truncate_prompt: bool = False, ignore_eos: bool = False,
+                       timeout: float | None = None):
+        """`async for event in client.generate(...)`: as Client.generate."""
+        req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                     stop_token_ids, logprobs, truncate_prompt, ignore_eos)
+        call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
+        try:
+            async for r in call:
+                yield _generation_event(r)
+        except grpc.RpcError as e:
+            raise VbertError.from_rpc_error(e) from None
+        finally:
+            call.cancel()
 
     async def all_tenants(self, page_size: int = 100) -> list[dict]:
         out, token = [], ""

@@ -1,5 +1,7 @@
-"""`vbert classify`, `tag` and `embed`: the tenant API."""
+"""`vbert classify`, `tag`, `embed` and `generate`: the tenant API."""
 from __future__ import annotations
+
+import json
 
 import click
 
@@ -58,4 +60,54 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
     r.show(rows, ["dim", "head", "text"])
 
 
-COMMANDS = [classify, tag, embed]
+@click.command()
+@click.option("--adapter", "adapter_name", default="default", show_default=True,
+              help="A decoder adapter of the tenant; 'default' = the bare decoder.")
+@click.option("--chat", is_flag=True, help="Send PROMPT as a user message through the chat template.")
+@click.option("--system", default=None, help="With --chat: a system message first.")
+@click.option("--max-new-tokens", default=0, show_default=True, type=click.IntRange(min=0),
+              help="0 = up to the context and the tenant's token quota.")
+@click.option("--temperature", default=None, type=click.FloatRange(min=0), help="Default 1.0; 0 = greedy.")
+@click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--seed", default=None, type=click.IntRange(min=0), help="Reproducible sampling.")
+@click.option("--stop", multiple=True, help="A stop string (repeatable); not included in the text.")
+@click.option("--truncate-prompt", is_flag=True, help="Keep a too-long prompt's last tokens instead of failing.")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-sequence token.")
+@click.argument("prompt", required=False)
+@remote(is_admin=False)
+def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, top_k, seed, stop, truncate_prompt,
+             ignore_eos, prompt) -> None:
+    """Generate a continuation of PROMPT (or of stdin), streamed to stdout as it is produced: only the
+    generated text goes to stdout, so it can be piped. With -o json: one JSON object per message."""
+    if prompt is None or prompt == "-":
+        prompt = click.get_text_stream("stdin").read()
+    if not prompt.strip():
+        raise click.UsageError("give a PROMPT (or text on stdin)")
+    messages = None
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt = None
+
+    def run(client):
+        last = None
+        for event in client.generate(prompt, messages=messages, adapter=adapter_name, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                                     truncate_prompt=truncate_prompt, ignore_eos=ignore_eos, timeout=r.timeout):
+            if r.output == "json":
+                click.echo(json.dumps(event))
+            else:
+                click.echo(event["text"], nl=False)
+            last = event
+        if r.output == "table":
+            click.echo()
+            if last is not None and "usage" in last:
+                u = last["usage"]
+                click.echo(f"[{last['finish_reason']}: {u['prompt_tokens']} prompt + {u['completion_tokens']} "
+                           f"generated tokens, first token after "
+                           f"{last['metadata'].get('time_to_first_token_ms', 0):.0f} ms]", err=True)
+
+    r.call(run)
+
+
+COMMANDS = [classify, tag, embed, generate]

@@ -147,3 +147,56 @@ def test_server_without_decoder_answers_failed_precondition(tiny_checkpoint, tmp
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no decoder" in e.value.details()
     finally:
         s.stop()
+
+
+def test_lora_adapter_uploaded_over_the_admin_api_equals_peft(gen_server, decoder_dir, tmp_path):
+    import asyncio
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import peft
+
+    from dispatcher.client import AsyncClient, Client, VbertError
+    from tests.decoder_models import write_tiny_decoder_lora
+    from tests.dispatcher.conftest import ADMIN_TOKEN
+
+    s = gen_server
+    lora_dir = write_tiny_decoder_lora(tmp_path / "lora", decoder_dir, seed=3)
+    with Client(s.address, admin_token=ADMIN_TOKEN) as admin:
+        rec = admin.upload_adapter("acme", "writer", lora_dir)
+    assert rec["backbone"] == "decoder"
+    base = transformers.LlamaForCausalLM.from_pretrained(decoder_dir).eval()
+    ref_model = peft.PeftModel.from_pretrained(base, lora_dir).eval()
+    prompt_ids = s.app.decoder.tokenizer("the patient was treated")["input_ids"]
+    ref = ref_model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
+                             dtype=torch.long), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                             pad_token_id=0)[0, len(prompt_ids):].tolist()
+    with Client(s.address, api_key=s.keys["acme"]) as c:
+        events = list(c.generate("the patient was treated", adapter="writer", max_new_tokens=8, temperature=0,
+                                 ignore_eos=True))
+        bare = [t for e in c.generate("the patient was treated", max_new_tokens=8, temperature=0, ignore_eos=True)
+                for t in e["token_ids"]]
+        with pytest.raises(VbertError) as e:                  # a decoder adapter in Classify
+            c.classify("writer", ["x"])
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "decoder backbone" in e.value.details
+    ours = [t for e in events for t in e["token_ids"]]
+    assert ours == ref and ours != bare
+    assert events[-1]["finish_reason"] == "length" and events[-1]["metadata"]["adapter_version"] == 1
+    with Client(s.address, api_key=s.keys["small"]) as other:   # another tenant's adapter name: not found
+        with pytest.raises(VbertError) as e:
+            list(other.generate("hi", adapter="writer", max_new_tokens=2))
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+    async def run_async():
+        async with AsyncClient(s.address, api_key=s.keys["acme"]) as ac:
+            return [t async for e in ac.generate("the patient was treated", adapter="writer", max_new_tokens=8,
+                                                 temperature=0, ignore_eos=True) for t in e["token_ids"]]
+    assert asyncio.run(run_async()) == ref
+    vbert = str(Path(sys.executable).parent / "vbert")
+    out = subprocess.run([vbert, "generate", "--server", s.address, "--api-key", s.keys["acme"], "--adapter", "writer",
+                          "--max-new-tokens", "8", "--temperature", "0", "--ignore-eos", "the patient was treated"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == s.app.decoder.tokenizer.decode(ref, skip_special_tokens=True) + "\n"
+    assert "length: " in out.stderr
