@@ -286,4 +286,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             num_tenants=num_tenants, num_resident_adapters=self._m.cache.stats()["device"]["resident"],
             queue_depth=app.engine.scheduler.num_waiting, lora_slots=pool.num_lora_slots,
             bottleneck_slots=pool.num_bottleneck_slots, is_draining=app.is_draining, version=VERSION,
-            limits=limits_pb(app))
+            limits=limits_pb(app), backbones=backbones_pb(app))
+
+
+def backbones_pb(app) -> list:
+    """The backbones this server holds, with their memory (weights, adapter pool, KV cache)."""
+    m = app.model
+    out = [admin_pb2.Backbone(name="encoder", kind="encoder", model=m.name, num_parameters=m.encoder.num_parameters(),
+                              weight_bytes=m.encoder.num_parameters() * m.device.dtype.itemsize,
+                              adapter_slots=m.pool.config.num_lora_slots + m.pool.config.num_bottleneck_slots,
+                              adapter_pool_bytes=m.pool.total_bytes())]
+    if app.decoder is not None:
+        d = app.decoder.info()
+        out.append(admin_pb2.Backbone(name="decoder", kind="decoder", model=d["backbone"], num_parameters=d["parameters"],
+                                      weight_bytes=d["weight_bytes"], adapter_slots=d["lora_pool"]["slots"],
+                                      adapter_pool_bytes=d["lora_pool"]["bytes"], kv_cache_bytes=d["kv_cache"]["bytes"],
+                                      kv_blocks_total=d["kv_cache"]["blocks"], kv_blocks_free=d["kv_cache"]["free_blocks"]))
+    return out
+

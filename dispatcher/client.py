@@ -158,7 +158,9 @@ def _status(s) -> dict:
             "num_resident_adapters": s.num_resident_adapters, "queue_depth": s.queue_depth,
             "lora_slots": s.lora_slots, "bottleneck_slots": s.bottleneck_slots, "is_draining": s.is_draining,
             "version": s.version,
-            "limits": {f.name: getattr(s.limits, f.name) for f in s.limits.DESCRIPTOR.fields}}
+            "limits": {f.name: getattr(s.limits, f.name) for f in s.limits.DESCRIPTOR.fields},
+            "backbones": {b.name: {f.name: getattr(b, f.name) for f in b.DESCRIPTOR.fields if f.name != "name"}
+                          for b in s.backbones}}
 
 
 def _generation_event(r) -> dict:

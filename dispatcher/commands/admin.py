@@ -173,7 +173,7 @@ def adapter_delete(r, tenant_name, adapter_name, yes) -> None:
 @click.command()
 @remote(is_admin=True)
 def status(r) -> None:
-    """The server's backbone, device, tenants, resident adapters and queue (admin API)."""
+    """The server's backbones (with their memory), device, tenants, resident adapters and queue (admin API)."""
     r.show(r.call(lambda c: c.status()))
 
 

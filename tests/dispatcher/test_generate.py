@@ -200,3 +200,36 @@ def test_lora_adapter_uploaded_over_the_admin_api_equals_peft(gen_server, decode
     assert out.returncode == 0, out.stderr
     assert out.stdout == s.app.decoder.tokenizer.decode(ref, skip_special_tokens=True) + "\n"
     assert "length: " in out.stderr
+
+
+def test_status_lists_both_backbones_with_their_memory(gen_server):
+    from dispatcher.client import Client
+    from tests.dispatcher.conftest import ADMIN_TOKEN
+
+    with Client(gen_server.address, admin_token=ADMIN_TOKEN) as admin:
+        b = admin.status()["backbones"]
+    assert set(b) == {"encoder", "decoder"}
+    d = gen_server.app.decoder
+    assert b["decoder"]["kv_blocks_total"] == d.kv.num_blocks and b["decoder"]["kv_cache_bytes"] == d.kv.total_bytes()
+    assert b["decoder"]["kv_blocks_free"] == d.kv.num_free_blocks and b["decoder"]["adapter_slots"] == 32
+    assert b["decoder"]["weight_bytes"] > 0 and b["encoder"]["adapter_pool_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path_factory):
+    """The real default decoder (SmolLM2-135M-Instruct from its packaged GGUF) behind the real server."""
+    pytest.importorskip("gguf")
+    from dispatcher.client import Client
+
+    cache = tmp_path_factory.getbasetemp() / "smollm2-var"   # shared with other tests converting it
+    s = RunningServer(tiny_server_config(tiny_checkpoint, cache, backbones="encoder,decoder",
+                                         decoder_kv_cache_mb=32))
+    try:
+        key = s.register("acme")
+        with Client(s.address, api_key=key) as c:
+            events = list(c.generate(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                     max_new_tokens=20, temperature=0))
+        assert "".join(e["text"] for e in events) == "The capital of France is Paris."
+        assert events[-1]["finish_reason"] == "stop"
+    finally:
+        s.stop()

@@ -74,7 +74,7 @@ def smollm2(tmp_path_factory):
         decoder_checkpoint.packaged_gguf_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    cache = tmp_path_factory.mktemp("decoder-cache")
+    cache = tmp_path_factory.getbasetemp() / "smollm2-var" / "models"   # the server test's data dir shares it
     return cache, default_decoder_path(cache)
 
 
