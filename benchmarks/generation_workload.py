@@ -1,0 +1,284 @@
+"""Helpers of benchmarks/generation.py: the workload (prompts from real sentences, Poisson arrivals,
+exponential output lengths, Zipf tenants), random decoder LoRA adapters, one run of the generation
+engine, Hugging Face + PEFT static-batch generate, and steady-state decode timing."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from scheduler.generation_engine import GenerationEngine, GenerationEngineConfig
+from scheduler.generation_policy import GenerationSchedulerConfig
+from scheduler.generation_runner import GenerationRunner
+from scheduler.types import Request
+from vbert.adapters import LoraAdapter, LoraWeights
+from vbert.decoder import StepSequence
+from vbert.decoder_lora import DECODER_LORA_TARGETS
+from vbert.sampling import SamplingParams
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETS = ("sci-cite", "rct-20k", "chemprot")
+
+
+# -- workload ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    index: int
+    tenant: int                 # 0..num_tenants-1; its adapter id is tenant + 1
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    gap: float                  # inter-arrival time at rate 1/s (unit exponential): arrival at rate r = cumsum / r
+
+
+def load_sentences(data_dir: Path = DATA_DIR) -> list[str]:
+    """The "text" fields of the classification sets' train splits, read in place (never copied)."""
+    out = []
+    for name in SETS:
+        path = data_dir / "cls" / name / "train.txt"
+        if not path.is_file():
+            raise SystemExit(f"missing {path}: the benchmark reads ../shared/data (see its README)")
+        with path.open() as f:
+            out += [t.strip() for t in (json.loads(line).get("text", "") for line in f if line.strip()) if t.strip()]
+    return out
+
+
+def zipf_weights(n: int, s: float, rng: random.Random) -> list[float]:
+    """Popularity 1/rank^s over a random order of the tenants, normalized."""
+    ranks = list(range(1, n + 1))
+    rng.shuffle(ranks)
+    w = [1.0 / r ** s for r in ranks]
+    return [x / sum(w) for x in w]
+
+
+def make_workload(tokenizer, num: int, num_tenants: int, seed: int, zipf_s: float = 1.1, min_prompt: int = 20,
+                  max_prompt: int = 80, mean_output: float = 40.0, max_output: int = 128,
+                  data_dir: Path = DATA_DIR) -> list[Item]:
+    """num requests: 1-3 real sentences (min_prompt..max_prompt tokens; longer ones cut to their first
+    max_prompt tokens), output length ~ exponential(mean_output) rounded, in [1, max_output]."""
+    rng = random.Random(seed)
+    sentences = load_sentences(data_dir)
+    probs = zipf_weights(num_tenants, zipf_s, rng)
+    items = []
+    while len(items) < num:
+        text = " ".join(rng.choice(sentences) for _ in range(rng.randint(1, 3)))
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) < min_prompt:
+            continue
+        n = min(max_output, max(1, round(rng.expovariate(1.0 / mean_output))))
+        tenant = rng.choices(range(num_tenants), probs)[0]
+        items.append(Item(len(items), tenant, tuple(ids[:max_prompt]), n, rng.expovariate(1.0)))
+    return items
+
+
+def random_lora(spec, rank: int, seed: int, b_std: float = 0.02) -> LoraAdapter:
+    """LoRA on every decoder target of every layer: A ~ N(0, 1/in), B ~ N(0, b_std^2), alpha = 2 rank."""
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for layer in range(spec.num_layers):
+        for t in DECODER_LORA_TARGETS:
+            fin, fout = spec.target_dims(t)
+            modules[(layer, t)] = LoraWeights(torch.randn(rank, fin, generator=g) / math.sqrt(fin),
+                                              torch.randn(fout, rank, generator=g) * b_std, 2.0)
+    return LoraAdapter(rank=rank, alpha=2.0 * rank, modules=modules)
+
+
+class PreloadedAdapters:
+    """Every adapter loaded into the pool up front (adapter_residency "preloaded"): the runner's view of
+    an adapter cache where prefetch is a done Future and release does nothing."""
+
+    def __init__(self, pool, slots: dict[int, int]):
+        self.pool, self.slots = pool, slots
+
+    def resolve(self, ids):
+        return [self.slots[i] for i in ids]
+
+    def prefetch(self, ids) -> Future:
+        fut: Future = Future()
+        fut.set_result([self.slots[i] for i in ids])
+        return fut
+
+    def release(self, ids) -> None:
+        pass
+
+
+def tiered_adapters(pool, loras: dict[int, LoraAdapter]) -> tuple[object, dict[int, int]]:
+    """The manager's TieredCache over the decoder LoRA pool, its loader returning each tenant's artifact
+    (a generate head); every adapter made resident once before timing (slots = tenants: none is evicted).
+    Returns (cache, adapter id -> slot)."""
+    from manager.cache import CacheConfig, TieredCache
+    from vbert import AdapterArtifact, Head, HeadKind, HeadSpec
+
+    artifacts = {aid: AdapterArtifact(lora, Head(HeadSpec(HeadKind.GENERATE))) for aid, lora in loras.items()}
+    cache = TieredCache(CacheConfig(), pool, artifacts.__getitem__)
+    ids = sorted(artifacts)
+    cache.prefetch(ids).result(600)
+    slots = dict(zip(ids, cache.resolve(ids)))
+    cache.release(ids)
+    return cache, slots
+
+
+# -- statistics -----------------------------------------------------------------------------------
+def pct(values, q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def summarize(results: list, arrivals: list[float], mode: str, rate: float | None, stats: dict,
+              rows: list[int]) -> dict:
+    """arrivals: seconds from the run's start; the run ends with the last completion."""
+    n_out = [len(r.token_ids) for r in results]
+    e2e = [r.total_s for r in results]
+    norm = [r.total_s / max(1, n) for r, n in zip(results, n_out)]
+    ttft = [r.time_to_first_token_s for r in results]
+    tpot = [r.time_per_output_token_s for r, n in zip(results, n_out) if n > 1]
+    wall = max(r.total_s + a for r, a in zip(results, arrivals))
+    out = {"mode": mode, "rate": rate, "num_requests": len(results), "generated_tokens": sum(n_out),
+           "seconds": wall, "throughput_tokens_per_s": sum(n_out) / wall, "throughput_rps": len(results) / wall}
+    for name, vals in (("e2e_s", e2e), ("normalized_s_per_token", norm), ("ttft_s", ttft), ("tpot_s", tpot)):
+        out[f"{name}_p50"], out[f"{name}_p99"] = pct(vals, 50), pct(vals, 99)
+    out["normalized_s_per_token_mean"] = statistics.fmean(norm)
+    out["preemptions"] = sum(r.num_preemptions for r in results)
+    out["scheduler_num_preempted"] = stats.get("num_preempted", 0)
+    out["steps"], out["mean_rows_per_step"] = len(rows), (statistics.fmean(rows) if rows else 0.0)
+    return out
+
+
+# -- our engine -------------------------------------------------------------------------------------
+def run_engine(backbone, adapters, items: list[Item], mode: str, max_running: int, max_tokens_per_step: int,
+               rate: float | None, desc: str = "", use_adapters: bool = True) -> tuple[dict, list]:
+    """Submit items (Poisson arrivals at `rate`/s scaled from their unit gaps; None = all at t=0) to a fresh
+    engine; latency counts from the scheduled arrival. Returns (summary, results in item order)."""
+    rows: list[int] = []
+    engine = GenerationEngine(
+        GenerationEngineConfig(),
+        GenerationSchedulerConfig(max_tokens_per_step=max_tokens_per_step, max_running=max_running, mode=mode),
+        GenerationRunner(backbone.model, backbone.kv, adapters), backbone.tokenizer, backbone.eos_token_ids,
+        adapters=adapters, residency=None, on_step=lambda batch, out: rows.append(batch.num_rows)).start()
+    streams, arrivals = [], []
+    bar = tqdm(total=len(items), desc=desc or f"{mode} rate={rate}", unit="req", leave=False)
+    try:
+        t0 = time.monotonic()
+        offset = 0.0
+        for it in items:
+            if rate is not None:
+                offset += it.gap / rate
+                delay = t0 + offset - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            arrival = t0 + offset
+            req = Request(tenant_id=it.tenant, adapter_id=(it.tenant + 1) if use_adapters else None,
+                          deadline=arrival + 3600, prompt_ids=list(it.prompt_ids),
+                          max_new_tokens=it.max_new_tokens, arrival=arrival)
+            streams.append(engine.submit(req, SamplingParams(temperature=0, max_new_tokens=it.max_new_tokens),
+                                         ignore_eos=True))
+            arrivals.append(arrival)
+        results = []
+        for s in streams:
+            results.append(s.final())
+            bar.update(1)
+        stats = engine.scheduler.stats()
+    finally:
+        bar.close()
+        engine.stop(drain=False, timeout=10)
+    return summarize(results, [a - t0 for a in arrivals], mode, rate, stats, rows), results
+
+
+# -- Hugging Face + PEFT --------------------------------------------------------------------------------
+def load_hf(path: Path, adapters: dict[int, LoraAdapter], device, workdir: Path) -> tuple[object, float]:
+    """transformers model + PEFT holding every adapter (named t<adapter id>, each written as a PEFT dir and
+    loaded with load_adapter). Returns (model, seconds to load the adapters)."""
+    import peft
+    import transformers
+    from vbert.decoder_lora import write_peft_causal_lm
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=device.dtype)
+    base = base.to(device.device).eval()
+    t = time.perf_counter()
+    model = None
+    for aid, adapter in tqdm(sorted(adapters.items()), desc="PEFT load_adapter", unit="adapter", leave=False):
+        d = write_peft_causal_lm(adapter, workdir / f"t{aid}")
+        if model is None:
+            model = peft.PeftModel.from_pretrained(base, str(d), adapter_name=f"t{aid}")
+        else:
+            model.load_adapter(str(d), adapter_name=f"t{aid}")
+    model = model.to(device.device).eval()
+    return model, time.perf_counter() - t
+
+
+def hf_generate(model, items: list[Item], batch_size: int, pad_id: int, device) -> tuple[dict, list[list[int]]]:
+    """Static batches in item order: left padding, greedy, min = max new tokens = the batch's longest, each
+    row with its own adapter (adapter_names). Counts only each request's own tokens."""
+    outputs, own, t0 = [], 0, time.perf_counter()
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    for batch in tqdm(batches, desc="HF generate", unit="batch", leave=False):
+        width, n = max(len(it.prompt_ids) for it in batch), max(it.max_new_tokens for it in batch)
+        ids = torch.tensor([[pad_id] * (width - len(it.prompt_ids)) + list(it.prompt_ids) for it in batch])
+        mask = torch.tensor([[0] * (width - len(it.prompt_ids)) + [1] * len(it.prompt_ids) for it in batch])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device.device), attention_mask=mask.to(device.device),
+                                 adapter_names=[f"t{it.tenant + 1}" for it in batch], do_sample=False,
+                                 max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=pad_id)
+        for row, it in zip(out[:, width:].tolist(), batch):
+            outputs.append(row[:it.max_new_tokens])
+            own += it.max_new_tokens
+    seconds = time.perf_counter() - t0
+    return {"num_requests": len(items), "generated_tokens": own, "seconds": seconds,
+            "throughput_tokens_per_s": own / seconds, "num_batches": len(batches)}, outputs
+
+
+# -- steady-state decode: LoRA rows vs the bare backbone ---------------------------------------------
+def decode_rate(backbone, slots: list[int], batch: int, prompt_len: int, steps: int, step0: int) -> float:
+    """Decode tokens/s of `steps` steps of `batch` rows (prefill untimed), row i at step t using adapter
+    slot slots[(step0 + t) * batch + i mod len] (an empty `slots` = no adapter)."""
+    model, kv, lora = backbone.model, backbone.kv, backbone.lora
+    dev = model.device
+    seq_ids = [f"decode-{i}" for i in range(batch)]
+    slot_of = (lambda t, i: slots[((step0 + t) * batch + i) % len(slots)]) if slots else (lambda t, i: 0)
+    g = torch.Generator().manual_seed(step0)
+    try:
+        for s in seq_ids:
+            kv.allocate(s, prompt_len + steps)
+        with torch.no_grad():
+            ids = torch.randint(0, model.spec.vocab_size, (batch * prompt_len,), generator=g)
+            model.forward(ids, None, [StepSequence(s, 0, prompt_len, slot_of(0, i)) for i, s in enumerate(seq_ids)],
+                          kv, lora)
+            dev.synchronize()
+            t0 = time.perf_counter()
+            for t in range(steps):
+                ids = torch.randint(0, model.spec.vocab_size, (batch,), generator=g)
+                seqs = [StepSequence(s, prompt_len + t, 1, slot_of(t, i)) for i, s in enumerate(seq_ids)]
+                model.forward(ids, None, seqs, kv, lora).argmax(-1).tolist()
+            dev.synchronize()
+            return batch * steps / (time.perf_counter() - t0)
+    finally:
+        for s in seq_ids:
+            if kv.has_sequence(s):
+                kv.free(s)
+
+
+def lora_over_base(backbone, slots: list[int], batch: int, prompt_len: int, steps: int, rounds: int) -> dict:
+    """Interleaved rounds (order alternating); the ratio of medians and the median of per-round ratios."""
+    lora_r, base_r = [], []
+    for k in tqdm(range(rounds), desc="decode lora/base", unit="round", leave=False):
+        order = [("lora", slots), ("base", [])] if k % 2 == 0 else [("base", []), ("lora", slots)]
+        for name, s in order:
+            (lora_r if name == "lora" else base_r).append(decode_rate(backbone, s, batch, prompt_len, steps, k * steps))
+    return {"lora_tokens_per_s": statistics.median(lora_r), "base_tokens_per_s": statistics.median(base_r),
+            "ratio_of_medians": statistics.median(lora_r) / statistics.median(base_r),
+            "median_of_round_ratios": statistics.median(a / b for a, b in zip(lora_r, base_r)),
+            "rounds_lora": lora_r, "rounds_base": base_r, "batch": batch, "prompt_tokens": prompt_len,
+            "steps_per_round": steps, "distinct_adapters_cycled": len(set(slots))}
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
