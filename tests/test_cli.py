@@ -9,8 +9,11 @@ VBERT = str(Path(sys.executable).parent / "vbert")
 
 def test_info_json_on_default_backbone():
     out = subprocess.run([VBERT, "info", "-o", "json", "--device", "cpu", "--lora-slots", "3",
-                          "--bottleneck-slots", "2"], capture_output=True, text=True, timeout=120, check=True)
-    d = json.loads(out.stdout)
+                          "--bottleneck-slots", "2", "--backbones", "encoder"], capture_output=True, text=True,
+                         timeout=120, check=True)
+    both = json.loads(out.stdout)
+    assert set(both) == {"encoder"}                  # the decoder: tests/dispatcher/test_generate.py
+    d = both["encoder"]
     assert d["backbone"] == "all-MiniLM-L6-v2" and d["layers"] == 6 and d["hidden_size"] == 384
     assert d["dtype"] == "float32" and d["device"].startswith("cpu")
     assert d["pool"]["lora_slots"] == 3 and d["pool"]["bottleneck_slots"] == 2

@@ -40,7 +40,7 @@ def build_tenants(model: MultiTenantModel, num_tenants: int, seed: int = 0) -> l
             adapter = LoraAdapter.random(shape, rank=rng.choice([4, 8, 16]), generator=g)
         else:
             adapter = BottleneckAdapter.random(shape, size=rng.choice([16, 32, 64]), generator=g)
-        kind = rng.choice(list(HeadKind))
+        kind = rng.choice([HeadKind.CLASSIFY, HeadKind.TAG, HeadKind.EMBED])   # the encoder's heads
         if kind is HeadKind.EMBED:
             spec = HeadSpec(kind, pooling="mean", normalize=True)
         else:
