@@ -5,6 +5,7 @@ which frees its KV blocks before the next decoder step."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 
@@ -84,12 +85,12 @@ async def generate(app, request, context):
         raise InvalidArgumentError(f"max_new_tokens {wanted} leaves no room for the prompt: prompt + max_new_tokens "
                                    f"must be <= {limit} (the decoder's context {context_len}, the tenant's quota "
                                    f"of {tenant.quotas.max_tokens_per_request} tokens per request)")
-    sampling_of(request, max(1, wanted))                  # bad parameters answer before any tokenization
+    sampling = sampling_of(request, max(1, wanted))      # bad parameters answer before any tokenization
     app.limiter.acquire(tenant, 1)
     ids = await asyncio.to_thread(app.decoder.tokenize_prompt, text, limit - max(1, wanted),
                                   request.truncate_prompt, is_chat)
     max_new = wanted or (limit - len(ids))
-    sampling = sampling_of(request, max_new)
+    sampling = dataclasses.replace(sampling, max_new_tokens=max_new)
     remaining = context.time_remaining()
     budget = app.config.default_deadline_s if remaining is None else remaining
     req = Request(tenant_id=tenant.id, adapter_id=ref.adapter_id, deadline=time.monotonic() + budget,

@@ -56,8 +56,8 @@ class GenerationRunner:
             params: list[SamplingParams] = [batch.rows[i].request.metadata["sampling"] for i in ends]
             counts = [len(batch.rows[i].request.output_ids) for i in ends]
             picked, lps = sample(logits[ends], params, counts)
-            for j, i in enumerate(ends):
-                new_ids[i] = int(picked[j])
+            for j, (i, token) in enumerate(zip(ends, picked.tolist())):   # one device->host copy
+                new_ids[i] = token
                 if lps is not None:
                     logprobs[i] = lps[j]
         results = tuple(RowResult(row.request.request_id, logprobs.get(i), new_ids.get(i))
