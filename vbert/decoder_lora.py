@@ -4,10 +4,12 @@ PEFT names a Llama module `base_model.model.model.layers.N.self_attn.q_proj` (k_
 or `...mlp.gate_proj` (up_proj, down_proj). Conventions as on the encoder side (vbert/adapters.py):
 y = W x + scale * B (A x), A [r, in], B [out, r], scale = alpha / r (alpha / sqrt(r) with rsLoRA).
 
-Pool banks (preallocated; slot 0 is the all-zero "no adapter" entry):
-  A_g [num_layers, num_slots + 1, in, R * |g|]  per input group g (targets sharing an input side by side)
-  B_t [num_layers, num_slots + 1, R, out]       per target, pre-scaled by its scale
-R = max_rank; smaller ranks are zero-padded, which is exact.
+Pool banks (preallocated; slot 0 is the all-zero "no adapter" entry), per input group g (targets that
+read the same input), laid out for vbert.bgmv:
+  a[g]     [num_layers, num_slots + 1, |g| * R, in]         target j's A in rows j*R..j*R+rank-1
+  b[g]     [num_layers, num_slots + 1, sum_j R * out_j]     target j's (scale * B)^T [R, out_j], flattened
+  ranks[g] [num_layers, num_slots + 1, |g|] int32 (host)    each target's real rank (0: no LoRA there)
+R = max_rank; smaller ranks are zero-padded, which is exact (and the CPU kernel skips the padding).
 
 The pool also speaks the slot interface of the manager's TieredCache (`device`, `capacity`, `fits`,
 `load(artifact, stream)`, `unload`), so decoder adapters are cached exactly as encoder ones.
@@ -21,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from .adapters import AdapterError, LoraAdapter, LoraWeights, _check_finite, _check_shape
+from .bgmv import BGMV_BACKENDS, bgmv, resolve_backend
 from .device import DeviceContext
 from .heads import DECODER
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, _pattern_value, read_peft_files
@@ -186,8 +190,11 @@ class DecoderLoraPoolFullError(RuntimeError):
 class DecoderLoraConfig:
     num_slots: int = 8
     max_rank: int = 16
+    backend: str = "auto"     # vbert.bgmv: "numba" (CPU), "torch" (any device), "auto"
 
     def __post_init__(self) -> None:
+        if self.backend not in ("auto", *BGMV_BACKENDS):
+            raise ValueError(f"backend must be 'auto' or one of {BGMV_BACKENDS}, got {self.backend!r}")
         if not isinstance(self.num_slots, int) or self.num_slots < 1:
             raise ValueError(f"num_slots must be an integer >= 1, got {self.num_slots!r}")
         if not isinstance(self.max_rank, int) or self.max_rank < 1:
@@ -199,11 +206,17 @@ class DecoderLoraPool:
 
     def __init__(self, config: DecoderLoraConfig, shape: DecoderShape, device: DeviceContext):
         self.config, self.shape, self.device = config, shape, device
+        self.backend = resolve_backend(config.backend, device.device, device.dtype)
         nl, s, R = shape.num_layers, config.num_slots + 1, config.max_rank
         kw = dict(device=device.device, dtype=device.dtype)
-        self.a = {g: torch.zeros(nl, s, shape.target_dims(ts[0])[0], R * len(ts), **kw)
-                  for g, ts in DECODER_LORA_GROUPS.items()}
-        self.b = {t: torch.zeros(nl, s, R, shape.target_dims(t)[1], **kw) for t in DECODER_LORA_TARGETS}
+        self.a, self.b, self.ranks, self._layout = {}, {}, {}, {}
+        for g, ts in DECODER_LORA_GROUPS.items():
+            outs = np.array([shape.target_dims(t)[1] for t in ts], dtype=np.int64)
+            b_offsets = np.concatenate(([0], np.cumsum(R * outs)[:-1])).astype(np.int64)
+            self.a[g] = torch.zeros(nl, s, len(ts) * R, shape.target_dims(ts[0])[0], **kw)
+            self.b[g] = torch.zeros(nl, s, int(R * outs.sum()), **kw)
+            self.ranks[g] = np.zeros((nl, s, len(ts)), dtype=np.int32)
+            self._layout[g] = (outs, b_offsets)
         self._free = list(range(s - 1, 0, -1))
         self._loaded: set[int] = set()
 
@@ -240,13 +253,18 @@ class DecoderLoraPool:
         slot = self._free.pop()
         R = self.config.max_rank
         with torch.no_grad(), self.device.stream(stream):
-            for t in (*self.a.values(), *self.b.values()):
-                t[:, slot].zero_()
+            for g in DECODER_LORA_GROUPS:
+                self.a[g][:, slot].zero_()
+                self.b[g][:, slot].zero_()
+                self.ranks[g][:, slot] = 0
             for (layer, target), w in adapter.modules.items():
                 group = next(g for g, ts in DECODER_LORA_GROUPS.items() if target in ts)
                 j = DECODER_LORA_GROUPS[group].index(target)
-                self._put(self.a[group][layer, slot, :, j * R:j * R + w.rank], w.A.t())
-                self._put(self.b[target][layer, slot, :w.rank], (w.B * w.scale).t())
+                outs, b_offsets = self._layout[group]
+                bo, od = int(b_offsets[j]), int(outs[j])
+                self._put(self.a[group][layer, slot, j * R:j * R + w.rank], w.A)
+                self._put(self.b[group][layer, slot, bo:bo + R * od].view(R, od)[:w.rank], (w.B * w.scale).t())
+                self.ranks[group][layer, slot, j] = w.rank
         self._loaded.add(slot)
         return slot
 
@@ -264,10 +282,6 @@ class DecoderLoraPool:
         """Semantics (BGMV): for each token i and target t of `group`,
         out[i, off_t:off_t + out_t] += x[i] @ A_t[layer, idx[i]] @ B_t[layer, idx[i]] (B pre-scaled),
         with idx[i] = 0 adding nothing. x [n, in], out [n, sum out_t], idx [n] long; returns out."""
-        R = self.config.max_rank
-        xa = torch.bmm(x.unsqueeze(1), self.a[group][layer].index_select(0, idx))   # [n, 1, R * |g|]
-        for j, (target, off) in enumerate(zip(DECODER_LORA_GROUPS[group], offsets)):
-            b = self.b[target][layer].index_select(0, idx)                            # [n, R, out_t]
-            delta = torch.bmm(xa[:, :, j * R:(j + 1) * R], b).squeeze(1)              # [n, out_t]
-            out[:, off:off + delta.shape[1]] += delta
-        return out
+        outs, b_offsets = self._layout[group]
+        return bgmv(self.backend, x, self.a[group][layer], self.b[group][layer], self.ranks[group][layer], idx,
+                    out, np.asarray(offsets, dtype=np.int64), outs, b_offsets, self.config.max_rank)

@@ -184,24 +184,41 @@ def test_lora_pool_refuses(checkpoint, tmp_path):
         model.forward(torch.tensor([1, 2]), torch.tensor([0, 1]), [StepSequence(0, 0, 2, 1)], cache)
 
 
-def test_bgmv_semantics_per_token_loop(checkpoint, tmp_path):
-    """DecoderLoraPool.apply equals its Semantics line computed token by token."""
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_bgmv_semantics_per_token_loop(checkpoint, tmp_path, backend):
+    """DecoderLoraPool.apply equals its Semantics line computed token by token, on both kernels (the
+    numba one skips rank padding four rows at a time, then one by one: ranks 3, 5 and 8 take every path)."""
     path, _ = checkpoint
     model = DecoderModel.from_pretrained(path, CPU)
-    _write_lora(path, tmp_path / "a", r=3, seed=7, alpha=6)
-    _write_lora(path, tmp_path / "b", r=8, seed=8, alpha=8)
-    pool = DecoderLoraPool(DecoderLoraConfig(num_slots=3, max_rank=8), model.spec, CPU)
-    adapters = {pool.load(read_peft_causal_lm(tmp_path / d)): read_peft_causal_lm(tmp_path / d) for d in "ab"}
+    for d, r, seed in (("a", 3, 7), ("b", 8, 8), ("c", 5, 9)):
+        _write_lora(path, tmp_path / d, r=r, seed=seed, alpha=2 * r)
+    pool = DecoderLoraPool(DecoderLoraConfig(num_slots=4, max_rank=8, backend=backend), model.spec, CPU)
+    assert pool.backend == backend
+    adapters = {pool.load(read_peft_causal_lm(tmp_path / d)): read_peft_causal_lm(tmp_path / d) for d in "abc"}
     idx = torch.tensor([0, *adapters, 0, *reversed(list(adapters))])
-    x = torch.randn(len(idx), 48)                     # down_proj input [n, I]
-    base = torch.randn(len(idx), 32)
-    got = pool.apply(1, "down", x, base.clone(), idx, (0,))
-    for i, slot in enumerate(idx.tolist()):
-        want = base[i].clone()
-        if slot:
-            w = adapters[slot].modules[(1, "down_proj")]
-            want += w.scale * (w.B @ (w.A @ x[i]))
-        torch.testing.assert_close(got[i], want)
+    spec = model.spec
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    for group, fin, targets in (("down", spec.intermediate_size, [("down_proj", 0, spec.hidden_size)]),
+                                ("qkv", spec.hidden_size, [("q_proj", 0, q), ("k_proj", q, kv),
+                                                           ("v_proj", q + kv, kv)])):
+        x = torch.randn(len(idx), fin)
+        base = torch.randn(len(idx), sum(n for _, _, n in targets))
+        got = pool.apply(1, group, x, base.clone(), idx, tuple(off for _, off, _ in targets))
+        for i, slot in enumerate(idx.tolist()):
+            want = base[i].clone()
+            for target, off, n in targets:
+                if slot:
+                    w = adapters[slot].modules[(1, target)]
+                    want[off:off + n] += w.scale * (w.B @ (w.A @ x[i]))
+            torch.testing.assert_close(got[i], want, msg=f"{group} token {i} slot {slot}")
+
+
+def test_lora_backend_validation():
+    with pytest.raises(ValueError, match="backend"):
+        DecoderLoraConfig(backend="cuda-graph")
+    spec = DecoderSpec(VOCAB, 32, 48, 2, 4, 2, 8, 1e-6, 1e4, 64, True)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        DecoderLoraPool(DecoderLoraConfig(backend="numba"), spec, DeviceContext(torch.device("cpu"), torch.float16))
 
 
 def test_peft_reader_refuses(checkpoint, tmp_path):
