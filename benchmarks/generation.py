@@ -57,10 +57,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from generation_workload import (PreloadedAdapters, hf_generate, load_average, load_hf, lora_over_base,  # noqa: E402
-                                 make_workload, random_lora, run_engine, tiered_adapters)
+from generation_workload import (PreloadedAdapters, hf_generate, in_step_thread, load_average, load_hf,  # noqa: E402
+                                 lora_over_base, make_workload, random_lora, run_engine, tiered_adapters)
 from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
-from vbert.device import DeviceContext  # noqa: E402
+from vbert.device import DeviceContext, reserve_cpu_for_steps  # noqa: E402
 
 TARGETS = {"iteration_over_request": 3.0, "ours_over_hf": 3.0, "lora_over_base": 0.85}
 FULL = dict(num_requests=300, tenants=100, mean_output=40.0, max_output=128, rate_fractions="0.1,0.2,0.4,0.7,1.0,1.4",
@@ -209,8 +209,7 @@ def target(value, goal: float) -> dict:
 # -- main ------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    threads = reserve_cpu_for_steps(a.threads)   # as `vbert serve`: compute only on step threads (vbert/device.py)
     out_path = Path(a.json)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     device = DeviceContext.create(a.device, a.dtype)
@@ -236,7 +235,7 @@ def main(argv=None) -> int:
         adapters, residency = PreloadedAdapters(backbone.lora, slot_of), "preloaded"
     result = {
         "benchmark": "generation", "partial": True, "model": backbone.name, "model_path": str(backbone.path),
-        "device": device.describe(), "dtype": device.dtype_name, "torch_threads": torch.get_num_threads(),
+        "device": device.describe(), "dtype": device.dtype_name, "torch_threads": threads,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_state(),
@@ -276,7 +275,7 @@ def main(argv=None) -> int:
 
     # 3. (run before HF) LoRA vs base in steady-state decode
     slots = sorted(slot_of.values())
-    lob = lora_over_base(backbone, slots, a.max_running, 48, a.decode_steps, a.decode_rounds)
+    lob = in_step_thread(lora_over_base, backbone, slots, a.max_running, 48, a.decode_steps, a.decode_rounds)
     result["lora_over_base"] = lob
     result["targets"]["lora_over_base"] = target(lob["ratio_of_medians"], TARGETS["lora_over_base"])
     tqdm.write(f"decode: lora {lob['lora_tokens_per_s']:.1f} tok/s, base {lob['base_tokens_per_s']:.1f} -> "
@@ -288,8 +287,8 @@ def main(argv=None) -> int:
     hf_ids = sorted(loras) if a.hf_adapters == "all" else sorted({it.tenant + 1 for it in sub})
     hf_model, load_s = load_hf(backbone.path, {i: loras[i] for i in hf_ids}, device, Path(tmp.name))
     pad = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else backbone.eos_token_ids[0]
-    hf_generate(hf_model, [replace(sub[0], max_new_tokens=2)], 1, pad, device)   # warm-up
-    hf, hf_out = hf_generate(hf_model, sub, a.max_running, pad, device)
+    in_step_thread(hf_generate, hf_model, [replace(sub[0], max_new_tokens=2)], 1, pad, device)   # warm-up
+    hf, hf_out = in_step_thread(hf_generate, hf_model, sub, a.max_running, pad, device)
     del hf_model
     gc.collect()
     agree = [list(r.token_ids[:8]) == o[:8] for r, o in zip(ours_out, hf_out)]

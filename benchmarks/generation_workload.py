@@ -8,6 +8,7 @@ import math
 import os
 import random
 import statistics
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from scheduler.types import Request
 from vbert.adapters import LoraAdapter, LoraWeights
 from vbert.decoder import StepSequence
 from vbert.decoder_lora import DECODER_LORA_TARGETS
+from vbert.device import enter_step_thread
 from vbert.sampling import SamplingParams
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -125,6 +127,27 @@ def tiered_adapters(pool, loras: dict[int, LoraAdapter]) -> tuple[object, dict[i
     slots = dict(zip(ids, cache.resolve(ids)))
     cache.release(ids)
     return cache, slots
+
+
+def in_step_thread(fn, *args):
+    """fn(*args) on a fresh thread that takes the CPU threads reserved for steps, as the engine's step
+    thread does (vbert.device.enter_step_thread): HF and steady-state decode timings run under the same
+    OpenMP conditions as the engine, and the thread's pool goes away with it."""
+    out: dict = {}
+
+    def target():
+        enter_step_thread()
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            out["error"] = e
+
+    t = threading.Thread(target=target, name="bench-step")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 # -- statistics -----------------------------------------------------------------------------------

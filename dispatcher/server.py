@@ -16,6 +16,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from vbert.device import reserve_cpu_for_steps
+
 from .admin_service import AdminServicer
 from .app import App
 from .auth import AuthInterceptor
@@ -152,9 +154,15 @@ class Server:
         await self._stopped.wait()
 
 
+def _create_app(config: ServerConfig) -> App:
+    reserve_cpu_for_steps()
+    return App.create(config)
+
+
 async def serve(config: ServerConfig, ready=None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
-    app = await asyncio.to_thread(App.create, config)
+    reserve_cpu_for_steps()   # this thread and the loader make no OpenMP pool: the cores go to step threads
+    app = await asyncio.to_thread(_create_app, config)
     server = Server(app)
     await server.start()
     loop = asyncio.get_running_loop()

@@ -399,7 +399,13 @@ class Engine:
             self.residency.close()
         self._prepared.put(None)
 
+    def _enter_step_thread(self) -> None:
+        enter = getattr(self.runner, "enter_step_thread", None)
+        if enter is not None:
+            enter()
+
     def _compute_loop(self) -> None:
+        self._enter_step_thread()
         while True:
             step = self._prepared.get()
             if step is None:
@@ -415,6 +421,7 @@ class Engine:
                 self._notify()
 
     def _serial_loop(self) -> None:
+        self._enter_step_thread()
         while not self._is_stopping:
             self._admit()
             batch = self._schedule()

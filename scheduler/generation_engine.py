@@ -259,6 +259,9 @@ class GenerationEngine:
 
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
+        enter = getattr(self.runner, "enter_step_thread", None)
+        if enter is not None:
+            enter()
         while not self._is_stopping:
             try:
                 self._iteration()

@@ -9,6 +9,7 @@ from typing import Protocol, Sequence
 import torch
 
 from vbert.decoder import DecoderModel, StepSequence
+from vbert.device import enter_step_thread
 from vbert.kv_cache import PagedKVCache
 from vbert.sampling import SamplingParams, sample
 
@@ -32,6 +33,10 @@ class GenerationRunner:
     def __init__(self, model: DecoderModel, kv: PagedKVCache, adapters: AdapterSlots | None = None):
         self.model, self.kv, self.adapters = model, kv, adapters
         self.lora = getattr(adapters.pool, "lora_pool", adapters.pool) if adapters is not None else None
+
+    def enter_step_thread(self) -> None:
+        """Called first by the engine's step thread: it takes the CPU threads reserved for steps."""
+        enter_step_thread()
 
     def execute(self, batch: GenerationBatch) -> StepOutput:
         """One decoder step; the result of a row carries the sampled token when the step computed the

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from manager.cache import CacheFullError, TieredCache
+from vbert.device import enter_step_thread
 from vbert.model import EncodeRow, InputError, MultiTenantModel, PreparedBatch
 
 from .types import Request, RowResult, ScheduledBatch, StepOutput
@@ -24,6 +25,10 @@ class ModelRunner:
     def __init__(self, model: MultiTenantModel, cache: TieredCache | None = None):
         self.model, self.cache = model, cache
         self._stream = model.device.new_stream()   # copy stream under CUDA, None on CPU
+
+    def enter_step_thread(self) -> None:
+        """Called first by the thread that runs execute(): it takes the CPU threads reserved for steps."""
+        enter_step_thread()
 
     def tokenize(self, requests: list[Request]) -> list[tuple[Request, InputError]]:
         """Tokenize requests given as text, in place (one tokenizer call): prompt_ids, and in metadata

@@ -45,7 +45,7 @@ class DeviceContext:
     def describe(self) -> str:
         if self.is_cuda:
             return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
-        return f"cpu ({torch.get_num_threads()} threads)"
+        return f"cpu ({step_threads()} threads)"
 
     # -- host memory ------------------------------------------------------------------------
     def host_tensor(self, t: torch.Tensor) -> torch.Tensor:
@@ -81,3 +81,38 @@ class DeviceContext:
     def synchronize(self) -> None:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
+
+
+# -- CPU threads -----------------------------------------------------------------------------
+# torch's CPU backend runs intra-op work on OpenMP, which keeps a worker pool per thread that ever ran a
+# parallel region. Once the process holds more pool threads than cores, every pool stops spin-waiting
+# between regions (libgomp's throttled spin) and a step of many small ops runs markedly slower: SmolLM2
+# decode of 16 rows on 2 cores took 100 ms instead of 75 ms on a step thread while the main thread,
+# idle, still held the pool it made while loading. So intra-op parallelism belongs to the threads that
+# run steps; the thread that starts the process loads models on one thread and makes no pool.
+_step_threads: int | None = None
+
+
+def reserve_cpu_for_steps(num_threads: int | None = None) -> int:
+    """Call in the main thread at start-up, before any compute: later step threads (enter_step_thread)
+    use num_threads intra-op threads (default: torch's count now), and this thread one (no OpenMP pool).
+    Returns the step threads' count. Idempotent; a later call may change the count."""
+    global _step_threads
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if _step_threads is None or num_threads is not None:
+        _step_threads = num_threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    return _step_threads
+
+
+def enter_step_thread() -> None:
+    """Call first in a thread that runs model steps: it gets the intra-op threads reserved for steps
+    (a no-op unless reserve_cpu_for_steps was called)."""
+    if _step_threads is not None:
+        torch.set_num_threads(_step_threads)
+
+
+def step_threads() -> int:
+    """The intra-op threads a step thread uses (torch's count if nothing was reserved)."""
+    return _step_threads or torch.get_num_threads()
