@@ -38,7 +38,28 @@ def _bgmv_numba(x, a, b, ranks, idx, out, out_offsets, out_dims, b_offsets, max_
             od, oo, bo = out_dims[j], out_offsets[j], b_offsets[j]
             rank, row0 = ranks[s, j], j * max_rank
             r = 0
-            while r + 4 <= rank:              # four rank rows at a time: x and out each read once per four
+            while r + 8 <= rank:              # eight, then four, then one rank rows at a time: x and
+                # this token's out row are read once per block
+                a0, a1, a2, a3 = a[s, row0 + r], a[s, row0 + r + 1], a[s, row0 + r + 2], a[s, row0 + r + 3]
+                a4, a5, a6, a7 = a[s, row0 + r + 4], a[s, row0 + r + 5], a[s, row0 + r + 6], a[s, row0 + r + 7]
+                s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+                for k in range(fin):
+                    xk = xi[k]
+                    s0 += a0[k] * xk
+                    s1 += a1[k] * xk
+                    s2 += a2[k] * xk
+                    s3 += a3[k] * xk
+                    s4 += a4[k] * xk
+                    s5 += a5[k] * xk
+                    s6 += a6[k] * xk
+                    s7 += a7[k] * xk
+                bb = b[s, bo + r * od:bo + (r + 8) * od]
+                for c in range(od):
+                    oi[oo + c] += (s0 * bb[c] + s1 * bb[od + c] + s2 * bb[2 * od + c] + s3 * bb[3 * od + c]
+                                   + s4 * bb[4 * od + c] + s5 * bb[5 * od + c] + s6 * bb[6 * od + c]
+                                   + s7 * bb[7 * od + c])
+                r += 8
+            while r + 4 <= rank:
                 a0, a1, a2, a3 = a[s, row0 + r], a[s, row0 + r + 1], a[s, row0 + r + 2], a[s, row0 + r + 3]
                 s0 = s1 = s2 = s3 = np.float32(0.0)
                 for k in range(fin):
