@@ -93,7 +93,8 @@ def limits_pb(app: App) -> admin_pb2.ServerLimits:
         max_concurrent_public_rpcs=c.max_concurrent_public_rpcs,
         max_concurrent_public_rpcs_per_peer=c.max_concurrent_public_rpcs_per_peer,
         max_failed_auth_per_s=c.max_failed_auth_per_s, max_failed_auth_burst=c.max_failed_auth_burst,
-        latency_target_ms=c.latency_target_ms, step_token_budget=app.engine.step_budget() or 0,
+        latency_target_ms=c.latency_target_ms,
+        step_token_budget=(app.engine.step_budget() or 0) if app.engine is not None else 0,
         num_rpcs_in_flight=use["num_keyed_in_flight"], num_public_rpcs_in_flight=use["num_public_in_flight"],
         num_refused=sum(use["num_refused"].values()))
 
@@ -280,22 +281,30 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetStatus(self, request, context):
         app = self.app
         num_tenants = await asyncio.to_thread(self._m.registry.count_tenants)
-        pool = app.model.pool.config
+        resident = sum(c.stats()["device"]["resident"] for c in self._m.caches.values())
+        queued = sum(e.scheduler.num_waiting for e in app.engines)
+        if app.model is not None:      # the top-level fields describe the encoder when there is one
+            pool = app.model.pool.config
+            name, device = app.model.name, app.model.device
+            lora, bottleneck = pool.num_lora_slots, pool.num_bottleneck_slots
+        else:
+            name, device, lora, bottleneck = (app.decoder.name, app.decoder.model.device,
+                                              app.decoder.lora.config.num_slots, 0)
         return admin_pb2.ServerStatus(
-            backbone=app.model.name, device=app.model.device.describe(), dtype=app.model.device.dtype_name,
-            num_tenants=num_tenants, num_resident_adapters=self._m.cache.stats()["device"]["resident"],
-            queue_depth=app.engine.scheduler.num_waiting, lora_slots=pool.num_lora_slots,
-            bottleneck_slots=pool.num_bottleneck_slots, is_draining=app.is_draining, version=VERSION,
-            limits=limits_pb(app), backbones=backbones_pb(app))
+            backbone=name, device=device.describe(), dtype=device.dtype_name, num_tenants=num_tenants,
+            num_resident_adapters=resident, queue_depth=queued, lora_slots=lora, bottleneck_slots=bottleneck,
+            is_draining=app.is_draining, version=VERSION, limits=limits_pb(app), backbones=backbones_pb(app))
 
 
 def backbones_pb(app) -> list:
     """The backbones this server holds, with their memory (weights, adapter pool, KV cache)."""
-    m = app.model
-    out = [admin_pb2.Backbone(name="encoder", kind="encoder", model=m.name, num_parameters=m.encoder.num_parameters(),
-                              weight_bytes=m.encoder.num_parameters() * m.device.dtype.itemsize,
-                              adapter_slots=m.pool.config.num_lora_slots + m.pool.config.num_bottleneck_slots,
-                              adapter_pool_bytes=m.pool.total_bytes())]
+    m, out = app.model, []
+    if m is not None:
+        out.append(admin_pb2.Backbone(name="encoder", kind="encoder", model=m.name,
+                                      num_parameters=m.encoder.num_parameters(),
+                                      weight_bytes=m.encoder.num_parameters() * m.device.dtype.itemsize,
+                                      adapter_slots=m.pool.config.num_lora_slots + m.pool.config.num_bottleneck_slots,
+                                      adapter_pool_bytes=m.pool.total_bytes()))
     if app.decoder is not None:
         d = app.decoder.info()
         out.append(admin_pb2.Backbone(name="decoder", kind="decoder", model=d["backbone"], num_parameters=d["parameters"],

@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from manager.errors import FailedPreconditionError
 from manager.manager import AdapterRef, Manager
 from manager.records import Tenant
 from scheduler.engine import Engine
@@ -15,6 +16,7 @@ from scheduler.residency import CacheResidency
 from scheduler.runner import ModelRunner
 from scheduler.types import Request
 from vbert.decoder_backbone import DecoderBackbone
+from vbert.device import DeviceContext
 from vbert.model import MultiTenantModel
 
 from .admission import Admission
@@ -30,9 +32,9 @@ log = logging.getLogger("vbert.dispatcher")
 @dataclass
 class App:
     config: ServerConfig
-    model: MultiTenantModel
+    model: MultiTenantModel | None                  # the encoder backbone (None: a decoder-only server)
     manager: Manager
-    engine: Engine
+    engine: Engine | None                           # its step loop
     auth: Authenticator
     limiter: RateLimiter
     metrics: Metrics
@@ -45,18 +47,19 @@ class App:
 
     @classmethod
     def create(cls, config: ServerConfig) -> "App":
-        model = MultiTenantModel(config.model_config())
-        decoder = DecoderBackbone.load(config.decoder_config(), model.device) if config.has_decoder else None
+        model = MultiTenantModel(config.model_config()) if config.has_encoder else None
+        device = model.device if model is not None else DeviceContext.create(config.device, config.dtype)
+        decoder = DecoderBackbone.load(config.decoder_config(), device) if config.has_decoder else None
         manager = Manager(config.manager_config(), model, decoder_pool=decoder.lora if decoder else None)
         if manager.recovery.num_removed:
             log.warning("start-up recovery removed %d leftover files", manager.recovery.num_removed)
         uploads_dir(config.data_dir, clear=True)  # a killed process's half-extracted uploads, before serving
         metrics = Metrics()
-        engine = Engine(config.engine_config(), config.scheduler_config(), ModelRunner(model, manager.cache),
-                        manager.cache, on_step=metrics.on_step)
+        engine = (Engine(config.engine_config(), config.scheduler_config(), ModelRunner(model, manager.cache),
+                         manager.cache, on_step=metrics.on_step) if model is not None else None)
         generation = cls._generation_engine(config, decoder, manager, metrics) if decoder else None
-        metrics.watch(cache=manager.cache, scheduler=engine.scheduler, skip=model.skip,
-                      generation=generation.scheduler if generation else None)
+        metrics.watch(cache=manager.cache, scheduler=engine.scheduler if engine else None,
+                      skip=model.skip if model else None, generation=generation.scheduler if generation else None)
         token = load_admin_token(config.data_dir, config.admin_token)
         return cls(config, model, manager, engine, Authenticator(manager, token), RateLimiter(), metrics, token,
                    Admission(config.admission_config()), decoder, generation)
@@ -74,18 +77,30 @@ class App:
         return generation
 
     def start(self) -> "App":
-        self.engine.start()
-        if self.generation is not None:
-            self.generation.start()
+        for engine in self.engines:
+            engine.start()
         return self
 
     def close(self) -> int:
         """Drain the engines (up to grace_s) and close the manager; returns the engines' drained count."""
-        num_drained = self.engine.stop(drain=True, timeout=self.config.grace_s)
-        if self.generation is not None:
-            num_drained += self.generation.stop(drain=True, timeout=self.config.grace_s)
+        num_drained = sum(engine.stop(drain=True, timeout=self.config.grace_s) for engine in self.engines)
         self.manager.close()
         return num_drained
+
+    @property
+    def engines(self) -> list:
+        return [e for e in (self.engine, self.generation) if e is not None]
+
+    @property
+    def is_accepting(self) -> bool:
+        return not self.is_draining and all(e.is_accepting for e in self.engines)
+
+    def require_encoder(self, rpc: str) -> Engine:
+        """The encoder's engine; FailedPreconditionError naming the RPC on a server without the encoder."""
+        if self.engine is None:
+            raise FailedPreconditionError(f"this server loads no encoder backbone (backbones = "
+                                          f"{self.config.backbones!r}); {rpc} needs one")
+        return self.engine
 
     def new_request(self, tenant: Tenant, ref: AdapterRef, deadline: float, *, text: str | None = None,
                     token_ids: list[int] | None = None, truncate: bool = True,

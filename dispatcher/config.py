@@ -140,9 +140,6 @@ class ServerConfig:
         if not names or set(names) - set(BACKBONE_NAMES) or len(set(names)) != len(names):
             raise ValueError(f"backbones {self.backbones!r} must name one or both of {BACKBONE_NAMES}, "
                              f"comma-separated")
-        if "encoder" not in names:
-            raise ValueError("backbones without the encoder (a decoder-only server) is not supported yet; "
-                             "use 'encoder,decoder'")
         # the parts validate themselves
         self.model_config(), self.scheduler_config(), self.manager_config(), self.admission_config()
         self.engine_config(), self.decoder_config(), self.generation_scheduler_config()
@@ -150,6 +147,10 @@ class ServerConfig:
     @property
     def backbone_names(self) -> tuple[str, ...]:
         return tuple(n.strip() for n in self.backbones.split(",") if n.strip())
+
+    @property
+    def has_encoder(self) -> bool:
+        return "encoder" in self.backbone_names
 
     @property
     def has_decoder(self) -> bool:

@@ -271,8 +271,8 @@ OUTPUTS_OF = {HeadKind.CLASSIFY: classify_outputs, HeadKind.TAG: tag_outputs, He
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, app: App):
         self.app = app
-        tok = app.model.tokenizer
-        self._tag_context = (tok, set(tok.all_special_tokens))
+        tok = app.model.tokenizer if app.model is not None else None
+        self._tag_context = (tok, set(tok.all_special_tokens) if tok is not None else set())
         self._version = _server_version()
 
     # -- server level (public) ---------------------------------------------------------------
@@ -309,10 +309,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- the work ----------------------------------------------------------------------------
     def _is_ready(self) -> bool:
-        return not self.app.is_draining and self.app.engine.is_accepting
+        return self.app.is_accepting
 
     async def _resolve(self, model_name: str) -> AdapterRef:
         tenant = current_tenant()
+        self.app.require_encoder("the Open Inference Protocol")
         adapter = split_model_name(model_name, tenant)
         ref = await asyncio.to_thread(self.app.manager.resolve, tenant, adapter)
         require_backbone(ref, ENCODER, "the Open Inference Protocol")

@@ -123,7 +123,7 @@ class Server:
         started = time.monotonic()
         use = self.app.admission.stats()
         num_calls = use["num_keyed_in_flight"] + use["num_public_in_flight"]
-        num_inputs = self.app.engine.num_pending
+        num_inputs = sum(e.num_pending for e in self.app.engines)
         await self.health.enter_graceful_shutdown()
         # the listeners stay open while the tenant calls in flight finish, so every new call meanwhile
         # gets the interceptor's UNAVAILABLE (retry elsewhere), not whatever a closing listener answers

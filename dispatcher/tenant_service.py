@@ -25,8 +25,7 @@ METHOD_FOR = {HeadKind.CLASSIFY: "Classify", HeadKind.TAG: "Tag", HeadKind.EMBED
 class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
     def __init__(self, app: App):
         self.app = app
-        tok = app.model.tokenizer
-        self._special = set(tok.all_special_tokens)
+        self._special = set(app.model.tokenizer.all_special_tokens) if app.model is not None else set()
 
     # -- unary ---------------------------------------------------------------------------------
     @unary
@@ -114,6 +113,7 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
         engine and await all; returns (completions, requests, ref, started)."""
         started = time.perf_counter()
         app, tenant = self.app, current_tenant()
+        app.require_encoder(METHOD_FOR[kind])
         ref: AdapterRef = await asyncio.to_thread(app.manager.resolve, tenant, request.adapter or "default")
         require_backbone(ref, ENCODER, METHOD_FOR[kind])
         if ref.head.kind is not kind:

@@ -99,20 +99,27 @@ def require_backbone(ref: AdapterRef, backbone: str, rpc: str) -> None:
 
 
 class Manager:
-    def __init__(self, config: ManagerConfig, model: MultiTenantModel, decoder_pool: DecoderLoraPool | None = None):
+    def __init__(self, config: ManagerConfig, model: MultiTenantModel | None,
+                 decoder_pool: DecoderLoraPool | None = None):
+        """model: the encoder (None: a decoder-only server); decoder_pool: the decoder's LoRA pool (None: no
+        decoder). At least one of them."""
+        if model is None and decoder_pool is None:
+            raise ValueError("a manager needs a backbone: the encoder model, the decoder's pool or both")
         self.config, self.model, self.decoder_pool = config, model, decoder_pool
         self.registry: Registry = open_registry(config.registry)
-        self.quarantined = self._quarantine_unusable(model.pool.config.max_labels)
+        self.quarantined = self._quarantine_unusable(model.pool.config.max_labels if model is not None else None)
         self.store = AdapterStore(config.store)
         self.recovery = self.store.recover(keep=self.registry.referenced_shas())
-        self.cache = TieredCache(config.cache, model.pool, self._load_from_store)
+        self.cache = TieredCache(config.cache, model.pool, self._load_from_store) if model is not None else None
         self.decoder_cache = (TieredCache(config.cache, decoder_pool, self._load_from_store)
                               if decoder_pool is not None else None)
-        self.caches: dict[str, TieredCache] = {ENCODER: self.cache}
+        self.caches: dict[str, TieredCache] = {}
+        if self.cache is not None:
+            self.caches[ENCODER] = self.cache
         if self.decoder_cache is not None:
             self.caches[DECODER] = self.decoder_cache
         self._admin = threading.Lock()
-        self._default_head = model.pool.head(0).spec
+        self._default_head = model.pool.head(0).spec if model is not None else None
 
     def close(self) -> None:
         for cache in self.caches.values():
@@ -127,7 +134,7 @@ class Manager:
                                           f"backbone; this server loads no {rec.backbone} backbone")
         return cache
 
-    def _quarantine_unusable(self, max_labels: int) -> list[AdapterRecord]:
+    def _quarantine_unusable(self, max_labels: int | None) -> list[AdapterRecord]:
         """The start-up check (module docstring): quarantine every version whose head fails the schema;
         returns the versions quarantined now."""
         out = []
@@ -138,6 +145,8 @@ class Manager:
                 log.warning("start-up check quarantined adapter %r version %d of tenant %r (it was %s): %s",
                             rec.name, rec.version, self.registry.get_tenant_by_id(rec.tenant_id).name, rec.state,
                             problem)
+                continue
+            if max_labels is None or rec.backbone != ENCODER:
                 continue
             try:
                 check_head_json(rec.head, max_labels)
@@ -178,7 +187,7 @@ class Manager:
         registered if any step fails."""
         if adapter_name == DEFAULT_ADAPTER:
             raise FailedPreconditionError(f"adapter name {DEFAULT_ADAPTER!r} is reserved for the bare backbone")
-        if isinstance(artifact, AdapterArtifact) and artifact.backbone == ENCODER:
+        if isinstance(artifact, AdapterArtifact) and artifact.backbone == ENCODER and self.model is not None:
             try:
                 self.model.check_skip(artifact)        # runs with this server's skip mode (or full model)?
                 if response_limits is not None:
@@ -190,7 +199,9 @@ class Manager:
         with self._admin:
             tenant = self.registry.get_tenant(tenant_name)
             decoder = self.decoder_pool.limits if self.decoder_pool is not None else None
-            stored = self.store.put(artifact, self.model.spec.shape, self.model.pool.config, decoder=decoder)
+            model = self.model
+            stored = self.store.put(artifact, model.spec.shape if model else None, model.pool.config if model else None,
+                                    decoder=decoder)
             try:
                 return self.registry.add_adapter_version(
                     tenant.id, adapter_name, stored.kind, stored.config, artifact.head.spec.to_json(),
@@ -246,6 +257,9 @@ class Manager:
         if adapter_name == DEFAULT_ADAPTER:
             if default_backbone not in BACKBONES:
                 raise ValueError(f"default_backbone {default_backbone!r} is not one of {BACKBONES}")
+            if default_backbone not in self.caches:
+                raise FailedPreconditionError(f"adapter {DEFAULT_ADAPTER!r} is the bare {default_backbone} backbone; "
+                                              f"this server loads no {default_backbone} backbone")
             head = self._default_head if default_backbone == ENCODER else HeadSpec(HeadKind.GENERATE)
             return AdapterRef(tenant.id, adapter_name, None, 0, "none", head, default_backbone, tenant.name)
         try:

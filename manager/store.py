@@ -135,11 +135,12 @@ class AdapterStore:
         return d / f"{sha}{TENSOR_SUFFIX}", d / f"{sha}{CONFIG_SUFFIX}"
 
     # -- write -------------------------------------------------------------------------------------
-    def put(self, artifact: AdapterArtifact, shape: BackboneShape, pool_config: PoolConfig,
+    def put(self, artifact: AdapterArtifact, shape: BackboneShape | None, pool_config: PoolConfig | None,
             decoder: DecoderAdapterLimits | None = None) -> StoredAdapter:
         """Validate against its backbone (nothing touches disk on failure), then store durably: an encoder
-        artifact against `shape` and the pool limits, a decoder one (generate head) against `decoder`
-        (the decoder's shape and max LoRA rank; None: this server has no decoder, FailedPreconditionError).
+        artifact against `shape` and the pool limits (None: this server has no encoder,
+        FailedPreconditionError), a decoder one (generate head) against `decoder` (the decoder's shape and
+        max LoRA rank; None: this server has no decoder, FailedPreconditionError).
         Idempotent: the same content returns the same sha; an intact blob is not rewritten, a corrupt
         one is replaced."""
         if not isinstance(artifact, AdapterArtifact):
@@ -147,6 +148,9 @@ class AdapterStore:
         if artifact.backbone == DECODER and decoder is None:
             raise FailedPreconditionError("the adapter is for a decoder backbone (a generate head); this server "
                                           "loads no decoder backbone")
+        if artifact.backbone != DECODER and (shape is None or pool_config is None):
+            raise FailedPreconditionError(f"the adapter is for the encoder backbone (a {artifact.head.spec.kind.value} "
+                                          f"head); this server loads no encoder backbone")
         try:
             if artifact.backbone == DECODER:
                 decoder.validate(artifact)

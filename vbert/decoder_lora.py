@@ -274,6 +274,16 @@ class DecoderLoraPool:
         self._loaded.discard(slot)
         self._free.append(slot)
 
+    def entry(self, layer: int, slot: int, target: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What the slot holds for one target of one layer: (A [R, in], (scale * B)^T [R, out], rank), the
+        rows past the rank zero (views into the banks)."""
+        group = next(g for g, ts in DECODER_LORA_GROUPS.items() if target in ts)
+        j, R = DECODER_LORA_GROUPS[group].index(target), self.config.max_rank
+        outs, b_offsets = self._layout[group]
+        bo, od = int(b_offsets[j]), int(outs[j])
+        return (self.a[group][layer, slot, j * R:(j + 1) * R], self.b[group][layer, slot, bo:bo + R * od].view(R, od),
+                int(self.ranks[group][layer, slot, j]))
+
     def _put(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(self.device.host_tensor(src.to(self.device.dtype)), non_blocking=self.device.is_cuda)
 

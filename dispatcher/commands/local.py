@@ -32,7 +32,8 @@ def _flat(prefix: str, d: dict):
 
 @click.command()
 @_config_options
-@click.option("--backbones", default="encoder,decoder", show_default=True, help="encoder,decoder or encoder.")
+@click.option("--backbones", default="encoder,decoder", show_default=True,
+              help="encoder,decoder, encoder or decoder.")
 @click.option("--decoder", default=None, help="Local HF Llama-family checkpoint dir (default: SmolLM2-135M-Instruct).")
 @click.option("--data-dir", default="./var", show_default=True, help="Where the default decoder is converted once.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -42,12 +43,17 @@ def info(backbone, device, dtype, lora_slots, bottleneck_slots, backbones, decod
     from vbert import MultiTenantModel
     from vbert.decoder_backbone import DecoderBackbone
 
+    from vbert.device import DeviceContext
+
     try:
-        model = MultiTenantModel(_model_config(backbone, device, dtype, lora_slots, bottleneck_slots))
         config = ServerConfig(backbones=backbones, decoder=decoder, data_dir=data_dir)
-        out = {"encoder": model.info()}
+        out = {}
+        dev = DeviceContext.create(device, dtype)
+        if config.has_encoder:
+            model = MultiTenantModel(_model_config(backbone, device, dtype, lora_slots, bottleneck_slots))
+            out["encoder"], dev = model.info(), model.device
         if config.has_decoder:
-            out["decoder"] = DecoderBackbone.load(config.decoder_config(), model.device).info()
+            out["decoder"] = DecoderBackbone.load(config.decoder_config(), dev).info()
     except (ValueError, OSError) as e:
         raise click.UsageError(str(e))
     if output == "json":
@@ -65,7 +71,7 @@ def info(backbone, device, dtype, lora_slots, bottleneck_slots, backbones, decod
 @click.option("--admin-port", type=int, default=None, help="Separate loopback admin listener.")
 @click.option("--config", "config_file", default=None, help="TOML config file (flags > VBERT_* env > file).")
 @click.option("--backbone", default=None, help="Encoder: a local HF BERT checkpoint dir (default all-MiniLM-L6-v2).")
-@click.option("--backbones", default=None, help="Which to load: encoder,decoder (default) or encoder.")
+@click.option("--backbones", default=None, help="Which to load: encoder,decoder (default), encoder or decoder.")
 @click.option("--decoder", default=None, help="Decoder: a local HF Llama-family checkpoint dir "
                                               "(default SmolLM2-135M-Instruct).")
 @click.option("--generation-mode", type=click.Choice(["iteration", "request"]), default=None,

@@ -61,20 +61,19 @@ def mgr(tiny_checkpoint, tmp_path, decoder):
 
 
 def assert_slot_holds(pool: DecoderLoraPool, slot: int, adapter: LoraAdapter) -> None:
-    """The slot's bank entries are the adapter's A (transposed) and scale * B (transposed), zero-padded."""
-    R = pool.config.max_rank
-    for group, targets in DECODER_LORA_GROUPS.items():
-        for j, target in enumerate(targets):
+    """The slot's bank entries are the adapter's A and (scale * B)^T with its rank, zero-padded."""
+    for targets in DECODER_LORA_GROUPS.values():
+        for target in targets:
             for layer in range(pool.shape.num_layers):
-                a = pool.a[group][layer, slot, :, j * R:(j + 1) * R]     # [in, R]
-                b = pool.b[target][layer, slot]                          # [R, out]
+                a, b, rank = pool.entry(layer, slot, target)          # [R, in], [R, out]
                 w = adapter.modules.get((layer, target))
                 if w is None:
-                    assert not a.any() and not b.any()
+                    assert not a.any() and not b.any() and rank == 0
                     continue
-                torch.testing.assert_close(a[:, :w.rank], w.A.t(), rtol=0, atol=0)
+                assert rank == w.rank
+                torch.testing.assert_close(a[:w.rank], w.A, rtol=0, atol=0)
                 torch.testing.assert_close(b[:w.rank], (w.B * w.scale).t(), rtol=1e-6, atol=1e-7)
-                assert not a[:, w.rank:].any() and not b[w.rank:].any()
+                assert not a[w.rank:].any() and not b[w.rank:].any()
 
 
 # -- upload, versions, resolve, cache -------------------------------------------------------------
