@@ -67,3 +67,11 @@ def server(tiny_checkpoint, tmp_path_factory):
 
 def bearer(key: str):
     return (("authorization", f"Bearer {key}"),)
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint with a byte-level BPE tokenizer and a chat template."""
+    from tests.decoder_models import write_tiny_decoder_checkpoint
+
+    return write_tiny_decoder_checkpoint(tmp_path_factory.mktemp("decoder") / "model")

@@ -9,15 +9,10 @@ import pytest
 from dispatcher.gen.inference import grpc_service_pb2 as oip_pb, grpc_service_pb2_grpc
 from dispatcher.gen.vbert.v1 import tenant_pb2
 from tests.conftest import classify, make_artifact
-from tests.decoder_models import write_tiny_decoder_checkpoint, write_tiny_decoder_lora
+from tests.decoder_models import write_tiny_decoder_lora
 from tests.dispatcher.conftest import ADMIN_TOKEN, RunningServer, bearer, tiny_server_config
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def decoder_dir(tmp_path_factory):
-    return write_tiny_decoder_checkpoint(tmp_path_factory.mktemp("decoder") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,10 @@ import torch
 
 from dispatcher.gen.vbert.v1 import tenant_pb2
 from tests.conftest import classify, make_artifact
-from tests.decoder_models import write_tiny_decoder_checkpoint
 from tests.dispatcher.conftest import RunningServer, bearer, tiny_server_config
 
 T = tenant_pb2
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def decoder_dir(tmp_path_factory):
-    return write_tiny_decoder_checkpoint(tmp_path_factory.mktemp("decoder") / "model")
 
 
 @pytest.fixture(scope="module")
