@@ -247,7 +247,7 @@ class OwnServer:
         from dispatcher.config import ServerConfig
         from dispatcher.server import Server
 
-        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, data_dir=data_dir, backbone=args.backbone,
+        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0, data_dir=data_dir, backbone=args.backbone,
                               admin_token="grpc-load-admin", max_concurrent_rpcs=max(256, 4 * args.max_in_flight),
                               max_waiting=max(10000, 4 * args.requests), log_level=args.log_level,
                               **({} if args.latency_target_ms is None else {"latency_target_ms": args.latency_target_ms}))

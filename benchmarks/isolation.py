@@ -487,7 +487,7 @@ def run(args) -> dict:
         tmp = Path(tmp)
         adapters = write_adapters(tmp, args.seed, args.rank)
         env = {k: v for k, v in os.environ.items() if not k.startswith("VBERT_")}
-        server_env = {"VBERT_HOST": "localhost" if args.separate_peers else "127.0.0.1", "VBERT_PORT": str(free_port()), "VBERT_DATA_DIR": str(tmp / "data"),
+        server_env = {"VBERT_HOST": "localhost" if args.separate_peers else "127.0.0.1", "VBERT_PORT": str(free_port()), "VBERT_HTTP_PORT": "0", "VBERT_DATA_DIR": str(tmp / "data"),
                       "VBERT_METRICS_PORT": str(free_port()), "VBERT_LOG_LEVEL": "WARNING", **args.server_env_dict}
         result["server_env"] = {**server_env, "VBERT_ADMIN_TOKEN": "<random>"}
         result["workload"] = {**workload, "b_interval_s": args.b_interval, "separate_peers": args.separate_peers, "a_texts_per_request": args.a_texts,

@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -223,9 +224,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if kind == ADMIN:
             self.auth.check_admin(token)
             return None
+        return await self.enter_tenant(token, context.peer)
+
+    async def enter_tenant(self, token: str | None, peer_of) -> Callable[[], None]:
+        """Authenticate a tenant's key and take its call slot (for every protocol: gRPC here, HTTP in
+        dispatcher.http_api); peer_of() gives the caller's address, asked only when the key is not cached.
+        Returns the function that gives the slot back."""
         tenant = self.auth.cached(token)
         if tenant is None:   # a miss hashes and queries the registry on the hashing pool
-            peer = context.peer()
+            peer = peer_of()
             is_limited = bool(token) and not self.auth.is_known(token)
             if is_limited:
                 try:
@@ -249,7 +256,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def record(self, method: str, context, started: float) -> None:
         code = context.code()
         name = "OK" if code is None else (code.name if hasattr(code, "name") else str(code))
-        seconds = time.perf_counter() - started
+        self.record_call(method, name, time.perf_counter() - started)
+
+    def record_call(self, method: str, name: str, seconds: float, **fields) -> None:
+        """One histogram sample and one JSON log line (refusals sampled) for a keyed call of any protocol;
+        name: the gRPC status code's name (HTTP calls pass the code their status maps from)."""
         if self.metrics is not None:
             self.metrics.rpc_seconds.labels(method=method.rsplit("/", 1)[-1], code=name).observe(seconds)
         extra = {}
@@ -261,7 +272,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 extra["num_suppressed"] = suppressed
         tenant = _tenant.get()
         log.info("rpc", extra={"request_id": current_request_id(), "tenant": tenant.name if tenant else None,
-                               "method": method, "code": name, "duration_ms": round(seconds * 1000, 2), **extra})
+                               "method": method, "code": name, "duration_ms": round(seconds * 1000, 2), **fields,
+                               **extra})
 
     def close(self) -> None:
         self._hash_pool.shutdown(wait=False, cancel_futures=True)

@@ -44,6 +44,8 @@ class ServerConfig:
     admin_port: int | None = None        # None: the tenant listener, which must then be loopback
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400             # 0 disables the metrics endpoint
+    http_host: str = "127.0.0.1"         # the OpenAI-compatible HTTP API (dispatcher/http_api.py)
+    http_port: int = 8000                # 0 disables it
     tls_cert: str | None = None          # PEM files; cert + key enable TLS
     tls_key: str | None = None
     tls_client_ca: str | None = None     # with TLS: require client certificates signed by this CA (mTLS)
@@ -102,7 +104,7 @@ class ServerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             v = getattr(self, name)
             if not 0 <= v <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], got {v}")

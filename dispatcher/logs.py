@@ -8,7 +8,8 @@ import time
 
 
 class JsonFormatter(logging.Formatter):
-    FIELDS = ("request_id", "tenant", "method", "code", "duration_ms", "inputs", "num_suppressed")
+    FIELDS = ("request_id", "tenant", "method", "code", "duration_ms", "inputs", "num_suppressed", "protocol",
+              "http_status")
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",

@@ -331,7 +331,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgumentError(f"parameter 'normalize' applies to embed heads; model "
                                        f"{request.model_name!r} has a {kind.value} head")
         wanted = requested_outputs(request, OUTPUT_SPECS[kind](ref.head, app.model.spec.hidden_size))
-        completions, reqs = await run_inputs(app, context, current_tenant(), ref, [(t, None) for t in texts],
+        completions, reqs = await run_inputs(app, context.time_remaining(), current_tenant(), ref,
+                                             [(t, None) for t in texts],
                                              truncate=truncate is not False, normalize=normalize, method=METHOD)
         tensors = OUTPUTS_OF[kind](completions, reqs, dict(wanted), self._tag_context)
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(ref.version), id=request.id)

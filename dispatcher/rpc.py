@@ -32,13 +32,16 @@ def unary(method):
     return wrapped
 
 
-async def run_inputs(app, context, tenant: Tenant, ref: AdapterRef, inputs: list[tuple[str | None, list[int] | None]],
-                     *, truncate: bool, normalize: bool | None, method: str):
-    """Rate-limit, submit every input (text or token ids) to the engine with the call's deadline,
-    and await all (cancelling all if one fails or the client goes away). Returns
-    (completions, requests); the requests carry their token ids after tokenization."""
+async def run_inputs(app, time_remaining: float | None, tenant: Tenant, ref: AdapterRef,
+                     inputs: list[tuple[str | None, list[int] | None]], *, truncate: bool, normalize: bool | None,
+                     method: str):
+    """Rate-limit, submit every input (text or token ids) to the encoder's engine with the call's deadline
+    (time_remaining: seconds the caller still waits, None: the default), and await all (cancelling all if
+    one fails or the client goes away). Returns (completions, requests); the requests carry their token ids
+    after tokenization."""
+    engine = app.require_encoder(method)
     app.limiter.acquire(tenant, len(inputs))
-    remaining = context.time_remaining()
+    remaining = time_remaining
     budget = app.config.default_deadline_s if remaining is None else min(remaining, app.config.default_deadline_s)
     deadline = time.monotonic() + budget
     reqs = [app.new_request(tenant, ref, deadline, text=text, token_ids=ids, truncate=truncate, normalize=normalize)
@@ -46,11 +49,11 @@ async def run_inputs(app, context, tenant: Tenant, ref: AdapterRef, inputs: list
     futures = []
     try:
         for r in reqs:
-            futures.append(asyncio.wrap_future(app.engine.submit(r)))
+            futures.append(asyncio.wrap_future(engine.submit(r)))
         completions = await asyncio.gather(*futures)
     except BaseException:
         for r in reqs:
-            app.engine.cancel(r.request_id)
+            engine.cancel(r.request_id)
         raise
     app.metrics.inputs.labels(method=method).inc(len(reqs))
     for c in completions:

@@ -24,6 +24,7 @@ from .auth import AuthInterceptor
 from .config import ServerConfig
 from .gen.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from .gen.vbert.v1 import admin_pb2, admin_pb2_grpc, tenant_pb2, tenant_pb2_grpc
+from .http_api import HttpServer, create_http_app
 from .oip_service import InferenceServicer
 from .tenant_service import TenantServicer
 
@@ -102,12 +103,19 @@ class Server:
         self.admin_port = _bind(self.admin, f"{config.admin_host}:{config.admin_port}", creds) if separate_admin \
             else self.port
         self._servers = [self.main] + ([self.admin] if separate_admin else [])
+        self.http = None            # the OpenAI-compatible HTTP API (dispatcher/http_api.py), 0 = off
+        if config.http_port:
+            ssl = dict(ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key) if config.tls_cert else None
+            self.http = HttpServer(create_http_app(app, interceptor), config.http_host, config.http_port, ssl)
+        self.http_port = self.http.port if self.http is not None else None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         self.app.start()
         for s in self._servers:
             await s.start()
+        if self.http is not None:
+            await self.http.start()
         for name in ("", *TENANT_SERVICES, ADMIN_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics_server = self.app.metrics.serve(self.app.config.metrics_host, self.app.config.metrics_port)
@@ -139,7 +147,8 @@ class Server:
             elif loop.time() - quiet_since >= DRAIN_QUIET_S:
                 break
             await asyncio.sleep(0.02)
-        await asyncio.gather(*(s.stop(max(0.5, deadline - loop.time())) for s in self._servers))
+        await asyncio.gather(*(s.stop(max(0.5, deadline - loop.time())) for s in self._servers),
+                             *((self.http.stop(),) if self.http is not None else ()))
         num_late = await asyncio.to_thread(self.app.close)
         self.interceptor.close()
         if getattr(self, "metrics_server", None) is not None:

@@ -124,8 +124,8 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
         limit = min(tenant.quotas.max_tokens_per_request, app.config.max_tokens_per_text, app.model.max_length)
         inputs = [(text, convert.fit_ids(ids, limit, truncate, i) if ids is not None else None)
                   for i, (text, ids) in enumerate(inputs)]
-        completions, reqs = await run_inputs(app, context, tenant, ref, inputs, truncate=truncate, normalize=normalize,
-                                             method=METHOD_FOR[kind])
+        completions, reqs = await run_inputs(app, context.time_remaining(), tenant, ref, inputs, truncate=truncate,
+                                             normalize=normalize, method=METHOD_FOR[kind])
         return completions, reqs, ref, started
 
     async def _classify(self, request, context):

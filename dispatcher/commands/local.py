@@ -68,6 +68,7 @@ def info(backbone, device, dtype, lora_slots, bottleneck_slots, backbones, decod
 @click.option("--port", type=int, default=None, help="Tenant API port (default 50051).")
 @click.option("--data-dir", default=None, help="Registry, adapters and admin token (default ./var).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (default 9400; 0 = off).")
+@click.option("--http-port", type=int, default=None, help="OpenAI-compatible HTTP API port (default 8000; 0 = off).")
 @click.option("--admin-port", type=int, default=None, help="Separate loopback admin listener.")
 @click.option("--config", "config_file", default=None, help="TOML config file (flags > VBERT_* env > file).")
 @click.option("--backbone", default=None, help="Encoder: a local HF BERT checkpoint dir (default all-MiniLM-L6-v2).")
@@ -78,9 +79,10 @@ def info(backbone, device, dtype, lora_slots, bottleneck_slots, backbones, decod
               help="Generation batching: iteration (Orca, default) or request (static batches).")
 @click.option("--device", default=None)
 @click.option("--dtype", default=None)
-def serve(host, port, data_dir, metrics_port, admin_port, config_file, backbone, backbones, decoder, generation_mode,
-          device, dtype) -> None:
-    """Start the gRPC server (tenant API with Generate, admin API, Open Inference Protocol, health, reflection)."""
+def serve(host, port, data_dir, metrics_port, http_port, admin_port, config_file, backbone, backbones, decoder,
+          generation_mode, device, dtype) -> None:
+    """Start the server: gRPC (tenant API with Generate, admin API, Open Inference Protocol, health, reflection)
+    and the OpenAI-compatible HTTP API."""
     import asyncio
     import os
 
@@ -90,8 +92,8 @@ def serve(host, port, data_dir, metrics_port, admin_port, config_file, backbone,
 
     try:
         config = ServerConfig.load(config_file, os.environ, dict(
-            host=host, port=port, data_dir=data_dir, metrics_port=metrics_port, admin_port=admin_port,
-            backbone=backbone, backbones=backbones, decoder=decoder, generation_mode=generation_mode, device=device,
+            host=host, port=port, data_dir=data_dir, metrics_port=metrics_port, http_port=http_port,
+            admin_port=admin_port, backbone=backbone, backbones=backbones, decoder=decoder, generation_mode=generation_mode, device=device,
             dtype=dtype))
     except ValueError as e:
         raise click.UsageError(str(e))

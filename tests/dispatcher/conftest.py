@@ -50,7 +50,7 @@ class RunningServer:
 
 
 def tiny_server_config(checkpoint, data_dir, **kw) -> ServerConfig:
-    base = dict(port=0, metrics_port=0, data_dir=str(data_dir), backbone=str(checkpoint), device="cpu",
+    base = dict(port=0, metrics_port=0, http_port=0, data_dir=str(data_dir), backbone=str(checkpoint), device="cpu",
                 lora_slots=8, bottleneck_slots=8, max_lora_rank=8, max_bottleneck_size=16, max_labels=8,
                 admin_token=ADMIN_TOKEN, max_texts_per_request=8, grace_s=10)
     base.update(kw)

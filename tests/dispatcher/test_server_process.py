@@ -33,10 +33,10 @@ def free_port() -> int:
 
 class ServeProcess:
     def __init__(self, data_dir, backbone=None, extra_env=None, log_path=None, channel_options=()):
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         env = dict(os.environ, VBERT_ADMIN_TOKEN="proc-admin", VBERT_DEVICE="cpu", VBERT_LORA_SLOTS="4",
                    VBERT_BOTTLENECK_SLOTS="4", VBERT_MAX_LORA_RANK="8", VBERT_MAX_BOTTLENECK_SIZE="16",
-                   VBERT_MAX_LABELS="8", VBERT_BACKBONES="encoder")
+                   VBERT_MAX_LABELS="8", VBERT_BACKBONES="encoder", VBERT_HTTP_PORT=str(self.http_port))
         env.update(extra_env or {})
         args = [VBERT, "serve", "--port", str(self.port), "--data-dir", str(data_dir),
                 "--metrics-port", str(self.metrics_port)] + (["--backbone", str(backbone)] if backbone else [])
@@ -221,3 +221,42 @@ def test_bad_config_is_refused_at_start(tmp_path):
     out = subprocess.run([VBERT, "serve", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, VBERT_MAX_WAITING="many"))
     assert out.returncode == 2 and "max_waiting: 'many' is not a valid int" in out.stderr
+
+
+def test_sigterm_lets_an_http_stream_finish(tiny_checkpoint, decoder_dir, tmp_path):
+    """A real `vbert serve` with both backbones: SIGTERM lands while a streamed chat completion runs over
+    the OpenAI-compatible HTTP API; the stream still ends with [DONE], a new HTTP request is refused
+    (503) or finds the listener closed, and the process exits 0."""
+    import urllib.error
+    import urllib.request
+
+    key = prepare_data_dir(tiny_checkpoint, tmp_path)
+    s = ServeProcess(tmp_path, backbone=tiny_checkpoint, log_path=tmp_path / "serve.log",
+                     extra_env={"VBERT_BACKBONES": "encoder,decoder", "VBERT_DECODER": str(decoder_dir),
+                                "VBERT_DECODER_KV_CACHE_MB": "1", "VBERT_DECODER_BLOCK_SIZE": "4"})
+    url = f"http://127.0.0.1:{s.http_port}/v1"
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 200,
+            "temperature": 0, "ignore_eos": True}
+    req = urllib.request.Request(f"{url}/chat/completions", data=json.dumps(body).encode(), method="POST",
+                                 headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+    events, signalled = [], None
+    with urllib.request.urlopen(req, timeout=60) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line:
+                events.append(line)
+            if signalled is None and line.startswith("data: {"):
+                s.proc.send_signal(signal.SIGTERM)
+                signalled = len(events)
+                late = urllib.request.Request(f"{url}/models", headers={"authorization": f"Bearer {key}"})
+                try:
+                    urllib.request.urlopen(late, timeout=10)
+                    raise AssertionError("a request during the drain was served")
+                except urllib.error.HTTPError as e:
+                    assert e.code == 503
+                except urllib.error.URLError:
+                    pass                                   # the listener already closed
+    assert events[-1] == "data: [DONE]" and len(events) - signalled > 10     # most of it streamed after SIGTERM
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert s.proc.wait(60) == 0
+    s.channel.close()

@@ -1,0 +1,536 @@
+"""The OpenAI-compatible HTTP API (FastAPI on uvicorn, in the gRPC server's asyncio loop, the same App).
+
+    POST /v1/completions, POST /v1/chat/completions (`stream: true`: server-sent events ending with
+    `data: [DONE]`; `stream_options.include_usage`), POST /v1/embeddings, GET /v1/models[/{model}],
+    GET /health (no key).
+
+`Authorization: Bearer <tenant API key>` (the gRPC keys, the same call slots, rate limits and quotas);
+`model` names one of the caller's adapters (`default`: the bare backbone). Requests become the same
+domain calls as gRPC (dispatcher.generation_call, dispatcher.rpc.run_inputs); errors take the gRPC edge's
+single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}` with the matching HTTP status. Unknown fields are
+ignored, as OpenAI does; `top_k` and `ignore_eos` are accepted as vLLM accepts them; `n` > 1 is refused.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from manager.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnauthenticatedError
+from manager.manager import DEFAULT_ADAPTER, ENCODER, require_backbone
+from scheduler.generation_engine import GenerationDelta, GenerationResult
+from vbert.detokenize import FinishReason
+from vbert.heads import HeadKind
+
+from .auth import _request_id, _tenant
+from .errors import DrainingError, status_of
+from .generation_call import GenerateParams, start_generation
+from .rpc import run_inputs
+
+# gRPC status -> (HTTP status, OpenAI error type)
+HTTP_OF = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+    grpc.StatusCode.DATA_LOSS: (500, "server_error"),
+    grpc.StatusCode.INTERNAL: (500, "server_error"),
+}
+FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "abort"}
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions (chat: up to the context)
+MAX_TOP_LOGPROBS = 20
+
+
+class _Param(InvalidArgumentError):
+    """A bad request field; `param` names it in the error body."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def error_response(exc: BaseException, request_id: str) -> JSONResponse:
+    code, message, retry = status_of(exc)
+    status, kind = HTTP_OF.get(code, (500, "server_error"))
+    if code is grpc.StatusCode.INTERNAL:
+        message = f"internal error (request id {request_id})"
+    body = {"error": {"message": message or code.name.lower(), "type": kind,
+                      "param": getattr(exc, "param", None), "code": code.name.lower()}}
+    headers = {"x-request-id": request_id}
+    if retry is not None:
+        headers["retry-after"] = str(max(1, math.ceil(retry)))
+        headers["retry-after-ms"] = str(max(10, math.ceil(retry * 1000)))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# -- request fields --------------------------------------------------------------------------------
+def _get(body: dict, name: str, kinds, default=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise _Param(name, f"expected {kinds}, got a boolean")
+    if not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        raise _Param(name, f"expected {names}, got {type(value).__name__}")
+    return value
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise _Param("stop", "expected a string or a list of strings")
+
+
+def _max_tokens(body: dict, default: int) -> int:
+    value = _get(body, "max_completion_tokens", int)
+    if value is None:
+        value = _get(body, "max_tokens", int)
+    if value is None:
+        return default
+    if value < 1:
+        raise _Param("max_tokens", f"must be >= 1, got {value}")
+    return value
+
+
+def _common(body: dict) -> dict:
+    n = _get(body, "n", int, 1)
+    if n != 1:
+        raise _Param("n", f"only n = 1 is supported, got {n}")
+    if body.get("best_of") not in (None, 1):
+        raise _Param("best_of", "only best_of = 1 is supported")
+    return dict(temperature=_float(body, "temperature"), top_p=_float(body, "top_p"),
+                top_k=max(0, _get(body, "top_k", int, 0)), seed=_get(body, "seed", int), stop=_stop(body),
+                ignore_eos=bool(_get(body, "ignore_eos", bool, False)))
+
+
+def _float(body: dict, name: str) -> float | None:
+    value = _get(body, name, (int, float))
+    return None if value is None else float(value)
+
+
+def _model(body: dict) -> str:
+    model = _get(body, "model", str)
+    if not model:
+        raise _Param("model", "required: one of your adapters (see GET /v1/models), or 'default'")
+    return model
+
+
+def _messages(body: dict) -> tuple[tuple[str, str], ...]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _Param("messages", "expected a non-empty list of {role, content}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _Param(f"messages[{i}]", "expected an object with a string role")
+        content = m.get("content")
+        if isinstance(content, list):        # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise _Param(f"messages[{i}].content", "only text content parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise _Param(f"messages[{i}].content", "expected a string or a list of text parts")
+        out.append((m["role"], content))
+    return tuple(out)
+
+
+def completion_params(body: dict) -> tuple[GenerateParams, dict]:
+    """POST /v1/completions -> (GenerateParams, response options)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _Param("prompt", "expected a string (one prompt per request)")
+    if body.get("echo"):
+        raise _Param("echo", "echo is not supported")
+    logprobs = _get(body, "logprobs", int, 0)
+    if not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise _Param("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
+    params = GenerateParams(adapter=_model(body), prompt=prompt, logprobs=logprobs,
+                            max_new_tokens=_max_tokens(body, COMPLETIONS_DEFAULT_MAX_TOKENS), **_common(body))
+    return params, {"logprobs": logprobs > 0}
+
+
+def chat_params(body: dict) -> tuple[GenerateParams, dict]:
+    """POST /v1/chat/completions -> (GenerateParams, response options)."""
+    want = bool(_get(body, "logprobs", bool, False))
+    top = _get(body, "top_logprobs", int, 0)
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise _Param("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+    if top and not want:
+        raise _Param("top_logprobs", "needs logprobs: true")
+    params = GenerateParams(adapter=_model(body), messages=_messages(body), logprobs=max(1, top) if want else 0,
+                            max_new_tokens=_max_tokens(body, 0), **_common(body))
+    return params, {"logprobs": want, "top_logprobs": top}
+
+
+def _stream_options(body: dict) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise _Param("stream_options", "expected an object")
+    return bool(options.get("include_usage", False))
+
+
+# -- responses ------------------------------------------------------------------------------------------
+class _Tokens:
+    """Token strings for log-probabilities (each token decoded alone)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def chat_logprobs(self, lps, top: int) -> list[dict]:
+        out = []
+        for lp in lps:
+            t = self.text(lp.token_id)
+            out.append({"token": t, "logprob": lp.logprob, "bytes": list(t.encode()),
+                        "top_logprobs": [{"token": self.text(i), "logprob": v, "bytes": list(self.text(i).encode())}
+                                         for i, v in list(zip(lp.top_ids, lp.top_logprobs))[:top]]})
+        return out
+
+    def completion_logprobs(self, lps, offset: int) -> dict:
+        tokens = [self.text(lp.token_id) for lp in lps]
+        offsets, pos = [], offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self.text(i): v for i, v in zip(lp.top_ids, lp.top_logprobs)} for lp in lps],
+                "text_offset": offsets}
+
+
+def _usage(result: GenerationResult) -> dict:
+    return {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": result.num_generated_tokens,
+            "total_tokens": result.num_prompt_tokens + result.num_generated_tokens}
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+# -- the application ---------------------------------------------------------------------------------
+def create_http_app(app, interceptor) -> FastAPI:
+    """The FastAPI application over the App; interceptor: the gRPC edge's AuthInterceptor (its call slots,
+    authentication cache, failed-authentication limits, metrics and log lines are shared)."""
+    api = FastAPI(title="vbert-serve OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    tokens = _Tokens(app.decoder.tokenizer) if app.decoder is not None else None
+
+    async def enter(request: Request, method: str):
+        """Request id, draining refusal, authentication and the tenant's call slot; returns (tenant, release)."""
+        _request_id.set(uuid.uuid4().hex[:16])
+        if app.is_draining:
+            raise DrainingError("the server is draining; retry on another replica")
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+        if not token:
+            raise UnauthenticatedError("missing 'Authorization: Bearer <api key>' header")
+        peer = _peer(request)
+        release = await interceptor.enter_tenant(token, lambda: peer)
+        return _tenant.get(), release
+
+    def finish(method: str, started: float, exc: BaseException | None, status: int = 200) -> None:
+        code = "OK" if exc is None else status_of(exc)[0].name
+        interceptor.record_call(method, code, time.perf_counter() - started, protocol="http", http_status=status)
+
+    async def handle(request: Request, method: str, work) -> JSONResponse | StreamingResponse:
+        """Run `work(tenant, body)`: a dict (JSON response) or an async iterator of bytes (SSE stream, which
+        keeps the call slot until it ends). Every error -> error_response."""
+        started, release, rid = time.perf_counter(), None, "-"
+        try:
+            tenant, release = await enter(request, method)
+            rid = _request_id.get()
+            body = {} if getattr(work, "no_body", False) else await _json_body(request)
+            result = await work(tenant, body)
+        except Exception as e:  # noqa: BLE001 - mapped to its status
+            if release is not None:
+                release()
+            response = error_response(e, rid if rid != "-" else _request_id.get())
+            finish(method, started, e, response.status_code)
+            return response
+        if isinstance(result, dict):
+            release()
+            finish(method, started, None)
+            return JSONResponse(result, headers={"x-request-id": rid})
+
+        async def body_iter():
+            exc = None
+            try:
+                async for chunk in result:
+                    yield chunk
+            except Exception as e:  # noqa: BLE001 - the stream has begun: an error event, then the end
+                exc = e
+                code, message, _ = status_of(e)
+                kind = HTTP_OF.get(code, (500, "server_error"))[1]
+                yield _sse({"error": {"message": message or code.name.lower(), "type": kind, "param": None,
+                                      "code": code.name.lower()}})
+            finally:
+                release()
+                finish(method, started, exc)
+        return StreamingResponse(body_iter(), media_type="text/event-stream",
+                                 headers={"x-request-id": rid, "cache-control": "no-cache"})
+
+    # -- generation -------------------------------------------------------------------------------------
+    async def generate(tenant, params: GenerateParams, rpc: str):
+        # HTTP has no deadline header of its own: the server's default_deadline_s applies
+        return await start_generation(app, tenant, params, None, rpc=rpc)
+
+    async def completions(request: Request):
+        async def work(tenant, body):
+            params, opts = completion_params(body)
+            stream, usage_too = bool(body.get("stream", False)), _stream_options(body)
+            gen = await generate(tenant, params, "/v1/completions")
+            cid, created, model = f"cmpl-{_request_id.get()}", int(time.time()), params.adapter
+            if not stream:
+                text, lps, result = [], [], None
+                async for ev in gen.events():
+                    if isinstance(ev, GenerationDelta):
+                        text.append(ev.text)
+                        lps += ev.logprobs
+                    else:
+                        result = ev
+                return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "text": "".join(text), "finish_reason": FINISH[result.finish_reason],
+                                     "logprobs": tokens.completion_logprobs(lps, 0) if opts["logprobs"] else None}],
+                        "usage": _usage(result)}
+
+            async def chunks() -> AsyncIterator[bytes]:
+                offset = 0
+                async for ev in gen.events():
+                    base = {"id": cid, "object": "text_completion", "created": created, "model": model}
+                    if isinstance(ev, GenerationDelta):
+                        if not ev.text and not ev.token_ids:
+                            continue
+                        lp = tokens.completion_logprobs(ev.logprobs, offset) if opts["logprobs"] else None
+                        offset += len(ev.text)
+                        yield _sse({**base, "choices": [{"index": 0, "text": ev.text, "logprobs": lp,
+                                                         "finish_reason": None}]})
+                    else:
+                        yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                                         "finish_reason": FINISH[ev.finish_reason]}]})
+                        if usage_too:
+                            yield _sse({**base, "choices": [], "usage": _usage(ev)})
+                yield b"data: [DONE]\n\n"
+            return chunks()
+        return await handle(request, "/v1/completions", work)
+
+    async def chat_completions(request: Request):
+        async def work(tenant, body):
+            params, opts = chat_params(body)
+            stream, usage_too = bool(body.get("stream", False)), _stream_options(body)
+            gen = await generate(tenant, params, "/v1/chat/completions")
+            cid, created, model = f"chatcmpl-{_request_id.get()}", int(time.time()), params.adapter
+            top = opts["top_logprobs"]
+            if not stream:
+                text, lps, result = [], [], None
+                async for ev in gen.events():
+                    if isinstance(ev, GenerationDelta):
+                        text.append(ev.text)
+                        lps += ev.logprobs
+                    else:
+                        result = ev
+                return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                                     "logprobs": {"content": tokens.chat_logprobs(lps, top)} if opts["logprobs"]
+                                     else None, "finish_reason": FINISH[result.finish_reason]}],
+                        "usage": _usage(result)}
+
+            async def chunks() -> AsyncIterator[bytes]:
+                base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+                yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]})
+                async for ev in gen.events():
+                    if isinstance(ev, GenerationDelta):
+                        if not ev.text and not ev.token_ids:
+                            continue
+                        lp = {"content": tokens.chat_logprobs(ev.logprobs, top)} if opts["logprobs"] else None
+                        yield _sse({**base, "choices": [{"index": 0, "delta": {"content": ev.text}, "logprobs": lp,
+                                                         "finish_reason": None}]})
+                    else:
+                        yield _sse({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                         "finish_reason": FINISH[ev.finish_reason]}]})
+                        if usage_too:
+                            yield _sse({**base, "choices": [], "usage": _usage(ev)})
+                yield b"data: [DONE]\n\n"
+            return chunks()
+        return await handle(request, "/v1/chat/completions", work)
+
+    # -- embeddings -----------------------------------------------------------------------------------
+    async def embeddings(request: Request):
+        async def work(tenant, body):
+            method = "/v1/embeddings"
+            app.require_encoder(method)
+            model = _model(body)
+            texts = _embedding_inputs(body, app.config.max_texts_per_request, app.model.spec.vocab_size)
+            fmt = _get(body, "encoding_format", str, "float")
+            if fmt not in ("float", "base64"):
+                raise _Param("encoding_format", f"expected 'float' or 'base64', got {fmt!r}")
+            if body.get("dimensions") is not None:
+                raise _Param("dimensions", "is not supported (the embedding has the backbone's width)")
+            ref = await asyncio.to_thread(app.manager.resolve, tenant, model)
+            require_backbone(ref, ENCODER, method)
+            if ref.head.kind is not HeadKind.EMBED:
+                raise FailedPreconditionError(f"adapter {model!r} has a {ref.head.kind.value} head; {method} needs "
+                                              f"an embed head (or 'default', the bare encoder)")
+            limit = min(tenant.quotas.max_tokens_per_request, app.config.max_tokens_per_text, app.model.max_length)
+            inputs = [(t, None) if isinstance(t, str) else (None, t[:limit - 1] + t[-1:] if len(t) > limit else t)
+                      for t in texts]
+            completions, reqs = await run_inputs(app, None, tenant, ref, inputs, truncate=True,
+                                                 normalize=None, method=method)
+            data = []
+            for i, c in enumerate(completions):
+                vec = c.output.embedding.float()
+                value = (base64.b64encode(np.asarray(vec.numpy(), dtype="<f4").tobytes()).decode() if fmt == "base64"
+                         else vec.tolist())
+                data.append({"object": "embedding", "index": i, "embedding": value})
+            n = sum(len(r.prompt_ids or ()) for r in reqs)
+            return {"object": "list", "data": data, "model": model,
+                    "usage": {"prompt_tokens": n, "total_tokens": n}}
+        return await handle(request, "/v1/embeddings", work)
+
+    # -- models ---------------------------------------------------------------------------------------
+    def _model_entry(name: str, created: float, tenant_name: str, backbone: str | None) -> dict:
+        return {"id": name, "object": "model", "created": int(created), "owned_by": tenant_name,
+                "backbone": backbone}
+
+    async def list_models(request: Request):
+        async def work(tenant, body):
+            records = await asyncio.to_thread(app.manager.list_adapters, tenant.name)
+            entries = [_model_entry(DEFAULT_ADAPTER, app.started, tenant.name, None)]
+            entries += [_model_entry(r.name, r.created, tenant.name, r.backbone) for r in records if r.is_active]
+            return {"object": "list", "data": entries}
+        return await handle(request, "/v1/models", _no_body(work))
+
+    async def get_model(request: Request, model: str):
+        async def work(tenant, body):
+            if model == DEFAULT_ADAPTER:
+                return _model_entry(DEFAULT_ADAPTER, app.started, tenant.name, None)
+            records = await asyncio.to_thread(app.manager.list_adapters, tenant.name)
+            active = [r for r in records if r.name == model and r.is_active]
+            if not active:
+                raise NotFoundError(f"tenant {tenant.name!r} has no active adapter {model!r}")
+            return _model_entry(model, active[0].created, tenant.name, active[0].backbone)
+        return await handle(request, "/v1/models/{model}", _no_body(work))
+
+    async def health(request: Request):
+        ok = app.is_accepting
+        return JSONResponse({"status": "ok" if ok else "draining"}, status_code=200 if ok else 503)
+
+    api.add_api_route("/v1/completions", completions, methods=["POST"])
+    api.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    api.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
+    api.add_api_route("/v1/models", list_models, methods=["GET"])
+    api.add_api_route("/v1/models/{model}", get_model, methods=["GET"])
+    api.add_api_route("/health", health, methods=["GET"])
+    return api
+
+
+async def _json_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgumentError(f"the request body is not JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise InvalidArgumentError("the request body must be a JSON object")
+    return body
+
+
+def _peer(request: Request) -> str:
+    """The caller's address as gRPC writes peers (dispatcher.admission.peer_host parses it)."""
+    if request.client is None:
+        return "unknown"
+    host, port = request.client.host, request.client.port
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+
+
+def _no_body(work):
+    """GET routes have no JSON body: handle() is given a stand-in request body."""
+    work.no_body = True
+    return work
+
+
+def _embedding_inputs(body: dict, max_inputs: int, vocab_size: int) -> list:
+    value = body.get("input")
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(t, int) for t in value)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _Param("input", "expected a string, a list of strings, or token ids")
+    if len(value) > max_inputs:
+        raise _Param("input", f"{len(value)} inputs, above the limit of {max_inputs} per request")
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            if not item.strip():
+                raise _Param("input", f"input {i} is empty")
+        elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            bad = [t for t in item if not 0 <= t < vocab_size]
+            if bad:
+                raise _Param("input", f"input {i}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        else:
+            raise _Param("input", f"input {i}: expected a non-empty string or list of token ids")
+    return value
+
+
+class HttpServer:
+    """uvicorn serving the API on a socket bound at construction (so its port is known at once), in the
+    running event loop; signals stay with the gRPC server, which drains both."""
+
+    def __init__(self, api: FastAPI, host: str, port: int, ssl: dict | None = None):
+        import socket
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(api, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+                                **(ssl or {}))
+        self.server = _QuietUvicorn(config)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
+        while not self.server.started and not self._task.done():
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            self._task.result()        # raises what stopped it
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class _QuietUvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield       # the gRPC server's SIGTERM handler drains HTTP too

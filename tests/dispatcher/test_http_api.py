@@ -1,0 +1,204 @@
+"""The OpenAI-compatible HTTP API over real HTTP on loopback, called with the stock `openai` package:
+completions equal gRPC Generate, streamed chat (SSE, usage chunk, [DONE]), embeddings equal gRPC Embed,
+models listing (own adapters only), errors in OpenAI's shape with the right status (wrong key, another
+tenant's adapter, n > 1, wrong backbone, rate limit with Retry-After), and a drain that lets a stream
+finish while new requests get 503."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+from dispatcher.gen.vbert.v1 import tenant_pb2
+from tests.conftest import classify, embed_head, make_artifact
+from tests.decoder_models import write_tiny_decoder_lora
+from tests.dispatcher.conftest import RunningServer, bearer, tiny_server_config
+
+openai = pytest.importorskip("openai")
+T = tenant_pb2
+
+
+def post(url: str, key: str, body, timeout: float = 30):
+    """(status, headers, JSON body) of a POST; body: a dict (sent as JSON) or raw bytes."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def http_server(tiny_checkpoint, decoder_dir, tmp_path_factory):
+    s = RunningServer(tiny_server_config(tiny_checkpoint, tmp_path_factory.mktemp("var"), decoder=str(decoder_dir),
+                                         decoder_kv_cache_mb=1, decoder_block_size=4, http_port=free_port()))
+    s.keys = {"acme": s.register("acme"), "other": s.register("other"),
+              "slow": s.register("slow", requests_per_s=0.01, burst=1)}
+    shape = s.app.model.spec.shape
+    s.app.manager.upload_adapter("acme", "cls", make_artifact(shape, "lora", classify(2), 1, rank=2))
+    s.app.manager.upload_adapter("acme", "emb", make_artifact(shape, "lora", embed_head(), 2, rank=2))
+    lora_dir = write_tiny_decoder_lora(tmp_path_factory.mktemp("lora") / "writer", decoder_dir, seed=3)
+    from vbert.artifact import load_artifact
+    s.app.manager.upload_adapter("acme", "writer", load_artifact(lora_dir))
+    s.base_url = f"http://127.0.0.1:{s.server.http_port}/v1"
+    yield s
+    s.stop()
+
+
+def client(s, tenant="acme", **kw):
+    return openai.OpenAI(base_url=s.base_url, api_key=s.keys.get(tenant, tenant), max_retries=0, timeout=30, **kw)
+
+
+def grpc_tokens(s, **fields):
+    msgs = list(s.tenant.Generate(T.GenerateRequest(**fields), metadata=bearer(s.keys["acme"]), timeout=30))
+    return "".join(m.text for m in msgs), msgs[-1]
+
+
+def test_completion_equals_grpc_generate(http_server):
+    s = http_server
+    c = client(s)
+    for model in ("default", "writer"):
+        out = c.completions.create(model=model, prompt="the patient was treated", max_tokens=8, temperature=0,
+                                   extra_body={"ignore_eos": True})
+        text, final = grpc_tokens(s, adapter=model, prompt="the patient was treated", max_new_tokens=8,
+                                  temperature=0, ignore_eos=True)
+        assert out.object == "text_completion" and out.model == model
+        assert out.choices[0].text == text and out.choices[0].finish_reason == "length"
+        assert out.usage.completion_tokens == 8 and out.usage.prompt_tokens == final.usage.prompt_tokens
+    default_len = c.completions.create(model="default", prompt="hi", temperature=0,
+                                       extra_body={"ignore_eos": True}).usage.completion_tokens
+    assert default_len == 16                     # OpenAI's default max_tokens for completions
+    lp = c.completions.create(model="default", prompt="hi", max_tokens=3, temperature=0, logprobs=2,
+                              extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert len(lp.tokens) == 3 and all(v <= 0 for v in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+
+
+def test_streamed_chat_with_usage_and_logprobs(http_server):
+    s = http_server
+    c = client(s)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    whole = c.chat.completions.create(model="writer", messages=messages, max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    chunks = list(c.chat.completions.create(model="writer", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content and whole.choices[0].message.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    grpc_text, _ = grpc_tokens(s, adapter="writer", messages=[T.ChatMessage(role=r, content=t) for r, t in
+                                                               (("system", "be brief"), ("user", "hello"))],
+                               max_new_tokens=10, temperature=0, ignore_eos=True)
+    assert text == grpc_text
+    lp = c.chat.completions.create(model="default", messages=messages, max_tokens=4, temperature=0.7, seed=3,
+                                   logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    again = c.chat.completions.create(model="default", messages=messages, max_tokens=4, temperature=0.7, seed=3,
+                                      extra_body={"ignore_eos": True})
+    assert again.choices[0].message.content == lp.choices[0].message.content     # seeded
+
+
+def test_embeddings_equal_grpc_embed(http_server):
+    s = http_server
+    c = client(s)
+    texts = ["aspirin reduces fever", "the cat sat"]
+    for model in ("default", "emb"):
+        got = c.embeddings.create(model=model, input=texts)                     # the client asks for base64
+        floats = c.embeddings.create(model=model, input=texts, encoding_format="float")
+        ref = s.tenant.Embed(T.EmbedRequest(adapter=model, inputs=[T.Input(text=t) for t in texts]),
+                             metadata=bearer(s.keys["acme"]), timeout=30)
+        for a, b, r in zip(got.data, floats.data, ref.results):
+            assert a.embedding == pytest.approx(list(r.values), abs=1e-6)
+            assert b.embedding == pytest.approx(list(r.values), abs=1e-6)
+        assert got.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError) as e:        # a classify head is not an embedding model
+        c.embeddings.create(model="cls", input="x")
+    assert "embed head" in str(e.value)
+
+
+def test_models_list_only_the_callers_adapters(http_server):
+    s = http_server
+    mine = {m.id for m in client(s).models.list()}
+    assert mine == {"default", "cls", "emb", "writer"}
+    assert {m.id for m in client(s, "other").models.list()} == {"default"}
+    assert client(s).models.retrieve("writer").owned_by == "acme"
+    with pytest.raises(openai.NotFoundError):
+        client(s, "other").models.retrieve("writer")
+
+
+def test_errors_in_openai_shape(http_server):
+    s = http_server
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(s, "not-a-key").completions.create(model="default", prompt="x", max_tokens=2)
+    assert e.value.status_code == 401
+    with pytest.raises(openai.NotFoundError) as e:                 # another tenant's adapter name
+        client(s, "other").completions.create(model="writer", prompt="x", max_tokens=2)
+    assert e.value.body["code"] == "not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(s).completions.create(model="default", prompt="x", max_tokens=2, n=2)
+    assert e.value.body["param"] == "n" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:               # an encoder adapter in chat
+        client(s).chat.completions.create(model="cls", messages=[{"role": "user", "content": "x"}])
+    assert "encoder backbone" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client(s).chat.completions.create(model="default", messages=[{"role": "robot", "content": "x"}])
+    assert "role" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client(s).completions.create(model="default", prompt="x", temperature=-1)
+    status, _, body = post(f"{s.base_url}/completions", s.keys["acme"], b"{not json")
+    assert status == 400 and "not JSON" in body["error"]["message"]
+    status, _, _ = post(f"{s.base_url}/completions", s.keys["slow"],
+                        {"model": "default", "prompt": "x", "max_tokens": 1, "whatever": {"unknown": 1}})
+    assert status == 200                                            # unknown fields ignored
+    status, headers, body = post(f"{s.base_url}/completions", s.keys["slow"],
+                                 {"model": "default", "prompt": "x", "max_tokens": 1})
+    assert status == 429 and int(headers["retry-after"]) >= 1 and body["error"]["type"] == "rate_limit_error"
+
+
+def test_drain_finishes_a_stream_and_refuses_new_requests(tiny_checkpoint, decoder_dir, tmp_path):
+    s = RunningServer(tiny_server_config(tiny_checkpoint, tmp_path, decoder=str(decoder_dir), decoder_kv_cache_mb=1,
+                                         decoder_block_size=4, http_port=free_port(), grace_s=20))
+    key = s.register("acme")
+    url = f"http://127.0.0.1:{s.server.http_port}/v1"
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 40,
+            "temperature": 0, "ignore_eos": True}
+    req = urllib.request.Request(f"{url}/chat/completions", data=json.dumps(body).encode(), method="POST",
+                                 headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+    try:
+        events, drained = [], None
+        with urllib.request.urlopen(req, timeout=60) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line:
+                    continue
+                events.append(line)
+                if drained is None and line.startswith("data: {"):
+                    drained = asyncio.run_coroutine_threadsafe(s.server.drain_and_stop(), s.loop)
+                    status, _, refused = post(f"{url}/completions", key, {"model": "default", "prompt": "x",
+                                                                         "max_tokens": 1})
+                    assert status == 503 and refused["error"]["type"] == "service_unavailable"
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        drained.result(60)
+    finally:
+        s.channel.close()
+        s.loop.call_soon_threadsafe(s.loop.stop)
+        s.thread.join(10)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{s.server.http_port}/health", timeout=5)
