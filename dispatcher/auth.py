@@ -262,7 +262,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         """One histogram sample and one JSON log line (refusals sampled) for a keyed call of any protocol;
         name: the gRPC status code's name (HTTP calls pass the code their status maps from)."""
         if self.metrics is not None:
-            self.metrics.rpc_seconds.labels(method=method.rsplit("/", 1)[-1], code=name).observe(seconds)
+            label = method if fields.get("protocol") == "http" else method.rsplit("/", 1)[-1]   # a route whole
+            self.metrics.rpc_seconds.labels(method=label, code=name).observe(seconds)
         extra = {}
         if name in REFUSALS:
             suppressed = self._refusals.admit()

@@ -216,8 +216,10 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
     from dispatcher.client import Client
 
     cache = tmp_path_factory.getbasetemp() / "smollm2-var"   # shared with other tests converting it
+    from tests.dispatcher.test_http_api import free_port
+
     s = RunningServer(tiny_server_config(tiny_checkpoint, cache, backbones="encoder,decoder",
-                                         decoder_kv_cache_mb=32))
+                                         decoder_kv_cache_mb=32, http_port=free_port()))
     try:
         key = s.register("acme")
         with Client(s.address, api_key=key) as c:
@@ -225,5 +227,11 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
                                      max_new_tokens=20, temperature=0))
         assert "".join(e["text"] for e in events) == "The capital of France is Paris."
         assert events[-1]["finish_reason"] == "stop"
+        openai = pytest.importorskip("openai")          # the README's three lines, over HTTP
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{s.server.http_port}/v1", api_key=key, max_retries=0)
+        answer = c.chat.completions.create(model="default", temperature=0,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert answer.choices[0].message.content == "The capital of France is Paris."
+        assert answer.choices[0].finish_reason == "stop"
     finally:
         s.stop()

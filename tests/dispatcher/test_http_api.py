@@ -77,6 +77,9 @@ def test_completion_equals_grpc_generate(http_server):
         assert out.object == "text_completion" and out.model == model
         assert out.choices[0].text == text and out.choices[0].finish_reason == "length"
         assert out.usage.completion_tokens == 8 and out.usage.prompt_tokens == final.usage.prompt_tokens
+    samples = s.app.metrics.registry.get_sample_value("vbert_rpc_duration_seconds_count",
+                                                      {"method": "/v1/completions", "code": "OK"})
+    assert samples >= 2                          # one histogram sample per HTTP call, labelled by route
     default_len = c.completions.create(model="default", prompt="hi", temperature=0,
                                        extra_body={"ignore_eos": True}).usage.completion_tokens
     assert default_len == 16                     # OpenAI's default max_tokens for completions
