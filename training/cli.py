@@ -16,6 +16,7 @@ from .recipes import help_lines
 # = vbert.config.LORA_TARGETS / vbert.adapters.BOTTLENECK_PLACEMENTS (not imported: importing vbert
 # pulls in torch, and every `vbert` command would start slower)
 LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BOTTLENECK_PLACEMENTS = ("attn_out", "ffn_out", "both")
 ATTENTION_LAYERS = ("first", "upper")                    # = training.distill.ATTENTION_LAYERS
 
@@ -58,20 +59,24 @@ TRAIN_EPILOG = "\b\nDefaults per task and adapter kind: the recipe that met the 
 
 
 @click.command("train", epilog=TRAIN_EPILOG)
-@click.option("--task", type=click.Choice(["classification", "ner"]), required=True,
-              help="classification: JSON lines {text, label}; ner: CoNLL (word first, IOB2 tag last column).")
+@click.option("--task", type=click.Choice(["classification", "ner", "generation"]), required=True,
+              help="classification: JSON lines {text, label}; ner: CoNLL (word first, IOB2 tag last column); "
+                   "generation: JSON lines {prompt, completion} or {messages}, a LoRA on the decoder.")
 @click.option("--train", "train_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--dev", "dev_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Dev file for model selection (default: a seeded slice of --train is held out).")
-@click.option("--adapter-kind", type=click.Choice(["bottleneck", "lora"]), default="bottleneck", show_default=True)
+@click.option("--adapter-kind", type=click.Choice(["bottleneck", "lora"]), default=None,
+              help="Default: bottleneck (generation: lora, the only kind).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (new or empty).")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Default: the recipe's (below).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--backbone", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Local HF BERT checkpoint dir (default: the embedded all-MiniLM-L6-v2).")
+              help="Local HF BERT checkpoint dir (default: the embedded all-MiniLM-L6-v2); generation: a local "
+                   "Llama-family checkpoint dir (default: SmolLM2-135M-Instruct, converted into DATA_DIR/models).")
 @click.option("--rank", default=None, type=click.IntRange(min=1), help="LoRA rank (default: the recipe's).")
 @click.option("--lora-targets", default=None,
-              help=f"LoRA target modules, a subset of {','.join(LORA_TARGETS)} (default: the recipe's).")
+              help=f"LoRA target modules, a subset of {','.join(LORA_TARGETS)} (generation: of "
+                   f"{','.join(DECODER_LORA_TARGETS)}; default: the recipe's).")
 @click.option("--alpha", default=None, type=click.FloatRange(min=0, min_open=True),
               help="LoRA alpha (scale = alpha / rank; default 2 * rank).")
 @click.option("--bottleneck-size", default=None, type=click.IntRange(min=1), help="Default: the recipe's.")
@@ -89,12 +94,14 @@ TRAIN_EPILOG = "\b\nDefaults per task and adapter kind: the recipe that met the 
 @click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("--dropout", default=None, type=click.FloatRange(0, 1, max_open=True),
               help="Dropout while training: the frozen backbone's hidden and attention dropout and the head's "
-                   "input (0: off; default: the recipe's). Serving never drops anything.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
-              help="Sub-tokens per training example, [CLS] and [SEP] included.")
+                   "input (0: off; default: the recipe's); generation: LoRA dropout (default 0). Serving never "
+                   "drops anything.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Default 32 (generation: 8).")
+@click.option("--max-length", default=None, type=click.IntRange(min=2),
+              help="Sub-tokens per training example, [CLS] and [SEP] included (default 128); generation: prompt + "
+                   "completion + end-of-sequence tokens (default 512; longer prompts keep their last tokens).")
 @click.option("--patience", default=None, type=click.IntRange(min=1),
-              help="Stop after N epochs without a better dev metric (macro-F1 / span F1).")
+              help="Stop after N epochs without a better dev metric (macro-F1 / span F1; generation: dev loss).")
 @click.option("--full-finetune", is_flag=True,
               help="Reference run: train every backbone weight; writes a HF checkpoint + head, not an adapter.")
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
@@ -125,7 +132,9 @@ TRAIN_EPILOG = "\b\nDefaults per task and adapter kind: the recipe that met the 
 @click.option("--adapter", "adapter_name", default=None, help="With --register: the adapter's name.")
 @click.option("--admin-token", envvar="VBERT_ADMIN_TOKEN", default=None,
               help="With --register: admin token (else VBERT_ADMIN_TOKEN, else DATA_DIR/admin_token).")
-@click.option("--data-dir", default="./var", show_default=True, help="With --register: the server's data directory.")
+@click.option("--data-dir", default="./var", show_default=True,
+              help="With --register: the server's data directory; generation: the default decoder's conversion is "
+                   "cached in DATA_DIR/models, where the server keeps it.")
 def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, backbone, rank, lora_targets, alpha,
                   bottleneck_size, bottleneck_placement, layers, lr, schedule, warmup, weight_decay, dropout,
                   batch_size, max_length, patience, full_finetune, pooling, dev_fraction, group_by_length, skip_shallow,
@@ -135,6 +144,12 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
     from .model import AdapterConfig
     from .train import TrainConfig, check_output_dir, train
 
+    if task == "generation":
+        _train_generation(**{k: v for k, v in locals().items() if k != "task"})
+        return
+    adapter_kind = adapter_kind or "bottleneck"
+    batch_size = 32 if batch_size is None else batch_size
+    max_length = 128 if max_length is None else max_length
     if register:
         if full_finetune:
             raise click.UsageError("--register uploads adapters; a --full-finetune checkpoint cannot be served")
@@ -164,14 +179,62 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
     except (ValueError, FileExistsError) as e:   # DataError (a ValueError), --layers above the backbone's...
         raise click.ClickException(str(e))
     if register:
-        from dispatcher.client import Client, VbertError
+        _register(server, token, tenant, adapter_name, result.path)
 
-        try:
-            with Client(server, admin_token=token) as client:
-                info = client.upload_adapter(tenant, adapter_name, result.path)
-        except VbertError as e:
-            _exit_on_remote_error(e)
-        click.echo(f"registered {tenant}/{info['name']} version {info['version']} on {server}")
+
+def _register(server: str, token: str, tenant: str, adapter_name: str, path) -> None:
+    from dispatcher.client import Client, VbertError
+
+    try:
+        with Client(server, admin_token=token) as client:
+            info = client.upload_adapter(tenant, adapter_name, path)
+    except VbertError as e:
+        _exit_on_remote_error(e)
+    click.echo(f"registered {tenant}/{info['name']} version {info['version']} on {server}")
+
+
+# flags of the encoder tasks only: (parameter, flag), refused with --task generation when given
+_ENCODER_ONLY = (("bottleneck_size", "--bottleneck-size"), ("bottleneck_placement", "--bottleneck-placement"),
+                 ("layers", "--layers"), ("skip_shallow", "--skip-shallow"), ("skip_table_file", "--skip-table-file"))
+
+
+def _train_generation(train_path, dev_path, adapter_kind, out, epochs, seed, backbone, rank, lora_targets, alpha,
+                      lr, schedule, warmup, weight_decay, dropout, batch_size, max_length, patience, full_finetune,
+                      dev_fraction, group_by_length, threads, device, progress, register, server, tenant,
+                      adapter_name, admin_token, data_dir, **encoder_only) -> None:
+    """`vbert train --task generation`: a LoRA on the decoder (training/generation.py)."""
+    given = [flag for name, flag in _ENCODER_ONLY if encoder_only.get(name) is not None]
+    given += ["--full-finetune"] * bool(full_finetune) + ["--adapter-kind bottleneck"] * (adapter_kind == "bottleneck")
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: not for --task generation (a LoRA on the decoder)")
+    if register:
+        if not tenant or not adapter_name:
+            raise click.UsageError("--register needs --tenant and --adapter")
+        token = _admin_token(admin_token, data_dir)
+    from .generation import GenerationTrainConfig, train_generation
+    from .train import check_output_dir
+
+    targets = None
+    if lora_targets is not None:
+        targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    try:
+        config = GenerationTrainConfig(
+            train_path=train_path, out=out, dev_path=dev_path, backbone=backbone,
+            cache_dir=str(Path(data_dir) / "models"), epochs=epochs, seed=seed, lr=lr, rank=rank, alpha=alpha,
+            targets=targets, dropout=dropout or 0.0, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
+            batch_size=batch_size or 8, max_length=max_length or 512, patience=patience, threads=threads,
+            device=device, dev_fraction=dev_fraction, group_by_length=group_by_length, show_progress=progress)
+        check_output_dir(out)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e))
+    if not progress:
+        _quiet_transformers()
+    try:
+        result = train_generation(config, echo=click.echo)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:   # DataError, an unsupported decoder, ...
+        raise click.ClickException(str(e))
+    if register:
+        _register(server, token, tenant, adapter_name, result.path)
 
 
 @click.command("evaluate")
@@ -195,7 +258,8 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
 @click.option("--dtype", default="float32", show_default=True, help="float32, float16, bfloat16 (CUDA) or auto.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-length", default=512, show_default=True, type=click.IntRange(min=2),
-              help="Sub-tokens per text, as the server cuts them (its max_tokens_per_text).")
+              help="Sub-tokens per text, as the server cuts them (its max_tokens_per_text); decoder adapters "
+                   "in-process: a longer prompt keeps its last N tokens.")
 @click.option("--skip-shallow", default=None, type=click.Path(exists=True, file_okay=False),
               help="Score in skip mode (in-process): the shallow layers from `vbert distill`.")
 @click.option("--skip-table", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -203,13 +267,28 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
 @click.option("--skip-mode", type=click.Choice(["exact", "fallback"]), default="exact", show_default=True,
               help="exact: table misses computed by the shallow layers; fallback: bigram/unigram entries "
                    "(approximate).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Decoder adapters: tokens generated per example at most (greedy).")
+@click.option("--predictions", "predictions_path", default=None, type=click.Path(dir_okay=False),
+              help="Decoder adapters: also write each example's completion and prediction here (JSON lines).")
+@click.option("--data-dir", default="./var", show_default=True,
+              help="Decoder adapters in-process: the default decoder's conversion is cached in DATA_DIR/models.")
 def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_adapter, tls_ca, request_size,
-                     backbone, device, dtype, batch_size, max_length, skip_shallow, skip_table, skip_mode) -> None:
-    """Score an adapter on a test file (in-process, or against a running server)."""
+                     backbone, device, dtype, batch_size, max_length, skip_shallow, skip_table, skip_mode,
+                     max_new_tokens, predictions_path, data_dir) -> None:
+    """Score an adapter on a test file (in-process, or against a running server). A decoder adapter (from
+    `vbert train --task generation`) is scored on its greedy outputs: exact match, token F1, ROUGE-L."""
     from dispatcher.client import VbertError
 
     from .evaluate import EvaluateConfig, evaluate
+    from .generation_eval import is_generation_adapter
 
+    if is_generation_adapter(adapter_dir):
+        if skip_shallow is not None:
+            raise click.UsageError("--skip-shallow is for encoder adapters, not a decoder adapter")
+        _evaluate_generation(adapter_dir, test_path, json_path, server, api_key, tenant_adapter, tls_ca, backbone,
+                             device, batch_size, max_length, max_new_tokens, predictions_path, data_dir)
+        return
     try:
         config = EvaluateConfig(adapter_dir=adapter_dir, test_path=test_path, backbone=backbone, device=device,
                                 dtype=dtype, batch_size=batch_size, max_length=max_length, server=server,
@@ -227,6 +306,34 @@ def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_
         raise click.ClickException(str(e))
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    click.echo(json.dumps(metrics))
+
+
+def _evaluate_generation(adapter_dir, test_path, json_path, server, api_key, tenant_adapter, tls_ca, backbone,
+                         device, batch_size, max_length, max_new_tokens, predictions_path, data_dir) -> None:
+    from dispatcher.client import VbertError
+
+    from .generation_eval import GenerationEvaluateConfig, evaluate_generation
+
+    try:
+        config = GenerationEvaluateConfig(
+            adapter_dir=adapter_dir, test_path=test_path, backbone=backbone, cache_dir=str(Path(data_dir) / "models"),
+            device=device, max_new_tokens=max_new_tokens, max_prompt_tokens=max_length, batch_size=min(batch_size, 8),
+            server=server, api_key=api_key, tenant_adapter=tenant_adapter, tls_ca=tls_ca)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    _quiet_transformers()
+    try:
+        metrics, predictions = evaluate_generation(config)
+    except VbertError as e:
+        _exit_on_remote_error(e)
+    except (ValueError, FileNotFoundError) as e:   # DataError, AdapterError, a decoder that does not load
+        raise click.ClickException(str(e))
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    if predictions_path is not None:
+        Path(predictions_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(predictions_path).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     click.echo(json.dumps(metrics))
 
 

@@ -56,6 +56,13 @@ RECIPES: dict[tuple[str, str], Recipe] = {
         epochs=10, lr=1e-4, dropout=0.1, row="full-drop: the reference, 82.77 mean of seeds 0 and 1"),
 }
 
+# `vbert train --task generation` (a decoder LoRA): common LoRA fine-tuning settings, NOT measured on a real
+# task yet (docs/training.md, "Generative adapters"); rank 8 on every projection the server serves.
+GENERATION_RECIPE = Recipe(
+    epochs=3, lr=2e-4, dropout=0.0, rank=8,
+    targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    row="not measured yet")
+
 FORMER_DEFAULTS = ("--epochs 3 --lr 1e-3 (--full-finetune: 5e-5) --dropout 0 --bottleneck-size 64 "
                    "--bottleneck-placement attn_out --rank 8 --lora-targets query,key,value,attn_out")
 
@@ -79,6 +86,9 @@ def help_lines() -> list[str]:
                 "lora": f"LoRA rank {r.rank} on {','.join(r.targets)}", "none": "--full-finetune"}[kind]
         serving = f"; the server needs {r.serving}" if r.serving else ""
         out.append(f"{task}, {what}: {r.epochs} epochs, lr {r.lr:g}, dropout {r.dropout:g} ({r.row}{serving})")
+    g = GENERATION_RECIPE
+    out.append(f"generation, LoRA rank {g.rank} on {','.join(g.targets)}: {g.epochs} epochs, lr {g.lr:g}, batch 8, "
+               f"max length 512 ({g.row})")
     return out + [f"before 2026-12-05 every task had: {FORMER_DEFAULTS}"]
 
 
