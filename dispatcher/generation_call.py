@@ -85,8 +85,12 @@ class Generation:
             async for event in self._stream:
                 yield event
         finally:
-            if not self._stream.is_done:
-                self.app.generation.cancel(self.request.request_id)
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Cancel the request unless it has finished (idempotent; also for a stream never read)."""
+        if not self._stream.is_done:
+            self.app.generation.cancel(self.request.request_id)
 
 
 async def start_generation(app, tenant: Tenant, params: GenerateParams, time_remaining: float | None,

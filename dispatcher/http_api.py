@@ -263,8 +263,8 @@ def create_http_app(app, interceptor) -> FastAPI:
         interceptor.record_call(method, code, time.perf_counter() - started, protocol="http", http_status=status)
 
     async def handle(request: Request, method: str, work) -> JSONResponse | StreamingResponse:
-        """Run `work(tenant, body)`: a dict (JSON response) or an async iterator of bytes (SSE stream, which
-        keeps the call slot until it ends). Every error -> error_response."""
+        """Run `work(tenant, body)`: a dict (JSON response) or (async iterator of SSE bytes, its Generation):
+        a stream, which keeps the call slot until it ends. Every error -> error_response."""
         started, release, rid = time.perf_counter(), None, "-"
         try:
             tenant, release = await enter(request, method)
@@ -281,23 +281,33 @@ def create_http_app(app, interceptor) -> FastAPI:
             release()
             finish(method, started, None)
             return JSONResponse(result, headers={"x-request-id": rid})
+        chunks, gen = result
+        outcome: list = []
+
+        def done() -> None:
+            """Once: cancel the generation if it has not finished, give the slot back, record the call.
+            Runs when the stream ends, fails, or never started (the client left before the first byte)."""
+            if outcome and outcome[-1] == "done":
+                return
+            gen.cancel()
+            release()
+            finish(method, started, outcome[0] if outcome else None)
+            outcome.append("done")
 
         async def body_iter():
-            exc = None
             try:
-                async for chunk in result:
+                async for chunk in chunks:
                     yield chunk
             except Exception as e:  # noqa: BLE001 - the stream has begun: an error event, then the end
-                exc = e
+                outcome.insert(0, e)
                 code, message, _ = status_of(e)
                 kind = HTTP_OF.get(code, (500, "server_error"))[1]
                 yield _sse({"error": {"message": message or code.name.lower(), "type": kind, "param": None,
                                       "code": code.name.lower()}})
             finally:
-                release()
-                finish(method, started, exc)
-        return StreamingResponse(body_iter(), media_type="text/event-stream",
-                                 headers={"x-request-id": rid, "cache-control": "no-cache"})
+                done()
+        return _EventStream(body_iter(), done, media_type="text/event-stream",
+                            headers={"x-request-id": rid, "cache-control": "no-cache"})
 
     # -- generation -------------------------------------------------------------------------------------
     async def generate(tenant, params: GenerateParams, rpc: str):
@@ -340,7 +350,7 @@ def create_http_app(app, interceptor) -> FastAPI:
                         if usage_too:
                             yield _sse({**base, "choices": [], "usage": _usage(ev)})
                 yield b"data: [DONE]\n\n"
-            return chunks()
+            return chunks(), gen
         return await handle(request, "/v1/completions", work)
 
     async def chat_completions(request: Request):
@@ -381,7 +391,7 @@ def create_http_app(app, interceptor) -> FastAPI:
                         if usage_too:
                             yield _sse({**base, "choices": [], "usage": _usage(ev)})
                 yield b"data: [DONE]\n\n"
-            return chunks()
+            return chunks(), gen
         return await handle(request, "/v1/chat/completions", work)
 
     # -- embeddings -----------------------------------------------------------------------------------
@@ -497,6 +507,21 @@ def _embedding_inputs(body: dict, max_inputs: int, vocab_size: int) -> list:
         else:
             raise _Param("input", f"input {i}: expected a non-empty string or list of token ids")
     return value
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent event stream whose cleanup runs however the response ends, even when the client
+    left before its first byte (then the body iterator never starts, and its own `finally` never runs)."""
+
+    def __init__(self, content, cleanup, **kw):
+        super().__init__(content, **kw)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
 
 
 class HttpServer:

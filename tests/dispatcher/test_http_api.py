@@ -205,3 +205,27 @@ def test_drain_finishes_a_stream_and_refuses_new_requests(tiny_checkpoint, decod
         s.thread.join(10)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{s.server.http_port}/health", timeout=5)
+
+
+def test_client_leaving_a_stream_frees_its_blocks_and_slot(http_server):
+    import time
+
+    s = http_server
+    kv, free0 = s.app.decoder.kv, s.app.decoder.kv.num_free_blocks
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 150,
+            "temperature": 0, "ignore_eos": True}
+    req = urllib.request.Request(f"{s.base_url}/chat/completions", data=json.dumps(body).encode(), method="POST",
+                                 headers={"authorization": f"Bearer {s.keys['acme']}",
+                                          "content-type": "application/json"})
+    r = urllib.request.urlopen(req, timeout=30)
+    assert r.readline().startswith(b"data: {")
+    assert kv.num_free_blocks < free0                   # the request holds blocks while it streams
+    r.close()                                           # the client goes away mid-stream
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (kv.num_free_blocks != free0
+                                           or s.app.admission.stats()["num_keyed_in_flight"]):
+        time.sleep(0.02)
+    assert kv.num_free_blocks == free0 and s.app.admission.stats()["num_keyed_in_flight"] == 0
+    cancelled = s.app.metrics.registry.get_sample_value("vbert_generation_requests_total",
+                                                        {"finish_reason": "cancelled"})
+    assert cancelled >= 1
