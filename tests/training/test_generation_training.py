@@ -197,13 +197,16 @@ def test_evaluate_prints_exact_match_and_rouge(trained, data, tmp_path):
 
 def test_evaluate_against_a_server_gives_the_same_predictions(trained, decoder, data, tiny_checkpoint,
                                                                tmp_path):
-    from tests.dispatcher.conftest import RunningServer, tiny_server_config
+    from dispatcher.client import Client
+    from tests.dispatcher.conftest import ADMIN_TOKEN, RunningServer, tiny_server_config
 
     s = RunningServer(tiny_server_config(tiny_checkpoint, tmp_path / "var", decoder=str(decoder),
                                          decoder_kv_cache_mb=1, decoder_block_size=4))
     try:
         key = s.register("acme")
-        s.app.manager.upload_adapter("acme", "patterns", _load(trained))
+        with Client(s.address, admin_token=ADMIN_TOKEN) as admin:      # what `vbert adapter upload` does
+            info = admin.upload_adapter("acme", "patterns", trained)
+        assert info["backbone"] == "decoder"
         args = ["--adapter", str(trained), "--test", str(data["test"]), "--max-new-tokens", "8"]
         local = CliRunner().invoke(evaluate_command, args + ["--json", str(tmp_path / "a.json"), "--predictions",
                                                              str(tmp_path / "a.jsonl")])
@@ -215,12 +218,6 @@ def test_evaluate_against_a_server_gives_the_same_predictions(trained, decoder, 
         assert json.loads(remote.output.strip().splitlines()[-1])["mode"].startswith("server")
     finally:
         s.stop()
-
-
-def _load(path):
-    from vbert import load_artifact
-
-    return load_artifact(path)
 
 
 # -- metrics and the shared-data converters ------------------------------------------------------------
