@@ -321,15 +321,9 @@ def create_http_app(app, interceptor) -> FastAPI:
             gen = await generate(tenant, params, "/v1/completions")
             cid, created, model = f"cmpl-{_request_id.get()}", int(time.time()), params.adapter
             if not stream:
-                text, lps, result = [], [], None
-                async for ev in gen.events():
-                    if isinstance(ev, GenerationDelta):
-                        text.append(ev.text)
-                        lps += ev.logprobs
-                    else:
-                        result = ev
+                text, lps, result = await _collect(gen, request)
                 return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "text": "".join(text), "finish_reason": FINISH[result.finish_reason],
+                        "choices": [{"index": 0, "text": text, "finish_reason": FINISH[result.finish_reason],
                                      "logprobs": tokens.completion_logprobs(lps, 0) if opts["logprobs"] else None}],
                         "usage": _usage(result)}
 
@@ -361,15 +355,9 @@ def create_http_app(app, interceptor) -> FastAPI:
             cid, created, model = f"chatcmpl-{_request_id.get()}", int(time.time()), params.adapter
             top = opts["top_logprobs"]
             if not stream:
-                text, lps, result = [], [], None
-                async for ev in gen.events():
-                    if isinstance(ev, GenerationDelta):
-                        text.append(ev.text)
-                        lps += ev.logprobs
-                    else:
-                        result = ev
+                text, lps, result = await _collect(gen, request)
                 return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "logprobs": {"content": tokens.chat_logprobs(lps, top)} if opts["logprobs"]
                                      else None, "finish_reason": FINISH[result.finish_reason]}],
                         "usage": _usage(result)}
@@ -462,6 +450,31 @@ def create_http_app(app, interceptor) -> FastAPI:
     api.add_api_route("/v1/models/{model}", get_model, methods=["GET"])
     api.add_api_route("/health", health, methods=["GET"])
     return api
+
+
+DISCONNECT_POLL_S = 0.1
+
+
+async def _collect(gen, request: Request) -> tuple[str, list, GenerationResult]:
+    """A whole (non-streamed) generation: its text, log-probabilities and result. A client that goes away
+    meanwhile cancels it (checked every DISCONNECT_POLL_S), as a streamed one is."""
+    async def watch():
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        gen.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    text, lps, result = [], [], None
+    try:
+        async for ev in gen.events():
+            if isinstance(ev, GenerationDelta):
+                text.append(ev.text)
+                lps += ev.logprobs
+            else:
+                result = ev
+    finally:
+        watcher.cancel()
+    return "".join(text), lps, result
 
 
 async def _json_body(request: Request) -> dict:

@@ -229,3 +229,33 @@ def test_client_leaving_a_stream_frees_its_blocks_and_slot(http_server):
     cancelled = s.app.metrics.registry.get_sample_value("vbert_generation_requests_total",
                                                         {"finish_reason": "cancelled"})
     assert cancelled >= 1
+
+
+def test_client_leaving_a_whole_completion_cancels_it(http_server):
+    """A non-streamed completion whose client hangs up is cancelled (the tiny model finishes 240 tokens in
+    about half a second, so up to three attempts for one that is caught in flight)."""
+    import http.client
+    import time
+
+    s = http_server
+
+    def cancelled() -> float:
+        return s.app.metrics.registry.get_sample_value("vbert_generation_requests_total",
+                                                       {"finish_reason": "cancelled"}) or 0
+
+    before = cancelled()
+    for _ in range(3):
+        conn = http.client.HTTPConnection("127.0.0.1", s.server.http_port, timeout=10)
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "default", "prompt": "hi", "max_tokens": 240,
+                                                                 "temperature": 0, "ignore_eos": True}),
+                     headers={"authorization": f"Bearer {s.keys['acme']}", "content-type": "application/json"})
+        time.sleep(0.05)
+        conn.close()                                    # gone before the answer
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and s.app.admission.stats()["num_keyed_in_flight"]:
+            time.sleep(0.02)
+        assert s.app.admission.stats()["num_keyed_in_flight"] == 0     # the slot is back either way
+        time.sleep(0.1)                                 # the engine counts the finish after answering it
+        if cancelled() > before:
+            break
+    assert cancelled() >= before + 1
