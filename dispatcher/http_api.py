@@ -199,6 +199,56 @@ def _stream_options(body: dict) -> bool:
     return bool(options.get("include_usage", False))
 
 
+class _CompletionShape:
+    """/v1/completions: text choices, log-probabilities as tokens / token_logprobs / top_logprobs."""
+
+    route, id_prefix, object, chunk_object = "/v1/completions", "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, body: dict, tokens):
+        self.params, opts = completion_params(body)
+        self.tokens, self.logprobs, self.offset = tokens, opts["logprobs"], 0
+
+    def first(self) -> dict | None:
+        return None
+
+    def whole(self, text: str, lps) -> dict:
+        return {"text": text, "logprobs": self.tokens.completion_logprobs(lps, 0) if self.logprobs else None}
+
+    def delta(self, ev: GenerationDelta) -> dict:
+        lp = self.tokens.completion_logprobs(ev.logprobs, self.offset) if self.logprobs else None
+        self.offset += len(ev.text)
+        return {"text": ev.text, "logprobs": lp}
+
+    def end(self) -> dict:
+        return {"text": "", "logprobs": None}
+
+
+class _ChatShape:
+    """/v1/chat/completions: an assistant message (deltas when streamed), log-probabilities as content."""
+
+    route, id_prefix, object, chunk_object = ("/v1/chat/completions", "chatcmpl", "chat.completion",
+                                              "chat.completion.chunk")
+
+    def __init__(self, body: dict, tokens):
+        self.params, opts = chat_params(body)
+        self.tokens, self.logprobs, self.top = tokens, opts["logprobs"], opts["top_logprobs"]
+
+    def _lp(self, lps) -> dict | None:
+        return {"content": self.tokens.chat_logprobs(lps, self.top)} if self.logprobs else None
+
+    def first(self) -> dict | None:
+        return {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
+
+    def whole(self, text: str, lps) -> dict:
+        return {"message": {"role": "assistant", "content": text}, "logprobs": self._lp(lps)}
+
+    def delta(self, ev: GenerationDelta) -> dict:
+        return {"delta": {"content": ev.text}, "logprobs": self._lp(ev.logprobs)}
+
+    def end(self) -> dict:
+        return {"delta": {}, "logprobs": None}
+
+
 # -- responses ------------------------------------------------------------------------------------------
 class _Tokens:
     """Token strings for log-probabilities (each token decoded alone)."""
@@ -314,73 +364,45 @@ def create_http_app(app, interceptor) -> FastAPI:
         # HTTP has no deadline header of its own: the server's default_deadline_s applies
         return await start_generation(app, tenant, params, None, rpc=rpc)
 
-    async def completions(request: Request):
+    async def generation_route(request: Request, shape_of) -> JSONResponse | StreamingResponse:
+        """/v1/completions and /v1/chat/completions: the same call, answered in the route's shape."""
         async def work(tenant, body):
-            params, opts = completion_params(body)
+            shape = shape_of(body, tokens)
             stream, usage_too = bool(body.get("stream", False)), _stream_options(body)
-            gen = await generate(tenant, params, "/v1/completions")
-            cid, created, model = f"cmpl-{_request_id.get()}", int(time.time()), params.adapter
+            gen = await generate(tenant, shape.params, shape.route)
+            head = {"id": f"{shape.id_prefix}-{_request_id.get()}", "created": int(time.time()),
+                    "model": shape.params.adapter}
             if not stream:
                 text, lps, result = await _collect(gen, request)
-                return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "text": text, "finish_reason": FINISH[result.finish_reason],
-                                     "logprobs": tokens.completion_logprobs(lps, 0) if opts["logprobs"] else None}],
-                        "usage": _usage(result)}
+                return {**head, "object": shape.object, "usage": _usage(result),
+                        "choices": [{"index": 0, **shape.whole(text, lps),
+                                     "finish_reason": FINISH[result.finish_reason]}]}
 
             async def chunks() -> AsyncIterator[bytes]:
-                offset = 0
+                base = {**head, "object": shape.chunk_object}
+
+                def chunk(choice: dict, finish_reason=None) -> bytes:
+                    return _sse({**base, "choices": [{"index": 0, **choice, "finish_reason": finish_reason}]})
+                first = shape.first()
+                if first is not None:
+                    yield chunk(first)
                 async for ev in gen.events():
-                    base = {"id": cid, "object": "text_completion", "created": created, "model": model}
                     if isinstance(ev, GenerationDelta):
-                        if not ev.text and not ev.token_ids:
-                            continue
-                        lp = tokens.completion_logprobs(ev.logprobs, offset) if opts["logprobs"] else None
-                        offset += len(ev.text)
-                        yield _sse({**base, "choices": [{"index": 0, "text": ev.text, "logprobs": lp,
-                                                         "finish_reason": None}]})
+                        if ev.text or ev.token_ids:
+                            yield chunk(shape.delta(ev))
                     else:
-                        yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                                         "finish_reason": FINISH[ev.finish_reason]}]})
+                        yield chunk(shape.end(), FINISH[ev.finish_reason])
                         if usage_too:
                             yield _sse({**base, "choices": [], "usage": _usage(ev)})
                 yield b"data: [DONE]\n\n"
             return chunks(), gen
-        return await handle(request, "/v1/completions", work)
+        return await handle(request, shape_of.route, work)
+
+    async def completions(request: Request):
+        return await generation_route(request, _CompletionShape)
 
     async def chat_completions(request: Request):
-        async def work(tenant, body):
-            params, opts = chat_params(body)
-            stream, usage_too = bool(body.get("stream", False)), _stream_options(body)
-            gen = await generate(tenant, params, "/v1/chat/completions")
-            cid, created, model = f"chatcmpl-{_request_id.get()}", int(time.time()), params.adapter
-            top = opts["top_logprobs"]
-            if not stream:
-                text, lps, result = await _collect(gen, request)
-                return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "logprobs": {"content": tokens.chat_logprobs(lps, top)} if opts["logprobs"]
-                                     else None, "finish_reason": FINISH[result.finish_reason]}],
-                        "usage": _usage(result)}
-
-            async def chunks() -> AsyncIterator[bytes]:
-                base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-                yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]})
-                async for ev in gen.events():
-                    if isinstance(ev, GenerationDelta):
-                        if not ev.text and not ev.token_ids:
-                            continue
-                        lp = {"content": tokens.chat_logprobs(ev.logprobs, top)} if opts["logprobs"] else None
-                        yield _sse({**base, "choices": [{"index": 0, "delta": {"content": ev.text}, "logprobs": lp,
-                                                         "finish_reason": None}]})
-                    else:
-                        yield _sse({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                         "finish_reason": FINISH[ev.finish_reason]}]})
-                        if usage_too:
-                            yield _sse({**base, "choices": [], "usage": _usage(ev)})
-                yield b"data: [DONE]\n\n"
-            return chunks(), gen
-        return await handle(request, "/v1/chat/completions", work)
+        return await generation_route(request, _ChatShape)
 
     # -- embeddings -----------------------------------------------------------------------------------
     async def embeddings(request: Request):
