@@ -75,9 +75,10 @@ def _read_lines(path) -> list[tuple[int, str]]:
     return lines
 
 
-def read_classification(path) -> list[ClassificationExample]:
-    """Examples of a JSON-lines classification file, in file order."""
-    examples = []
+def read_json_objects(path) -> list[tuple[int, str, dict]]:
+    """(line number, "<path> line N", object) of every non-blank line of a JSON-lines file; DataError
+    naming the line for malformed JSON or a line that is not an object."""
+    out = []
     for number, text in _read_lines(path):
         if not text.strip():
             continue
@@ -88,6 +89,14 @@ def read_classification(path) -> list[ClassificationExample]:
             raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from e
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        out.append((number, where, record))
+    return out
+
+
+def read_classification(path) -> list[ClassificationExample]:
+    """Examples of a JSON-lines classification file, in file order."""
+    examples = []
+    for number, where, record in read_json_objects(path):
         body = record.get("text")
         if body is None:
             raise DataError(f"{where}: missing \"text\"")

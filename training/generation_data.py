@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .data import IGNORE_INDEX, DataError, _read_lines, read_classification, read_conll
+from .data import IGNORE_INDEX, DataError, read_classification, read_conll, read_json_objects
 
 CHAT_ROLES = ("system", "user", "assistant")          # = vbert.decoder_backbone.CHAT_ROLES (no torch import here)
 
@@ -82,16 +82,7 @@ def _messages(record: dict, where: str) -> tuple[tuple[tuple[str, str], ...], st
 def read_generation(path) -> list[GenerationExample]:
     """Examples of a generation JSON-lines file, in file order."""
     examples = []
-    for number, text in _read_lines(path):
-        if not text.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for number, where, record in read_json_objects(path):
         has_chat, has_prompt = "messages" in record, "prompt" in record or "completion" in record
         if has_chat and has_prompt:
             raise DataError(f"{where}: give either \"messages\" or \"prompt\" + \"completion\", not both")
