@@ -67,7 +67,48 @@ def generation_metrics(gold: Sequence[str], pred: Sequence[str]) -> dict:
         f1 += token_f1(g, p)
         rouge += scorer.score(g, p)["rougeL"].fmeasure if (g or p) else 1.0
     n = len(gold)
-    return {"exact_match": em / n, "token_f1": f1 / n, "rougeL_f": rouge / n, "num_examples": n}
+    return {"exact_match": em / n, "token_f1": f1 / n, "rougeL_f": rouge / n, "num_examples": n,
+            "items": item_f1(gold, pred), "label_macro_f1": label_macro_f1(gold, pred)}
+
+
+ITEM_SEPARATOR = " ; "      # = the list completions of training.generation_data (NCBI-disease mentions)
+NO_ITEMS = "none"
+
+
+def _items(text: str) -> Counter:
+    text = text.strip()
+    if not text or text.lower() == NO_ITEMS:
+        return Counter()
+    return Counter(t.strip() for t in text.split(ITEM_SEPARATOR.strip()) if t.strip())
+
+
+def item_f1(gold: Sequence[str], pred: Sequence[str]) -> dict:
+    """Micro precision / recall / F1 over the items of list-valued completions ("a ; b", "none" = no item),
+    exact item text: for generative NER, mention-level F1 (the encoder's span F1 compares spans by position
+    instead, so a mention repeated in a sentence counts once per occurrence here too)."""
+    tp = fp = fn = 0
+    for g, p in zip(gold, pred):
+        gi, pi = _items(g), _items(p)
+        tp += sum((gi & pi).values())
+        fp += sum((pi - gi).values())
+        fn += sum((gi - pi).values())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def label_macro_f1(gold: Sequence[str], pred: Sequence[str]) -> float:
+    """Macro-F1 over the distinct gold completions as labels (label-as-text tasks such as sci-cite; any
+    other prediction counts as wrong for every label)."""
+    labels = sorted({g.strip() for g in gold})
+    scores = []
+    for label in labels:
+        tp = sum(g.strip() == label and p.strip() == label for g, p in zip(gold, pred))
+        fp = sum(g.strip() != label and p.strip() == label for g, p in zip(gold, pred))
+        fn = sum(g.strip() == label and p.strip() != label for g, p in zip(gold, pred))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores)
 
 
 # -- evaluate ---------------------------------------------------------------------------------------

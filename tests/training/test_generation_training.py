@@ -227,6 +227,11 @@ def test_generation_metrics():
     assert m["token_f1"] == pytest.approx((1 + 0.8 + 0) / 3)
     assert m["rougeL_f"] == pytest.approx((1 + 0.8 + 0) / 3)
     assert token_f1("", "") == 1.0 and token_f1("a", "") == 0.0
+    items = generation_metrics(["cancer ; A - T", "none", "tumour"], ["cancer", "none", "tumour ; fever"])["items"]
+    assert items["precision"] == pytest.approx(2 / 3) and items["recall"] == pytest.approx(2 / 3)
+    labels = generation_metrics(["method", "result", "method", "background"], ["method", "method", "method", "x"])
+    # method: tp 2, fp 1, fn 0 -> 0.8; result: 0; background: 0
+    assert labels["label_macro_f1"] == pytest.approx(0.8 / 3)
 
 
 def test_entity_spans():
