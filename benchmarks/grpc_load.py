@@ -169,8 +169,11 @@ def client_main() -> int:
 
 
 class SubprocessClient:
-    def __init__(self, init: dict):
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--client-only"],
+    """A benchmark's client in a child process: `script --client-only`, JSON lines on stdin/stdout (the first
+    message configures it, then one job per line; benchmarks/http_load.py uses it too)."""
+
+    def __init__(self, init: dict, script: Path | None = None):
+        self.proc = subprocess.Popen([sys.executable, str(script or Path(__file__).resolve()), "--client-only"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._send(init)
         self._receive()
@@ -190,8 +193,11 @@ class SubprocessClient:
         return self._receive()
 
     def close(self) -> None:
-        self._send({"op": "exit"})
-        self.proc.wait(30)
+        try:
+            self._send({"op": "exit"})
+            self.proc.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
 
 
 class SameProcessClient:

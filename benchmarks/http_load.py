@@ -58,8 +58,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 DATA_DIR = ROOT.parent / "shared" / "data"
 PATHS = ("http", "grpc", "inprocess")
@@ -190,33 +191,11 @@ def client_main() -> int:
     return 0
 
 
-class SubprocessClient:
-    def __init__(self, init: dict):
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--client-only"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._send(init)
-        self._receive()
+def SubprocessClient(init: dict):   # noqa: N802 - stands for the class it makes
+    """The clients in a child process (this script with --client-only): grpc_load's JSON-lines pipe."""
+    from grpc_load import SubprocessClient as PipeClient
 
-    def _send(self, msg: dict) -> None:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-
-    def _receive(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"the client process ended (exit code {self.proc.wait()})")
-        return json.loads(line)
-
-    def run(self, job: dict) -> dict:
-        self._send(job)
-        return self._receive()
-
-    def close(self) -> None:
-        try:
-            self._send({"op": "exit"})
-            self.proc.wait(30)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
+    return PipeClient(init, script=Path(__file__).resolve())
 
 
 class SameProcessClient:
