@@ -62,6 +62,8 @@ for _p in (ROOT, ROOT / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from grpc_load import SubprocessClient as PipeClient, percentile  # noqa: E402 - after the path setup
+
 DATA_DIR = ROOT.parent / "shared" / "data"
 PATHS = ("http", "grpc", "inprocess")
 TARGETS = {"http_over_grpc": 0.9}
@@ -193,8 +195,6 @@ def client_main() -> int:
 
 def SubprocessClient(init: dict):   # noqa: N802 - stands for the class it makes
     """The clients in a child process (this script with --client-only): grpc_load's JSON-lines pipe."""
-    from grpc_load import SubprocessClient as PipeClient
-
     return PipeClient(init, script=Path(__file__).resolve())
 
 
@@ -344,16 +344,6 @@ def make_requests(server: OwnServer, num: int, num_tenants: int, max_tokens: int
 
 
 # -- statistics ------------------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    k = (len(values) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
 def summarize(records: list[dict]) -> dict:
     ok = [r for r in records if r["code"] == "OK"]
     seconds = max((r["end"] for r in records), default=0.0) - min((r["start"] for r in records), default=0.0)

@@ -312,21 +312,21 @@ def create_http_app(app, interceptor) -> FastAPI:
         code = "OK" if exc is None else status_of(exc)[0].name
         interceptor.record_call(method, code, time.perf_counter() - started, protocol="http", http_status=status)
 
-    async def handle(request: Request, method: str, work) -> JSONResponse | StreamingResponse:
+    async def handle(request: Request, method: str, work, has_body: bool = True) -> JSONResponse | StreamingResponse:
         """Run `work(tenant, body)`: a dict (JSON response) or (async iterator of SSE bytes, its Generation):
         a stream, which keeps the call slot until it ends. Every error -> error_response."""
-        started, release, rid = time.perf_counter(), None, "-"
+        started, release = time.perf_counter(), None
         try:
             tenant, release = await enter(request, method)
-            rid = _request_id.get()
-            body = {} if getattr(work, "no_body", False) else await _json_body(request)
+            body = await _json_body(request) if has_body else {}
             result = await work(tenant, body)
         except Exception as e:  # noqa: BLE001 - mapped to its status
             if release is not None:
                 release()
-            response = error_response(e, rid if rid != "-" else _request_id.get())
+            response = error_response(e, _request_id.get())
             finish(method, started, e, response.status_code)
             return response
+        rid = _request_id.get()
         if isinstance(result, dict):
             release()
             finish(method, started, None)
@@ -448,7 +448,7 @@ def create_http_app(app, interceptor) -> FastAPI:
             entries = [_model_entry(DEFAULT_ADAPTER, app.started, tenant.name, None)]
             entries += [_model_entry(r.name, r.created, tenant.name, r.backbone) for r in records if r.is_active]
             return {"object": "list", "data": entries}
-        return await handle(request, "/v1/models", _no_body(work))
+        return await handle(request, "/v1/models", work, has_body=False)
 
     async def get_model(request: Request, model: str):
         async def work(tenant, body):
@@ -459,7 +459,7 @@ def create_http_app(app, interceptor) -> FastAPI:
             if not active:
                 raise NotFoundError(f"tenant {tenant.name!r} has no active adapter {model!r}")
             return _model_entry(model, active[0].created, tenant.name, active[0].backbone)
-        return await handle(request, "/v1/models/{model}", _no_body(work))
+        return await handle(request, "/v1/models/{model}", work, has_body=False)
 
     async def health(request: Request):
         ok = app.is_accepting
@@ -515,12 +515,6 @@ def _peer(request: Request) -> str:
         return "unknown"
     host, port = request.client.host, request.client.port
     return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
-
-
-def _no_body(work):
-    """GET routes have no JSON body: handle() is given a stand-in request body."""
-    work.no_body = True
-    return work
 
 
 def _embedding_inputs(body: dict, max_inputs: int, vocab_size: int) -> list:
