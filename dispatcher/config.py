@@ -79,6 +79,8 @@ class ServerConfig:
     skip_default: str | None = None      # table of adapters that name none (default: the first)
     skip_mode: str = "exact"             # exact | fallback (approximate)
     skip_cache_entries: int = 16384      # computed misses kept per table
+    skip_route: str = "cost"             # cost (each row the cheaper way: table or real lower layers) | table | layers
+    skip_warm_budget: float = 0.0        # the table path may be predicted this much dearer and still chosen (warms the cache)
     # limits
     max_message_bytes: int = 16 << 20
     max_texts_per_request: int = 64
@@ -182,7 +184,8 @@ class ServerConfig:
             shallow, _, table = paths.partition(":")
             tables.append(SkipTableConfig(name.strip(), shallow, table or None))
         return SkipConfig(tuple(tables), mode=self.skip_mode, default=self.skip_default,
-                          miss_cache_entries=self.skip_cache_entries)
+                          miss_cache_entries=self.skip_cache_entries, route=self.skip_route,
+                          warm_budget=self.skip_warm_budget)
 
     def manager_config(self) -> ManagerConfig:
         return ManagerConfig.under(self.data_dir, cache=CacheConfig(host_budget_bytes=self.host_cache_mb << 20))

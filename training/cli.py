@@ -267,6 +267,9 @@ def _train_generation(train_path, dev_path, adapter_kind, out, epochs, seed, bac
 @click.option("--skip-mode", type=click.Choice(["exact", "fallback"]), default="exact", show_default=True,
               help="exact: table misses computed by the shallow layers; fallback: bigram/unigram entries "
                    "(approximate).")
+@click.option("--skip-route", type=click.Choice(["table", "layers", "cost"]), default="table", show_default=True,
+              help="With --skip-shallow: table scores the skip function itself; layers every row on the real lower "
+                   "layers (what the server's cost route gives rows of unseen text); cost as the server routes.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1),
               help="Decoder adapters: tokens generated per example at most (greedy).")
 @click.option("--predictions", "predictions_path", default=None, type=click.Path(dir_okay=False),
@@ -275,7 +278,7 @@ def _train_generation(train_path, dev_path, adapter_kind, out, epochs, seed, bac
               help="Decoder adapters in-process: the default decoder's conversion is cached in DATA_DIR/models.")
 def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_adapter, tls_ca, request_size,
                      backbone, device, dtype, batch_size, max_length, skip_shallow, skip_table, skip_mode,
-                     max_new_tokens, predictions_path, data_dir) -> None:
+                     skip_route, max_new_tokens, predictions_path, data_dir) -> None:
     """Score an adapter on a test file (in-process, or against a running server). A decoder adapter (from
     `vbert train --task generation`) is scored on its greedy outputs: exact match, token F1, ROUGE-L."""
     from dispatcher.client import VbertError
@@ -294,7 +297,7 @@ def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_
                                 dtype=dtype, batch_size=batch_size, max_length=max_length, server=server,
                                 api_key=api_key, tenant_adapter=tenant_adapter, request_size=request_size,
                                 tls_ca=tls_ca, skip_shallow=skip_shallow, skip_table=skip_table,
-                                skip_mode=skip_mode)
+                                skip_mode=skip_mode, skip_route=skip_route)
     except ValueError as e:
         raise click.UsageError(str(e))
     _quiet_transformers()

@@ -179,6 +179,7 @@ class EvaluateConfig:
     skip_shallow: str | None = None      # in-process skip mode: shallow layers (`vbert distill`) ...
     skip_table: str | None = None        # ... and their n-gram table file (None: computed, exact)
     skip_mode: str = "exact"
+    skip_route: str = "table"            # table: the skip function itself; layers: the real lower layers
 
     def __post_init__(self) -> None:
         if not Path(self.adapter_dir).is_dir():
@@ -227,7 +228,8 @@ def _fitting_model_config(artifact, backbone: str | None, device: str, dtype: st
     skip = SkipConfig()
     if config is not None and config.skip_shallow is not None:
         name = artifact.skip_table or "default"
-        skip = SkipConfig((SkipTableConfig(name, config.skip_shallow, config.skip_table),), mode=config.skip_mode)
+        skip = SkipConfig((SkipTableConfig(name, config.skip_shallow, config.skip_table),), mode=config.skip_mode,
+                          route=config.skip_route)
     return ModelConfig(backbone=BackboneConfig(path=backbone, device=device, dtype=dtype), pool=pool, skip=skip)
 
 

@@ -103,6 +103,7 @@ class BatchingConfig:
 
 
 SKIP_MODES = ("exact", "fallback")
+SKIP_ROUTES = ("cost", "table", "layers")
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,20 @@ class SkipConfig:
     default: the table of adapters that name none (trained on the full model) and of the bare
         backbone; default the first.
     miss_cache_entries: computed entries kept per table (each 3 x hidden values).
+    route: "cost" (exact mode: each row from the table or through the real lower layers, whichever
+        the measured costs predict cheaper, so skip mode is never predicted slower than the full
+        model), "table" (every row from the table, misses computed) or "layers" (every row through
+        the real lower layers: the full model's states, for comparison).
+    warm_budget: how much dearer (a fraction) the table path may be predicted and still be chosen,
+        so that it computes and caches the traffic's missing trigrams (0: never slower).
     """
 
     tables: tuple[SkipTableConfig, ...] = ()
     mode: str = "exact"
     default: str | None = None
     miss_cache_entries: int = 16384
+    route: str = "cost"
+    warm_budget: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in SKIP_MODES:
@@ -150,6 +159,10 @@ class SkipConfig:
             raise ValueError(f"default skip table {self.default!r} is not one of {names}")
         if self.miss_cache_entries < 1:
             raise ValueError(f"miss_cache_entries must be >= 1, got {self.miss_cache_entries}")
+        if self.route not in SKIP_ROUTES:
+            raise ValueError(f"skip route {self.route!r} is not one of {SKIP_ROUTES}")
+        if not 0 <= self.warm_budget <= 10:
+            raise ValueError(f"skip warm_budget must be in [0, 10], got {self.warm_budget}")
 
     @property
     def enabled(self) -> bool:

@@ -103,7 +103,10 @@ class MultiTenantModel:
         self.max_length = min(config.backbone.max_length, self.spec.max_position_embeddings)
         self.pool = AdapterPool(config.pool, self.spec, self.device, default_head_of(path))
         self._tokenizer = None
-        self.skip = self._open_skip(config.skip, enc) if config.skip.enabled else None
+        self.skip = None
+        if config.skip.enabled:
+            self.skip = self._open_skip(config.skip, enc)
+            self._lower_layers = self._real_lower(self.skip.skip_layers)
         self.pool.skip_check = self.check_skip     # every load (also the manager cache's) checks the mode
 
     def _open_skip(self, config, teacher):
@@ -111,7 +114,20 @@ class MultiTenantModel:
 
         tables = {t.name: open_table(t.name, t.shallow, t.table, teacher, self.device.device,
                                      config.miss_cache_entries) for t in config.tables}
-        return SkipRuntime(tables, config.mode, config.default)
+        runtime = SkipRuntime(tables, config.mode, config.default, route=config.route, warm_budget=config.warm_budget)
+        runtime.timed = not self.device.is_cuda        # wall-clock step times mean something on CPU only
+        if config.route == "cost" and config.mode == "exact":
+            runtime.calibrate(self._real_lower(runtime.skip_layers), self.max_length, self.device.device,
+                              self.device.synchronize)
+        return runtime
+
+    def _real_lower(self, skip_layers: int):
+        """The real lower layers (no adapters: skip mode refuses adapters there) for skip mode's rows
+        that are cheaper to compute than to look up: exactly the full model's layer-k states."""
+        def lower(ids: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            x = self.encoder.embed(ids, types)
+            return self.encoder.run_layers(x, mask, None, start=0, stop=skip_layers, has_padding=not bool(mask.all()))
+        return lower
 
     # -- tokenization -----------------------------------------------------------------------
     @property
@@ -245,7 +261,7 @@ class MultiTenantModel:
                                   has_padding=not bucket.is_full)                              # [B, L, H]
         else:                          # lower layers from the n-gram tables, the rest as usual
             lower = self.skip.lower_states(bucket.input_ids, bucket.token_type_ids, mask_t, bucket.tables,
-                                           dev.dtype)                                          # [B, L, H]
+                                           dev.dtype, self._lower_layers)                      # [B, L, H]
             hidden = self.encoder.run_layers(lower, mask_t, batch.layers, start=self.skip.skip_layers,
                                              has_padding=not bucket.is_full)
         pooled = pool_hidden(hidden, mask_t, batch.pooling, self.encoder.pooler)                # [B, H]
@@ -290,5 +306,7 @@ class MultiTenantModel:
                      "total_bytes": p.total_bytes()},
             "skip": None if self.skip is None else {
                 "skip_layers": self.skip.skip_layers, "mode": self.skip.mode, "default": self.skip.default,
+                "route": self.skip.route, "warm_budget": self.skip.warm_budget,
+                "costs": None if self.skip.costs is None else self.skip.costs.to_dict(),
                 "tables": self.skip.stats()},
         }

@@ -17,28 +17,39 @@ cache, and turns a padded batch into layer-k states: unique keys, one vectorized
 misses computed by the shallow layers (exact) or, in fallback mode, looked up as bigrams / unigrams
 (approximate). Shallow outputs are always rounded to the table's dtype, so the table, the miss
 path and the force-computed path produce identical values.
+
+Routing (exact mode): a trigram the table lacks costs three tokens through k shallow layers, a token of
+the full model one pass through the real lower layers, so a row of mostly unseen text is cheaper on the
+real layers. With route "cost" the runtime looks every row's keys up first and sends each row the
+cheaper way, from measured costs (SkipCosts: calibrated at start-up, then updated from the steps it
+times), so a batch is never predicted slower than the full model. A row on the real lower layers
+gets exactly the full model's layer-k states: for adapters trained on the full model that is exactly
+the full model; adapters trained in skip mode then see the teacher's states instead of the merged
+ones (docs/skip-mode.md measures what that costs).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .backbone import BackboneSpec, EncoderLayer
+from .config import SKIP_MODES, SKIP_ROUTES
 from .ngram import MissCache, NgramTable, TableError, fallback_keys, key_bits, load_table, pack, \
     trigram_ids, unpack, weights_hash
 
 SHALLOW_FORMAT = "vbert-shallow"
 SHALLOW_META = "shallow.json"
 SHALLOW_WEIGHTS = "shallow.safetensors"
-SKIP_MODES = ("exact", "fallback")
 TABLE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPUTE_CHUNK = 256            # trigrams per shallow forward, always (fewer are padded): one shape
 
@@ -216,13 +227,14 @@ def read_shallow_meta(path: str | Path) -> ShallowMeta:
 # -- computing table entries ---------------------------------------------------------------------
 @torch.inference_mode()
 def compute_entries(model: ShallowModel, keys: torch.Tensor, bits: int, dtype: torch.dtype,
-                    chunk: int = COMPUTE_CHUNK, progress=None) -> torch.Tensor:
+                    chunk: int = COMPUTE_CHUNK, progress=None, timings: dict | None = None) -> torch.Tensor:
     """Slot outputs of the trigrams `keys` [N] (int64), rounded to `dtype`: [N, 3, H].
     Every forward runs on exactly `chunk` trigrams (the last one padded), trigrams with an edge id
     (masked attention) and without one (no mask) in separate chunks: one shape and one path per key,
     so an entry's value does not depend on the batch it was computed in (tested bit for bit: table
     build, cache miss and training agree; with chunks of other sizes the CPU GEMMs of the real
-    backbone do differ in the last bits). A small miss set still pays a whole chunk."""
+    backbone do differ in the last bits). A small miss set still pays a whole chunk. `timings`, if
+    given, collects [seconds, chunks] under "chunk" and "edge_chunk" (wall time: CPU only)."""
     dev = model.word_embeddings.weight.device
     n, h = keys.shape[0], model.spec.hidden_size
     out = torch.empty((n, 3, h), dtype=dtype, device=dev)
@@ -230,6 +242,7 @@ def compute_entries(model: ShallowModel, keys: torch.Tensor, bits: int, dtype: t
     edged = (ids == model.edge_id).any(1)
     for has_edges in (False, True):                   # a key's path depends only on the key itself
         idx = edged.nonzero().squeeze(1) if has_edges else (~edged).nonzero().squeeze(1)
+        t0 = time.perf_counter()
         for start in range(0, idx.numel(), chunk):
             part_idx = idx[start:start + chunk]
             part = ids[part_idx]
@@ -239,6 +252,10 @@ def compute_entries(model: ShallowModel, keys: torch.Tensor, bits: int, dtype: t
             out[part_idx] = model.forward_ngrams(part, has_edges)[:m].to(dtype)
             if progress is not None:
                 progress.update(m)
+        if timings is not None and idx.numel():
+            slot = timings.setdefault("edge_chunk" if has_edges else "chunk", [0.0, 0])
+            slot[0] += time.perf_counter() - t0
+            slot[1] += math.ceil(idx.numel() / chunk)
     return out
 
 
@@ -251,10 +268,105 @@ class TableCounters:
     cache_hits: int = 0
     computed: int = 0             # misses computed by the shallow layers (exact)
     fallback: int = 0             # misses served by a bigram / unigram entry (approximate)
+    rows_table: int = 0           # rows served from this table (lookups + computed misses)
+    rows_layers: int = 0          # rows routed to the real lower layers (cheaper for them)
+    layer_tokens: int = 0         # real token positions of those rows
+    probed: int = 0               # unique keys looked up to route rows (every row, either way)
+    probed_known: int = 0         # of those, in the table or the miss cache
 
     def hit_rate(self) -> float:
         """Share of unique keys served without computing (table + miss cache)."""
         return (self.table_hits + self.cache_hits) / self.lookups if self.lookups else 0.0
+
+    def coverage(self) -> float:
+        """Share of the routed rows' unique keys that the table or the miss cache held (the hit rate
+        the traffic would have had on the table path, whichever way its rows went)."""
+        return self.probed_known / self.probed if self.probed else 0.0
+
+
+@dataclass
+class SkipCosts:
+    """Measured seconds of the two ways to a row's layer-k states (see SkipRuntime.calibrate).
+
+    chunk_s / edge_chunk_s: one compute chunk (COMPUTE_CHUNK trigrams) through the shallow layers,
+        without / with an edge id (a key always computes in whole chunks);
+    token_s: seconds per token of the real lower layers at a sequence length (measured lengths; others
+        interpolated linearly, clamped at the ends);
+    table_token_s: the table path's own cost per token (keys, lookup, gather, merge), 0 until timed.
+    """
+
+    chunk_s: float
+    edge_chunk_s: float
+    token_s: dict[int, float]
+    table_token_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.token_s:
+            raise SkipError("SkipCosts needs the real layers' cost at one sequence length at least")
+        self.token_s = dict(sorted((int(k), float(v)) for k, v in self.token_s.items()))
+
+    def layer_token_s(self, length: int) -> float:
+        """Seconds per token of the real lower layers in rows of `length` tokens."""
+        ks = list(self.token_s)
+        if length <= ks[0]:
+            return self.token_s[ks[0]]
+        for lo, hi in zip(ks, ks[1:]):
+            if length <= hi:
+                f = (length - lo) / (hi - lo)
+                return self.token_s[lo] * (1 - f) + self.token_s[hi] * f
+        return self.token_s[ks[-1]]
+
+    def misses_s(self, plain: float, edge: float) -> float:
+        """Seconds to compute `plain` trigrams without and `edge` with an edge id."""
+        return (math.ceil(plain / COMPUTE_CHUNK) * self.chunk_s
+                + math.ceil(edge / COMPUTE_CHUNK) * self.edge_chunk_s)
+
+    def choose_layers(self, plain: np.ndarray, edge: np.ndarray, tokens: np.ndarray, length: int,
+                      warm_budget: float = 0.0) -> np.ndarray:
+        """Which rows of one padded bucket (length `length`) go to the real lower layers: bool [B].
+        plain / edge [B]: each row's trigrams that neither the table nor the miss cache holds; tokens
+        [B]: its real tokens. Rows are taken in order of their miss cost, and the split with the least
+        predicted time wins (a tie keeps the table, which caches what it computes); warm_budget w lets
+        the table's side be up to (1 + w) times dearer and still be chosen, so it computes and caches
+        more of the traffic's trigrams (0: never predicted slower than the real layers)."""
+        b = len(tokens)
+        order = np.argsort(-(plain + edge), kind="stable")
+        p_rest = np.concatenate([np.cumsum(plain[order][::-1])[::-1], [0]])          # [B + 1]: rows k.. of order
+        e_rest = np.concatenate([np.cumsum(edge[order][::-1])[::-1], [0]])
+        t_rest = np.concatenate([np.cumsum(tokens[order][::-1])[::-1], [0]])
+        per_row = length * self.layer_token_s(length)
+        best_k, best = 0, math.inf
+        for k in range(b + 1):                          # the first k rows of `order` on the real layers
+            table = self.misses_s(p_rest[k], e_rest[k]) + self.table_token_s * t_rest[k]
+            total = table / (1.0 + warm_budget) + k * per_row
+            if total < best - 1e-12:
+                best_k, best = k, total
+        out = np.zeros(b, dtype=bool)
+        out[order[:best_k]] = True
+        return out
+
+    def observe(self, kind: str, seconds: float, count: float, length: int = 0, weight: float = 0.2) -> None:
+        """Fold a timed step into the estimate (exponential average): kind "layers" (count tokens at
+        `length`, credited to the nearest measured length), "chunk" / "edge_chunk" (count chunks) or
+        "table" (count tokens, the table path without its computed misses)."""
+        if count <= 0 or seconds < 0:
+            return
+        per = seconds / count
+        if kind == "layers":
+            key = min(self.token_s, key=lambda k: abs(k - length))
+            per *= self.token_s[key] / max(self.layer_token_s(length), 1e-12)   # as if measured at `key`
+            self.token_s[key] += weight * (per - self.token_s[key])
+        elif kind in ("chunk", "edge_chunk"):
+            name = "chunk_s" if kind == "chunk" else "edge_chunk_s"
+            setattr(self, name, getattr(self, name) + weight * (per - getattr(self, name)))
+        elif kind == "table":
+            self.table_token_s += weight * (per - self.table_token_s)
+        else:
+            raise ValueError(f"unknown cost kind {kind!r}")
+
+    def to_dict(self) -> dict:
+        return {"chunk_s": self.chunk_s, "edge_chunk_s": self.edge_chunk_s,
+                "token_s": {str(k): v for k, v in self.token_s.items()}, "table_token_s": self.table_token_s}
 
 
 class SkipTable:
@@ -268,8 +380,15 @@ class SkipTable:
         self.cache = MissCache(cache_entries, (3, shallow.spec.hidden_size), self.dtype, device)
         self.counters = TableCounters()
 
+    def known(self, keys: torch.Tensor) -> torch.Tensor:
+        """bool [N]: which keys the table or the miss cache holds (no counters, nothing computed)."""
+        found = self.cache.find(keys) >= 0
+        if self.table is not None:
+            found |= self.table.lookup(keys)[1]
+        return found
+
     @torch.inference_mode()
-    def slots(self, keys: torch.Tensor, mode: str, force: bool = False) -> torch.Tensor:
+    def slots(self, keys: torch.Tensor, mode: str, force: bool = False, timings: dict | None = None) -> torch.Tensor:
         """Slot outputs [N, 3, H] of unique trigram keys [N], from the table, the miss cache, or
         computed (exact mode, and anything fallback cannot find), computed ones cached."""
         c = self.counters
@@ -277,7 +396,7 @@ class SkipTable:
         c.lookups += n
         if force:
             c.computed += n
-            return compute_entries(self.shallow, keys, self.bits, self.dtype)
+            return compute_entries(self.shallow, keys, self.bits, self.dtype, timings=timings)
         out = None
         todo = torch.ones(n, dtype=torch.bool, device=keys.device)
         if self.table is not None:
@@ -309,7 +428,7 @@ class SkipTable:
             c.cache_hits += int(found.sum())
             idx = idx[~found]
             if idx.numel():
-                values = compute_entries(self.shallow, keys[idx], self.bits, self.dtype)
+                values = compute_entries(self.shallow, keys[idx], self.bits, self.dtype, timings=timings)
                 out[idx] = values
                 self.cache.insert(keys[idx], values)
                 c.computed += idx.numel()
@@ -319,21 +438,36 @@ class SkipTable:
         return (self.table.nbytes() if self.table is not None else 0) + self.cache.values.nbytes
 
 
+LowerLayers = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(input_ids, token_type_ids, mask) of some rows -> their layer-k states from the real lower layers."""
+
+
 class SkipRuntime:
     """The lower layers of skip mode for every configured table; rows of a batch may use different
-    tables (row_tables), and all rows then share the upper layers."""
+    tables (row_tables), and all rows then share the upper layers.
 
-    def __init__(self, tables: dict[str, SkipTable], mode: str = "exact", default: str | None = None):
+    route: "cost" (exact mode: each row the cheaper way, table or real lower layers, from `costs`),
+    "table" (every row from its table) or "layers" (every row on the real lower layers: the full
+    model's states). Fallback mode always uses the table (its misses cost no compute)."""
+
+    def __init__(self, tables: dict[str, SkipTable], mode: str = "exact", default: str | None = None,
+                 route: str = "cost", warm_budget: float = 0.0, costs: SkipCosts | None = None):
         if mode not in SKIP_MODES:
             raise SkipError(f"skip mode {mode!r} is not one of {SKIP_MODES}")
+        if route not in SKIP_ROUTES:
+            raise SkipError(f"skip route {route!r} is not one of {SKIP_ROUTES}")
         if not tables:
             raise SkipError("skip mode needs at least one table")
+        if warm_budget < 0:
+            raise SkipError(f"warm_budget must be >= 0, got {warm_budget}")
         layers = {t.meta.skip_layers for t in tables.values()}
         if len(layers) != 1:
             raise SkipError(f"all shallow layer sets must replace the same number of layers, got {sorted(layers)}")
         self.tables = tables
         self.names = list(tables)
-        self.mode = mode
+        self.mode, self.route, self.warm_budget = mode, route, warm_budget
+        self.costs = costs
+        self.timed = True             # fold measured step times into `costs` (wall clock: CPU only)
         self.default = default if default is not None else self.names[0]
         if self.default not in tables:
             raise SkipError(f"default table {self.default!r} is not one of {self.names}")
@@ -347,40 +481,163 @@ class SkipRuntime:
         return self.names.index(name)
 
     @torch.inference_mode()
+    def calibrate(self, lower: LowerLayers, max_length: int, device: torch.device, synchronize=lambda: None,
+                  tokens: int = 512) -> SkipCosts:
+        """Measure both ways once (a chunk of trigrams with and without an edge id; the real lower
+        layers at lengths 8, 16, ... max_length on about `tokens` tokens each) and keep them as
+        `costs`. `synchronize` waits for the device (CUDA) before a clock is read."""
+        table = self.tables[self.default]
+        vocab, edge = table.shallow.spec.vocab_size, table.shallow.edge_id
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (COMPUTE_CHUNK, 3), generator=g)
+        ids[ids == edge] = (edge + 1) % vocab
+
+        def best_of(fn, reps=2):
+            fn()                                       # warm-up: first calls allocate
+            times = []
+            for _ in range(reps):
+                synchronize()
+                t0 = time.perf_counter()
+                fn()
+                synchronize()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        plain = pack(ids, table.bits).to(device)
+        edged_ids = ids.clone()
+        edged_ids[:, 0] = edge
+        edged = pack(edged_ids, table.bits).to(device)
+        chunk_s = best_of(lambda: compute_entries(table.shallow, plain, table.bits, table.dtype))
+        edge_chunk_s = best_of(lambda: compute_entries(table.shallow, edged, table.bits, table.dtype))
+        token_s = {}
+        length = 8
+        while True:
+            length = min(length, max_length)
+            rows = max(1, tokens // length)
+            x = torch.randint(0, vocab, (rows, length), generator=g).to(device)
+            types = torch.zeros_like(x)
+            mask = torch.ones_like(x, dtype=torch.bool)
+            token_s[length] = best_of(lambda: lower(x, types, mask)) / (rows * length)
+            if length >= max_length:
+                break
+            length *= 2
+        self.costs = SkipCosts(chunk_s, edge_chunk_s, token_s)
+        return self.costs
+
+    @torch.inference_mode()
     def lower_states(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, mask: torch.Tensor,
-                     row_tables: Sequence[int] | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+                     row_tables: Sequence[int] | np.ndarray, dtype: torch.dtype,
+                     lower: LowerLayers | None = None) -> torch.Tensor:
         """The input of layer k for a padded batch: [B, L, H] in `dtype`. row_tables[b]: the index
-        (into self.names) of the table row b uses."""
+        (into self.names) of the table row b uses. `lower` runs the real lower layers (needed unless
+        the route is "table"); rows the route sends there get exactly the full model's states."""
         row_tables = np.asarray(row_tables, dtype=np.int64)
+        bsz, seq = input_ids.shape
+        route = self.route if lower is not None else "table"
+        if self.force or self.mode == "fallback":
+            route = "table"
+        if route == "cost" and self.costs is None:
+            raise SkipError("skip route 'cost' needs measured costs: call calibrate() first")
         used = np.unique(row_tables).tolist()
-        if len(used) == 1:                             # the common case: no row gathering at all
-            return self._lower(self.tables[self.names[used[0]]], input_ids, token_type_ids, mask).to(dtype)
-        h = next(iter(self.tables.values())).shallow.spec.hidden_size
-        out = torch.empty((*input_ids.shape, h), dtype=dtype, device=input_ids.device)
+        on_layers = np.zeros(bsz, dtype=bool)
+        groups = []                                    # (table, rows or None for all, keys [b, L])
         for t in used:
-            rows = torch.from_numpy(np.nonzero(row_tables == t)[0]).to(input_ids.device)
-            out[rows] = self._lower(self.tables[self.names[t]], input_ids[rows], token_type_ids[rows],
-                                    mask[rows]).to(dtype)
+            table = self.tables[self.names[t]]
+            rows = None if len(used) == 1 else np.nonzero(row_tables == t)[0]
+            if rows is None:
+                ids_t, mask_t = input_ids, mask
+            else:
+                r = torch.from_numpy(rows).to(input_ids.device)
+                ids_t, mask_t = input_ids[r], mask[r]
+            keys = pack(trigram_ids(ids_t, mask_t, table.shallow.edge_id), table.bits)                # [b, L]
+            if route == "layers":
+                choice = np.ones(ids_t.shape[0], dtype=bool)
+            elif route == "cost":
+                choice = self._choose(table, keys, mask_t, seq)
+            else:
+                choice = np.zeros(ids_t.shape[0], dtype=bool)
+            c = table.counters
+            c.rows_layers += int(choice.sum())
+            c.rows_table += int((~choice).sum())
+            c.layer_tokens += int(mask_t[torch.from_numpy(choice).to(mask_t.device)].sum()) if choice.any() else 0
+            if rows is None:
+                on_layers[:] = choice
+            else:
+                on_layers[rows] = choice
+            groups.append((table, rows, keys, choice))
+        if not on_layers.any() and len(groups) == 1:   # the common case: no row gathering at all
+            table, _, keys, _ = groups[0]
+            return self._timed_table(table, keys, token_type_ids, mask).to(dtype)
+        if on_layers.all():
+            return self._timed_layers(lower, input_ids, token_type_ids, mask, seq).to(dtype)
+        h = next(iter(self.tables.values())).shallow.spec.hidden_size
+        out = torch.empty((bsz, seq, h), dtype=dtype, device=input_ids.device)
+        for table, rows, keys, choice in groups:
+            idx = np.arange(bsz) if rows is None else rows
+            keep = ~choice
+            if not keep.any():
+                continue
+            r = torch.from_numpy(idx[keep]).to(input_ids.device)
+            k = torch.from_numpy(np.nonzero(keep)[0]).to(keys.device)
+            out[r] = self._timed_table(table, keys[k], token_type_ids[r], mask[r]).to(dtype)
+        if on_layers.any():
+            r = torch.from_numpy(np.nonzero(on_layers)[0]).to(input_ids.device)
+            out[r] = self._timed_layers(lower, input_ids[r], token_type_ids[r], mask[r], seq).to(dtype)
         return out
 
-    def _lower(self, table: SkipTable, ids: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Rows of one table: unique trigram keys, their slot outputs, merged -> [b, L, H] float32."""
-        bsz, seq = ids.shape
-        keys = pack(trigram_ids(ids, mask, table.shallow.edge_id), table.bits)                       # [b, L]
+    def _choose(self, table: SkipTable, keys: torch.Tensor, mask: torch.Tensor, seq: int) -> np.ndarray:
+        """Per row of one table: True where the real lower layers are predicted cheaper."""
+        unique, inverse = torch.unique(keys[mask], return_inverse=True)
+        known = table.known(unique)
+        c = table.counters
+        c.probed += unique.numel()
+        c.probed_known += int(known.sum())
+        missing = torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
+        missing[mask] = ~known[inverse]
+        edged = (unpack(keys, table.bits) == table.shallow.edge_id).any(-1) & mask                  # [b, L]
+        plain = (missing & ~edged).sum(1).cpu().numpy().astype(np.float64)
+        edge = (missing & edged).sum(1).cpu().numpy().astype(np.float64)
+        tokens = mask.sum(1).cpu().numpy().astype(np.float64)
+        return self.costs.choose_layers(plain, edge, tokens, seq, self.warm_budget)
+
+    def _timed_layers(self, lower: LowerLayers, ids, types, mask, seq: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = lower(ids, types, mask)
+        if self.timed and self.costs is not None:
+            self.costs.observe("layers", time.perf_counter() - t0, ids.shape[0] * seq, seq)
+        return out
+
+    def _timed_table(self, table: SkipTable, keys: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        timings = {} if self.timed and self.costs is not None else None
+        t0 = time.perf_counter()
+        out = self._lower(table, keys, types, mask, timings)
+        if timings is not None:
+            spent = time.perf_counter() - t0
+            for kind, (seconds, chunks) in timings.items():
+                self.costs.observe(kind, seconds, chunks)
+                spent -= seconds
+            self.costs.observe("table", max(spent, 0.0), keys.numel())
+        return out
+
+    def _lower(self, table: SkipTable, keys: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
+               timings: dict | None = None) -> torch.Tensor:
+        """Rows of one table (their trigram keys [b, L]): unique keys, their slot outputs, merged ->
+        [b, L, H] float32."""
+        bsz, seq = keys.shape
         all_real = bool(mask.all())
-        real_keys = keys.view(-1) if all_real else keys[mask]                                       # [n]
+        real_keys = keys.reshape(-1) if all_real else keys[mask]                                    # [n]
         unique, inverse = torch.unique(real_keys, return_inverse=True)
         table.counters.tokens += real_keys.numel()
-        values = table.slots(unique, self.mode, self.force)                                         # [U, 3, H]
+        values = table.slots(unique, self.mode, self.force, timings)                               # [U, 3, H]
         if all_real:
             slots = values[inverse].view(bsz, seq, 3, -1)
         else:
-            slots = torch.zeros((bsz, seq, *values.shape[1:]), dtype=values.dtype, device=ids.device)
+            slots = torch.zeros((bsz, seq, *values.shape[1:]), dtype=values.dtype, device=keys.device)
             slots[mask] = values[inverse]
         return table.shallow.merge(slots, types)
 
     def stats(self) -> dict:
-        return {name: {**asdict(t.counters), "hit_rate": t.counters.hit_rate(),
+        return {name: {**asdict(t.counters), "hit_rate": t.counters.hit_rate(), "coverage": t.counters.coverage(),
                        "table_entries": len(t.table.keys) if t.table is not None else 0,
                        "cache": t.cache.stats(), "bytes": t.nbytes()} for name, t in self.tables.items()}
 
@@ -397,6 +654,7 @@ def open_table(name: str, shallow_dir: str | Path, table_path: str | Path | None
     return SkipTable(name, model, meta, table, cache_entries, TABLE_DTYPES[dtype], device)
 
 
-__all__ = ["COMPUTE_CHUNK", "ShallowMeta", "ShallowModel", "SkipError", "SkipRuntime", "SkipTable",
+__all__ = ["COMPUTE_CHUNK", "SKIP_ROUTES", "ShallowMeta", "ShallowModel", "SkipCosts", "SkipError", "SkipRuntime",
+           "SkipTable",
            "TableCounters", "compute_entries", "load_shallow", "open_table", "read_shallow_meta", "save_shallow",
            "teacher_upper_hash"]

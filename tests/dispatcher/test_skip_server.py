@@ -18,7 +18,7 @@ from vbert import EncodeRow, save_artifact
 def server(setup, tmp_path):  # noqa: F811
     tables = ",".join(f"{n}={setup['shallow'][n]}:{setup['tables'][n]}" for n in ("a", "b"))
     s = RunningServer(tiny_server_config(setup["ckpt"], tmp_path / "data", skip=True, skip_tables=tables,
-                                         max_lora_rank=8))
+                                         skip_route="table", max_lora_rank=8))
     yield s
     s.stop()
 

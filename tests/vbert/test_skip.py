@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,8 @@ from vbert.adapters import AdapterError
 from vbert.backbone import Encoder
 from vbert.config import SkipConfig, SkipTableConfig
 from vbert.ngram import TableError, key_bits, load_table, pack, trigram_ids
-from vbert.skip import ShallowModel, SkipError, compute_entries, load_shallow, save_shallow, teacher_upper_hash
+from vbert.skip import (COMPUTE_CHUNK, ShallowModel, SkipCosts, SkipError, compute_entries, load_shallow,
+                        save_shallow, teacher_upper_hash)
 
 SKIP = 2                                     # of the tiny checkpoint's 3 layers
 
@@ -56,9 +58,9 @@ def setup(tmp_path_factory):
             "b": shallow_b}, "tables": tables}
 
 
-def skip_model(setup, names=("a",), tables=True, mode="exact", cache=4096) -> MultiTenantModel:
+def skip_model(setup, names=("a",), tables=True, mode="exact", cache=4096, route="table", warm=0.0) -> MultiTenantModel:
     cfg = SkipConfig(tuple(SkipTableConfig(n, str(setup["shallow"][n]), str(setup["tables"][n]) if tables else None)
-                           for n in names), mode=mode, miss_cache_entries=cache)
+                           for n in names), mode=mode, miss_cache_entries=cache, route=route, warm_budget=warm)
     return MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
                                         pool=tiny_pool_config(), skip=cfg))
 
@@ -164,6 +166,90 @@ def test_rows_of_two_tables_share_one_batch(setup):
             torch.testing.assert_close(out.logits, mixed[i].logits, atol=1e-5, rtol=1e-5)
     tables_used = both.skip.stats()
     assert tables_used["a"]["tokens"] > 0 and tables_used["b"]["tokens"] > 0
+
+
+def full_model(setup) -> MultiTenantModel:
+    return MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
+                                        pool=tiny_pool_config()))
+
+
+def test_choose_layers_takes_the_cheaper_way_per_row():
+    costs = SkipCosts(chunk_s=0.010, edge_chunk_s=0.012, token_s={8: 1e-5, 128: 2e-5})
+    assert costs.layer_token_s(68) == pytest.approx(1.5e-5)            # interpolated between measured lengths
+    tokens = np.full(4, 128.0)
+    none = np.zeros(4)
+    assert not costs.choose_layers(none, none, tokens, 128).any()      # all in the table: the table
+    # 2,000 misses per row: 8 chunks (80 ms) against 128 tokens x 20 us (2.6 ms) on the real layers
+    many = np.full(4, 2000.0)
+    assert costs.choose_layers(many, none, tokens, 128).all()
+    # a few misses in each row share one chunk (10 ms) < 4 rows on the real layers (10.2 ms): the table
+    few = np.full(4, 5.0)
+    assert not costs.choose_layers(few, none, tokens, 128).any()
+    # mixed: the row with the misses goes to the real layers, the others stay
+    mixed = np.array([0.0, 3000.0, 0.0, 0.0])
+    assert costs.choose_layers(mixed, none, tokens, 128).tolist() == [False, True, False, False]
+    # a warm budget lets the table be dearer (it caches what it computes)
+    one_row = np.array([300.0])
+    assert costs.choose_layers(one_row, np.zeros(1), np.array([128.0]), 128).all()          # 20 ms vs 2.6 ms
+    assert not costs.choose_layers(one_row, np.zeros(1), np.array([128.0]), 128, warm_budget=10).any()
+    costs.observe("layers", seconds=128 * 4e-5, count=128, length=128, weight=1.0)
+    assert costs.token_s[128] == pytest.approx(4e-5) and costs.token_s[8] == 1e-5
+    costs.observe("chunk", seconds=0.04, count=2, weight=0.5)
+    assert costs.chunk_s == pytest.approx(0.015)
+    with pytest.raises(SkipError):
+        SkipCosts(0.1, 0.1, {})
+
+
+def test_cost_route_sends_unseen_rows_to_the_real_lower_layers(setup):
+    model = skip_model(setup, route="cost")
+    costs = model.skip.costs                                         # calibrated at start-up
+    assert costs.chunk_s > 0 and costs.edge_chunk_s > 0 and all(v > 0 for v in costs.token_s.values())
+    assert max(costs.token_s) == model.max_length and model.info()["skip"]["costs"]["chunk_s"] == costs.chunk_s
+    model.skip.timed = False
+    model.skip.costs = SkipCosts(chunk_s=1.0, edge_chunk_s=1.0, token_s={8: 1e-6})   # misses: very dear
+    full, table_only = full_model(setup), skip_model(setup, route="table")
+    art = top_layers_artifact(model, "lora", classify(3), 5)
+    slots = [m.load_adapter(art) for m in (model, full, table_only)]
+    seen = setup["corpus"].read_text().splitlines()[:4]              # every trigram in the table
+    unseen = sentences(4, 77, TINY_WORDS[::-1])
+    texts = [t for pair in zip(seen, unseen) for t in pair]           # interleaved in one batch
+    out = model.forward(rows_of(model, texts, slots[0]))
+    want_full = full.forward(rows_of(full, texts, slots[1]))
+    want_table = table_only.forward(rows_of(table_only, texts, slots[2]))
+    for i, o in enumerate(out):
+        want = want_table[i] if i % 2 == 0 else want_full[i]          # seen: the table; unseen: the full model
+        torch.testing.assert_close(o.logits, want.logits, atol=1e-5, rtol=1e-5)
+    stats = model.skip.stats()["a"]
+    assert stats["rows_table"] == 4 and stats["rows_layers"] == 4 and stats["computed"] == 0
+    assert stats["layer_tokens"] == sum(len(ids) for ids in model.tokenize(unseen))
+    assert 0 < stats["coverage"] < 1 and stats["hit_rate"] == 1.0
+
+
+def test_cost_route_learns_from_the_steps_it_times(setup):
+    model = skip_model(setup, route="cost")
+    model.skip.costs = SkipCosts(chunk_s=1e-9, edge_chunk_s=1e-9, token_s={8: 1.0, 512: 1.0})   # wrong: layers dear
+    unseen = sentences(8, 55, TINY_WORDS[::-1])
+    model.forward(rows_of(model, unseen))                            # misses computed (predicted free) and timed
+    assert model.skip.costs.chunk_s > 1e-6                           # the measured chunk time replaced the guess
+    assert model.skip.stats()["a"]["computed"] > 0
+
+
+def test_layers_route_is_the_full_model(setup):
+    model, full = skip_model(setup, route="layers"), full_model(setup)
+    art = top_layers_artifact(model, "bottleneck", tag(4), 9)
+    texts = sentences(5, 31)
+    out = model.forward(rows_of(model, texts, model.load_adapter(art)))
+    ref = full.forward(rows_of(full, texts, full.load_adapter(art)))
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o.logits, r.logits, atol=1e-5, rtol=1e-5)
+    assert model.skip.stats()["a"]["rows_table"] == 0 and model.skip.costs is None
+
+
+def test_route_settings_are_validated(setup):
+    with pytest.raises(ValueError, match="skip route 'fast'"):
+        SkipConfig((SkipTableConfig("a", str(setup["shallow"]["a"])),), route="fast")
+    with pytest.raises(ValueError, match="warm_budget"):
+        SkipConfig((SkipTableConfig("a", str(setup["shallow"]["a"])),), warm_budget=-1)
 
 
 def test_adapters_that_cannot_run_in_this_mode_are_refused(setup):
