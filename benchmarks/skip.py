@@ -10,7 +10,14 @@ rotated): the full 6-layer model, and skip mode (k = 3 of 6) on
   held_out    test-set sentences packed into rows of --seq tokens (text the table has not seen; exact
               mode: misses computed by the shallow layers and cached)
   fallback    the held-out rows in fallback mode (misses -> bigram / unigram entries; approximate)
+Skip mode routes as the server does by default (route "cost": a row whose misses would cost more
+than the real lower layers runs those layers); held_out_table is the held-out rows with every row
+on the table (route "table", misses computed: what skip mode did before routing).
 Every row has exactly --seq real tokens (B x L, no padding); both models get the same rows.
+Then the warm stream (benchmarks/skip_stream.py, --stream-passes 0 to leave it out): the held-out
+test sets served in order, sentence by sentence in batches of --batch, --stream-passes times, by the
+full model and three skip contenders (route cost; route cost with --warm-budget; route table), timed
+side by side; coverage and skip / full per window of requests, and per pass.
 Without --shallow the shallow layers are the teacher's own lower layers (undistilled: the speed is
 the same, the outputs are not). Without --table one is built from --corpus into a temporary file.
 Writes the JSON (full_tokens_per_s, skip_tokens_per_s, skip_over_full, hit_rate, table_bytes, ...)
@@ -37,6 +44,8 @@ DATA = REPO.parent / "shared" / "data"
 DEFAULT_CORPUS = [DATA / "cls/sci-cite/train.txt", DATA / "cls/rct-20k/train.txt", DATA / "cls/chemprot/train.txt",
                   DATA / "ner/NCBI-disease/train.txt"]
 DEFAULT_HELD_OUT = [DATA / "cls/sci-cite/test.txt", DATA / "cls/rct-20k/test.txt", DATA / "ner/NCBI-disease/test.txt"]
+DEFAULT_STREAM = [DATA / "cls/sci-cite/test.txt", DATA / "cls/rct-20k/test.txt", DATA / "cls/chemprot/test.txt",
+                  DATA / "ner/NCBI-disease/test.txt"]
 
 
 def packed_rows(tokenizer, texts: list[str], seq: int, count: int) -> list[list[int]]:
@@ -78,7 +87,13 @@ def main() -> None:
     p.add_argument("--table", default=None, help="`vbert build-table` output (default: built from --corpus)")
     p.add_argument("--corpus", nargs="*", default=[str(x) for x in DEFAULT_CORPUS])
     p.add_argument("--held-out", nargs="*", default=[str(x) for x in DEFAULT_HELD_OUT])
-    p.add_argument("--budget-mb", type=float, default=512.0)
+    p.add_argument("--budget-mb", type=float, default=None, help="table budget (default: build-table's)")
+    p.add_argument("--cache-entries", type=int, default=None, help="miss cache entries (default: the server's)")
+    p.add_argument("--stream", nargs="*", default=[str(x) for x in DEFAULT_STREAM])
+    p.add_argument("--stream-passes", type=int, default=2)
+    p.add_argument("--stream-window", type=int, default=256, help="requests per point of the stream plot")
+    p.add_argument("--stream-max", type=int, default=None, help="requests of the stream at most (default all)")
+    p.add_argument("--warm-budget", type=float, default=0.5, help="the warming contender's skip_warm_budget")
     p.add_argument("--skip-layers", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
@@ -93,7 +108,15 @@ def main() -> None:
     from training.table import TableConfig, build_table
     from vbert import BackboneConfig, EncodeRow, ModelConfig, MultiTenantModel
     from vbert.backbone import Encoder
+    from dispatcher.config import ServerConfig
     from vbert.config import SkipConfig, SkipTableConfig, default_backbone_path
+
+    from skip_stream import plot_stream, run_stream
+
+    if args.budget_mb is None:
+        args.budget_mb = TableConfig.__dataclass_fields__["budget_mb"].default
+    if args.cache_entries is None:
+        args.cache_entries = ServerConfig.__dataclass_fields__["skip_cache_entries"].default
 
     tmp = tempfile.TemporaryDirectory(prefix="vbert-skip-bench-")
     teacher = Encoder.from_checkpoint(default_backbone_path())
@@ -107,11 +130,13 @@ def main() -> None:
 
     base = BackboneConfig(device="cpu", dtype="float32")
     full = MultiTenantModel(ModelConfig(backbone=base))
-    def skip_model(mode: str) -> MultiTenantModel:
+    def skip_model(mode: str, route: str = "cost", warm: float = 0.0) -> MultiTenantModel:
         return MultiTenantModel(ModelConfig(backbone=base, skip=SkipConfig(
-            (SkipTableConfig("bench", str(shallow), table_path),), mode=mode, miss_cache_entries=1 << 16)))
+            (SkipTableConfig("bench", str(shallow), table_path),), mode=mode, miss_cache_entries=args.cache_entries,
+            route=route, warm_budget=warm)))
 
-    skip = {"in_corpus": skip_model("exact"), "held_out": skip_model("exact"), "fallback": skip_model("fallback")}
+    skip = {"in_corpus": skip_model("exact"), "held_out": skip_model("exact"),
+            "held_out_table": skip_model("exact", "table"), "fallback": skip_model("fallback")}
     tok = full.tokenizer
     n = args.batch * (args.iters + args.warmup)
     corpus_texts = [t for f in args.corpus for t in read_corpus(f)]
@@ -123,6 +148,7 @@ def main() -> None:
         "skip_in_corpus": (skip["in_corpus"], "in_corpus"),
         "full_held_out": (full, "held_out"),
         "skip_held_out": (skip["held_out"], "held_out"),
+        "skip_held_out_table": (skip["held_out_table"], "held_out"),
         "skip_fallback": (skip["fallback"], "held_out"),
     }
     times = {name: [] for name in contenders}
@@ -149,9 +175,11 @@ def main() -> None:
     def measured(which: str) -> dict:
         """Counters of the measured iterations only (after warm-up)."""
         now, then = skip[which].skip.stats()["bench"], snapshots[which]["bench"]
-        d = {k: now[k] - then[k] for k in ("tokens", "lookups", "table_hits", "cache_hits", "computed", "fallback")}
+        d = {k: now[k] - then[k] for k in ("tokens", "lookups", "table_hits", "cache_hits", "computed", "fallback",
+                                            "rows_table", "rows_layers", "layer_tokens", "probed", "probed_known")}
         d["hit_rate"] = (d["table_hits"] + d["cache_hits"]) / d["lookups"] if d["lookups"] else 0.0
         d["table_hit_rate"] = d["table_hits"] / d["lookups"] if d["lookups"] else 0.0
+        d["coverage"] = d["probed_known"] / d["probed"] if d["probed"] else d["hit_rate"]
         return d
 
     table = skip["in_corpus"].skip.tables["bench"]
@@ -166,10 +194,14 @@ def main() -> None:
         "skip_over_full": tps["skip_in_corpus"] / tps["full"],
         "held_out": {"full_tokens_per_s": tps["full_held_out"], "skip_tokens_per_s": tps["skip_held_out"],
                      "skip_over_full": tps["skip_held_out"] / tps["full_held_out"],
+                     "table_route_tokens_per_s": tps["skip_held_out_table"],
+                     "table_route_over_full": tps["skip_held_out_table"] / tps["full_held_out"],
                      "fallback_tokens_per_s": tps["skip_fallback"],
                      "fallback_over_full": tps["skip_fallback"] / tps["full_held_out"]},
         "hit_rate": measured("in_corpus")["hit_rate"], "counters_in_corpus": measured("in_corpus"),
-        "counters_held_out": measured("held_out"), "counters_fallback": measured("fallback"),
+        "counters_held_out": measured("held_out"), "counters_held_out_table": measured("held_out_table"),
+        "counters_fallback": measured("fallback"), "budget_mb": args.budget_mb, "cache_entries": args.cache_entries,
+        "costs": skip["held_out"].skip.costs.to_dict(),
         "table_bytes": table.table.nbytes(), "table_entries": len(table.table.keys),
         "miss_cache_bytes": table.cache.values.nbytes,
         "seconds_median": {k: statistics.median(v) for k, v in times.items()},
@@ -179,8 +211,27 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot(result, tps, out.with_suffix(".png"))
-    print(json.dumps({k: result[k] for k in ("full_tokens_per_s", "skip_tokens_per_s", "skip_over_full", "hit_rate",
-                                             "table_bytes", "held_out")}, indent=2))
+    if args.stream_passes > 0:
+        del skip, contenders                                         # fresh models: a cold miss cache
+        texts = [t for f in args.stream for t in read_corpus(f)][:args.stream_max]
+        rows = full.tokenize(texts)
+        streamers = {"cost": skip_model("exact"), "cost_warm": skip_model("exact", "cost", args.warm_budget),
+                     "table": skip_model("exact", "table")}
+        stream = run_stream(full, streamers, rows, args.batch, args.stream_passes, args.stream_window, "bench")
+        stream["texts"] = [str(Path(f).relative_to(DATA)) if Path(f).is_relative_to(DATA) else f for f in args.stream]
+        stream["warm_budget"] = args.warm_budget
+        last = {n: stream["per_pass"][n][-1]["skip_over_full"] for n in streamers}
+        first = {n: stream["per_pass"][n][0]["skip_over_full"] for n in streamers}
+        result["stream"] = stream
+        result["stream_first_pass_over_full"] = first
+        result["stream_after_one_pass_over_full"] = last
+        out.write_text(json.dumps(result, indent=2))
+        plot_stream(stream, {"cost": "route cost (default)", "cost_warm": f"route cost, warm budget {args.warm_budget:g}",
+                             "table": "route table (every row on the table)"},
+                    out.with_name(out.stem + "-stream.png"))
+    print(json.dumps({k: result.get(k) for k in ("full_tokens_per_s", "skip_tokens_per_s", "skip_over_full", "hit_rate",
+                                                 "table_bytes", "held_out", "stream_first_pass_over_full",
+                                                 "stream_after_one_pass_over_full")}, indent=2))
 
 
 def plot(result: dict, tps: dict, path: Path) -> None:
@@ -189,10 +240,11 @@ def plot(result: dict, tps: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = ["full\n(in-corpus)", "skip\n(in-corpus)", "full\n(held-out)", "skip exact\n(held-out)",
-              "skip fallback\n(held-out)"]
-    values = [tps[k] for k in ("full", "skip_in_corpus", "full_held_out", "skip_held_out", "skip_fallback")]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(labels, values, color=["#888", "#2a7", "#888", "#2a7", "#7a2"])
+              "skip exact,\nall on table\n(held-out)", "skip fallback\n(held-out)"]
+    values = [tps[k] for k in ("full", "skip_in_corpus", "full_held_out", "skip_held_out", "skip_held_out_table",
+                               "skip_fallback")]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(labels, values, color=["#888", "#2a7", "#888", "#2a7", "#8c8", "#7a2"])
     ax.set_ylabel("tokens / s")
     ax.set_title(f"skip {result['skip_layers']} of {result['num_layers']} layers, B={result['batch']} "
                  f"L={result['seq']}: skip/full {result['skip_over_full']:.2f} (hit rate held-out "
