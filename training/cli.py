@@ -403,8 +403,9 @@ def distill_command(corpus, corpus_format, out, skip_layers, backbone, epochs, b
 @click.option("--corpus-format", type=click.Choice(["auto", "text", "jsonl", "conll"]), default="auto",
               show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Table file to write (must not exist).")
-@click.option("--budget-mb", default=512.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Memory the table may take (entries + index); the most frequent n-grams first.")
+@click.option("--budget-mb", default=1536.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Memory the table may take (entries + index); the most frequent n-grams first. The default "
+                   "holds every trigram of a corpus of about 20,000 sentences (docs/skip-mode.md: table size).")
 @click.option("--fallback-share", default=0.1, show_default=True, type=click.FloatRange(0, 1),
               help="Share of the budget (after unigrams) for bigram fallback entries; the rest holds trigrams.")
 @click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16", show_default=True)

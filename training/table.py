@@ -1,6 +1,6 @@
 """`vbert build-table`: precompute the shallow layers' outputs for a corpus's n-grams.
 
-    vbert build-table --shallow shallow/ --corpus a.txt --corpus b.jsonl --budget-mb 512 --out table.safetensors
+    vbert build-table --shallow shallow/ --corpus a.txt --corpus b.jsonl --out table.safetensors   # --budget-mb, default 1536
 
 Every token of every corpus sentence contributes its trigram (edge ids outside the sentence) and
 its three fallbacks (left bigram, right bigram, unigram). Unigrams go in first (so strict fallback
@@ -29,7 +29,7 @@ class TableConfig:
     shallow: str
     corpus: tuple[str, ...]
     out: str
-    budget_mb: float = 512.0
+    budget_mb: float = 1536.0          # every trigram of ~20,000 sentences (benchmarks/skip_coverage.py)
     fallback_share: float = 0.1        # of the budget after unigrams: bigram fallback entries
     dtype: str = "float16"
     max_length: int = 128
