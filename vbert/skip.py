@@ -150,6 +150,8 @@ class ShallowMeta:
     weights_hash: str             # ShallowModel.weights_hash()
     spec: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)   # how it was trained (corpus, steps, loss)
+    dtype: str = "float32"                        # of the stored weights (float16: a shipped export)
+    file_sha256: str | None = None                # of shallow.safetensors, checked at load when present
 
 
 def teacher_upper_hash(teacher, skip_layers: int) -> str:
@@ -159,23 +161,34 @@ def teacher_upper_hash(teacher, skip_layers: int) -> str:
 
 
 def save_shallow(model: ShallowModel, path: str | Path, backbone: str, teacher_hash: str,
-                 distill: dict | None = None) -> ShallowMeta:
-    """Write shallow.safetensors + shallow.json into directory `path` (atomically per file)."""
+                 distill: dict | None = None, dtype: str = "float32") -> ShallowMeta:
+    """Write shallow.safetensors + shallow.json into directory `path` (atomically per file). dtype
+    float16 / bfloat16 stores rounded weights (a shipped export): the recorded weights hash is that of
+    the rounded weights, which is what a load gives and what a table built from them records."""
     from safetensors.torch import save_file
 
+    if dtype not in TABLE_DTYPES:
+        raise SkipError(f"shallow dtype {dtype!r} is not one of {tuple(TABLE_DTYPES)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    meta = ShallowMeta(model.skip_layers, model.edge_id, backbone, teacher_hash, model.weights_hash(),
-                       asdict(model.spec), distill or {})
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    if dtype != "float32":                     # a rounded copy: its hash is what a load of the file gives
+        source = model.state_dict()
+        model = ShallowModel(model.spec, model.skip_layers, model.edge_id).float()
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                value.copy_(source[name].detach().cpu().to(TABLE_DTYPES[dtype]))
+    state = {k: v.detach().to(TABLE_DTYPES[dtype]).cpu().contiguous() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path, prefix=".shallow-", suffix=".tmp")
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": SHALLOW_FORMAT})
+        digest = _sha256(tmp)
         os.replace(tmp, path / SHALLOW_WEIGHTS)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    meta = ShallowMeta(model.skip_layers, model.edge_id, backbone, teacher_hash, model.weights_hash(),
+                       asdict(model.spec), distill or {}, dtype, digest)
     doc = {"format": SHALLOW_FORMAT, "version": 1, **asdict(meta)}
     tmp_meta = path / (SHALLOW_META + ".tmp")
     tmp_meta.write_text(json.dumps(doc, indent=2))
@@ -199,6 +212,9 @@ def load_shallow(path: str | Path, teacher=None) -> tuple[ShallowModel, ShallowM
             raise SkipError(f"{path}: shallow layers were distilled for other upper-layer weights "
                             f"({meta.teacher_hash[:12]}, this backbone has {got[:12]})")
     model = ShallowModel(spec, meta.skip_layers, meta.edge_id)
+    if meta.file_sha256 is not None and _sha256(path / SHALLOW_WEIGHTS) != meta.file_sha256:
+        raise SkipError(f"{path / SHALLOW_WEIGHTS}: sha256 differs from the one in {SHALLOW_META} (damaged or "
+                        f"replaced file)")
     try:
         state = load_file(str(path / SHALLOW_WEIGHTS))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
@@ -206,7 +222,7 @@ def load_shallow(path: str | Path, teacher=None) -> tuple[ShallowModel, ShallowM
     missing = set(model.state_dict()) - set(state)
     if missing:
         raise SkipError(f"{path / SHALLOW_WEIGHTS}: missing tensors {sorted(missing)[:5]}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True)     # float16 weights are widened into the float32 model
     if model.weights_hash() != meta.weights_hash:
         raise SkipError(f"{path}: weights do not match the hash in {SHALLOW_META} (corrupt or edited)")
     return model.eval().requires_grad_(False), meta
@@ -221,7 +237,32 @@ def read_shallow_meta(path: str | Path) -> ShallowMeta:
     doc = json.loads((path / SHALLOW_META).read_text())
     if doc.get("format") != SHALLOW_FORMAT:
         raise SkipError(f"{path / SHALLOW_META}: format {doc.get('format')!r} is not {SHALLOW_FORMAT!r}")
-    return ShallowMeta(**{k: doc[k] for k in ShallowMeta.__dataclass_fields__})
+    optional = {"dtype": "float32", "file_sha256": None}           # fields newer than the first format
+    try:
+        return ShallowMeta(**{k: doc[k] if k not in optional else doc.get(k, optional[k])
+                              for k in ShallowMeta.__dataclass_fields__})
+    except KeyError as e:
+        raise SkipError(f"{path / SHALLOW_META}: missing field {e}") from e
+
+
+def export_shallow(src: str | Path, dst: str | Path, dtype: str = "float16") -> ShallowMeta:
+    """A shippable copy of a `vbert distill` directory: weights rounded to `dtype`, their sha256 and
+    the rounded weights' hash in shallow.json (tables must be built from the export, not the source)."""
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise SkipError(f"{dst} exists and is not empty")
+    model, meta = load_shallow(src)
+    return save_shallow(model, dst, meta.backbone, meta.teacher_hash, meta.distill, dtype)
+
+
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # -- computing table entries ---------------------------------------------------------------------
@@ -656,5 +697,6 @@ def open_table(name: str, shallow_dir: str | Path, table_path: str | Path | None
 
 __all__ = ["COMPUTE_CHUNK", "SKIP_ROUTES", "ShallowMeta", "ShallowModel", "SkipCosts", "SkipError", "SkipRuntime",
            "SkipTable",
-           "TableCounters", "compute_entries", "load_shallow", "open_table", "read_shallow_meta", "save_shallow",
+           "TableCounters", "compute_entries", "export_shallow", "load_shallow", "open_table", "read_shallow_meta",
+           "save_shallow",
            "teacher_upper_hash"]

@@ -211,7 +211,8 @@ def test_adapter_trained_in_skip_mode_serves_what_training_saw(shallow, tiny_che
                             str(table), "--budget-mb", "1", "--backbone", str(tiny_checkpoint), "--no-progress"],
                    cwd=ROOT, check=True, capture_output=True)
     model = MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(tiny_checkpoint), device="cpu"),
-                                         skip=SkipConfig((SkipTableConfig("bio", str(shallow[0]), str(table)),))))
+                                         skip=SkipConfig((SkipTableConfig("bio", str(shallow[0]), str(table)),),
+                                                         route="table")))
     slot = model.load_adapter(art)
     rows = [e["input_ids"] for e in result.dev_encoded]
     served = model.forward([EncodeRow(r, slot) for r in rows])

@@ -17,8 +17,8 @@ from vbert.adapters import AdapterError
 from vbert.backbone import Encoder
 from vbert.config import SkipConfig, SkipTableConfig
 from vbert.ngram import TableError, key_bits, load_table, pack, trigram_ids
-from vbert.skip import (COMPUTE_CHUNK, ShallowModel, SkipCosts, SkipError, compute_entries, load_shallow,
-                        save_shallow, teacher_upper_hash)
+from vbert.skip import (ShallowModel, SkipCosts, SkipError, compute_entries, export_shallow, load_shallow,
+                        read_shallow_meta, save_shallow, teacher_upper_hash)
 
 SKIP = 2                                     # of the tiny checkpoint's 3 layers
 
@@ -250,6 +250,41 @@ def test_route_settings_are_validated(setup):
         SkipConfig((SkipTableConfig("a", str(setup["shallow"]["a"])),), route="fast")
     with pytest.raises(ValueError, match="warm_budget"):
         SkipConfig((SkipTableConfig("a", str(setup["shallow"]["a"])),), warm_budget=-1)
+
+
+def test_a_float16_export_loads_checks_its_sha256_and_builds_its_own_table(setup, tmp_path):
+    src = setup["shallow"]["a"]
+    meta = export_shallow(src, tmp_path / "ship")
+    assert meta.dtype == "float16" and len(meta.file_sha256) == 64
+    assert (tmp_path / "ship" / "shallow.safetensors").stat().st_size < 0.6 * (src / "shallow.safetensors").stat().st_size
+    model, loaded = load_shallow(tmp_path / "ship", setup["teacher"])   # same teacher check as the source
+    original, _ = load_shallow(src)
+    assert loaded == read_shallow_meta(tmp_path / "ship") and loaded.weights_hash != original.weights_hash()
+    for (name, a), b in zip(model.state_dict().items(), original.state_dict().values()):
+        assert torch.equal(a, b.half().float()), name                    # exactly the rounded weights
+    with pytest.raises(SkipError, match="not empty"):
+        export_shallow(src, tmp_path / "ship")
+    table = tmp_path / "ship-table.safetensors"                          # a table from the export, served
+    build_table(TableConfig(shallow=str(tmp_path / "ship"), corpus=(str(setup["corpus"]),), out=str(table),
+                            budget_mb=64, dtype="float32", backbone=str(setup["ckpt"]), show_progress=False),
+                echo=lambda s: None)
+    served = MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
+                                          pool=tiny_pool_config(), skip=SkipConfig(
+                                              (SkipTableConfig("a", str(tmp_path / "ship"), str(table)),),
+                                              route="table")))
+    texts = setup["corpus"].read_text().splitlines()[:5]
+    served.forward(rows_of(served, texts))
+    assert served.skip.stats()["a"]["hit_rate"] == 1.0
+    with pytest.raises(TableError):                                      # the source's table does not fit it
+        MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
+                                     pool=tiny_pool_config(), skip=SkipConfig(
+                                         (SkipTableConfig("a", str(tmp_path / "ship"), str(setup["tables"]["a"])),))))
+    weights = tmp_path / "ship" / "shallow.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SkipError, match="sha256"):
+        load_shallow(tmp_path / "ship")
 
 
 def test_adapters_that_cannot_run_in_this_mode_are_refused(setup):
