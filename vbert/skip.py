@@ -421,17 +421,22 @@ class SkipTable:
         self.cache = MissCache(cache_entries, (3, shallow.spec.hidden_size), self.dtype, device)
         self.counters = TableCounters()
 
-    def known(self, keys: torch.Tensor) -> torch.Tensor:
-        """bool [N]: which keys the table or the miss cache holds (no counters, nothing computed)."""
+    def known(self, keys: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """(bool [N]: which keys the table or the miss cache holds, the table lookup (pos, hit) or None
+        without a table, for `slots` to reuse). No counters, nothing computed."""
         found = self.cache.find(keys) >= 0
+        lookup = None
         if self.table is not None:
-            found |= self.table.lookup(keys)[1]
-        return found
+            lookup = self.table.lookup(keys)
+            found |= lookup[1]
+        return found, lookup
 
     @torch.inference_mode()
-    def slots(self, keys: torch.Tensor, mode: str, force: bool = False, timings: dict | None = None) -> torch.Tensor:
+    def slots(self, keys: torch.Tensor, mode: str, force: bool = False, timings: dict | None = None,
+              lookup: tuple | None = None) -> torch.Tensor:
         """Slot outputs [N, 3, H] of unique trigram keys [N], from the table, the miss cache, or
-        computed (exact mode, and anything fallback cannot find), computed ones cached."""
+        computed (exact mode, and anything fallback cannot find), computed ones cached. `lookup`: the
+        table lookup of these keys, if already made (known())."""
         c = self.counters
         n = keys.shape[0]
         c.lookups += n
@@ -441,7 +446,7 @@ class SkipTable:
         out = None
         todo = torch.ones(n, dtype=torch.bool, device=keys.device)
         if self.table is not None:
-            pos, hit = self.table.lookup(keys)
+            pos, hit = lookup if lookup is not None else self.table.lookup(keys)
             hits = int(hit.sum())
             c.table_hits += hits
             if hits == n:                              # everything in the table: one gather
@@ -591,10 +596,11 @@ class SkipRuntime:
                 r = torch.from_numpy(rows).to(input_ids.device)
                 ids_t, mask_t = input_ids[r], mask[r]
             keys = pack(trigram_ids(ids_t, mask_t, table.shallow.edge_id), table.bits)                # [b, L]
+            probe = None
             if route == "layers":
                 choice = np.ones(ids_t.shape[0], dtype=bool)
             elif route == "cost":
-                choice = self._choose(table, keys, mask_t, seq)
+                choice, probe = self._choose(table, keys, mask_t, seq)
             else:
                 choice = np.zeros(ids_t.shape[0], dtype=bool)
             c = table.counters
@@ -605,15 +611,15 @@ class SkipRuntime:
                 on_layers[:] = choice
             else:
                 on_layers[rows] = choice
-            groups.append((table, rows, keys, choice))
+            groups.append((table, rows, keys, choice, probe))
         if not on_layers.any() and len(groups) == 1:   # the common case: no row gathering at all
-            table, _, keys, _ = groups[0]
-            return self._timed_table(table, keys, token_type_ids, mask).to(dtype)
+            table, _, keys, _, probe = groups[0]           # (the probe's unique keys and lookup reused)
+            return self._timed_table(table, keys, token_type_ids, mask, probe).to(dtype)
         if on_layers.all():
             return self._timed_layers(lower, input_ids, token_type_ids, mask, seq).to(dtype)
         h = next(iter(self.tables.values())).shallow.spec.hidden_size
         out = torch.empty((bsz, seq, h), dtype=dtype, device=input_ids.device)
-        for table, rows, keys, choice in groups:
+        for table, rows, keys, choice, _ in groups:
             idx = np.arange(bsz) if rows is None else rows
             keep = ~choice
             if not keep.any():
@@ -626,10 +632,11 @@ class SkipRuntime:
             out[r] = self._timed_layers(lower, input_ids[r], token_type_ids[r], mask[r], seq).to(dtype)
         return out
 
-    def _choose(self, table: SkipTable, keys: torch.Tensor, mask: torch.Tensor, seq: int) -> np.ndarray:
-        """Per row of one table: True where the real lower layers are predicted cheaper."""
+    def _choose(self, table: SkipTable, keys: torch.Tensor, mask: torch.Tensor, seq: int) -> tuple[np.ndarray, tuple]:
+        """Per row of one table: True where the real lower layers are predicted cheaper; and the probe
+        (unique keys, inverse, table lookup) for the table path to reuse when every row stays."""
         unique, inverse = torch.unique(keys[mask], return_inverse=True)
-        known = table.known(unique)
+        known, lookup = table.known(unique)
         c = table.counters
         c.probed += unique.numel()
         c.probed_known += int(known.sum())
@@ -639,7 +646,7 @@ class SkipRuntime:
         plain = (missing & ~edged).sum(1).cpu().numpy().astype(np.float64)
         edge = (missing & edged).sum(1).cpu().numpy().astype(np.float64)
         tokens = mask.sum(1).cpu().numpy().astype(np.float64)
-        return self.costs.choose_layers(plain, edge, tokens, seq, self.warm_budget)
+        return self.costs.choose_layers(plain, edge, tokens, seq, self.warm_budget), (unique, inverse, lookup)
 
     def _timed_layers(self, lower: LowerLayers, ids, types, mask, seq: int) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -648,10 +655,11 @@ class SkipRuntime:
             self.costs.observe("layers", time.perf_counter() - t0, ids.shape[0] * seq, seq)
         return out
 
-    def _timed_table(self, table: SkipTable, keys: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _timed_table(self, table: SkipTable, keys: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
+                     probe: tuple | None = None) -> torch.Tensor:
         timings = {} if self.timed and self.costs is not None else None
         t0 = time.perf_counter()
-        out = self._lower(table, keys, types, mask, timings)
+        out = self._lower(table, keys, types, mask, timings, probe)
         if timings is not None:
             spent = time.perf_counter() - t0
             for kind, (seconds, chunks) in timings.items():
@@ -661,15 +669,19 @@ class SkipRuntime:
         return out
 
     def _lower(self, table: SkipTable, keys: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
-               timings: dict | None = None) -> torch.Tensor:
+               timings: dict | None = None, probe: tuple | None = None) -> torch.Tensor:
         """Rows of one table (their trigram keys [b, L]): unique keys, their slot outputs, merged ->
-        [b, L, H] float32."""
+        [b, L, H] float32. probe: (unique, inverse, lookup) of exactly these rows' keys, if made."""
         bsz, seq = keys.shape
         all_real = bool(mask.all())
-        real_keys = keys.reshape(-1) if all_real else keys[mask]                                    # [n]
-        unique, inverse = torch.unique(real_keys, return_inverse=True)
-        table.counters.tokens += real_keys.numel()
-        values = table.slots(unique, self.mode, self.force, timings)                               # [U, 3, H]
+        if probe is None:
+            real_keys = keys.reshape(-1) if all_real else keys[mask]                                # [n]
+            unique, inverse = torch.unique(real_keys, return_inverse=True)
+            lookup = None
+        else:
+            unique, inverse, lookup = probe
+        table.counters.tokens += inverse.numel()
+        values = table.slots(unique, self.mode, self.force, timings, lookup)                       # [U, 3, H]
         if all_real:
             slots = values[inverse].view(bsz, seq, 3, -1)
         else:
