@@ -68,3 +68,36 @@ def test_skip_settings_are_validated(setup, tmp_path):  # noqa: F811
                                    "VBERT_SKIP_MODE": "fallback"}, {"data_dir": str(tmp_path)})
     cfg = env.model_config().skip
     assert cfg.enabled and cfg.mode == "fallback" and cfg.tables[0].table is None
+
+
+def test_skip_on_without_tables_serves_the_shipped_layers_with_the_data_dirs_table(setup, tmp_path, monkeypatch):  # noqa: F811
+    from training.table import TableConfig, build_table
+    from vbert import config as vbert_config
+    from vbert.skip import export_shallow
+
+    data = tmp_path / "data"
+    with pytest.raises(ValueError, match="vbert build-table --corpus YOUR_TEXT --out .*skip/table.safetensors"):
+        ServerConfig(data_dir=str(data), skip=True, backbone=str(setup["ckpt"]))
+    table = data / "skip" / "table.safetensors"
+    table.parent.mkdir(parents=True)
+    table.write_bytes(b"")                                    # there, but the project ships no layers (here)
+    monkeypatch.setattr(vbert_config, "SHIPPED_SHALLOW", tmp_path / "shipped")
+    with pytest.raises(ValueError, match="no shipped shallow layers"):
+        ServerConfig(data_dir=str(data), skip=True, backbone=str(setup["ckpt"]))
+    export_shallow(setup["shallow"]["a"], tmp_path / "shipped")   # what the project ships: a float16 export
+    table.unlink()
+    build_table(TableConfig(shallow=vbert_config.default_shallow_path(), corpus=(str(setup["corpus"]),),
+                            out=str(table), budget_mb=64, backbone=str(setup["ckpt"]), show_progress=False),
+                echo=lambda s: None)
+    s = RunningServer(tiny_server_config(setup["ckpt"], data, skip=True))
+    try:
+        skip = s.app.model.skip
+        assert skip.names == ["default"] and skip.route == "cost"
+        assert skip.tables["default"].meta.dtype == "float16"
+        key = s.register("acme")
+        with Client(s.address, api_key=key) as tenant:
+            texts = setup["corpus"].read_text().splitlines()[:6]
+            got = tenant.embed(texts)
+        assert len(got) == 6 and skip.stats()["default"]["probed"] > 0
+    finally:
+        s.stop()
