@@ -78,6 +78,7 @@ class _Bucket:
     is_full: bool                      # no padding at all (attention needs no mask)
     adapters: BatchAdapters
     tables: np.ndarray | None = None   # skip mode: [B] index of each row's n-gram table
+    table_only: np.ndarray | None = None   # skip mode: [B] rows whose adapter was trained in skip mode
 
 
 @dataclass
@@ -242,7 +243,8 @@ class MultiTenantModel:
         slots = [r.slot for r in rows]
         adapters = self.pool.gather(slots, [r.normalize for r in rows])
         tables = self.pool.slot_table[slots] if self.skip is not None else None
-        return _Bucket(idx, ids_t, types_t, mask_t, bool(mask.all()), adapters, tables)
+        table_only = self.pool.slot_skip_trained[slots] if self.skip is not None else None
+        return _Bucket(idx, ids_t, types_t, mask_t, bool(mask.all()), adapters, tables, table_only)
 
     @torch.inference_mode()
     def execute(self, prepared: PreparedBatch) -> list[RowOutput]:
@@ -261,7 +263,7 @@ class MultiTenantModel:
                                   has_padding=not bucket.is_full)                              # [B, L, H]
         else:                          # lower layers from the n-gram tables, the rest as usual
             lower = self.skip.lower_states(bucket.input_ids, bucket.token_type_ids, mask_t, bucket.tables,
-                                           dev.dtype, self._lower_layers)                      # [B, L, H]
+                                           dev.dtype, self._lower_layers, bucket.table_only)   # [B, L, H]
             hidden = self.encoder.run_layers(lower, mask_t, batch.layers, start=self.skip.skip_layers,
                                              has_padding=not bucket.is_full)
         pooled = pool_hidden(hidden, mask_t, batch.pooling, self.encoder.pooler)                # [B, H]

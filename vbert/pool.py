@@ -98,6 +98,7 @@ class AdapterPool:
         self.slot_bn = {p: np.zeros(s, np.int64) for p in BOTTLENECK_POSITIONS}   # bottleneck bank per position
         self.slot_layers = np.zeros((s, nl), bool)          # layers where the slot's adapter acts
         self.slot_table = np.zeros(s, np.int64)             # skip mode: index of the slot's n-gram table
+        self.slot_skip_trained = np.zeros(s, bool)          # skip mode: adapter trained on the merged states
         self.skip_check: Callable[[AdapterArtifact], int] | None = None   # set by a skip-mode model
         self.slot_head_kind = np.zeros(s, np.int64)
         self.slot_num_labels = np.zeros(s, np.int64)
@@ -175,6 +176,7 @@ class AdapterPool:
             self._write_head(slot, artifact.head)
         self.slot_layers[slot] = False
         self.slot_table[slot] = table
+        self.slot_skip_trained[slot] = artifact.skip_table is not None
         if artifact.adapter is not None:
             self.slot_layers[slot, list(artifact.adapter.layers)] = True
         return slot
@@ -192,6 +194,7 @@ class AdapterPool:
             self.slot_bn[p][slot] = 0
         self.slot_layers[slot] = False
         self.slot_table[slot] = 0
+        self.slot_skip_trained[slot] = False
         self.slot_heads[slot] = None
         self._free_slots.append(slot)
 

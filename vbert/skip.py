@@ -573,10 +573,12 @@ class SkipRuntime:
     @torch.inference_mode()
     def lower_states(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, mask: torch.Tensor,
                      row_tables: Sequence[int] | np.ndarray, dtype: torch.dtype,
-                     lower: LowerLayers | None = None) -> torch.Tensor:
+                     lower: LowerLayers | None = None, table_only: np.ndarray | None = None) -> torch.Tensor:
         """The input of layer k for a padded batch: [B, L, H] in `dtype`. row_tables[b]: the index
         (into self.names) of the table row b uses. `lower` runs the real lower layers (needed unless
-        the route is "table"); rows the route sends there get exactly the full model's states."""
+        the route is "table"); rows the route sends there get exactly the full model's states.
+        table_only[b]: the cost route keeps row b on the table (its adapter was trained on the merged
+        states, so the real layers would change its function; route "layers" still moves it)."""
         row_tables = np.asarray(row_tables, dtype=np.int64)
         bsz, seq = input_ids.shape
         route = self.route if lower is not None else "table"
@@ -600,7 +602,11 @@ class SkipRuntime:
             if route == "layers":
                 choice = np.ones(ids_t.shape[0], dtype=bool)
             elif route == "cost":
-                choice, probe = self._choose(table, keys, mask_t, seq)
+                pinned = None
+                if table_only is not None:
+                    pinned = np.asarray(table_only, dtype=bool)
+                    pinned = pinned if rows is None else pinned[rows]
+                choice, probe = self._choose(table, keys, mask_t, seq, pinned)
             else:
                 choice = np.zeros(ids_t.shape[0], dtype=bool)
             c = table.counters
@@ -632,7 +638,8 @@ class SkipRuntime:
             out[r] = self._timed_layers(lower, input_ids[r], token_type_ids[r], mask[r], seq).to(dtype)
         return out
 
-    def _choose(self, table: SkipTable, keys: torch.Tensor, mask: torch.Tensor, seq: int) -> tuple[np.ndarray, tuple]:
+    def _choose(self, table: SkipTable, keys: torch.Tensor, mask: torch.Tensor, seq: int,
+                pinned: np.ndarray | None = None) -> tuple[np.ndarray, tuple]:
         """Per row of one table: True where the real lower layers are predicted cheaper; and the probe
         (unique keys, inverse, table lookup) for the table path to reuse when every row stays."""
         unique, inverse = torch.unique(keys[mask], return_inverse=True)
@@ -646,7 +653,11 @@ class SkipRuntime:
         plain = (missing & ~edged).sum(1).cpu().numpy().astype(np.float64)
         edge = (missing & edged).sum(1).cpu().numpy().astype(np.float64)
         tokens = mask.sum(1).cpu().numpy().astype(np.float64)
-        return self.costs.choose_layers(plain, edge, tokens, seq, self.warm_budget), (unique, inverse, lookup)
+        free = np.ones(len(tokens), dtype=bool) if pinned is None else ~pinned
+        choice = np.zeros(len(tokens), dtype=bool)
+        if free.any():                                 # pinned rows' misses are paid anyway: not in the choice
+            choice[free] = self.costs.choose_layers(plain[free], edge[free], tokens[free], seq, self.warm_budget)
+        return choice, (unique, inverse, lookup)
 
     def _timed_layers(self, lower: LowerLayers, ids, types, mask, seq: int) -> torch.Tensor:
         t0 = time.perf_counter()

@@ -225,6 +225,25 @@ def test_cost_route_sends_unseen_rows_to_the_real_lower_layers(setup):
     assert 0 < stats["coverage"] < 1 and stats["hit_rate"] == 1.0
 
 
+def test_cost_route_keeps_adapters_trained_in_skip_mode_on_the_table(setup):
+    model = skip_model(setup, route="cost")
+    model.skip.timed = False
+    model.skip.costs = SkipCosts(chunk_s=1.0, edge_chunk_s=1.0, token_s={8: 1e-6})   # misses: very dear
+    table_only = skip_model(setup, route="table")
+    trained = top_layers_artifact(model, "lora", classify(3), 6, skip_table="a")
+    full_trained = top_layers_artifact(model, "lora", classify(3), 7)
+    slots = [model.load_adapter(trained), model.load_adapter(full_trained)]
+    ref = table_only.load_adapter(trained)
+    unseen = sentences(4, 78, TINY_WORDS[::-1])
+    ids = model.tokenize(unseen)
+    out = model.forward([EncodeRow(ids[i], slots[i % 2]) for i in range(4)])
+    want = table_only.forward([EncodeRow(ids[i], ref) for i in (0, 2)])
+    for o, w in zip((out[0], out[2]), want):                         # the skip-trained rows: the table's output
+        torch.testing.assert_close(o.logits, w.logits, atol=1e-5, rtol=1e-5)
+    stats = model.skip.stats()["a"]
+    assert stats["rows_table"] == 2 and stats["rows_layers"] == 2 and stats["computed"] > 0
+
+
 def test_cost_route_learns_from_the_steps_it_times(setup):
     model = skip_model(setup, route="cost")
     model.skip.costs = SkipCosts(chunk_s=1e-9, edge_chunk_s=1e-9, token_s={8: 1.0, 512: 1.0})   # wrong: layers dear
