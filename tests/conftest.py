@@ -112,3 +112,17 @@ def embed_head(pooling: str = "mean", normalize: bool = True) -> HeadSpec:
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(cache dir, path) of the real default decoder, SmolLM2-135M-Instruct, converted once per run
+    into the directory the server tests' data dir shares (about 17 s)."""
+    from vbert import decoder_checkpoint
+
+    try:
+        decoder_checkpoint.packaged_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    cache = tmp_path_factory.getbasetemp() / "smollm2-var" / "models"
+    return cache, decoder_checkpoint.default_decoder_path(cache)

@@ -24,10 +24,15 @@ def result_of(name: str) -> dict:
     return json.loads((ROOT / name / "RESULT.json").read_text())
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED))
+DECODER_SHIPPED = ("ncbi-disease-gen",)        # decoder LoRA adapters (PEFT CAUSAL_LM), no head file
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED) + list(DECODER_SHIPPED))
 def test_shipped_files_match_their_sha256(name):
     files = result_of(name)["files"]
-    assert {"vbert_adapter.json", "adapter_model.safetensors", "head.safetensors"} <= set(files)
+    needed = {"vbert_adapter.json", "adapter_model.safetensors"}
+    needed |= {"adapter_config.json"} if name in DECODER_SHIPPED else {"head.safetensors"}
+    assert needed <= set(files)
     for fname, want in files.items():
         data = (ROOT / name / fname).read_bytes()
         assert len(data) == want["bytes"], f"{name}/{fname}: size changed"
@@ -77,3 +82,24 @@ def test_ncbi_disease_example_tags_its_diseases(real_model):
         assert [e.text for e in result.entities] == ex["entities"]
     finally:
         real_model.unload_adapter(slot)
+
+
+@pytest.mark.slow
+def test_ncbi_disease_generative_example_lists_its_diseases(smollm2, tmp_path):
+    """The decoder LoRA, greedy on the real SmolLM2 with the serving code, answers its documented
+    sentences with their gold mention lists; a stock PEFT config loads with task_type CAUSAL_LM."""
+    from training.generation_eval import GenerationEvaluateConfig, evaluate_generation
+
+    res = result_of("ncbi-disease-gen")
+    assert json.loads((ROOT / "ncbi-disease-gen" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    assert res["test"]["num_examples"] == 940 and 0 < res["test"]["items"]["f1"] < 1
+    test = tmp_path / "examples.jsonl"
+    test.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{res['instruction']}\n{ex['text']}"},
+                                                     {"role": "assistant", "content": ex["mentions"]}]}) + "\n"
+                            for ex in res["examples"]))
+    cache, _ = smollm2
+    metrics, preds = evaluate_generation(GenerationEvaluateConfig(adapter_dir=str(ROOT / "ncbi-disease-gen"),
+                                                                  test_path=str(test), cache_dir=str(cache),
+                                                                  backbone=None))
+    assert [p["prediction"] for p in preds] == [ex["mentions"] for ex in res["examples"]]
+    assert metrics["exact_match"] == 1.0

@@ -3,7 +3,9 @@ stop strings, chat messages, log-probabilities, cancellation by the client (bloc
 bad parameter answered INVALID_ARGUMENT naming it, adapters of the wrong backbone FAILED_PRECONDITION."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -214,6 +216,7 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
     """The real default decoder (SmolLM2-135M-Instruct from its packaged GGUF) behind the real server."""
     pytest.importorskip("gguf")
     from dispatcher.client import Client
+    from tests.dispatcher.conftest import ADMIN_TOKEN
 
     cache = tmp_path_factory.getbasetemp() / "smollm2-var"   # shared with other tests converting it
     from tests.dispatcher.test_http_api import free_port
@@ -233,5 +236,19 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert answer.choices[0].message.content == "The capital of France is Paris."
         assert answer.choices[0].finish_reason == "stop"
+        # the README's generative walkthrough: the shipped NCBI-disease decoder LoRA, over both protocols
+        root = Path(__file__).resolve().parents[2] / "examples" / "adapters-trained" / "ncbi-disease-gen"
+        res = json.loads((root / "RESULT.json").read_text())
+        with Client(s.address, admin_token=ADMIN_TOKEN) as admin:
+            admin.upload_adapter("acme", "disease-mentions", root)
+        ex = res["examples"][1]
+        prompt = f"{res['instruction']}\n{ex['text']}"
+        answer = c.chat.completions.create(model="disease-mentions", temperature=0,
+                                           messages=[{"role": "user", "content": prompt}])
+        assert answer.choices[0].message.content == ex["mentions"] == "auditory anomalies ; deafness ; piebaldism"
+        with Client(s.address, api_key=key) as tenant:
+            events = list(tenant.generate(adapter="disease-mentions", messages=[{"role": "user", "content": prompt}],
+                                          max_new_tokens=32, temperature=0))
+        assert "".join(e["text"] for e in events) == ex["mentions"]
     finally:
         s.stop()

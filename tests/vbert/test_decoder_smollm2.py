@@ -69,16 +69,6 @@ def test_missing_package_or_file_is_named(tmp_path, monkeypatch):
 
 # -- the real checkpoint (slow: about 17 s to convert once) ---------------------------------------
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    try:
-        decoder_checkpoint.packaged_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    cache = tmp_path_factory.getbasetemp() / "smollm2-var" / "models"   # the server test's data dir shares it
-    return cache, default_decoder_path(cache)
-
-
-@pytest.fixture(scope="session")
 def smollm2_prompts(smollm2):
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2[1], local_files_only=True)
     prompts = []
