@@ -35,20 +35,6 @@ POOL = ["cls/sci-cite/train.txt", "cls/sci-cite/dev.txt", "cls/rct-20k/train.txt
 HELD_OUT = ["cls/sci-cite/test.txt", "cls/rct-20k/test.txt", "cls/chemprot/test.txt", "ner/NCBI-disease/test.txt"]
 
 
-def position_keys(rows, edge_id: int, bits: int) -> np.ndarray:
-    """The trigram key of every token position of every row (what exact mode looks up)."""
-    from vbert.ngram import pack
-    import torch
-
-    rows = [np.asarray(r, dtype=np.int64) for r in rows if len(r)]
-    flat = np.concatenate(rows)
-    ends = np.cumsum([len(r) for r in rows])
-    starts = ends - np.array([len(r) for r in rows])
-    left, right = np.roll(flat, 1), np.roll(flat, -1)
-    left[starts], right[ends - 1] = edge_id, edge_id
-    return pack(torch.from_numpy(np.stack([left, flat, right], 1)), bits).numpy()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", required=True)
@@ -65,7 +51,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from training.data import read_corpus
-    from training.table import TableConfig, entry_bytes, select_keys
+    from training.table import TableConfig, entry_bytes, position_keys, select_keys
     from vbert.backbone import BackboneSpec
     from vbert.config import default_backbone_path
     from vbert.ngram import key_bits

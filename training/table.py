@@ -62,9 +62,9 @@ def entry_bytes(hidden_size: int, dtype: torch.dtype) -> int:
     return 3 * hidden_size * torch.finfo(dtype).bits // 8 + INDEX_BYTES_PER_ENTRY
 
 
-def trigram_counts(rows, edge_id: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct trigram keys, occurrences) over all positions of all rows (edge ids outside each
-    row), most frequent first: exactly the keys exact mode looks up on this text."""
+def position_keys(rows, edge_id: int, bits: int) -> np.ndarray:
+    """The trigram key of every token position of every row (edge ids outside each row): what
+    exact mode looks up on this text, in order."""
     from vbert.ngram import pack
 
     rows = [np.asarray(r, dtype=np.int64) for r in rows if len(r)]
@@ -73,8 +73,13 @@ def trigram_counts(rows, edge_id: int, bits: int) -> tuple[np.ndarray, np.ndarra
     starts = ends - np.array([len(r) for r in rows])
     left, right = np.roll(flat, 1), np.roll(flat, -1)
     left[starts], right[ends - 1] = edge_id, edge_id
-    keys = pack(torch.from_numpy(np.stack([left, flat, right], 1)), bits).numpy()
-    uniq, counts = np.unique(keys, return_counts=True)
+    return pack(torch.from_numpy(np.stack([left, flat, right], 1)), bits).numpy()
+
+
+def trigram_counts(rows, edge_id: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct trigram keys, occurrences) over all positions of all rows (edge ids outside each
+    row), most frequent first: exactly the keys exact mode looks up on this text."""
+    uniq, counts = np.unique(position_keys(rows, edge_id, bits), return_counts=True)
     order = np.lexsort((uniq, -counts))
     return uniq[order], counts[order]
 
