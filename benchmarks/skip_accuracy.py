@@ -8,6 +8,7 @@ bottleneck adapters on the top 3 layers, the ones skip mode still runs):
   full-model adapter   `vbert train --layers 3`, scored on the full model, in skip mode (exact: the
                        table, misses computed by the shallow layers) and in fallback mode (approximate)
   skip-mode adapter    `vbert train --layers 3 --skip-shallow S --skip-table-file T`, scored in skip mode
+                       and on the real lower layers (`--skip-route layers`)
 --per-set SET=SHALLOW,TABLE scores one set with other shallow layers (per-domain layers, as vBERT distills
 per domain); the JSON records which layers scored each set. Every command runs in its own process as a
 user would run it; finished runs are reused (--rerun forces them; the runs that depend on the shallow
@@ -38,6 +39,9 @@ SCORES = {  # name: (adapter trained in skip mode?, evaluate flags beyond the co
     "full-model adapter, skip mode (exact)": (False, ["skip"]),
     "full-model adapter, skip mode (fallback)": (False, ["skip", "--skip-mode", "fallback"]),
     "skip-mode adapter, skip mode (exact)": (True, ["skip"]),
+    # what the server's cost route would give it on the real lower layers (the route keeps such rows on
+    # the table; this row measures whether that is needed)
+    "skip-mode adapter, real lower layers": (True, ["skip", "--skip-route", "layers"]),
 }
 
 

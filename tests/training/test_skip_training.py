@@ -246,6 +246,17 @@ def test_evaluate_cli_in_skip_mode(shallow, tiny_checkpoint, tmp_path):
     metrics = json.loads(out.read_text())
     assert metrics["num_examples"] == 16 and 0 <= metrics["accuracy"] <= 1
     assert metrics["skip"]["default"]["tokens"] > 0 and metrics["skip"]["default"]["computed"] > 0
+    runs = {}
+    for route in ("layers", None):                   # the real lower layers: exactly the full model's scores
+        runs[route] = tmp_path / f"{route}.json"
+        flags = ["--skip-shallow", str(shallow[0]), "--skip-route", route] if route else []
+        done = subprocess.run(VBERT + ["evaluate", "--adapter", str(tmp_path / "a"), "--test", str(test), "--json",
+                                       str(runs[route]), "--device", "cpu", *flags], cwd=ROOT, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr
+    on_layers, full = (json.loads(runs[r].read_text()) for r in ("layers", None))
+    assert on_layers["accuracy"] == full["accuracy"] and on_layers["macro_f1"] == full["macro_f1"]
+    assert on_layers["skip"]["default"]["rows_layers"] == 16 and on_layers["skip"]["default"]["tokens"] == 0
     train(TrainConfig(task="classification", train_path=str(data), out=str(tmp_path / "all-layers"),
                       backbone=str(tiny_checkpoint), adapter=AdapterConfig(kind="lora", rank=4), epochs=1,
                       show_progress=False), echo=lambda _: None)
