@@ -71,7 +71,7 @@ def long_rows(tokenizer, texts: list[str], seq: int, count: int) -> list[list[in
 
 
 def shallow_dir(args, teacher, tmp: Path) -> Path:
-    from vbert.skip import ShallowModel, save_shallow, teacher_upper_hash
+    from vbert.shallow import ShallowModel, save_shallow, teacher_upper_hash
 
     if args.shallow:
         return Path(args.shallow)

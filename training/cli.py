@@ -445,7 +445,7 @@ def build_table_command(shallow, corpus, corpus_format, out, budget_mb, fallback
 def export_shallow_command(src, dst, dtype) -> None:
     """Write a shippable copy of `vbert distill` output: weights rounded to DTYPE with their sha256.
     Build tables from the copy (its weights hash differs from the source's)."""
-    from vbert.skip import SkipError, export_shallow
+    from vbert.shallow import SkipError, export_shallow
 
     try:
         meta = export_shallow(src, dst, dtype)

@@ -2,7 +2,7 @@
 
     vbert distill --corpus ../shared/data/cls/sci-cite/train.txt ... --skip-layers 3 --out shallow/
 
-The shallow layers (vbert.skip.ShallowModel) start as copies of the teacher's embeddings and lowest
+The shallow layers (vbert.shallow.ShallowModel) start as copies of the teacher's embeddings and lowest
 k layers; for each sentence of the corpus every token's trigram goes through them, the three views
 of each token are merged, and the loss is the MSE against the teacher's hidden states entering
 layer k, optionally plus `final_weight` times the MSE of the final layer's output (the frozen upper
@@ -200,7 +200,7 @@ def _distill(config: DistillConfig, echo: Callable[[str], None]) -> dict:
     from vbert.backbone import Encoder
     from vbert.config import default_backbone_path
     from vbert.device import DeviceContext
-    from vbert.skip import ShallowModel, SkipError, load_shallow, save_shallow, teacher_upper_hash
+    from vbert.shallow import ShallowModel, SkipError, load_shallow, save_shallow, teacher_upper_hash
 
     started = time.perf_counter()
     out = Path(config.out)

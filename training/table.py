@@ -6,7 +6,7 @@ Every token of every corpus sentence contributes its trigram (edge ids outside t
 its three fallbacks (left bigram, right bigram, unigram). Unigrams go in first (so strict fallback
 mode always finds something for a token the corpus has seen), then a share of the budget goes to
 the most frequent bigrams, and the rest to the most frequent trigrams (select_keys). Values are
-computed with vbert.skip.compute_entries (the same function the server uses on a miss) and written
+computed with vbert.shallow.compute_entries (the same function the server uses on a miss) and written
 with vbert.ngram.save_table, tagged with the shallow weights' hash.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ class TableConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        from vbert.skip import TABLE_DTYPES
+        from vbert.shallow import TABLE_DTYPES
 
         check_corpus(self.corpus)
         if not Path(self.shallow).is_dir():
@@ -112,7 +112,7 @@ def build_table(config: TableConfig, echo: Callable[[str], None] = print) -> dic
     from vbert.config import default_backbone_path
     from vbert.device import DeviceContext
     from vbert.ngram import TableMeta, key_bits, save_table, unpack
-    from vbert.skip import TABLE_DTYPES, compute_entries, load_shallow
+    from vbert.shallow import TABLE_DTYPES, compute_entries, load_shallow
 
     started = time.perf_counter()
     model, meta = load_shallow(config.shallow)

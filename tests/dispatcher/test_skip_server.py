@@ -73,7 +73,7 @@ def test_skip_settings_are_validated(setup, tmp_path):  # noqa: F811
 def test_skip_on_without_tables_serves_the_shipped_layers_with_the_data_dirs_table(setup, tmp_path, monkeypatch):  # noqa: F811
     from training.table import TableConfig, build_table
     from vbert import config as vbert_config
-    from vbert.skip import export_shallow
+    from vbert.shallow import export_shallow
 
     data = tmp_path / "data"
     with pytest.raises(ValueError, match="vbert build-table --corpus YOUR_TEXT --out .*skip/table.safetensors"):

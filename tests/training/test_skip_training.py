@@ -23,7 +23,7 @@ from vbert import BackboneConfig, EncodeRow, ModelConfig, MultiTenantModel, load
 from vbert.backbone import Encoder
 from vbert.config import SkipConfig, SkipTableConfig
 from vbert.ngram import load_table
-from vbert.skip import ShallowModel, load_shallow, read_shallow_meta
+from vbert.shallow import ShallowModel, load_shallow, read_shallow_meta
 
 ROOT = Path(__file__).resolve().parents[2]
 

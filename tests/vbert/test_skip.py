@@ -17,8 +17,9 @@ from vbert.adapters import AdapterError
 from vbert.backbone import Encoder
 from vbert.config import SkipConfig, SkipTableConfig
 from vbert.ngram import TableError, key_bits, load_table, pack, trigram_ids
-from vbert.skip import (ShallowModel, SkipCosts, SkipError, compute_entries, export_shallow, load_shallow,
-                        read_shallow_meta, save_shallow, teacher_upper_hash)
+from vbert.shallow import (ShallowModel, SkipError, compute_entries, export_shallow, load_shallow, read_shallow_meta,
+                           save_shallow, teacher_upper_hash)
+from vbert.skip import SkipCosts
 
 SKIP = 2                                     # of the tiny checkpoint's 3 layers
 
