@@ -97,19 +97,19 @@ def test_one_tenants_idle_streams_do_not_take_other_tenants_slots(iso_server):
             return tenant_pb2_grpc.TenantServiceStub(ch).ClassifyStream(metadata=bearer(s.keys["attacker"]),
                                                                         timeout=30)
         async for calls, refused, codes, trailers in _idle_streams(s.address, 260, stream, 4):
-            assert len(calls) - len(refused) == 4      # the attacker's limit
-            assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert len(calls) - len(refused) == 4, (len(calls), len(refused))   # the attacker's limit
+            assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
             assert "per-tenant limit" in (await refused[0].details())
             for _ in range(3):
                 assert (await asyncio.to_thread(victim_classify, s)).results[0].label
             status = s.admin.GetStatus(admin_pb2.GetStatusRequest(), metadata=bearer(ADMIN_TOKEN), timeout=10)
             assert status.limits.max_concurrent_rpcs_per_tenant == 4
-            assert status.limits.num_rpcs_in_flight == 4 and status.limits.num_refused >= 256
+            assert status.limits.num_rpcs_in_flight == 4 and status.limits.num_refused >= 256, status.limits
     run(main())
     deadline = time.monotonic() + 5                    # the slots come back when the streams close
     while s.app.admission.stats()["num_keyed_in_flight"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert s.app.admission.stats()["num_keyed_in_flight"] == 0
+    assert s.app.admission.stats()["num_keyed_in_flight"] == 0, s.app.admission.stats()
 
 
 def test_failed_auth_flood_is_refused_before_hashing_and_known_keys_still_work(iso_server):
