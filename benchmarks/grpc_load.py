@@ -145,6 +145,9 @@ class GrpcClient:
         except grpc.aio.AioRpcError as e:
             return e.code().name
 
+    async def run(self, job: dict) -> dict:
+        return await run_job(self.send, job)
+
     async def close(self) -> None:
         await self.channel.close()
 
@@ -201,19 +204,20 @@ class SubprocessClient:
 
 
 class SameProcessClient:
-    """The gRPC client on its own event loop thread in this process (shares the GIL with the server)."""
+    """The load client (`make(init)`: start / run(job) / close coroutines; default the gRPC client) on its
+    own event loop thread in this process (it shares the GIL with the server)."""
 
-    def __init__(self, init: dict):
+    def __init__(self, init: dict, make=None):
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="load-client").start()
-        self.client = GrpcClient(init)
+        self.client = (make or GrpcClient)(init)
         self._call(self.client.start())
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def run(self, job: dict) -> dict:
-        return self._call(run_job(self.client.send, job))
+        return self._call(self.client.run(job))
 
     def close(self) -> None:
         self._call(self.client.close())

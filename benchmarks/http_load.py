@@ -62,7 +62,7 @@ for _p in (ROOT, ROOT / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from grpc_load import SubprocessClient as PipeClient, percentile  # noqa: E402 - after the path setup
+from grpc_load import SameProcessClient as SameThreadClient, SubprocessClient as PipeClient, percentile  # noqa: E402,E501
 
 DATA_DIR = ROOT.parent / "shared" / "data"
 PATHS = ("http", "grpc", "inprocess")
@@ -198,24 +198,9 @@ def SubprocessClient(init: dict):   # noqa: N802 - stands for the class it makes
     return PipeClient(init, script=Path(__file__).resolve())
 
 
-class SameProcessClient:
-    """The clients on their own event loop thread in this process (they share the GIL with the server)."""
-
-    def __init__(self, init: dict):
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True, name="load-client").start()
-        self.clients = Clients(init)
-        self._call(self.clients.start())
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def run(self, job: dict) -> dict:
-        return self._call(self.clients.run(job))
-
-    def close(self) -> None:
-        self._call(self.clients.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
+def SameProcessClient(init: dict):   # noqa: N802 - stands for the class it makes
+    """The clients on their own event loop thread in this process: grpc_load's, with these clients."""
+    return SameThreadClient(init, make=Clients)
 
 
 # -- the server (this process) ---------------------------------------------------------------------------
