@@ -142,7 +142,7 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
                   tenant, adapter_name, admin_token, data_dir) -> None:
     """Fine-tune an adapter and its head on the frozen backbone; write a servable adapter directory."""
     from .model import AdapterConfig
-    from .train import TrainConfig, check_output_dir, train
+    from .train import TrainConfig, train
 
     if task == "generation":
         _train_generation(**{k: v for k, v in locals().items() if k != "task"})
@@ -156,28 +156,22 @@ def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, b
         if not tenant or not adapter_name:
             raise click.UsageError("--register needs --tenant and --adapter")
         token = _admin_token(admin_token, data_dir)
-    try:
+
+    def make_config():
         adapter = AdapterConfig(kind="none" if full_finetune else adapter_kind, rank=rank, alpha=alpha,
                                 targets=None if lora_targets is None else _targets(lora_targets),
                                 bottleneck_size=bottleneck_size, num_top_layers=layers,
                                 bottleneck_placement=bottleneck_placement)
-        config = TrainConfig(task=task, train_path=train_path, out=out, dev_path=dev_path, adapter=adapter,
-                             backbone=backbone, epochs=epochs, seed=seed, lr=lr, schedule=schedule, warmup=warmup,
-                             weight_decay=weight_decay, dropout=dropout, batch_size=batch_size, max_length=max_length,
-                             patience=patience, pooling=pooling, threads=threads, device=device, max_labels=max_labels,
-                             dev_fraction=dev_fraction, group_by_length=group_by_length,
-                             skip_shallow=skip_shallow, skip_table=skip_table, skip_dtype=skip_dtype,
-                             skip_table_file=skip_table_file,
-                             show_progress=progress)
-        check_output_dir(out)
-    except (ValueError, FileExistsError) as e:
-        raise click.UsageError(str(e))
-    if not progress:
-        _quiet_transformers()
-    try:
-        result = train(config, echo=click.echo)
-    except (ValueError, FileExistsError) as e:   # DataError (a ValueError), --layers above the backbone's...
-        raise click.ClickException(str(e))
+        return TrainConfig(task=task, train_path=train_path, out=out, dev_path=dev_path, adapter=adapter,
+                           backbone=backbone, epochs=epochs, seed=seed, lr=lr, schedule=schedule, warmup=warmup,
+                           weight_decay=weight_decay, dropout=dropout, batch_size=batch_size, max_length=max_length,
+                           patience=patience, pooling=pooling, threads=threads, device=device, max_labels=max_labels,
+                           dev_fraction=dev_fraction, group_by_length=group_by_length,
+                           skip_shallow=skip_shallow, skip_table=skip_table, skip_dtype=skip_dtype,
+                           skip_table_file=skip_table_file, show_progress=progress)
+
+    # run errors: DataError (a ValueError), --layers above the backbone's, ...
+    result = _run_training(make_config, train, progress, (ValueError, FileExistsError))
     if register:
         _register(server, token, tenant, adapter_name, result.path)
 
@@ -191,6 +185,24 @@ def _register(server: str, token: str, tenant: str, adapter_name: str, path) -> 
     except VbertError as e:
         _exit_on_remote_error(e)
     click.echo(f"registered {tenant}/{info['name']} version {info['version']} on {server}")
+
+
+def _run_training(make_config, run, progress: bool, run_errors: tuple):
+    """Build the config (a bad value or a used output directory: a usage error), then train (run_errors:
+    a clean error exit); returns run's TrainResult."""
+    from .train import check_output_dir
+
+    try:
+        config = make_config()
+        check_output_dir(config.out)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e))
+    if not progress:
+        _quiet_transformers()
+    try:
+        return run(config, echo=click.echo)
+    except run_errors as e:
+        raise click.ClickException(str(e))
 
 
 # flags of the encoder tasks only: (parameter, flag), refused with --task generation when given
@@ -212,27 +224,20 @@ def _train_generation(train_path, dev_path, adapter_kind, out, epochs, seed, bac
             raise click.UsageError("--register needs --tenant and --adapter")
         token = _admin_token(admin_token, data_dir)
     from .generation import GenerationTrainConfig, train_generation
-    from .train import check_output_dir
 
     targets = None
     if lora_targets is not None:
         targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
-    try:
-        config = GenerationTrainConfig(
+    def make_config():
+        return GenerationTrainConfig(
             train_path=train_path, out=out, dev_path=dev_path, backbone=backbone,
             cache_dir=str(Path(data_dir) / "models"), epochs=epochs, seed=seed, lr=lr, rank=rank, alpha=alpha,
             targets=targets, dropout=dropout or 0.0, schedule=schedule, warmup=warmup, weight_decay=weight_decay,
             batch_size=batch_size or 8, max_length=max_length or 512, patience=patience, threads=threads,
             device=device, dev_fraction=dev_fraction, group_by_length=group_by_length, show_progress=progress)
-        check_output_dir(out)
-    except (ValueError, FileExistsError) as e:
-        raise click.UsageError(str(e))
-    if not progress:
-        _quiet_transformers()
-    try:
-        result = train_generation(config, echo=click.echo)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:   # DataError, an unsupported decoder, ...
-        raise click.ClickException(str(e))
+
+    # run errors: DataError, an unsupported decoder, ...
+    result = _run_training(make_config, train_generation, progress, (ValueError, FileExistsError, FileNotFoundError))
     if register:
         _register(server, token, tenant, adapter_name, result.path)
 
