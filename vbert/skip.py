@@ -259,7 +259,7 @@ class SkipRuntime:
     def calibrate(self, lower: LowerLayers, max_length: int, device: torch.device, synchronize=lambda: None,
                   tokens: int = 512) -> SkipCosts:
         """Measure both ways once (a chunk of trigrams with and without an edge id; the real lower
-        layers at lengths 8, 16, ... max_length on about `tokens` tokens each) and keep them as
+        layers at lengths 8, 32, 128, ... max_length on about `tokens` tokens each) and keep them as
         `costs`. `synchronize` waits for the device (CUDA) before a clock is read."""
         table = self.tables[self.default]
         vocab, edge = table.shallow.spec.vocab_size, table.shallow.edge_id
@@ -295,7 +295,7 @@ class SkipRuntime:
             token_s[length] = best_of(lambda: lower(x, types, mask)) / (rows * length)
             if length >= max_length:
                 break
-            length *= 2
+            length *= 4                                # interpolated in between
         self.costs = SkipCosts(chunk_s, edge_chunk_s, token_s)
         return self.costs
 
