@@ -247,8 +247,8 @@ def plot(result: dict, tps: dict, path: Path) -> None:
     ax.bar(labels, values, color=["#888", "#2a7", "#888", "#2a7", "#8c8", "#7a2"])
     ax.set_ylabel("tokens / s")
     ax.set_title(f"skip {result['skip_layers']} of {result['num_layers']} layers, B={result['batch']} "
-                 f"L={result['seq']}: skip/full {result['skip_over_full']:.2f} (hit rate held-out "
-                 f"{result['counters_held_out']['hit_rate']:.2f})", fontsize=9)
+                 f"L={result['seq']}: skip/full {result['skip_over_full']:.2f} (held-out trigrams in the table "
+                 f"or cache: {result['counters_held_out']['coverage']:.2f})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
