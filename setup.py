@@ -16,5 +16,7 @@ setup(
         "tqdm",
         "click>=8",
     ],
+    # scale-out on Ray Serve (docs/scale-out.md): `pip install -e '.[ray]'`; the single-process server never imports it
+    extras_require={"ray": ["ray[serve]==2.60.0"]},
     entry_points={"console_scripts": ["vbert=dispatcher.cli:main"]},
 )

@@ -55,14 +55,28 @@ class App:
             log.warning("start-up recovery removed %d leftover files", manager.recovery.num_removed)
         uploads_dir(config.data_dir, clear=True)  # a killed process's half-extracted uploads, before serving
         metrics = Metrics()
-        engine = (Engine(config.engine_config(), config.scheduler_config(), ModelRunner(model, manager.cache),
-                         manager.cache, on_step=metrics.on_step) if model is not None else None)
+        engine = cls._encoder_engine(config, model, manager, metrics) if model is not None else None
         generation = cls._generation_engine(config, decoder, manager, metrics) if decoder else None
         metrics.watch(cache=manager.cache, scheduler=engine.scheduler if engine else None,
                       skip=model.skip if model else None, generation=generation.scheduler if generation else None)
         token = load_admin_token(config.data_dir, config.admin_token)
         return cls(config, model, manager, engine, Authenticator(manager, token), RateLimiter(), metrics, token,
                    Admission(config.admission_config()), decoder, generation)
+
+    @staticmethod
+    def _encoder_engine(config: ServerConfig, model: MultiTenantModel, manager: Manager, metrics: Metrics):
+        """The encoder's step loop in this process, or (replicas > 0) on Ray Serve replicas that hold their own
+        copy of the backbone: this process then keeps it only for tokenization, shapes and upload checks."""
+        scaleout = config.scaleout_config()
+        if scaleout is None:
+            return Engine(config.engine_config(), config.scheduler_config(), ModelRunner(model, manager.cache),
+                          manager.cache, on_step=metrics.on_step)
+        try:
+            from .scaleout import start_replicas      # Ray only when asked for
+        except ImportError as e:
+            raise ValueError(f"replicas = {scaleout.num_replicas} needs Ray Serve: pip install -e '.[ray]' "
+                             f"({e})") from None
+        return start_replicas(scaleout, config, manager)
 
     @staticmethod
     def _generation_engine(config: ServerConfig, decoder: DecoderBackbone, manager: Manager,

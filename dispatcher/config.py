@@ -24,6 +24,33 @@ from .admission import AdmissionConfig
 
 ENV_PREFIX = "VBERT_"
 BACKBONE_NAMES = ("encoder", "decoder")
+REPLICA_ROUTINGS = ("adapter", "any")
+
+
+@dataclass(frozen=True)
+class ScaleOutConfig:
+    """The encoder on Ray Serve replicas (dispatcher/scaleout.py): how many, where, and how a replica is sized."""
+
+    num_replicas: int
+    address: str = "local"
+    threads: int = 1
+    cpus: float = 1.0
+    max_adapters: int = 64
+    object_store_bytes: int = 512 << 20
+    routing: str = "adapter"
+    max_ongoing_requests: int = 1024    # calls one replica takes at once (our engine batches them)
+    retry_after_s: float = 1.0          # the hint sent with UNAVAILABLE when no replica answered
+    app_name: str = "vbert-encoder"
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if self.routing not in REPLICA_ROUTINGS:
+            raise ValueError(f"routing {self.routing!r} is not one of {REPLICA_ROUTINGS}")
+        if self.threads < 1 or self.max_adapters < 1 or self.max_ongoing_requests < 1:
+            raise ValueError("threads, max_adapters and max_ongoing_requests must be >= 1")
+        if self.cpus < 0 or self.retry_after_s <= 0 or self.object_store_bytes < 1:
+            raise ValueError("cpus must be >= 0, retry_after_s and object_store_bytes > 0")
 
 
 def is_loopback(host: str) -> bool:
@@ -103,6 +130,14 @@ class ServerConfig:
                                          # steps are sized from measured step times to stay within it
     # lifecycle
     grace_s: float = 30.0
+    # scale-out (docs/scale-out.md): the encoder's engine as Ray Serve replicas (needs the `ray` extra)
+    replicas: int = 0                    # 0: the encoder computes in this process; N: N replicas on Ray Serve
+    ray_address: str = "local"           # "local": start a local Ray cluster; else join one ("auto", "HOST:6379")
+    replica_threads: int = 1             # CPU threads of each replica's compute
+    replica_cpus: float = 1.0            # CPUs Ray reserves for each replica (placement)
+    replica_adapters: int = 64           # adapters a replica keeps loaded (Ray's multiplexed LRU)
+    ray_object_store_mb: int = 512       # a local cluster's object store (adapter files travel through it)
+    replica_routing: str = "adapter"     # adapter (multiplexed: a tenant's requests go where its adapter is) | any
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -138,6 +173,20 @@ class ServerConfig:
                      "latency_target_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.replicas < 0:
+            raise ValueError(f"replicas must be >= 0 (0: compute in this process), got {self.replicas}")
+        for name in ("replica_threads", "replica_adapters", "ray_object_store_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.replica_cpus < 0:
+            raise ValueError(f"replica_cpus must be >= 0, got {self.replica_cpus}")
+        if self.replica_routing not in REPLICA_ROUTINGS:
+            raise ValueError(f"replica_routing {self.replica_routing!r} is not one of {REPLICA_ROUTINGS}")
+        if not self.ray_address.strip():
+            raise ValueError("ray_address must be 'local' or the address of a Ray cluster, got an empty string")
+        if self.replicas and not self.has_encoder:
+            raise ValueError(f"replicas = {self.replicas} runs the encoder on Ray Serve, but backbones = "
+                             f"{self.backbones!r} loads no encoder")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
         names = self.backbone_names
@@ -146,7 +195,7 @@ class ServerConfig:
                              f"comma-separated")
         # the parts validate themselves
         self.model_config(), self.scheduler_config(), self.manager_config(), self.admission_config()
-        self.engine_config(), self.decoder_config(), self.generation_scheduler_config()
+        self.engine_config(), self.decoder_config(), self.generation_scheduler_config(), self.scaleout_config()
 
     @property
     def backbone_names(self) -> tuple[str, ...]:
@@ -223,6 +272,13 @@ class ServerConfig:
                                public_per_peer=self.max_concurrent_public_rpcs_per_peer,
                                failed_auth_per_s=self.max_failed_auth_per_s,
                                failed_auth_burst=self.max_failed_auth_burst)
+
+    def scaleout_config(self) -> ScaleOutConfig | None:
+        """None: the encoder computes in this process."""
+        if not self.replicas:
+            return None
+        return ScaleOutConfig(self.replicas, self.ray_address.strip(), self.replica_threads, self.replica_cpus,
+                              self.replica_adapters, self.ray_object_store_mb << 20, self.replica_routing)
 
     @property
     def address(self) -> str:

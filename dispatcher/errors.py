@@ -33,6 +33,14 @@ class DrainingError(RuntimeError):
     """The server is shutting down: new RPCs are refused."""
 
 
+class UnavailableError(RuntimeError):
+    """No replica could answer (one died with the request on it, none is running yet): retry after the hint."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 # checked in order: the first matching class wins (subclasses before their bases)
 STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
@@ -52,6 +60,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (RequestCancelledError, grpc.StatusCode.CANCELLED),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
     (DrainingError, grpc.StatusCode.UNAVAILABLE),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
 )
 QUEUE_RETRY_AFTER_S = 0.2
@@ -65,7 +74,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, float | None]:
             return code, str(exc), retry
     for cls, code in STATUS_OF:
         if isinstance(exc, cls):
-            retry = exc.retry_after_s if isinstance(exc, (RateLimitedError, SlotLimitError)) else (
+            retry = exc.retry_after_s if isinstance(exc, (RateLimitedError, SlotLimitError, UnavailableError)) else (
                 QUEUE_RETRY_AFTER_S if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None)
             return code, str(exc), retry
     return grpc.StatusCode.INTERNAL, "", None

@@ -199,6 +199,11 @@ class AdapterStore:
         data, config = self._read_blob(sha256)
         return decode_artifact(data, config)
 
+    def read_blob(self, sha256: str) -> tuple[bytes, dict]:
+        """The blob's tensor bytes and JSON config, checked as get() checks them, undecoded: what another process
+        (a Ray Serve replica) receives and decodes with codec.decode_artifact, which checks them again."""
+        return self._read_blob(sha256)
+
     def verify(self, sha256: str) -> None:
         """Raise as get() would; return None if the blob is intact."""
         self.get(sha256)

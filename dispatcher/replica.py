@@ -1,0 +1,191 @@
+"""The encoder's engine as a Ray Serve deployment (imported only with `replicas` > 0; needs the `ray` extra).
+
+Each replica holds the backbone, an adapter pool with its tiered cache and our engine, which batches the rows of
+every call it is serving in one step, whatever their adapters (no `@serve.batch`: it splits batches by model id).
+A call carries the rows of one adapter; the front door (dispatcher/scaleout.py) names that adapter as the call's
+multiplexed model id, so Ray routes it to a replica that has the adapter loaded. The adapter's files come with
+the call as an object reference (the front door reads them from its store): a replica never needs the control
+plane's filesystem, and checks the bytes against the registry's sha256 before it decodes them.
+
+Rows and answers are plain values (dicts, tuples, the runner's RowOutput): no protobuf, no grpc here.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+
+from ray import serve
+
+from manager.cache import CacheConfig, TieredCache
+from manager.codec import decode_artifact
+from manager.errors import CorruptAdapterError, NotFoundError
+from scheduler.engine import Engine
+from scheduler.runner import ModelRunner
+from scheduler.types import Request
+from vbert.device import reserve_cpu_for_steps
+from vbert.model import MultiTenantModel
+
+BASE_MODEL_ID = "base"      # the bare backbone (no adapter to load)
+
+
+def model_id_of(adapter_id: int | None, version: int) -> str:
+    """The multiplexed model id of an adapter version ('<id>v<version>'); the bare backbone is BASE_MODEL_ID."""
+    return BASE_MODEL_ID if adapter_id is None else f"{adapter_id}v{version}"
+
+
+def failure(exc: BaseException) -> tuple[str, str, str]:
+    """A row's error as plain values (class name, message): rebuilt by the front door from its own classes."""
+    return ("error", type(exc).__name__, str(exc))
+
+
+class _LoadedAdapter:
+    """What Ray's multiplexed LRU holds per adapter; Ray calls __del__ when it evicts it (replica.forget)."""
+
+    def __init__(self, replica: "EncoderReplica", adapter_id: int):
+        self.replica, self.adapter_id = replica, adapter_id
+
+    def __del__(self) -> None:
+        replica, self.replica = self.replica, None
+        if replica is not None:
+            replica.forget(self.adapter_id)
+
+
+class EncoderReplica:
+    """One replica (the class Ray Serve deploys; see `deployment`)."""
+
+    def __init__(self, config) -> None:   # config: dispatcher.config.ServerConfig (validated by the front door)
+        reserve_cpu_for_steps(config.replica_threads)
+        self.model = MultiTenantModel(config.model_config())
+        self.cache = TieredCache(CacheConfig(host_budget_bytes=config.host_cache_mb << 20), self.model.pool,
+                                 self._artifact)
+        self.engine = Engine(config.engine_config(), config.scheduler_config(), ModelRunner(self.model, self.cache),
+                             self.cache).start()
+        self._artifacts: dict[int, object] = {}     # adapter id -> its decoded artifact (while Ray keeps it loaded)
+        self._sources: dict[int, dict] = {}         # adapter id -> {"sha256", "blob": [ObjectRef]} of its last call
+        self._in_flight: Counter = Counter()         # adapter id -> rows computing
+        self._evicted: set[int] = set()              # evicted by Ray while rows still compute: dropped after them
+        self.counters: Counter = Counter()           # calls, rows, adapter_loads
+        self.pid = os.getpid()
+
+    # -- adapters ------------------------------------------------------------------------------------
+    def _artifact(self, adapter_id: int):
+        """The cache's disk tier on a replica: the artifact delivered with a call."""
+        try:
+            return self._artifacts[adapter_id]
+        except KeyError:
+            raise NotFoundError(f"adapter {adapter_id} is not loaded on this replica") from None
+
+    async def load_adapter(self, model_id: str) -> _LoadedAdapter:
+        """Fetch, check and decode the adapter's files and make it device-resident. The deployed class wraps this
+        in @serve.multiplexed (see `deployment`): Ray then calls it once per adapter held, evicting the least
+        recently used beyond `replica_adapters`, and routes the adapter's calls here."""
+        adapter_id = int(model_id.partition("v")[0])
+        source = self._sources[adapter_id]
+        data, config = await source["blob"][0]
+        if not isinstance(config, dict) or config.get("sha256") != source["sha256"]:
+            raise CorruptAdapterError(f"adapter {adapter_id}: the files received are not sha256 {source['sha256']}")
+        self._artifacts[adapter_id] = await asyncio.to_thread(decode_artifact, data, config)   # checks the bytes
+        self._evicted.discard(adapter_id)
+        try:
+            await asyncio.wrap_future(self.cache.prefetch([adapter_id]))   # onto the device before the first row
+        except BaseException:
+            self._artifacts.pop(adapter_id, None)
+            raise
+        self.cache.release([adapter_id])
+        self.counters["adapter_loads"] += 1
+        return _LoadedAdapter(self, adapter_id)
+
+    def forget(self, adapter_id: int) -> None:
+        """Ray evicted the adapter (LRU over `replica_adapters`): drop it from every tier once its rows are done."""
+        if self._in_flight[adapter_id]:
+            self._evicted.add(adapter_id)
+            return
+        self._artifacts.pop(adapter_id, None)
+        self.cache.invalidate(adapter_id)
+
+    def _done(self, adapter_id: int, num_rows: int) -> None:
+        self._in_flight[adapter_id] -= num_rows
+        if self._in_flight[adapter_id] <= 0:
+            del self._in_flight[adapter_id]
+            if adapter_id in self._evicted:
+                self._evicted.discard(adapter_id)
+                self.forget(adapter_id)
+
+    # -- calls ---------------------------------------------------------------------------------------
+    async def run(self, model_id: str, adapter: dict | None, rows: list[dict]) -> dict:
+        """Compute rows of one adapter. adapter: {"id", "sha256", "blob": [ObjectRef of (bytes, config)]} or None
+        (the bare backbone); each row: tenant_id, text or prompt_ids, truncate, normalize, weight, max_length,
+        remaining_s (seconds left of its deadline). Returns {"replica": pid, "loaded": did this call load the
+        adapter, "results": per row ("ok", Completion, token ids) or ("error", class name, message)}."""
+        self.counters["calls"] += 1
+        self.counters["rows"] += len(rows)
+        adapter_id = adapter["id"] if adapter is not None else None
+        loads = self.counters["adapter_loads"]
+        if adapter_id is not None:
+            self._sources[adapter_id] = adapter
+            self._in_flight[adapter_id] += len(rows)
+        try:
+            if adapter_id is not None:
+                try:
+                    await self.load_adapter(model_id)
+                except Exception as e:  # noqa: BLE001 - every row of the call answers the loading error
+                    return self._answer(loads, [failure(e)] * len(rows))
+            return self._answer(loads, await self._compute(adapter_id, rows))
+        finally:
+            if adapter_id is not None:
+                self._done(adapter_id, len(rows))
+
+    def _answer(self, loads: int, results: list) -> dict:
+        return {"replica": self.pid, "loaded": self.counters["adapter_loads"] > loads, "results": results}
+
+    async def _compute(self, adapter_id: int | None, rows: list[dict]) -> list:
+        now = time.monotonic()
+        futures, reqs, results = [], [], [None] * len(rows)
+        try:
+            for i, row in enumerate(rows):
+                try:
+                    req = Request(tenant_id=row["tenant_id"], adapter_id=adapter_id, deadline=now + row["remaining_s"],
+                                  text=row["text"], prompt_ids=row["prompt_ids"], truncate=row["truncate"],
+                                  normalize=row["normalize"], weight=row["weight"], max_length=row["max_length"])
+                    futures.append(asyncio.wrap_future(self.engine.submit(req)))
+                    reqs.append((i, req))
+                except Exception as e:  # noqa: BLE001 - this row's error (a full queue, bad input)
+                    results[i] = failure(e)
+            done = await asyncio.gather(*futures, return_exceptions=True)
+        except asyncio.CancelledError:      # the front door cancelled the call (its caller went away)
+            for _, req in reqs:
+                self.engine.cancel(req.request_id)
+            raise
+        for (i, req), out in zip(reqs, done):
+            results[i] = failure(out) if isinstance(out, BaseException) else ("ok", out, list(req.prompt_ids or ()))
+        return results
+
+    def stats(self) -> dict:
+        return {"replica": self.pid, **self.counters, "adapters": sorted(self._artifacts),
+                "cache": self.cache.stats()}
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose engine stopped is replaced."""
+        if not self.engine.is_accepting:
+            raise RuntimeError("the engine is not accepting requests")
+
+    def __del__(self) -> None:      # Ray Serve ends the replica (scale down, shutdown): drain the engine first
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop(drain=True, timeout=10)
+
+
+def deployment(scaleout, server_config):
+    """The Ray Serve deployment of EncoderReplica for a ScaleOutConfig, bound to the ServerConfig it loads."""
+    # the multiplexed LRU's size is the decorator's argument: a subclass per size (Ray pickles it by value)
+    replica_cls = type("MultiplexedEncoderReplica", (EncoderReplica,), {
+        "load_adapter": serve.multiplexed(max_num_models_per_replica=scaleout.max_adapters)(
+            EncoderReplica.load_adapter)})
+    return serve.deployment(
+        replica_cls, name="EncoderReplica", num_replicas=scaleout.num_replicas,
+        max_ongoing_requests=scaleout.max_ongoing_requests,
+        ray_actor_options={"num_cpus": scaleout.cpus},
+        health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=30,
+    ).bind(server_config)
