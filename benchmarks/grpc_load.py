@@ -131,9 +131,9 @@ class GrpcClient:
         self.channel = grpc.aio.insecure_channel(init["address"])
         await asyncio.wait_for(self.channel.channel_ready(), 30)
         self.stub = tenant_pb2_grpc.TenantServiceStub(self.channel)
-        self.requests = [tenant_pb2.ClassifyRequest(adapter=init["adapter"],
-                                                    inputs=[tenant_pb2.Input(text=init["texts"][x])])
-                         for _, x in init["calls"]]
+        texts, k = init["texts"], init.get("texts_per_call", 1)
+        self.requests = [tenant_pb2.ClassifyRequest(adapter=init["adapter"], inputs=[
+            tenant_pb2.Input(text=texts[(x + j) % len(texts)]) for j in range(k)]) for _, x in init["calls"]]
         self.metadata = [(("authorization", f"Bearer {k}"),) for k in init["keys"]]
         self.tenant_of = [t for t, _ in init["calls"]]
         self.timeout = init["rpc_timeout_s"]
@@ -250,9 +250,10 @@ def summarize(records: list, *, is_open: bool) -> dict:
 
 # -- the server side (this process) --------------------------------------------------------------------
 class OwnServer:
-    """Server + App on a background event loop; tenants and adapters through app.manager."""
+    """Server + App on a background event loop; tenants and adapters through app.manager. overrides: more
+    ServerConfig settings (benchmarks/scaleout.py: replicas)."""
 
-    def __init__(self, args, data_dir: str):
+    def __init__(self, args, data_dir: str, **overrides):
         from dispatcher.app import App
         from dispatcher.config import ServerConfig
         from dispatcher.server import Server
@@ -260,7 +261,8 @@ class OwnServer:
         config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0, data_dir=data_dir, backbone=args.backbone,
                               admin_token="grpc-load-admin", max_concurrent_rpcs=max(256, 4 * args.max_in_flight),
                               max_waiting=max(10000, 4 * args.requests), log_level=args.log_level,
-                              **({} if args.latency_target_ms is None else {"latency_target_ms": args.latency_target_ms}))
+                              **({} if args.latency_target_ms is None else {"latency_target_ms": args.latency_target_ms}),
+                              **overrides)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="server-loop").start()
         self.app = App.create(config)

@@ -117,12 +117,12 @@ class EncoderReplica:
     async def run(self, model_id: str, adapter: dict | None, rows: list[dict]) -> dict:
         """Compute rows of one adapter. adapter: {"id", "sha256", "blob": [ObjectRef of (bytes, config)]} or None
         (the bare backbone); each row: tenant_id, text or prompt_ids, truncate, normalize, weight, max_length,
-        remaining_s (seconds left of its deadline). Returns {"replica": pid, "loaded": did this call load the
-        adapter, "results": per row ("ok", Completion, token ids) or ("error", class name, message)}."""
+        remaining_s (seconds left of its deadline). Returns {"replica": pid, "loaded": did the adapter have to be
+        loaded for this call (not held already), "results": per row ("ok", Completion, token ids) or ("error", class name, message)}."""
         self.counters["calls"] += 1
         self.counters["rows"] += len(rows)
         adapter_id = adapter["id"] if adapter is not None else None
-        loads = self.counters["adapter_loads"]
+        was_loaded = adapter_id is None or adapter_id in self._artifacts
         if adapter_id is not None:
             self._sources[adapter_id] = adapter
             self._in_flight[adapter_id] += len(rows)
@@ -131,14 +131,14 @@ class EncoderReplica:
                 try:
                     await self.load_adapter(model_id)
                 except Exception as e:  # noqa: BLE001 - every row of the call answers the loading error
-                    return self._answer(loads, [failure(e)] * len(rows))
-            return self._answer(loads, await self._compute(adapter_id, rows))
+                    return self._answer(was_loaded, [failure(e)] * len(rows))
+            return self._answer(was_loaded, await self._compute(adapter_id, rows))
         finally:
             if adapter_id is not None:
                 self._done(adapter_id, len(rows))
 
-    def _answer(self, loads: int, results: list) -> dict:
-        return {"replica": self.pid, "loaded": self.counters["adapter_loads"] > loads, "results": results}
+    def _answer(self, was_loaded: bool, results: list) -> dict:
+        return {"replica": self.pid, "loaded": not was_loaded, "results": results}
 
     async def _compute(self, adapter_id: int | None, rows: list[dict]) -> list:
         now = time.monotonic()

@@ -139,7 +139,7 @@ class ReplicaEngine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="scaleout-calls", daemon=True)
         self._lock = threading.Lock()
-        self._pending: dict[int | None, list[tuple[Request, Future]]] = {}
+        self._pending: dict[int | None, list[tuple[Request, Future]]] = {}   # submitted, not sent yet
         self._calls: dict[int, _Call] = {}     # request id -> its call
         self._futures: dict[int, Future] = {}  # request id -> its future (every request not answered yet)
         self._is_flush_scheduled = False
@@ -192,8 +192,11 @@ class ReplicaEngine:
         fut: Future = Future()
         with self._lock:
             self._futures[request.request_id] = fut
+            self._pending.setdefault(request.adapter_id, []).append((request, fut))
+            is_first, self._is_flush_scheduled = not self._is_flush_scheduled, True
         fut.add_done_callback(lambda _f, rid=request.request_id: self._forget(rid))
-        self._loop.call_soon_threadsafe(self._enqueue, request, fut)
+        if is_first:     # the rows submitted until the loop thread runs go out together, one call per adapter
+            self._loop.call_soon_threadsafe(self._flush)
         return fut
 
     def cancel(self, request_id: int) -> bool:
@@ -213,22 +216,18 @@ class ReplicaEngine:
             self._calls.pop(request_id, None)
 
     # -- the calls (on the loop thread) ----------------------------------------------------------------
-    def _enqueue(self, request: Request, fut: Future) -> None:
-        if fut.done():          # cancelled before it was sent
-            return
-        self._pending.setdefault(request.adapter_id, []).append((request, fut))
-        if not self._is_flush_scheduled:
-            self._is_flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
     def _flush(self) -> None:
-        self._is_flush_scheduled = False
-        pending, self._pending = self._pending, {}
-        for adapter_id, items in pending.items():
-            call = _Call(adapter_id, items)
-            with self._lock:
-                for req, _ in items:
-                    self._calls[req.request_id] = call
+        with self._lock:
+            pending, self._pending, self._is_flush_scheduled = self._pending, {}, False
+            calls = []
+            for adapter_id, items in pending.items():
+                items = [(req, fut) for req, fut in items if not fut.done()]    # cancelled before they were sent
+                if items:
+                    call = _Call(adapter_id, items)
+                    calls.append(call)
+                    for req, _ in items:
+                        self._calls[req.request_id] = call
+        for call in calls:
             call.task = self._loop.create_task(self._run(call))
 
     async def _run(self, call: _Call) -> None:

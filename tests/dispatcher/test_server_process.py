@@ -260,3 +260,49 @@ def test_sigterm_lets_an_http_stream_finish(tiny_checkpoint, decoder_dir, tmp_pa
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert s.proc.wait(60) == 0
     s.channel.close()
+
+
+@pytest.mark.slow
+def test_sigterm_drains_the_ray_serve_replicas_too(tiny_checkpoint, tmp_path):
+    """`vbert serve` with one Ray Serve replica (its own local Ray cluster), SIGTERMed while callers keep it busy:
+    calls already running finish, new ones are refused, the process exits 0 and leaves no replica running."""
+    pytest.importorskip("ray.serve")
+    import psutil
+
+    from manager.records import Quotas
+
+    key = prepare_data_dir(tiny_checkpoint, tmp_path / "var", Quotas(requests_per_s=1e6, burst=1_000_000))
+    env = {"VBERT_REPLICAS": "1", "VBERT_REPLICA_CPUS": "0.5", "VBERT_RAY_OBJECT_STORE_MB": "128", "RAY_ADDRESS": ""}
+    s = ServeProcess(tmp_path / "var", tiny_checkpoint, extra_env=env, log_path=tmp_path / "serve.log")
+    texts = [tenant_pb2.Input(text=" ".join(["the patient gene cell"] * 6))] * 16
+    num_ok, codes, is_running = [0], [], threading.Event()
+
+    def worker():
+        stub = tenant_pb2_grpc.TenantServiceStub(grpc.insecure_channel(s.address))
+        while True:
+            try:
+                stub.Classify(tenant_pb2.ClassifyRequest(adapter="cls", inputs=texts), metadata=bearer(key), timeout=60)
+                num_ok[0] += 1
+                is_running.set()
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert is_running.wait(120)
+    server_pid = s.proc.pid
+    replicas = [p for p in psutil.Process(server_pid).children(recursive=True)
+                if " ".join(p.cmdline()).startswith("ray::ServeReplica")]
+    assert len(replicas) == 1
+    assert s.terminate(90) == 0
+    for t in threads:
+        t.join(60)
+    assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, codes
+    line = drain_line((tmp_path / "serve.log").read_text())
+    assert 0 < line["num_calls"] <= 4
+    deadline = time.time() + 30
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in replicas) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in replicas)

@@ -1,0 +1,157 @@
+"""The front door's handling of replica faults, without a cluster: ReplicaEngine against a stand-in for Ray's
+deployment handle (Ray's own object, not ours, is what is replaced) that answers, fails as a dead replica does
+(ActorDiedError), or hangs until cancelled. test_scaleout.py kills real replicas on a real cluster."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+
+import grpc
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from ray.exceptions import ActorDiedError  # noqa: E402
+
+from dispatcher.config import ScaleOutConfig  # noqa: E402
+from dispatcher.errors import UnavailableError, status_of  # noqa: E402
+from dispatcher.scaleout import AdapterFiles, ReplicaEngine, row_error  # noqa: E402
+from scheduler.engine import (Completion, DeadlineExceededError, EngineStoppedError,  # noqa: E402
+                              RequestCancelledError, RequestFailedError)
+from scheduler.policy import QueueFullError  # noqa: E402
+from scheduler.types import Request  # noqa: E402
+
+
+class Response:
+    def __init__(self, outcome):
+        self.outcome, self.cancelled = outcome, False
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self):
+        if self.outcome == "hang":
+            await asyncio.sleep(3600)
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Handle:
+    """Ray's DeploymentHandle as ReplicaEngine uses it: options(...).run.remote(model_id, adapter, rows)."""
+
+    def __init__(self, outcomes):
+        self.outcomes, self.calls, self.responses = list(outcomes), [], []
+        self.run = self
+
+    def options(self, **kw):
+        return self
+
+    def remote(self, model_id, adapter, rows):
+        self.calls.append(rows)
+        outcome = self.outcomes.pop(0)
+        response = Response(outcome(rows) if callable(outcome) else outcome)
+        self.responses.append(response)
+        return response
+
+
+def answer(rows):
+    return {"replica": 4242, "loaded": False, "results": [
+        ("ok", Completion(i, f"out{i}", 3, 0.0, 0.0, 0.0, 1), [101, 7, 102]) for i, _ in enumerate(rows)]}
+
+
+def engine(outcomes, **kw) -> tuple[ReplicaEngine, Handle]:
+    handle = Handle(outcomes)
+    return ReplicaEngine(ScaleOutConfig(2, retry_after_s=0.5, **kw), handle, AdapterFiles(None, 1 << 20),
+                         owns_ray=False).start(), handle
+
+
+@contextlib.contextmanager
+def one_call(eng: ReplicaEngine):
+    """Hold the engine's loop thread while the block submits: everything submitted goes out in one call per
+    adapter (as the rows of one RPC do when the loop thread is busy)."""
+    release = threading.Event()
+    eng._loop.call_soon_threadsafe(release.wait)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def request(deadline_s=30.0) -> Request:
+    return Request(tenant_id=1, adapter_id=None, deadline=time.monotonic() + deadline_s, text="a text")
+
+
+def test_a_call_that_meets_a_dead_replica_is_sent_once_more_and_answered():
+    eng, handle = engine([ActorDiedError(), answer])
+    req = request()
+    completion = eng.submit(req).result(10)
+    assert completion.output == "out0" and req.prompt_ids == [101, 7, 102] and req.metadata["replica"] == 4242
+    assert len(handle.calls) == 2 and eng.stats.retries == 1 and eng.num_pending == 0
+    eng.stop()
+
+
+def test_two_dead_replicas_in_a_row_answer_unavailable_with_a_retry_hint():
+    eng, handle = engine([ActorDiedError(), ActorDiedError()])
+    with one_call(eng):
+        futures = [eng.submit(request()) for _ in range(3)]
+    for fut in futures:
+        with pytest.raises(UnavailableError) as e:
+            fut.result(10)
+        code, message, retry = status_of(e.value)
+        assert code is grpc.StatusCode.UNAVAILABLE and retry == 0.5 and "retry" in message
+    assert len(handle.calls) == 2 and len(handle.calls[0]) == 3 and eng.stats.unavailable == 3
+    assert eng.num_pending == 0
+    eng.stop()
+
+
+def test_row_errors_come_back_as_the_edge_s_own_classes():
+    assert isinstance(row_error("DeadlineExceededError", "late"), DeadlineExceededError)
+    assert isinstance(row_error("QueueFullError", "full"), QueueFullError)
+    unknown = row_error("ZeroDivisionError", "boom")
+    assert isinstance(unknown, RequestFailedError) and "ZeroDivisionError: boom" in str(unknown)
+    eng, _ = engine([lambda rows: {"replica": 1, "loaded": True, "results": [
+        ("error", "QueueFullError", "tenant 1 has 1000 requests waiting"), *answer(rows[1:])["results"]]}])
+    with one_call(eng):
+        first, second = eng.submit(request()), eng.submit(request())
+    with pytest.raises(QueueFullError, match="1000 requests"):
+        first.result(10)
+    assert second.result(10).output == "out0"
+    assert eng.stats.adapter_calls == 0     # the bare backbone: no adapter to find loaded
+    eng.stop()
+
+
+def test_cancelling_every_request_of_a_call_cancels_the_call():
+    eng, handle = engine(["hang"])
+    reqs = [request(), request()]
+    with one_call(eng):
+        futures = [eng.submit(r) for r in reqs]
+    deadline = time.monotonic() + 10
+    while not handle.responses and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert eng.cancel(reqs[0].request_id)
+    time.sleep(0.1)
+    assert not handle.responses[0].cancelled        # the other request still waits for the call
+    assert eng.cancel(reqs[1].request_id) and not eng.cancel(reqs[1].request_id)
+    for fut in futures:
+        with pytest.raises(RequestCancelledError):
+            fut.result(1)
+    while not handle.responses[0].cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handle.responses[0].cancelled and eng.num_pending == 0
+    eng.stop()
+
+
+def test_an_expired_request_is_not_sent_and_a_stopped_engine_refuses():
+    eng, handle = engine([answer])
+    with pytest.raises(DeadlineExceededError):
+        eng.submit(request(deadline_s=-1)).result(10)
+    assert handle.calls == []
+    eng.stop()
+    with pytest.raises(EngineStoppedError):
+        eng.submit(request())
