@@ -82,7 +82,8 @@ class Run:
     def __init__(self, args, texts: list[str], num_tenants: int, num_calls: int, **overrides):
         self.args, self.tmp = args, tempfile.TemporaryDirectory(prefix="scaleout-")
         t0 = time.perf_counter()
-        self.server = OwnServer(args, self.tmp.name, lora_slots=max(256, args.replica_adapters + 8), **overrides)
+        self.server = OwnServer(args, self.tmp.name, backbones="encoder", lora_slots=max(256, args.replica_adapters + 8),
+                                **overrides)
         self.start_s = time.perf_counter() - t0
         names = [f"so{args.seed}-t{i:03d}" for i in range(num_tenants)]
         shape = self.server.app.model.spec.shape

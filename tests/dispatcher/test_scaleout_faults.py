@@ -155,3 +155,33 @@ def test_an_expired_request_is_not_sent_and_a_stopped_engine_refuses():
     eng.stop()
     with pytest.raises(EngineStoppedError):
         eng.submit(request())
+
+
+def test_scale_out_settings_are_validated_and_read_from_the_environment(tiny_checkpoint, tmp_path):
+    from dispatcher.config import ServerConfig
+
+    base = {"data_dir": str(tmp_path), "backbone": str(tiny_checkpoint), "backbones": "encoder"}
+    config = ServerConfig.load(None, {"VBERT_REPLICAS": "3", "VBERT_REPLICA_ROUTING": "any",
+                                      "VBERT_RAY_ADDRESS": "10.0.0.5:6379"}, base)
+    so = config.scaleout_config()
+    assert (so.num_replicas, so.routing, so.address, so.max_adapters) == (3, "any", "10.0.0.5:6379", 64)
+    assert ServerConfig(**base).scaleout_config() is None
+    for bad, match in (({"replicas": -1}, "replicas must be >= 0"), ({"replica_routing": "nearest"}, "replica_routing"),
+                       ({"replicas": 2, "backbones": "decoder"}, "loads no encoder"),
+                       ({"replica_threads": 0}, "replica_threads"), ({"ray_address": " "}, "ray_address")):
+        with pytest.raises(ValueError, match=match):
+            ServerConfig(**{**base, **bad})
+
+
+def test_the_single_process_server_never_imports_ray(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from dispatcher.app import App; from dispatcher.config import ServerConfig; "
+            f"app = App.create(ServerConfig(data_dir={str(tmp_path)!r}, backbone={str(tiny_checkpoint)!r}, "
+            "backbones='encoder', device='cpu', lora_slots=4, bottleneck_slots=4, max_lora_rank=8, "
+            "max_bottleneck_size=16, max_labels=8, admin_token='t')); app.start(); app.close(); "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
