@@ -37,7 +37,7 @@ from manager.cache import CacheFullError
 from manager.errors import (CorruptAdapterError, FailedPreconditionError, InvalidArgumentError, NotFoundError)
 from manager.manager import Manager
 from scheduler.engine import (DeadlineExceededError, EngineStoppedError, RequestCancelledError,
-                              RequestFailedError)
+                              RequestFailedError, wait_for_drain)
 from scheduler.policy import QueueFullError
 from scheduler.types import Request
 from vbert.adapters import AdapterError
@@ -157,9 +157,8 @@ class ReplicaEngine:
         EngineStoppedError; then delete the deployment (Ray drains the replicas) and leave Ray."""
         self._is_accepting = False
         num_pending = self.num_pending
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while drain and self.num_pending and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.01)
+        if drain:
+            wait_for_drain(self, timeout)
         with self._lock:
             left = list(self._futures.values())
         for fut in left:

@@ -105,6 +105,13 @@ class Completion:
     step: int
 
 
+def wait_for_drain(engine, timeout: float | None) -> None:
+    """Wait until engine.num_pending is 0 or timeout seconds passed (None: no limit); every engine's stop(drain=True)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while engine.num_pending and (deadline is None or time.monotonic() < deadline):
+        time.sleep(0.01)
+
+
 def take_round_robin(incoming: list[Request], max_chars: int) -> tuple[list[Request], list[Request]]:
     """(taken, left): requests taken one per tenant in turn, in arrival order within a tenant, until
     their texts hold max_chars characters (at least one is taken; tokenized requests count 0).
@@ -175,9 +182,8 @@ class Engine:
         failed with EngineStoppedError when the timeout ran out or without drain)."""
         self._is_accepting = False
         num_pending = self.num_pending
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while drain and self.num_pending and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.01)
+        if drain:
+            wait_for_drain(self, timeout)
         self._is_stopping = True
         self._notify()
         for t in self._threads:

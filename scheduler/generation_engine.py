@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 from vbert.detokenize import FinishReason, TextStream
 from vbert.sampling import SamplingParams, TokenLogprobs
 
-from .engine import DeadlineExceededError, EngineStoppedError, RequestFailedError
+from .engine import DeadlineExceededError, EngineStoppedError, RequestFailedError, wait_for_drain
 from .generation_policy import GenerationBatch, GenerationScheduler, GenerationSchedulerConfig
 from .generation_runner import GenerationRunner
 from .policy import QueueFullError
@@ -175,9 +175,8 @@ class GenerationEngine:
         the rest fail with EngineStoppedError. Returns how many pending requests finished."""
         self._is_accepting = False
         num_pending = self.num_pending
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while drain and self.num_pending and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.01)
+        if drain:
+            wait_for_drain(self, timeout)
         self._is_stopping = True
         self._notify()
         if self._thread is not None:

@@ -178,6 +178,33 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     assert line["num_calls"] > 0 and line["inputs"] > 0 and line["duration_ms"] > 0
 
 
+class BusyCallers:
+    """Callers that keep a server busy with Classify calls of `texts` until one is refused (after SIGTERM)."""
+
+    def __init__(self, address: str, key: str, texts, num: int = 4):
+        self.address, self.key, self.texts = address, key, texts
+        self.num_ok, self.codes, self.is_running = 0, [], threading.Event()
+        self.threads = [threading.Thread(target=self._worker) for _ in range(num)]
+        for t in self.threads:
+            t.start()
+
+    def _worker(self):
+        stub = tenant_pb2_grpc.TenantServiceStub(grpc.insecure_channel(self.address))
+        while True:
+            try:
+                stub.Classify(tenant_pb2.ClassifyRequest(adapter="cls", inputs=self.texts), metadata=bearer(self.key),
+                              timeout=60)
+                self.num_ok += 1
+                self.is_running.set()
+            except grpc.RpcError as e:          # after SIGTERM: refused (UNAVAILABLE)
+                self.codes.append(e.code())
+                return
+
+    def join(self, timeout: float) -> None:
+        for t in self.threads:
+            t.join(timeout)
+
+
 def test_sigterm_logs_what_it_drained(tiny_checkpoint, tmp_path):
     """A real `vbert serve` SIGTERMed while callers keep it busy: one log line says how many calls were
     in flight, how many inputs were queued, and how long the drain took; the calls already running finish."""
@@ -186,32 +213,16 @@ def test_sigterm_logs_what_it_drained(tiny_checkpoint, tmp_path):
     key = prepare_data_dir(tiny_checkpoint, tmp_path / "var", Quotas(requests_per_s=1e6, burst=1_000_000))
     s = ServeProcess(tmp_path / "var", tiny_checkpoint, log_path=tmp_path / "serve.log")
     texts = [tenant_pb2.Input(text=" ".join(["the patient gene cell"] * 6))] * 32
-    num_ok, codes, is_running = [0], [], threading.Event()
-
-    def worker():
-        stub = tenant_pb2_grpc.TenantServiceStub(grpc.insecure_channel(s.address))
-        while True:
-            try:
-                stub.Classify(tenant_pb2.ClassifyRequest(adapter="cls", inputs=texts), metadata=bearer(key), timeout=60)
-                num_ok[0] += 1
-                is_running.set()
-            except grpc.RpcError as e:          # after SIGTERM: refused (UNAVAILABLE)
-                codes.append(e.code())
-                return
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    assert is_running.wait(60)
+    callers = BusyCallers(s.address, key, texts)
+    assert callers.is_running.wait(60)
     time.sleep(0.5)
-    num_before = num_ok[0]
+    num_before = callers.num_ok
     assert s.terminate(60) == 0
-    for t in threads:
-        t.join(60)
-    assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, codes   # nothing in flight failed: new calls were refused
+    callers.join(60)
+    assert set(callers.codes) == {grpc.StatusCode.UNAVAILABLE}, callers.codes   # in flight finished, new refused
     line = drain_line((tmp_path / "serve.log").read_text())
     assert 0 < line["num_calls"] <= 4 and line["inputs"] <= 4 * len(texts) and line["duration_ms"] > 0
-    assert num_ok[0] >= num_before
+    assert callers.num_ok >= num_before
 
 
 def test_bad_config_is_refused_at_start(tmp_path):
@@ -274,32 +285,15 @@ def test_sigterm_drains_the_ray_serve_replicas_too(tiny_checkpoint, tmp_path):
     key = prepare_data_dir(tiny_checkpoint, tmp_path / "var", Quotas(requests_per_s=1e6, burst=1_000_000))
     env = {"VBERT_REPLICAS": "1", "VBERT_REPLICA_CPUS": "0.5", "VBERT_RAY_OBJECT_STORE_MB": "128", "RAY_ADDRESS": ""}
     s = ServeProcess(tmp_path / "var", tiny_checkpoint, extra_env=env, log_path=tmp_path / "serve.log")
-    texts = [tenant_pb2.Input(text=" ".join(["the patient gene cell"] * 6))] * 16
-    num_ok, codes, is_running = [0], [], threading.Event()
-
-    def worker():
-        stub = tenant_pb2_grpc.TenantServiceStub(grpc.insecure_channel(s.address))
-        while True:
-            try:
-                stub.Classify(tenant_pb2.ClassifyRequest(adapter="cls", inputs=texts), metadata=bearer(key), timeout=60)
-                num_ok[0] += 1
-                is_running.set()
-            except grpc.RpcError as e:
-                codes.append(e.code())
-                return
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    assert is_running.wait(120)
+    callers = BusyCallers(s.address, key, [tenant_pb2.Input(text=" ".join(["the patient gene cell"] * 6))] * 16)
+    assert callers.is_running.wait(120)
     server_pid = s.proc.pid
     replicas = [p for p in psutil.Process(server_pid).children(recursive=True)
                 if " ".join(p.cmdline()).startswith("ray::ServeReplica")]
     assert len(replicas) == 1
     assert s.terminate(90) == 0
-    for t in threads:
-        t.join(60)
-    assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, codes
+    callers.join(60)
+    assert set(callers.codes) == {grpc.StatusCode.UNAVAILABLE}, callers.codes
     line = drain_line((tmp_path / "serve.log").read_text())
     assert 0 < line["num_calls"] <= 4
     deadline = time.time() + 30
