@@ -116,4 +116,35 @@ def demo(tenants, batch, seed) -> None:
     run_demo(num_tenants=tenants, batch=batch, seed=seed, echo=click.echo)
 
 
-COMMANDS = [info, serve, demo]
+@click.command()
+@click.option("--out", required=True, help="where to write the profile (JSON) for `vbert plan` and the simulator")
+@click.option("--backbones", default="encoder,decoder", show_default=True, help="which backbones to profile")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100), help="timed runs per point")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: torch's)")
+@click.option("--config", "config_file", default=None, help="TOML config file (backbone paths, pool and KV sizes).")
+def profile(out, backbones, repeats, threads, config_file) -> None:
+    """Measure each backbone's step latency on this machine (encoder: rows x tokens; decoder: running
+    sequences x context, prefill chunks), its start time and memory: the placement simulator's input."""
+    import os
+
+    import torch
+    from tqdm import tqdm
+
+    from dispatcher.config import ServerConfig
+    from scheduler.profiling import profile as run_profile
+
+    names = [b.strip() for b in backbones.split(",") if b.strip()]
+    try:
+        config = ServerConfig.load(config_file, os.environ, {"backbones": ",".join(names)})
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    if threads:
+        torch.set_num_threads(threads)
+    with tqdm(desc="profile points", unit="point") as bar:
+        result = run_profile(config, names, repeats=repeats, progress=bar.update)
+    result.save(out)
+    for name, b in result.backbones.items():
+        click.echo(f"{name}: start {b.start_s:.2f} s, {b.replica_bytes / 2 ** 20:.0f} MiB per replica -> {out}")
+
+
+COMMANDS = [info, serve, demo, profile]

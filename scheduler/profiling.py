@@ -1,0 +1,153 @@
+"""`vbert profile`: measure each backbone's step latency on this machine for the placement simulator
+(scheduler/latency_profile.py holds the result; scheduler/simulator.py reads it).
+
+- encoder: one mixed-tenant forward (every row a different LoRA adapter, as in serving) of R rows of T tokens,
+  on a grid of R x T;
+- decoder: one decode step of B running sequences whose context holds C tokens (the KV blocks are allocated,
+  not computed: a decode step's cost does not depend on what the cache holds), on a grid of B x C; one prefill
+  chunk of N tokens;
+- start_s: constructing the backbone (weights, pools, caches) until its first step is done, in this process
+  (a Ray Serve replica adds Ray's own worker start: benchmarks/scaleout.py records `start_s` with replicas);
+- memory_bytes: the tensors a replica holds (weights, adapter pool, KV cache), counted, not estimated.
+
+Each point is the median of `repeats` timed runs after one untimed run, on the CPU threads this process has.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Callable, Iterable
+
+import torch
+
+from vbert.config import ModelConfig
+from vbert.model import EncodeRow, MultiTenantModel
+
+from .latency_profile import BackboneProfile, Curve, Grid, LatencyProfile
+
+ENCODER_ROWS = (1, 4, 16, 64)
+ENCODER_TOKENS = (16, 32, 64, 128)
+DECODER_BATCH = (1, 4, 16, 32)
+DECODER_CONTEXT = (64, 256, 512)
+PREFILL_TOKENS = (16, 64, 256, 512)
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def profile_encoder(config: ModelConfig, rows=ENCODER_ROWS, tokens=ENCODER_TOKENS, repeats: int = 3,
+                    num_adapters: int = 16, seed: int = 0, progress=None) -> BackboneProfile:
+    from vbert import AdapterArtifact, Head, HeadKind, HeadSpec, LoraAdapter
+
+    t0 = time.perf_counter()
+    model = MultiTenantModel(config)
+    g = torch.Generator().manual_seed(seed)
+    head = HeadSpec(HeadKind.CLASSIFY, ("a", "b", "c"))
+    slots = [model.load_adapter(AdapterArtifact(LoraAdapter.random(model.spec.shape, rank=8, generator=g, std=0.05),
+                                                Head.random(head, model.spec.hidden_size, generator=g)))
+             for _ in range(min(num_adapters, config.pool.num_lora_slots))]
+    vocab = model.spec.vocab_size
+
+    def batch(r: int, t: int) -> list[EncodeRow]:
+        ids = torch.randint(min(1000, vocab // 2), vocab, (r, t), generator=g).tolist()
+        return [EncodeRow(row, slots[i % len(slots)]) for i, row in enumerate(ids)]
+
+    model.forward(batch(1, 8))
+    start_s = time.perf_counter() - t0
+    grid = []
+    for r in rows:
+        line = []
+        for t in tokens:
+            b = batch(r, t)
+            line.append(timed(lambda: model.forward(b), repeats))
+            if progress:
+                progress()
+        grid.append(tuple(line))
+    memory = {"weights": _tensor_bytes(model.encoder.parameters()), "adapter_pool": model.pool.total_bytes()}
+    return BackboneProfile(model.name, "encoder", start_s, memory, step=Grid(tuple(rows), tuple(tokens), tuple(grid)))
+
+
+def profile_decoder(config, device, batches=DECODER_BATCH, contexts=DECODER_CONTEXT, prefill=PREFILL_TOKENS,
+                    repeats: int = 3, seed: int = 0, progress=None) -> BackboneProfile:
+    from vbert.decoder import StepSequence
+    from vbert.decoder_backbone import DecoderBackbone
+
+    t0 = time.perf_counter()
+    dec = DecoderBackbone.load(config, device)
+    model, kv = dec.model, dec.kv
+    lora = getattr(dec.lora, "lora_pool", dec.lora)
+    g = torch.Generator().manual_seed(seed)
+    vocab = dec.tokenizer.vocab_size
+
+    def step(seqs: list[StepSequence], num_tokens: int):
+        ids = torch.randint(min(100, vocab // 2), vocab, (num_tokens,), generator=g)
+        return model.forward(ids, None, seqs, kv, lora)
+
+    kv.allocate("warm", 8)
+    step([StepSequence("warm", 0, 8)], 8)
+    kv.free("warm")
+    start_s = time.perf_counter() - t0
+    grid = []
+    for b in batches:
+        line = []
+        for c in contexts:
+            if kv.blocks_for(c + 1) * b > kv.num_free_blocks:
+                raise ValueError(f"the KV cache ({kv.total_bytes() >> 20} MiB) cannot hold {b} sequences of {c + 1} "
+                                 f"tokens: profile with a larger decoder_kv_cache_mb or smaller grids")
+            for i in range(b):
+                kv.allocate(("d", i), c + 1)
+            seqs = [StepSequence(("d", i), c, 1) for i in range(b)]
+            line.append(timed(lambda: step(seqs, b), repeats))
+            for i in range(b):
+                kv.free(("d", i))
+            if progress:
+                progress()
+        grid.append(tuple(line))
+    chunk = []
+    for n in prefill:
+        kv.allocate("p", n)
+        chunk.append(timed(lambda: step([StepSequence("p", 0, n)], n), repeats))
+        kv.free("p")
+        if progress:
+            progress()
+    memory = {"weights": dec.weight_bytes(), "kv_cache": kv.total_bytes(),
+              "adapter_pool": lora.total_bytes() if lora is not None else 0}
+    return BackboneProfile(dec.name, "decoder", start_s, memory,
+                           decode=Grid(tuple(batches), tuple(contexts), tuple(grid)),
+                           prefill=Curve(tuple(prefill), tuple(chunk)))
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def profile(server_config, backbones: Iterable[str], repeats: int = 3, progress=None) -> LatencyProfile:
+    """Profile the named backbones ("encoder", "decoder") as `server_config` configures them."""
+    out = {}
+    for name in backbones:
+        if name == "encoder":
+            out[name] = profile_encoder(server_config.model_config(), repeats=repeats, progress=progress)
+        elif name == "decoder":
+            from vbert.device import DeviceContext
+
+            out[name] = profile_decoder(server_config.decoder_config(),
+                                        DeviceContext.create(server_config.device, server_config.dtype),
+                                        repeats=repeats, progress=progress)
+        else:
+            raise ValueError(f"unknown backbone {name!r}: profile encoder and/or decoder")
+    return LatencyProfile(out, machine())

@@ -1,0 +1,254 @@
+"""A discrete-event simulator of the serving system, fed by measured latency profiles. Pure Python, no torch.
+
+What it models (each as the real server does it, with latencies from `vbert profile`):
+- arrivals: per tenant a Gamma renewal process (rate, coefficient of variation: CV 1 is Poisson, larger is
+  burstier), optionally scaled over time by a trend (a daily sine) through thinning; tenants' rates may follow a
+  Zipf popularity (`zipf_rates`);
+- replicas: each runs one backbone's engine. Encoder replicas compute steps of up to `max_rows` rows and
+  `max_tokens` tokens taken fairly across tenants (round-robin over the tenants waiting, as the VTC policy does
+  for equal weights), every row finished in its step; decoder replicas run Orca's iteration-level loop: every
+  step decodes one token of each running sequence and admits waiting ones (their prompt as a prefill chunk)
+  while `max_running` and the token budget allow;
+- routing: a request goes to the replica of its backbone with the least outstanding work;
+- requests expire (are dropped, and count as missed) when they waited longer than `drop_after_slo` x their SLO.
+
+It reports SLO attainment (the share of requests finished within their latency objective), latency
+percentiles and each replica's utilization (busy time / simulated time).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .latency_profile import BackboneProfile, LatencyProfile
+
+
+@dataclass(frozen=True)
+class TenantLoad:
+    """One tenant's traffic: rate (requests/s), burstiness (cv), latency objective (slo_s), request size
+    (encoder: tokens per input; decoder: prompt tokens and output tokens)."""
+
+    name: str
+    backbone: str
+    rate: float
+    slo_s: float
+    cv: float = 1.0
+    tokens: int = 64
+    output_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.rate >= 0 or not self.slo_s > 0 or not self.cv > 0 or self.tokens < 1 or self.output_tokens < 0:
+            raise ValueError(f"tenant {self.name!r}: need rate >= 0, slo_s > 0, cv > 0, tokens >= 1, output_tokens >= 0")
+
+
+def zipf_rates(total_rate: float, num_tenants: int, exponent: float = 1.0) -> list[float]:
+    """Per-tenant rates summing to total_rate, tenant i's share proportional to 1 / (i + 1) ** exponent."""
+    weights = [1 / (i + 1) ** exponent for i in range(num_tenants)]
+    s = sum(weights)
+    return [total_rate * w / s for w in weights]
+
+
+def daily_sine(low: float, high: float, period_s: float, phase_s: float = 0.0) -> Callable[[float], float]:
+    """A load multiplier between low and high over a period (the seed study's daily trend), its minimum at t=phase."""
+    mid, amp = (low + high) / 2, (high - low) / 2
+    return lambda t: mid - amp * math.cos(2 * math.pi * (t - phase_s) / period_s)
+
+
+def arrivals(tenants: Sequence[TenantLoad], duration_s: float, seed: int = 0,
+             trend: Callable[[float], float] | None = None) -> list[tuple[float, int]]:
+    """(time, tenant index) sorted by time: Gamma inter-arrival times of mean 1 / rate and the tenant's CV; with a
+    trend, arrivals are generated at the trend's peak and kept with probability trend(t) / peak (thinning)."""
+    rng = random.Random(seed)
+    peak = 1.0
+    if trend is not None:
+        peak = max(trend(duration_s * i / 1000) for i in range(1001))
+    out = []
+    for k, tenant in enumerate(tenants):
+        if tenant.rate <= 0:
+            continue
+        shape = 1 / tenant.cv ** 2
+        scale = 1 / (tenant.rate * peak * shape)
+        t = rng.gammavariate(shape, scale)
+        while t < duration_s:
+            if trend is None or rng.random() * peak < trend(t):
+                out.append((t, k))
+            t += rng.gammavariate(shape, scale)
+    out.sort()
+    return out
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The engine's budgets (the server's max_rows_per_step, max_tokens_per_step, generation_max_running)."""
+
+    max_rows: int = 64
+    max_tokens: int = 8192
+    max_running: int = 32
+    decoder_max_tokens: int = 512
+    drop_after_slo: float = 10.0   # a request that waited this many SLOs is dropped (the deadline)
+
+
+@dataclass
+class _Req:
+    arrival: float
+    tenant: int
+    tokens: int
+    output_tokens: int
+    slo_s: float
+    done_tokens: int = 0
+    finish: float | None = None
+
+
+@dataclass
+class _Replica:
+    backbone: str
+    profile: BackboneProfile
+    queues: "OrderedDict[int, deque[_Req]]" = field(default_factory=OrderedDict)   # tenant -> waiting
+    running: list = field(default_factory=list)          # decoder: sequences admitted
+    busy_until: float = 0.0
+    busy_s: float = 0.0
+    outstanding: int = 0
+
+    def add(self, req: _Req) -> None:
+        self.queues.setdefault(req.tenant, deque()).append(req)
+        self.outstanding += 1
+
+    def take_fair(self, max_rows: int, max_tokens: int) -> list[_Req]:
+        """Round-robin over the waiting tenants (equal weights: what VTC converges to), FIFO within one."""
+        rows, tokens = [], 0
+        while self.queues and len(rows) < max_rows:
+            progressed = False
+            for tenant in list(self.queues):
+                q = self.queues[tenant]
+                if len(rows) >= max_rows or (rows and tokens + q[0].tokens > max_tokens):
+                    continue
+                req = q.popleft()
+                rows.append(req)
+                tokens += req.tokens
+                progressed = True
+                if q:
+                    self.queues.move_to_end(tenant)     # its next row waits for every other tenant's turn
+                else:
+                    del self.queues[tenant]
+            if not progressed:
+                break
+        return rows
+
+
+@dataclass(frozen=True)
+class SimResult:
+    num_requests: int
+    slo_attainment: float
+    p50_s: float | None
+    p99_s: float | None
+    utilization: tuple[float, ...]
+    dropped: int
+
+    def to_json(self) -> dict:
+        return {"num_requests": self.num_requests, "slo_attainment": round(self.slo_attainment, 4),
+                "p50_s": self.p50_s, "p99_s": self.p99_s, "utilization": [round(u, 3) for u in self.utilization],
+                "dropped": self.dropped}
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def simulate(profile: LatencyProfile, replicas: Sequence[str], tenants: Sequence[TenantLoad],
+             arrival_list: Sequence[tuple[float, int]], limits: EngineLimits = EngineLimits()) -> SimResult:
+    """Serve `arrival_list` (from `arrivals`) on replicas (one backbone name each) and report what came out.
+    A request whose backbone has no replica counts as missed."""
+    reps = [_Replica(name, profile[name]) for name in replicas]
+    by_backbone: dict[str, list[_Replica]] = {}
+    for r in reps:
+        by_backbone.setdefault(r.backbone, []).append(r)
+    reqs: list[_Req] = []
+    events: list[tuple[float, int, int, object]] = []   # (time, order, kind, payload): 0 arrival, 1 step end
+    order = 0
+    for t, k in arrival_list:
+        tenant = tenants[k]
+        req = _Req(t, k, tenant.tokens, tenant.output_tokens, tenant.slo_s)
+        reqs.append(req)
+        heapq.heappush(events, (t, order, 0, req))
+        order += 1
+    dropped = 0
+
+    def start(rep: _Replica, now: float) -> None:
+        nonlocal order, dropped
+        if rep.busy_until > now:
+            return
+        # deadlines: drop what waited too long
+        for tenant in list(rep.queues):
+            q = rep.queues[tenant]
+            while q and now - q[0].arrival > limits.drop_after_slo * q[0].slo_s:
+                q.popleft()
+                rep.outstanding -= 1
+                dropped += 1
+            if not q:
+                del rep.queues[tenant]
+        if rep.profile.kind == "encoder":
+            rows = rep.take_fair(limits.max_rows, limits.max_tokens)
+            if not rows:
+                return
+            seconds = rep.profile.encoder_step_s(len(rows), max(r.tokens for r in rows))
+            finished = rows
+        else:
+            budget = limits.decoder_max_tokens - len(rep.running)
+            admitted = []
+            while rep.queues and len(rep.running) + len(admitted) < limits.max_running:
+                (req,) = rep.take_fair(1, budget) or [None]
+                if req is None or (admitted and req.tokens > budget):
+                    if req is not None:
+                        rep.queues.setdefault(req.tenant, deque()).appendleft(req)
+                    break
+                admitted.append(req)
+                budget -= req.tokens
+            if not rep.running and not admitted:
+                return
+            context = (sum(r.tokens + r.done_tokens for r in rep.running) / len(rep.running)) if rep.running else 0
+            seconds = (rep.profile.decode_step_s(len(rep.running), max(context, 1)) if rep.running else 0.0)
+            seconds += sum(rep.profile.prefill_s(r.tokens) for r in admitted)
+            for r in rep.running:
+                r.done_tokens += 1
+            for r in admitted:
+                r.done_tokens = 1           # the prefill's last position samples the first token
+            rep.running += admitted
+            finished = [r for r in rep.running if r.done_tokens >= max(1, r.output_tokens)]
+            rep.running = [r for r in rep.running if r.done_tokens < max(1, r.output_tokens)]
+        rep.busy_until = now + seconds
+        rep.busy_s += seconds
+        heapq.heappush(events, (rep.busy_until, order, 1, (rep, finished)))
+        order += 1
+
+    while events:
+        now, _, kind, payload = heapq.heappop(events)
+        if kind == 0:
+            req = payload
+            candidates = by_backbone.get(tenants[req.tenant].backbone)
+            if not candidates:
+                continue
+            rep = min(candidates, key=lambda r: r.outstanding)
+            rep.add(req)
+            start(rep, now)
+        else:
+            rep, finished = payload
+            for r in finished:
+                r.finish = now
+                rep.outstanding -= 1
+            start(rep, now)
+    end = max((r.finish for r in reqs if r.finish is not None), default=0.0)
+    horizon = max(end, arrival_list[-1][0] if arrival_list else 0.0) or 1.0
+    lat = [r.finish - r.arrival for r in reqs if r.finish is not None]
+    met = sum(1 for r in reqs if r.finish is not None and r.finish - r.arrival <= r.slo_s)
+    return SimResult(len(reqs), met / len(reqs) if reqs else 1.0, percentile(lat, 50), percentile(lat, 99),
+                     tuple(r.busy_s / horizon for r in reps), dropped)

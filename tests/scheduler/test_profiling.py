@@ -1,0 +1,38 @@
+"""`vbert profile`'s measurements on tiny random backbones: every grid point measured, memory counted from the
+tensors, the JSON readable by the simulator's loader, and a KV cache too small for the grid refused by name."""
+from __future__ import annotations
+
+import pytest
+
+from scheduler.latency_profile import LatencyProfile
+from scheduler.profiling import profile_decoder, profile_encoder
+from tests.conftest import tiny_pool_config
+from vbert import BackboneConfig, ModelConfig
+from vbert.decoder_backbone import DecoderBackboneConfig
+from vbert.device import DeviceContext
+
+
+def test_encoder_profile_on_a_tiny_backbone(tiny_checkpoint, tmp_path):
+    calls = []
+    enc = profile_encoder(ModelConfig(BackboneConfig(path=str(tiny_checkpoint), device="cpu"), tiny_pool_config()),
+                          rows=(1, 4), tokens=(8, 16), repeats=1, num_adapters=3, progress=lambda: calls.append(1))
+    assert len(calls) == 4 and enc.kind == "encoder" and enc.start_s > 0
+    assert all(s > 0 for row in enc.step.seconds for s in row)
+    assert enc.memory_bytes["weights"] > 0 and enc.memory_bytes["adapter_pool"] > 0
+    LatencyProfile({"encoder": enc}).save(tmp_path / "p.json")
+    assert LatencyProfile.load(tmp_path / "p.json")["encoder"].encoder_step_s(2, 12) > 0
+
+
+def test_decoder_profile_on_a_tiny_backbone(tmp_path):
+    from tests.decoder_models import write_tiny_decoder_checkpoint
+
+    path = write_tiny_decoder_checkpoint(tmp_path / "dec")
+    config = DecoderBackboneConfig(path=str(path), kv_cache_bytes=1 << 20, block_size=16, num_lora_slots=2,
+                                   max_lora_rank=4)
+    dec = profile_decoder(config, DeviceContext.create("cpu", "float32"), batches=(1, 2), contexts=(16, 64),
+                          prefill=(8, 32), repeats=1)
+    assert dec.kind == "decoder" and dec.decode_step_s(2, 64) > 0 and dec.prefill_s(20) > 0
+    assert 0 < dec.memory_bytes["kv_cache"] <= 1 << 20 and dec.memory_bytes["weights"] > 0
+    with pytest.raises(ValueError, match="cannot hold 64 sequences"):
+        profile_decoder(config, DeviceContext.create("cpu", "float32"), batches=(1, 64), contexts=(16, 200),
+                        prefill=(8, 32), repeats=1)

@@ -1,0 +1,74 @@
+"""The simulator against cases whose answer is known: step times from a profile with exact arithmetic."""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from scheduler.latency_profile import BackboneProfile, Curve, Grid, LatencyProfile
+from scheduler.simulator import (EngineLimits, TenantLoad, arrivals, daily_sine, simulate, zipf_rates)
+
+STEP = 0.1   # every encoder step takes 0.1 s whatever its size: capacity = max_rows / 0.1 rows/s
+
+
+def profile() -> LatencyProfile:
+    enc = BackboneProfile("encoder", "encoder", 5.0, {"weights": 1},
+                          step=Grid((1, 64), (16, 512), ((STEP, STEP), (STEP, STEP))))
+    dec = BackboneProfile("decoder", "decoder", 9.0, {"weights": 1},
+                          decode=Grid((1, 32), (1, 1024), ((0.02, 0.02), (0.02, 0.02))),
+                          prefill=Curve((1, 1024), (0.05, 0.05)))
+    return LatencyProfile({"encoder": enc, "decoder": dec})
+
+
+def test_gamma_arrivals_have_the_rate_and_burstiness_asked_for():
+    tenants = [TenantLoad("a", "encoder", rate=50, slo_s=1, cv=1.0), TenantLoad("b", "encoder", rate=20, slo_s=1, cv=3.0)]
+    arr = arrivals(tenants, 400, seed=1)
+    for k, t in enumerate(tenants):
+        times = [x for x, i in arr if i == k]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert len(times) / 400 == pytest.approx(t.rate, rel=0.1)
+        assert statistics.pstdev(gaps) / statistics.fmean(gaps) == pytest.approx(t.cv, rel=0.15)
+    trend = daily_sine(0.5, 1.5, period_s=400)
+    thinned = arrivals(tenants[:1], 400, seed=1, trend=trend)
+    first, second = (sum(1 for x, _ in thinned if lo <= x < lo + 100) for lo in (0, 100))
+    assert len(thinned) / 400 == pytest.approx(50, rel=0.1) and first < second       # rising from the trough
+    assert sum(zipf_rates(30, 3)) == pytest.approx(30) and zipf_rates(30, 3)[0] == pytest.approx(2 * zipf_rates(30, 3)[1])
+
+
+def test_below_capacity_a_request_waits_at_most_for_the_step_computing_and_its_own():
+    tenants = [TenantLoad("a", "encoder", rate=2, slo_s=2 * STEP + 1e-9)]
+    res = simulate(profile(), ["encoder"], tenants, arrivals(tenants, 100, seed=0))
+    assert res.slo_attainment == 1.0 and res.p50_s == pytest.approx(STEP) and res.dropped == 0
+    assert STEP < res.p99_s <= 2 * STEP      # some arrive while a step computes
+    tight = simulate(profile(), ["encoder"], [TenantLoad("a", "encoder", rate=2, slo_s=1.5 * STEP)],
+                     arrivals(tenants, 100, seed=0))
+    assert 0.75 < tight.slo_attainment < 0.97
+    assert res.utilization[0] == pytest.approx(0.2 * STEP * 10, rel=0.2)
+
+
+def test_two_replicas_serve_what_overloads_one_and_a_missing_backbone_misses_everything():
+    limits = EngineLimits(max_rows=4)                     # capacity 40 rows/s per replica
+    tenants = [TenantLoad(f"t{i}", "encoder", rate=15, slo_s=0.5) for i in range(4)]   # 60 rows/s
+    arr = arrivals(tenants, 60, seed=2)
+    one = simulate(profile(), ["encoder"], tenants, arr, limits)
+    two = simulate(profile(), ["encoder", "encoder"], tenants, arr, limits)
+    assert one.slo_attainment < 0.3 and two.slo_attainment > 0.95
+    assert one.utilization[0] > 0.95 and one.dropped > 0
+    assert simulate(profile(), ["decoder"], tenants, arr, limits).slo_attainment == 0
+
+
+def test_a_flood_does_not_starve_a_light_tenant():
+    limits = EngineLimits(max_rows=4)
+    tenants = [TenantLoad("flood", "encoder", rate=100, slo_s=0.5), TenantLoad("light", "encoder", rate=2, slo_s=0.25)]
+    arr = arrivals(tenants, 60, seed=3)
+    res = simulate(profile(), ["encoder"], tenants, arr, limits)
+    assert res.slo_attainment < 0.5          # the flood is far over capacity
+    light = [(t, k) for t, k in arr if k == 1]
+    alone = simulate(profile(), ["encoder"], tenants, light, limits)
+    assert alone.slo_attainment == 1.0
+
+
+def test_a_decoder_request_takes_a_prefill_and_then_one_step_per_token():
+    tenants = [TenantLoad("g", "decoder", rate=0.5, slo_s=1.0, tokens=100, output_tokens=11)]
+    res = simulate(profile(), ["decoder"], tenants, [(0.0, 0), (100.0, 0)])
+    assert res.p50_s == pytest.approx(0.05 + 10 * 0.02) and res.slo_attainment == 1.0
