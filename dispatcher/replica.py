@@ -28,6 +28,7 @@ from vbert.device import reserve_cpu_for_steps
 from vbert.model import MultiTenantModel
 
 BASE_MODEL_ID = "base"      # the bare backbone (no adapter to load)
+RETURNED_METADATA = ("offsets", "word_ids")   # what the servicers read of a computed request (Tag's character offsets)
 
 
 def model_id_of(adapter_id: int | None, version: int) -> str:
@@ -159,7 +160,8 @@ class EncoderReplica:
                 self.engine.cancel(req.request_id)
             raise
         for (i, req), out in zip(reqs, done):
-            results[i] = failure(out) if isinstance(out, BaseException) else ("ok", out, list(req.prompt_ids or ()))
+            results[i] = failure(out) if isinstance(out, BaseException) else (
+                "ok", out, list(req.prompt_ids or ()), {k: req.metadata[k] for k in RETURNED_METADATA if k in req.metadata})
         return results
 
     def stats(self) -> dict:

@@ -287,10 +287,10 @@ class ReplicaEngine:
             self.stats.adapter_loads += bool(answer["loaded"])
         for (req, fut), result in zip(live, answer["results"]):
             if result[0] == "ok":
-                _, completion, token_ids = result
+                _, completion, token_ids, metadata = result
                 if token_ids:
-                    req.prompt_ids = token_ids     # the servicers read the tokenization (Tag offsets)
-                req.metadata["replica"] = answer["replica"]
+                    req.prompt_ids = token_ids     # the servicers read the tokenization (Tag's offsets)
+                req.metadata.update(metadata, replica=answer["replica"])
                 _settle(fut, result=completion)
             else:
                 _settle(fut, exc=row_error(result[1], result[2]))

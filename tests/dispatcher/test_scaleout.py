@@ -17,7 +17,7 @@ pytest.importorskip("ray.serve")
 from dispatcher.gen.vbert.v1 import tenant_pb2 as T  # noqa: E402
 from tests.conftest import classify, make_artifact  # noqa: E402
 from tests.dispatcher.conftest import RunningServer, bearer, tiny_server_config  # noqa: E402
-from vbert import EncodeRow  # noqa: E402
+from vbert import EncodeRow, HeadKind, HeadSpec  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TEXTS = ["the patient with cancer was treated", "gene expression in the liver", "a mild rash"]
@@ -71,6 +71,27 @@ def test_classify_through_two_replicas_equals_the_single_process_result(cluster,
             assert result.label == label
             assert {s.label: s.score for s in result.scores} == pytest.approx(probs, abs=1e-5)
     assert len(replica_of(cluster)) >= 1 and cluster.app.engine.stats.calls >= 2
+
+
+def test_tag_and_embed_through_the_replicas_equal_the_model(cluster, tenant):
+    """Tag needs the replica's tokenization back (character offsets); Embed on the bare backbone has no adapter."""
+    key, _ = tenant
+    model = cluster.app.model
+    art = make_artifact(model.spec.shape, "bottleneck", HeadSpec(HeadKind.TAG, ("B-Disease", "I-Disease", "O")), 7,
+                        size=8)
+    cluster.app.manager.upload_adapter("alpha", "ner", art)
+    text = TEXTS[0]
+    tagged = cluster.tenant.Tag(T.TagRequest(adapter="ner", inputs=[T.Input(text=text)]), metadata=bearer(key),
+                                timeout=60).results[0]
+    fresh = type(model)(model.config)
+    (ids,) = fresh.tokenize([text])
+    exp = fresh.forward([EncodeRow(ids, fresh.load_adapter(art))])[0]
+    assert [t.label for t in tagged.tokens] == exp.predicted() and tagged.tokens[0].token == "[CLS]"
+    assert [(t.start_char, t.end_char) for t in tagged.tokens[1:3]] == [(0, 3), (4, 11)]   # "the patient"
+    emb = cluster.tenant.Embed(T.EmbedRequest(adapter="default", inputs=[T.Input(text=text)]), metadata=bearer(key),
+                               timeout=60)
+    want = fresh.forward([EncodeRow(ids, 0)])[0].embedding
+    assert torch.allclose(torch.tensor(list(emb.results[0].values)), want, atol=1e-5)
 
 
 def served_by(cluster, key, adapter) -> int:

@@ -62,7 +62,8 @@ class Handle:
 
 def answer(rows):
     return {"replica": 4242, "loaded": False, "results": [
-        ("ok", Completion(i, f"out{i}", 3, 0.0, 0.0, 0.0, 1), [101, 7, 102]) for i, _ in enumerate(rows)]}
+        ("ok", Completion(i, f"out{i}", 3, 0.0, 0.0, 0.0, 1), [101, 7, 102], {"offsets": [(0, 0), (0, 1), (0, 0)]})
+        for i, _ in enumerate(rows)]}
 
 
 def engine(outcomes, **kw) -> tuple[ReplicaEngine, Handle]:
@@ -92,6 +93,7 @@ def test_a_call_that_meets_a_dead_replica_is_sent_once_more_and_answered():
     req = request()
     completion = eng.submit(req).result(10)
     assert completion.output == "out0" and req.prompt_ids == [101, 7, 102] and req.metadata["replica"] == 4242
+    assert req.metadata["offsets"] == [(0, 0), (0, 1), (0, 0)]
     assert len(handle.calls) == 2 and eng.stats.retries == 1 and eng.num_pending == 0
     eng.stop()
 
