@@ -9,6 +9,7 @@ What it models (each as the real server does it, with latencies from `vbert prof
   for equal weights), every row finished in its step; decoder replicas run Orca's iteration-level loop: every
   step decodes one token of each running sequence and admits waiting ones (their prompt as a prefill chunk)
   while `max_running` and the token budget allow;
+- devices: replicas placed on one device share it (one step at a time, replicas taking turns);
 - routing: a request goes to the replica of its backbone with the least outstanding work;
 - requests expire (are dropped, and count as missed) when they waited longer than `drop_after_slo` x their SLO.
 
@@ -104,12 +105,19 @@ class _Req:
 
 
 @dataclass
+class _Device:
+    replicas: list = field(default_factory=list)
+    busy_until: float = 0.0
+    turn: int = 0
+
+
+@dataclass
 class _Replica:
     backbone: str
     profile: BackboneProfile
+    device: _Device | None = None
     queues: "OrderedDict[int, deque[_Req]]" = field(default_factory=OrderedDict)   # tenant -> waiting
     running: list = field(default_factory=list)          # decoder: sequences admitted
-    busy_until: float = 0.0
     busy_s: float = 0.0
     outstanding: int = 0
 
@@ -164,11 +172,17 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-def simulate(profile: LatencyProfile, replicas: Sequence[str], tenants: Sequence[TenantLoad],
+def simulate(profile: LatencyProfile, replicas: Sequence[str | tuple[str, int]], tenants: Sequence[TenantLoad],
              arrival_list: Sequence[tuple[float, int]], limits: EngineLimits = EngineLimits()) -> SimResult:
-    """Serve `arrival_list` (from `arrivals`) on replicas (one backbone name each) and report what came out.
-    A request whose backbone has no replica counts as missed."""
-    reps = [_Replica(name, profile[name]) for name in replicas]
+    """Serve `arrival_list` (from `arrivals`) on replicas and report what came out. A replica is a backbone name
+    (on a device of its own) or (backbone name, device index): replicas on one device share it, one step at a
+    time, taking turns. A request whose backbone has no replica counts as missed."""
+    placed = [(r, i) if isinstance(r, str) else (r[0], -1 - r[1]) for i, r in enumerate(replicas)]
+    reps = [_Replica(name, profile[name]) for name, _ in placed]
+    devices: dict[int, _Device] = {}
+    for rep, (_, dev) in zip(reps, placed):
+        rep.device = devices.setdefault(dev, _Device())
+        rep.device.replicas.append(rep)
     by_backbone: dict[str, list[_Replica]] = {}
     for r in reps:
         by_backbone.setdefault(r.backbone, []).append(r)
@@ -183,12 +197,10 @@ def simulate(profile: LatencyProfile, replicas: Sequence[str], tenants: Sequence
         order += 1
     dropped = 0
 
-    def start(rep: _Replica, now: float) -> None:
-        nonlocal order, dropped
-        if rep.busy_until > now:
-            return
-        # deadlines: drop what waited too long
-        for tenant in list(rep.queues):
+    def step_of(rep: _Replica, now: float):
+        """The replica's next step: (seconds, requests it finishes), or None when it has no work."""
+        nonlocal dropped
+        for tenant in list(rep.queues):          # deadlines: drop what waited too long
             q = rep.queues[tenant]
             while q and now - q[0].arrival > limits.drop_after_slo * q[0].slo_s:
                 q.popleft()
@@ -199,36 +211,50 @@ def simulate(profile: LatencyProfile, replicas: Sequence[str], tenants: Sequence
         if rep.profile.kind == "encoder":
             rows = rep.take_fair(limits.max_rows, limits.max_tokens)
             if not rows:
-                return
-            seconds = rep.profile.encoder_step_s(len(rows), max(r.tokens for r in rows))
-            finished = rows
-        else:
-            budget = limits.decoder_max_tokens - len(rep.running)
-            admitted = []
-            while rep.queues and len(rep.running) + len(admitted) < limits.max_running:
-                (req,) = rep.take_fair(1, budget) or [None]
-                if req is None or (admitted and req.tokens > budget):
-                    if req is not None:
-                        rep.queues.setdefault(req.tenant, deque()).appendleft(req)
-                    break
-                admitted.append(req)
-                budget -= req.tokens
-            if not rep.running and not admitted:
-                return
-            context = (sum(r.tokens + r.done_tokens for r in rep.running) / len(rep.running)) if rep.running else 0
-            seconds = (rep.profile.decode_step_s(len(rep.running), max(context, 1)) if rep.running else 0.0)
-            seconds += sum(rep.profile.prefill_s(r.tokens) for r in admitted)
-            for r in rep.running:
-                r.done_tokens += 1
-            for r in admitted:
-                r.done_tokens = 1           # the prefill's last position samples the first token
-            rep.running += admitted
-            finished = [r for r in rep.running if r.done_tokens >= max(1, r.output_tokens)]
-            rep.running = [r for r in rep.running if r.done_tokens < max(1, r.output_tokens)]
-        rep.busy_until = now + seconds
-        rep.busy_s += seconds
-        heapq.heappush(events, (rep.busy_until, order, 1, (rep, finished)))
-        order += 1
+                return None
+            return rep.profile.encoder_step_s(len(rows), max(r.tokens for r in rows)), rows
+        budget = limits.decoder_max_tokens - len(rep.running)
+        admitted = []
+        while rep.queues and len(rep.running) + len(admitted) < limits.max_running:
+            (req,) = rep.take_fair(1, budget)
+            if admitted and req.tokens > budget:
+                rep.queues.setdefault(req.tenant, deque()).appendleft(req)
+                rep.queues.move_to_end(req.tenant, last=False)
+                break
+            admitted.append(req)
+            budget -= req.tokens
+        if not rep.running and not admitted:
+            return None
+        context = (sum(r.tokens + r.done_tokens for r in rep.running) / len(rep.running)) if rep.running else 0
+        seconds = rep.profile.decode_step_s(len(rep.running), max(context, 1)) if rep.running else 0.0
+        seconds += sum(rep.profile.prefill_s(r.tokens) for r in admitted)
+        for r in rep.running:
+            r.done_tokens += 1
+        for r in admitted:
+            r.done_tokens = 1           # the prefill's last position samples the first token
+        rep.running += admitted
+        finished = [r for r in rep.running if r.done_tokens >= max(1, r.output_tokens)]
+        rep.running = [r for r in rep.running if r.done_tokens < max(1, r.output_tokens)]
+        return seconds, finished
+
+    def kick(dev: _Device, now: float) -> None:
+        """If the device is free, its next replica with work (in turn) starts a step."""
+        nonlocal order
+        if dev.busy_until > now:
+            return
+        n = len(dev.replicas)
+        for k in range(n):
+            rep = dev.replicas[(dev.turn + k) % n]
+            planned = step_of(rep, now)
+            if planned is None:
+                continue
+            seconds, finished = planned
+            dev.turn = (dev.turn + k + 1) % n
+            dev.busy_until = now + seconds
+            rep.busy_s += seconds
+            heapq.heappush(events, (dev.busy_until, order, 1, (rep, finished)))
+            order += 1
+            return
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
@@ -239,13 +265,13 @@ def simulate(profile: LatencyProfile, replicas: Sequence[str], tenants: Sequence
                 continue
             rep = min(candidates, key=lambda r: r.outstanding)
             rep.add(req)
-            start(rep, now)
+            kick(rep.device, now)
         else:
             rep, finished = payload
             for r in finished:
                 r.finish = now
                 rep.outstanding -= 1
-            start(rep, now)
+            kick(rep.device, now)
     end = max((r.finish for r in reqs if r.finish is not None), default=0.0)
     horizon = max(end, arrival_list[-1][0] if arrival_list else 0.0) or 1.0
     lat = [r.finish - r.arrival for r in reqs if r.finish is not None]

@@ -72,3 +72,13 @@ def test_a_decoder_request_takes_a_prefill_and_then_one_step_per_token():
     tenants = [TenantLoad("g", "decoder", rate=0.5, slo_s=1.0, tokens=100, output_tokens=11)]
     res = simulate(profile(), ["decoder"], tenants, [(0.0, 0), (100.0, 0)])
     assert res.p50_s == pytest.approx(0.05 + 10 * 0.02) and res.slo_attainment == 1.0
+
+
+def test_replicas_on_one_device_share_it():
+    limits = EngineLimits(max_rows=4)
+    tenants = [TenantLoad(f"t{i}", "encoder", rate=15, slo_s=0.5) for i in range(4)]   # 60 rows/s, 40 per device
+    arr = arrivals(tenants, 60, seed=2)
+    shared = simulate(profile(), [("encoder", 0), ("encoder", 0)], tenants, arr, limits)
+    apart = simulate(profile(), [("encoder", 0), ("encoder", 1)], tenants, arr, limits)
+    assert shared.slo_attainment < 0.3 and apart.slo_attainment > 0.95
+    assert sum(shared.utilization) == pytest.approx(1.0, abs=0.05)     # one device's time, split between the two
