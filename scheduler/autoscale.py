@@ -1,0 +1,206 @@
+"""How many replicas to run, interval by interval: a predictive policy (a Holt-Winters forecast of the daily load
+trend from statsmodels, plus a reactive floor for bursts the forecast misses, scaling out ahead by the measured
+replica start time) and the policies it is compared with. Pure Python + statsmodels, no torch.
+
+The load is in capacity units: one replica serves `replica_capacity` units (measured: a replica's throughput at
+its latency objective). Each policy sees the loads observed so far and answers how many replicas it wants; a
+replica asked for becomes ready `start_intervals` later (the profile's start time); one let go stops at once.
+`evaluate` replays a load series through a policy and reports efficiency (needed capacity / provisioned
+capacity, needed = the replicas the interval's load needs) and the share of intervals overloaded (load above the
+ready replicas' capacity), the seed study's two measures.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+
+class Policy(Protocol):
+    name: str
+
+    def decide(self, observed: Sequence[float], current: int) -> int: ...   # replicas wanted for what comes next
+
+
+def replicas_for(load: float, capacity: float) -> int:
+    return max(1, math.ceil(load / capacity - 1e-9))
+
+
+@dataclass
+class Static:
+    replicas: int
+    name: str = "static"
+
+    def decide(self, observed, current) -> int:
+        return self.replicas
+
+
+@dataclass
+class Reactive:
+    """Ray Serve's default autoscaling, per interval: the wanted count is the last interval's load over a replica's
+    capacity (Ray: ongoing requests over target_ongoing_requests, averaged over look_back_period_s = 30 s); it
+    scales up once that held for upscale_delay_s (30 s) and down once it held for downscale_delay_s (600 s)."""
+
+    capacity: float
+    interval_s: float
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    name: str = "reactive"
+    _up: int = 0
+    _down: int = 0
+
+    def decide(self, observed, current) -> int:
+        if not observed:
+            return current
+        want = replicas_for(observed[-1], self.capacity)
+        self._up = self._up + 1 if want > current else 0
+        self._down = self._down + 1 if want < current else 0
+        if want > current and self._up * self.interval_s >= self.upscale_delay_s:
+            return want
+        if want < current and self._down * self.interval_s >= self.downscale_delay_s:
+            return want
+        return current
+
+
+@dataclass
+class Predictive:
+    """A Holt-Winters forecast (statsmodels; additive daily season) of the load `lead` intervals ahead (the replica
+    start time), raised by a margin that covers the forecast's own recent errors (their `quantile`), and never below
+    a reactive floor: what the last observed load needs (a burst the forecast missed is served one interval later).
+
+    The model is fitted on hourly means (`buckets` per day: a smooth trend, and a fit that converges in
+    milliseconds) of the last `history_days` days, refitted every bucket; the forecast for an interval is the linear
+    interpolation between the forecast buckets around it. Before two days of history (Holt-Winters' seasonal start
+    needs two seasons) it is the reactive floor with a 10 % margin."""
+
+    capacity: float
+    intervals_per_day: int
+    lead: int = 1
+    quantile: float = 0.95       # bursts (about 2 % of intervals) are the floor's job, not the margin's
+    buckets: int = 24
+    history_days: int = 3
+    name: str = "predictive"
+    _fit: object = None
+    _fit_at: int = -1
+    _errors: deque = field(default_factory=lambda: deque(maxlen=2000))
+    _pending: dict = field(default_factory=dict)     # interval -> what was forecast for it
+
+    @property
+    def bucket(self) -> int:
+        return max(1, self.intervals_per_day // self.buckets)
+
+    def _forecast_at(self, observed: Sequence[float], interval: int) -> float | None:
+        import warnings
+
+        from statsmodels.tsa.holtwinters import ExponentialSmoothing
+
+        b = self.bucket
+        done = len(observed) // b                      # complete buckets
+        if done < 2 * self.buckets:
+            return None
+        if self._fit_at != done:
+            start = max(0, done - self.history_days * self.buckets)
+            means = [sum(observed[k * b:(k + 1) * b]) / b for k in range(start, done)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")        # statsmodels' convergence chatter; the margin covers misfits
+                self._fit = ExponentialSmoothing(means, trend=None, seasonal="add", seasonal_periods=self.buckets,
+                                                 initialization_method="estimated").fit()
+            self._fit_at = done
+        pos = interval / b - 0.5 - done               # bucket centres; 0 = the first bucket after the fit
+        ahead = self._fit.forecast(int(math.floor(pos)) + 3)
+        lo = max(0, int(math.floor(pos)))
+        frac = pos - math.floor(pos) if pos >= 0 else 0.0
+        return float(ahead[lo] + frac * (ahead[lo + 1] - ahead[lo]))
+
+    def margin(self) -> float:
+        """The relative error the forecast made at `quantile` of the recent intervals (10 % before any)."""
+        if len(self._errors) < 20:
+            return 0.1
+        errs = sorted(self._errors)
+        return max(0.0, errs[min(len(errs) - 1, int(self.quantile * len(errs)))])
+
+    def decide(self, observed, current) -> int:
+        n = len(observed)
+        if n and (n - 1) in self._pending:              # how wrong was the forecast for the interval just seen
+            f = self._pending.pop(n - 1)
+            if f > 0:
+                self._errors.append(observed[-1] / f - 1)
+        if not observed:
+            return current
+        floor = replicas_for(observed[-1], self.capacity)
+        ahead = [self._forecast_at(observed, n - 1 + k) for k in range(1, self.lead + 2)]
+        if ahead[0] is None:
+            return replicas_for(observed[-1] * 1.1, self.capacity)
+        self._pending[n - 1 + self.lead] = ahead[self.lead - 1]
+        return max(floor, replicas_for(max(ahead) * (1 + self.margin()), self.capacity))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    efficiency: float
+    overloaded_share: float
+    replica_intervals: int
+    provisioned: list = field(default_factory=list, repr=False)    # ready replicas per interval
+
+    def to_json(self, with_series: bool = False) -> dict:
+        out = {"efficiency": round(self.efficiency, 4), "overloaded_share": round(self.overloaded_share, 4),
+               "replica_intervals": self.replica_intervals}
+        if with_series:
+            out["replicas"] = self.provisioned
+        return out
+
+
+def evaluate(policy: Policy, load: Sequence[float], capacity: float, start_intervals: int, initial: int,
+             skip: int = 0) -> Outcome:
+    """Replay `load` (units per interval) through `policy`; replicas asked for are ready start_intervals later.
+    The first `skip` intervals (a warm-up) are left out of the measures."""
+    ready = initial
+    starting: deque[tuple[int, int]] = deque()          # (ready at interval, count)
+    provisioned, needed_sum, given_sum, over = [], 0, 0, 0
+    for t, x in enumerate(load):
+        while starting and starting[0][0] <= t:
+            ready += starting.popleft()[1]
+        provisioned.append(ready)
+        if t >= skip:
+            needed_sum += replicas_for(x, capacity)
+            given_sum += ready
+            over += x > ready * capacity + 1e-9
+        want = policy.decide(load[:t + 1], ready + sum(c for _, c in starting))
+        pending = ready + sum(c for _, c in starting)
+        if want > pending:
+            starting.append((t + 1 + start_intervals, want - pending))
+        elif want < pending:
+            drop = pending - want
+            while drop and starting:                     # cancel starts first, then stop ready replicas
+                at, c = starting.pop()
+                k = min(c, drop)
+                drop -= k
+                if c > k:
+                    starting.append((at, c - k))
+            ready -= drop
+    counted = max(1, len(load) - skip)
+    return Outcome(needed_sum / given_sum if given_sum else 0.0, over / counted, given_sum, provisioned)
+
+
+def seed_study_load(days: int, intervals_per_day: int, low: float = 7.0, high: float = 13.0, noise: float = 0.1,
+                    bursts_per_day: float = 2.0, burst_height: tuple[float, float] = (0.3, 0.6),
+                    burst_intervals: tuple[int, int] = (5, 20), seed: int = 0) -> list[float]:
+    """The seed study's load: a daily sine between low and high (lowest at midnight), each interval times
+    (1 + U(-noise, noise)), plus bursts (Poisson, bursts_per_day) that raise it by U(burst_height) of the trend
+    for U(burst_intervals) intervals."""
+    rng = random.Random(seed)
+    n = days * intervals_per_day
+    mid, amp = (low + high) / 2, (high - low) / 2
+    trend = [mid - amp * math.cos(2 * math.pi * t / intervals_per_day) for t in range(n)]
+    extra = [0.0] * n
+    t = 0
+    while bursts_per_day > 0:
+        t += int(rng.expovariate(bursts_per_day / intervals_per_day)) + 1
+        if t >= n:
+            break
+        h = rng.uniform(*burst_height)
+        for k in range(t, min(n, t + rng.randint(*burst_intervals))):
+            extra[k] = h
+    return [trend[t] * (1 + rng.uniform(-noise, noise) + extra[t]) for t in range(n)]

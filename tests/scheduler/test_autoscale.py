@@ -1,0 +1,46 @@
+"""Autoscaling policies replayed over known loads."""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from scheduler.autoscale import Predictive, Reactive, Static, evaluate, replicas_for, seed_study_load
+
+
+def test_seed_study_load_is_a_noisy_daily_sine_with_bursts():
+    load = seed_study_load(2, 1440, seed=1)
+    plain = seed_study_load(2, 1440, bursts_per_day=0, noise=0, seed=1)
+    assert min(plain) == pytest.approx(7, abs=0.01) and max(plain) == pytest.approx(13, abs=0.01)
+    assert statistics.fmean(plain) == pytest.approx(10, abs=0.01)
+    ratios = [a / b for a, b in zip(load, plain)]
+    assert min(ratios) >= 0.9 - 1e-9 and max(ratios) <= 1.1 + 0.6 + 1e-9
+    assert sum(r > 1.15 for r in ratios) > 0                     # some bursts happened
+
+
+def test_static_at_the_peak_is_never_overloaded_and_the_measures_add_up():
+    load = [7.5, 9.2, 12.6, 10.0]
+    out = evaluate(Static(13), load, capacity=1.0, start_intervals=1, initial=13)
+    assert out.overloaded_share == 0 and out.efficiency == pytest.approx((8 + 10 + 13 + 10) / (4 * 13))
+    low = evaluate(Static(9), load, capacity=1.0, start_intervals=1, initial=9)
+    assert low.overloaded_share == pytest.approx(0.75)          # 9.2, 12.6 and 10.0 exceed 9 replicas
+
+
+def test_reactive_scales_up_after_its_delay_and_down_after_ten_minutes():
+    load = [5.0] * 3 + [9.0] * 15 + [5.0] * 15
+    out = evaluate(Reactive(capacity=1.0, interval_s=60), load, capacity=1.0, start_intervals=1, initial=5)
+    r = out.provisioned
+    assert r[3] == 5 and r[5] == 9                                # asked at interval 3, ready two intervals later
+    assert r[18 + 9] == 9 and r[18 + 11] == 5                     # down only after 600 s below
+    assert out.overloaded_share == pytest.approx(2 / len(load))
+
+
+def test_predictive_follows_a_daily_trend_ahead_of_it():
+    per_day = 288                                                  # 5-minute intervals
+    load = seed_study_load(4, per_day, bursts_per_day=0, noise=0.02, seed=2)
+    pred = evaluate(Predictive(1.0, per_day), load, 1.0, start_intervals=1, initial=replicas_for(load[0], 1.0),
+                    skip=2 * per_day)
+    react = evaluate(Reactive(1.0, 300), load, 1.0, start_intervals=1, initial=replicas_for(load[0], 1.0),
+                     skip=2 * per_day)
+    assert pred.efficiency > 0.9 and pred.overloaded_share <= 0.02
+    assert pred.overloaded_share < react.overloaded_share
