@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Predictive autoscaling against static and reactive allocation, over several days of the seed study's load.
+
+    python benchmarks/autoscale.py --json benchmarks/results/cpu-DATE/autoscale.json
+
+The load (scheduler.autoscale.seed_study_load): a daily sine between 7 and 13 capacity units, each interval times
+(1 + U(-0.1, 0.1)), plus bursts (2 a day, +30-60 % for 5-20 intervals); one replica serves one unit. Replicas asked
+for are ready after the replica start time (--start-s, default: benchmarks/scaleout.py's measured start of one
+replica, rounded up to whole intervals). Policies: `static_mean` and `static_peak` (replicas for the mean and the
+peak load), `reactive` (Ray Serve's default autoscaling delays: up after 30 s, down after 600 s), `predictive`
+(Holt-Winters forecast + margin + reactive floor). The first --warmup-days (the forecast needs two days of
+history) are left out of every policy's measures. Each figure is the mean over --seeds loads; per-seed values are
+in the JSON. Writes JSON and a PNG (one day of load and replicas) next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from scheduler.autoscale import Predictive, Reactive, Static, evaluate, replicas_for, seed_study_load  # noqa: E402
+
+SCALEOUT = ROOT / "benchmarks" / "results" / "cpu-2026-12-06" / "scaleout" / "scaleout.json"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--warmup-days", type=int, default=2)
+    p.add_argument("--interval-s", type=float, default=60.0)
+    p.add_argument("--start-s", type=float, default=None, help="replica start time (default: scaleout.json's)")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.days <= args.warmup_days or args.warmup_days < 2 or args.interval_s <= 0 or args.seeds < 1:
+        p.error("need days > warmup-days >= 2 (the forecast needs two days), interval-s > 0, seeds >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start_s, source = args.start_s, "--start-s"
+    if start_s is None:
+        start_s, source = json.loads(SCALEOUT.read_text())["throughput"]["one_replica"]["start_s"], str(SCALEOUT.relative_to(ROOT))
+    per_day = int(round(86400 / args.interval_s))
+    start_intervals = max(1, math.ceil(start_s / args.interval_s))
+    skip = args.warmup_days * per_day
+    runs: dict[str, list[dict]] = {}
+    example = {}
+    for seed in tqdm(range(args.seeds), desc="loads", disable=args.quiet):
+        load = seed_study_load(args.days, per_day, seed=seed)
+        measured = load[skip:]
+        policies = {"static_mean": Static(replicas_for(statistics.fmean(measured), 1.0)),
+                    "static_peak": Static(replicas_for(max(measured), 1.0)),
+                    "reactive": Reactive(1.0, args.interval_s), "predictive": Predictive(1.0, per_day)}
+        for name, policy in policies.items():
+            out = evaluate(policy, load, 1.0, start_intervals, initial=replicas_for(load[0], 1.0), skip=skip)
+            runs.setdefault(name, []).append(out.to_json())
+            if seed == 0:
+                example[name] = out.provisioned[skip:skip + per_day]
+        if seed == 0:
+            example["load"] = [round(x, 3) for x in load[skip:skip + per_day]]
+    policies_out = {name: {"efficiency": round(statistics.fmean(r["efficiency"] for r in rs), 4),
+                           "overloaded_share": round(statistics.fmean(r["overloaded_share"] for r in rs), 4),
+                           "per_seed": rs} for name, rs in runs.items()}
+    pred, react = policies_out["predictive"], policies_out["reactive"]
+    result = {"benchmark": "autoscale", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
+              "load": {"days": args.days, "warmup_days": args.warmup_days, "interval_s": args.interval_s,
+                       "sine": [7, 13], "noise": 0.1, "bursts_per_day": 2, "burst_height": [0.3, 0.6],
+                       "burst_intervals": [5, 20], "seeds": args.seeds, "replica_capacity_units": 1},
+              "replica_start_s": start_s, "replica_start_source": source, "start_intervals": start_intervals,
+              "policies": policies_out,
+              "targets": {"predictive_efficiency_min": 0.9, "predictive_overloaded_max": 0.02,
+                          "met": {"efficiency": pred["efficiency"] >= 0.9, "overloaded": pred["overloaded_share"] <= 0.02,
+                                  "better_than_reactive_efficiency": pred["efficiency"] > react["efficiency"],
+                                  "better_than_reactive_overloaded": pred["overloaded_share"] < react["overloaded_share"]}},
+              "example_day": example}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_plot(result, args.json.with_suffix(".png"))
+    print(json.dumps({k: {m: v[m] for m in ("efficiency", "overloaded_share")} for k, v in policies_out.items()}))
+    return 0
+
+
+def write_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ex = result["example_day"]
+    hours = [i * result["load"]["interval_s"] / 3600 for i in range(len(ex["load"]))]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.plot(hours, ex["load"], color="#bbb", lw=0.8, label="load (units)")
+    for name, color in (("reactive", "#d62"), ("predictive", "#27a"), ("static_mean", "#888")):
+        p = result["policies"][name]
+        ax.step(hours, ex[name], where="post", color=color, lw=1.2,
+                label=f"{name}: efficiency {p['efficiency']:.3f}, overloaded {p['overloaded_share']:.3f}")
+    ax.set_xlabel("hour of the day (first measured day, seed 0)")
+    ax.set_ylabel("replicas ready / load units")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(f"Autoscaling over {result['load']['days'] - result['load']['warmup_days']} days x "
+                 f"{result['load']['seeds']} loads (replica start {result['replica_start_s']:.1f} s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
