@@ -54,6 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dispatcher.gen.vbert.v1 import tenant_pb2, tenant_pb2_grpc  # noqa: E402  (light: no torch in the child)
+from scheduler.simulator import percentile  # noqa: E402,F401  (no torch; http_load and isolation import it from here)
 
 DATA_DIR = ROOT.parent / "shared" / "data"
 LABELS = ("background", "method", "result")
@@ -225,16 +226,6 @@ class SameProcessClient:
 
 
 # -- statistics ----------------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    k = (len(values) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
 def summarize(records: list, *, is_open: bool) -> dict:
     """throughput = OK answers / (last answer - first send; for open loop: - time 0)."""
     ok = [(end - start) * 1000 for start, end, code in records if code == "OK"]
