@@ -147,4 +147,31 @@ def profile(out, backbones, repeats, threads, config_file) -> None:
         click.echo(f"{name}: start {b.start_s:.2f} s, {b.replica_bytes / 2 ** 20:.0f} MiB per replica -> {out}")
 
 
-COMMANDS = [info, serve, demo, profile]
+@click.command()
+@click.option("--profile", "profile_path", required=True, help="a latency profile written by `vbert profile`")
+@click.option("--workload", "workload_path", required=True,
+              help="TOML: [[devices]], [[tenants]] / [[tenant_groups]], [simulation] (see docs/placement-autoscaling.md)")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def plan(profile_path, workload_path, output) -> None:
+    """Place replicas of the backbones on the devices for SLO attainment (simulator-guided greedy search,
+    AlpaServe-style) and compare with one replica per backbone and with replication in proportion to load."""
+    import json
+
+    from scheduler.latency_profile import LatencyProfile
+    from scheduler.plan import load_workload, plan as run_plan
+
+    try:
+        result = run_plan(LatencyProfile.load(profile_path), load_workload(workload_path))
+    except (OSError, ValueError, KeyError) as e:
+        raise click.UsageError(str(e).strip("'\""))
+    if output == "json":
+        click.echo(json.dumps(result, indent=2))
+        return
+    for name, r in result.items():
+        p99 = "-" if r["p99_s"] is None else f"{r['p99_s'] * 1000:.0f} ms"
+        click.echo(f"{name}: SLO attainment {r['slo_attainment']:.3f}, p99 {p99}")
+        for device, replicas in r["placement"].items():
+            click.echo(f"  {device:<12}{', '.join(replicas) or '-'}")
+
+
+COMMANDS = [info, serve, demo, profile, plan]
