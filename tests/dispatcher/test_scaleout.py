@@ -94,6 +94,18 @@ def test_tag_and_embed_through_the_replicas_equal_the_model(cluster, tenant):
     assert torch.allclose(torch.tensor(list(emb.results[0].values)), want, atol=1e-5)
 
 
+def test_pinning_an_encoder_adapter_is_refused_with_replicas(cluster, tenant):
+    import grpc
+
+    from dispatcher.gen.vbert.v1 import admin_pb2
+    from tests.dispatcher.conftest import ADMIN_TOKEN
+
+    with pytest.raises(grpc.RpcError) as e:
+        cluster.admin.PinAdapter(admin_pb2.AdapterRef(tenant="alpha", name="cls0"), metadata=bearer(ADMIN_TOKEN),
+                                 timeout=30)
+    assert e.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "Ray Serve replicas" in e.value.details()
+
+
 def served_by(cluster, key, adapter) -> int:
     before = replica_of(cluster)
     classify_call(cluster, key, adapter, texts=TEXTS[:1])
