@@ -133,8 +133,8 @@ class ReplicaEngine:
 
     scheduler = None   # the policy runs on the replicas (no local queue to export as metrics)
 
-    def __init__(self, config: ScaleOutConfig, handle, files: AdapterFiles, owns_ray: bool):
-        self.config, self.handle, self.files, self._owns_ray = config, handle, files, owns_ray
+    def __init__(self, config: ScaleOutConfig, handle, files: AdapterFiles, lease: "RayLease"):
+        self.config, self.handle, self.files, self._lease = config, handle, files, lease
         self.stats = ScaleOutStats()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="scaleout-calls", daemon=True)
@@ -163,7 +163,7 @@ class ReplicaEngine:
             left = list(self._futures.values())
         for fut in left:
             _settle(fut, exc=EngineStoppedError("the server stopped before this request was computed"))
-        shutdown(self.config, owns_ray=self._owns_ray)
+        shutdown(self.config, self._lease)
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
@@ -318,23 +318,33 @@ def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
 
 
 # -- the cluster ----------------------------------------------------------------------------------------
-def connect(config: ScaleOutConfig) -> bool:
-    """Join Ray (start a local cluster for address "local"); True if this call connected (and so disconnects)."""
+@dataclass(frozen=True)
+class RayLease:
+    """What this process did to Ray, so that it undoes exactly that: connected (and so disconnects), started the
+    local cluster (and so also stops Serve in it). A cluster joined by address keeps its Serve and other apps."""
+
+    connected: bool = False
+    started_cluster: bool = False
+
+
+def connect(config: ScaleOutConfig) -> RayLease:
+    """Join Ray: start a local cluster for address "local", else connect to the one at the address (no-op when this
+    process is connected already)."""
     if ray.is_initialized():
-        return False
+        return RayLease()
     if config.address == "local":
         num_cpus = max(os.cpu_count() or 1, math.ceil(config.num_replicas * config.cpus))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="vbert",
                  object_store_memory=config.object_store_bytes, configure_logging=False)
-    else:
-        ray.init(address=config.address, namespace="vbert", configure_logging=False)
-    return True
+        return RayLease(connected=True, started_cluster=True)
+    ray.init(address=config.address, namespace="vbert", configure_logging=False)
+    return RayLease(connected=True)
 
 
 def start_replicas(config: ScaleOutConfig, server_config: ServerConfig, manager: Manager) -> ReplicaEngine:
     """Deploy config.num_replicas encoder replicas (waits until they are ready) and return the engine that
     calls them. Replicas load the same ServerConfig (paths made absolute: they run in other directories)."""
-    owns_ray = connect(config)
+    lease = connect(config)
     try:
         replica_config = dataclasses.replace(server_config, data_dir=str(Path(server_config.data_dir).resolve()))
         serve.start(http_options={"location": "NoServer"})
@@ -342,20 +352,21 @@ def start_replicas(config: ScaleOutConfig, server_config: ServerConfig, manager:
         handle = serve.run(deployment(config, replica_config), name=config.app_name, route_prefix=None)
         log.info("%d encoder replicas ready on Ray Serve in %.1f s", config.num_replicas, time.monotonic() - t0)
     except BaseException:
-        if owns_ray:
+        if lease.connected:
             ray.shutdown()
         raise
-    return ReplicaEngine(config, handle, AdapterFiles(manager, config.object_store_bytes // 2), owns_ray)
+    return ReplicaEngine(config, handle, AdapterFiles(manager, config.object_store_bytes // 2), lease)
 
 
-def shutdown(config: ScaleOutConfig, owns_ray: bool) -> None:
-    """Delete the deployment (Ray waits for the replicas' calls, then ends them); leave Ray if we joined it."""
+def shutdown(config: ScaleOutConfig, lease: RayLease) -> None:
+    """Delete our deployment (Ray waits for the replicas' calls, then ends them); stop Serve only in a cluster we
+    started; disconnect if we connected."""
     if not ray.is_initialized():
         return
     try:
         serve.delete(config.app_name)
-        if owns_ray:
+        if lease.started_cluster:
             serve.shutdown()
     finally:
-        if owns_ray:
+        if lease.connected:
             ray.shutdown()

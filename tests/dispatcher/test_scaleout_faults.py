@@ -17,7 +17,7 @@ from ray.exceptions import ActorDiedError  # noqa: E402
 
 from dispatcher.config import ScaleOutConfig  # noqa: E402
 from dispatcher.errors import UnavailableError, status_of  # noqa: E402
-from dispatcher.scaleout import AdapterFiles, ReplicaEngine, row_error  # noqa: E402
+from dispatcher.scaleout import AdapterFiles, RayLease, ReplicaEngine, row_error  # noqa: E402
 from scheduler.engine import (Completion, DeadlineExceededError, EngineStoppedError,  # noqa: E402
                               RequestCancelledError, RequestFailedError)
 from scheduler.policy import QueueFullError  # noqa: E402
@@ -69,7 +69,7 @@ def answer(rows):
 def engine(outcomes, **kw) -> tuple[ReplicaEngine, Handle]:
     handle = Handle(outcomes)
     return ReplicaEngine(ScaleOutConfig(2, retry_after_s=0.5, **kw), handle, AdapterFiles(None, 1 << 20),
-                         owns_ray=False).start(), handle
+                         RayLease()).start(), handle
 
 
 @contextlib.contextmanager
