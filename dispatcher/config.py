@@ -33,7 +33,6 @@ class ScaleOutConfig:
 
     num_replicas: int
     address: str = "local"
-    threads: int = 1
     cpus: float = 1.0
     max_adapters: int = 64
     object_store_bytes: int = 512 << 20
@@ -47,8 +46,8 @@ class ScaleOutConfig:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
         if self.routing not in REPLICA_ROUTINGS:
             raise ValueError(f"routing {self.routing!r} is not one of {REPLICA_ROUTINGS}")
-        if self.threads < 1 or self.max_adapters < 1 or self.max_ongoing_requests < 1:
-            raise ValueError("threads, max_adapters and max_ongoing_requests must be >= 1")
+        if self.max_adapters < 1 or self.max_ongoing_requests < 1:
+            raise ValueError("max_adapters and max_ongoing_requests must be >= 1")
         if self.cpus < 0 or self.retry_after_s <= 0 or self.object_store_bytes < 1:
             raise ValueError("cpus must be >= 0, retry_after_s and object_store_bytes > 0")
 
@@ -277,8 +276,9 @@ class ServerConfig:
         """None: the encoder computes in this process."""
         if not self.replicas:
             return None
-        return ScaleOutConfig(self.replicas, self.ray_address.strip(), self.replica_threads, self.replica_cpus,
-                              self.replica_adapters, self.ray_object_store_mb << 20, self.replica_routing)
+        return ScaleOutConfig(self.replicas, address=self.ray_address.strip(), cpus=self.replica_cpus,
+                              max_adapters=self.replica_adapters, object_store_bytes=self.ray_object_store_mb << 20,
+                              routing=self.replica_routing)   # replica_threads: the replica reads its ServerConfig
 
     @property
     def address(self) -> str:

@@ -67,7 +67,6 @@ class EncoderReplica:
         self._sources: dict[int, dict] = {}         # adapter id -> {"sha256", "blob": [ObjectRef]} of its last call
         self._in_flight: Counter = Counter()         # adapter id -> rows computing
         self._evicted: set[int] = set()              # evicted by Ray while rows still compute: dropped after them
-        self.counters: Counter = Counter()           # calls, rows, adapter_loads
         self.pid = os.getpid()
 
     # -- adapters ------------------------------------------------------------------------------------
@@ -95,7 +94,6 @@ class EncoderReplica:
             self._artifacts.pop(adapter_id, None)
             raise
         self.cache.release([adapter_id])
-        self.counters["adapter_loads"] += 1
         return _LoadedAdapter(self, adapter_id)
 
     def forget(self, adapter_id: int) -> None:
@@ -119,9 +117,8 @@ class EncoderReplica:
         """Compute rows of one adapter. adapter: {"id", "sha256", "blob": [ObjectRef of (bytes, config)]} or None
         (the bare backbone); each row: tenant_id, text or prompt_ids, truncate, normalize, weight, max_length,
         remaining_s (seconds left of its deadline). Returns {"replica": pid, "loaded": did the adapter have to be
-        loaded for this call (not held already), "results": per row ("ok", Completion, token ids) or ("error", class name, message)}."""
-        self.counters["calls"] += 1
-        self.counters["rows"] += len(rows)
+        loaded for this call (not held already), "results": per row ("ok", Completion, token ids, metadata) or
+        ("error", class name, message)}."""
         adapter_id = adapter["id"] if adapter is not None else None
         was_loaded = adapter_id is None or adapter_id in self._artifacts
         if adapter_id is not None:
@@ -163,10 +160,6 @@ class EncoderReplica:
             results[i] = failure(out) if isinstance(out, BaseException) else (
                 "ok", out, list(req.prompt_ids or ()), {k: req.metadata[k] for k in RETURNED_METADATA if k in req.metadata})
         return results
-
-    def stats(self) -> dict:
-        return {"replica": self.pid, **self.counters, "adapters": sorted(self._artifacts),
-                "cache": self.cache.stats()}
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine stopped is replaced."""

@@ -92,6 +92,8 @@ class AdapterFiles:
         adapter = {"id": adapter_id, "sha256": rec.sha256, "blob": [ray.put((data, config))]}
         model_id = model_id_of(adapter_id, rec.version)
         with self._lock:
+            if adapter_id in self._refs:          # another call put it meanwhile: keep one copy, count it once
+                return self._refs[adapter_id][:2]
             self._refs[adapter_id] = (model_id, adapter, len(data))
             self._bytes += len(data)
             while self._bytes > self.budget_bytes and len(self._refs) > 1:

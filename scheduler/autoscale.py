@@ -82,7 +82,7 @@ class Predictive:
     buckets: int = 24
     history_days: int = 3
     name: str = "predictive"
-    _fit: object = None
+    _ahead: list = field(default_factory=list)   # the last fit's forecast of the next buckets
     _fit_at: int = -1
     _errors: deque = field(default_factory=lambda: deque(maxlen=2000))
     _pending: dict = field(default_factory=dict)     # interval -> what was forecast for it
@@ -105,12 +105,13 @@ class Predictive:
             means = [sum(observed[k * b:(k + 1) * b]) / b for k in range(start, done)]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")        # statsmodels' convergence chatter; the margin covers misfits
-                self._fit = ExponentialSmoothing(means, trend=None, seasonal="add", seasonal_periods=self.buckets,
-                                                 initialization_method="estimated").fit()
+                fit = ExponentialSmoothing(means, trend=None, seasonal="add", seasonal_periods=self.buckets,
+                                           initialization_method="estimated").fit()
+            self._ahead = [float(x) for x in fit.forecast(self.buckets)]   # once per fit, read every interval
             self._fit_at = done
         pos = interval / b - 0.5 - done               # bucket centres; 0 = the first bucket after the fit
-        ahead = self._fit.forecast(int(math.floor(pos)) + 3)
-        lo = max(0, int(math.floor(pos)))
+        ahead = self._ahead
+        lo = min(max(0, int(math.floor(pos))), len(ahead) - 2)
         frac = pos - math.floor(pos) if pos >= 0 else 0.0
         return float(ahead[lo] + frac * (ahead[lo + 1] - ahead[lo]))
 
@@ -159,6 +160,7 @@ def evaluate(policy: Policy, load: Sequence[float], capacity: float, start_inter
     ready = initial
     starting: deque[tuple[int, int]] = deque()          # (ready at interval, count)
     provisioned, needed_sum, given_sum, over = [], 0, 0, 0
+    observed: list[float] = []                          # grows by one per interval (no copies)
     for t, x in enumerate(load):
         while starting and starting[0][0] <= t:
             ready += starting.popleft()[1]
@@ -167,7 +169,8 @@ def evaluate(policy: Policy, load: Sequence[float], capacity: float, start_inter
             needed_sum += replicas_for(x, capacity)
             given_sum += ready
             over += x > ready * capacity + 1e-9
-        want = policy.decide(load[:t + 1], ready + sum(c for _, c in starting))
+        observed.append(x)
+        want = policy.decide(observed, ready + sum(c for _, c in starting))
         pending = ready + sum(c for _, c in starting)
         if want > pending:
             starting.append((t + 1 + start_intervals, want - pending))
