@@ -42,6 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--interval-s", type=float, default=60.0)
     p.add_argument("--start-s", type=float, default=None, help="replica start time (default: scaleout.json's)")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="loads are seeds first-seed .. first-seed + seeds - 1 "
+                   "(the policy's settings were chosen on seeds 100-104, not on the reported 0-4)")
+    p.add_argument("--quantile", type=float, default=None, help="the predictive policy's margin quantile "
+                   "(default: scheduler.autoscale.Predictive's)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.days <= args.warmup_days or args.warmup_days < 2 or args.interval_s <= 0 or args.seeds < 1:
@@ -59,18 +63,19 @@ def main(argv=None) -> int:
     skip = args.warmup_days * per_day
     runs: dict[str, list[dict]] = {}
     example = {}
-    for seed in tqdm(range(args.seeds), desc="loads", disable=args.quiet):
+    margin = {} if args.quantile is None else {"quantile": args.quantile}
+    for seed in tqdm(range(args.first_seed, args.first_seed + args.seeds), desc="loads", disable=args.quiet):
         load = seed_study_load(args.days, per_day, seed=seed)
         measured = load[skip:]
         policies = {"static_mean": Static(replicas_for(statistics.fmean(measured), 1.0)),
                     "static_peak": Static(replicas_for(max(measured), 1.0)),
-                    "reactive": Reactive(1.0, args.interval_s), "predictive": Predictive(1.0, per_day)}
+                    "reactive": Reactive(1.0, args.interval_s), "predictive": Predictive(1.0, per_day, **margin)}
         for name, policy in policies.items():
             out = evaluate(policy, load, 1.0, start_intervals, initial=replicas_for(load[0], 1.0), skip=skip)
             runs.setdefault(name, []).append(out.to_json())
-            if seed == 0:
+            if seed == args.first_seed:
                 example[name] = out.provisioned[skip:skip + per_day]
-        if seed == 0:
+        if seed == args.first_seed:
             example["load"] = [round(x, 3) for x in load[skip:skip + per_day]]
     policies_out = {name: {"efficiency": round(statistics.fmean(r["efficiency"] for r in rs), 4),
                            "overloaded_share": round(statistics.fmean(r["overloaded_share"] for r in rs), 4),
@@ -79,7 +84,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "autoscale", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
               "load": {"days": args.days, "warmup_days": args.warmup_days, "interval_s": args.interval_s,
                        "sine": [7, 13], "noise": 0.1, "bursts_per_day": 2, "burst_height": [0.3, 0.6],
-                       "burst_intervals": [5, 20], "seeds": args.seeds, "replica_capacity_units": 1},
+                       "burst_intervals": [5, 20], "seeds": args.seeds, "first_seed": args.first_seed, "replica_capacity_units": 1},
               "replica_start_s": start_s, "replica_start_source": source, "start_intervals": start_intervals,
               "policies": policies_out,
               "targets": {"predictive_efficiency_min": 0.9, "predictive_overloaded_max": 0.02,

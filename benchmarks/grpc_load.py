@@ -87,19 +87,28 @@ async def open_loop(send, num: int, rate: float, max_seconds: float, seed: int, 
     """Poisson arrivals at `rate` calls/s for up to num calls or max_seconds of arrivals; per call
     (scheduled arrival, end, code), latency counted from the scheduled arrival."""
     rng = random.Random(seed)
-    records: list[tuple[float, float, str]] = []
+    times, at = [], 0.0
+    for _ in range(num):
+        at += rng.expovariate(rate)
+        if at > max_seconds:
+            break
+        times.append(at)
+    return await scheduled(send, times, bar)
+
+
+async def scheduled(send, times: list[float], bar) -> dict:
+    """Call i at times[i] seconds from now (open loop: a slow answer delays no later call); per call
+    (scheduled arrival, end, code) in call order, latency counted from the scheduled arrival."""
+    records: list = [None] * len(times)
     t0 = time.perf_counter()
 
     async def one(i: int, at: float):
         code = await send(i)
-        records.append((at, time.perf_counter() - t0, code))
+        records[i] = (at, time.perf_counter() - t0, code)
         bar.update()
 
-    tasks, at = [], 0.0
-    for i in range(num):
-        at += rng.expovariate(rate)
-        if at > max_seconds:
-            break
+    tasks = []
+    for i, at in enumerate(times):
         delay = t0 + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -114,6 +123,8 @@ async def run_job(send, job: dict) -> dict:
               disable=job.get("quiet", False)) as bar:
         if job["op"] == "closed":
             out = await closed_loop(send, job["num"], job["concurrency"], job["max_seconds"], bar)
+        elif job["op"] == "scheduled":      # benchmarks/sim_validation.py: call i at job["times"][i]
+            out = await scheduled(send, job["times"], bar)
         else:
             out = await open_loop(send, job["num"], job["rate"], job["max_seconds"], job["seed"], bar)
     out["client_cpu_s"] = time.process_time() - cpu

@@ -27,6 +27,37 @@ BACKBONE_NAMES = ("encoder", "decoder")
 REPLICA_ROUTINGS = ("adapter", "any")
 
 
+AUTOSCALE_POLICIES = ("off", "predictive", "reactive")
+
+
+@dataclass(frozen=True)
+class AutoscaleConfig:
+    """The replica count decided by a policy (dispatcher/autoscaling.py) between min and max replicas; the load is in
+    rows per second and one replica serves capacity_rps of it; history: earlier intervals' loads (rows/s)."""
+
+    policy: str
+    capacity_rps: float
+    min_replicas: int = 1
+    max_replicas: int = 4
+    interval_s: float = 60.0
+    day_s: float = 86400.0
+    history: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.policy not in AUTOSCALE_POLICIES[1:]:
+            raise ValueError(f"autoscale {self.policy!r} is not one of {AUTOSCALE_POLICIES[1:]}")
+        if not 0 < self.capacity_rps < float("inf"):
+            raise ValueError(f"autoscaling needs replica_capacity_rps > 0 (a replica's measured rows per second "
+                             f"within its latency objective), got {self.capacity_rps}")
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas} and {self.max_replicas}")
+        if not 0 < self.interval_s < float("inf") or not self.day_s >= 2 * self.interval_s:
+            raise ValueError(f"need autoscale_interval_s > 0 and autoscale_day_s >= 2 intervals, got "
+                             f"{self.interval_s} and {self.day_s}")
+        if any(not (x >= 0 and x < float("inf")) for x in self.history):
+            raise ValueError("autoscale_history holds loads (rows per second): finite numbers >= 0")
+
+
 @dataclass(frozen=True)
 class ScaleOutConfig:
     """The encoder on Ray Serve replicas (dispatcher/scaleout.py): how many, where, and how a replica is sized."""
@@ -40,10 +71,15 @@ class ScaleOutConfig:
     max_ongoing_requests: int = 1024    # calls one replica takes at once (our engine batches them)
     retry_after_s: float = 1.0          # the hint sent with UNAVAILABLE when no replica answered
     app_name: str = "vbert-encoder"
+    autoscale: AutoscaleConfig | None = None    # None: num_replicas, fixed
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if self.autoscale is not None and not (self.autoscale.min_replicas <= self.num_replicas
+                                               <= self.autoscale.max_replicas):
+            raise ValueError(f"replicas ({self.num_replicas}, the initial count) must lie within min_replicas "
+                             f"({self.autoscale.min_replicas}) and max_replicas ({self.autoscale.max_replicas})")
         if self.routing not in REPLICA_ROUTINGS:
             raise ValueError(f"routing {self.routing!r} is not one of {REPLICA_ROUTINGS}")
         if self.max_adapters < 1 or self.max_ongoing_requests < 1:
@@ -137,6 +173,14 @@ class ServerConfig:
     replica_adapters: int = 64           # adapters a replica keeps loaded (Ray's multiplexed LRU)
     ray_object_store_mb: int = 512       # a local cluster's object store (adapter files travel through it)
     replica_routing: str = "adapter"     # adapter (multiplexed: a tenant's requests go where its adapter is) | any
+    # autoscaling of the replicas (docs/placement-autoscaling.md): a Ray Serve custom policy
+    autoscale: str = "off"               # off | predictive (Holt-Winters forecast + reactive floor) | reactive
+    min_replicas: int = 1
+    max_replicas: int = 0                # 0: replicas (no autoscaling above the initial count)
+    replica_capacity_rps: float = 0.0    # rows/s one replica serves within its latency objective (measure it)
+    autoscale_interval_s: float = 60.0   # one load sample and one decision per interval
+    autoscale_day_s: float = 86400.0     # the forecast's season (a day; shorter for a compressed-day test)
+    autoscale_history: str | None = None # JSON file: earlier intervals' loads (rows/s), oldest first
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -181,6 +225,11 @@ class ServerConfig:
             raise ValueError(f"replica_cpus must be >= 0, got {self.replica_cpus}")
         if self.replica_routing not in REPLICA_ROUTINGS:
             raise ValueError(f"replica_routing {self.replica_routing!r} is not one of {REPLICA_ROUTINGS}")
+        if self.autoscale not in AUTOSCALE_POLICIES:
+            raise ValueError(f"autoscale {self.autoscale!r} is not one of {AUTOSCALE_POLICIES}")
+        if self.autoscale != "off" and not self.replicas:
+            raise ValueError(f"autoscale = {self.autoscale!r} scales Ray Serve replicas: set replicas >= 1 (the initial "
+                             f"count)")
         if not self.ray_address.strip():
             raise ValueError("ray_address must be 'local' or the address of a Ray cluster, got an empty string")
         if self.replicas and not self.has_encoder:
@@ -278,7 +327,25 @@ class ServerConfig:
             return None
         return ScaleOutConfig(self.replicas, address=self.ray_address.strip(), cpus=self.replica_cpus,
                               max_adapters=self.replica_adapters, object_store_bytes=self.ray_object_store_mb << 20,
-                              routing=self.replica_routing)   # replica_threads: the replica reads its ServerConfig
+                              routing=self.replica_routing,   # replica_threads: the replica reads its ServerConfig
+                              autoscale=self.autoscale_config())
+
+    def autoscale_config(self) -> AutoscaleConfig | None:
+        if self.autoscale == "off":
+            return None
+        history: tuple[float, ...] = ()
+        if self.autoscale_history:
+            import json
+
+            try:
+                data = json.loads(Path(self.autoscale_history).read_text())
+                history = tuple(float(x) for x in data)
+            except (OSError, ValueError, TypeError) as e:
+                raise ValueError(f"autoscale_history {self.autoscale_history!r}: not a JSON list of numbers "
+                                 f"({e})") from None
+        return AutoscaleConfig(self.autoscale, self.replica_capacity_rps, self.min_replicas,
+                               self.max_replicas or self.replicas, self.autoscale_interval_s, self.autoscale_day_s,
+                               history)
 
     @property
     def address(self) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 
 from ray import serve
 
@@ -28,6 +28,7 @@ from vbert.device import reserve_cpu_for_steps
 from vbert.model import MultiTenantModel
 
 BASE_MODEL_ID = "base"      # the bare backbone (no adapter to load)
+RATE_WINDOW_S = 5.0         # the rows-per-second a replica reports to Ray's autoscaler is over this window
 RETURNED_METADATA = ("offsets", "word_ids")   # what the servicers read of a computed request (Tag's character offsets)
 
 
@@ -67,6 +68,8 @@ class EncoderReplica:
         self._sources: dict[int, dict] = {}         # adapter id -> {"sha256", "blob": [ObjectRef]} of its last call
         self._in_flight: Counter = Counter()         # adapter id -> rows computing
         self._evicted: set[int] = set()              # evicted by Ray while rows still compute: dropped after them
+        self._arrivals: deque[tuple[float, int]] = deque()   # (when, rows) of the calls of the last RATE_WINDOW_S
+        self._started = time.monotonic()
         self.pid = os.getpid()
 
     # -- adapters ------------------------------------------------------------------------------------
@@ -121,6 +124,7 @@ class EncoderReplica:
         ("error", class name, message)}."""
         adapter_id = adapter["id"] if adapter is not None else None
         was_loaded = adapter_id is None or adapter_id in self._artifacts
+        self._arrivals.append((time.monotonic(), len(rows)))
         if adapter_id is not None:
             self._sources[adapter_id] = adapter
             self._in_flight[adapter_id] += len(rows)
@@ -161,6 +165,15 @@ class EncoderReplica:
                 "ok", out, list(req.prompt_ids or ()), {k: req.metadata[k] for k in RETURNED_METADATA if k in req.metadata})
         return results
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom metric for the autoscaling policy (dispatcher/autoscaling.py): the rows this replica
+        received per second over the last RATE_WINDOW_S (its share of the encoder's load)."""
+        now = time.monotonic()
+        while self._arrivals and self._arrivals[0][0] < now - RATE_WINDOW_S:
+            self._arrivals.popleft()
+        window = min(RATE_WINDOW_S, max(now - self._started, 1e-3))
+        return {"rows_per_s": sum(n for _, n in list(self._arrivals)) / window}
+
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine stopped is replaced."""
         if not self.engine.is_accepting:
@@ -178,8 +191,14 @@ def deployment(scaleout, server_config):
     replica_cls = type("MultiplexedEncoderReplica", (EncoderReplica,), {
         "load_adapter": serve.multiplexed(max_num_models_per_replica=scaleout.max_adapters)(
             EncoderReplica.load_adapter)})
+    if scaleout.autoscale is None:
+        scaling = {"num_replicas": scaleout.num_replicas}
+    else:
+        from .autoscaling import ray_autoscaling_config
+
+        scaling = {"autoscaling_config": ray_autoscaling_config(scaleout.autoscale, scaleout.num_replicas)}
     return serve.deployment(
-        replica_cls, name="EncoderReplica", num_replicas=scaleout.num_replicas,
+        replica_cls, name="EncoderReplica", **scaling,
         max_ongoing_requests=scaleout.max_ongoing_requests,
         ray_actor_options={"num_cpus": scaleout.cpus},
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=30,

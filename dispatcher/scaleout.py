@@ -335,7 +335,8 @@ def connect(config: ScaleOutConfig) -> RayLease:
     if ray.is_initialized():
         return RayLease()
     if config.address == "local":
-        num_cpus = max(os.cpu_count() or 1, math.ceil(config.num_replicas * config.cpus))
+        most = config.num_replicas if config.autoscale is None else config.autoscale.max_replicas
+        num_cpus = max(os.cpu_count() or 1, math.ceil(most * config.cpus))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="vbert",
                  object_store_memory=config.object_store_bytes, configure_logging=False)
         return RayLease(connected=True, started_cluster=True)

@@ -12,6 +12,7 @@ below the smallest measured latency.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ class BackboneProfile:
     step: Grid | None = None
     decode: Grid | None = None
     prefill: Curve | None = None
+    kv_tokens: int = 0            # decoder: tokens its KV cache holds (the server's budget); 0: not limited
 
     def __post_init__(self) -> None:
         if self.kind not in ("encoder", "decoder"):
@@ -113,11 +115,33 @@ class BackboneProfile:
     def prefill_s(self, num_tokens: int) -> float:
         return self.prefill(num_tokens)
 
+    def slowed(self, factor) -> "BackboneProfile":
+        """The same backbone with every step `factor` times as long: a profile measured alone, carried into a
+        serving process whose steps share the CPU and the GIL with the edge (benchmarks/sim_validation.py
+        measures the factor from the server's own steps). factor: a number, or a function of the step's rows
+        (encoder) or running sequences (decoder) -> a number (small steps are slowed more than large ones)."""
+        at = factor if callable(factor) else (lambda _rows: factor)
+        for x in (1.0, 64.0):
+            f = at(x)
+            if not 0 < f < float("inf"):
+                raise ValueError(f"factor must be a finite number > 0, got {f!r}")
+
+        def grid(g: Grid | None):
+            return None if g is None else Grid(g.a, g.b, tuple(tuple(s * at(a) for s in r) for a, r in zip(g.a, g.seconds)))
+
+        prefill = None if self.prefill is None else Curve(self.prefill.x, tuple(s * at(1.0) for s in self.prefill.seconds))
+        return dataclasses.replace(self, step=grid(self.step), decode=grid(self.decode), prefill=prefill)
+
 
 @dataclass(frozen=True)
 class LatencyProfile:
     backbones: dict[str, BackboneProfile]
     machine: dict = field(default_factory=dict)
+
+    def slowed(self, factors: dict) -> "LatencyProfile":
+        """Each named backbone slowed by its factor (BackboneProfile.slowed); the others as they are."""
+        return dataclasses.replace(self, backbones={n: b.slowed(factors[n]) if n in factors else b
+                                                    for n, b in self.backbones.items()})
 
     def __getitem__(self, name: str) -> BackboneProfile:
         try:
@@ -133,7 +157,8 @@ class LatencyProfile:
         return {"format": FORMAT, "machine": self.machine, "backbones": {
             name: {"kind": b.kind, "start_s": b.start_s, "memory_bytes": b.memory_bytes, "step": grid(b.step),
                    "decode": grid(b.decode),
-                   "prefill": None if b.prefill is None else {"x": list(b.prefill.x), "seconds": list(b.prefill.seconds)}}
+                   "prefill": None if b.prefill is None else {"x": list(b.prefill.x), "seconds": list(b.prefill.seconds)},
+                   "kv_tokens": b.kv_tokens}
             for name, b in self.backbones.items()}}
 
     @classmethod
@@ -150,7 +175,8 @@ class LatencyProfile:
             out[name] = BackboneProfile(name, b["kind"], float(b["start_s"]), dict(b.get("memory_bytes") or {}),
                                         step=grid(b.get("step")), decode=grid(b.get("decode")),
                                         prefill=None if b.get("prefill") is None else
-                                        Curve(tuple(b["prefill"]["x"]), tuple(b["prefill"]["seconds"])))
+                                        Curve(tuple(b["prefill"]["x"]), tuple(b["prefill"]["seconds"])),
+                                        kv_tokens=int(b.get("kv_tokens") or 0))
         return cls(out, dict(data.get("machine") or {}))
 
     def save(self, path: str | Path) -> None:

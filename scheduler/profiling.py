@@ -90,6 +90,7 @@ def profile_decoder(config, device, batches=DECODER_BATCH, contexts=DECODER_CONT
     dec = DecoderBackbone.load(config, device)
     start_s = time.perf_counter() - t0      # + the first step, below
     configured_kv = dec.kv.total_bytes()
+    kv_tokens = dec.kv.num_blocks * config.block_size     # what the server's budget holds
     per_token = configured_kv / (dec.kv.num_blocks * config.block_size)
     needed = int(per_token * config.block_size * max(batches) * (dec.kv.blocks_for(max(max(contexts) + 1, max(prefill))) + 1))
     if needed > configured_kv:   # the grid measures compute: a larger cache than the server's budget, for this run
@@ -132,7 +133,7 @@ def profile_decoder(config, device, batches=DECODER_BATCH, contexts=DECODER_CONT
               "adapter_pool": lora.total_bytes() if lora is not None else 0}
     return BackboneProfile(dec.name, "decoder", start_s, memory,
                            decode=Grid(tuple(batches), tuple(contexts), tuple(grid)),
-                           prefill=Curve(tuple(prefill), tuple(chunk)))
+                           prefill=Curve(tuple(prefill), tuple(chunk)), kv_tokens=kv_tokens)
 
 
 def machine() -> dict:

@@ -6,12 +6,20 @@ What it models (each as the real server does it, with latencies from `vbert prof
   Zipf popularity (`zipf_rates`);
 - replicas: each runs one backbone's engine. Encoder replicas compute steps of up to `max_rows` rows and
   `max_tokens` tokens taken fairly across tenants (round-robin over the tenants waiting, as the VTC policy does
-  for equal weights), every row finished in its step; decoder replicas run Orca's iteration-level loop: every
+  for equal weights), every row finished in its step; with a latency target, the engine's own step sizing
+  (scheduler.sizing: StepSizer learning from the steps' times, Demand deciding when a light tenant is waiting)
+  bounds a step's tokens, run on simulated time; decoder replicas run Orca's iteration-level loop: every
   step decodes one token of each running sequence and admits waiting ones (their prompt as a prefill chunk)
-  while `max_running` and the token budget allow;
+  while `max_running`, the token budget and the KV cache (the profile's `kv_tokens`) allow; when the cache
+  cannot hold every running sequence's next token the newest is preempted and later recomputed (prompt and
+  output so far as one prefill), as the generation policy does; a request that could never fit is refused;
 - devices: replicas placed on one device share it (one step at a time, replicas taking turns);
 - routing: a request goes to the replica of its backbone with the least outstanding work;
 - requests expire (are dropped, and count as missed) when they waited longer than `drop_after_slo` x their SLO.
+
+An encoder step takes its profiled time plus `step_overhead_s` (what a busy engine spends between two steps:
+answering, scheduling, handing over). A request's latency is its time in the engine plus `overhead_s` (the edge and, with replicas, Ray's hop: what a
+request costs outside the engine's steps, measured by benchmarks/sim_validation.py on an idle server).
 
 It reports SLO attainment (the share of requests finished within their latency objective), latency
 percentiles and each replica's utilization (busy time / simulated time).
@@ -26,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .latency_profile import BackboneProfile, LatencyProfile
+from .sizing import Demand, StepSizer
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,20 @@ class EngineLimits:
     max_running: int = 32
     decoder_max_tokens: int = 512
     drop_after_slo: float = 10.0   # a request that waited this many SLOs is dropped (the deadline)
+    step_target_s: float | None = None   # encoder steps sized to take this long (EngineConfig.step_target_s)
+    recent_window_s: float = 5.0   # the engine's Demand window (when a light tenant makes sizing worth it)
+    overhead_s: float = 0.0        # added to every request's latency: its time outside the engine's steps
+    step_overhead_s: float = 0.0   # added to every encoder step: the engine's time between two busy steps
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "max_tokens", "max_running", "decoder_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.drop_after_slo > 0 or not self.overhead_s >= 0 or not self.recent_window_s > 0 \
+                or not self.step_overhead_s >= 0:
+            raise ValueError("need drop_after_slo > 0, overhead_s >= 0, step_overhead_s >= 0 and recent_window_s > 0")
+        if self.step_target_s is not None and not self.step_target_s > 0:
+            raise ValueError(f"step_target_s must be > 0 (or None), got {self.step_target_s}")
 
 
 @dataclass
@@ -120,6 +143,10 @@ class _Replica:
     running: list = field(default_factory=list)          # decoder: sequences admitted
     busy_s: float = 0.0
     outstanding: int = 0
+    sizer: StepSizer | None = None
+    demand: Demand | None = None
+    index: int = 0
+    preempted: int = 0
 
     def add(self, req: _Req) -> None:
         self.queues.setdefault(req.tenant, deque()).append(req)
@@ -173,12 +200,38 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def simulate(profile: LatencyProfile, replicas: Sequence[str | tuple[str, int]], tenants: Sequence[TenantLoad],
-             arrival_list: Sequence[tuple[float, int]], limits: EngineLimits = EngineLimits()) -> SimResult:
+             arrival_list: Sequence[tuple[float, int]], limits: EngineLimits = EngineLimits(),
+             windows: Sequence[tuple[float, float]] | None = None) -> SimResult:
     """Serve `arrival_list` (from `arrivals`) on replicas and report what came out. A replica is a backbone name
     (on a device of its own) or (backbone name, device index): replicas on one device share it, one step at a
-    time, taking turns. A request whose backbone has no replica counts as missed."""
+    time, taking turns. A request whose backbone has no replica counts as missed. windows (one per replica, for
+    autoscaling): the [start, end) in which a replica takes new requests (it finishes its queue after end); a
+    request arriving when none of its backbone's replicas is in its window goes to the least loaded one."""
+    reqs, reps, dropped = _serve(profile, replicas, tenants, arrival_list, limits, windows)
+    end = max((r.finish for r in reqs if r.finish is not None), default=0.0)
+    horizon = max(end, arrival_list[-1][0] if arrival_list else 0.0) or 1.0
+    lat = [x for x in _latencies(reqs, limits) if x is not None]
+    met = sum(1 for r, x in zip(reqs, _latencies(reqs, limits)) if x is not None and x <= r.slo_s)
+    return SimResult(len(reqs), met / len(reqs) if reqs else 1.0, percentile(lat, 50), percentile(lat, 99),
+                     tuple(r.busy_s / horizon for r in reps), dropped)
+
+
+def latencies(profile: LatencyProfile, replicas: Sequence[str | tuple[str, int]], tenants: Sequence[TenantLoad],
+              arrival_list: Sequence[tuple[float, int]], limits: EngineLimits = EngineLimits(),
+              windows: Sequence[tuple[float, float]] | None = None) -> list[float | None]:
+    """`simulate`'s run, as each request's latency in arrival order (None: dropped or not served)."""
+    return _latencies(_serve(profile, replicas, tenants, arrival_list, limits, windows)[0], limits)
+
+
+def _latencies(reqs: list[_Req], limits: EngineLimits) -> list[float | None]:
+    return [None if r.finish is None else r.finish - r.arrival + limits.overhead_s for r in reqs]
+
+
+def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tuple[list[_Req], list[_Replica], int]:
+    if windows is not None and len(windows) != len(replicas):
+        raise ValueError(f"windows: one (start, end) per replica, got {len(windows)} for {len(replicas)}")
     placed = [(r, i) if isinstance(r, str) else (r[0], -1 - r[1]) for i, r in enumerate(replicas)]
-    reps = [_Replica(name, profile[name]) for name, _ in placed]
+    reps = [_Replica(name, profile[name], index=i) for i, (name, _) in enumerate(placed)]
     devices: dict[int, _Device] = {}
     for rep, (_, dev) in zip(reps, placed):
         rep.device = devices.setdefault(dev, _Device())
@@ -186,6 +239,9 @@ def simulate(profile: LatencyProfile, replicas: Sequence[str | tuple[str, int]],
     by_backbone: dict[str, list[_Replica]] = {}
     for r in reps:
         by_backbone.setdefault(r.backbone, []).append(r)
+        if limits.step_target_s is not None and r.profile.kind == "encoder":
+            r.sizer = StepSizer(limits.step_target_s, limits.max_tokens)
+            r.demand = Demand(limits.recent_window_s)
     reqs: list[_Req] = []
     events: list[tuple[float, int, int, object]] = []   # (time, order, kind, payload): 0 arrival, 1 step end
     order = 0
@@ -209,29 +265,45 @@ def simulate(profile: LatencyProfile, replicas: Sequence[str | tuple[str, int]],
             if not q:
                 del rep.queues[tenant]
         if rep.profile.kind == "encoder":
-            rows = rep.take_fair(limits.max_rows, limits.max_tokens)
+            budget = limits.max_tokens
+            if rep.sizer is not None and rep.demand.has_light_tenant(now):
+                budget = rep.sizer.budget()
+            rows = rep.take_fair(limits.max_rows, budget)
             if not rows:
                 return None
-            return rep.profile.encoder_step_s(len(rows), max(r.tokens for r in rows)), rows
+            seconds = rep.profile.encoder_step_s(len(rows), max(r.tokens for r in rows))
+            if rep.sizer is not None:
+                rep.sizer.observe(sum(r.tokens for r in rows), seconds)
+            return seconds + limits.step_overhead_s, rows
+        kv = rep.profile.kv_tokens or math.inf          # the KV cache's tokens (0 in the profile: no limit)
+        used = sum(r.tokens + r.done_tokens for r in rep.running)
+        while rep.running and used + len(rep.running) > kv:      # no room for every running sequence's next token:
+            victim = rep.running.pop()                           # the newest is preempted (recomputed when readmitted)
+            used -= victim.tokens + victim.done_tokens
+            rep.queues.setdefault(victim.tenant, deque()).appendleft(victim)
+            rep.queues.move_to_end(victim.tenant, last=False)
+            rep.preempted += 1
         budget = limits.decoder_max_tokens - len(rep.running)
         admitted = []
         while rep.queues and len(rep.running) + len(admitted) < limits.max_running:
             (req,) = rep.take_fair(1, budget)
-            if admitted and req.tokens > budget:
+            context = req.tokens + req.done_tokens               # a preempted sequence recomputes its output too
+            if (admitted and context > budget) or used + len(rep.running) + context + 1 > kv:
                 rep.queues.setdefault(req.tenant, deque()).appendleft(req)
                 rep.queues.move_to_end(req.tenant, last=False)
                 break
             admitted.append(req)
-            budget -= req.tokens
+            budget -= context
+            used += context + 1
         if not rep.running and not admitted:
             return None
         context = (sum(r.tokens + r.done_tokens for r in rep.running) / len(rep.running)) if rep.running else 0
         seconds = rep.profile.decode_step_s(len(rep.running), max(context, 1)) if rep.running else 0.0
-        seconds += sum(rep.profile.prefill_s(r.tokens) for r in admitted)
+        seconds += sum(rep.profile.prefill_s(r.tokens + r.done_tokens) for r in admitted)
         for r in rep.running:
             r.done_tokens += 1
         for r in admitted:
-            r.done_tokens = 1           # the prefill's last position samples the first token
+            r.done_tokens += 1          # the prefill's last position samples the next token
         rep.running += admitted
         finished = [r for r in rep.running if r.done_tokens >= max(1, r.output_tokens)]
         rep.running = [r for r in rep.running if r.done_tokens < max(1, r.output_tokens)]
@@ -263,8 +335,15 @@ def simulate(profile: LatencyProfile, replicas: Sequence[str | tuple[str, int]],
             candidates = by_backbone.get(tenants[req.tenant].backbone)
             if not candidates:
                 continue
+            if candidates[0].profile.kind == "decoder" and candidates[0].profile.kv_tokens and \
+                    req.tokens + req.output_tokens > candidates[0].profile.kv_tokens:
+                continue                    # refused at add(): it could never fit the KV cache (counts as missed)
+            if windows is not None:
+                candidates = [r for r in candidates if windows[r.index][0] <= now < windows[r.index][1]] or candidates
             rep = min(candidates, key=lambda r: r.outstanding)
             rep.add(req)
+            if rep.demand is not None:
+                rep.demand.add(req.tenant, req.tokens, now)
             kick(rep.device, now)
         else:
             rep, finished = payload
@@ -272,9 +351,4 @@ def simulate(profile: LatencyProfile, replicas: Sequence[str | tuple[str, int]],
                 r.finish = now
                 rep.outstanding -= 1
             kick(rep.device, now)
-    end = max((r.finish for r in reqs if r.finish is not None), default=0.0)
-    horizon = max(end, arrival_list[-1][0] if arrival_list else 0.0) or 1.0
-    lat = [r.finish - r.arrival for r in reqs if r.finish is not None]
-    met = sum(1 for r in reqs if r.finish is not None and r.finish - r.arrival <= r.slo_s)
-    return SimResult(len(reqs), met / len(reqs) if reqs else 1.0, percentile(lat, 50), percentile(lat, 99),
-                     tuple(r.busy_s / horizon for r in reps), dropped)
+    return reqs, reps, dropped

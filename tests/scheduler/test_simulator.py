@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from scheduler.latency_profile import BackboneProfile, Curve, Grid, LatencyProfile
-from scheduler.simulator import (EngineLimits, TenantLoad, arrivals, daily_sine, simulate, zipf_rates)
+from scheduler.simulator import EngineLimits, TenantLoad, arrivals, daily_sine, latencies, simulate, zipf_rates
 
 STEP = 0.1   # every encoder step takes 0.1 s whatever its size: capacity = max_rows / 0.1 rows/s
 
@@ -82,3 +82,63 @@ def test_replicas_on_one_device_share_it():
     apart = simulate(profile(), [("encoder", 0), ("encoder", 1)], tenants, arr, limits)
     assert shared.slo_attainment < 0.3 and apart.slo_attainment > 0.95
     assert sum(shared.utilization) == pytest.approx(1.0, abs=0.05)     # one device's time, split between the two
+
+
+def kv_profile(kv_tokens: int) -> LatencyProfile:
+    dec = BackboneProfile("decoder", "decoder", 9.0, {"weights": 1},
+                          decode=Grid((1, 32), (1, 1024), ((0.02, 0.02), (0.02, 0.02))),
+                          prefill=Curve((1, 1024), (0.05, 0.05)), kv_tokens=kv_tokens)
+    return LatencyProfile({"decoder": dec})
+
+
+def test_the_kv_cache_bounds_what_runs_at_once_and_what_can_run_at_all():
+    tenants = [TenantLoad("g", "decoder", rate=1, slo_s=100, tokens=100, output_tokens=11)]
+    both = [(0.0, 0), (0.0, 0)]
+    alone = 0.05 + 10 * 0.02                              # a prefill, then 10 decode steps
+    roomy = latencies(kv_profile(1000), ["decoder"], tenants, both)
+    assert roomy[0] == pytest.approx(0.05 + 0.07 + 9 * 0.02)   # step 2: its decode + the second's prefill
+    assert max(roomy) < 1.5 * alone                                       # the two ran together
+    tight = latencies(kv_profile(150), ["decoder"], tenants, both)        # one sequence's 111 tokens fit, two do not
+    assert tight == pytest.approx([alone, 2 * alone])                     # the second waits for the first to finish
+    never = simulate(kv_profile(100), ["decoder"], tenants, both)     # 111 tokens never fit: refused, missed
+    assert never.slo_attainment == 0 and never.p50_s is None
+    assert LatencyProfile.from_json(kv_profile(150).to_json())["decoder"].kv_tokens == 150
+
+
+def test_a_full_kv_cache_preempts_the_newest_sequence_which_is_recomputed_and_still_finishes():
+    tenants = [TenantLoad("g", "decoder", rate=1, slo_s=100, tokens=10, output_tokens=40)]
+    # both admitted (22 tokens), then they grow by 2 a step: at 50 tokens the second is preempted and waits
+    first, second = latencies(kv_profile(50), ["decoder"], tenants, [(0.0, 0), (0.0, 0)])
+    together = latencies(kv_profile(1000), ["decoder"], tenants, [(0.0, 0), (0.0, 0)])
+    assert together[1] - together[0] < 0.1                     # with room, the second ends a step after the first
+    # preempted after about 13 tokens, it waits for the first, then recomputes prompt + output and decodes the rest
+    assert second is not None and second - first > 0.4 and second < first + 0.05 + 40 * 0.02 + 1e-9
+
+
+def test_step_and_request_overheads_are_added_and_sizing_keeps_steps_near_the_target():
+    tenants = [TenantLoad("a", "encoder", rate=2, slo_s=1)]
+    arr = arrivals(tenants, 50, seed=0)
+    base = simulate(profile(), ["encoder"], tenants, arr)
+    more = simulate(profile(), ["encoder"], tenants, arr, EngineLimits(step_overhead_s=0.01, overhead_s=0.02))
+    assert more.p50_s == pytest.approx(base.p50_s + 0.03)
+    # steps cost 1 ms per row: a heavy tenant and a light one; sized steps stay near 20 ms (20 rows)
+    per_row = BackboneProfile("encoder", "encoder", 5.0, {"weights": 1},
+                              step=Grid((1, 64), (16, 512), ((0.001, 0.001), (0.064, 0.064))))
+    prof = LatencyProfile({"encoder": per_row})
+    load = [TenantLoad("heavy", "encoder", rate=2000, slo_s=1, tokens=16), TenantLoad("light", "encoder", rate=5,
+                                                                                     slo_s=1, tokens=16)]
+    arr = arrivals(load, 5, seed=1)
+    sized = simulate(prof, ["encoder"], load, arr, EngineLimits(step_target_s=0.02))
+    unsized = simulate(prof, ["encoder"], load, arr)
+    assert sized.p50_s < unsized.p50_s
+
+
+def test_replica_windows_route_only_to_replicas_that_are_up():
+    limits = EngineLimits(max_rows=4)                     # 40 rows/s per replica
+    tenants = [TenantLoad(f"t{i}", "encoder", rate=15, slo_s=0.5) for i in range(4)]   # 60 rows/s
+    arr = arrivals(tenants, 60, seed=2)
+    late = simulate(profile(), ["encoder", "encoder"], tenants, arr, limits, windows=[(0, 1e9), (30, 1e9)])
+    early = simulate(profile(), ["encoder", "encoder"], tenants, arr, limits, windows=[(0, 1e9), (0, 1e9)])
+    assert early.slo_attainment > 0.95 and 0.3 < late.slo_attainment < 0.8    # the first half overloads one
+    with pytest.raises(ValueError, match="one \\(start, end\\) per replica"):
+        simulate(profile(), ["encoder"], tenants, arr, limits, windows=[])

@@ -1,0 +1,369 @@
+#!/usr/bin/env python
+"""The placement simulator (scheduler/simulator.py) against the real server on the same arrival sequences.
+
+    python benchmarks/sim_validation.py --json benchmarks/results/cpu-DATE/sim_validation/sim_validation.json
+
+1. Profile: the encoder's mixed-tenant step latency at one CPU thread (a replica's `replica_threads`), measured
+   here with scheduler.profiling.profile_encoder (or read from --profile).
+2. For one and two Ray Serve replicas (a local Ray cluster started here, one thread per replica), a real server
+   (dispatcher.server.Server on 127.0.0.1, port 0, the default backbone, default engine settings: latency target
+   250 ms) with --tenants tenants, each with a LoRA adapter. Its overhead (what a request costs outside the
+   engine's steps: gRPC, tokenization, the Ray hop) is measured on the idle server: the median latency of
+   sequential calls minus the profile's one-row step.
+3. For each rate (fractions of a replica's capacity, times the replicas) and CV: Gamma arrivals with Zipf
+   tenant rates (simulator.arrivals, seeded), sent by grpc_load's client in a child process at exactly those
+   times (open loop, one text of --tokens tokens per call, latency counted from the scheduled arrival); the
+   simulator serves the same sequence with the profile, the measured overhead and the engine's limits.
+   Per configuration: SLO attainment and p50/p99, real and simulated, and the attainment at several SLO scales.
+
+max_slo_attainment_error: the largest |simulated - real| attainment, in points; max_p99_relative_error: the
+largest |simulated p99 - real p99| / real p99 (target for both: within 10 %). Loopback only; each run stops
+by itself. Writes JSON and a PNG next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from grpc_load import ADAPTER, DATA_DIR, OwnServer, SubprocessClient, load_texts, make_artifacts  # noqa: E402
+
+from scheduler.simulator import (EngineLimits, TenantLoad, arrivals, latencies, percentile, simulate,  # noqa: E402
+                                 zipf_rates)
+
+SLO_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, required=True, help="where to write the results (a PNG goes next to it)")
+    p.add_argument("--profile", type=Path, default=None, help="a `vbert profile` JSON measured at one thread "
+                   "(default: profile the encoder here first)")
+    p.add_argument("--replicas", default="0,1,2", help="replica counts (comma-separated); 0: the single-process "
+                   "server (one compute thread)")
+    p.add_argument("--rates", default="0.3,0.6", help="load per replica, as fractions of one replica's capacity "
+                   "(max_rows_per_step rows of --tokens tokens per profiled step)")
+    p.add_argument("--cvs", default="1,3", help="coefficients of variation of the arrivals")
+    p.add_argument("--tenants", type=int, default=8)
+    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the tenants' rates")
+    p.add_argument("--tokens", type=int, default=32, help="tokens of every text (with [CLS] and [SEP])")
+    p.add_argument("--slo-ms", type=float, default=500.0, help="the tenants' latency objective")
+    p.add_argument("--seconds", type=float, default=60.0, help="seconds of arrivals per configuration")
+    p.add_argument("--saturate-calls", type=int, default=1600, help="calls of the saturated calibration")
+    p.add_argument("--idle-calls", type=int, default=40, help="sequential calls measuring the idle overhead")
+    p.add_argument("--rpc-timeout-s", type=float, default=30.0)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--backbone", default=None, help="checkpoint directory (default: all-MiniLM-L6-v2)")
+    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    args.replicas = [int(x) for x in floats(args.replicas)]
+    args.rates, args.cvs = floats(args.rates), floats(args.cvs)
+    if not args.replicas or min(args.replicas) < 0 or not args.rates or min(args.rates) <= 0 or not args.cvs \
+            or min(args.cvs) <= 0:
+        p.error("--replicas need integers >= 0, --rates and --cvs positive numbers")
+    if args.tenants < 1 or args.tokens < 3 or args.slo_ms <= 0 or args.seconds <= 0:
+        p.error("need --tenants >= 1, --tokens >= 3, --slo-ms > 0, --seconds > 0")
+    # what grpc_load.OwnServer reads
+    args.max_in_flight, args.requests, args.latency_target_ms = 25_000, 10 ** 6, None
+    return args
+
+
+def texts_of_length(texts: list[str], tokenizer, tokens: int) -> list[str]:
+    """The sentences that tokenize to exactly `tokens` ids (special tokens included): every call then costs
+    the same, as the simulator's tenants declare."""
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    out = [t for t, i in zip(texts, ids) if len(i) == tokens]
+    if len(out) < 20:
+        raise SystemExit(f"only {len(out)} sentences have exactly {tokens} tokens: choose another --tokens")
+    return out
+
+
+def measure_profile(args):
+    """The encoder's step latency at one thread, as a replica computes (replica_threads = 1)."""
+    import torch
+
+    from dispatcher.config import ServerConfig
+    from scheduler.latency_profile import LatencyProfile
+    from scheduler.profiling import machine, profile_encoder
+
+    if args.profile is not None:
+        return LatencyProfile.load(args.profile)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = ServerConfig(backbone=args.backbone).model_config()
+        enc = profile_encoder(config, rows=(1, 2, 4, 8, 16, 32, 64), tokens=(16, 32, 64), repeats=5)
+        return LatencyProfile({"encoder": enc}, machine())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def attainment(latencies: list[float | None], slo_s: float) -> float:
+    return sum(1 for x in latencies if x is not None and x <= slo_s) / len(latencies) if latencies else 1.0
+
+
+class StepLog:
+    """The steps the real engines computed, read from the answers: each Completion names its step and that step's
+    compute seconds (replicas send theirs back), so (replica, step) -> [rows of ours, compute_s, queue_s sum]."""
+
+    def __init__(self, engine):
+        self.steps: dict = {}
+        self._lock = threading.Lock()
+        submit = engine.submit
+
+        def recorded(req):
+            fut = submit(req)
+            fut.add_done_callback(lambda f, r=req: self._done(f, r))
+            return fut
+
+        engine.submit = recorded
+
+    def _done(self, fut, req) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        c = fut.result()
+        with self._lock:
+            entry = self.steps.setdefault((req.metadata.get("replica"), c.step), [0, c.inference_s, 0.0])
+            entry[0] += 1
+            entry[2] += c.queue_s
+
+    def take(self, profile, tokens: int) -> dict:
+        """What the engines computed since the last take: steps, rows per step, compute seconds against the
+        profile's prediction for the same steps, and the mean time a request queued in an engine."""
+        with self._lock:
+            steps, self.steps = list(self.steps.values()), {}
+        if not steps:
+            return {}
+        rows = sum(s[0] for s in steps)
+        compute = sum(s[1] for s in steps)
+        predicted = sum(profile.encoder_step_s(s[0], tokens) for s in steps)
+        return {"steps": len(steps), "rows_per_step": round(rows / len(steps), 2), "compute_s": round(compute, 3),
+                "profile_compute_s": round(predicted, 3), "compute_over_profile": round(compute / predicted, 3),
+                "mean_engine_queue_s": round(sum(s[2] for s in steps) / rows, 4)}
+
+
+def slowdown(small: tuple[float, float], large: tuple[float, float]):
+    """The in-server slowdown of a step of `rows` rows: measured at two step sizes (rows, factor), linear in
+    log(rows) between them, the nearer one's beyond."""
+    import math
+
+    (r0, f0), (r1, f1) = sorted([small, large])
+    if r1 <= r0 * 1.01:
+        return lambda rows: (f0 + f1) / 2
+
+    def at(rows: float) -> float:
+        t = (math.log(max(rows, 1e-9)) - math.log(r0)) / (math.log(r1) - math.log(r0))
+        return f0 + min(1.0, max(0.0, t)) * (f1 - f0)
+
+    return at
+
+
+def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list[tuple[float, float]], bar) -> list:
+    """One server with `num_replicas` replicas; every (rate, cv) load in turn; real and simulated results."""
+    from dispatcher.config import ServerConfig
+
+    tmp = tempfile.TemporaryDirectory(prefix="simval-")
+    # the tenants' concurrency limit off (the simulator has none): a burst's calls all wait in the engine
+    server = OwnServer(args, tmp.name, backbones="encoder", replicas=num_replicas, replica_threads=1,
+                       max_concurrent_rpcs_per_tenant=10 ** 5)
+    try:
+        log = StepLog(server.app.engine)
+        names = [f"sv-t{i:02d}" for i in range(args.tenants)]
+        keys = server.add_tenants(names, make_artifacts(server.app.model.spec.shape, args.tenants, args.seed, args.rank))
+        defaults = ServerConfig()
+        enc = profile["encoder"]
+        slo_s = args.slo_ms / 1000
+        rng = random.Random(args.seed)
+
+        def client(calls):
+            return SubprocessClient({"address": server.address, "keys": keys, "adapter": ADAPTER, "texts": texts,
+                                     "calls": calls, "rpc_timeout_s": args.rpc_timeout_s, "texts_per_call": 1},
+                                    script=ROOT / "benchmarks" / "grpc_load.py")
+
+        units = max(1, num_replicas)         # 0 replicas: the single-process server, one engine
+        # warm-up: every tenant's adapter onto the replicas, the engine's step sizing trained
+        warm = client([(i % args.tenants, rng.randrange(len(texts))) for i in range(args.saturate_calls)])
+        warm.run({"op": "closed", "label": "warm-up", "num": 600, "concurrency": 32, "max_seconds": 120,
+                  "quiet": True})
+        log.take(profile["encoder"], args.tokens)
+        # The server's steps take longer than the profile's (measured alone: here the compute thread shares the CPU
+        # and the GIL with the edge, Ray and the client), small steps relatively more, and a busy engine spends
+        # time between steps (answering, scheduling, handing over). Measured here, on other calls than the runs':
+        # light: a few calls in flight per engine (small steps); saturated: three full steps' worth per engine
+        # (steps back to back: the time between them is the wall time not spent computing)
+        light = warm.run({"op": "closed", "label": "light", "num": args.saturate_calls // 4,
+                          "concurrency": 4 * units, "max_seconds": 300, "quiet": True})
+        light_steps = log.take(profile["encoder"], args.tokens)
+        sat = warm.run({"op": "closed", "label": "saturated", "num": args.saturate_calls,
+                        "concurrency": 3 * defaults.max_rows_per_step * units, "max_seconds": 300, "quiet": True})
+        sat_steps = log.take(profile["encoder"], args.tokens)
+        sat_wall = max(e for _, e, _ in sat["records"]) - min(s for s, _, _ in sat["records"])
+        factor = slowdown((light_steps["rows_per_step"], light_steps["compute_over_profile"]),
+                          (sat_steps["rows_per_step"], sat_steps["compute_over_profile"]))
+        step_overhead_s = max(0.0, (sat_wall * units - sat_steps["compute_s"]) / sat_steps["steps"])
+        sat_steps.update(wall_s=round(sat_wall, 3), step_overhead_s=round(step_overhead_s, 4))
+        del light
+        # the idle overhead: sequential calls, minus the one-row step
+        idle = warm.run({"op": "closed", "label": "idle", "num": args.idle_calls, "concurrency": 1,
+                         "max_seconds": 120, "quiet": True})
+        warm.close()
+        log.take(profile["encoder"], args.tokens)
+        sim_profile = profile.slowed({"encoder": factor})
+        enc = sim_profile["encoder"]
+        idle_s = percentile([end - start for start, end, code in idle["records"] if code == "OK"], 50)
+        overhead_s = max(0.0, idle_s - enc.encoder_step_s(1, args.tokens) - step_overhead_s)
+        limits = EngineLimits(max_rows=defaults.max_rows_per_step, max_tokens=defaults.max_tokens_per_step,
+                              step_target_s=defaults.engine_config().step_target_s,
+                              recent_window_s=defaults.engine_config().recent_window_s, overhead_s=overhead_s,
+                              step_overhead_s=step_overhead_s, drop_after_slo=args.rpc_timeout_s / slo_s)
+        capacity = defaults.max_rows_per_step / (enc.encoder_step_s(defaults.max_rows_per_step, args.tokens)
+                                                 + step_overhead_s)
+        out = []
+        for rate_frac, cv in loads:
+            total = rate_frac * capacity * units
+            tenants = [TenantLoad(n, "encoder", r, slo_s, cv=cv, tokens=args.tokens)
+                       for n, r in zip(names, zipf_rates(total, args.tenants, args.zipf))]
+            seed = args.seed * 1000 + num_replicas * 100 + int(rate_frac * 50) + int(cv * 7)
+            seq = arrivals(tenants, args.seconds, seed=seed)
+            calls = [(k, rng.randrange(len(texts))) for _, k in seq]
+            c = client(calls)
+            t0 = time.perf_counter()
+            got = c.run({"op": "scheduled", "label": f"{num_replicas} replicas {rate_frac} x cap cv {cv}",
+                         "num": len(seq), "times": [t for t, _ in seq], "quiet": True})
+            wall = time.perf_counter() - t0
+            c.close()
+            real = [end - at if code == "OK" else None for at, end, code in got["records"]]
+            ok = [x for x in real if x is not None]
+            sim_limits = limits
+            sim = simulate(sim_profile, ["encoder"] * units, tenants, seq, sim_limits)
+            sim_lat = latencies(sim_profile, ["encoder"] * units, tenants, seq, sim_limits)
+            row = {"replicas": num_replicas, "rate_fraction": rate_frac, "cv": cv, "rate_rps": round(total, 2),
+                   "num_requests": len(seq), "wall_s": round(wall, 1), "overhead_s": round(overhead_s, 4),
+                   "compute_factor": {"light": [light_steps["rows_per_step"], light_steps["compute_over_profile"]],
+                                      "saturated": [sat_steps["rows_per_step"], sat_steps["compute_over_profile"]]},
+                   "idle_latency_s": round(idle_s, 4), "light_steps": light_steps, "saturated_steps": sat_steps,
+                   "real_steps": log.take(profile["encoder"], args.tokens),
+                   "real": {"slo_attainment": round(attainment(real, slo_s), 4), "p50_s": rnd(percentile(ok, 50)),
+                            "p99_s": rnd(percentile(ok, 99)), "errors": len(real) - len(ok),
+                            "attainment_by_slo_scale": {str(s): round(attainment(real, s * slo_s), 4)
+                                                        for s in SLO_SCALES}},
+                   "sim": {"slo_attainment": round(sim.slo_attainment, 4), "p50_s": rnd(sim.p50_s),
+                           "p99_s": rnd(sim.p99_s), "dropped": sim.dropped,
+                           "utilization": [round(u, 3) for u in sim.utilization],
+                           "attainment_by_slo_scale": {str(s): round(attainment(sim_lat, s * slo_s), 4)
+                                                       for s in SLO_SCALES}}}
+            row["slo_attainment_error_points"] = round(100 * abs(row["sim"]["slo_attainment"]
+                                                                 - row["real"]["slo_attainment"]), 2)
+            row["p99_relative_error"] = (round(abs(sim.p99_s - row["real"]["p99_s"]) / row["real"]["p99_s"], 4)
+                                         if sim.p99_s is not None and row["real"]["p99_s"] else None)
+            out.append(row)
+            bar.update()
+        return out
+    finally:
+        server.close()
+        tmp.cleanup()
+
+
+def rnd(x):
+    return None if x is None else round(x, 4)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.pop("RAY_ADDRESS", None)
+    from transformers import AutoTokenizer
+
+    from dispatcher.config import ServerConfig
+    from dispatcher.logs import configure
+    from multitenant import git_revision, host_cpu
+
+    configure(args.log_level)
+    bar = tqdm(total=1 + len(args.replicas) * len(args.rates) * len(args.cvs), desc="sim validation",
+               disable=args.quiet)
+    profile = measure_profile(args)
+    bar.update()
+    from vbert.device import reserve_cpu_for_steps
+
+    reserve_cpu_for_steps(1)            # the single-process server's compute: one thread, as each replica's
+    tokenizer = AutoTokenizer.from_pretrained(ServerConfig(backbone=args.backbone).model_config().backbone.resolved_path,
+                                              local_files_only=True)
+    texts = texts_of_length(load_texts(args.data_dir), tokenizer, args.tokens)
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
+             configure_logging=False, log_to_driver=False)
+    rows = []
+    loads = [(r, cv) for r in args.rates for cv in args.cvs]
+    try:
+        for n in args.replicas:
+            rows += run_replicas(args, n, profile, texts, loads, bar)
+    finally:
+        ray.shutdown()
+        bar.close()
+    out = {"benchmark": "sim_validation", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
+           "git_revision": git_revision(), "host_cpu": host_cpu(), "cpu_count": os.cpu_count(), "ray": ray.__version__,
+           "workload": {"tenants": args.tenants, "zipf": args.zipf, "tokens": args.tokens, "slo_ms": args.slo_ms,
+                        "seconds": args.seconds, "texts": f"sci-cite train sentences of exactly {args.tokens} tokens",
+                        "client": "grpc_load's client in a child process, open loop at the simulator's arrival times",
+                        "replica_threads": 1},
+           "profile": profile.to_json(),
+           "max_slo_attainment_error": max(r["slo_attainment_error_points"] for r in rows),
+           "max_p99_relative_error": max((r["p99_relative_error"] for r in rows if r["p99_relative_error"] is not None),
+                                         default=None),
+           "targets": {"max_slo_attainment_error": 10.0, "max_p99_relative_error": 0.10},
+           "runs": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_plot(out, args.json.with_suffix(".png"))
+    print(json.dumps({k: out[k] for k in ("max_slo_attainment_error", "max_p99_relative_error")}))
+    return 0
+
+
+def write_plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = out["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(2.6 * len(runs), 3.4), sharey=True, squeeze=False)
+    for ax, r in zip(axes[0], runs):
+        scales = [float(s) for s in r["real"]["attainment_by_slo_scale"]]
+        ax.plot(scales, list(r["real"]["attainment_by_slo_scale"].values()), "o-", color="#27a", label="real")
+        ax.plot(scales, list(r["sim"]["attainment_by_slo_scale"].values()), "s--", color="#e72", label="simulated")
+        ax.set_title(f"{r['replicas']} repl., {r['rate_rps']:.0f}/s, CV {r['cv']:g}\n"
+                     f"p99 {r['real']['p99_s']:.2f} vs {r['sim']['p99_s']:.2f} s", fontsize=8)
+        ax.set_xlabel("SLO scale", fontsize=8)
+        ax.set_ylim(0, 1.02)
+    axes[0][0].set_ylabel("SLO attainment")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Simulator vs real server (SLO {out['workload']['slo_ms']:.0f} ms at scale 1): max attainment "
+                 f"error {out['max_slo_attainment_error']} points, max p99 error "
+                 f"{out['max_p99_relative_error']:.1%} ({out['date'][:10]})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
