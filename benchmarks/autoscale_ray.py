@@ -21,6 +21,7 @@ measures. Writes JSON and a PNG (load and capacity over the day; attainment per 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
@@ -85,7 +86,7 @@ class ReplicaPoll(threading.Thread):
     def __init__(self, app_name: str):
         super().__init__(daemon=True, name="replica-poll")
         self.app_name, self.samples, self.t0 = app_name, [], time.perf_counter()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def running(self) -> int:
         from ray import serve
@@ -97,14 +98,14 @@ class ReplicaPoll(threading.Thread):
                    if str(getattr(s, "value", s)) == "RUNNING")
 
     def run(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._halt.wait(1.0):
             try:
                 self.samples.append((time.perf_counter() - self.t0, self.running()))
             except Exception:  # noqa: BLE001 - a missed poll leaves a gap, not a failed run
                 pass
 
-    def stop(self) -> None:
-        self._stop.set()
+    def halt(self) -> None:
+        self._halt.set()
         self.join(5)
 
 
@@ -166,13 +167,17 @@ def main(argv=None) -> int:
     initial = min(args.max_replicas, max(args.min_replicas, replicas_for(day[0] * args.unit_rps, args.capacity_rps)))
     print(f"{len(seq)} calls over {args.day_s:.0f} s ({per_day} intervals of {args.interval_s} s); "
           f"{initial} replicas to start", file=sys.stderr)
+    import ray
+
+    # as benchmarks/sim_validation.py (its calibration): replicas' logs stay in their files; reports every 2.5 s
+    os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", str(args.interval_s / 4))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
+             configure_logging=False, log_to_driver=False)
     server = OwnServer(args, str(Path(tmp.name) / "data"), backbones="encoder", replicas=initial, replica_threads=1,
                        replica_cpus=0.5, max_concurrent_rpcs_per_tenant=10 ** 5, autoscale=args.policy,
                        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                        replica_capacity_rps=args.capacity_rps, autoscale_interval_s=args.interval_s,
                        autoscale_day_s=args.day_s, autoscale_history=str(hist_path))
-    import ray
-
     try:
         log = StepLog(server.app.engine)
         keys = server.add_tenants(names, make_artifacts(server.app.model.spec.shape, args.tenants, args.seed, 8))
@@ -196,12 +201,17 @@ def main(argv=None) -> int:
                           "quiet": True})
         done.set()
         client.close()
-        poll.stop()
+        poll.halt()
         steps = log.take(LatencyProfile.from_json(json.loads(args.calibration.read_text())["profile"])["encoder"],
                          args.tokens)
     finally:
         server.close()
+        ray.shutdown()
         tmp.cleanup()
+    raw = args.json.with_name(args.json.stem + "_raw.json.gz")       # the run, before anything can go wrong
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(raw, "wt") as f:
+        json.dump({"records": got["records"], "replica_samples": poll.samples}, f)
     real = [end - at if code == "OK" else None for at, end, code in got["records"]]
     # the simulator on the same arrivals and the run's replica timeline
     profile, overhead_s, step_overhead_s, calibrated_at = calibrated(args.calibration, 2)

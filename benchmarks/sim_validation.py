@@ -346,20 +346,38 @@ def write_plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = out["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(2.6 * len(runs), 3.4), sharey=True, squeeze=False)
-    for ax, r in zip(axes[0], runs):
-        scales = [float(s) for s in r["real"]["attainment_by_slo_scale"]]
-        ax.plot(scales, list(r["real"]["attainment_by_slo_scale"].values()), "o-", color="#27a", label="real")
-        ax.plot(scales, list(r["sim"]["attainment_by_slo_scale"].values()), "s--", color="#e72", label="simulated")
-        ax.set_title(f"{r['replicas']} repl., {r['rate_rps']:.0f}/s, CV {r['cv']:g}\n"
-                     f"p99 {r['real']['p99_s']:.2f} vs {r['sim']['p99_s']:.2f} s", fontsize=8)
-        ax.set_xlabel("SLO scale", fontsize=8)
-        ax.set_ylim(0, 1.02)
-    axes[0][0].set_ylabel("SLO attainment")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Simulator vs real server (SLO {out['workload']['slo_ms']:.0f} ms at scale 1): max attainment "
-                 f"error {out['max_slo_attainment_error']} points, max p99 error "
-                 f"{out['max_p99_relative_error']:.1%} ({out['date'][:10]})", fontsize=9)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.6))
+    colors = {0: "#888", 1: "#27a", 2: "#e72"}
+    names = {0: "in-process", 1: "1 replica", 2: "2 replicas"}
+    for r in runs:
+        c = colors.get(r["replicas"], "#000")
+        marker = "o" if r["cv"] <= 1 else "^"
+        real, sim = r["real"]["attainment_by_slo_scale"], r["sim"]["attainment_by_slo_scale"]
+        a.scatter([real[k] for k in real], [sim[k] for k in real], color=c, marker=marker, s=18)
+        b.scatter([r["real"]["p99_s"] * 1000], [r["sim"]["p99_s"] * 1000], color=c, marker=marker, s=30)
+    a.plot([0.6, 1], [0.6, 1], color="#bbb", lw=1)
+    a.fill_between([0.6, 1], [0.5, 0.9], [0.7, 1.1], color="#eee", zorder=0, label="within 10 points")
+    a.set_xlim(0.6, 1.01)
+    a.set_ylim(0.6, 1.01)
+    a.set_xlabel("real SLO attainment")
+    a.set_ylabel("simulated SLO attainment")
+    a.set_title(f"attainment at SLO x {', '.join(runs[0]['real']['attainment_by_slo_scale'])}: "
+                f"max error {out['max_slo_attainment_error']} points at x1", fontsize=9)
+    top = max(max(r["real"]["p99_s"], r["sim"]["p99_s"]) for r in runs) * 1100
+    b.plot([0, top], [0, top], color="#bbb", lw=1)
+    b.fill_between([0, top], [0, 0.9 * top], [0, 1.1 * top], color="#eee", zorder=0)
+    b.set_xlim(0, top)
+    b.set_ylim(0, top)
+    b.set_xlabel("real p99 (ms)")
+    b.set_ylabel("simulated p99 (ms)")
+    b.set_title(f"p99: max relative error {out['max_p99_relative_error']:.0%} (band: 10 %)", fontsize=9)
+    for k, name in names.items():
+        b.scatter([], [], color=colors[k], label=name)
+    b.scatter([], [], color="#000", marker="o", label="CV 1")
+    b.scatter([], [], color="#000", marker="^", label="CV 3")
+    b.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"Simulator vs the real server on the same arrivals ({out['workload']['slo_ms']:.0f} ms SLO, "
+                 f"{out['date'][:10]}, {out['cpu_count']} CPUs)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -6,7 +6,8 @@ calls the policy on every tick of its loop with those reports (averaged over Ray
 averages their sum over each `interval_s` into one load sample, appends it to the history (optionally seeded with
 earlier intervals' loads, `autoscale_history`), and asks scheduler.autoscale's Predictive (Holt-Winters forecast
 `lead` intervals ahead, plus its margin and reactive floor) or Reactive policy for a replica count, in units of
-`replica_capacity_rps`. Between intervals it holds its last answer. Ray's own delays are off (0 s): the policy
+`replica_capacity_rps`. Between intervals it holds its last answer. A local cluster started by the front door has
+its replicas push their reports every interval / 4 (Ray's default: every 10 s; a joined cluster keeps its own). Ray's own delays are off (0 s): the policy
 decides when. The lead (how far ahead to scale) is the replica start time the policy measures itself: from each
 scale-up it asked for until Ray reports the replicas running; one interval until the first is seen.
 
@@ -29,7 +30,7 @@ def ray_autoscaling_config(autoscale, initial_replicas: int) -> dict:
     """Ray Serve's autoscaling_config for an AutoscaleConfig (dispatcher/config.py)."""
     return {"min_replicas": autoscale.min_replicas, "max_replicas": autoscale.max_replicas,
             "initial_replicas": initial_replicas, "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
-            "look_back_period_s": max(2.0, min(10.0, autoscale.interval_s / 2)),
+            "look_back_period_s": max(10.5, min(30.0, autoscale.interval_s / 2)),   # > Ray's 10 s metrics interval
             "policy": {"policy_function": POLICY_PATH,
                        "policy_kwargs": {"policy": autoscale.policy, "capacity_rps": autoscale.capacity_rps,
                                          "interval_s": autoscale.interval_s, "day_s": autoscale.day_s,

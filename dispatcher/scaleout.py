@@ -335,6 +335,9 @@ def connect(config: ScaleOutConfig) -> RayLease:
     if ray.is_initialized():
         return RayLease()
     if config.address == "local":
+        if config.autoscale is not None:    # replicas push their rows/s every 10 s by default: often enough per interval
+            os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+                                  str(min(10.0, max(0.5, config.autoscale.interval_s / 4))))
         most = config.num_replicas if config.autoscale is None else config.autoscale.max_replicas
         num_cpus = max(os.cpu_count() or 1, math.ceil(most * config.cpus))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="vbert",
