@@ -245,7 +245,8 @@ class AdapterStore:
 
     def _read_blob(self, sha256: str) -> tuple[bytes, dict]:
         tensor_path, config_path = self.paths(sha256)
-        data, text = _read(tensor_path), _read(config_path)
+        with self._lock(sha256):      # a put or delete of this blob is not half done between the two reads
+            data, text = _read(tensor_path), _read(config_path)
         if data is None and text is None:
             raise NotFoundError(f"adapter {sha256} is not in the store")
         if data is None:

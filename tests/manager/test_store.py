@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -508,3 +509,36 @@ def test_decoded_artifact_serves_identically(tiny_model, store, pool_config):
         assert a.kind == b.kind and a.labels == b.labels
         ta, tb = (a.embedding, b.embedding) if a.kind is HeadKind.EMBED else (a.logits, b.logits)
         assert torch.equal(ta, tb)
+
+
+def test_a_read_racing_a_delete_and_a_rewrite_sees_the_blob_or_nothing(store, shape, pool_config):
+    """get() while another thread deletes and re-puts the same blob: the blob or NotFound, never a half
+    (a tensor file whose JSON was just removed, or not yet written, read as corrupt)."""
+    art = make_artifact(shape, "lora", classify(3), 7, rank=2)
+    sha = store.put(art, shape, pool_config).sha256
+    stop, seen = threading.Event(), {"ok": 0, "gone": 0, "corrupt": []}
+
+    def churn():
+        while not stop.is_set():
+            store.delete(sha)
+            time.sleep(0.001)
+            store.put(art, shape, pool_config)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            try:
+                store.get(sha)
+                seen["ok"] += 1
+            except NotFoundError:
+                seen["gone"] += 1
+            except CorruptAdapterError as e:
+                seen["corrupt"].append(str(e))
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not seen["corrupt"], seen["corrupt"][:3]
+    assert seen["ok"] > 0, seen
