@@ -128,21 +128,23 @@ class StepLog:
 
     def __init__(self, engine):
         self.steps: dict = {}
+        self.engine_s: list[float] = []     # per request: submitted to the engine -> answered by it
         self._lock = threading.Lock()
         submit = engine.submit
 
         def recorded(req):
             fut = submit(req)
-            fut.add_done_callback(lambda f, r=req: self._done(f, r))
+            fut.add_done_callback(lambda f, r=req, t0=time.perf_counter(): self._done(f, r, t0))
             return fut
 
         engine.submit = recorded
 
-    def _done(self, fut, req) -> None:
+    def _done(self, fut, req, t0: float) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
         c = fut.result()
         with self._lock:
+            self.engine_s.append(time.perf_counter() - t0)
             entry = self.steps.setdefault((req.metadata.get("replica"), c.step), [0, c.inference_s, 0.0])
             entry[0] += 1
             entry[2] += c.queue_s
@@ -152,6 +154,7 @@ class StepLog:
         profile's prediction for the same steps, and the mean time a request queued in an engine."""
         with self._lock:
             steps, self.steps = list(self.steps.values()), {}
+            engine_s, self.engine_s = self.engine_s, []
         if not steps:
             return {}
         rows = sum(s[0] for s in steps)
@@ -159,7 +162,9 @@ class StepLog:
         predicted = sum(profile.encoder_step_s(s[0], tokens) for s in steps)
         return {"steps": len(steps), "rows_per_step": round(rows / len(steps), 2), "compute_s": round(compute, 3),
                 "profile_compute_s": round(predicted, 3), "compute_over_profile": round(compute / predicted, 3),
-                "mean_engine_queue_s": round(sum(s[2] for s in steps) / rows, 4)}
+                "mean_engine_queue_s": round(sum(s[2] for s in steps) / rows, 4),
+                # the engine's share of the latency (the rest: the edge, the Ray hop, the client): where a tail is
+                "engine_p50_s": rnd(percentile(engine_s, 50)), "engine_p99_s": rnd(percentile(engine_s, 99))}
 
 
 def slowdown(small: tuple[float, float], large: tuple[float, float]):
@@ -202,7 +207,7 @@ def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list
 
         units = max(1, num_replicas)         # 0 replicas: the single-process server, one engine
         # warm-up: every tenant's adapter onto the replicas, the engine's step sizing trained
-        warm = client([(i % args.tenants, rng.randrange(len(texts))) for i in range(args.saturate_calls)])
+        warm = client([(i % args.tenants, rng.randrange(len(texts))) for i in range(max(600, args.saturate_calls))])
         warm.run({"op": "closed", "label": "warm-up", "num": 600, "concurrency": 32, "max_seconds": 120,
                   "quiet": True})
         log.take(profile["encoder"], args.tokens)
