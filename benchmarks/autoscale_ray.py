@@ -121,16 +121,16 @@ def windows_of(samples: list[tuple[float, int]], end_s: float) -> list[tuple[flo
     return out
 
 
-def calibrated(path: Path, replicas: int):
-    """The simulator's profile and limits from sim_validation's run with this many replicas (the nearest)."""
-    data = json.loads(path.read_text())
-    profile = LatencyProfile.from_json(data["profile"])
-    runs = sorted(data["runs"], key=lambda r: (abs(r["replicas"] - replicas), -r["replicas"]))
-    r = runs[0]
+def calibrated(data: dict, replicas: int):
+    """The simulator's profile (as measured, and slowed as in the server) and overheads from sim_validation's
+    run with this many replicas (the nearest)."""
     from sim_validation import slowdown
 
+    profile = LatencyProfile.from_json(data["profile"])
+    r = min(data["runs"], key=lambda r: (abs(r["replicas"] - replicas), -r["replicas"]))
     factor = slowdown(tuple(r["compute_factor"]["light"]), tuple(r["compute_factor"]["saturated"]))
-    return profile.slowed({"encoder": factor}), r["overhead_s"], r["saturated_steps"]["step_overhead_s"], r["replicas"]
+    return (profile, profile.slowed({"encoder": factor}), r["overhead_s"], r["saturated_steps"]["step_overhead_s"],
+            r["replicas"])
 
 
 def main(argv=None) -> int:
@@ -147,6 +147,8 @@ def main(argv=None) -> int:
 
     configure(args.log_level)
     reserve_cpu_for_steps(1)
+    measured, profile, overhead_s, step_overhead_s, calibrated_at = calibrated(
+        json.loads(args.calibration.read_text()), 2)
     per_day = int(round(args.day_s / args.interval_s))
     units = seed_study_load(args.history_days + 1, per_day, seed=args.seed)
     history = [u * args.unit_rps for u in units[:args.history_days * per_day]]
@@ -202,8 +204,7 @@ def main(argv=None) -> int:
         done.set()
         client.close()
         poll.halt()
-        steps = log.take(LatencyProfile.from_json(json.loads(args.calibration.read_text())["profile"])["encoder"],
-                         args.tokens)
+        steps = log.take(measured["encoder"], args.tokens)
     finally:
         server.close()
         ray.shutdown()
@@ -214,7 +215,6 @@ def main(argv=None) -> int:
         json.dump({"records": got["records"], "replica_samples": poll.samples}, f)
     real = [end - at if code == "OK" else None for at, end, code in got["records"]]
     # the simulator on the same arrivals and the run's replica timeline
-    profile, overhead_s, step_overhead_s, calibrated_at = calibrated(args.calibration, 2)
     defaults = ServerConfig()
     limits = EngineLimits(max_rows=defaults.max_rows_per_step, max_tokens=defaults.max_tokens_per_step,
                           step_target_s=defaults.engine_config().step_target_s, overhead_s=overhead_s,
@@ -226,10 +226,16 @@ def main(argv=None) -> int:
     def attainment(lat) -> float:
         return sum(1 for x in lat if x is not None and x <= slo_s) / max(1, len(lat))
 
+    calls_in: list[list[int]] = [[] for _ in range(per_day)]          # interval -> its calls
+    running_in: list[list[int]] = [[] for _ in range(per_day)]        # interval -> the replica counts polled in it
+    for i, (t, _) in enumerate(seq):
+        calls_in[min(per_day - 1, int(t / args.interval_s))].append(i)
+    for t, n in poll.samples:
+        if int(t / args.interval_s) < per_day:
+            running_in[int(t / args.interval_s)].append(n)
     per_interval = []
     for k in range(per_day):
-        idx = [i for i, (t, _) in enumerate(seq) if k * args.interval_s <= t < (k + 1) * args.interval_s]
-        in_k = [n for t, n in poll.samples if k * args.interval_s <= t < (k + 1) * args.interval_s]
+        idx, in_k = calls_in[k], running_in[k]
         running = min(in_k) if in_k else None
         load = len(idx) / args.interval_s
         per_interval.append({"interval": k, "load_rps": round(load, 2), "running_replicas": running,

@@ -41,7 +41,7 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 from grpc_load import ADAPTER, DATA_DIR, OwnServer, SubprocessClient, load_texts, make_artifacts  # noqa: E402
 
-from scheduler.simulator import (EngineLimits, TenantLoad, arrivals, latencies, percentile, simulate,  # noqa: E402
+from scheduler.simulator import (EngineLimits, TenantLoad, arrivals, percentile, simulate,  # noqa: E402
                                  zipf_rates)
 
 SLO_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
@@ -259,9 +259,8 @@ def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list
             c.close()
             real = [end - at if code == "OK" else None for at, end, code in got["records"]]
             ok = [x for x in real if x is not None]
-            sim_limits = limits
-            sim = simulate(sim_profile, ["encoder"] * units, tenants, seq, sim_limits)
-            sim_lat = latencies(sim_profile, ["encoder"] * units, tenants, seq, sim_limits)
+            sim = simulate(sim_profile, ["encoder"] * units, tenants, seq, limits)
+            sim_lat = sim.latencies
             row = {"replicas": num_replicas, "rate_fraction": rate_frac, "cv": cv, "rate_rps": round(total, 2),
                    "num_requests": len(seq), "wall_s": round(wall, 1), "overhead_s": round(overhead_s, 4),
                    "compute_factor": {"light": [light_steps["rows_per_step"], light_steps["compute_over_profile"]],

@@ -7,8 +7,8 @@ averages their sum over each `interval_s` into one load sample, appends it to th
 earlier intervals' loads, `autoscale_history`), and asks scheduler.autoscale's Predictive (Holt-Winters forecast
 `lead` intervals ahead, plus its margin and reactive floor) or Reactive policy for a replica count, in units of
 `replica_capacity_rps`. Between intervals it holds its last answer. A local cluster started by the front door has
-its replicas push their reports every interval / 4 (Ray's default: every 10 s; a joined cluster keeps its own). Ray's own delays are off (0 s): the policy
-decides when. The lead (how far ahead to scale) is the replica start time the policy measures itself: from each
+its replicas push their reports every interval / 4 (Ray's default: every 10 s; a joined cluster keeps its own).
+Ray's own delays are off (0 s): the policy decides when. The lead (how far ahead to scale) is the replica start time the policy measures itself: from each
 scale-up it asked for until Ray reports the replicas running; one interval until the first is seen.
 
 Plain values only: no torch, no protobuf.
@@ -77,7 +77,7 @@ class ReplicaAutoscaler:
         reports = (ctx.aggregated_metrics or {}).get("rows_per_s", {})
         self._samples.append(float(sum(reports.values())))
         if now >= self._next:
-            self._next += self.interval_s * max(1, math.floor((now - self._next) / self.interval_s) + 1)
+            self._next += self.interval_s * (math.floor((now - self._next) / self.interval_s) + 1)
             load = sum(self._samples) / len(self._samples)
             self._samples = []
             self.observed.append(load / self.capacity)

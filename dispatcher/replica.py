@@ -125,6 +125,7 @@ class EncoderReplica:
         adapter_id = adapter["id"] if adapter is not None else None
         was_loaded = adapter_id is None or adapter_id in self._artifacts
         self._arrivals.append((time.monotonic(), len(rows)))
+        self._forget_arrivals_before(time.monotonic() - RATE_WINDOW_S)
         if adapter_id is not None:
             self._sources[adapter_id] = adapter
             self._in_flight[adapter_id] += len(rows)
@@ -169,10 +170,13 @@ class EncoderReplica:
         """Ray Serve's custom metric for the autoscaling policy (dispatcher/autoscaling.py): the rows this replica
         received per second over the last RATE_WINDOW_S (its share of the encoder's load)."""
         now = time.monotonic()
-        while self._arrivals and self._arrivals[0][0] < now - RATE_WINDOW_S:
-            self._arrivals.popleft()
+        self._forget_arrivals_before(now - RATE_WINDOW_S)
         window = min(RATE_WINDOW_S, max(now - self._started, 1e-3))
         return {"rows_per_s": sum(n for _, n in list(self._arrivals)) / window}
+
+    def _forget_arrivals_before(self, t: float) -> None:
+        while self._arrivals and self._arrivals[0][0] < t:
+            self._arrivals.popleft()
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine stopped is replaced."""

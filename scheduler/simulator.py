@@ -182,6 +182,7 @@ class SimResult:
     p99_s: float | None
     utilization: tuple[float, ...]
     dropped: int
+    latencies: tuple = field(default=(), repr=False)   # per request in arrival order (None: dropped or not served)
 
     def to_json(self) -> dict:
         return {"num_requests": self.num_requests, "slo_attainment": round(self.slo_attainment, 4),
@@ -210,21 +211,18 @@ def simulate(profile: LatencyProfile, replicas: Sequence[str | tuple[str, int]],
     reqs, reps, dropped = _serve(profile, replicas, tenants, arrival_list, limits, windows)
     end = max((r.finish for r in reqs if r.finish is not None), default=0.0)
     horizon = max(end, arrival_list[-1][0] if arrival_list else 0.0) or 1.0
-    lat = [x for x in _latencies(reqs, limits) if x is not None]
-    met = sum(1 for r, x in zip(reqs, _latencies(reqs, limits)) if x is not None and x <= r.slo_s)
+    each = [None if r.finish is None else r.finish - r.arrival + limits.overhead_s for r in reqs]
+    lat = [x for x in each if x is not None]
+    met = sum(1 for r, x in zip(reqs, each) if x is not None and x <= r.slo_s)
     return SimResult(len(reqs), met / len(reqs) if reqs else 1.0, percentile(lat, 50), percentile(lat, 99),
-                     tuple(r.busy_s / horizon for r in reps), dropped)
+                     tuple(r.busy_s / horizon for r in reps), dropped, tuple(each))
 
 
 def latencies(profile: LatencyProfile, replicas: Sequence[str | tuple[str, int]], tenants: Sequence[TenantLoad],
               arrival_list: Sequence[tuple[float, int]], limits: EngineLimits = EngineLimits(),
               windows: Sequence[tuple[float, float]] | None = None) -> list[float | None]:
     """`simulate`'s run, as each request's latency in arrival order (None: dropped or not served)."""
-    return _latencies(_serve(profile, replicas, tenants, arrival_list, limits, windows)[0], limits)
-
-
-def _latencies(reqs: list[_Req], limits: EngineLimits) -> list[float | None]:
-    return [None if r.finish is None else r.finish - r.arrival + limits.overhead_s for r in reqs]
+    return list(simulate(profile, replicas, tenants, arrival_list, limits, windows).latencies)
 
 
 def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tuple[list[_Req], list[_Replica], int]:
