@@ -8,7 +8,8 @@ The load (scheduler.autoscale.seed_study_load): a daily sine between 7 and 13 ca
 for are ready after the replica start time (--start-s, default: benchmarks/scaleout.py's measured start of one
 replica, rounded up to whole intervals). Policies: `static_mean` and `static_peak` (replicas for the mean and the
 peak load), `reactive` (Ray Serve's default autoscaling delays: up after 30 s, down after 600 s), `predictive`
-(Holt-Winters forecast + margin + reactive floor). The first --warmup-days (the forecast needs two days of
+(a robust harmonic forecast of the daily trend, replicas bought at an overload cost, a reactive floor), and
+`trend_oracle` (the same policy given the true daily sine instead of a forecast: the bound on any forecast). The first --warmup-days (the forecast needs two days of
 history) are left out of every policy's measures. Each figure is the mean over --seeds loads; per-seed values are
 in the JSON. Writes JSON and a PNG (one day of load and replicas) next to it.
 """
@@ -29,9 +30,32 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from scheduler.autoscale import Predictive, Reactive, Static, evaluate, replicas_for, seed_study_load  # noqa: E402
+from scheduler.autoscale import FORECASTERS, Predictive, Reactive, Static, evaluate, replicas_for, seed_study_load  # noqa: E402
 
 SCALEOUT = ROOT / "benchmarks" / "results" / "cpu-2026-12-06" / "scaleout" / "scaleout.json"
+
+
+class TrendOracle:
+    """The bound on any forecast: knows the seed study's daily sine exactly (not the noise, not the bursts) and the
+    noise's true distribution (uniform +-noise), buys replicas at the same overload cost as the predictive policy
+    over the same lead, and keeps the same reactive floor. What a perfect forecast of the trend would reach."""
+
+    name = "trend_oracle"
+
+    def __init__(self, per_day: int, lead: int, overload_cost: float, low=7.0, high=13.0, noise=0.1):
+        self.per_day, self.lead, self.cost, self.noise = per_day, lead, overload_cost, noise
+        self.mid, self.amp = (low + high) / 2, (high - low) / 2
+
+    def _best(self, t: int) -> int:
+        trend = self.mid - self.amp * math.cos(2 * math.pi * t / self.per_day)
+        lo, hi = trend * (1 - self.noise), trend * (1 + self.noise)
+        costs = [(n + self.cost * min(1.0, max(0.0, (hi - n) / (hi - lo))), n)
+                 for n in range(replicas_for(lo, 1.0), replicas_for(hi, 1.0) + 1)]
+        return min(costs)[1]
+
+    def decide(self, observed, current) -> int:
+        t = len(observed) - 1
+        return max([replicas_for(observed[-1], 1.0)] + [self._best(t + k) for k in range(1, self.lead + 2)])
 
 
 def parse_args(argv=None):
@@ -44,8 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--first-seed", type=int, default=0, help="loads are seeds first-seed .. first-seed + seeds - 1 "
                    "(the policy's settings were chosen on seeds 100-104, not on the reported 0-4)")
-    p.add_argument("--quantile", type=float, default=None, help="the predictive policy's margin quantile "
-                   "(default: scheduler.autoscale.Predictive's)")
+    p.add_argument("--quantile", type=float, default=None, help="the predictive policy's margin: this quantile of "
+                   "its recent errors instead of the overload cost")
+    p.add_argument("--overload-cost", type=float, default=None, help="the predictive policy's overload cost "
+                   "(replicas an overloaded interval is worth; default: scheduler.autoscale.Predictive's)")
+    p.add_argument("--forecaster", choices=FORECASTERS, default=None,
+                   help="the predictive policy's forecast (default: scheduler.autoscale.Predictive's)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.days <= args.warmup_days or args.warmup_days < 2 or args.interval_s <= 0 or args.seeds < 1:
@@ -63,13 +91,19 @@ def main(argv=None) -> int:
     skip = args.warmup_days * per_day
     runs: dict[str, list[dict]] = {}
     example = {}
-    margin = {} if args.quantile is None else {"quantile": args.quantile}
+    margin = {} if args.quantile is None else {"quantile": args.quantile, "overload_cost": None}
+    if args.overload_cost is not None:
+        margin["overload_cost"] = args.overload_cost
+    if args.forecaster is not None:
+        margin["forecaster"] = args.forecaster
     for seed in tqdm(range(args.first_seed, args.first_seed + args.seeds), desc="loads", disable=args.quiet):
         load = seed_study_load(args.days, per_day, seed=seed)
         measured = load[skip:]
         policies = {"static_mean": Static(replicas_for(statistics.fmean(measured), 1.0)),
                     "static_peak": Static(replicas_for(max(measured), 1.0)),
                     "reactive": Reactive(1.0, args.interval_s), "predictive": Predictive(1.0, per_day, **margin)}
+        if policies["predictive"].overload_cost is not None:
+            policies["trend_oracle"] = TrendOracle(per_day, start_intervals, policies["predictive"].overload_cost)
         for name, policy in policies.items():
             out = evaluate(policy, load, 1.0, start_intervals, initial=replicas_for(load[0], 1.0), skip=skip)
             runs.setdefault(name, []).append(out.to_json())
@@ -85,6 +119,8 @@ def main(argv=None) -> int:
               "load": {"days": args.days, "warmup_days": args.warmup_days, "interval_s": args.interval_s,
                        "sine": [7, 13], "noise": 0.1, "bursts_per_day": 2, "burst_height": [0.3, 0.6],
                        "burst_intervals": [5, 20], "seeds": args.seeds, "first_seed": args.first_seed, "replica_capacity_units": 1},
+              "predictive_settings": {k: getattr(Predictive(1.0, per_day, **margin), k) for k in
+                                      ("forecaster", "harmonics", "overload_cost", "quantile", "history_days")},
               "replica_start_s": start_s, "replica_start_source": source, "start_intervals": start_intervals,
               "policies": policies_out,
               "targets": {"predictive_efficiency_min": 0.9, "predictive_overloaded_max": 0.02,

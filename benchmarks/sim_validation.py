@@ -13,7 +13,9 @@
 3. For each rate (fractions of a replica's capacity, times the replicas) and CV: Gamma arrivals with Zipf
    tenant rates (simulator.arrivals, seeded), sent by grpc_load's client in a child process at exactly those
    times (open loop, one text of --tokens tokens per call, latency counted from the scheduled arrival); the
-   simulator serves the same sequence with the profile, the measured overhead and the engine's limits.
+   simulator serves the same sequence with the profile, the measured overhead and the engine's limits, each step's
+   time the mean slowdown's plus a residual drawn from the calibration steps' (--no-noise: the mean alone; with
+   noise the median p99 of --sim-seeds simulations).
    Per configuration: SLO attainment and p50/p99, real and simulated, and the attainment at several SLO scales.
 
 max_slo_attainment_error: the largest |simulated - real| attainment, in points; max_p99_relative_error: the
@@ -26,10 +28,12 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -74,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-noise", dest="noise", action="store_false", help="simulate every step at the mean "
+                   "slowdown (default: plus a residual drawn from the calibration steps' measured ones)")
+    p.add_argument("--sim-seeds", type=int, default=5, help="simulations per run with noise (their median p99 is "
+                   "compared)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.replicas = [int(x) for x in floats(args.replicas)]
@@ -129,6 +137,7 @@ class StepLog:
     def __init__(self, engine):
         self.steps: dict = {}
         self.engine_s: list[float] = []     # per request: submitted to the engine -> answered by it
+        self.last_steps: list[tuple[int, float]] = []   # the last take's steps: (rows, compute_s)
         self._lock = threading.Lock()
         submit = engine.submit
 
@@ -160,6 +169,7 @@ class StepLog:
         rows = sum(s[0] for s in steps)
         compute = sum(s[1] for s in steps)
         predicted = sum(profile.encoder_step_s(s[0], tokens) for s in steps)
+        self.last_steps = [(s[0], s[1]) for s in steps]
         return {"steps": len(steps), "rows_per_step": round(rows / len(steps), 2), "compute_s": round(compute, 3),
                 "profile_compute_s": round(predicted, 3), "compute_over_profile": round(compute / predicted, 3),
                 "mean_engine_queue_s": round(sum(s[2] for s in steps) / rows, 4),
@@ -219,13 +229,23 @@ def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list
         light = warm.run({"op": "closed", "label": "light", "num": args.saturate_calls // 4,
                           "concurrency": 4 * units, "max_seconds": 300, "quiet": True})
         light_steps = log.take(profile["encoder"], args.tokens)
+        light_raw = log.last_steps
         sat = warm.run({"op": "closed", "label": "saturated", "num": args.saturate_calls,
                         "concurrency": 3 * defaults.max_rows_per_step * units, "max_seconds": 300, "quiet": True})
         sat_steps = log.take(profile["encoder"], args.tokens)
+        sat_raw = log.last_steps
         sat_wall = max(e for _, e, _ in sat["records"]) - min(s for s, _, _ in sat["records"])
         factor = slowdown((light_steps["rows_per_step"], light_steps["compute_over_profile"]),
                           (sat_steps["rows_per_step"], sat_steps["compute_over_profile"]))
         step_overhead_s = max(0.0, (sat_wall * units - sat_steps["compute_s"]) / sat_steps["steps"])
+        # each calibration step's time minus the mean slowdown's prediction for it: the measured noise of step times,
+        # in two pools by step size (light steps for steps up to the two phases' geometric mean of rows, then saturated)
+        def residuals(raw):
+            return tuple(sorted(round(c - factor(r) * profile["encoder"].encoder_step_s(r, args.tokens), 5)
+                                for r, c in raw))
+
+        split = max(1, int((light_steps["rows_per_step"] * sat_steps["rows_per_step"]) ** 0.5))
+        noise = ((split, residuals(light_raw)), (defaults.max_rows_per_step, residuals(sat_raw)))
         sat_steps.update(wall_s=round(sat_wall, 3), step_overhead_s=round(step_overhead_s, 4))
         del light
         # the idle overhead: sequential calls, minus the one-row step
@@ -240,7 +260,8 @@ def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list
         limits = EngineLimits(max_rows=defaults.max_rows_per_step, max_tokens=defaults.max_tokens_per_step,
                               step_target_s=defaults.engine_config().step_target_s,
                               recent_window_s=defaults.engine_config().recent_window_s, overhead_s=overhead_s,
-                              step_overhead_s=step_overhead_s, drop_after_slo=args.rpc_timeout_s / slo_s)
+                              step_overhead_s=step_overhead_s, drop_after_slo=args.rpc_timeout_s / slo_s,
+                              step_noise_s=noise if args.noise else ())
         capacity = defaults.max_rows_per_step / (enc.encoder_step_s(defaults.max_rows_per_step, args.tokens)
                                                  + step_overhead_s)
         out = []
@@ -259,12 +280,21 @@ def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list
             c.close()
             real = [end - at if code == "OK" else None for at, end, code in got["records"]]
             ok = [x for x in real if x is not None]
-            sim = simulate(sim_profile, ["encoder"] * units, tenants, seq, limits)
+            # with noise the simulated tail depends on which residuals fell where: the median over --sim-seeds draws
+            sims = sorted((simulate(sim_profile, ["encoder"] * units, tenants, seq, replace(limits, seed=s))
+                           for s in range(args.sim_seeds if args.noise else 1)), key=lambda x: x.p99_s or 0.0)
+            sim = sims[len(sims) // 2]
             sim_lat = sim.latencies
             row = {"replicas": num_replicas, "rate_fraction": rate_frac, "cv": cv, "rate_rps": round(total, 2),
                    "num_requests": len(seq), "wall_s": round(wall, 1), "overhead_s": round(overhead_s, 4),
                    "compute_factor": {"light": [light_steps["rows_per_step"], light_steps["compute_over_profile"]],
                                       "saturated": [sat_steps["rows_per_step"], sat_steps["compute_over_profile"]]},
+                   "step_noise_s": {"used": bool(args.noise), "pools": [
+                       {"up_to_rows": bound, "steps": len(res), "p1": res[len(res) // 100], "p50": res[len(res) // 2],
+                        "p99": res[99 * len(res) // 100], "stdev": round(statistics.pstdev(res), 5)}
+                       for bound, res in noise]},
+                   "calibration_steps": {"light": [[r, round(c, 5)] for r, c in light_raw],
+                                         "saturated": [[r, round(c, 5)] for r, c in sat_raw]},
                    "idle_latency_s": round(idle_s, 4), "light_steps": light_steps, "saturated_steps": sat_steps,
                    "real_steps": log.take(profile["encoder"], args.tokens),
                    "real": {"slo_attainment": round(attainment(real, slo_s), 4), "p50_s": rnd(percentile(ok, 50)),
@@ -273,6 +303,7 @@ def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list
                                                         for s in SLO_SCALES}},
                    "sim": {"slo_attainment": round(sim.slo_attainment, 4), "p50_s": rnd(sim.p50_s),
                            "p99_s": rnd(sim.p99_s), "dropped": sim.dropped,
+                           "p99_s_over_seeds": [rnd(x.p99_s) for x in sims],
                            "utilization": [round(u, 3) for u in sim.utilization],
                            "attainment_by_slo_scale": {str(s): round(attainment(sim_lat, s * slo_s), 4)
                                                        for s in SLO_SCALES}}}

@@ -1,6 +1,7 @@
-"""How many replicas to run, interval by interval: a predictive policy (a Holt-Winters forecast of the daily load
-trend from statsmodels, plus a reactive floor for bursts the forecast misses, scaling out ahead by the measured
-replica start time) and the policies it is compared with. Pure Python + statsmodels, no torch.
+"""How many replicas to run, interval by interval: a predictive policy (a forecast of the daily load trend with
+statsmodels, a robust harmonic regression or Holt-Winters, plus a reactive floor for bursts the forecast misses,
+scaling out ahead by the measured replica start time) and the policies it is compared with. Python + statsmodels,
+no torch.
 
 The load is in capacity units: one replica serves `replica_capacity` units (measured: a replica's throughput at
 its latency objective). Each policy sees the loads observed so far and answers how many replicas it wants; a
@@ -11,6 +12,7 @@ ready replicas' capacity), the seed study's two measures.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections import deque
@@ -64,42 +66,93 @@ class Reactive:
         return current
 
 
+FORECASTERS = ("harmonic", "holt-winters")
+
+
 @dataclass
 class Predictive:
-    """A Holt-Winters forecast (statsmodels; additive daily season) of the load `lead` intervals ahead (the replica
-    start time), raised by a margin that covers the forecast's own recent errors (their `quantile`), and never below
-    a reactive floor: what the last observed load needs (a burst the forecast missed is served one interval later).
+    """A forecast of the load `lead` intervals ahead (the replica start time), raised to cover the forecast's own
+    recent errors, and never below a reactive floor: what the last observed load needs (a burst the forecast missed
+    is served once the replicas asked for after it are ready).
 
-    The model is fitted on hourly means (`buckets` per day: a smooth trend, and a fit that converges in
-    milliseconds) of the last `history_days` days, refitted every bucket; the forecast for an interval is the linear
-    interpolation between the forecast buckets around it. Before two days of history (Holt-Winters' seasonal start
-    needs two seasons) it is the reactive floor with a 10 % margin."""
+    forecaster "harmonic" (the default): a robust regression (statsmodels RLM, Huber's norm, so bursts weigh little)
+    of the load of the last `history_days` days on a daily level plus `harmonics` sine/cosine pairs of the day;
+    "holt-winters": statsmodels' exponential smoothing with an additive daily season, fitted on `buckets` means per
+    day and interpolated between them. Either is refitted every bucket (1/`buckets` of a day). Before two days of
+    history the policy is the reactive floor with a 10 % margin.
+
+    How high above the forecast: with `overload_cost` (the default, 11), the replica count that minimizes replicas +
+    overload_cost x P(overloaded), P read from the recent relative errors: an extra replica is bought when it removes
+    more than 1/overload_cost of the chance of an overloaded interval, so the overload the policy accepts goes where
+    a replica would be least used. With overload_cost None: the forecast x (1 + the errors' `quantile`)."""
 
     capacity: float
     intervals_per_day: int
     lead: int = 1
-    quantile: float = 0.95       # bursts (about 2 % of intervals) are the floor's job, not the margin's
+    quantile: float = 0.95
     buckets: int = 24
     history_days: int = 3
+    # replicas an overloaded interval is worth (None: the quantile margin); chosen on loads 100-104 of the seed study
+    overload_cost: float | None = 11.0
+    forecaster: str = "harmonic"
+    harmonics: int = 3
     name: str = "predictive"
-    _ahead: list = field(default_factory=list)   # the last fit's forecast of the next buckets
+    _ahead: list = field(default_factory=list)   # holt-winters: the last fit's forecast of the next buckets
+    _coef: tuple = ()                            # harmonic: the last fit's coefficients
     _fit_at: int = -1
     _errors: deque = field(default_factory=lambda: deque(maxlen=2000))
     _pending: dict = field(default_factory=dict)     # interval -> what was forecast for it
+
+    def __post_init__(self) -> None:
+        if self.forecaster not in FORECASTERS:
+            raise ValueError(f"forecaster {self.forecaster!r} is not one of {FORECASTERS}")
+        if not (self.capacity > 0 and self.intervals_per_day >= 2 and self.lead >= 1 and self.buckets >= 1
+                and self.history_days >= 2 and self.harmonics >= 1 and 0 < self.quantile < 1):
+            raise ValueError("need capacity > 0, intervals_per_day >= 2, lead >= 1, buckets >= 1, history_days >= 2, "
+                             "harmonics >= 1 and 0 < quantile < 1")
+        if self.overload_cost is not None and not self.overload_cost > 0:
+            raise ValueError(f"overload_cost must be > 0 (or None), got {self.overload_cost}")
 
     @property
     def bucket(self) -> int:
         return max(1, self.intervals_per_day // self.buckets)
 
     def _forecast_at(self, observed: Sequence[float], interval: int) -> float | None:
+        b = self.bucket
+        done = len(observed) // b                      # complete buckets
+        if done * b < 2 * self.intervals_per_day:
+            return None
+        if self.forecaster == "harmonic":
+            return self._harmonic_at(observed, done * b, interval)
+        return self._holt_winters_at(observed, done, interval)
+
+    def _day_terms(self, t):
+        import numpy as np
+
+        cols = [np.ones(len(t))]
+        for k in range(1, self.harmonics + 1):
+            w = 2 * math.pi * k * np.asarray(t, dtype=float) / self.intervals_per_day
+            cols += [np.cos(w), np.sin(w)]
+        return np.column_stack(cols)
+
+    def _harmonic_at(self, observed: Sequence[float], upto: int, interval: int) -> float:
+        if self._fit_at != upto:
+            import numpy as np
+            import statsmodels.api as sm
+
+            start = max(0, upto - self.history_days * self.intervals_per_day)
+            t = np.arange(start, upto)
+            fit = sm.RLM(np.asarray(observed[start:upto], dtype=float), self._day_terms(t),
+                         M=sm.robust.norms.HuberT()).fit()
+            self._coef, self._fit_at = tuple(float(c) for c in fit.params), upto
+        return float(sum(c * x for c, x in zip(self._coef, self._day_terms([interval])[0])))
+
+    def _holt_winters_at(self, observed: Sequence[float], done: int, interval: int) -> float:
         import warnings
 
         from statsmodels.tsa.holtwinters import ExponentialSmoothing
 
         b = self.bucket
-        done = len(observed) // b                      # complete buckets
-        if done < 2 * self.buckets:
-            return None
         if self._fit_at != done:
             start = max(0, done - self.history_days * self.buckets)
             means = [sum(observed[k * b:(k + 1) * b]) / b for k in range(start, done)]
@@ -135,7 +188,24 @@ class Predictive:
         if ahead[0] is None:
             return replicas_for(observed[-1] * 1.1, self.capacity)
         self._pending[n - 1 + self.lead] = ahead[self.lead - 1]
-        return max(floor, replicas_for(max(ahead) * (1 + self.margin()), self.capacity))
+        if self.overload_cost is None or len(self._errors) < 20:
+            return max(floor, replicas_for(max(ahead) * (1 + self.margin()), self.capacity))
+        return max(floor, self._cheapest(max(ahead)))
+
+    def _cheapest(self, forecast: float) -> int:
+        """The replica count minimizing replicas + overload_cost x P(overloaded), over the recent errors' spread."""
+        if forecast <= 0:
+            return 1
+        errs = sorted(self._errors)
+        lo = replicas_for(forecast * (1 + errs[0]), self.capacity)
+        hi = replicas_for(forecast * (1 + errs[-1]), self.capacity)
+        best, best_cost = hi, float(hi)               # hi: never overloaded by a recent error
+        for k in range(lo, hi):
+            over = len(errs) - bisect.bisect_right(errs, k * self.capacity / forecast - 1)   # errors that overload k
+            cost = k + self.overload_cost * over / len(errs)
+            if cost < best_cost:
+                best, best_cost = k, cost
+        return best
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ What it models (each as the real server does it, with latencies from `vbert prof
 - routing: a request goes to the replica of its backbone with the least outstanding work;
 - requests expire (are dropped, and count as missed) when they waited longer than `drop_after_slo` x their SLO.
 
-An encoder step takes its profiled time plus `step_overhead_s` (what a busy engine spends between two steps:
+An encoder step takes its profiled time (plus a residual drawn from `step_noise_s`, the measured variation of
+real steps' times, when given) plus `step_overhead_s` (what a busy engine spends between two steps:
 answering, scheduling, handing over). A request's latency is its time in the engine plus `overhead_s` (the edge and, with replicas, Ray's hop: what a
 request costs outside the engine's steps, measured by benchmarks/sim_validation.py on an idle server).
 
@@ -104,6 +105,14 @@ class EngineLimits:
     recent_window_s: float = 5.0   # the engine's Demand window (when a light tenant makes sizing worth it)
     overhead_s: float = 0.0        # added to every request's latency: its time outside the engine's steps
     step_overhead_s: float = 0.0   # added to every encoder step: the engine's time between two busy steps
+    # measured step-time noise: each encoder step's time is its profiled time plus a residual (seconds, may be
+    # negative) drawn at random (seeded by `seed`) from the first pool whose row bound covers the step:
+    # ((up_to_rows, (residual_s, ...)), ...), the last pool also for larger steps. Additive, as stalls are (a
+    # descheduled thread costs the same milliseconds whatever the step's size); a step never drops below a tenth
+    # of its profiled time. () : every step takes exactly its profiled time. A busy engine's queue grows with the
+    # variance of its steps' times, not only with their mean, so a tail needs them.
+    step_noise_s: tuple = ()
+    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_tokens", "max_running", "decoder_max_tokens"):
@@ -114,6 +123,13 @@ class EngineLimits:
             raise ValueError("need drop_after_slo > 0, overhead_s >= 0, step_overhead_s >= 0 and recent_window_s > 0")
         if self.step_target_s is not None and not self.step_target_s > 0:
             raise ValueError(f"step_target_s must be > 0 (or None), got {self.step_target_s}")
+        try:
+            pools = tuple(sorted((int(bound), tuple(float(x) for x in res)) for bound, res in self.step_noise_s))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"step_noise_s: expected ((up_to_rows, (residual_s, ...)), ...): {e}") from None
+        if any(bound < 1 or not res or not all(math.isfinite(x) for x in res) for bound, res in pools):
+            raise ValueError("step_noise_s: every pool needs a row bound >= 1 and at least one finite residual")
+        object.__setattr__(self, "step_noise_s", pools)
 
 
 @dataclass
@@ -250,6 +266,11 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
         heapq.heappush(events, (t, order, 0, req))
         order += 1
     dropped = 0
+    noise = random.Random(limits.seed) if limits.step_noise_s else None
+
+    def noisy(seconds: float, rows: int) -> float:
+        pool = next((res for bound, res in limits.step_noise_s if rows <= bound), limits.step_noise_s[-1][1])
+        return max(0.1 * seconds, seconds + noise.choice(pool))
 
     def step_of(rep: _Replica, now: float):
         """The replica's next step: (seconds, requests it finishes), or None when it has no work."""
@@ -270,6 +291,8 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
             if not rows:
                 return None
             seconds = rep.profile.encoder_step_s(len(rows), max(r.tokens for r in rows))
+            if noise is not None:
+                seconds = noisy(seconds, len(rows))
             if rep.sizer is not None:
                 rep.sizer.observe(sum(r.tokens for r in rows), seconds)
             return seconds + limits.step_overhead_s, rows

@@ -44,3 +44,15 @@ def test_predictive_follows_a_daily_trend_ahead_of_it():
                      skip=2 * per_day)
     assert pred.efficiency > 0.9 and pred.overloaded_share <= 0.02
     assert pred.overloaded_share < react.overloaded_share
+
+
+def test_an_overload_cost_buys_a_replica_only_where_it_removes_enough_overload():
+    errors = [0.0] * 90 + [0.08] * 10                              # the forecast is right, or 8 % low in 10 % of cases
+    dear, cheap = Predictive(1.0, 288, overload_cost=20.0), Predictive(1.0, 288, overload_cost=5.0)
+    for p in (dear, cheap):
+        p._errors.extend(errors)
+    # forecast 10: 10 replicas are overloaded in 10 % of cases, 11 never
+    assert dear._cheapest(10.0) == 11                              # 10 + 20 x 0.1 = 12 > 11: buy the replica
+    assert cheap._cheapest(10.0) == 10                             # 10 + 5 x 0.1 = 10.5 < 11: accept the rare overload
+    assert dear._cheapest(9.2) == 10                               # 9.2 x 1.08 < 10: 10 is never overloaded
+    assert cheap._cheapest(0.0) == 1

@@ -142,3 +142,23 @@ def test_replica_windows_route_only_to_replicas_that_are_up():
     assert early.slo_attainment > 0.95 and 0.3 < late.slo_attainment < 0.8    # the first half overloads one
     with pytest.raises(ValueError, match="one \\(start, end\\) per replica"):
         simulate(profile(), ["encoder"], tenants, arr, limits, windows=[])
+
+
+def test_step_noise_with_zero_mean_lengthens_the_tail_reproducibly_and_bad_pools_are_refused():
+    limits = EngineLimits(max_rows=4)                     # 40 rows/s per replica; 30 rows/s offered: busy, not over
+    tenants = [TenantLoad(f"t{i}", "encoder", rate=7.5, slo_s=1) for i in range(4)]
+    arr = arrivals(tenants, 200, seed=3)
+    steady = simulate(profile(), ["encoder"], tenants, arr, limits)
+    varied = EngineLimits(max_rows=4, step_noise_s=[(4, (-0.05, 0.05))], seed=7)   # mean 0: the same capacity
+    noisy = simulate(profile(), ["encoder"], tenants, arr, varied)
+    assert noisy.p99_s > 1.2 * steady.p99_s                                      # queueing grows with the variance
+    assert noisy.utilization[0] == pytest.approx(steady.utilization[0], rel=0.05)
+    assert simulate(profile(), ["encoder"], tenants, arr, varied).latencies == noisy.latencies   # seeded
+    # pools by step size: small steps (1 row) draw from the first, larger ones from the last
+    quiet_small = EngineLimits(max_rows=4, step_noise_s=[(1, (0.0,)), (4, (0.2,))])
+    alone = [TenantLoad("a", "encoder", rate=0.5, slo_s=1)]
+    one_row = simulate(profile(), ["encoder"], alone, arrivals(alone, 100, seed=0), quiet_small)
+    assert one_row.p50_s == pytest.approx(STEP)                                  # never a 4-row step: no noise
+    for bad in ([(0, (0.1,))], [(4, ())], [(4, (float("nan"),))], [(4, 0.1)], [("x", (0.1,))]):
+        with pytest.raises(ValueError, match="step_noise_s"):
+            EngineLimits(step_noise_s=bad)
