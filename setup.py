@@ -6,6 +6,8 @@ setup(
     description="Multi-tenant serving of one shared BERT backbone with thousands of adapters",
     python_requires=">=3.10",
     packages=find_packages(include=["vbert*", "dispatcher*", "manager*", "scheduler*", "training*"]),
+    # the distilled shallow layers skip mode serves on the default backbone (docs/skip-mode.md)
+    package_data={"vbert": ["assets/shallow-minilm-l6-k3/*"]},
     install_requires=[
         "torch==2.13.0",
         "transformers>=5.0",
