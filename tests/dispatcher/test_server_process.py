@@ -184,6 +184,7 @@ class BusyCallers:
     def __init__(self, address: str, key: str, texts, num: int = 4):
         self.address, self.key, self.texts = address, key, texts
         self.num_ok, self.codes, self.is_running = 0, [], threading.Event()
+        self.in_flight, self._lock = 0, threading.Lock()     # calls sent and not yet answered
         self.threads = [threading.Thread(target=self._worker) for _ in range(num)]
         for t in self.threads:
             t.start()
@@ -191,6 +192,8 @@ class BusyCallers:
     def _worker(self):
         stub = tenant_pb2_grpc.TenantServiceStub(grpc.insecure_channel(self.address))
         while True:
+            with self._lock:
+                self.in_flight += 1
             try:
                 stub.Classify(tenant_pb2.ClassifyRequest(adapter="cls", inputs=self.texts), metadata=bearer(self.key),
                               timeout=60)
@@ -199,6 +202,18 @@ class BusyCallers:
             except grpc.RpcError as e:          # after SIGTERM: refused (UNAVAILABLE)
                 self.codes.append(e.code())
                 return
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+
+    def wait_in_flight(self, num: int, timeout: float) -> bool:
+        """Until at least `num` calls are out at once (on a loaded machine the callers can all sit between calls)."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight < num:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def join(self, timeout: float) -> None:
         for t in self.threads:
@@ -291,6 +306,7 @@ def test_sigterm_drains_the_ray_serve_replicas_too(tiny_checkpoint, tmp_path):
     replicas = [p for p in psutil.Process(server_pid).children(recursive=True)
                 if " ".join(p.cmdline()).startswith("ray::ServeReplica")]
     assert len(replicas) == 1
+    assert callers.wait_in_flight(3, 30)               # SIGTERM while calls are out, so the drain has some to finish
     assert s.terminate(90) == 0
     callers.join(60)
     assert set(callers.codes) == {grpc.StatusCode.UNAVAILABLE}, callers.codes
