@@ -35,10 +35,12 @@ def test_reactive_scales_up_after_its_delay_and_down_after_ten_minutes():
     assert out.overloaded_share == pytest.approx(2 / len(load))
 
 
-def test_predictive_follows_a_daily_trend_ahead_of_it():
+@pytest.mark.parametrize("settings", [{}, {"forecaster": "holt-winters", "overload_cost": None}],
+                         ids=["harmonic-cost", "holt-winters-quantile"])
+def test_predictive_follows_a_daily_trend_ahead_of_it(settings):
     per_day = 288                                                  # 5-minute intervals
     load = seed_study_load(4, per_day, bursts_per_day=0, noise=0.02, seed=2)
-    pred = evaluate(Predictive(1.0, per_day), load, 1.0, start_intervals=1, initial=replicas_for(load[0], 1.0),
+    pred = evaluate(Predictive(1.0, per_day, **settings), load, 1.0, start_intervals=1, initial=replicas_for(load[0], 1.0),
                     skip=2 * per_day)
     react = evaluate(Reactive(1.0, 300), load, 1.0, start_intervals=1, initial=replicas_for(load[0], 1.0),
                      skip=2 * per_day)
@@ -56,3 +58,9 @@ def test_an_overload_cost_buys_a_replica_only_where_it_removes_enough_overload()
     assert cheap._cheapest(10.0) == 10                             # 10 + 5 x 0.1 = 10.5 < 11: accept the rare overload
     assert dear._cheapest(9.2) == 10                               # 9.2 x 1.08 < 10: 10 is never overloaded
     assert cheap._cheapest(0.0) == 1
+
+
+def test_predictive_settings_are_validated():
+    for bad in ({"forecaster": "arima"}, {"overload_cost": 0}, {"history_days": 1}, {"quantile": 1.0}):
+        with pytest.raises(ValueError):
+            Predictive(1.0, 288, **bad)
