@@ -30,7 +30,8 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from scheduler.autoscale import FORECASTERS, Predictive, Reactive, Static, evaluate, replicas_for, seed_study_load  # noqa: E402
+from scheduler.autoscale import (FORECASTERS, Predictive, Reactive, Static, cheapest_replicas, evaluate,  # noqa: E402
+                                 replicas_for, seed_study_load)
 
 SCALEOUT = ROOT / "benchmarks" / "results" / "cpu-2026-12-06" / "scaleout" / "scaleout.json"
 
@@ -49,9 +50,8 @@ class TrendOracle:
     def _best(self, t: int) -> int:
         trend = self.mid - self.amp * math.cos(2 * math.pi * t / self.per_day)
         lo, hi = trend * (1 - self.noise), trend * (1 + self.noise)
-        costs = [(n + self.cost * min(1.0, max(0.0, (hi - n) / (hi - lo))), n)
-                 for n in range(replicas_for(lo, 1.0), replicas_for(hi, 1.0) + 1)]
-        return min(costs)[1]
+        return cheapest_replicas(replicas_for(lo, 1.0), replicas_for(hi, 1.0), self.cost,
+                                 lambda n: min(1.0, max(0.0, (hi - n) / (hi - lo))))
 
     def decide(self, observed, current) -> int:
         t = len(observed) - 1

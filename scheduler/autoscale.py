@@ -17,7 +17,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 
 class Policy(Protocol):
@@ -197,15 +197,20 @@ class Predictive:
         if forecast <= 0:
             return 1
         errs = sorted(self._errors)
-        lo = replicas_for(forecast * (1 + errs[0]), self.capacity)
-        hi = replicas_for(forecast * (1 + errs[-1]), self.capacity)
-        best, best_cost = hi, float(hi)               # hi: never overloaded by a recent error
-        for k in range(lo, hi):
-            over = len(errs) - bisect.bisect_right(errs, k * self.capacity / forecast - 1)   # errors that overload k
-            cost = k + self.overload_cost * over / len(errs)
-            if cost < best_cost:
-                best, best_cost = k, cost
-        return best
+
+        def p_over(k: int) -> float:                  # share of recent errors that would overload k replicas
+            return (len(errs) - bisect.bisect_right(errs, k * self.capacity / forecast - 1)) / len(errs)
+
+        return cheapest_replicas(replicas_for(forecast * (1 + errs[0]), self.capacity),
+                                 replicas_for(forecast * (1 + errs[-1]), self.capacity), self.overload_cost, p_over)
+
+
+def cheapest_replicas(lo: int, hi: int, overload_cost: float, p_over: Callable[[int], float]) -> int:
+    """The replica count k in [lo, hi] minimizing k + overload_cost x p_over(k) (the probability that k replicas
+    are overloaded); ties go to fewer replicas."""
+    if lo > hi:
+        raise ValueError(f"empty replica range [{lo}, {hi}]")
+    return min(range(lo, hi + 1), key=lambda k: (k + overload_cost * p_over(k), k))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from scheduler.autoscale import Predictive, Reactive, Static, evaluate, replicas_for, seed_study_load
+from scheduler.autoscale import Predictive, Reactive, Static, cheapest_replicas, evaluate, replicas_for, seed_study_load
 
 
 def test_seed_study_load_is_a_noisy_daily_sine_with_bursts():
@@ -64,3 +64,14 @@ def test_predictive_settings_are_validated():
     for bad in ({"forecaster": "arima"}, {"overload_cost": 0}, {"history_days": 1}, {"quantile": 1.0}):
         with pytest.raises(ValueError):
             Predictive(1.0, 288, **bad)
+
+
+def test_cheapest_replicas_weighs_a_replica_against_the_overload_it_removes():
+    p_over = {8: 0.5, 9: 0.2, 10: 0.05, 11: 0.0}.__getitem__
+    assert cheapest_replicas(8, 11, 10.0, p_over) == 10     # 10.5 beats 13, 11 and 11
+    assert cheapest_replicas(8, 11, 5.0, p_over) == 9       # cheaper overload: 10 beats 10.5, 10.25, 11
+    assert cheapest_replicas(8, 11, 1.0, p_over) == 8       # cheap overload: 8.5 beats 9.2, 10.05, 11
+    assert cheapest_replicas(8, 11, 100.0, p_over) == 11    # dear overload: never overloaded
+    assert cheapest_replicas(8, 9, 10.0, {8: 0.1, 9: 0.0}.__getitem__) == 8   # a tie: fewer replicas
+    with pytest.raises(ValueError, match="empty replica range"):
+        cheapest_replicas(5, 4, 10.0, p_over)
