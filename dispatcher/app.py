@@ -48,6 +48,9 @@ class App:
     @classmethod
     def create(cls, config: ServerConfig) -> "App":
         model = MultiTenantModel(config.model_config()) if config.has_encoder else None
+        if model is not None and model.skip_cache_restored:
+            log.info("skip mode: miss caches restored (%s)",
+                     ", ".join(f"{k}: {v}" for k, v in model.skip_cache_restored.items()))
         device = model.device if model is not None else DeviceContext.create(config.device, config.dtype)
         decoder = DecoderBackbone.load(config.decoder_config(), device) if config.has_decoder else None
         manager = Manager(config.manager_config(), model, decoder_pool=decoder.lora if decoder else None)
@@ -99,6 +102,13 @@ class App:
         """Drain the engines (up to grace_s) and close the manager; returns the engines' drained count."""
         num_drained = sum(engine.stop(drain=True, timeout=self.config.grace_s) for engine in self.engines)
         self.manager.close()
+        if self.model is not None and self.config.scaleout_config() is None:
+            try:                                       # (replicas on Ray Serve hold their own caches)
+                saved = self.model.save_skip_caches()
+                if saved:
+                    log.info("skip mode: miss caches saved (%s)", ", ".join(f"{k}: {v} entries" for k, v in saved.items()))
+            except OSError as e:                       # a cache: losing it costs speed, not correctness
+                log.warning("skip mode: miss caches not saved: %s", e)
         return num_drained
 
     @property

@@ -143,6 +143,7 @@ class ServerConfig:
     skip_cache_entries: int = 16384      # computed misses kept per table
     skip_route: str = "cost"             # cost (each row the cheaper way: table or real lower layers) | table | layers
     skip_warm_budget: float = 0.0        # the table path may be predicted this much dearer and still chosen (warms the cache)
+    skip_keep_cache: bool = True         # keep the miss caches across restarts (DATA_DIR/skip/misses; saved when the server stops)
     # limits
     max_message_bytes: int = 16 << 20
     max_texts_per_request: int = 64
@@ -287,7 +288,8 @@ class ServerConfig:
             tables.append(SkipTableConfig(name.strip(), shallow, table or None))
         return SkipConfig(tuple(tables), mode=self.skip_mode, default=self.skip_default,
                           miss_cache_entries=self.skip_cache_entries, route=self.skip_route,
-                          warm_budget=self.skip_warm_budget)
+                          warm_budget=self.skip_warm_budget,
+                          cache_dir=str(Path(self.data_dir) / "skip" / "misses") if self.skip_keep_cache else None)
 
     def manager_config(self) -> ManagerConfig:
         return ManagerConfig.under(self.data_dir, cache=CacheConfig(host_budget_bytes=self.host_cache_mb << 20))

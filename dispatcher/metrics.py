@@ -115,6 +115,11 @@ class _LiveCollector:
             for table, st in stats.items():
                 rate.add_metric([table], st["hit_rate"])
             yield rate
+            size = GaugeMetricFamily("vbert_skip_miss_cache_entries", "computed n-grams held in the miss cache "
+                                     "(restored at start when the cache is kept across restarts)", labels=["table"])
+            for table, st in stats.items():
+                size.add_metric([table], st["cache"]["size"])
+            yield size
             for key, help_text in (("tokens", "tokens whose lower layers came from skip mode"),
                                    ("lookups", "distinct n-gram lookups"), ("table_hits", "n-gram table hits"),
                                    ("cache_hits", "n-gram miss cache hits"),

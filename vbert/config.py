@@ -152,6 +152,8 @@ class SkipConfig:
         the real lower layers: the full model's states, for comparison).
     warm_budget: how much dearer (a fraction) the table path may be predicted and still be chosen,
         so that it computes and caches the traffic's missing trigrams (0: never slower).
+    cache_dir: where the miss caches are kept between runs (restored at start, saved by
+        MultiTenantModel.save_skip_caches, which the server calls when it stops); None: not kept.
     """
 
     tables: tuple[SkipTableConfig, ...] = ()
@@ -160,8 +162,11 @@ class SkipConfig:
     miss_cache_entries: int = 16384
     route: str = "cost"
     warm_budget: float = 0.0
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise ValueError(f"skip cache_dir {self.cache_dir!r} exists and is not a directory")
         if self.mode not in SKIP_MODES:
             raise ValueError(f"skip mode {self.mode!r} is not one of {SKIP_MODES}")
         names = [t.name for t in self.tables]

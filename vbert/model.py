@@ -105,6 +105,7 @@ class MultiTenantModel:
         self.pool = AdapterPool(config.pool, self.spec, self.device, default_head_of(path))
         self._tokenizer = None
         self.skip = None
+        self.skip_cache_restored: dict[str, int | str] = {}   # per table: entries restored, or why none were
         if config.skip.enabled:
             self.skip = self._open_skip(config.skip, enc)
             self._lower_layers = self._real_lower(self.skip.skip_layers)
@@ -117,10 +118,19 @@ class MultiTenantModel:
                                      config.miss_cache_entries) for t in config.tables}
         runtime = SkipRuntime(tables, config.mode, config.default, route=config.route, warm_budget=config.warm_budget)
         runtime.timed = not self.device.is_cuda        # wall-clock step times mean something on CPU only
+        if config.cache_dir is not None:
+            self.skip_cache_restored = runtime.restore_caches(config.cache_dir)
         if config.route == "cost" and config.mode == "exact":
             runtime.calibrate(self._real_lower(runtime.skip_layers), self.max_length, self.device.device,
                               self.device.synchronize)
         return runtime
+
+    def save_skip_caches(self) -> dict[str, int]:
+        """Write skip mode's miss caches to its cache_dir (per table: entries written); {} when skip mode
+        is off or keeps no cache_dir."""
+        if self.skip is None or self.config.skip.cache_dir is None:
+            return {}
+        return self.skip.save_caches(self.config.skip.cache_dir)
 
     def _real_lower(self, skip_layers: int):
         """The real lower layers (no adapters: skip mode refuses adapters there) for skip mode's rows

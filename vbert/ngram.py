@@ -345,6 +345,9 @@ class KeyIndex:
         return self._impl.nbytes()
 
 
+MISS_CACHE_FORMAT = "vbert-miss-cache/1"
+
+
 class MissCache:
     """Bounded cache of computed entries (FIFO replacement) for keys missing from a table.
 
@@ -406,6 +409,55 @@ class MissCache:
         """Drop every entry (the cumulative counters stay)."""
         self._size, self._next = 0, 0
         self._index = KeyIndex.build(self._keys[:0], self.backend)
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys [size], values [size, *entry_shape]) on the cache's device, oldest first."""
+        order = torch.arange(self._size, device=self.device)
+        if self._size == self.capacity:                                         # wrapped: the oldest at _next
+            order = (order + self._next) % self.capacity
+        return self._keys[order], self.values[order]
+
+    def save(self, path: str | Path, metadata: dict[str, str]) -> int:
+        """Write the entries (oldest first) to a safetensors file, atomically, with `metadata` (strings: what
+        the entries are valid for); returns the number written."""
+        keys, values = self.entries()
+        write_atomic(path, {"keys": keys.cpu().contiguous(), "values": values.cpu().contiguous()},
+                     {"format": MISS_CACHE_FORMAT, **metadata})
+        return keys.numel()
+
+    def restore(self, path: str | Path, metadata: dict[str, str]) -> int:
+        """Insert the entries of a file `save` wrote (the newest `capacity` when it holds more), after
+        checking that its metadata matches `metadata` and its tensors this cache's shape and dtype. Raises
+        ValueError naming the problem and changes nothing when they do not; returns the number restored."""
+        if self._size:
+            raise ValueError("restore into an empty cache only")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                if md.get("format") != MISS_CACHE_FORMAT:
+                    raise ValueError(f"not a miss cache file (format {md.get('format')!r})")
+                for k, v in metadata.items():
+                    if md.get(k) != v:
+                        raise ValueError(f"saved for {k} {md.get(k)!r}, this cache is for {v!r}")
+                if set(f.keys()) != {"keys", "values"}:
+                    raise ValueError(f"expected tensors keys and values, found {sorted(f.keys())}")
+                keys, values = f.get_tensor("keys"), f.get_tensor("values")
+        except ValueError:
+            raise
+        except Exception as e:                                                   # truncated, not safetensors, ...
+            raise ValueError(f"unreadable ({type(e).__name__}: {e})") from None
+        n = keys.numel()
+        if keys.dtype != torch.int64 or keys.dim() != 1 or tuple(values.shape) != (n, *self.entry_shape) \
+                or values.dtype != self.dtype:
+            raise ValueError(f"holds keys {keys.dtype} {tuple(keys.shape)} and values {values.dtype} "
+                             f"{tuple(values.shape)}, this cache keeps {self.dtype} [n, "
+                             f"{', '.join(map(str, self.entry_shape))}]")
+        if n > 1 and torch.unique(keys).numel() != n:
+            raise ValueError("duplicate keys")
+        if n and not bool(torch.isfinite(values).all()):
+            raise ValueError("values contain NaN or Inf")
+        self.insert(keys.to(self.device), values.to(self.device))
+        return min(n, self.capacity)
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -505,10 +557,17 @@ def save_table(path: str | Path, keys: torch.Tensor, values: torch.Tensor, meta:
     if not bool(torch.isfinite(values).all()):
         raise ValueError("values contain NaN or Inf")
     metadata = {"format": FORMAT, **_meta_to_strings(meta), "sha256": _data_sha256(keys, values)}
+    write_atomic(path, {"keys": keys, "values": values}, metadata)
+
+
+def write_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically: a temporary sibling, fsync, rename (a reader sees the old file or
+    the whole new one, never a half-written one)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
-        save_file({"keys": keys, "values": values}, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

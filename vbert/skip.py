@@ -212,6 +212,11 @@ class SkipTable:
     def nbytes(self) -> int:
         return (self.table.nbytes() if self.table is not None else 0) + self.cache.values.nbytes
 
+    def cache_metadata(self) -> dict[str, str]:
+        """What a saved miss cache of this table is valid for: the entries are the shallow layers' outputs,
+        so the same weights (a rebuilt table keeps them valid)."""
+        return {"weights_hash": self.meta.weights_hash}
+
 
 LowerLayers = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(input_ids, token_type_ids, mask) of some rows -> their layer-k states from the real lower layers."""
@@ -248,6 +253,33 @@ class SkipRuntime:
             raise SkipError(f"default table {self.default!r} is not one of {self.names}")
         self.skip_layers = layers.pop()
         self.force = False            # True: ignore tables and caches, compute every trigram
+
+    @staticmethod
+    def cache_file(directory: str | Path, name: str) -> Path:
+        """Where table `name`'s miss cache is kept between runs."""
+        return Path(directory) / f"{name}.misses.safetensors"
+
+    def save_caches(self, directory: str | Path) -> dict[str, int]:
+        """Write every table's miss cache to `directory` (atomically, one file per table, keyed to its
+        shallow weights); returns the entries written per table."""
+        return {name: t.cache.save(self.cache_file(directory, name), t.cache_metadata())
+                for name, t in self.tables.items()}
+
+    def restore_caches(self, directory: str | Path) -> dict[str, int | str]:
+        """Fill the (empty) miss caches from `directory`: per table the entries restored, or why none were
+        (no file yet; a file for other shallow weights or otherwise unusable: left as it is, and
+        overwritten by the next save_caches)."""
+        out: dict[str, int | str] = {}
+        for name, t in self.tables.items():
+            path = self.cache_file(directory, name)
+            if not path.is_file():
+                out[name] = "no saved cache"
+                continue
+            try:
+                out[name] = t.cache.restore(path, t.cache_metadata())
+            except ValueError as e:
+                out[name] = f"{path} not used: {e}"
+        return out
 
     def index_of(self, name: str | None) -> int:
         name = self.default if name is None else name

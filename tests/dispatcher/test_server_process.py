@@ -316,3 +316,55 @@ def test_sigterm_drains_the_ray_serve_replicas_too(tiny_checkpoint, tmp_path):
     while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in replicas) and time.time() < deadline:
         time.sleep(0.5)
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in replicas)
+
+
+def skip_metrics(port: int) -> dict[str, float]:
+    """The skip counters and gauges of table "tiny", by metric name."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {m[1]: float(m[2]) for m in re.finditer(r'^(vbert_skip_\w+?)(?:_total)?\{table="tiny"\} (\S+)$', body, re.M)}
+
+
+def test_skip_modes_miss_cache_survives_a_sigterm_restart(tiny_checkpoint, tmp_path):
+    """Skip mode's computed misses are saved when the server stops and served from the cache after the restart."""
+    from manager.manager import Manager, ManagerConfig
+    from tests.conftest import tiny_pool_config
+    from tests.vbert.test_skip import TINY_WORDS, sentences, top_layers_artifact, write_shallow
+    from training.table import TableConfig, build_table
+    from vbert import BackboneConfig, ModelConfig, MultiTenantModel
+    from vbert.backbone import Encoder
+
+    shallow = write_shallow(Encoder.from_checkpoint(tiny_checkpoint), tmp_path / "shallow", perturb=1)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(sentences(30, 1)) + "\n")
+    table = tmp_path / "table.safetensors"
+    build_table(TableConfig(shallow=str(shallow), corpus=(str(corpus),), out=str(table), budget_mb=64, dtype="float32",
+                            backbone=str(tiny_checkpoint), show_progress=False), echo=lambda s: None)
+    data = tmp_path / "var"
+    model = MultiTenantModel(ModelConfig(BackboneConfig(path=str(tiny_checkpoint), device="cpu"), tiny_pool_config()))
+    m = Manager(ManagerConfig.under(str(data)), model)
+    _, key = m.create_tenant("acme")
+    m.upload_adapter("acme", "cls", top_layers_artifact(model, "lora", classify(3), 1))
+    m.close()
+    env = {"VBERT_SKIP": "true", "VBERT_SKIP_TABLES": f"tiny={shallow}:{table}", "VBERT_SKIP_ROUTE": "table"}
+    unseen = " ".join(sentences(3, 99, TINY_WORDS[::-1]))
+
+    s = ServeProcess(data, tiny_checkpoint, env)
+    try:
+        first = classify_call(s.tenant, key, unseen)
+        before = skip_metrics(s.metrics_port)
+        assert before["vbert_skip_computed"] > 0
+        assert before["vbert_skip_miss_cache_entries"] == before["vbert_skip_computed"]
+    finally:
+        assert s.terminate() == 0
+    assert (data / "skip" / "misses" / "tiny.misses.safetensors").is_file()
+    s2 = ServeProcess(data, tiny_checkpoint, env)
+    try:
+        restored = skip_metrics(s2.metrics_port)
+        assert restored["vbert_skip_miss_cache_entries"] == before["vbert_skip_computed"]
+        again = classify_call(s2.tenant, key, unseen)
+        after = skip_metrics(s2.metrics_port)
+        assert after["vbert_skip_computed"] == 0 and after["vbert_skip_cache_hits"] == before["vbert_skip_computed"]
+        assert [x.score for x in again.results[0].scores] == pytest.approx(
+            [x.score for x in first.results[0].scores], abs=1e-6)
+    finally:
+        assert s2.terminate() == 0

@@ -68,6 +68,10 @@ def test_skip_settings_are_validated(setup, tmp_path):  # noqa: F811
                                    "VBERT_SKIP_MODE": "fallback"}, {"data_dir": str(tmp_path)})
     cfg = env.model_config().skip
     assert cfg.enabled and cfg.mode == "fallback" and cfg.tables[0].table is None
+    assert cfg.cache_dir == str(tmp_path / "skip" / "misses")         # miss caches kept across restarts ...
+    env = ServerConfig.load(None, {"VBERT_SKIP": "true", "VBERT_SKIP_TABLES": f"a={setup['shallow']['a']}",
+                                   "VBERT_SKIP_KEEP_CACHE": "false"}, {"data_dir": str(tmp_path)})
+    assert env.model_config().skip.cache_dir is None                   # ... unless told not to
 
 
 def test_skip_on_without_tables_serves_the_shipped_layers_with_the_data_dirs_table(setup, tmp_path, monkeypatch):  # noqa: F811

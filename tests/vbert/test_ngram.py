@@ -419,3 +419,52 @@ def test_cuda_paths_match_cpu(tmp_path):
     slots = cache.insert(torch.tensor([1, 2, 3], device=dev), torch.ones(3, 3, 4, device=dev))
     assert slots.tolist() == [-1, 0, 1]
     assert cache.find(torch.tensor([1, 2, 3], device=dev)).tolist() == [-1, 0, 1]
+
+
+def test_miss_cache_saves_oldest_first_and_restores_what_fits(tmp_path):
+    def vals(keys):
+        return torch.tensor(keys, dtype=torch.float32).view(-1, 1, 1).expand(-1, 3, 2).contiguous()
+
+    cache = MissCache(4, (3, 2), torch.float32, "cpu")
+    cache.insert(torch.tensor([10, 11, 12]), vals([10, 11, 12]))
+    cache.insert(torch.tensor([13, 14]), vals([13, 14]))            # wraps: 10 evicted, 14 in slot 0
+    keys, values = cache.entries()
+    assert keys.tolist() == [11, 12, 13, 14] and torch.equal(values, vals([11, 12, 13, 14]))
+    path = tmp_path / "a.misses.safetensors"
+    assert cache.save(path, {"weights_hash": "w1"}) == 4
+    assert not list(tmp_path.glob(".*.tmp"))                         # written atomically, nothing left over
+    again = MissCache(8, (3, 2), torch.float32, "cpu")
+    assert again.restore(path, {"weights_hash": "w1"}) == 4
+    assert torch.equal(again.values[again.find(torch.tensor([11, 12, 13, 14]))], vals([11, 12, 13, 14]))
+    small = MissCache(2, (3, 2), torch.float32, "cpu")                # a smaller cache keeps the newest
+    assert small.restore(path, {"weights_hash": "w1"}) == 2
+    assert small.find(torch.tensor([11, 12, 13, 14])).ge(0).tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match="empty cache"):
+        small.restore(path, {"weights_hash": "w1"})
+
+
+def test_miss_cache_refuses_a_file_for_other_weights_or_shapes_and_changes_nothing(tmp_path):
+    cache = MissCache(4, (3, 2), torch.float32, "cpu")
+    cache.insert(torch.tensor([1, 2]), torch.ones(2, 3, 2))
+    path = tmp_path / "c.safetensors"
+    cache.save(path, {"weights_hash": "w1"})
+    cases = [(MissCache(4, (3, 2), torch.float32, "cpu"), {"weights_hash": "w2"}, "weights_hash"),
+             (MissCache(4, (3, 4), torch.float32, "cpu"), {"weights_hash": "w1"}, "this cache keeps"),
+             (MissCache(4, (3, 2), torch.float16, "cpu"), {"weights_hash": "w1"}, "this cache keeps")]
+    for other, meta, message in cases:
+        with pytest.raises(ValueError, match=message):
+            other.restore(path, meta)
+        assert other.stats()["size"] == 0
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(ValueError, match="unreadable"):
+        MissCache(4, (3, 2), torch.float32, "cpu").restore(truncated, {"weights_hash": "w1"})
+    table_file = tmp_path / "not-a-cache.safetensors"
+    save_file({"keys": torch.tensor([1]), "values": torch.ones(1, 3, 2)}, str(table_file), metadata={"format": "x"})
+    with pytest.raises(ValueError, match="not a miss cache"):
+        MissCache(4, (3, 2), torch.float32, "cpu").restore(table_file, {"weights_hash": "w1"})
+    dup = tmp_path / "dup.safetensors"
+    save_file({"keys": torch.tensor([1, 1]), "values": torch.ones(2, 3, 2)}, str(dup),
+              metadata={"format": ngram.MISS_CACHE_FORMAT, "weights_hash": "w1"})
+    with pytest.raises(ValueError, match="duplicate"):
+        MissCache(4, (3, 2), torch.float32, "cpu").restore(dup, {"weights_hash": "w1"})

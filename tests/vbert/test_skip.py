@@ -59,9 +59,11 @@ def setup(tmp_path_factory):
             "b": shallow_b}, "tables": tables}
 
 
-def skip_model(setup, names=("a",), tables=True, mode="exact", cache=4096, route="table", warm=0.0) -> MultiTenantModel:
+def skip_model(setup, names=("a",), tables=True, mode="exact", cache=4096, route="table", warm=0.0,
+               cache_dir=None) -> MultiTenantModel:
     cfg = SkipConfig(tuple(SkipTableConfig(n, str(setup["shallow"][n]), str(setup["tables"][n]) if tables else None)
-                           for n in names), mode=mode, miss_cache_entries=cache, route=route, warm_budget=warm)
+                           for n in names), mode=mode, miss_cache_entries=cache, route=route, warm_budget=warm,
+                     cache_dir=None if cache_dir is None else str(cache_dir))
     return MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
                                         pool=tiny_pool_config(), skip=cfg))
 
@@ -134,6 +136,33 @@ def test_tiny_miss_cache_evicts_and_stays_exact(setup):
     model.skip.force = True
     for x, y in zip(out, model.forward(rows_of(model, texts))):
         assert torch.equal(x.embedding, y.embedding)
+
+
+def test_miss_caches_survive_a_restart_and_are_not_used_with_other_weights(setup, tmp_path):
+    keep = tmp_path / "misses"
+    model = skip_model(setup, cache_dir=keep)
+    assert model.skip_cache_restored == {"a": "no saved cache"}
+    unseen = sentences(12, 77, TINY_WORDS[::-1])
+    out = model.forward(rows_of(model, unseen))
+    computed = model.skip.stats()["a"]["computed"]
+    assert computed > 0
+    assert model.save_skip_caches() == {"a": computed}
+    again = skip_model(setup, cache_dir=keep)                      # the restart
+    assert again.skip_cache_restored == {"a": computed}
+    warm = again.forward(rows_of(again, unseen))
+    stats = again.skip.stats()["a"]
+    assert stats["computed"] == 0 and stats["cache_hits"] == computed
+    for x, y in zip(out, warm):
+        assert torch.equal(x.embedding, y.embedding)
+    # table "a" now names other shallow layers: the saved entries are not theirs, so none is used
+    other = MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
+                                         pool=tiny_pool_config(), skip=SkipConfig(
+        (SkipTableConfig("a", str(setup["shallow"]["b"]), str(setup["tables"]["b"])),), route="table",
+        cache_dir=str(keep))))
+    assert "weights_hash" in other.skip_cache_restored["a"] and other.skip.stats()["a"]["cache"]["size"] == 0
+    assert skip_model(setup).save_skip_caches() == {}              # no cache_dir: nothing kept
+    with pytest.raises(ValueError, match="not a directory"):
+        SkipConfig(cache_dir=str(setup["corpus"]))
 
 
 def test_fallback_mode_is_approximate_and_counted(setup):
