@@ -20,8 +20,9 @@ full model and three skip contenders (route cost; route cost with --warm-budget;
 side by side; coverage and skip / full per window of requests, and per pass.
 Without --shallow the shallow layers are the teacher's own lower layers (undistilled: the speed is
 the same, the outputs are not). Without --table one is built from --corpus into a temporary file.
-Writes the JSON (full_tokens_per_s, skip_tokens_per_s, skip_over_full, hit_rate, table_bytes, ...)
-and a PNG next to it.
+Writes the JSON (full_tokens_per_s, skip_tokens_per_s, skip_over_full, hit_rate, table_bytes, ...;
+"paired": the median of the per-iteration full / skip time ratios with a 95 % bootstrap interval, in
+corpus and held out) and a PNG next to it.
 """
 from __future__ import annotations
 
@@ -70,6 +71,22 @@ def long_rows(tokenizer, texts: list[str], seq: int, count: int) -> list[list[in
     return [rows[i % len(rows)] for i in range(count)]
 
 
+def paired_ratio(full_s: list[float], skip_s: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """Speed of skip over full from iterations timed side by side: the median of the per-iteration
+    ratios full_s[i] / skip_s[i] (> 1: skip faster) and a 95 % percentile-bootstrap interval of that
+    median, so a ratio of 0.99 can be told from noise."""
+    import numpy as np
+
+    if len(full_s) != len(skip_s) or not full_s:
+        raise ValueError(f"need the same number (>= 1) of paired times, got {len(full_s)} and {len(skip_s)}")
+    r = np.asarray(full_s, dtype=float) / np.asarray(skip_s, dtype=float)
+    rng = np.random.default_rng(seed)
+    medians = np.median(r[rng.integers(0, len(r), size=(resamples, len(r)))], axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return {"median": float(np.median(r)), "ci95": [float(low), float(high)], "pairs": len(r),
+            "skip_faster_share": float(np.mean(r > 1.0))}
+
+
 def shallow_dir(args, teacher, tmp: Path) -> Path:
     from vbert.shallow import ShallowModel, save_shallow, teacher_upper_hash
 
@@ -94,6 +111,9 @@ def main() -> None:
     p.add_argument("--stream-window", type=int, default=256, help="requests per point of the stream plot")
     p.add_argument("--stream-max", type=int, default=None, help="requests of the stream at most (default all)")
     p.add_argument("--warm-budget", type=float, default=0.5, help="the warming contender's skip_warm_budget")
+    p.add_argument("--restart-between-passes", action="store_true",
+                   help="restart every skip contender between stream passes: its miss cache saved and restored, "
+                        "as a server with skip_keep_cache does across a restart")
     p.add_argument("--skip-layers", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
@@ -130,10 +150,10 @@ def main() -> None:
 
     base = BackboneConfig(device="cpu", dtype="float32")
     full = MultiTenantModel(ModelConfig(backbone=base))
-    def skip_model(mode: str, route: str = "cost", warm: float = 0.0) -> MultiTenantModel:
+    def skip_model(mode: str, route: str = "cost", warm: float = 0.0, cache_dir: str | None = None) -> MultiTenantModel:
         return MultiTenantModel(ModelConfig(backbone=base, skip=SkipConfig(
             (SkipTableConfig("bench", str(shallow), table_path),), mode=mode, miss_cache_entries=args.cache_entries,
-            route=route, warm_budget=warm)))
+            route=route, warm_budget=warm, cache_dir=cache_dir)))
 
     skip = {"in_corpus": skip_model("exact"), "held_out": skip_model("exact"),
             "held_out_table": skip_model("exact", "table"), "fallback": skip_model("fallback")}
@@ -197,7 +217,9 @@ def main() -> None:
                      "table_route_tokens_per_s": tps["skip_held_out_table"],
                      "table_route_over_full": tps["skip_held_out_table"] / tps["full_held_out"],
                      "fallback_tokens_per_s": tps["skip_fallback"],
-                     "fallback_over_full": tps["skip_fallback"] / tps["full_held_out"]},
+                     "fallback_over_full": tps["skip_fallback"] / tps["full_held_out"],
+                     "paired": paired_ratio(times["full_held_out"], times["skip_held_out"])},
+        "paired": paired_ratio(times["full"], times["skip_in_corpus"]),
         "hit_rate": measured("in_corpus")["hit_rate"], "counters_in_corpus": measured("in_corpus"),
         "counters_held_out": measured("held_out"), "counters_held_out_table": measured("held_out_table"),
         "counters_fallback": measured("fallback"), "budget_mb": args.budget_mb, "cache_entries": args.cache_entries,
@@ -215,9 +237,20 @@ def main() -> None:
         del skip, contenders                                         # fresh models: a cold miss cache
         texts = [t for f in args.stream for t in read_corpus(f)][:args.stream_max]
         rows = full.tokenize(texts)
-        streamers = {"cost": skip_model("exact"), "cost_warm": skip_model("exact", "cost", args.warm_budget),
-                     "table": skip_model("exact", "table")}
-        stream = run_stream(full, streamers, rows, args.batch, args.stream_passes, args.stream_window, "bench")
+        settings = {"cost": ("exact", "cost", 0.0), "cost_warm": ("exact", "cost", args.warm_budget),
+                    "table": ("exact", "table", 0.0)}
+        keep = Path(tmp.name) / "misses"
+
+        def restart(name: str, model: MultiTenantModel) -> MultiTenantModel:
+            """What a server restart with skip_keep_cache does: save the caches, start anew, restore them."""
+            model.skip.save_caches(keep / name)
+            del model
+            return skip_model(*settings[name], cache_dir=str(keep / name))
+
+        streamers = {name: skip_model(*s) for name, s in settings.items()}
+        stream = run_stream(full, streamers, rows, args.batch, args.stream_passes, args.stream_window, "bench",
+                            restart if args.restart_between_passes else None)
+        stream["restart_between_passes"] = args.restart_between_passes
         stream["texts"] = [str(Path(f).relative_to(DATA)) if Path(f).is_relative_to(DATA) else f for f in args.stream]
         stream["warm_budget"] = args.warm_budget
         last = {n: stream["per_pass"][n][-1]["skip_over_full"] for n in streamers}
@@ -229,7 +262,7 @@ def main() -> None:
         plot_stream(stream, {"cost": "route cost (default)", "cost_warm": f"route cost, warm budget {args.warm_budget:g}",
                              "table": "route table (every row on the table)"},
                     out.with_name(out.stem + "-stream.png"))
-    print(json.dumps({k: result.get(k) for k in ("full_tokens_per_s", "skip_tokens_per_s", "skip_over_full", "hit_rate",
+    print(json.dumps({k: result.get(k) for k in ("full_tokens_per_s", "skip_tokens_per_s", "skip_over_full", "paired", "hit_rate",
                                                  "table_bytes", "held_out", "stream_first_pass_over_full",
                                                  "stream_after_one_pass_over_full")}, indent=2))
 

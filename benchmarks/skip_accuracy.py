@@ -46,13 +46,13 @@ SCORES = {  # name: (adapter trained in skip mode?, evaluate flags beyond the co
 
 
 def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rerun: bool,
-            epochs: int | None = None) -> dict:
-    """RUN = RUNS/skip-SET. The full-model adapter does not depend on the shallow layers: it is trained
+            epochs: int | None = None, seed: int = 0) -> dict:
+    """RUN = RUNS/skip-SET (seed 0) or RUNS/skip-SET-seedN. The full-model adapter does not depend on the shallow layers: it is trained
     and scored once per set (RUN/full-model) and reused across distillations; everything that does
     depend on them lives in RUN/shallow-<weights hash>/, so a new distillation never reuses stale scores."""
     task, sub, default_epochs = SETS[set_name]
     epochs = epochs or EPOCHS.get(set_name, default_epochs)
-    run = runs / f"skip-{set_name}"
+    run = runs / (f"skip-{set_name}" if seed == 0 else f"skip-{set_name}-seed{seed}")
     weights = json.loads((Path(shallow) / "shallow.json").read_text())["weights_hash"][:12]
     if rerun and run.exists():
         shutil.rmtree(run)
@@ -64,7 +64,7 @@ def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rer
         shutil.rmtree(skip_run)
     skip_run.mkdir()
     base = vbert() + ["train", "--task", task, "--train", str(data / sub / "train.txt"), "--dev",
-                      str(data / sub / "dev.txt"), "--epochs", str(epochs)] + COMMON + ADAPTER
+                      str(data / sub / "dev.txt"), "--epochs", str(epochs)] + seeded(COMMON, seed) + ADAPTER
     skip_flags = ["--skip-shallow", shallow, "--skip-table-file", table]
     adapters = {False: run / "full-model", True: skip_run / "skip-mode"}
     trains = {False: base + ["--out", str(adapters[False])],
@@ -91,7 +91,7 @@ def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rer
     run_logged(run, commands)
     trained = {k: json.loads((adapters[k == "skip-mode"] / "training.json").read_text())
                for k in ("full-model", "skip-mode")}
-    result = {"set": set_name, "task": task, "shallow_weights": weights,
+    result = {"set": set_name, "task": task, "shallow_weights": weights, "seed": seed,
               "scores": {name: json.loads(out.read_text()) for name, (out, _) in evals.items()},
               "train_seconds": {k: v["train_seconds"] for k, v in trained.items()},
               "trainable_parameters": trained["full-model"]["trainable_parameters"],
@@ -99,6 +99,37 @@ def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rer
                            "evaluate": {k: " ".join(v[1][2:]) for k, v in evals.items()}}}
     (skip_run / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def seeded(common: list[str], seed: int) -> list[str]:
+    """The common training flags with --seed set to `seed`."""
+    out = list(common)
+    out[out.index("--seed") + 1] = str(seed)
+    return out
+
+
+def mean_over_seeds(runs: list[dict]) -> dict:
+    """One set's runs (one per seed) as one result: every metric the mean over the seeds, the seeds'
+    own results under "per_seed"; a single run is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    scores = {}
+    for name in runs[0]["scores"]:
+        keys = [k for k, v in runs[0]["scores"][name].items() if isinstance(v, float)]
+        scores[name] = {**runs[0]["scores"][name],
+                        **{k: sum(r["scores"][name][k] for r in runs) / len(runs) for k in keys}}
+    return {**runs[0], "seed": [r["seed"] for r in runs], "scores": scores,
+            "train_seconds": {k: sum(r["train_seconds"][k] for r in runs) / len(runs) for k in runs[0]["train_seconds"]},
+            "per_seed": runs}
+
+
+def seed_deltas(result: dict, name: str) -> str:
+    """' (seeds: -1.20, -0.80)' for a result averaged over seeds, else ''."""
+    if "per_seed" not in result:
+        return ""
+    key = headline(result["task"])
+    ds = [100 * (r["scores"][name][key] - r["scores"]["full-model adapter, full model"][key]) for r in result["per_seed"]]
+    return " (seeds: " + ", ".join(f"{d:+.2f}" for d in ds) + ")"
 
 
 def set_label(result: dict, default_shallow: str | None) -> str:
@@ -120,7 +151,8 @@ def markdown(results: list[dict], default_shallow: str | None = None) -> str:
             hit = f"{stats['table_hits'] / max(1, stats['lookups']):.2f}" if stats else ""
             minutes = r["train_seconds"]["skip-mode" if name.startswith("skip-mode") else "full-model"] / 60
             metrics = ", ".join(f"{n} {100 * m[n]:.1f}" for n in metric_names(r["task"]) if n in m)
-            delta = "" if m is r["scores"]["full-model adapter, full model"] else f"{100 * (m[key] - ref):+.2f}"
+            delta = ("" if name == "full-model adapter, full model"
+                     else f"{100 * (m[key] - ref):+.2f}" + seed_deltas(r, name))
             cells = [set_label(r, default_shallow), name, metrics, delta, f"{minutes:.1f} min", hit]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -147,11 +179,19 @@ def main() -> None:
     p.add_argument("--runs", default=str(REPO / "var" / "training-runs"))
     p.add_argument("--rerun", action="store_true")
     p.add_argument("--epochs", type=int, default=None, help="override every set's epoch count (smoke runs)")
+    p.add_argument("--seeds", default="0", help="training seeds, comma-separated: every score is the mean over "
+                   "them (each seed trains both adapters), the markdown shows each seed's delta too")
     p.add_argument("--per-set", action="append", default=[], metavar="SET=SHALLOW,TABLE",
                    help="score SET with these shallow layers and table instead (repeatable)")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     sets = [s for s in args.sets.split(",") if s]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        p.error(f"--seeds {args.seeds!r}: expected distinct integers >= 0")
     for s in sets:
         if s not in SETS:
             p.error(f"unknown set {s!r}")
@@ -169,8 +209,9 @@ def main() -> None:
     results = []
     for s in tqdm(sets, desc="sets", unit="set"):
         shallow, table = layers[s]
-        results.append(run_set(s, Path(args.data), Path(args.runs), str(Path(shallow).resolve()),
-                               str(Path(table).resolve()), args.rerun, args.epochs))
+        results.append(mean_over_seeds([run_set(s, Path(args.data), Path(args.runs), str(Path(shallow).resolve()),
+                                                str(Path(table).resolve()), args.rerun, args.epochs, seed)
+                                        for seed in seeds]))
         results[-1] = {**results[-1], "shallow": shallow, "table": table}
         tqdm.write(f"{s}: " + ", ".join(f"{k}: {v[headline(results[-1]['task'])]:.3f}"
                                          for k, v in results[-1]["scores"].items()))

@@ -24,13 +24,18 @@ COUNTERS = ("tokens", "lookups", "table_hits", "cache_hits", "computed", "rows_t
 
 
 def run_stream(full, skips: dict, rows: list[list[int]], batch: int, passes: int, window: int,
-               table_name: str) -> dict:
+               table_name: str, restart=None) -> dict:
     """full: the full MultiTenantModel; skips: name -> skip-mode MultiTenantModel; rows: token ids of
-    the stream's requests in order. Returns {"windows": [...], "passes": [...], "contenders": [...]}."""
+    the stream's requests in order. restart(name, model) -> model: between passes, a skip contender is
+    replaced by what it returns (a server restart: the caches saved, a new model that restores them);
+    the restart's seconds and restored entries go to the next pass's record.
+    Returns {"windows": [...], "per_pass": {...}, "contenders": [...], ...}."""
     from vbert import EncodeRow
 
+    skips = dict(skips)
     names = ["full", *skips]
     models = {"full": full, **skips}
+    restarts: dict = {}
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
     windows, acc = [], None
     served = 0
@@ -81,7 +86,15 @@ def run_stream(full, skips: dict, rows: list[list[int]], batch: int, passes: int
             per_pass[n].append({"pass": p + 1, "skip_over_full": pass_seconds["full"] / pass_seconds[n],
                                 "coverage": d["probed_known"] / d["probed"] if d["probed"] else
                                 (d["table_hits"] + d["cache_hits"]) / d["lookups"] if d["lookups"] else 0.0,
-                                "full_seconds": pass_seconds["full"], "skip_seconds": pass_seconds[n], **d})
+                                "full_seconds": pass_seconds["full"], "skip_seconds": pass_seconds[n],
+                                **restarts.get(n, {}), **d})
+        if restart is not None and p + 1 < passes:
+            restarts = {}
+            for n in list(skips):
+                t0 = time.perf_counter()
+                skips[n] = models[n] = restart(n, skips[n])
+                restarts[n] = {"restart_seconds": time.perf_counter() - t0,
+                               "restored_entries": skips[n].skip.stats()[table_name]["cache"]["size"]}
     bar.close()
     return {"requests_per_pass": len(rows), "batch": batch, "passes": passes, "window": window,
             "tokens_per_pass": sum(len(r) for r in rows), "windows": windows, "per_pass": per_pass,
