@@ -118,7 +118,7 @@ def mean_over_seeds(runs: list[dict]) -> dict:
         keys = [k for k, v in runs[0]["scores"][name].items() if isinstance(v, float)]
         scores[name] = {**runs[0]["scores"][name],
                         **{k: sum(r["scores"][name][k] for r in runs) / len(runs) for k in keys}}
-    return {**runs[0], "seed": [r["seed"] for r in runs], "scores": scores,
+    return {**runs[0], "seed": [r.get("seed", 0) for r in runs], "scores": scores,
             "train_seconds": {k: sum(r["train_seconds"][k] for r in runs) / len(runs) for k in runs[0]["train_seconds"]},
             "per_seed": runs}
 
