@@ -3,8 +3,8 @@
 
     python benchmarks/skip.py --shallow var/shallow-k3 --json benchmarks/results/cpu-DATE/skip.json
 
-Same process, same inputs, timed interleaved (each iteration runs every contender once, order
-rotated): the full 6-layer model, and skip mode (k = 3 of 6) on
+Same process, same inputs, timed interleaved (each iteration runs every contender once, in a
+seeded random order): the full 6-layer model, and skip mode (k = 3 of 6) on
   in_corpus   rows of the corpus the table was built from: its sentences of >= --seq tokens,
               truncated to --seq as the server truncates them (every trigram is in the table)
   held_out    test-set sentences packed into rows of --seq tokens (text the table has not seen; exact
@@ -22,7 +22,8 @@ Without --shallow the shallow layers are the teacher's own lower layers (undisti
 the same, the outputs are not). Without --table one is built from --corpus into a temporary file.
 Writes the JSON (full_tokens_per_s, skip_tokens_per_s, skip_over_full, hit_rate, table_bytes, ...;
 "paired": the median of the per-iteration full / skip time ratios with a 95 % bootstrap interval, in
-corpus and held out) and a PNG next to it.
+corpus and held out; held_out.paired_full_copies: the same statistic for a second copy of the full
+model, loaded after the skip models: the spread two identical contenders show) and a PNG next to it.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import argparse
 import datetime
 import json
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -157,6 +159,7 @@ def main() -> None:
 
     skip = {"in_corpus": skip_model("exact"), "held_out": skip_model("exact"),
             "held_out_table": skip_model("exact", "table"), "fallback": skip_model("fallback")}
+    full_copy = MultiTenantModel(ModelConfig(backbone=base))   # a second copy, loaded last: the noise floor
     tok = full.tokenizer
     n = args.batch * (args.iters + args.warmup)
     corpus_texts = [t for f in args.corpus for t in read_corpus(f)]
@@ -170,14 +173,16 @@ def main() -> None:
         "skip_held_out": (skip["held_out"], "held_out"),
         "skip_held_out_table": (skip["held_out_table"], "held_out"),
         "skip_fallback": (skip["fallback"], "held_out"),
+        "full_copy_held_out": (full_copy, "held_out"),
     }
     times = {name: [] for name in contenders}
     snapshots = {}
     total = args.warmup + args.iters
+    order_rng = random.Random(0)
     for it in tqdm(range(total), desc="iterations", unit="it"):
         rows_of = {k: v[it * args.batch:(it + 1) * args.batch] for k, v in inputs.items()}
         names = list(contenders)
-        names = names[it % len(names):] + names[:it % len(names)]
+        order_rng.shuffle(names)                # a new order each iteration: no contender always follows the same one
         for name in names:
             model, which = contenders[name]
             batch = [EncodeRow(r) for r in rows_of[which]]
@@ -218,7 +223,9 @@ def main() -> None:
                      "table_route_over_full": tps["skip_held_out_table"] / tps["full_held_out"],
                      "fallback_tokens_per_s": tps["skip_fallback"],
                      "fallback_over_full": tps["skip_fallback"] / tps["full_held_out"],
-                     "paired": paired_ratio(times["full_held_out"], times["skip_held_out"])},
+                     "paired": paired_ratio(times["full_held_out"], times["skip_held_out"]),
+                     # the same full model, loaded twice: how far apart two identical contenders land
+                     "paired_full_copies": paired_ratio(times["full_held_out"], times["full_copy_held_out"])},
         "paired": paired_ratio(times["full"], times["skip_in_corpus"]),
         "hit_rate": measured("in_corpus")["hit_rate"], "counters_in_corpus": measured("in_corpus"),
         "counters_held_out": measured("held_out"), "counters_held_out_table": measured("held_out_table"),

@@ -2,13 +2,14 @@
 by skip-mode models side by side, to show how the miss cache and the routing behave on real traffic.
 
 Each batch of `batch` sentences (the test sets in order; every sentence a request, cut as the server
-cuts it) is run once by every contender, in rotated order, and timed. Per window of `window` requests
+cuts it) is run once by every contender, in a seeded random order, and timed. Per window of `window` requests
 the JSON keeps each skip contender's time over the full model's (as skip / full speed), its coverage
 (share of unique trigrams the table or the miss cache held), the rows it sent to the real lower
 layers and the misses it computed.
 """
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -58,13 +59,14 @@ def run_stream(full, skips: dict, rows: list[list[int]], batch: int, passes: int
         return w
 
     step = 0
+    rng = random.Random(0)
     bar = tqdm(total=passes * len(batches), desc="stream batches", unit="batch")
     for p in range(passes):
         start_counters = {n: dict(skips[n].skip.stats()[table_name]) for n in skips}
         pass_seconds = {n: 0.0 for n in names}
         acc = fresh()
         for b in batches:
-            order = names[step % len(names):] + names[:step % len(names)]
+            order = rng.sample(names, len(names))  # seeded random order: no contender always follows another
             step += 1
             for n in order:
                 t0 = time.perf_counter()
