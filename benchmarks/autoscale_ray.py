@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--tenants", type=int, default=8)
     p.add_argument("--cv", type=float, default=1.0)
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--sim-seeds", type=int, default=5, help="simulate with the calibration's step noise this many "
+                   "times (seeded) and keep the run of median p99, as sim_validation does; 0: no step noise")
     p.add_argument("--slo-ms", type=float, default=500.0)
     p.add_argument("--calibration", type=Path, default=CALIBRATION,
                    help="benchmarks/sim_validation.py's JSON (profile and in-server step cost)")
@@ -121,16 +124,22 @@ def windows_of(samples: list[tuple[float, int]], end_s: float) -> list[tuple[flo
     return out
 
 
-def calibrated(data: dict, replicas: int):
-    """The simulator's profile (as measured, and slowed as in the server) and overheads from sim_validation's
-    run with this many replicas (the nearest)."""
-    from sim_validation import slowdown
+def calibrated(data: dict, replicas: int, tokens: int, max_rows: int):
+    """The simulator's profile (as measured, and slowed as in the server), overheads and step noise (as
+    sim_validation measures them, from its calibration steps) from sim_validation's run with this many replicas
+    (the nearest)."""
+    from sim_validation import slowdown, step_noise
 
     profile = LatencyProfile.from_json(data["profile"])
     r = min(data["runs"], key=lambda r: (abs(r["replicas"] - replicas), -r["replicas"]))
-    factor = slowdown(tuple(r["compute_factor"]["light"]), tuple(r["compute_factor"]["saturated"]))
+    light, sat = r["compute_factor"]["light"], r["compute_factor"]["saturated"]
+    factor = slowdown(tuple(light), tuple(sat))
+    noise = ()
+    if "calibration_steps" in r:
+        noise = step_noise(profile["encoder"], factor, tokens, (light[0], r["calibration_steps"]["light"]),
+                           (sat[0], r["calibration_steps"]["saturated"]), max_rows)
     return (profile, profile.slowed({"encoder": factor}), r["overhead_s"], r["saturated_steps"]["step_overhead_s"],
-            r["replicas"])
+            r["replicas"], noise)
 
 
 def main(argv=None) -> int:
@@ -147,8 +156,10 @@ def main(argv=None) -> int:
 
     configure(args.log_level)
     reserve_cpu_for_steps(1)
-    measured, profile, overhead_s, step_overhead_s, calibrated_at = calibrated(
-        json.loads(args.calibration.read_text()), 2)
+    measured, profile, overhead_s, step_overhead_s, calibrated_at, noise = calibrated(
+        json.loads(args.calibration.read_text()), 2, args.tokens, ServerConfig().max_rows_per_step)
+    if args.sim_seeds < 1:
+        noise = ()
     per_day = int(round(args.day_s / args.interval_s))
     units = seed_study_load(args.history_days + 1, per_day, seed=args.seed)
     history = [u * args.unit_rps for u in units[:args.history_days * per_day]]
@@ -218,10 +229,15 @@ def main(argv=None) -> int:
     defaults = ServerConfig()
     limits = EngineLimits(max_rows=defaults.max_rows_per_step, max_tokens=defaults.max_tokens_per_step,
                           step_target_s=defaults.engine_config().step_target_s, overhead_s=overhead_s,
-                          step_overhead_s=step_overhead_s, drop_after_slo=args.rpc_timeout_s / slo_s)
+                          step_overhead_s=step_overhead_s, drop_after_slo=args.rpc_timeout_s / slo_s,
+                          step_noise_s=noise)
     end_s = max(args.day_s, max((t for t, _ in poll.samples), default=0.0)) + 60
     wins = windows_of(poll.samples, end_s)
-    sim = latencies(profile, ["encoder"] * len(wins), tenants, seq, limits, wins)
+    # with step noise the simulated tail depends on where the residuals fell: the run of median p99 over seeds
+    sims = sorted((latencies(profile, ["encoder"] * len(wins), tenants, seq, replace(limits, seed=k), wins)
+                   for k in range(max(1, args.sim_seeds) if noise else 1)),
+                  key=lambda lat: percentile([x for x in lat if x is not None], 99) or 0.0)
+    sim = sims[len(sims) // 2]
 
     def attainment(lat) -> float:
         return sum(1 for x in lat if x is not None and x <= slo_s) / max(1, len(lat))
@@ -251,7 +267,9 @@ def main(argv=None) -> int:
                      "min_replicas": args.min_replicas, "max_replicas": args.max_replicas, "tenants": args.tenants,
                      "cv": args.cv, "tokens": args.tokens, "slo_ms": args.slo_ms, "replica_threads": 1,
                      "calibration": str(args.calibration.relative_to(ROOT) if args.calibration.is_relative_to(ROOT)
-                                        else args.calibration), "calibrated_at_replicas": calibrated_at},
+                                        else args.calibration), "calibrated_at_replicas": calibrated_at,
+                     "sim_step_noise": {"used": bool(noise), "sim_seeds": args.sim_seeds if noise else 0,
+                                        "pools": [{"up_to_rows": b, "steps": len(res)} for b, res in noise]}},
            "num_requests": len(seq),
            "real": {"slo_attainment": round(attainment(real), 4), "p50_s": percentile(ok, 50),
                     "p99_s": percentile(ok, 99), "errors": len(real) - len(ok)},

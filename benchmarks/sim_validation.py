@@ -177,6 +177,19 @@ class StepLog:
                 "engine_p50_s": rnd(percentile(engine_s, 50)), "engine_p99_s": rnd(percentile(engine_s, 99))}
 
 
+def step_noise(encoder_profile, factor, tokens: int, light: tuple[float, list], saturated: tuple[float, list],
+               max_rows: int) -> tuple:
+    """The simulator's step noise (EngineLimits.step_noise_s) from calibration steps: each step's time minus the
+    mean slowdown's prediction for it (factor(rows) x the profile), in two pools by step size: the light steps'
+    residuals for steps up to the geometric mean of the two phases' rows per step, the saturated ones' above.
+    light / saturated: (rows per step, [(rows, compute seconds), ...])."""
+    def residuals(raw):
+        return tuple(sorted(round(c - factor(r) * encoder_profile.encoder_step_s(r, tokens), 5) for r, c in raw))
+
+    split = max(1, int((light[0] * saturated[0]) ** 0.5))
+    return ((split, residuals(light[1])), (max_rows, residuals(saturated[1])))
+
+
 def slowdown(small: tuple[float, float], large: tuple[float, float]):
     """The in-server slowdown of a step of `rows` rows: measured at two step sizes (rows, factor), linear in
     log(rows) between them, the nearer one's beyond."""
@@ -238,14 +251,8 @@ def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list
         factor = slowdown((light_steps["rows_per_step"], light_steps["compute_over_profile"]),
                           (sat_steps["rows_per_step"], sat_steps["compute_over_profile"]))
         step_overhead_s = max(0.0, (sat_wall * units - sat_steps["compute_s"]) / sat_steps["steps"])
-        # each calibration step's time minus the mean slowdown's prediction for it: the measured noise of step times,
-        # in two pools by step size (light steps for steps up to the two phases' geometric mean of rows, then saturated)
-        def residuals(raw):
-            return tuple(sorted(round(c - factor(r) * profile["encoder"].encoder_step_s(r, args.tokens), 5)
-                                for r, c in raw))
-
-        split = max(1, int((light_steps["rows_per_step"] * sat_steps["rows_per_step"]) ** 0.5))
-        noise = ((split, residuals(light_raw)), (defaults.max_rows_per_step, residuals(sat_raw)))
+        noise = step_noise(profile["encoder"], factor, args.tokens, (light_steps["rows_per_step"], light_raw),
+                           (sat_steps["rows_per_step"], sat_raw), defaults.max_rows_per_step)
         sat_steps.update(wall_s=round(sat_wall, 3), step_overhead_s=round(step_overhead_s, 4))
         del light
         # the idle overhead: sequential calls, minus the one-row step
