@@ -251,7 +251,6 @@ def main() -> None:
         def restart(name: str, model: MultiTenantModel) -> MultiTenantModel:
             """What a server restart with skip_keep_cache does: save the caches, start anew, restore them."""
             model.skip.save_caches(keep / name)
-            del model
             return skip_model(*settings[name], cache_dir=str(keep / name))
 
         streamers = {name: skip_model(*s) for name, s in settings.items()}

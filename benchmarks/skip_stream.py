@@ -58,7 +58,6 @@ def run_stream(full, skips: dict, rows: list[list[int]], batch: int, passes: int
                 **d}
         return w
 
-    step = 0
     rng = random.Random(0)
     bar = tqdm(total=passes * len(batches), desc="stream batches", unit="batch")
     for p in range(passes):
@@ -67,7 +66,6 @@ def run_stream(full, skips: dict, rows: list[list[int]], batch: int, passes: int
         acc = fresh()
         for b in batches:
             order = rng.sample(names, len(names))  # seeded random order: no contender always follows another
-            step += 1
             for n in order:
                 t0 = time.perf_counter()
                 models[n].forward([EncodeRow(r) for r in b])
