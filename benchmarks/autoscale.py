@@ -30,32 +30,24 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from scheduler.autoscale import (FORECASTERS, Predictive, Reactive, Static, cheapest_replicas, evaluate,  # noqa: E402
-                                 replicas_for, seed_study_load)
+from scheduler.autoscale import (FORECASTERS, Predictive, Reactive, Static, evaluate, replicas_for,  # noqa: E402
+                                 seed_study_load)
 
 SCALEOUT = ROOT / "benchmarks" / "results" / "cpu-2026-12-06" / "scaleout" / "scaleout.json"
 
 
-class TrendOracle:
-    """The bound on any forecast: knows the seed study's daily sine exactly (not the noise, not the bursts) and the
-    noise's true distribution (uniform +-noise), buys replicas at the same overload cost as the predictive policy
-    over the same lead, and keeps the same reactive floor. What a perfect forecast of the trend would reach."""
+class TrendOracle(Predictive):
+    """The bound on any forecast: the predictive policy (the same overload cost, lead, burst handling and reactive
+    floor) handed the seed study's daily sine exactly instead of its forecast (not the noise, not the bursts: it
+    learns their spread from its errors as the predictive policy does). What a perfect forecast of the trend would
+    reach."""
 
-    name = "trend_oracle"
-
-    def __init__(self, per_day: int, lead: int, overload_cost: float, low=7.0, high=13.0, noise=0.1):
-        self.per_day, self.lead, self.cost, self.noise = per_day, lead, overload_cost, noise
+    def __init__(self, per_day: int, lead: int, overload_cost: float, low=7.0, high=13.0):
+        super().__init__(1.0, per_day, lead=lead, overload_cost=overload_cost, name="trend_oracle")
         self.mid, self.amp = (low + high) / 2, (high - low) / 2
 
-    def _best(self, t: int) -> int:
-        trend = self.mid - self.amp * math.cos(2 * math.pi * t / self.per_day)
-        lo, hi = trend * (1 - self.noise), trend * (1 + self.noise)
-        return cheapest_replicas(replicas_for(lo, 1.0), replicas_for(hi, 1.0), self.cost,
-                                 lambda n: min(1.0, max(0.0, (hi - n) / (hi - lo))))
-
-    def decide(self, observed, current) -> int:
-        t = len(observed) - 1
-        return max([replicas_for(observed[-1], 1.0)] + [self._best(t + k) for k in range(1, self.lead + 2)])
+    def _forecast_at(self, observed, interval: int) -> float:
+        return self.mid - self.amp * math.cos(2 * math.pi * interval / self.intervals_per_day)
 
 
 def parse_args(argv=None):
@@ -120,7 +112,8 @@ def main(argv=None) -> int:
                        "sine": [7, 13], "noise": 0.1, "bursts_per_day": 2, "burst_height": [0.3, 0.6],
                        "burst_intervals": [5, 20], "seeds": args.seeds, "first_seed": args.first_seed, "replica_capacity_units": 1},
               "predictive_settings": {k: getattr(Predictive(1.0, per_day, **margin), k) for k in
-                                      ("forecaster", "harmonics", "overload_cost", "quantile", "history_days")},
+                                      ("forecaster", "harmonics", "overload_cost", "quantile", "history_days",
+                                                                                "burst_window")},
               "replica_start_s": start_s, "replica_start_source": source, "start_intervals": start_intervals,
               "policies": policies_out,
               "targets": {"predictive_efficiency_min": 0.9, "predictive_overloaded_max": 0.02,

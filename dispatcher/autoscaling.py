@@ -4,12 +4,13 @@ custom autoscaling policy (a class-callable in the Serve controller; imported on
 Every replica reports the rows it received per second (EncoderReplica.record_autoscaling_stats); the controller
 calls the policy on every tick of its loop with those reports (averaged over Ray's look-back window). The policy
 averages their sum over each `interval_s` into one load sample, appends it to the history (optionally seeded with
-earlier intervals' loads, `autoscale_history`), and asks scheduler.autoscale's Predictive (Holt-Winters forecast
-`lead` intervals ahead, plus its margin and reactive floor) or Reactive policy for a replica count, in units of
-`replica_capacity_rps`. Between intervals it holds its last answer. A local cluster started by the front door has
-its replicas push their reports every interval / 4 (Ray's default: every 10 s; a joined cluster keeps its own).
-Ray's own delays are off (0 s): the policy decides when. The lead (how far ahead to scale) is the replica start time the policy measures itself: from each
-scale-up it asked for until Ray reports the replicas running; one interval until the first is seen.
+earlier intervals' loads, `autoscale_history`), and asks scheduler.autoscale's Predictive (a harmonic forecast
+`lead` intervals ahead, replicas bought at an overload cost, a burst's own level, a reactive floor) or Reactive
+policy for a replica count, in units of `replica_capacity_rps`. Between intervals it holds its last answer. A
+local cluster started by the front door has its replicas push their reports every interval / 4 (Ray's default:
+every 10 s; a joined cluster keeps its own). Ray's own delays are off (0 s): the policy decides when. The lead (how
+far ahead to scale) is the replica start time the policy measures itself: from each scale-up it asked for until
+Ray reports the replicas running; one interval until the first is seen.
 
 Plain values only: no torch, no protobuf.
 """

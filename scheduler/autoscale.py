@@ -73,7 +73,10 @@ FORECASTERS = ("harmonic", "holt-winters")
 class Predictive:
     """A forecast of the load `lead` intervals ahead (the replica start time), raised to cover the forecast's own
     recent errors, and never below a reactive floor: what the last observed load needs (a burst the forecast missed
-    is served once the replicas asked for after it are ready).
+    is served once the replicas asked for after it are ready). While a burst lasts (the last interval's load above
+    the forecast by more than its usual errors reach, `burst_excess`) the policy also plans on the burst's own level,
+    the forecast raised by the burst's mean excess, with the same overload cost over the errors' spread (widened for
+    a level seen over few intervals), so the burst's noise does not overload the floor's bare count.
 
     forecaster "harmonic" (the default): a robust regression (statsmodels RLM, Huber's norm, so bursts weigh little)
     of the load of the last `history_days` days on a daily level plus `harmonics` sine/cosine pairs of the day;
@@ -81,7 +84,7 @@ class Predictive:
     day and interpolated between them. Either is refitted every bucket (1/`buckets` of a day). Before two days of
     history the policy is the reactive floor with a 10 % margin.
 
-    How high above the forecast: with `overload_cost` (the default, 11), the replica count that minimizes replicas +
+    How high above the forecast: with `overload_cost` (the default, 10), the replica count that minimizes replicas +
     overload_cost x P(overloaded), P read from the recent relative errors: an extra replica is bought when it removes
     more than 1/overload_cost of the chance of an overloaded interval, so the overload the policy accepts goes where
     a replica would be least used. With overload_cost None: the forecast x (1 + the errors' `quantile`)."""
@@ -92,10 +95,13 @@ class Predictive:
     quantile: float = 0.95
     buckets: int = 24
     history_days: int = 3
-    # replicas an overloaded interval is worth (None: the quantile margin); chosen on loads 100-104 of the seed study
-    overload_cost: float | None = 11.0
+    # replicas an overloaded interval is worth (None: the quantile margin); chosen on loads 100-119 of the seed study
+    # (benchmarks/autoscale.py --first-seed 100 --seeds 20): the cheapest whose overloaded share there, plus two
+    # standard errors of a five-load mean, stays within 0.02
+    overload_cost: float | None = 10.0
     forecaster: str = "harmonic"
     harmonics: int = 3
+    burst_window: int = 5                         # intervals whose mean sets a burst's level
     name: str = "predictive"
     _ahead: list = field(default_factory=list)   # holt-winters: the last fit's forecast of the next buckets
     _coef: tuple = ()                            # harmonic: the last fit's coefficients
@@ -107,9 +113,10 @@ class Predictive:
         if self.forecaster not in FORECASTERS:
             raise ValueError(f"forecaster {self.forecaster!r} is not one of {FORECASTERS}")
         if not (self.capacity > 0 and self.intervals_per_day >= 2 and self.lead >= 1 and self.buckets >= 1
-                and self.history_days >= 2 and self.harmonics >= 1 and 0 < self.quantile < 1):
+                and self.history_days >= 2 and self.harmonics >= 1 and 0 < self.quantile < 1
+                and self.burst_window >= 1):
             raise ValueError("need capacity > 0, intervals_per_day >= 2, lead >= 1, buckets >= 1, history_days >= 2, "
-                             "harmonics >= 1 and 0 < quantile < 1")
+                             "harmonics >= 1, 0 < quantile < 1 and burst_window >= 1")
         if self.overload_cost is not None and not self.overload_cost > 0:
             raise ValueError(f"overload_cost must be > 0 (or None), got {self.overload_cost}")
 
@@ -190,13 +197,38 @@ class Predictive:
         self._pending[n - 1 + self.lead] = ahead[self.lead - 1]
         if self.overload_cost is None or len(self._errors) < 20:
             return max(floor, replicas_for(max(ahead) * (1 + self.margin()), self.capacity))
-        return max(floor, self._cheapest(max(ahead)))
+        want = max(floor, self._cheapest(max(ahead)))
+        burst = self.burst_excess(observed)
+        if burst is not None:                           # a burst the forecast does not know: plan on its level
+            excess, seen = burst
+            want = max(want, self._cheapest(max(ahead) * (1 + excess), spread=math.sqrt(1 + 1 / seen)))
+        return want
 
-    def _cheapest(self, forecast: float) -> int:
-        """The replica count minimizing replicas + overload_cost x P(overloaded), over the recent errors' spread."""
+    def burst_excess(self, observed: Sequence[float]) -> tuple[float, int] | None:
+        """(how far above the forecast, relative, the load of the current burst stands; over how many intervals)
+        or None when the last interval was not in a burst. An interval is in a burst when its load exceeds the
+        forecast for it by more than the median error + 2 x (the errors' 95th percentile - median): beyond what
+        the forecast's usual noise reaches. The level is the mean excess of up to `burst_window` intervals of the
+        burst, the latest first."""
+        if len(self._errors) < 20:
+            return None
+        errs = sorted(self._errors)
+        med = errs[len(errs) // 2]
+        threshold = med + 2 * (errs[int(0.95 * (len(errs) - 1))] - med)
+        excess = []
+        for t in range(len(observed) - 1, max(-1, len(observed) - 1 - self.burst_window), -1):
+            f = self._forecast_at(observed, t)
+            if f is None or f <= 0 or observed[t] / f - 1 <= threshold:
+                break
+            excess.append(observed[t] / f - 1)
+        return (sum(excess) / len(excess), len(excess)) if excess else None
+
+    def _cheapest(self, forecast: float, spread: float = 1.0) -> int:
+        """The replica count minimizing replicas + overload_cost x P(overloaded), over the recent errors' spread
+        (times `spread`: a level estimated from few intervals is less sure than the forecast)."""
         if forecast <= 0:
             return 1
-        errs = sorted(self._errors)
+        errs = sorted(e * spread for e in self._errors)
 
         def p_over(k: int) -> float:                  # share of recent errors that would overload k replicas
             return (len(errs) - bisect.bisect_right(errs, k * self.capacity / forecast - 1)) / len(errs)

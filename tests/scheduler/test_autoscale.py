@@ -75,3 +75,23 @@ def test_cheapest_replicas_weighs_a_replica_against_the_overload_it_removes():
     assert cheapest_replicas(8, 9, 10.0, {8: 0.1, 9: 0.0}.__getitem__) == 8   # a tie: fewer replicas
     with pytest.raises(ValueError, match="empty replica range"):
         cheapest_replicas(5, 4, 10.0, p_over)
+
+
+def _burst_load(per_day: int, at: int, length: int, height: float) -> list[float]:
+    load = seed_study_load(4, per_day, bursts_per_day=0, noise=0.05, seed=3)
+    return [x * (1 + height) if at <= t < at + length else x for t, x in enumerate(load)]
+
+
+def test_a_burst_is_planned_on_at_its_own_level_not_only_the_last_interval():
+    per_day, at, length = 288, 3 * 288 + 100, 15
+    load = _burst_load(per_day, at, length, 0.4)
+    pred = Predictive(1.0, per_day)
+    out = evaluate(pred, load, 1.0, start_intervals=1, initial=replicas_for(load[0], 1.0), skip=2 * per_day)
+    over = [t for t in range(at, at + length) if load[t] > out.provisioned[t]]
+    # the burst's first two intervals come before any replica asked for it is ready; after that the policy plans
+    # on the burst's level with the noise's margin (the last interval's load alone would be short about half the time)
+    assert over[:2] == [at, at + 1] and len(over) <= 3
+    assert out.provisioned[at + length + 2] < out.provisioned[at + length - 1]   # and lets the replicas go after it
+    excess, seen = pred.burst_excess(load[:at + 5])
+    assert seen == 5 and excess == pytest.approx(0.4, abs=0.05)
+    assert pred.burst_excess(load[:at]) is None                    # an ordinary interval is not a burst
