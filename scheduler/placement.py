@@ -112,20 +112,40 @@ def greedy(profile: LatencyProfile, devices: Sequence[Device], tenants: Sequence
            arrival_list: Sequence[tuple[float, int]], limits: EngineLimits = EngineLimits(),
            max_replicas: int | None = None) -> Search:
     """AlpaServe's simulator-guided greedy: from one replica per backbone, add the (backbone, device) whose replica
-    raises the simulated SLO attainment most, while one fits, the attainment rises and it is below 1."""
+    raises the simulated SLO attainment most (then lowers p99 most), while one fits and the attainment is below 1.
+    When no single replica raises it, look one replica further: every addition that does not lower the attainment,
+    each followed by its best next one; the pair is taken if it raises the attainment (a replica that pays only
+    with the next: a large backbone's second replica fits beside a small one only once that one has a replica on
+    an idler device), else the search ends."""
     placement = one_per_backbone(profile, devices, tenants)
     best = simulate(profile, placement.replicas, tenants, arrival_list, limits)
     search = Search(placement, best, [(list(placement.replicas), best.slo_attainment)])
+
+    def rank(x):
+        return x[0].slo_attainment, -(x[0].p99_s or 0)
+
+    def additions(base: Placement) -> list:
+        free = base.free_bytes(profile, devices)
+        return [(simulate(profile, base.add(b, d).replicas, tenants, arrival_list, limits), base.add(b, d))
+                for b in backbones_in(tenants) for d in range(len(devices)) if free[d] >= profile[b].replica_bytes]
+
     while best.slo_attainment < 1.0 and (max_replicas is None or len(placement.replicas) < max_replicas):
-        free = placement.free_bytes(profile, devices)
-        options = [(b, d) for b in backbones_in(tenants) for d in range(len(devices)) if free[d] >= profile[b].replica_bytes]
-        scored = [(simulate(profile, placement.add(b, d).replicas, tenants, arrival_list, limits), b, d) for b, d in options]
+        scored = additions(placement)
         if not scored:
             break
-        result, b, d = max(scored, key=lambda x: (x[0].slo_attainment, -(x[0].p99_s or 0)))
+        result, step = max(scored, key=rank)
         if result.slo_attainment <= best.slo_attainment:
-            break
-        placement, best = placement.add(b, d), result
+            if max_replicas is not None and len(placement.replicas) + 2 > max_replicas:
+                break
+            pairs = [(*max(nexts, key=rank), r) for r, first in scored if r.slo_attainment >= best.slo_attainment
+                     for nexts in [additions(first)] if nexts]
+            if not pairs:
+                break
+            result, step, alone = max(pairs, key=rank)
+            if result.slo_attainment <= best.slo_attainment:
+                break
+            search.trace.append((list(step.replicas[:-1]), alone.slo_attainment))     # the pair's first replica
+        placement, best = step, result
         search.trace.append((list(placement.replicas), best.slo_attainment))
     search.placement, search.result = placement, best
     return search

@@ -9,7 +9,10 @@
   measured; `memory_bytes` reports the configured budget);
 - start_s: constructing the backbone (weights, pools, caches) until its first step is done, in this process
   (a Ray Serve replica adds Ray's own worker start: benchmarks/scaleout.py records `start_s` with replicas);
-- memory_bytes: the tensors a replica holds (weights, adapter pool, KV cache), counted, not estimated.
+- memory_bytes: the tensors a replica holds (weights, adapter pool, KV cache), counted, not estimated;
+- encoder-base: a BERT-base-shaped encoder (12 layers, hidden 768) with random weights and the configured
+  encoder's tokenizer, profiled as the encoder is: a larger backbone for placement studies (a step's time and a
+  replica's memory depend on the shape, not on the weights' values).
 
 Each point is the median of `repeats` timed runs after one untimed run, on the CPU threads this process has.
 """
@@ -19,6 +22,7 @@ import dataclasses
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -33,6 +37,8 @@ ENCODER_TOKENS = (16, 32, 64, 128)
 DECODER_BATCH = (1, 4, 16, 32)
 DECODER_CONTEXT = (64, 256, 512)
 PREFILL_TOKENS = (16, 64, 256, 512)
+BERT_BASE_SHAPE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+BACKBONES = ("encoder", "decoder", "encoder-base")
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -136,6 +142,21 @@ def profile_decoder(config, device, batches=DECODER_BATCH, contexts=DECODER_CONT
                            prefill=Curve(tuple(prefill), tuple(chunk)), kv_tokens=kv_tokens)
 
 
+def write_random_encoder(path, tokenizer_dir, seed: int = 0, max_position_embeddings: int = 512, **shape):
+    """A BERT checkpoint with random weights (transformers' own initialization, seeded) of the given shape
+    (BertConfig keys; default BERT-base) and the tokenizer of `tokenizer_dir`, written to `path`."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tok), max_position_embeddings=max_position_embeddings, type_vocab_size=2,
+                     pad_token_id=tok.pad_token_id or 0, **(shape or BERT_BASE_SHAPE))
+    BertModel(cfg, add_pooling_layer=True).save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return path
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -144,17 +165,30 @@ def machine() -> dict:
 
 
 def profile(server_config, backbones: Iterable[str], repeats: int = 3, progress=None) -> LatencyProfile:
-    """Profile the named backbones ("encoder", "decoder") as `server_config` configures them."""
+    """Profile the named backbones (BACKBONES) as `server_config` configures them (encoder-base: the encoder's
+    configuration with a random BERT-base-shaped checkpoint)."""
+    unknown = sorted(set(backbones) - set(BACKBONES))
+    if unknown:
+        raise ValueError(f"unknown backbone(s) {unknown}: profile any of {BACKBONES}")
     out = {}
     for name in backbones:
         if name == "encoder":
             out[name] = profile_encoder(server_config.model_config(), repeats=repeats, progress=progress)
+        elif name == "encoder-base":
+            import tempfile
+
+            config = server_config.model_config()
+            with tempfile.TemporaryDirectory(prefix="vbert-encoder-base-") as tmp:
+                from vbert.config import default_backbone_path
+
+                path = write_random_encoder(Path(tmp) / "bert-base-random",
+                                            config.backbone.path or default_backbone_path())
+                config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, path=str(path)))
+                out[name] = profile_encoder(config, repeats=repeats, progress=progress)
         elif name == "decoder":
             from vbert.device import DeviceContext
 
             out[name] = profile_decoder(server_config.decoder_config(),
                                         DeviceContext.create(server_config.device, server_config.dtype),
                                         repeats=repeats, progress=progress)
-        else:
-            raise ValueError(f"unknown backbone {name!r}: profile encoder and/or decoder")
     return LatencyProfile(out, machine())

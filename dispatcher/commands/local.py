@@ -118,7 +118,8 @@ def demo(tenants, batch, seed) -> None:
 
 @click.command()
 @click.option("--out", required=True, help="where to write the profile (JSON) for `vbert plan` and the simulator")
-@click.option("--backbones", default="encoder,decoder", show_default=True, help="which backbones to profile")
+@click.option("--backbones", default="encoder,decoder", show_default=True,
+              help="which backbones to profile: encoder, decoder, encoder-base (a random BERT-base-shaped encoder)")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100), help="timed runs per point")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: torch's)")
 @click.option("--config", "config_file", default=None, help="TOML config file (backbone paths, pool and KV sizes).")
@@ -131,11 +132,15 @@ def profile(out, backbones, repeats, threads, config_file) -> None:
     from tqdm import tqdm
 
     from dispatcher.config import ServerConfig
-    from scheduler.profiling import profile as run_profile
+    from scheduler.profiling import BACKBONES, profile as run_profile
 
     names = [b.strip() for b in backbones.split(",") if b.strip()]
+    unknown = sorted(set(names) - set(BACKBONES))
+    if unknown or not names:
+        raise click.UsageError(f"--backbones {backbones!r}: unknown {unknown}; name any of {', '.join(BACKBONES)}")
+    loads = sorted({"encoder" if n == "encoder-base" else n for n in names})   # encoder-base: the encoder's settings
     try:
-        config = ServerConfig.load(config_file, os.environ, {"backbones": ",".join(names)})
+        config = ServerConfig.load(config_file, os.environ, {"backbones": ",".join(loads)})
     except ValueError as e:
         raise click.UsageError(str(e))
     if threads:

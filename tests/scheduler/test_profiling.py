@@ -35,3 +35,28 @@ def test_decoder_profile_on_a_tiny_backbone(tmp_path):
     big = profile_decoder(config, DeviceContext.create("cpu", "float32"), batches=(1, 64), contexts=(16, 200),
                           prefill=(8, 32), repeats=1)
     assert big.decode_step_s(64, 200) > 0 and big.memory_bytes["kv_cache"] == dec.memory_bytes["kv_cache"]
+
+
+def test_a_random_encoder_of_another_shape_is_profiled_as_the_encoder_is(tiny_checkpoint, tmp_path):
+    from scheduler.profiling import write_random_encoder
+
+    shape = {"hidden_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 96}
+    path = write_random_encoder(tmp_path / "wide", tiny_checkpoint, max_position_embeddings=64, **shape)
+    small = profile_encoder(ModelConfig(BackboneConfig(path=str(tiny_checkpoint), device="cpu"), tiny_pool_config()),
+                            rows=(1, 2), tokens=(4, 8), repeats=1, num_adapters=2)
+    wide = profile_encoder(ModelConfig(BackboneConfig(path=str(path), device="cpu"), tiny_pool_config()),
+                           rows=(1, 2), tokens=(4, 8), repeats=1, num_adapters=2)
+    # the weights and the adapter pool grow with the shape (counted from the tensors)
+    assert wide.memory_bytes["weights"] > small.memory_bytes["weights"]
+    assert wide.memory_bytes["adapter_pool"] > small.memory_bytes["adapter_pool"]
+    assert wide.encoder_step_s(2, 8) > 0
+
+
+def test_vbert_profile_refuses_an_unknown_backbone_by_name(tmp_path):
+    from click.testing import CliRunner
+
+    from dispatcher.commands.local import profile
+
+    out = CliRunner().invoke(profile, ["--out", str(tmp_path / "p.json"), "--backbones", "encoder,bert-huge"])
+    assert out.exit_code == 2 and "bert-huge" in out.output and "encoder-base" in out.output
+    assert not (tmp_path / "p.json").exists()
