@@ -38,8 +38,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Protocol
 
+from .adapter_waits import AdapterWaits, Residency
 from .config import _check_int
-from .policy import QueueFullError, Residency
+from .policy import QueueFullError
 from .types import Request, RequestStatus, ScheduledRow, StepOutput
 
 SCHEDULING_MODES = ("iteration", "request")
@@ -134,7 +135,7 @@ class GenerationScheduler:
         self._running: list[Request] = []              # admission order, oldest first
         self._requests: dict[int, Request] = {}        # waiting or running
         self._batch_done: list[Request] = []          # request mode: finished, held until the batch ends
-        self._requested_at: dict[int, float] = {}
+        self._waits = AdapterWaits(residency, config.residency_retry_s)   # tenants parked on an adapter
         self._last_counter = 0.0
         self._next_step = 0
         self._num_waiting = 0
@@ -410,25 +411,16 @@ class GenerationScheduler:
         return dropped
 
     def _is_resident(self, adapter_id: int | None, now: float, wanted: list[int]) -> bool:
-        if adapter_id is None or self.residency is None or self.residency.is_resident(adapter_id):
-            self._requested_at.pop(adapter_id, None)
-            return True
-        last = self._requested_at.get(adapter_id)
-        if last is None or now - last >= self.config.residency_retry_s:
-            self._requested_at[adapter_id] = now
-            wanted.append(adapter_id)
-        return False
+        return self._waits.is_resident(adapter_id, now, wanted)
 
     def _park(self, tenant: _Tenant, adapter_id: int) -> None:
-        tenant.parked_on = adapter_id
+        self._waits.park(tenant, adapter_id)
         self._backlogged.pop(tenant.tenant_id, None)
 
     def _unpark(self, tenant: _Tenant) -> None:
-        tenant.parked_on = None
+        self._waits.unpark(tenant)
 
     def _unpark_resident(self, now: float, wanted: list[int]) -> None:
-        for tenant in self._tenants.values():
-            if tenant.parked_on is not None and self._is_resident(tenant.parked_on, now, wanted):
-                tenant.parked_on = None
-                if tenant.queue:
-                    self._activate(tenant)
+        for tenant in self._waits.ready(now, wanted):
+            if tenant.queue:
+                self._activate(tenant)

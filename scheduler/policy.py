@@ -42,8 +42,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
+from .adapter_waits import AdapterWaits, Residency
 from .config import SchedulerConfig
 from .types import Request, RequestStatus, ScheduledBatch, ScheduledRow, StepOutput
 
@@ -52,12 +53,6 @@ log = logging.getLogger(__name__)
 
 class QueueFullError(RuntimeError):
     """Backpressure: the waiting queues are full (the edge answers RESOURCE_EXHAUSTED)."""
-
-
-class Residency(Protocol):
-    def is_resident(self, adapter_id: int) -> bool: ...
-
-    def request(self, adapter_ids: list[int]) -> None: ...   # fire-and-forget prefetch
 
 
 @dataclass(eq=False)
@@ -88,8 +83,7 @@ class Scheduler:
         self._requests: dict[int, Request] = {}            # waiting or running, by id
         self._decode_ready: deque[Request] = deque()       # running generative requests between steps
         self._in_flight: dict[int, tuple[ScheduledRow, ...]] = {}   # step -> its rows
-        self._parked: dict[int, dict[int, _Tenant]] = {}   # adapter id -> tenants whose head waits for it
-        self._requested_at: dict[int, float] = {}          # adapter id -> when residency was last asked
+        self._waits = AdapterWaits(residency, config.residency_retry_s)   # tenants parked on an adapter
         self._starved: tuple[int, int] | None = None       # (tenant, request) passed over last step
         self._next_step = 0
         self._num_waiting = 0
@@ -299,7 +293,7 @@ class Scheduler:
                        for t in self._tenants.values()}
             out = {"num_waiting": self._num_waiting, "num_running": self._num_running,
                    "num_in_flight_steps": len(self._in_flight), "num_backlogged_tenants": self._num_in_heap,
-                   "num_parked_adapters": len(self._parked), "num_steps": self._next_step}
+                   "num_parked_adapters": len(self._waits), "num_steps": self._next_step}
             out.update({f"num_{k}": v for k, v in self._counts.items()})
             out["tenants"] = tenants
             return out
@@ -391,40 +385,17 @@ class Scheduler:
         return self._heap[0][0] if self._heap else None
 
     def _is_resident(self, adapter_id: int | None, now: float, wanted: list[int]) -> bool:
-        if adapter_id is None or self.residency is None:
-            return True
-        try:
-            is_resident = self.residency.is_resident(adapter_id)
-        except Exception:  # noqa: BLE001 - treated as not resident; asked again later
-            log.exception("residency check of adapter %s failed", adapter_id)
-            is_resident = False
-        if is_resident:
-            self._requested_at.pop(adapter_id, None)
-            return True
-        last = self._requested_at.get(adapter_id)
-        if last is None or now - last >= self.config.residency_retry_s:
-            self._requested_at[adapter_id] = now
-            wanted.append(adapter_id)
-        return False
+        return self._waits.is_resident(adapter_id, now, wanted)
 
     def _park(self, tenant: _Tenant, adapter_id: int) -> None:
-        tenant.parked_on = adapter_id
-        self._parked.setdefault(adapter_id, {})[tenant.tenant_id] = tenant
+        self._waits.park(tenant, adapter_id)
 
     def _unpark(self, tenant: _Tenant) -> None:
-        adapter_id, tenant.parked_on = tenant.parked_on, None
-        parked = self._parked.get(adapter_id, {})
-        parked.pop(tenant.tenant_id, None)
-        if not parked:
-            self._parked.pop(adapter_id, None)
-            self._requested_at.pop(adapter_id, None)
+        self._waits.unpark(tenant)
 
     def _unpark_resident(self, now: float, wanted: list[int]) -> None:
-        for adapter_id in list(self._parked):
-            if self._is_resident(adapter_id, now, wanted):
-                for tenant in list(self._parked.pop(adapter_id).values()):
-                    tenant.parked_on = None
-                    self._activate(tenant)
+        for tenant in self._waits.ready(now, wanted):
+            self._activate(tenant)
 
     def _remove_waiting(self, req: Request) -> None:
         tenant = self._tenants[req.tenant_id]

@@ -1,4 +1,4 @@
-"""The policy's view of the adapter cache (scheduler.policy.Residency over manager.cache.TieredCache):
+"""The policy's view of the adapter cache (scheduler.adapter_waits.Residency over manager.cache.TieredCache):
 which adapters are resident, bounded asynchronous loads, and how many adapters one step may use."""
 from __future__ import annotations
 

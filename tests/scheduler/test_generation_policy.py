@@ -180,3 +180,40 @@ def test_config_is_validated():
         GenerationSchedulerConfig(mode="static")
     with pytest.raises(ValueError, match="max_running"):
         GenerationSchedulerConfig(max_running=0)
+
+
+class FlakyResidency:
+    """Adapter 9's residency check raises until `broken` is cleared; adapter 5 loads when asked."""
+
+    def __init__(self):
+        self.broken, self.resident, self.requested = True, set(), []
+
+    def is_resident(self, adapter_id: int) -> bool:
+        if adapter_id == 9 and self.broken:
+            raise OSError("adapter store unreachable")
+        return adapter_id in self.resident
+
+    def request(self, adapter_ids):
+        self.requested.extend(adapter_ids)
+
+
+def test_a_failing_residency_check_parks_its_tenant_and_the_others_go_on():
+    clock, res = Clock(), FlakyResidency()
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=16, max_running=4, residency_retry_s=1.0),
+                            kv(64), residency=res, clock=clock)
+    broken, waits, plain = req(1, 3, 2), req(2, 3, 2), req(3, 3, 2)
+    broken.adapter_id, waits.adapter_id = 9, 5
+    for r in (broken, waits, plain):
+        s.add(r)
+    b1, _ = run_step(s)                            # the check of adapter 9 raised: parked, not an error
+    assert [r.request for r in b1.rows] == [plain] and s.stats()["num_waiting"] == 2
+    assert res.requested == [9, 5]                 # both asked for once
+    run_step(s)
+    assert res.requested == [9, 5]                 # not again before residency_retry_s
+    res.resident.add(5)
+    b3, _ = run_step(s)
+    assert waits in [r.request for r in b3.rows] and broken.num_computed_tokens == 0
+    res.broken = False
+    res.resident.add(9)
+    b4, _ = run_step(s)
+    assert broken in [r.request for r in b4.rows]
