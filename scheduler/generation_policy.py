@@ -40,6 +40,8 @@ from typing import Callable, Hashable, Protocol
 
 from .adapter_waits import AdapterWaits, Residency
 from .config import _check_int
+from .deadlines import Deadlines
+from .fair_queue import FairQueue
 from .policy import QueueFullError
 from .types import Request, RequestStatus, ScheduledRow, StepOutput
 
@@ -122,6 +124,7 @@ class _Tenant:
     weight: float = 1.0
     counter: float = 0.0
     queue: deque = field(default_factory=deque)
+    heap_seq: int | None = None                # its live entry in the backlog; None when not backlogged
     parked_on: int | None = None
     num_served_tokens: int = 0
 
@@ -131,7 +134,8 @@ class GenerationScheduler:
                  clock: Callable[[], float] = time.monotonic):
         self.config, self.kv, self.residency, self.clock = config, kv, residency, clock
         self._tenants: dict[int, _Tenant] = {}
-        self._backlogged: dict[int, _Tenant] = {}      # tenants with a waiting head that is not parked
+        self._backlog = FairQueue()                    # tenants with a waiting head that is not parked
+        self._deadlines = Deadlines()                  # waiting requests by deadline
         self._running: list[Request] = []              # admission order, oldest first
         self._requests: dict[int, Request] = {}        # waiting or running
         self._batch_done: list[Request] = []          # request mode: finished, held until the batch ends
@@ -172,6 +176,7 @@ class GenerationScheduler:
         request.metadata.setdefault("num_preemptions", 0)
         self._enqueue(tenant, request, front=False)
         self._requests[request.request_id] = request
+        self._deadlines.add(request)
 
     def cancel(self, request_id: int) -> Request | None:
         """Remove a waiting or running request (its blocks freed at once); None if unknown."""
@@ -309,8 +314,8 @@ class GenerationScheduler:
         admitted: list[Request] = []
         is_static = self.config.mode == "request"
         adapters = {r.adapter_id for r in self._running if r.adapter_id is not None}
-        while self._backlogged and len(self._running) < self.config.max_running and (budget > 0 or is_static):
-            tenant = min(self._backlogged.values(), key=lambda t: (t.counter, t.tenant_id))
+        while len(self._backlog) and len(self._running) < self.config.max_running and (budget > 0 or is_static):
+            tenant = self._backlog.peek()
             req = tenant.queue[0]
             if not self._is_resident(req.adapter_id, now, wanted):
                 self._park(tenant, req.adapter_id)
@@ -326,7 +331,7 @@ class GenerationScheduler:
             tenant.queue.popleft()
             self._num_waiting -= 1
             if not tenant.queue:
-                del self._backlogged[tenant.tenant_id]
+                self._backlog.drop(tenant)
             self.kv.allocate(req.request_id, reserve)
             req.status = RequestStatus.RUNNING
             req.metadata.setdefault("first_scheduled", now)
@@ -345,6 +350,8 @@ class GenerationScheduler:
         tenant = self._tenants[req.tenant_id]
         tenant.counter += num / tenant.weight
         tenant.num_served_tokens += num
+        if tenant in self._backlog:
+            self._backlog.push(tenant)                  # re-keyed with its new counter
         self.counts["decode_tokens" if req.tokens_to_compute() == 1 and req.output_ids else "prefill_tokens"] += num
 
     def _preempt(self, req: Request) -> None:
@@ -355,6 +362,7 @@ class GenerationScheduler:
         req.metadata["num_preemptions"] = req.metadata.get("num_preemptions", 0) + 1
         self.counts["preempted"] += 1
         self._enqueue(self._tenants[req.tenant_id], req, front=True)
+        self._deadlines.add(req)                        # waiting again: its deadline applies again
 
     def _enqueue(self, tenant: _Tenant, req: Request, front: bool) -> None:
         was_idle = not tenant.queue
@@ -367,13 +375,13 @@ class GenerationScheduler:
         self._num_waiting += 1
         if was_idle and tenant.parked_on is None:
             self._activate(tenant)
-        elif front and tenant.tenant_id not in self._backlogged and tenant.parked_on is None:
-            self._backlogged[tenant.tenant_id] = tenant
+        elif front and tenant not in self._backlog and tenant.parked_on is None:
+            self._backlog.push(tenant)
 
     def _activate(self, tenant: _Tenant) -> None:
-        floor = min((t.counter for t in self._backlogged.values()), default=self._last_counter)
-        tenant.counter = max(tenant.counter, floor)
-        self._backlogged[tenant.tenant_id] = tenant
+        floor = self._backlog.min_counter()
+        tenant.counter = max(tenant.counter, self._last_counter if floor is None else floor)
+        self._backlog.push(tenant)
 
     def _free_blocks(self, req: Request) -> None:
         if self.kv.has_sequence(req.request_id):
@@ -392,7 +400,7 @@ class GenerationScheduler:
         tenant.queue.remove(req)
         self._num_waiting -= 1
         if not tenant.queue:
-            self._backlogged.pop(tenant.tenant_id, None)
+            self._backlog.drop(tenant)
             if tenant.parked_on is not None:
                 self._unpark(tenant)
         elif was_head and tenant.parked_on is not None:
@@ -400,22 +408,23 @@ class GenerationScheduler:
             self._activate(tenant)
 
     def _expire(self, now: float) -> list[Request]:
-        dropped = []
-        for tenant in list(self._tenants.values()):
-            for req in [r for r in tenant.queue if r.deadline <= now]:
-                self._remove_waiting(req)
-                self._requests.pop(req.request_id, None)
-                req.status = RequestStatus.EXPIRED
-                self.counts["expired"] += 1
-                dropped.append(req)
+        dropped = self._deadlines.due(now, self._is_waiting, self._num_waiting)
+        for req in dropped:
+            self._remove_waiting(req)
+            self._requests.pop(req.request_id, None)
+            req.status = RequestStatus.EXPIRED
+            self.counts["expired"] += 1
         return dropped
+
+    def _is_waiting(self, req: Request) -> bool:
+        return req.status is RequestStatus.WAITING and self._requests.get(req.request_id) is req
 
     def _is_resident(self, adapter_id: int | None, now: float, wanted: list[int]) -> bool:
         return self._waits.is_resident(adapter_id, now, wanted)
 
     def _park(self, tenant: _Tenant, adapter_id: int) -> None:
         self._waits.park(tenant, adapter_id)
-        self._backlogged.pop(tenant.tenant_id, None)
+        self._backlog.drop(tenant)
 
     def _unpark(self, tenant: _Tenant) -> None:
         self._waits.unpark(tenant)

@@ -36,7 +36,6 @@ step's other finished requests. Deadlines apply to waiting requests only.
 """
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
@@ -46,6 +45,8 @@ from typing import Callable
 
 from .adapter_waits import AdapterWaits, Residency
 from .config import SchedulerConfig
+from .deadlines import Deadlines
+from .fair_queue import FairQueue
 from .types import Request, RequestStatus, ScheduledBatch, ScheduledRow, StepOutput
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,9 @@ class Scheduler:
         self.config, self.residency, self.clock = config, residency, clock
         self._lock = threading.Lock()
         self._tenants: dict[int, _Tenant] = {}
-        self._heap: list[tuple[float, int, int]] = []      # (counter, seq, tenant_id), stale entries skipped
-        self._seq = 0
-        self._num_in_heap = 0
+        self._backlog = FairQueue()                        # backlogged tenants by virtual counter
         self._last_counter = 0.0                           # counter of the last tenant served
-        self._deadlines: list[tuple[float, int, Request]] = []   # stale entries skipped
+        self._deadlines = Deadlines()                      # waiting requests by deadline
         self._requests: dict[int, Request] = {}            # waiting or running, by id
         self._decode_ready: deque[Request] = deque()       # running generative requests between steps
         self._in_flight: dict[int, tuple[ScheduledRow, ...]] = {}   # step -> its rows
@@ -124,7 +123,7 @@ class Scheduler:
             tenant.queue.append(request)
             self._num_waiting += 1
             self._requests[request.request_id] = request
-            heapq.heappush(self._deadlines, (request.deadline, request.request_id, request))
+            self._deadlines.add(request)
             if was_idle:
                 self._activate(tenant)
 
@@ -292,7 +291,7 @@ class Scheduler:
                                      "is_parked": t.parked_on is not None}
                        for t in self._tenants.values()}
             out = {"num_waiting": self._num_waiting, "num_running": self._num_running,
-                   "num_in_flight_steps": len(self._in_flight), "num_backlogged_tenants": self._num_in_heap,
+                   "num_in_flight_steps": len(self._in_flight), "num_backlogged_tenants": len(self._backlog),
                    "num_parked_adapters": len(self._waits), "num_steps": self._next_step}
             out.update({f"num_{k}": v for k, v in self._counts.items()})
             out["tenants"] = tenants
@@ -354,35 +353,16 @@ class Scheduler:
         self._push(tenant)
 
     def _push(self, tenant: _Tenant) -> None:
-        if tenant.heap_seq is None:
-            self._num_in_heap += 1
-        self._seq += 1
-        tenant.heap_seq = self._seq
-        heapq.heappush(self._heap, (tenant.counter, self._seq, tenant.tenant_id))
-        if len(self._heap) > 2 * self._num_in_heap + 64:
-            self._heap = [e for e in self._heap if self._tenants[e[2]].heap_seq == e[1]]
-            heapq.heapify(self._heap)
+        self._backlog.push(tenant)
 
     def _drop_from_heap(self, tenant: _Tenant) -> None:
-        if tenant.heap_seq is not None:
-            tenant.heap_seq = None
-            self._num_in_heap -= 1
-
-    def _clean_top(self) -> None:
-        while self._heap and self._tenants[self._heap[0][2]].heap_seq != self._heap[0][1]:
-            heapq.heappop(self._heap)
+        self._backlog.drop(tenant)
 
     def _pop_min(self) -> _Tenant | None:
-        self._clean_top()
-        if not self._heap:
-            return None
-        tenant = self._tenants[heapq.heappop(self._heap)[2]]
-        self._drop_from_heap(tenant)
-        return tenant
+        return self._backlog.pop()
 
     def _min_counter(self) -> float | None:
-        self._clean_top()
-        return self._heap[0][0] if self._heap else None
+        return self._backlog.min_counter()
 
     def _is_resident(self, adapter_id: int | None, now: float, wanted: list[int]) -> bool:
         return self._waits.is_resident(adapter_id, now, wanted)
@@ -411,19 +391,16 @@ class Scheduler:
             self._activate(tenant)
 
     def _expire(self, now: float) -> list[Request]:
-        dropped = []
-        while self._deadlines and self._deadlines[0][0] <= now:
-            req = heapq.heappop(self._deadlines)[2]
-            if req.status is RequestStatus.WAITING and self._requests.get(req.request_id) is req:
-                self._remove_waiting(req)
-                del self._requests[req.request_id]
-                req.status = RequestStatus.EXPIRED
-                self._counts["expired"] += 1
-                dropped.append(req)
-        if len(self._deadlines) > 2 * self._num_waiting + 1024:
-            self._deadlines = [e for e in self._deadlines if e[2].status is RequestStatus.WAITING]
-            heapq.heapify(self._deadlines)
+        dropped = self._deadlines.due(now, self._is_waiting, self._num_waiting)
+        for req in dropped:
+            self._remove_waiting(req)
+            del self._requests[req.request_id]
+            req.status = RequestStatus.EXPIRED
+            self._counts["expired"] += 1
         return dropped
+
+    def _is_waiting(self, req: Request) -> bool:
+        return req.status is RequestStatus.WAITING and self._requests.get(req.request_id) is req
 
     def _finish(self, req: Request, status: RequestStatus, error: str | None = None) -> None:
         req.status = status

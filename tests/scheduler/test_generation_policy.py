@@ -217,3 +217,21 @@ def test_a_failing_residency_check_parks_its_tenant_and_the_others_go_on():
     res.resident.add(9)
     b4, _ = run_step(s)
     assert broken in [r.request for r in b4.rows]
+
+
+def test_a_preempted_request_waits_again_under_its_deadline():
+    clock = Clock()
+    # 6 blocks of 4 tokens: two requests of 4 + 8 tokens (3 blocks each at the end) do not both fit early on
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=32, max_running=2), kv(5), clock=clock)
+    old, new = req(1, 4, 8, deadline=1e9), req(2, 4, 8, deadline=5.0)
+    s.add(old)
+    s.add(new)
+    while not s.counts["preempted"]:
+        run_step(s)
+    assert new.status is RequestStatus.WAITING and new.metadata["num_preemptions"] == 1
+    clock.t = 10.0                                  # past its deadline while waiting again: dropped
+    batch, _ = run_step(s)
+    assert batch.dropped == (new,) and new.status is RequestStatus.EXPIRED and s.num_waiting == 0
+    while s.has_work:
+        run_step(s)
+    assert old.status is RequestStatus.FINISHED and s.kv.num_free_blocks == 5
