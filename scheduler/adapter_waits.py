@@ -4,8 +4,9 @@ generation policy (scheduler/generation_policy.py). Pure Python, no torch.
 A tenant whose head request needs an adapter that is not resident is parked on that adapter: it leaves the
 fair-share competition without being charged, and the policy asks the residency (the adapter cache) to load the
 adapter, once, and again only after `retry_s`. `ready()` unparks the tenants of every adapter that has become
-resident, for the policy to bring back (lifted like a returning idle tenant). A residency check that raises is
-logged and counted as not resident, so one broken adapter cannot stop a step loop; it is asked again later.
+resident, for the policy to bring back (lifted like a returning idle tenant). A residency check or request that
+raises is logged (the check counts as not resident), so one broken adapter cannot stop a step loop; it is asked
+again later.
 Parked tenants are indexed by adapter, so a step's check costs one residency lookup per waited-for adapter, not
 one per tenant.
 """
@@ -57,6 +58,16 @@ class AdapterWaits:
             self._requested_at[adapter_id] = now
             wanted.append(adapter_id)
         return False
+
+    def request(self, wanted: list[int]) -> None:
+        """Ask the residency to load `wanted` (fire and forget; a failure is logged, and the adapters are asked
+        for again after retry_s). Callers holding a lock call this after releasing it."""
+        if not wanted or self.residency is None:
+            return
+        try:
+            self.residency.request(wanted)
+        except Exception:  # noqa: BLE001 - fire-and-forget: asked again after retry_s
+            log.exception("residency request for adapters %s failed", wanted)
 
     def park(self, tenant: Waiter, adapter_id: int) -> None:
         tenant.parked_on = adapter_id

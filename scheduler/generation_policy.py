@@ -221,8 +221,7 @@ class GenerationScheduler:
         admitted: list[Request] = []
         if self.config.mode == "iteration" or not self._running:   # 3. admission
             admitted = self._admit(rows, budget, now, wanted)
-        if wanted and self.residency is not None:
-            self.residency.request(wanted)
+        self._waits.request(wanted)
         self.counts["scheduled_tokens"] += sum(r.num_tokens for r in rows)
         return GenerationBatch(step, tuple(rows), tuple(dropped), tuple(admitted), tuple(preempted))
 

@@ -36,7 +36,6 @@ step's other finished requests. Deadlines apply to waiting requests only.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
@@ -48,8 +47,6 @@ from .config import SchedulerConfig
 from .deadlines import Deadlines
 from .fair_queue import FairQueue
 from .types import Request, RequestStatus, ScheduledBatch, ScheduledRow, StepOutput
-
-log = logging.getLogger(__name__)
 
 
 class QueueFullError(RuntimeError):
@@ -212,11 +209,7 @@ class Scheduler:
                 self._in_flight[step] = batch.rows
                 self._counts["scheduled_rows"] += len(rows)
                 self._counts["scheduled_tokens"] += batch.num_tokens
-        if wanted and self.residency is not None:
-            try:
-                self.residency.request(wanted)
-            except Exception:  # noqa: BLE001 - fire-and-forget: asked again after residency_retry_s
-                log.exception("residency request for adapters %s failed", wanted)
+        self._waits.request(wanted)                     # outside the lock
         return batch
 
     def update(self, output: StepOutput) -> list[Request]:

@@ -183,7 +183,7 @@ def test_config_is_validated():
 
 
 class FlakyResidency:
-    """Adapter 9's residency check raises until `broken` is cleared; adapter 5 loads when asked."""
+    """Adapter 9's residency check raises until `broken` is cleared; the first request raises too."""
 
     def __init__(self):
         self.broken, self.resident, self.requested = True, set(), []
@@ -195,9 +195,11 @@ class FlakyResidency:
 
     def request(self, adapter_ids):
         self.requested.extend(adapter_ids)
+        if len(self.requested) == len(adapter_ids):    # the first request fails, as a full cache's might
+            raise RuntimeError("adapter cache full")
 
 
-def test_a_failing_residency_check_parks_its_tenant_and_the_others_go_on():
+def test_a_failing_residency_check_or_request_parks_its_tenant_and_the_others_go_on():
     clock, res = Clock(), FlakyResidency()
     s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=16, max_running=4, residency_retry_s=1.0),
                             kv(64), residency=res, clock=clock)
@@ -210,6 +212,9 @@ def test_a_failing_residency_check_parks_its_tenant_and_the_others_go_on():
     assert res.requested == [9, 5]                 # both asked for once
     run_step(s)
     assert res.requested == [9, 5]                 # not again before residency_retry_s
+    clock.t = 1.5
+    run_step(s)
+    assert res.requested == [9, 5, 9, 5]           # asked again after it (the first request had failed)
     res.resident.add(5)
     b3, _ = run_step(s)
     assert waits in [r.request for r in b3.rows] and broken.num_computed_tokens == 0
