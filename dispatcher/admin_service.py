@@ -287,7 +287,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         app = self.app
         num_tenants = await asyncio.to_thread(self._m.registry.count_tenants)
         resident = sum(c.stats()["device"]["resident"] for c in self._m.caches.values())
-        queued = sum(e.scheduler.num_waiting for e in app.engines)
+        # waiting in the local engines; with Ray Serve replicas (no local queue) the calls out to them
+        queued = sum(e.scheduler.num_waiting if e.scheduler is not None else e.num_pending for e in app.engines)
         if app.model is not None:      # the top-level fields describe the encoder when there is one
             pool = app.model.pool.config
             name, device = app.model.name, app.model.device

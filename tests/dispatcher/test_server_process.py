@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from dispatcher.gen.vbert.v1 import tenant_pb2, tenant_pb2_grpc
+from dispatcher.gen.vbert.v1 import admin_pb2, admin_pb2_grpc, tenant_pb2, tenant_pb2_grpc
 from tests.conftest import classify, make_artifact
 from tests.dispatcher.conftest import bearer
 
@@ -220,6 +220,19 @@ class BusyCallers:
             t.join(timeout)
 
 
+def server_has_calls(s: ServeProcess, num: int, timeout: float) -> bool:
+    """Until the server itself counts at least `num` tenant calls in flight (the callers' own count includes
+    calls still on their way, which a SIGTERM refuses instead of draining)."""
+    admin = admin_pb2_grpc.AdminServiceStub(s.channel)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = admin.GetStatus(admin_pb2.GetStatusRequest(), metadata=bearer("proc-admin"), timeout=10)
+        if status.limits.num_rpcs_in_flight >= num:
+            return True
+        time.sleep(0.005)
+    return False
+
+
 def test_sigterm_logs_what_it_drained(tiny_checkpoint, tmp_path):
     """A real `vbert serve` SIGTERMed while callers keep it busy: one log line says how many calls were
     in flight, how many inputs were queued, and how long the drain took; the calls already running finish."""
@@ -307,7 +320,9 @@ def test_sigterm_drains_the_ray_serve_replicas_too(tiny_checkpoint, tmp_path):
                 if " ".join(p.cmdline()).startswith("ray::ServeReplica")]
     assert len(replicas) == 1
     assert callers.wait_in_flight(3, 30)               # SIGTERM while calls are out, so the drain has some to finish
-    assert s.terminate(90) == 0
+    busy = server_has_calls(s, 2, 30)                   # ... and the server holds them (not still on their way)
+    assert s.terminate(90) == 0                         # (before asserting: the callers stop only when refused)
+    assert busy
     callers.join(60)
     assert set(callers.codes) == {grpc.StatusCode.UNAVAILABLE}, callers.codes
     line = drain_line((tmp_path / "serve.log").read_text())
