@@ -132,7 +132,7 @@ class _Tenant:
 class GenerationScheduler:
     def __init__(self, config: GenerationSchedulerConfig, kv: KVBlocks, residency: Residency | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        self.config, self.kv, self.residency, self.clock = config, kv, residency, clock
+        self.config, self.kv, self.clock = config, kv, clock
         self._tenants: dict[int, _Tenant] = {}
         self._backlog = FairQueue()                    # tenants with a waiting head that is not parked
         self._deadlines = Deadlines()                  # waiting requests by deadline
@@ -316,7 +316,7 @@ class GenerationScheduler:
         while len(self._backlog) and len(self._running) < self.config.max_running and (budget > 0 or is_static):
             tenant = self._backlog.peek()
             req = tenant.queue[0]
-            if not self._is_resident(req.adapter_id, now, wanted):
+            if not self._waits.is_resident(req.adapter_id, now, wanted):
                 self._park(tenant, req.adapter_id)
                 continue
             cap = self.config.max_adapters
@@ -368,7 +368,7 @@ class GenerationScheduler:
         if front:
             tenant.queue.appendleft(req)
             if tenant.parked_on is not None:      # the new head may use another adapter
-                self._unpark(tenant)
+                self._waits.unpark(tenant)
         else:
             tenant.queue.append(req)
         self._num_waiting += 1
@@ -401,9 +401,9 @@ class GenerationScheduler:
         if not tenant.queue:
             self._backlog.drop(tenant)
             if tenant.parked_on is not None:
-                self._unpark(tenant)
+                self._waits.unpark(tenant)
         elif was_head and tenant.parked_on is not None:
-            self._unpark(tenant)
+            self._waits.unpark(tenant)
             self._activate(tenant)
 
     def _expire(self, now: float) -> list[Request]:
@@ -418,15 +418,9 @@ class GenerationScheduler:
     def _is_waiting(self, req: Request) -> bool:
         return req.status is RequestStatus.WAITING and self._requests.get(req.request_id) is req
 
-    def _is_resident(self, adapter_id: int | None, now: float, wanted: list[int]) -> bool:
-        return self._waits.is_resident(adapter_id, now, wanted)
-
     def _park(self, tenant: _Tenant, adapter_id: int) -> None:
         self._waits.park(tenant, adapter_id)
         self._backlog.drop(tenant)
-
-    def _unpark(self, tenant: _Tenant) -> None:
-        self._waits.unpark(tenant)
 
     def _unpark_resident(self, now: float, wanted: list[int]) -> None:
         for tenant in self._waits.ready(now, wanted):

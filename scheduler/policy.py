@@ -70,7 +70,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, residency: Residency | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        self.config, self.residency, self.clock = config, residency, clock
+        self.config, self.clock = config, clock
         self._lock = threading.Lock()
         self._tenants: dict[int, _Tenant] = {}
         self._backlog = FairQueue()                        # backlogged tenants by virtual counter
@@ -172,7 +172,7 @@ class Scheduler:
                 if need > tokens_left - reserve_tokens or rows_left - 1 < reserve_rows:
                     break
                 self._decode_ready.popleft()
-                if not self._is_resident(req.adapter_id, now, wanted):
+                if not self._waits.is_resident(req.adapter_id, now, wanted):
                     self._decode_ready.append(req)
                     continue
                 rows.append(ScheduledRow(req, need))
@@ -180,16 +180,16 @@ class Scheduler:
                 self._charge(self._tenants[req.tenant_id], need)
             if starved:                                 # 2. the head passed over last step goes first
                 tenant = starved[0]
-                self._drop_from_heap(tenant)
+                self._backlog.drop(tenant)
                 left = self._try_admit(tenant, tokens_left, rows_left, rows, now, wanted)
                 if left is None:
-                    self._push(tenant)
+                    self._backlog.push(tenant)
                 else:
                     tokens_left, rows_left = left
             self._starved = None
             passed: list[_Tenant] = []
             while rows_left > 0 and tokens_left > 0:   # 3. waiting requests, smallest counter first
-                tenant = self._pop_min()
+                tenant = self._backlog.pop()
                 if tenant is None:
                     break
                 left = self._try_admit(tenant, tokens_left, rows_left, rows, now, wanted)
@@ -202,7 +202,7 @@ class Scheduler:
                     continue
                 tokens_left, rows_left = left
             for tenant in passed:
-                self._push(tenant)
+                self._backlog.push(tenant)
             batch = ScheduledBatch(step=step, rows=tuple(rows), dropped=tuple(dropped),
                                    token_budget=budget if budget < self.config.max_tokens_per_step else None)
             if rows:
@@ -296,8 +296,8 @@ class Scheduler:
         """Admit the head of a tenant taken out of the heap: returns the budget left, or None (the tenant
         must go back to the heap) if the head does not fit. A non-resident head parks the tenant."""
         req = tenant.queue[0]
-        if not self._is_resident(req.adapter_id, now, wanted):
-            self._park(tenant, req.adapter_id)
+        if not self._waits.is_resident(req.adapter_id, now, wanted):
+            self._waits.park(tenant, req.adapter_id)
             return tokens_left, rows_left
         need = req.tokens_to_compute()
         is_first = not rows and need <= self.config.max_tokens_per_step   # a step always takes its first row
@@ -313,7 +313,7 @@ class Scheduler:
         tenant.num_served_requests += 1
         self._last_counter = tenant.counter
         if tenant.queue:
-            self._push(tenant)
+            self._backlog.push(tenant)
         return max(0, tokens_left - need), rows_left - 1
 
     def _is_adapter_budget_spent(self, adapter_id: int | None, rows: list[ScheduledRow]) -> bool:
@@ -337,34 +337,13 @@ class Scheduler:
         tenant.counter += num_tokens / tenant.weight
         tenant.num_served_tokens += num_tokens
         if tenant.heap_seq is not None:
-            self._push(tenant)   # re-key; the old entry goes stale
+            self._backlog.push(tenant)   # re-key; the old entry goes stale
 
     def _activate(self, tenant: _Tenant) -> None:
         """The tenant (re)joins the backlogged set: lift its counter so idle time banks no credit."""
-        floor = self._min_counter()
+        floor = self._backlog.min_counter()
         tenant.counter = max(tenant.counter, self._last_counter if floor is None else floor)
-        self._push(tenant)
-
-    def _push(self, tenant: _Tenant) -> None:
         self._backlog.push(tenant)
-
-    def _drop_from_heap(self, tenant: _Tenant) -> None:
-        self._backlog.drop(tenant)
-
-    def _pop_min(self) -> _Tenant | None:
-        return self._backlog.pop()
-
-    def _min_counter(self) -> float | None:
-        return self._backlog.min_counter()
-
-    def _is_resident(self, adapter_id: int | None, now: float, wanted: list[int]) -> bool:
-        return self._waits.is_resident(adapter_id, now, wanted)
-
-    def _park(self, tenant: _Tenant, adapter_id: int) -> None:
-        self._waits.park(tenant, adapter_id)
-
-    def _unpark(self, tenant: _Tenant) -> None:
-        self._waits.unpark(tenant)
 
     def _unpark_resident(self, now: float, wanted: list[int]) -> None:
         for tenant in self._waits.ready(now, wanted):
@@ -376,11 +355,11 @@ class Scheduler:
         tenant.queue.remove(req)
         self._num_waiting -= 1
         if not tenant.queue:
-            self._drop_from_heap(tenant)
+            self._backlog.drop(tenant)
             if tenant.parked_on is not None:
-                self._unpark(tenant)
+                self._waits.unpark(tenant)
         elif was_head and tenant.parked_on is not None:   # the new head may use another adapter
-            self._unpark(tenant)
+            self._waits.unpark(tenant)
             self._activate(tenant)
 
     def _expire(self, now: float) -> list[Request]:
