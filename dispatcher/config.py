@@ -18,6 +18,7 @@ from scheduler.generation_policy import GenerationSchedulerConfig
 from vbert.config import (DEFAULT_LORA_TARGETS, BackboneConfig, ModelConfig, PoolConfig, SkipConfig,
                           SkipTableConfig, default_shallow_path)
 
+from vbert.bgmv import BANK_DTYPES
 from vbert.decoder_backbone import DecoderBackboneConfig
 
 from .admission import AdmissionConfig
@@ -132,6 +133,7 @@ class ServerConfig:
     decoder_block_size: int = 16         # tokens per KV block
     decoder_lora_slots: int = 32         # decoder LoRA adapters resident at once
     decoder_max_lora_rank: int = 16
+    decoder_lora_dtype: str = "auto"     # the decoder LoRA pool's banks: auto (the model's dtype) | float32 | bfloat16 (half the memory)
     generation_mode: str = "iteration"   # iteration (Orca) | request (static batches, a baseline)
     generation_max_tokens_per_step: int = 512   # decode tokens + prefill chunks per decoder step
     generation_max_running: int = 32     # sequences per decoder step
@@ -236,6 +238,8 @@ class ServerConfig:
         if self.replicas and not self.has_encoder:
             raise ValueError(f"replicas = {self.replicas} runs the encoder on Ray Serve, but backbones = "
                              f"{self.backbones!r} loads no encoder")
+        if self.decoder_lora_dtype not in BANK_DTYPES:
+            raise ValueError(f"decoder_lora_dtype {self.decoder_lora_dtype!r} is not one of {BANK_DTYPES}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
         names = self.backbone_names
@@ -305,7 +309,8 @@ class ServerConfig:
     def decoder_config(self) -> DecoderBackboneConfig:
         return DecoderBackboneConfig(path=self.decoder, cache_dir=str(Path(self.data_dir) / "models"),
                                      kv_cache_bytes=self.decoder_kv_cache_mb << 20, block_size=self.decoder_block_size,
-                                     num_lora_slots=self.decoder_lora_slots, max_lora_rank=self.decoder_max_lora_rank)
+                                     num_lora_slots=self.decoder_lora_slots, max_lora_rank=self.decoder_max_lora_rank,
+                                     lora_dtype=self.decoder_lora_dtype)
 
     def generation_scheduler_config(self) -> GenerationSchedulerConfig:
         return GenerationSchedulerConfig(max_tokens_per_step=self.generation_max_tokens_per_step,

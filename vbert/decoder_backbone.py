@@ -29,6 +29,7 @@ class DecoderBackboneConfig:
     block_size: int = 16
     num_lora_slots: int = 32
     max_lora_rank: int = 16
+    lora_dtype: str = "auto"      # the LoRA banks: auto (the model's dtype), float32, bfloat16 (half the memory)
 
     def __post_init__(self) -> None:
         for name in ("kv_cache_bytes", "block_size", "num_lora_slots", "max_lora_rank"):
@@ -37,12 +38,13 @@ class DecoderBackboneConfig:
                 raise ValueError(f"decoder {name} must be an integer >= 1, got {value!r}")
         if self.path is not None and not isinstance(self.path, str):
             raise ValueError(f"decoder path must be a string or None, got {self.path!r}")
+        self.lora_config()
 
     def kv_config(self) -> KVCacheConfig:
         return KVCacheConfig(block_size=self.block_size, budget_bytes=self.kv_cache_bytes)
 
     def lora_config(self) -> DecoderLoraConfig:
-        return DecoderLoraConfig(num_slots=self.num_lora_slots, max_rank=self.max_lora_rank)
+        return DecoderLoraConfig(num_slots=self.num_lora_slots, max_rank=self.max_lora_rank, bank_dtype=self.lora_dtype)
 
 
 def _eos_ids(path: Path, tokenizer) -> tuple[int, ...]:

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import AdapterError, LoraAdapter, LoraWeights, _check_finite, _check_shape
-from .bgmv import BGMV_BACKENDS, bgmv, resolve_backend
+from .bgmv import BANK_DTYPES, BGMV_BACKENDS, bgmv, resolve_backend, resolve_bank_dtype
 from .device import DeviceContext
 from .heads import DECODER
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, _pattern_value, read_peft_files
@@ -191,8 +191,11 @@ class DecoderLoraConfig:
     num_slots: int = 8
     max_rank: int = 16
     backend: str = "auto"     # vbert.bgmv: "numba" (CPU), "torch" (any device), "auto"
+    bank_dtype: str = "auto"  # vbert.bgmv: "float32", "bfloat16" (half the memory), "auto" (the model's dtype)
 
     def __post_init__(self) -> None:
+        if self.bank_dtype not in BANK_DTYPES:
+            raise ValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {self.bank_dtype!r}")
         if self.backend not in ("auto", *BGMV_BACKENDS):
             raise ValueError(f"backend must be 'auto' or one of {BGMV_BACKENDS}, got {self.backend!r}")
         if not isinstance(self.num_slots, int) or self.num_slots < 1:
@@ -207,8 +210,9 @@ class DecoderLoraPool:
     def __init__(self, config: DecoderLoraConfig, shape: DecoderShape, device: DeviceContext):
         self.config, self.shape, self.device = config, shape, device
         self.backend = resolve_backend(config.backend, device.device, device.dtype)
+        self.bank_dtype = resolve_bank_dtype(config.bank_dtype, self.backend, device.dtype)
         nl, s, R = shape.num_layers, config.num_slots + 1, config.max_rank
-        kw = dict(device=device.device, dtype=device.dtype)
+        kw = dict(device=device.device, dtype=self.bank_dtype)
         self.a, self.b, self.ranks, self._layout = {}, {}, {}, {}
         for g, ts in DECODER_LORA_GROUPS.items():
             outs = np.array([shape.target_dims(t)[1] for t in ts], dtype=np.int64)
@@ -285,7 +289,7 @@ class DecoderLoraPool:
                 int(self.ranks[group][layer, slot, j]))
 
     def _put(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(self.device.host_tensor(src.to(self.device.dtype)), non_blocking=self.device.is_cuda)
+        dst.copy_(self.device.host_tensor(src.to(self.bank_dtype)), non_blocking=self.device.is_cuda)
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, idx: torch.Tensor,
               offsets: tuple[int, ...]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+import torch
 
 from dispatcher.gen.inference import grpc_service_pb2 as oip_pb, grpc_service_pb2_grpc
 from dispatcher.gen.vbert.v1 import tenant_pb2
@@ -17,8 +18,10 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def dec_server(tiny_checkpoint, decoder_dir, tmp_path_factory):
+    # bfloat16 LoRA banks here (the other decoder servers in the tests keep the default, float32)
     s = RunningServer(tiny_server_config(tiny_checkpoint, tmp_path_factory.mktemp("var"), backbones="decoder",
-                                         decoder=str(decoder_dir), decoder_kv_cache_mb=1, decoder_block_size=4))
+                                         decoder=str(decoder_dir), decoder_kv_cache_mb=1, decoder_block_size=4,
+                                         decoder_lora_dtype="bfloat16"))
     s.key = s.register("acme")
     yield s
     s.stop()
@@ -36,6 +39,8 @@ def test_config_accepts_a_decoder_only_server(tiny_checkpoint, tmp_path):
     assert cfg.has_decoder and not cfg.has_encoder
     with pytest.raises(ValueError, match="backbones"):
         tiny_server_config(tiny_checkpoint, tmp_path, backbones="")
+    with pytest.raises(ValueError, match="decoder_lora_dtype 'float16' is not one of"):
+        tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder", decoder_lora_dtype="float16")
 
 
 def test_generate_and_decoder_adapters_work(dec_server, decoder_dir, tmp_path):
@@ -43,6 +48,7 @@ def test_generate_and_decoder_adapters_work(dec_server, decoder_dir, tmp_path):
 
     s = dec_server
     assert s.app.model is None and s.app.engine is None
+    assert s.app.decoder.lora.a["qkv"].dtype == torch.bfloat16
     with Client(s.address, admin_token=ADMIN_TOKEN) as admin:
         rec = admin.upload_adapter("acme", "writer", write_tiny_decoder_lora(tmp_path / "lora", decoder_dir, seed=3))
         status = admin.status()

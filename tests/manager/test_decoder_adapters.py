@@ -61,7 +61,8 @@ def mgr(tiny_checkpoint, tmp_path, decoder):
 
 
 def assert_slot_holds(pool: DecoderLoraPool, slot: int, adapter: LoraAdapter) -> None:
-    """The slot's bank entries are the adapter's A and (scale * B)^T with its rank, zero-padded."""
+    """The slot's bank entries are the adapter's A and (scale * B)^T with its rank, zero-padded, in the banks'
+    dtype (bfloat16 with the CPU kernel: rounded to nearest, exactly as torch rounds)."""
     for targets in DECODER_LORA_GROUPS.values():
         for target in targets:
             for layer in range(pool.shape.num_layers):
@@ -71,8 +72,8 @@ def assert_slot_holds(pool: DecoderLoraPool, slot: int, adapter: LoraAdapter) ->
                     assert not a.any() and not b.any() and rank == 0
                     continue
                 assert rank == w.rank
-                torch.testing.assert_close(a[:w.rank], w.A, rtol=0, atol=0)
-                torch.testing.assert_close(b[:w.rank], (w.B * w.scale).t(), rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(a[:w.rank], w.A.to(a.dtype), rtol=0, atol=0)
+                torch.testing.assert_close(b[:w.rank], (w.B * w.scale).t().to(b.dtype), rtol=0, atol=0)
                 assert not a[w.rank:].any() and not b[w.rank:].any()
 
 

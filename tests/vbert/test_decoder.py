@@ -135,7 +135,20 @@ def _write_lora(hf_model_path: Path, path: Path, r: int, seed: int, alpha: int):
     pm.save_pretrained(path)
 
 
-def test_lora_mixed_batch_equals_peft_generate(checkpoint, tmp_path):
+def _round_lora_to(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The PEFT model with its LoRA weights rounded to `dtype` (what bfloat16 banks hold; exact here, as the
+    adapters' scales are powers of two: rounding B then scaling equals rounding scale * B)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(p.to(dtype).float())
+    return model
+
+
+@pytest.mark.parametrize("bank_dtype", ["float32", "bfloat16"])
+def test_lora_mixed_batch_equals_peft_generate(checkpoint, tmp_path, bank_dtype):
+    """Greedy generation of a mixed batch equals PEFT's, per adapter; with bfloat16 banks it equals PEFT on the
+    adapter's weights rounded to bfloat16."""
     path, _ = checkpoint
     specs = [(2, 1, 4), (8, 2, 16), (4, 3, 4)]   # (r, seed, alpha)
     dirs = []
@@ -144,7 +157,8 @@ def test_lora_mixed_batch_equals_peft_generate(checkpoint, tmp_path):
         _write_lora(path, d, r, seed, alpha)
         dirs.append(d)
     model = DecoderModel.from_pretrained(path, CPU)
-    pool = DecoderLoraPool(DecoderLoraConfig(num_slots=4, max_rank=8), model.spec, CPU)
+    pool = DecoderLoraPool(DecoderLoraConfig(num_slots=4, max_rank=8, bank_dtype=bank_dtype), model.spec, CPU)
+    assert pool.a["qkv"].dtype == getattr(torch, bank_dtype)
     slots = [pool.load(read_peft_causal_lm(d)) for d in dirs]
     cache = model.new_cache(KVCacheConfig(block_size=4, num_blocks=64))
     prompts = _prompts([5, 9, 2, 13, 7], seed=3)
@@ -155,7 +169,7 @@ def test_lora_mixed_batch_equals_peft_generate(checkpoint, tmp_path):
     refs = {0: transformers.AutoModelForCausalLM.from_pretrained(path).eval()}
     for slot, d in zip(slots, dirs):
         base = transformers.AutoModelForCausalLM.from_pretrained(path)
-        refs[slot] = peft.PeftModel.from_pretrained(base, d).eval()
+        refs[slot] = _round_lora_to(peft.PeftModel.from_pretrained(base, d), getattr(torch, bank_dtype)).eval()
     num_changed = 0
     for p, n, slot, got in zip(prompts, max_new, rows, out):
         assert got == _hf_greedy(refs[slot], p, n), f"slot {slot}"
@@ -184,17 +198,20 @@ def test_lora_pool_refuses(checkpoint, tmp_path):
         model.forward(torch.tensor([1, 2]), torch.tensor([0, 1]), [StepSequence(0, 0, 2, 1)], cache)
 
 
+@pytest.mark.parametrize("bank_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("backend", ["numba", "torch"])
-def test_bgmv_semantics_per_token_loop(checkpoint, tmp_path, backend):
-    """DecoderLoraPool.apply equals its Semantics line computed token by token, on both kernels (the
-    numba one skips rank padding and takes rank rows eight, four, then one at a time: ranks 3, 8 and 13
-    take every path)."""
+def test_bgmv_semantics_per_token_loop(checkpoint, tmp_path, backend, bank_dtype):
+    """DecoderLoraPool.apply equals its Semantics line computed token by token, on both kernels and both bank
+    dtypes (the numba one skips rank padding and takes rank rows eight, four, then one at a time: ranks 3, 8
+    and 13 take every path; bfloat16 banks hold A and scale * B rounded to bfloat16, computed in float32)."""
     path, _ = checkpoint
     model = DecoderModel.from_pretrained(path, CPU)
     for d, r, seed in (("a", 3, 7), ("b", 8, 8), ("c", 13, 9)):
         _write_lora(path, tmp_path / d, r=r, seed=seed, alpha=2 * r)
-    pool = DecoderLoraPool(DecoderLoraConfig(num_slots=4, max_rank=16, backend=backend), model.spec, CPU)
-    assert pool.backend == backend
+    pool = DecoderLoraPool(DecoderLoraConfig(num_slots=4, max_rank=16, backend=backend, bank_dtype=bank_dtype),
+                           model.spec, CPU)
+    assert pool.backend == backend and pool.a["down"].dtype == pool.b["down"].dtype == getattr(torch, bank_dtype)
+    rounded = getattr(torch, bank_dtype)
     adapters = {pool.load(read_peft_causal_lm(tmp_path / d)): read_peft_causal_lm(tmp_path / d) for d in "abc"}
     idx = torch.tensor([0, *adapters, 0, *reversed(list(adapters))])
     spec = model.spec
@@ -210,7 +227,8 @@ def test_bgmv_semantics_per_token_loop(checkpoint, tmp_path, backend):
             for target, off, n in targets:
                 if slot:
                     w = adapters[slot].modules[(1, target)]
-                    want[off:off + n] += w.scale * (w.B @ (w.A @ x[i]))
+                    a, b = w.A.to(rounded).float(), (w.B * w.scale).to(rounded).float()
+                    want[off:off + n] += b @ (a @ x[i])
             torch.testing.assert_close(got[i], want, msg=f"{group} token {i} slot {slot}")
 
 
@@ -220,6 +238,18 @@ def test_lora_backend_validation():
     spec = DecoderSpec(VOCAB, 32, 48, 2, 4, 2, 8, 1e-6, 1e4, 64, True)
     with pytest.raises(ValueError, match="float32 CPU"):
         DecoderLoraPool(DecoderLoraConfig(backend="numba"), spec, DeviceContext(torch.device("cpu"), torch.float16))
+    with pytest.raises(ValueError, match="bank_dtype.*'float16'"):
+        DecoderLoraConfig(bank_dtype="float16")
+    # auto: the model's dtype; bfloat16 halves the pool, with either kernel
+    auto = DecoderLoraPool(DecoderLoraConfig(num_slots=1, max_rank=2), spec, CPU)
+    assert auto.bank_dtype == auto.a["o"].dtype == torch.float32
+    for backend in ("numba", "torch"):
+        half = DecoderLoraPool(DecoderLoraConfig(num_slots=1, max_rank=2, backend=backend, bank_dtype="bfloat16"),
+                               spec, CPU)
+        assert half.a["o"].dtype == half.b["down"].dtype == torch.bfloat16
+        assert half.total_bytes() * 2 == auto.total_bytes()
+    half_model = DeviceContext(torch.device("cpu"), torch.float16)
+    assert DecoderLoraPool(DecoderLoraConfig(num_slots=1, max_rank=2), spec, half_model).a["o"].dtype == torch.float16
 
 
 def test_peft_reader_refuses(checkpoint, tmp_path):

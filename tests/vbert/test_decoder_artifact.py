@@ -110,7 +110,8 @@ def test_exported_peft_directory_gives_our_logits_in_peft(checkpoint, tmp_path, 
         plain = base(prompt).logits[0]                                        # [9, V]
         pm = peft.PeftModel.from_pretrained(base, str(out)).eval()
         want = pm(prompt).logits[0]                                           # [9, V]
-    pool = DecoderLoraPool(DecoderLoraConfig(num_slots=2, max_rank=4), model.spec, CPU)
+    # float32 banks: this checks the format's meaning to 1e-4 (bfloat16 banks: test_decoder.py)
+    pool = DecoderLoraPool(DecoderLoraConfig(num_slots=2, max_rank=4, bank_dtype="float32"), model.spec, CPU)
     slot = pool.load(adapter)
     cache = model.new_cache(KVCacheConfig(block_size=4, num_blocks=16))
     ids = prompt[0].tolist()
