@@ -96,11 +96,13 @@ class App:
     def start(self) -> "App":
         for engine in self.engines:
             engine.start()
+        self.metrics.gc_pauses.install()
         return self
 
     def close(self) -> int:
         """Drain the engines (up to grace_s) and close the manager; returns the engines' drained count."""
         num_drained = sum(engine.stop(drain=True, timeout=self.config.grace_s) for engine in self.engines)
+        self.metrics.gc_pauses.remove()
         self.manager.close()
         if self.model is not None and self.config.scaleout_config() is None:
             try:                                       # (replicas on Ray Serve hold their own caches)

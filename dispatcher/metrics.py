@@ -4,6 +4,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .heap import GC_PAUSE_BUCKETS, GcPauses
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
@@ -37,6 +39,9 @@ class Metrics:
                                                  buckets=LATENCY_BUCKETS, registry=r)
         self.generation_step_rows = Histogram("vbert_generation_step_rows", "sequences per decoder step",
                                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        # the Python garbage collector's stop-the-world pauses (dispatcher/heap.py), installed while the app runs
+        self.gc_pauses = GcPauses(Histogram("vbert_gc_pause_seconds", "pause of one Python garbage collection",
+                                            ["generation"], buckets=GC_PAUSE_BUCKETS, registry=r))
         self._sources = {}
 
     def watch(self, cache=None, scheduler=None, skip=None, generation=None) -> None:

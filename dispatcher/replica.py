@@ -27,6 +27,8 @@ from scheduler.types import Request
 from vbert.device import reserve_cpu_for_steps
 from vbert.model import MultiTenantModel
 
+from .heap import freeze_startup_heap
+
 BASE_MODEL_ID = "base"      # the bare backbone (no adapter to load)
 RATE_WINDOW_S = 5.0         # the rows-per-second a replica reports to Ray's autoscaler is over this window
 RETURNED_METADATA = ("offsets", "word_ids")   # what the servicers read of a computed request (Tag's character offsets)
@@ -71,6 +73,7 @@ class EncoderReplica:
         self._arrivals: deque[tuple[float, int]] = deque()   # (when, rows) of the calls of the last RATE_WINDOW_S
         self._started = time.monotonic()
         self.pid = os.getpid()
+        freeze_startup_heap()     # a replica is a process of its own: full collections skip its start-up heap
 
     # -- adapters ------------------------------------------------------------------------------------
     def _artifact(self, adapter_id: int):

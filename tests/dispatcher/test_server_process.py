@@ -117,6 +117,7 @@ def test_health_reflection_metrics_restart(tiny_checkpoint, tmp_path):
         body = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode()
         assert 'vbert_rpc_duration_seconds_count{code="OK",method="Classify"}' in body
         assert "vbert_adapter_cache_misses" in body and "vbert_queue_depth" in body and "tenant" not in body
+        assert 'vbert_gc_pause_seconds_count{generation="0"}' in body     # the collector's pauses are timed
         assert (tmp_path / "var" / "admin_token").exists() is False   # token came from VBERT_ADMIN_TOKEN
     finally:
         assert s.terminate() == 0
@@ -248,9 +249,13 @@ def test_sigterm_logs_what_it_drained(tiny_checkpoint, tmp_path):
     assert s.terminate(60) == 0
     callers.join(60)
     assert set(callers.codes) == {grpc.StatusCode.UNAVAILABLE}, callers.codes   # in flight finished, new refused
-    line = drain_line((tmp_path / "serve.log").read_text())
+    logs = (tmp_path / "serve.log").read_text()
+    line = drain_line(logs)
     assert 0 < line["num_calls"] <= 4 and line["inputs"] <= 4 * len(texts) and line["duration_ms"] > 0
     assert callers.num_ok >= num_before
+    # once up, the server froze its start-up heap (full collections skip it: dispatcher/heap.py)
+    (frozen,) = [json.loads(x)["msg"] for x in logs.splitlines() if "start-up heap frozen" in x]
+    assert int(frozen.rsplit(" ", 2)[-2]) > 10_000, frozen
 
 
 def test_bad_config_is_refused_at_start(tmp_path):
