@@ -9,9 +9,9 @@ Semantics: for each token i with s = idx[i] != 0 and each target j,
   out[i, out_offsets[j]:out_offsets[j] + out_j] += (a[s, jR:jR+R] @ x[i]) @ b_j[s]     (slot 0 adds nothing)
 
 - "numba" (CPU): one fused kernel, tokens in parallel, reading each token's adapter rows in place: no
-  gathered copy of the adapter, and only the rows up to the slot's real rank. Decode of a batch of
-  distinct adapters is memory-bound on those rows, so this is what keeps LoRA near the bare model's speed.
-  float32 or bfloat16 banks (bfloat16 widened to float32 by a shift in the kernel).
+  gathered copy of the adapter, and only the rows up to the slot's real rank. In decode with a batch of
+  distinct adapters, reading those rows is about half the kernel's time on this project's CPU
+  (benchmarks/decode_lora.py). float32 or bfloat16 banks (bfloat16 widened to float32 by a shift here).
 - "torch" (any device): gather each token's bank rows (index_select) and batched matmuls; on CUDA the
   gather is cheap next to the step, and it needs no custom kernel.
 """
