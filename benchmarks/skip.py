@@ -122,6 +122,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-freeze", action="store_true", help="leave the set-up heap in the garbage collector's full "
+                   "passes (a server freezes it: dispatcher/heap.py)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,6 +180,9 @@ def main() -> None:
     times = {name: [] for name in contenders}
     snapshots = {}
     total = args.warmup + args.iters
+    if not args.no_freeze:     # as a server does once it is up (dispatcher/heap.py): full collections skip the models
+        from dispatcher.heap import freeze_startup_heap
+        freeze_startup_heap()
     order_rng = random.Random(0)
     for it in tqdm(range(total), desc="iterations", unit="it"):
         rows_of = {k: v[it * args.batch:(it + 1) * args.batch] for k, v in inputs.items()}
@@ -210,7 +215,7 @@ def main() -> None:
     table = skip["in_corpus"].skip.tables["bench"]
     result = {
         "date": datetime.date.today().isoformat(), "machine": platform.platform(), "processor": platform.processor(),
-        "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq, "iters": args.iters,
+        "threads": torch.get_num_threads(), "heap_frozen": not args.no_freeze, "batch": args.batch, "seq": args.seq, "iters": args.iters,
         "skip_layers": args.skip_layers, "num_layers": full.spec.num_layers,
         "shallow": str(args.shallow) if args.shallow else "undistilled (teacher's lower layers)",
         "table": args.table or f"built from {[Path(c).name for c in args.corpus]} ({args.budget_mb:g} MiB budget)",
