@@ -23,7 +23,9 @@ the same, the outputs are not). Without --table one is built from --corpus into 
 Writes the JSON (full_tokens_per_s, skip_tokens_per_s, skip_over_full, hit_rate, table_bytes, ...;
 "paired": the median of the per-iteration full / skip time ratios with a 95 % bootstrap interval, in
 corpus and held out; held_out.paired_full_copies: the same statistic for a second copy of the full
-model, loaded after the skip models: the spread two identical contenders show) and a PNG next to it.
+model, loaded after the skip models: the spread two identical contenders show; held_out.paired_same_weights:
+the held-out skip contender's twin running on the full model's own encoder object, so both read the same
+weights in memory and only skip mode's own work differs) and a PNG next to it.
 """
 from __future__ import annotations
 
@@ -162,6 +164,8 @@ def main() -> None:
     skip = {"in_corpus": skip_model("exact"), "held_out": skip_model("exact"),
             "held_out_table": skip_model("exact", "table"), "fallback": skip_model("fallback")}
     full_copy = MultiTenantModel(ModelConfig(backbone=base))   # a second copy, loaded last: the noise floor
+    same_weights = skip_model("exact")
+    same_weights.encoder = full.encoder        # the full model's weights (its own copy freed): no placement lottery
     tok = full.tokenizer
     n = args.batch * (args.iters + args.warmup)
     corpus_texts = [t for f in args.corpus for t in read_corpus(f)]
@@ -176,6 +180,7 @@ def main() -> None:
         "skip_held_out_table": (skip["held_out_table"], "held_out"),
         "skip_fallback": (skip["fallback"], "held_out"),
         "full_copy_held_out": (full_copy, "held_out"),
+        "skip_held_out_same_weights": (same_weights, "held_out"),
     }
     times = {name: [] for name in contenders}
     snapshots = {}
@@ -230,7 +235,8 @@ def main() -> None:
                      "fallback_over_full": tps["skip_fallback"] / tps["full_held_out"],
                      "paired": paired_ratio(times["full_held_out"], times["skip_held_out"]),
                      # the same full model, loaded twice: how far apart two identical contenders land
-                     "paired_full_copies": paired_ratio(times["full_held_out"], times["full_copy_held_out"])},
+                     "paired_full_copies": paired_ratio(times["full_held_out"], times["full_copy_held_out"]),
+                     "paired_same_weights": paired_ratio(times["full_held_out"], times["skip_held_out_same_weights"])},
         "paired": paired_ratio(times["full"], times["skip_in_corpus"]),
         "hit_rate": measured("in_corpus")["hit_rate"], "counters_in_corpus": measured("in_corpus"),
         "counters_held_out": measured("held_out"), "counters_held_out_table": measured("held_out_table"),
