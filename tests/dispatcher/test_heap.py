@@ -29,7 +29,7 @@ def test_freeze_moves_what_exists_out_of_the_collectors_passes(unfrozen):
     before = _Marker()
     assert _tracked(before)
     num = freeze_startup_heap()
-    assert num == gc.get_freeze_count() > 0
+    assert 0 < gc.get_freeze_count() <= num    # frozen objects still die by reference count (other threads run)
     after = _Marker()
     assert not _tracked(before) and _tracked(after)     # frozen objects are not walked; new ones are
     # a cycle made after the freeze is still collected
