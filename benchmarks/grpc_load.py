@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import random
 import statistics
@@ -252,29 +251,6 @@ def summarize(records: list, *, is_open: bool) -> dict:
 
 
 # -- the server side (this process) --------------------------------------------------------------------
-class GcRecorder:
-    """Every Python garbage collection's pause in this process from install() on, by generation."""
-
-    def __init__(self):
-        self.pauses: dict[int, list[float]] = {}
-        self._t0: float | None = None
-
-    def install(self) -> "GcRecorder":
-        gc.callbacks.append(self._callback)
-        return self
-
-    def _callback(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._t0 = time.perf_counter()
-        elif self._t0 is not None:
-            self.pauses.setdefault(info["generation"], []).append(time.perf_counter() - self._t0)
-            self._t0 = None
-
-    def summary(self) -> dict:
-        return {str(g): {"count": len(v), "total_ms": round(1e3 * sum(v), 1), "max_ms": round(1e3 * max(v), 2)}
-                for g, v in sorted(self.pauses.items())}
-
-
 class OwnServer:
     """Server + App on a background event loop; tenants and adapters through app.manager. overrides: more
     ServerConfig settings (benchmarks/scaleout.py: replicas)."""
@@ -300,10 +276,11 @@ class OwnServer:
 
         self.server = self._call(start())
         self.address = f"127.0.0.1:{self.server.port}"
-        from dispatcher.heap import freeze_startup_heap
+        from dispatcher.heap import GcPauses, freeze_startup_heap
         # as `vbert serve` does once it is up (dispatcher/heap.py); --no-freeze: to see what it changes
         self.frozen_objects = 0 if getattr(args, "no_freeze", False) else freeze_startup_heap()
-        self.gc_pauses = GcRecorder().install()
+        self.gc_pauses: dict[int, list[float]] = {}      # generation -> every pause while serving (seconds)
+        GcPauses(lambda generation, seconds: self.gc_pauses.setdefault(generation, []).append(seconds)).install()
 
     def _call(self, coro, timeout=None):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -535,7 +512,10 @@ def run(args) -> dict:
             else "in-process (dispatcher.server.Server on 127.0.0.1, port 0)", "engine": engine,
             "client_process": args.client, "log_level": args.log_level,
             "gc": None if args.target else {"frozen_objects": server.frozen_objects,
-                                            "pauses_while_serving": server.gc_pauses.summary()},
+                                            "pauses_while_serving": {
+                                                str(g): {"count": len(v), "total_ms": round(1e3 * sum(v), 1),
+                                                         "max_ms": round(1e3 * max(v), 2)}
+                                                for g, v in sorted(server.gc_pauses.items())}},
             "workload": {"tenants": args.tenants, "adapter": f"LoRA rank {args.rank}, classify head {list(LABELS)}",
                          "texts": f"{len(texts)} sci-cite train sentences", "call": "unary Classify, 1 text",
                          "requests_per_level": args.requests, "max_seconds_per_level": args.max_seconds,

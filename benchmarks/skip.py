@@ -220,7 +220,8 @@ def main() -> None:
     table = skip["in_corpus"].skip.tables["bench"]
     result = {
         "date": datetime.date.today().isoformat(), "machine": platform.platform(), "processor": platform.processor(),
-        "threads": torch.get_num_threads(), "heap_frozen": not args.no_freeze, "batch": args.batch, "seq": args.seq, "iters": args.iters,
+        "threads": torch.get_num_threads(), "heap_frozen": not args.no_freeze, "batch": args.batch, "seq": args.seq,
+        "iters": args.iters,
         "skip_layers": args.skip_layers, "num_layers": full.spec.num_layers,
         "shallow": str(args.shallow) if args.shallow else "undistilled (teacher's lower layers)",
         "table": args.table or f"built from {[Path(c).name for c in args.corpus]} ({args.budget_mb:g} MiB budget)",

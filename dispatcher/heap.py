@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from typing import Callable
 
 GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -27,12 +28,18 @@ def freeze_startup_heap() -> int:
 
 
 class GcPauses:
-    """Times every garbage collection (gc.callbacks) into a histogram labelled by generation. install() once,
-    remove() when done (a callback keeps this object, and so its histogram, alive)."""
+    """Times every garbage collection (gc.callbacks): observe(generation, seconds) once per collection, in the
+    collecting thread. install() once, remove() when done (a callback keeps this object, and what `observe`
+    holds, alive)."""
 
-    def __init__(self, histogram):
-        self.histogram = histogram       # prometheus_client Histogram with a "generation" label
+    def __init__(self, observe: Callable[[int, float], None]):
+        self.observe = observe
         self._started = threading.local()
+
+    @classmethod
+    def into_histogram(cls, histogram) -> "GcPauses":
+        """Into a prometheus_client Histogram labelled by "generation"."""
+        return cls(lambda generation, seconds: histogram.labels(generation=str(generation)).observe(seconds))
 
     def install(self) -> "GcPauses":
         if self._callback not in gc.callbacks:
@@ -51,4 +58,4 @@ class GcPauses:
         started = getattr(self._started, "t", None)
         if started is not None:
             self._started.t = None
-            self.histogram.labels(generation=str(info["generation"])).observe(now - started)
+            self.observe(info["generation"], now - started)

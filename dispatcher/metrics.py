@@ -40,8 +40,9 @@ class Metrics:
         self.generation_step_rows = Histogram("vbert_generation_step_rows", "sequences per decoder step",
                                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         # the Python garbage collector's stop-the-world pauses (dispatcher/heap.py), installed while the app runs
-        self.gc_pauses = GcPauses(Histogram("vbert_gc_pause_seconds", "pause of one Python garbage collection",
-                                            ["generation"], buckets=GC_PAUSE_BUCKETS, registry=r))
+        self.gc_pauses = GcPauses.into_histogram(Histogram(
+            "vbert_gc_pause_seconds", "pause of one Python garbage collection", ["generation"], buckets=GC_PAUSE_BUCKETS,
+            registry=r))
         self._sources = {}
 
     def watch(self, cache=None, scheduler=None, skip=None, generation=None) -> None:

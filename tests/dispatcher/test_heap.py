@@ -53,8 +53,8 @@ def _counts(registry) -> dict[str, float]:
 
 def test_gc_pauses_are_timed_by_generation_until_removed():
     registry = CollectorRegistry()
-    pauses = GcPauses(Histogram("vbert_gc_pause_seconds", "x", ["generation"], buckets=GC_PAUSE_BUCKETS,
-                                registry=registry))
+    pauses = GcPauses.into_histogram(Histogram("vbert_gc_pause_seconds", "x", ["generation"], buckets=GC_PAUSE_BUCKETS,
+                                               registry=registry))
     pauses.install().install()                        # twice: one callback
     try:
         assert sum(cb == pauses._callback for cb in gc.callbacks) == 1
