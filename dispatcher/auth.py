@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -197,6 +197,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.auth, self.is_draining, self.metrics = auth, is_draining, metrics
         self.admission = admission or Admission()
         self._hash_pool = ThreadPoolExecutor(num_hash_threads, thread_name_prefix="vbert-auth")
+        self._verifying: dict[bytes, Future] = {}   # sha256 of a key -> its verification now running
+        self._verifying_lock = threading.Lock()
         self._refusals = RefusalSampler()
 
     async def intercept_service(self, continuation, details):
@@ -232,26 +234,48 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         Returns the function that gives the slot back."""
         tenant = self.auth.cached(token)
         if tenant is None:   # a miss hashes and queries the registry on the hashing pool
-            peer = peer_of()
-            is_limited = bool(token) and not self.auth.is_known(token)
-            if is_limited:
-                try:
-                    self.admission.begin_auth(peer)
-                except SlotLimitError:
-                    await asyncio.sleep(self.admission.config.failed_auth_delay_s)   # tarpit
-                    raise
-            is_failed = False
-            try:
-                tenant = await asyncio.get_running_loop().run_in_executor(self._hash_pool, self.auth.tenant, token)
-            except UnauthenticatedError:
-                is_failed = True
-                raise
-            finally:   # a good key (or a suspended tenant's) gives its attempt back
-                if is_limited:
-                    self.admission.end_auth(peer, is_ok=not is_failed)
+            tenant = await self._verify(token, peer_of)
         _tenant.set(tenant)
         self.admission.enter_tenant(tenant.id, tenant.name)
         return lambda: self.admission.leave_tenant(tenant.id)
+
+    async def _verify(self, token: str | None, peer_of) -> Tenant:
+        """Verify a key that is not in the cache, once however many calls bring it at the same time: calls
+        that arrive while its verification runs wait for that one (they neither hash again nor take one of
+        their address's failed-authentication attempts), so a burst of first calls with a valid new key is
+        not refused as failed authentication. The first call of a key never verified before takes an attempt
+        up front, refused at once (after a tarpit delay) when its address has none left."""
+        if not token:
+            return self.auth.tenant(token)   # raises at once: no key, nothing to hash
+        digest, refusal, is_first = hashlib.sha256(token.encode()).digest(), None, False
+        with self._verifying_lock:
+            future = self._verifying.get(digest)
+            if future is None:
+                peer, is_limited = peer_of(), not self.auth.is_known(token)
+                try:
+                    if is_limited:
+                        self.admission.begin_auth(peer)
+                    future, is_first = self._hash_pool.submit(self.auth.tenant, token), True
+                    self._verifying[digest] = future
+                except SlotLimitError as e:
+                    refusal = e
+        if refusal is not None:
+            await asyncio.sleep(self.admission.config.failed_auth_delay_s)   # tarpit
+            raise refusal
+        if is_first:
+            future.add_done_callback(lambda f: self._verified(digest, f, peer, is_limited))
+        # shielded: a caller that goes away does not cancel the verification the others wait for
+        return await asyncio.shield(asyncio.wrap_future(future))
+
+    def _verified(self, digest: bytes, future, peer: str, is_limited: bool) -> None:
+        """Runs when a verification ends (in the hashing thread): later calls find the key in the cache (or
+        verify it again if it failed), and a good key (or a suspended tenant's) gives its attempt back."""
+        with self._verifying_lock:
+            if self._verifying.get(digest) is future:
+                del self._verifying[digest]
+        if is_limited:
+            is_failed = not future.cancelled() and isinstance(future.exception(), UnauthenticatedError)
+            self.admission.end_auth(peer, is_ok=not is_failed)
 
     def record(self, method: str, context, started: float) -> None:
         code = context.code()

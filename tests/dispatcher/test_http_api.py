@@ -262,3 +262,30 @@ def test_client_leaving_a_whole_completion_cancels_it(http_server):
         if cancelled() > before:
             break
     assert cancelled() >= before + 1
+
+
+def test_a_burst_of_first_http_calls_with_a_new_key_all_succeed(http_server):
+    """More concurrent first calls with a key nobody has verified yet than the address's failed-authentication
+    burst (20 by default): they share one verification, none is refused as a failed authentication."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import time
+
+    s = http_server
+    key = s.register("newcomer-http")
+    body = {"model": "default", "input": "aspirin reduces fever"}
+    hashed, original = [], s.app.auth.tenant
+
+    def slow(k):          # a slow hash (a loaded machine): the burst arrives while it runs
+        hashed.append(k)
+        time.sleep(0.5)
+        return original(k)
+    s.app.auth.tenant = slow
+    try:
+        with ThreadPoolExecutor(30) as pool:
+            answers = list(pool.map(lambda _: post(f"{s.base_url}/embeddings", key, body), range(30)))
+    finally:
+        s.app.auth.tenant = original
+    assert len(hashed) == 1
+    assert [status for status, _, _ in answers] == [200] * 30, [b for _, _, b in answers if "error" in b][:1]
+    assert all(len(b["data"][0]["embedding"]) > 0 for _, _, b in answers)

@@ -90,12 +90,7 @@ async def _drain(call):
 
 
 def test_one_tenants_idle_streams_do_not_take_other_tenants_slots(iso_server):
-    s = iso_server
-    # the attacker's key verified once first: 260 concurrent first calls with a key nobody has verified yet each
-    # take one of the address's failed-auth attempts (burst 5 here) before hashing, and a slow machine refuses
-    # some as failed authentications instead of at the per-tenant limit this test is about
-    req = T.ClassifyRequest(adapter="cls", inputs=[T.Input(text="warm")])
-    assert s.tenant.Classify(req, metadata=bearer(s.keys["attacker"]), timeout=10).results
+    s = iso_server   # the attacker's key never verified before: its 260 first calls share one verification
 
     async def main():
         def stream(ch):   # a stream that never sends a message
@@ -143,6 +138,62 @@ def test_failed_auth_flood_is_refused_before_hashing_and_known_keys_still_work(i
         assert len(hashed) == 5
         s.app.auth.invalidate()                        # the cache is gone (as after any admin write) ...
         assert victim_classify(s).results              # ... yet a key that verified before is verified again
+    finally:
+        s.app.auth.tenant = original
+
+
+def _count_hashes(s):
+    hashed, original = [], s.app.auth.tenant
+
+    def counting(key):
+        hashed.append(key)
+        time.sleep(0.3)                                # a slow hash: the burst arrives while it runs
+        return original(key)
+    s.app.auth.tenant = counting
+    return hashed, original
+
+
+def test_a_burst_of_first_calls_with_a_new_valid_key_shares_one_verification(tiny_checkpoint, tmp_path):
+    s = RunningServer(tiny_server_config(tiny_checkpoint, tmp_path / "var", max_failed_auth_burst=5,
+                                         max_failed_auth_per_s=0.5))
+    key = s.register("newcomer")
+    s.app.manager.upload_adapter("newcomer", "cls", make_artifact(s.app.model.spec.shape, "lora", classify(2), 7,
+                                                                  rank=2))
+    hashed, original = _count_hashes(s)
+    try:
+        req = T.ClassifyRequest(adapter="cls", inputs=[T.Input(text="the gene")])
+        burst = [s.tenant.Classify.future(req, metadata=bearer(key), timeout=20) for _ in range(16)]
+        # more first calls than the address's failed-authentication burst (5): all are answered, none refused
+        # as a failed authentication, and the key was hashed once
+        assert all(f.result().results[0].label for f in burst)
+        assert len(hashed) == 1, len(hashed)
+        assert s.app.admission.stats()["num_refused"].get("failed_auth", 0) == 0
+    finally:
+        s.app.auth.tenant = original
+        s.stop()
+
+
+def test_a_burst_with_one_bad_key_is_hashed_once_and_costs_one_attempt(iso_server):
+    s = iso_server
+    hashed, original = _count_hashes(s)
+    try:
+        req = T.ClassifyRequest(adapter="cls", inputs=[T.Input(text="x")])
+        bad = "vb_" + secrets.token_urlsafe(24)
+        flood = [s.tenant.Classify.future(req, metadata=bearer(bad), timeout=20) for _ in range(20)]
+        for f in flood:
+            with pytest.raises(grpc.RpcError) as e:
+                f.result()
+            assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED, e.value.details()
+        assert len(hashed) == 1
+        # one attempt of the burst of 5 is gone: four more different bad keys are still hashed, the fifth refused
+        codes = []
+        for _ in range(5):
+            with pytest.raises(grpc.RpcError) as e:
+                s.tenant.Classify(req, metadata=bearer("vb_" + secrets.token_urlsafe(24)), timeout=20)
+            codes.append(e.value.code())
+        assert codes[:4] == [grpc.StatusCode.UNAUTHENTICATED] * 4, codes
+        assert codes[4] is grpc.StatusCode.RESOURCE_EXHAUSTED, codes
+        assert len(hashed) == 5
     finally:
         s.app.auth.tenant = original
 
