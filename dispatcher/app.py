@@ -2,6 +2,7 @@
 Servicers receive the App; nothing reads configuration from anywhere else."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,18 @@ from .uploads import uploads_dir
 log = logging.getLogger("vbert.dispatcher")
 
 
+def generation_engine(config: ServerConfig, decoder: DecoderBackbone, cache, metrics: Metrics | None = None):
+    """The decoder's GenerationEngine over its adapter cache (not started), in this process or on a decoder replica."""
+    sched = config.generation_scheduler_config()
+    residency = CacheResidency(cache, lambda: generation.wake(), max_outstanding=sched.max_adapters)
+    generation = GenerationEngine(config.generation_engine_config(), sched,
+                                  GenerationRunner(decoder.model, decoder.kv, cache), decoder.tokenizer,
+                                  decoder.eos_token_ids, adapters=cache, residency=residency,
+                                  on_step=metrics.on_generation_step if metrics else None,
+                                  on_finish=metrics.on_generation_finish if metrics else None)
+    return generation
+
+
 @dataclass
 class App:
     config: ServerConfig
@@ -52,7 +65,7 @@ class App:
             log.info("skip mode: miss caches restored (%s)",
                      ", ".join(f"{k}: {v}" for k, v in model.skip_cache_restored.items()))
         device = model.device if model is not None else DeviceContext.create(config.device, config.dtype)
-        decoder = DecoderBackbone.load(config.decoder_config(), device) if config.has_decoder else None
+        decoder = DecoderBackbone.load(cls._decoder_config(config), device) if config.has_decoder else None
         manager = Manager(config.manager_config(), model, decoder_pool=decoder.lora if decoder else None)
         if manager.recovery.num_removed:
             log.warning("start-up recovery removed %d leftover files", manager.recovery.num_removed)
@@ -61,10 +74,19 @@ class App:
         engine = cls._encoder_engine(config, model, manager, metrics) if model is not None else None
         generation = cls._generation_engine(config, decoder, manager, metrics) if decoder else None
         metrics.watch(cache=manager.cache, scheduler=engine.scheduler if engine else None,
-                      skip=model.skip if model else None, generation=generation.scheduler if generation else None)
+                      skip=model.skip if model else None,
+                      generation=generation.scheduler if generation else None)
         token = load_admin_token(config.data_dir, config.admin_token)
         return cls(config, model, manager, engine, Authenticator(manager, token), RateLimiter(), metrics, token,
                    Admission(config.admission_config()), decoder, generation)
+
+    @staticmethod
+    def _decoder_config(config: ServerConfig):
+        """With decoder replicas this process's decoder never generates: a KV cache of one MiB, not the configured."""
+        decoder = config.decoder_config()
+        if config.decoder_scaleout_config() is None:
+            return decoder
+        return dataclasses.replace(decoder, kv_cache_bytes=1 << 20)
 
     @staticmethod
     def _encoder_engine(config: ServerConfig, model: MultiTenantModel, manager: Manager, metrics: Metrics):
@@ -82,16 +104,19 @@ class App:
         return start_replicas(scaleout, config, manager)
 
     @staticmethod
-    def _generation_engine(config: ServerConfig, decoder: DecoderBackbone, manager: Manager,
-                           metrics: Metrics) -> GenerationEngine:
-        cache = manager.decoder_cache
-        sched = config.generation_scheduler_config()
-        residency = CacheResidency(cache, lambda: generation.wake(), max_outstanding=sched.max_adapters)
-        generation = GenerationEngine(config.generation_engine_config(), sched,
-                                      GenerationRunner(decoder.model, decoder.kv, cache), decoder.tokenizer,
-                                      decoder.eos_token_ids, adapters=cache, residency=residency,
-                                      on_step=metrics.on_generation_step, on_finish=metrics.on_generation_finish)
-        return generation
+    def _generation_engine(config: ServerConfig, decoder: DecoderBackbone, manager: Manager, metrics: Metrics):
+        """The decoder's step loop in this process, or (decoder_replicas > 0) on Ray Serve replicas that hold their
+        own copy of the decoder: this process then keeps it only for tokenization, the chat template and upload
+        checks."""
+        scaleout = config.decoder_scaleout_config()
+        if scaleout is None:
+            return generation_engine(config, decoder, manager.decoder_cache, metrics)
+        try:
+            from .scaleout_generation import start_decoder_replicas      # Ray only when asked for
+        except ImportError as e:
+            raise ValueError(f"decoder_replicas = {scaleout.num_replicas} needs Ray Serve: pip install -e '.[ray]' "
+                             f"({e})") from None
+        return start_decoder_replicas(scaleout, config, manager, on_finish=metrics.on_generation_finish)
 
     def start(self) -> "App":
         for engine in self.engines:

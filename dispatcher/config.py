@@ -61,7 +61,8 @@ class AutoscaleConfig:
 
 @dataclass(frozen=True)
 class ScaleOutConfig:
-    """The encoder on Ray Serve replicas (dispatcher/scaleout.py): how many, where, and how a replica is sized."""
+    """A backbone on Ray Serve replicas (the encoder: dispatcher/scaleout.py; the decoder:
+    dispatcher/scaleout_generation.py): how many, where, and how a replica is sized."""
 
     num_replicas: int
     address: str = "local"
@@ -73,6 +74,7 @@ class ScaleOutConfig:
     retry_after_s: float = 1.0          # the hint sent with UNAVAILABLE when no replica answered
     app_name: str = "vbert-encoder"
     autoscale: AutoscaleConfig | None = None    # None: num_replicas, fixed
+    local_cpus: float = 0.0             # a local cluster starts with at least these CPUs (every deployment's replicas)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -176,6 +178,7 @@ class ServerConfig:
     replica_adapters: int = 64           # adapters a replica keeps loaded (Ray's multiplexed LRU)
     ray_object_store_mb: int = 512       # a local cluster's object store (adapter files travel through it)
     replica_routing: str = "adapter"     # adapter (multiplexed: a tenant's requests go where its adapter is) | any
+    decoder_replicas: int = 0            # 0: generation runs in this process; N: N decoder replicas on Ray Serve
     # autoscaling of the replicas (docs/placement-autoscaling.md): a Ray Serve custom policy
     autoscale: str = "off"               # off | predictive (Holt-Winters forecast + reactive floor) | reactive
     min_replicas: int = 1
@@ -235,6 +238,11 @@ class ServerConfig:
                              f"count)")
         if not self.ray_address.strip():
             raise ValueError("ray_address must be 'local' or the address of a Ray cluster, got an empty string")
+        if self.decoder_replicas < 0:
+            raise ValueError(f"decoder_replicas must be >= 0 (0: generate in this process), got {self.decoder_replicas}")
+        if self.decoder_replicas and not self.has_decoder:
+            raise ValueError(f"decoder_replicas = {self.decoder_replicas} runs the decoder on Ray Serve, but backbones = "
+                             f"{self.backbones!r} loads no decoder")
         if self.replicas and not self.has_encoder:
             raise ValueError(f"replicas = {self.replicas} runs the encoder on Ray Serve, but backbones = "
                              f"{self.backbones!r} loads no encoder")
@@ -335,7 +343,20 @@ class ServerConfig:
         return ScaleOutConfig(self.replicas, address=self.ray_address.strip(), cpus=self.replica_cpus,
                               max_adapters=self.replica_adapters, object_store_bytes=self.ray_object_store_mb << 20,
                               routing=self.replica_routing,   # replica_threads: the replica reads its ServerConfig
-                              autoscale=self.autoscale_config())
+                              autoscale=self.autoscale_config(), local_cpus=self._cluster_cpus())
+
+    def decoder_scaleout_config(self) -> ScaleOutConfig | None:
+        """None: generation runs in this process. Decoder replicas share the encoder replicas' settings (address,
+        CPUs, threads, adapters held, routing) and are not autoscaled."""
+        if not self.decoder_replicas:
+            return None
+        return ScaleOutConfig(self.decoder_replicas, address=self.ray_address.strip(), cpus=self.replica_cpus,
+                              max_adapters=self.replica_adapters, object_store_bytes=self.ray_object_store_mb << 20,
+                              routing=self.replica_routing, app_name="vbert-decoder", local_cpus=self._cluster_cpus())
+
+    def _cluster_cpus(self) -> float:
+        most = (self.max_replicas or self.replicas) if self.autoscale != "off" else self.replicas
+        return (most + self.decoder_replicas) * self.replica_cpus
 
     def autoscale_config(self) -> AutoscaleConfig | None:
         if self.autoscale == "off":

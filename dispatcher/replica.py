@@ -47,7 +47,7 @@ def failure(exc: BaseException) -> tuple[str, str, str]:
 class _LoadedAdapter:
     """What Ray's multiplexed LRU holds per adapter; Ray calls __del__ when it evicts it (replica.forget)."""
 
-    def __init__(self, replica: "EncoderReplica", adapter_id: int):
+    def __init__(self, replica: "_ReplicaAdapters", adapter_id: int):
         self.replica, self.adapter_id = replica, adapter_id
 
     def __del__(self) -> None:
@@ -56,26 +56,17 @@ class _LoadedAdapter:
             replica.forget(self.adapter_id)
 
 
-class EncoderReplica:
-    """One replica (the class Ray Serve deploys; see `deployment`)."""
+class _ReplicaAdapters:
+    """A replica's adapters: delivered with the calls that need them, checked, decoded and held while Ray's
+    multiplexed LRU keeps them (the tiered cache's disk tier on a replica is `_artifact`)."""
 
-    def __init__(self, config) -> None:   # config: dispatcher.config.ServerConfig (validated by the front door)
-        reserve_cpu_for_steps(config.replica_threads)
-        self.model = MultiTenantModel(config.model_config())
-        self.cache = TieredCache(CacheConfig(host_budget_bytes=config.host_cache_mb << 20), self.model.pool,
-                                 self._artifact)
-        self.engine = Engine(config.engine_config(), config.scheduler_config(), ModelRunner(self.model, self.cache),
-                             self.cache).start()
+    def _hold_adapters(self, cache: TieredCache) -> None:
+        self.cache = cache
         self._artifacts: dict[int, object] = {}     # adapter id -> its decoded artifact (while Ray keeps it loaded)
         self._sources: dict[int, dict] = {}         # adapter id -> {"sha256", "blob": [ObjectRef]} of its last call
-        self._in_flight: Counter = Counter()         # adapter id -> rows computing
+        self._in_flight: Counter = Counter()         # adapter id -> rows (or sequences) computing
         self._evicted: set[int] = set()              # evicted by Ray while rows still compute: dropped after them
-        self._arrivals: deque[tuple[float, int]] = deque()   # (when, rows) of the calls of the last RATE_WINDOW_S
-        self._started = time.monotonic()
-        self.pid = os.getpid()
-        freeze_startup_heap()     # a replica is a process of its own: full collections skip its start-up heap
 
-    # -- adapters ------------------------------------------------------------------------------------
     def _artifact(self, adapter_id: int):
         """The cache's disk tier on a replica: the artifact delivered with a call."""
         try:
@@ -117,6 +108,22 @@ class EncoderReplica:
             if adapter_id in self._evicted:
                 self._evicted.discard(adapter_id)
                 self.forget(adapter_id)
+
+
+class EncoderReplica(_ReplicaAdapters):
+    """One replica of the encoder (the class Ray Serve deploys; see `deployment`)."""
+
+    def __init__(self, config) -> None:   # config: dispatcher.config.ServerConfig (validated by the front door)
+        reserve_cpu_for_steps(config.replica_threads)
+        self.model = MultiTenantModel(config.model_config())
+        self._hold_adapters(TieredCache(CacheConfig(host_budget_bytes=config.host_cache_mb << 20), self.model.pool,
+                                        self._artifact))
+        self.engine = Engine(config.engine_config(), config.scheduler_config(), ModelRunner(self.model, self.cache),
+                             self.cache).start()
+        self._arrivals: deque[tuple[float, int]] = deque()   # (when, rows) of the calls of the last RATE_WINDOW_S
+        self._started = time.monotonic()
+        self.pid = os.getpid()
+        freeze_startup_heap()     # a replica is a process of its own: full collections skip its start-up heap
 
     # -- calls ---------------------------------------------------------------------------------------
     async def run(self, model_id: str, adapter: dict | None, rows: list[dict]) -> dict:
@@ -192,12 +199,93 @@ class EncoderReplica:
             engine.stop(drain=True, timeout=10)
 
 
+class DecoderReplica(_ReplicaAdapters):
+    """One replica of the decoder: the backbone, its LoRA pool and KV cache, and our generation engine (iteration-level
+    scheduling over every sequence on this replica, whatever their adapters). One call per generation request; its
+    events stream back as they are produced."""
+
+    def __init__(self, config) -> None:   # config: dispatcher.config.ServerConfig (validated by the front door)
+        from vbert.decoder_backbone import DecoderBackbone
+        from vbert.device import DeviceContext
+
+        from .app import generation_engine
+
+        reserve_cpu_for_steps(config.replica_threads)
+        self.decoder = DecoderBackbone.load(config.decoder_config(), DeviceContext.create(config.device, config.dtype))
+        self._hold_adapters(TieredCache(CacheConfig(host_budget_bytes=config.host_cache_mb << 20), self.decoder.lora,
+                                        self._artifact))
+        self.engine = generation_engine(config, self.decoder, self.cache).start()
+        self.pid = os.getpid()
+        freeze_startup_heap()
+
+    async def generate(self, model_id: str, adapter: dict | None, row: dict):
+        """Generate for one request. adapter as in EncoderReplica.run; row: tenant_id, prompt_ids, max_new_tokens,
+        weight, remaining_s, sampling (SamplingParams), ignore_eos. Yields ("accepted", pid) once the engine has queued
+        it (or a failure tuple: too long, queue full, the adapter's loading error), then the engine's events
+        (GenerationDelta ..., GenerationResult) or a failure tuple. Closing the stream (the front door's caller went
+        away) cancels the request: its KV blocks are freed before the next step."""
+        adapter_id = adapter["id"] if adapter is not None else None
+        if adapter_id is not None:
+            self._sources[adapter_id] = adapter
+            self._in_flight[adapter_id] += 1
+        try:
+            try:
+                if adapter_id is not None:
+                    await self.load_adapter(model_id)
+                req = Request(tenant_id=row["tenant_id"], adapter_id=adapter_id,
+                              deadline=time.monotonic() + row["remaining_s"], prompt_ids=list(row["prompt_ids"]),
+                              max_new_tokens=row["max_new_tokens"], weight=row["weight"])
+                stream = await self.engine.submit_async(req, row["sampling"], ignore_eos=row["ignore_eos"])
+            except Exception as e:  # noqa: BLE001 - the request's error, mapped by the front door
+                yield failure(e)
+                return
+            try:
+                yield ("accepted", self.pid)
+                async for event in stream:
+                    yield event
+            except Exception as e:  # noqa: BLE001
+                yield failure(e)
+            finally:
+                if not stream.is_done:
+                    self.engine.cancel(req.request_id)
+        finally:
+            if adapter_id is not None:
+                self._done(adapter_id, 1)
+
+    def engine_stats(self) -> dict:
+        """The generation scheduler's numbers on this replica (waiting, running, KV blocks) and its pid."""
+        return {"replica": self.pid, "num_pending": self.engine.num_pending, **self.engine.scheduler.stats()}
+
+    def check_health(self) -> None:
+        if not self.engine.is_accepting:
+            raise RuntimeError("the generation engine is not accepting requests")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop(drain=True, timeout=10)
+
+
+def _multiplexed(cls, max_adapters: int):
+    """cls with load_adapter under Ray's multiplexed LRU of that size (the decorator's argument: a subclass per size;
+    Ray pickles it by value)."""
+    return type(f"Multiplexed{cls.__name__}", (cls,), {
+        "load_adapter": serve.multiplexed(max_num_models_per_replica=max_adapters)(cls.load_adapter)})
+
+
+def decoder_deployment(scaleout, server_config):
+    """The Ray Serve deployment of DecoderReplica (fixed replica count), bound to the ServerConfig it loads."""
+    return serve.deployment(
+        _multiplexed(DecoderReplica, scaleout.max_adapters), name="DecoderReplica",
+        num_replicas=scaleout.num_replicas, max_ongoing_requests=scaleout.max_ongoing_requests,
+        ray_actor_options={"num_cpus": scaleout.cpus},
+        health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=30,
+    ).bind(server_config)
+
+
 def deployment(scaleout, server_config):
     """The Ray Serve deployment of EncoderReplica for a ScaleOutConfig, bound to the ServerConfig it loads."""
-    # the multiplexed LRU's size is the decorator's argument: a subclass per size (Ray pickles it by value)
-    replica_cls = type("MultiplexedEncoderReplica", (EncoderReplica,), {
-        "load_adapter": serve.multiplexed(max_num_models_per_replica=scaleout.max_adapters)(
-            EncoderReplica.load_adapter)})
+    replica_cls = _multiplexed(EncoderReplica, scaleout.max_adapters)
     if scaleout.autoscale is None:
         scaling = {"num_replicas": scaleout.num_replicas}
     else:

@@ -329,17 +329,30 @@ class RayLease:
     started_cluster: bool = False
 
 
+_shared = {"lease": None, "users": 0}    # one lease for every deployment of this process (encoder, decoder)
+_shared_lock = threading.Lock()
+
+
 def connect(config: ScaleOutConfig) -> RayLease:
-    """Join Ray: start a local cluster for address "local", else connect to the one at the address (no-op when this
-    process is connected already)."""
-    if ray.is_initialized():
-        return RayLease()
+    """Join Ray: start a local cluster for address "local" (with CPUs for every deployment's replicas), else connect
+    to the one at the address. The encoder's and the decoder's deployments share the lease: the last to shut down
+    undoes it. A process connected by someone else gets an empty lease (nothing to undo)."""
+    with _shared_lock:
+        if _shared["users"]:
+            _shared["users"] += 1
+            return _shared["lease"]
+        lease = RayLease() if ray.is_initialized() else _init(config)
+        _shared.update(lease=lease, users=1)
+        return lease
+
+
+def _init(config: ScaleOutConfig) -> RayLease:
     if config.address == "local":
         if config.autoscale is not None:    # replicas push their rows/s every 10 s by default: often enough per interval
             os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
                                   str(min(10.0, max(0.5, config.autoscale.interval_s / 4))))
         most = config.num_replicas if config.autoscale is None else config.autoscale.max_replicas
-        num_cpus = max(os.cpu_count() or 1, math.ceil(most * config.cpus))
+        num_cpus = max(os.cpu_count() or 1, math.ceil(most * config.cpus), math.ceil(config.local_cpus))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="vbert",
                  object_store_memory=config.object_store_bytes, configure_logging=False)
         return RayLease(connected=True, started_cluster=True)
@@ -347,30 +360,52 @@ def connect(config: ScaleOutConfig) -> RayLease:
     return RayLease(connected=True)
 
 
-def start_replicas(config: ScaleOutConfig, server_config: ServerConfig, manager: Manager) -> ReplicaEngine:
-    """Deploy config.num_replicas encoder replicas (waits until they are ready) and return the engine that
-    calls them. Replicas load the same ServerConfig (paths made absolute: they run in other directories)."""
+def deploy(config: ScaleOutConfig, app, what: str):
+    """Join Ray (connect) and run one deployment as Serve application config.app_name; returns its handle (waits until
+    its replicas are ready). On failure the lease taken here is given back."""
     lease = connect(config)
     try:
-        replica_config = dataclasses.replace(server_config, data_dir=str(Path(server_config.data_dir).resolve()))
         serve.start(http_options={"location": "NoServer"})
         t0 = time.monotonic()
-        handle = serve.run(deployment(config, replica_config), name=config.app_name, route_prefix=None)
-        log.info("%d encoder replicas ready on Ray Serve in %.1f s", config.num_replicas, time.monotonic() - t0)
+        handle = serve.run(app, name=config.app_name, route_prefix=None)
+        log.info("%d %s replicas ready on Ray Serve in %.1f s", config.num_replicas, what, time.monotonic() - t0)
     except BaseException:
-        if lease.connected:
-            ray.shutdown()
+        _leave(lease)
         raise
+    return handle, lease
+
+
+def replica_server_config(server_config: ServerConfig) -> ServerConfig:
+    """The ServerConfig a replica loads (paths made absolute: replicas run in other directories)."""
+    return dataclasses.replace(server_config, data_dir=str(Path(server_config.data_dir).resolve()))
+
+
+def start_replicas(config: ScaleOutConfig, server_config: ServerConfig, manager: Manager) -> ReplicaEngine:
+    """Deploy config.num_replicas encoder replicas (waits until they are ready) and return the engine that
+    calls them."""
+    handle, lease = deploy(config, deployment(config, replica_server_config(server_config)), "encoder")
     return ReplicaEngine(config, handle, AdapterFiles(manager, config.object_store_bytes // 2), lease)
 
 
 def shutdown(config: ScaleOutConfig, lease: RayLease) -> None:
-    """Delete our deployment (Ray waits for the replicas' calls, then ends them); stop Serve only in a cluster we
-    started; disconnect if we connected."""
+    """Delete our deployment (Ray waits for the replicas' calls, then ends them); the last deployment of this process
+    to shut down stops Serve in a cluster we started and disconnects if we connected."""
+    try:
+        if ray.is_initialized():
+            serve.delete(config.app_name)
+    finally:
+        _leave(lease)
+
+
+def _leave(lease: RayLease) -> None:
+    with _shared_lock:
+        _shared["users"] = max(0, _shared["users"] - 1)
+        if _shared["users"]:
+            return
+        _shared["lease"] = None
     if not ray.is_initialized():
         return
     try:
-        serve.delete(config.app_name)
         if lease.started_cluster:
             serve.shutdown()
     finally:

@@ -79,12 +79,14 @@ def info(backbone, device, dtype, lora_slots, bottleneck_slots, backbones, decod
               help="Generation batching: iteration (Orca, default) or request (static batches).")
 @click.option("--replicas", type=int, default=None,
               help="Run the encoder as N Ray Serve replicas (needs the ray extra; default 0: in this process).")
+@click.option("--decoder-replicas", type=int, default=None,
+              help="Run generation on N Ray Serve decoder replicas (needs the ray extra; default 0: in this process).")
 @click.option("--ray-address", default=None,
-              help="With --replicas: 'local' (default) starts a Ray cluster here; else join one (auto, HOST:6379).")
+              help="With replicas: 'local' (default) starts a Ray cluster here; else join one (auto, HOST:6379).")
 @click.option("--device", default=None)
 @click.option("--dtype", default=None)
 def serve(host, port, data_dir, metrics_port, http_port, admin_port, config_file, backbone, backbones, decoder,
-          generation_mode, replicas, ray_address, device, dtype) -> None:
+          generation_mode, replicas, decoder_replicas, ray_address, device, dtype) -> None:
     """Start the server: gRPC (tenant API with Generate, admin API, Open Inference Protocol, health, reflection)
     and the OpenAI-compatible HTTP API."""
     import asyncio
@@ -98,7 +100,8 @@ def serve(host, port, data_dir, metrics_port, http_port, admin_port, config_file
         config = ServerConfig.load(config_file, os.environ, dict(
             host=host, port=port, data_dir=data_dir, metrics_port=metrics_port, http_port=http_port,
             admin_port=admin_port, backbone=backbone, backbones=backbones, decoder=decoder,
-            generation_mode=generation_mode, replicas=replicas, ray_address=ray_address, device=device, dtype=dtype))
+            generation_mode=generation_mode, replicas=replicas, decoder_replicas=decoder_replicas,
+            ray_address=ray_address, device=device, dtype=dtype))
     except ValueError as e:
         raise click.UsageError(str(e))
     configure(config.log_level)

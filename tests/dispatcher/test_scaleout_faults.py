@@ -168,8 +168,16 @@ def test_scale_out_settings_are_validated_and_read_from_the_environment(tiny_che
     so = config.scaleout_config()
     assert (so.num_replicas, so.routing, so.address, so.max_adapters) == (3, "any", "10.0.0.5:6379", 64)
     assert ServerConfig(**base).scaleout_config() is None
+    both = ServerConfig.load(None, {"VBERT_REPLICAS": "2", "VBERT_DECODER_REPLICAS": "3"},
+                             {**base, "backbones": "encoder,decoder"})
+    dec = both.decoder_scaleout_config()
+    assert (dec.num_replicas, dec.app_name, dec.autoscale) == (3, "vbert-decoder", None)
+    assert dec.local_cpus == both.scaleout_config().local_cpus == 5.0     # a local cluster sized for both
+    assert ServerConfig(**base).decoder_scaleout_config() is None
     for bad, match in (({"replicas": -1}, "replicas must be >= 0"), ({"replica_routing": "nearest"}, "replica_routing"),
                        ({"replicas": 2, "backbones": "decoder"}, "loads no encoder"),
+                       ({"decoder_replicas": 2}, "loads no decoder"),
+                       ({"decoder_replicas": -1, "backbones": "decoder"}, "decoder_replicas must be >= 0"),
                        ({"replica_threads": 0}, "replica_threads"), ({"ray_address": " "}, "ray_address")):
         with pytest.raises(ValueError, match=match):
             ServerConfig(**{**base, **bad})

@@ -1,0 +1,146 @@
+"""Generation on Ray Serve decoder replicas (decoder_replicas = 2), on a real local Ray cluster: the gRPC edge and the
+OpenAI-compatible API in front, a tiny random decoder with a PEFT LoRA adapter. Greedy tokens equal the single-process
+server's on the same checkpoint and adapter, through gRPC and the OpenAI API; a client leaving a stream frees the request's KV blocks on the replica; a replica killed with SIGKILL costs
+only the requests it held (UNAVAILABLE), later ones are served by the others.
+
+One Ray cluster for the module (RAY_ADDRESS cleared, dashboard off), shut down by the server's drain."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+pytest.importorskip("ray.serve")
+openai = pytest.importorskip("openai")
+
+from dispatcher.gen.vbert.v1 import tenant_pb2 as T  # noqa: E402
+from tests.decoder_models import write_tiny_decoder_lora  # noqa: E402
+from tests.dispatcher.conftest import RunningServer, bearer, tiny_server_config  # noqa: E402
+from vbert.artifact import load_artifact  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["the patient was treated", "gene expression in the liver"]
+
+
+def _config(checkpoint, var, **kw):
+    return tiny_server_config(checkpoint, var, backbones="decoder", decoder_kv_cache_mb=1, decoder_block_size=4,
+                              **kw)
+
+
+def _setup(s, lora):
+    s.key = s.register("acme")
+    s.app.manager.upload_adapter("acme", "writer", load_artifact(lora))
+    return s
+
+
+@pytest.fixture(scope="module")
+def lora(decoder_dir, tmp_path_factory):
+    return write_tiny_decoder_lora(tmp_path_factory.mktemp("lora") / "writer", decoder_dir, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint, decoder_dir, lora, tmp_path_factory):
+    """Greedy tokens of the single-process server: {(adapter, prompt): token ids}."""
+    s = _setup(RunningServer(_config(tiny_checkpoint, tmp_path_factory.mktemp("var"), decoder=str(decoder_dir))), lora)
+    try:
+        return {(a, p): tokens(s, a, p) for a in ("default", "writer") for p in PROMPTS}
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_checkpoint, decoder_dir, lora, tmp_path_factory):
+    os.environ.pop("RAY_ADDRESS", None)
+    from tests.dispatcher.test_http_api import free_port
+
+    s = RunningServer(_config(tiny_checkpoint, tmp_path_factory.mktemp("var"), decoder=str(decoder_dir),
+                              decoder_replicas=2, replica_cpus=0.5, ray_object_store_mb=128, http_port=free_port()))
+    _setup(s, lora)
+    yield s
+    s.stop()
+
+
+def stream(s, adapter, prompt, n=8, timeout=60, **kw):
+    req = T.GenerateRequest(adapter=adapter, prompt=prompt, max_new_tokens=n, temperature=0, ignore_eos=True, **kw)
+    return s.tenant.Generate(req, metadata=bearer(s.key), timeout=timeout)
+
+
+def tokens(s, adapter, prompt, n=8):
+    msgs = list(stream(s, adapter, prompt, n))
+    assert msgs[-1].is_final and msgs[-1].finish_reason == T.LENGTH
+    return [t for m in msgs for t in m.token_ids]
+
+
+def test_generation_through_two_decoder_replicas_equals_one_process(cluster, reference):
+    s = cluster
+    for (adapter, prompt), expected in reference.items():
+        assert tokens(s, adapter, prompt) == expected, (adapter, prompt)
+    assert reference[("default", PROMPTS[0])] != reference[("writer", PROMPTS[0])]    # the adapter is applied
+    engine = s.app.generation
+    assert engine.stats.calls >= 4 and sum(engine.stats.rows_per_replica.values()) >= 4
+    assert engine.num_pending == 0
+    # the OpenAI-compatible API goes through the same replicas
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.server.http_port}/v1", api_key=s.key, max_retries=0,
+                           timeout=60)
+    out = client.completions.create(model="writer", prompt=PROMPTS[1], max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 8
+    assert out.choices[0].text == s.app.decoder.tokenizer.decode(reference[("writer", PROMPTS[1])],
+                                                                 skip_special_tokens=True)
+
+
+def test_a_client_leaving_frees_its_blocks_on_the_replica(cluster):
+    s = cluster
+    call = stream(s, "writer", PROMPTS[0], n=200, timeout=60)
+    first = next(call)                                                     # it runs on a replica ...
+    assert first.token_ids
+    call.cancel()                                                          # ... and the client goes away
+    deadline = time.monotonic() + 20
+    while True:
+        replicas = every_replica(s)
+        if s.app.generation.num_pending == 0 and sum(r["num_cancelled"] for r in replicas.values()) >= 1 and \
+                all(r["num_running"] == 0 and r["num_free_blocks"] == r["num_blocks"] for r in replicas.values()):
+            break
+        assert time.monotonic() < deadline, replicas
+        time.sleep(0.2)
+
+
+def every_replica(s, n=2) -> dict:
+    """engine_stats of each of the n replicas by pid (Ray picks the replica of each call: asked until n answered)."""
+    out = {}
+    for _ in range(50):
+        r = s.app.generation.replica_stats()
+        out[r["replica"]] = r
+        if len(out) == n:
+            break
+    assert len(out) == n, out
+    return out
+
+
+def test_a_killed_replica_costs_only_its_streams(cluster, reference):
+    s = cluster
+    call = stream(s, "default", PROMPTS[1], n=200, timeout=60)
+    next(call)                                                             # streaming from a replica ...
+    victim = _pid_running(s)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)                                        # ... that dies
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() is grpc.StatusCode.UNAVAILABLE, e.value.details()
+    assert s.app.generation.stats.unavailable >= 1
+    deadline = time.monotonic() + 60                                       # the other replica (and Ray's
+    while True:                                                            # replacement) serve the next ones
+        try:
+            assert tokens(s, "default", PROMPTS[0]) == reference[("default", PROMPTS[0])]
+            break
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def _pid_running(s) -> int | None:
+    return next((pid for pid, r in every_replica(s).items() if r["num_running"]), None)
