@@ -2,6 +2,7 @@
 the reserved intra-op threads. Run in a child process: the setting is process-wide."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -22,12 +23,18 @@ def test_reserved_threads_go_to_step_threads():
         assert torch.get_num_threads() == 1                     # this thread makes no OpenMP pool
         assert reserve_cpu_for_steps() == 3                     # idempotent: the count stays
         seen = []
+        import numba
         def step():
             seen.append(torch.get_num_threads())
             enter_step_thread()
             seen.append(torch.get_num_threads())
+            seen.append(numba.get_num_threads())              # numba's parallel kernels too (LoRA in decode)
         t = threading.Thread(target=step); t.start(); t.join()
-        assert seen[1] == 3, seen
+        assert seen[1] == 3 and seen[2] == 3, seen
+        reserve_cpu_for_steps(1)                                # a replica with one step thread
+        t = threading.Thread(target=step); t.start(); t.join()
+        assert seen[4:] == [1, 1], seen
+        reserve_cpu_for_steps(3)
         assert step_threads() == 3 and torch.get_num_threads() == 1
         try:
             reserve_cpu_for_steps(0)
@@ -37,7 +44,8 @@ def test_reserved_threads_go_to_step_threads():
             raise AssertionError("0 threads accepted")
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "NUMBA_NUM_THREADS": "4"}          # numba's pool: 4 threads whatever the machine
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
