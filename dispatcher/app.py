@@ -12,9 +12,6 @@ from manager.manager import AdapterRef, Manager
 from manager.records import Tenant
 from scheduler.engine import Engine
 from scheduler.generation_engine import GenerationEngine
-from scheduler.generation_runner import GenerationRunner
-from scheduler.residency import CacheResidency
-from scheduler.runner import ModelRunner
 from scheduler.types import Request
 from vbert.decoder_backbone import DecoderBackbone
 from vbert.device import DeviceContext
@@ -23,23 +20,12 @@ from vbert.model import MultiTenantModel
 from .admission import Admission
 from .auth import Authenticator, load_admin_token
 from .config import ServerConfig
+from .engines import encoder_engine, generation_engine
 from .limits import RateLimiter
 from .metrics import Metrics
 from .uploads import uploads_dir
 
 log = logging.getLogger("vbert.dispatcher")
-
-
-def generation_engine(config: ServerConfig, decoder: DecoderBackbone, cache, metrics: Metrics | None = None):
-    """The decoder's GenerationEngine over its adapter cache (not started), in this process or on a decoder replica."""
-    sched = config.generation_scheduler_config()
-    residency = CacheResidency(cache, lambda: generation.wake(), max_outstanding=sched.max_adapters)
-    generation = GenerationEngine(config.generation_engine_config(), sched,
-                                  GenerationRunner(decoder.model, decoder.kv, cache), decoder.tokenizer,
-                                  decoder.eos_token_ids, adapters=cache, residency=residency,
-                                  on_step=metrics.on_generation_step if metrics else None,
-                                  on_finish=metrics.on_generation_finish if metrics else None)
-    return generation
 
 
 @dataclass
@@ -94,8 +80,7 @@ class App:
         copy of the backbone: this process then keeps it only for tokenization, shapes and upload checks."""
         scaleout = config.scaleout_config()
         if scaleout is None:
-            return Engine(config.engine_config(), config.scheduler_config(), ModelRunner(model, manager.cache),
-                          manager.cache, on_step=metrics.on_step)
+            return encoder_engine(config, model, manager.cache, metrics)
         try:
             from .scaleout import start_replicas      # Ray only when asked for
         except ImportError as e:

@@ -21,12 +21,11 @@ from ray import serve
 from manager.cache import CacheConfig, TieredCache
 from manager.codec import decode_artifact
 from manager.errors import CorruptAdapterError, NotFoundError
-from scheduler.engine import Engine
-from scheduler.runner import ModelRunner
 from scheduler.types import Request
 from vbert.device import reserve_cpu_for_steps
 from vbert.model import MultiTenantModel
 
+from .engines import encoder_engine, generation_engine
 from .heap import freeze_startup_heap
 
 BASE_MODEL_ID = "base"      # the bare backbone (no adapter to load)
@@ -47,7 +46,7 @@ def failure(exc: BaseException) -> tuple[str, str, str]:
 class _LoadedAdapter:
     """What Ray's multiplexed LRU holds per adapter; Ray calls __del__ when it evicts it (replica.forget)."""
 
-    def __init__(self, replica: "_ReplicaAdapters", adapter_id: int):
+    def __init__(self, replica: "_Replica", adapter_id: int):
         self.replica, self.adapter_id = replica, adapter_id
 
     def __del__(self) -> None:
@@ -56,9 +55,20 @@ class _LoadedAdapter:
             replica.forget(self.adapter_id)
 
 
-class _ReplicaAdapters:
-    """A replica's adapters: delivered with the calls that need them, checked, decoded and held while Ray's
-    multiplexed LRU keeps them (the tiered cache's disk tier on a replica is `_artifact`)."""
+class _Replica:
+    """What the encoder's and the decoder's replicas share: their adapters, delivered with the calls that need
+    them, checked, decoded and held while Ray's multiplexed LRU keeps them (the tiered cache's disk tier on a
+    replica is `_artifact`), and their engine's health check and drain."""
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose engine stopped is replaced."""
+        if not self.engine.is_accepting:
+            raise RuntimeError("the engine is not accepting requests")
+
+    def __del__(self) -> None:      # Ray Serve ends the replica (scale down, shutdown): drain the engine first
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop(drain=True, timeout=10)
 
     def _hold_adapters(self, cache: TieredCache) -> None:
         self.cache = cache
@@ -110,7 +120,7 @@ class _ReplicaAdapters:
                 self.forget(adapter_id)
 
 
-class EncoderReplica(_ReplicaAdapters):
+class EncoderReplica(_Replica):
     """One replica of the encoder (the class Ray Serve deploys; see `deployment`)."""
 
     def __init__(self, config) -> None:   # config: dispatcher.config.ServerConfig (validated by the front door)
@@ -118,8 +128,7 @@ class EncoderReplica(_ReplicaAdapters):
         self.model = MultiTenantModel(config.model_config())
         self._hold_adapters(TieredCache(CacheConfig(host_budget_bytes=config.host_cache_mb << 20), self.model.pool,
                                         self._artifact))
-        self.engine = Engine(config.engine_config(), config.scheduler_config(), ModelRunner(self.model, self.cache),
-                             self.cache).start()
+        self.engine = encoder_engine(config, self.model, self.cache).start()
         self._arrivals: deque[tuple[float, int]] = deque()   # (when, rows) of the calls of the last RATE_WINDOW_S
         self._started = time.monotonic()
         self.pid = os.getpid()
@@ -188,18 +197,9 @@ class EncoderReplica(_ReplicaAdapters):
         while self._arrivals and self._arrivals[0][0] < t:
             self._arrivals.popleft()
 
-    def check_health(self) -> None:
-        """Ray Serve's health check: a replica whose engine stopped is replaced."""
-        if not self.engine.is_accepting:
-            raise RuntimeError("the engine is not accepting requests")
-
-    def __del__(self) -> None:      # Ray Serve ends the replica (scale down, shutdown): drain the engine first
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.stop(drain=True, timeout=10)
 
 
-class DecoderReplica(_ReplicaAdapters):
+class DecoderReplica(_Replica):
     """One replica of the decoder: the backbone, its LoRA pool and KV cache, and our generation engine (iteration-level
     scheduling over every sequence on this replica, whatever their adapters). One call per generation request; its
     events stream back as they are produced."""
@@ -207,8 +207,6 @@ class DecoderReplica(_ReplicaAdapters):
     def __init__(self, config) -> None:   # config: dispatcher.config.ServerConfig (validated by the front door)
         from vbert.decoder_backbone import DecoderBackbone
         from vbert.device import DeviceContext
-
-        from .app import generation_engine
 
         reserve_cpu_for_steps(config.replica_threads)
         self.decoder = DecoderBackbone.load(config.decoder_config(), DeviceContext.create(config.device, config.dtype))
@@ -256,14 +254,6 @@ class DecoderReplica(_ReplicaAdapters):
         """The generation scheduler's numbers on this replica (waiting, running, KV blocks) and its pid."""
         return {"replica": self.pid, "num_pending": self.engine.num_pending, **self.engine.scheduler.stats()}
 
-    def check_health(self) -> None:
-        if not self.engine.is_accepting:
-            raise RuntimeError("the generation engine is not accepting requests")
-
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.stop(drain=True, timeout=10)
 
 
 def _multiplexed(cls, max_adapters: int):

@@ -388,3 +388,52 @@ def test_skip_modes_miss_cache_survives_a_sigterm_restart(tiny_checkpoint, tmp_p
             [x.score for x in first.results[0].scores], abs=1e-6)
     finally:
         assert s2.terminate() == 0
+
+
+@pytest.mark.slow
+def test_decoder_replicas_serve_the_default_decoder_and_drain(tmp_path):
+    """`vbert serve --decoder-replicas 1` on the real default decoder (SmolLM2-135M-Instruct) and a shipped decoder
+    LoRA: greedy answers as the single-process server gives them (test_generate's), a stream running on the replica
+    when SIGTERM comes finishes, the process exits 0 and leaves no replica running."""
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("gguf")
+    import psutil
+
+    from dispatcher.client import Client
+
+    env = {"VBERT_BACKBONES": "decoder", "VBERT_DECODER_REPLICAS": "1", "VBERT_REPLICA_CPUS": "0.5",
+           "VBERT_RAY_OBJECT_STORE_MB": "128", "VBERT_DECODER_KV_CACHE_MB": "32", "RAY_ADDRESS": ""}
+    s = ServeProcess(tmp_path / "var", extra_env=env, log_path=tmp_path / "serve.log")
+    replicas = [p for p in psutil.Process(s.proc.pid).children(recursive=True)
+                if " ".join(p.cmdline()).startswith("ray::ServeReplica")]
+    assert len(replicas) == 1
+    root = Path(__file__).resolve().parents[2] / "examples" / "adapters-trained" / "ncbi-disease-gen"
+    res = json.loads((root / "RESULT.json").read_text())
+    with Client(s.address, admin_token="proc-admin") as admin:
+        key = admin.register_tenant("acme")["api_key"]
+        admin.upload_adapter("acme", "disease-mentions", root)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    with Client(s.address, api_key=key) as c:
+        events = list(c.generate(messages=question, max_new_tokens=20, temperature=0))
+        assert "".join(e["text"] for e in events) == "The capital of France is Paris."
+        ex = res["examples"][1]
+        events = list(c.generate(adapter="disease-mentions", max_new_tokens=32, temperature=0,
+                                 messages=[{"role": "user", "content": f"{res['instruction']}\n{ex['text']}"}]))
+        assert "".join(e["text"] for e in events) == ex["mentions"]
+        streamed, first = [], threading.Event()
+
+        def long_stream():
+            for e in c.generate(prompt="Once upon a time", max_new_tokens=48, temperature=0, ignore_eos=True):
+                streamed.append(e)
+                first.set()
+        t = threading.Thread(target=long_stream)
+        t.start()
+        assert first.wait(60)
+        assert s.terminate(120) == 0                   # SIGTERM while the stream runs on the replica ...
+        t.join(30)
+    assert streamed[-1]["finish_reason"] == "length"   # ... which finished it
+    assert streamed[-1]["usage"]["completion_tokens"] == 48
+    deadline = time.time() + 30
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in replicas) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in replicas)
