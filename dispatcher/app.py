@@ -3,6 +3,7 @@ Servicers receive the App; nothing reads configuration from anywhere else."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,14 @@ from .metrics import Metrics
 from .uploads import uploads_dir
 
 log = logging.getLogger("vbert.dispatcher")
+
+
+def _on_ray(module: str, key: str, scaleout):
+    """A scale-out module of this package, imported only when asked for (it imports Ray)."""
+    try:
+        return importlib.import_module(module, __package__)
+    except ImportError as e:
+        raise ValueError(f"{key} = {scaleout.num_replicas} needs Ray Serve: pip install -e '.[ray]' ({e})") from None
 
 
 @dataclass
@@ -81,12 +90,7 @@ class App:
         scaleout = config.scaleout_config()
         if scaleout is None:
             return encoder_engine(config, model, manager.cache, metrics)
-        try:
-            from .scaleout import start_replicas      # Ray only when asked for
-        except ImportError as e:
-            raise ValueError(f"replicas = {scaleout.num_replicas} needs Ray Serve: pip install -e '.[ray]' "
-                             f"({e})") from None
-        return start_replicas(scaleout, config, manager)
+        return _on_ray(".scaleout", "replicas", scaleout).start_replicas(scaleout, config, manager)
 
     @staticmethod
     def _generation_engine(config: ServerConfig, decoder: DecoderBackbone, manager: Manager, metrics: Metrics):
@@ -96,12 +100,8 @@ class App:
         scaleout = config.decoder_scaleout_config()
         if scaleout is None:
             return generation_engine(config, decoder, manager.decoder_cache, metrics)
-        try:
-            from .scaleout_generation import start_decoder_replicas      # Ray only when asked for
-        except ImportError as e:
-            raise ValueError(f"decoder_replicas = {scaleout.num_replicas} needs Ray Serve: pip install -e '.[ray]' "
-                             f"({e})") from None
-        return start_decoder_replicas(scaleout, config, manager, on_finish=metrics.on_generation_finish)
+        return _on_ray(".scaleout_generation", "decoder_replicas", scaleout).start_decoder_replicas(
+            scaleout, config, manager, on_finish=metrics.on_generation_finish)
 
     def start(self) -> "App":
         for engine in self.engines:

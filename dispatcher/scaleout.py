@@ -130,46 +130,42 @@ class ScaleOutStats:
         return None if not self.adapter_calls else 1 - self.adapter_loads / self.adapter_calls
 
 
-class ReplicaEngine:
-    """The encoder's engine on Ray Serve replicas, as seen by the edge (see the module docstring)."""
+class FrontDoorEngine:
+    """What the front door's engines for Ray Serve replicas share (ReplicaEngine here, ReplicaGeneration in
+    dispatcher/scaleout_generation.py): the deployment's handle, the adapters' files, an event loop thread of their
+    own for the Ray calls, and the lifecycle: start, stop (drain, end what is left, delete the deployment, leave
+    Ray), is_accepting. Subclasses define num_pending and _end_left."""
 
     scheduler = None   # the policy runs on the replicas (no local queue to export as metrics)
 
-    def __init__(self, config: ScaleOutConfig, handle, files: AdapterFiles, lease: "RayLease"):
+    def __init__(self, config: ScaleOutConfig, handle, files: AdapterFiles, lease: "RayLease", thread_name: str):
         self.config, self.handle, self.files, self._lease = config, handle, files, lease
         self.stats = ScaleOutStats()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="scaleout-calls", daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name=thread_name, daemon=True)
         self._lock = threading.Lock()
-        self._pending: dict[int | None, list[tuple[Request, Future]]] = {}   # submitted, not sent yet
-        self._calls: dict[int, _Call] = {}     # request id -> its call
-        self._futures: dict[int, Future] = {}  # request id -> its future (every request not answered yet)
-        self._is_flush_scheduled = False
         self._is_accepting = False
 
-    # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> "ReplicaEngine":
+    def start(self):
         if not self._thread.is_alive():
             self._thread.start()
         self._is_accepting = True
         return self
 
     def stop(self, drain: bool = True, timeout: float | None = 60) -> int:
-        """Refuse new requests; with drain, wait (up to timeout) for those on the replicas; fail the rest with
-        EngineStoppedError; then delete the deployment (Ray drains the replicas) and leave Ray."""
+        """Refuse new requests; with drain, wait (up to timeout) for those on the replicas; end the rest with
+        EngineStoppedError; then delete the deployment (Ray drains the replicas) and leave Ray. Returns how many
+        pending requests finished."""
         self._is_accepting = False
         num_pending = self.num_pending
         if drain:
             wait_for_drain(self, timeout)
-        with self._lock:
-            left = list(self._futures.values())
-        for fut in left:
-            _settle(fut, exc=EngineStoppedError("the server stopped before this request was computed"))
+        num_left = self._end_left()
         shutdown(self.config, self._lease)
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
-        return max(0, num_pending - len(left))
+        return max(0, num_pending - num_left)
 
     @property
     def is_accepting(self) -> bool:
@@ -177,7 +173,33 @@ class ReplicaEngine:
 
     @property
     def num_pending(self) -> int:
+        raise NotImplementedError
+
+    def _end_left(self) -> int:
+        """End every request still pending with EngineStoppedError; returns how many there were."""
+        raise NotImplementedError
+
+
+class ReplicaEngine(FrontDoorEngine):
+    """The encoder's engine on Ray Serve replicas, as seen by the edge (see the module docstring)."""
+
+    def __init__(self, config: ScaleOutConfig, handle, files: AdapterFiles, lease: "RayLease"):
+        super().__init__(config, handle, files, lease, "scaleout-calls")
+        self._pending: dict[int | None, list[tuple[Request, Future]]] = {}   # submitted, not sent yet
+        self._calls: dict[int, _Call] = {}     # request id -> its call
+        self._futures: dict[int, Future] = {}  # request id -> its future (every request not answered yet)
+        self._is_flush_scheduled = False
+
+    @property
+    def num_pending(self) -> int:
         return len(self._futures)
+
+    def _end_left(self) -> int:
+        with self._lock:
+            left = list(self._futures.values())
+        for fut in left:
+            _settle(fut, exc=EngineStoppedError("the server stopped before this request was computed"))
+        return len(left)
 
     def step_budget(self) -> int | None:
         return None   # steps are sized on the replicas

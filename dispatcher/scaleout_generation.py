@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import threading
 import time
 from concurrent.futures import Future
 
@@ -28,7 +27,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from manager.manager import Manager
-from scheduler.engine import EngineStoppedError, RequestFailedError, wait_for_drain
+from scheduler.engine import EngineStoppedError, RequestFailedError
 from scheduler.generation_engine import FinishReason, GenerationResult, GenerationStream
 from scheduler.policy import QueueFullError
 from scheduler.types import Request
@@ -37,58 +36,32 @@ from vbert.sampling import SamplingParams
 from .config import ScaleOutConfig, ServerConfig
 from .errors import UnavailableError
 from .replica import decoder_deployment
-from .scaleout import REPLICA_LOST, AdapterFiles, ScaleOutStats, deploy, replica_server_config, row_error, shutdown
+from .scaleout import (REPLICA_LOST, AdapterFiles, FrontDoorEngine, deploy, replica_server_config,
+                       row_error)
 
 log = logging.getLogger("vbert.scaleout")
 
 
-class ReplicaGeneration:
+class ReplicaGeneration(FrontDoorEngine):
     """The decoder's engine on Ray Serve replicas, as seen by the edge (see the module docstring)."""
 
-    scheduler = None   # the policy runs on the replicas (their numbers: engine_stats on each)
-
     def __init__(self, config: ScaleOutConfig, handle, files: AdapterFiles, lease, on_finish=None):
-        self.config, self.handle, self.files, self._lease, self.on_finish = config, handle, files, lease, on_finish
-        self.stats = ScaleOutStats()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="scaleout-generation", daemon=True)
-        self._lock = threading.Lock()
+        super().__init__(config, handle, files, lease, "scaleout-generation")
+        self.on_finish = on_finish
         self._relays: dict[int, Future] = {}     # request id -> its relay (every request not finished)
-        self._is_accepting = False
         self._stopped: EngineStoppedError | None = None   # set by stop(): what the relays it cancels end with
 
-    # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> "ReplicaGeneration":
-        if not self._thread.is_alive():
-            self._thread.start()
-        self._is_accepting = True
-        return self
+    @property
+    def num_pending(self) -> int:
+        return len(self._relays)
 
-    def stop(self, drain: bool = True, timeout: float | None = 60) -> int:
-        """Refuse new requests; with drain, wait (up to timeout) for the streaming ones; end the rest with
-        EngineStoppedError; then delete the deployment and leave Ray."""
-        self._is_accepting = False
-        num_pending = self.num_pending
-        if drain:
-            wait_for_drain(self, timeout)
+    def _end_left(self) -> int:
         with self._lock:
             left = list(self._relays.values())
         self._stopped = EngineStoppedError("the server stopped before this request finished")
         for relay in left:
             relay.cancel()
-        shutdown(self.config, self._lease)
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
-        return max(0, num_pending - len(left))
-
-    @property
-    def is_accepting(self) -> bool:
-        return self._is_accepting
-
-    @property
-    def num_pending(self) -> int:
-        return len(self._relays)
+        return len(left)
 
     def replica_stats(self, timeout: float = 10) -> dict:
         """engine_stats of one replica (Ray's choice), e.g. for tests and `vbert status`-like probes."""
