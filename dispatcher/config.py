@@ -60,6 +60,30 @@ class AutoscaleConfig:
 
 
 @dataclass(frozen=True)
+class StreamScaling:
+    """Decoder replicas scaled by Ray Serve's own request-based policy: each generation stream is one ongoing request,
+    and Ray keeps about `target_streams` per replica, between min and max replicas, after the delays."""
+
+    min_replicas: int
+    max_replicas: int
+    target_streams: float
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"need 1 <= decoder_min_replicas <= decoder_max_replicas, got {self.min_replicas} and "
+                             f"{self.max_replicas}")
+        if self.target_streams <= 0 or self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
+            raise ValueError("decoder_target_streams must be > 0 and the scaling delays >= 0")
+
+    def ray_config(self, initial_replicas: int) -> dict:
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "initial_replicas": initial_replicas, "target_ongoing_requests": self.target_streams,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
+
+
+@dataclass(frozen=True)
 class ScaleOutConfig:
     """A backbone on Ray Serve replicas (the encoder: dispatcher/scaleout.py; the decoder:
     dispatcher/scaleout_generation.py): how many, where, and how a replica is sized."""
@@ -75,6 +99,7 @@ class ScaleOutConfig:
     app_name: str = "vbert-encoder"
     autoscale: AutoscaleConfig | None = None    # None: num_replicas, fixed
     local_cpus: float = 0.0             # a local cluster starts with at least these CPUs (every deployment's replicas)
+    streams: StreamScaling | None = None   # decoder replicas: Ray's request-based autoscaling (None: fixed count)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -179,6 +204,11 @@ class ServerConfig:
     ray_object_store_mb: int = 512       # a local cluster's object store (adapter files travel through it)
     replica_routing: str = "adapter"     # adapter (multiplexed: a tenant's requests go where its adapter is) | any
     decoder_replicas: int = 0            # 0: generation runs in this process; N: N decoder replicas on Ray Serve
+    decoder_max_replicas: int = 0        # > decoder_replicas: Ray scales them by streams in flight (0: fixed)
+    decoder_min_replicas: int = 1
+    decoder_target_streams: float = 16.0   # streams per decoder replica Ray's request-based policy aims for
+    decoder_upscale_delay_s: float = 30.0
+    decoder_downscale_delay_s: float = 600.0
     # autoscaling of the replicas (docs/placement-autoscaling.md): a Ray Serve custom policy
     autoscale: str = "off"               # off | predictive (Holt-Winters forecast + reactive floor) | reactive
     min_replicas: int = 1
@@ -240,6 +270,8 @@ class ServerConfig:
             raise ValueError("ray_address must be 'local' or the address of a Ray cluster, got an empty string")
         if self.decoder_replicas < 0:
             raise ValueError(f"decoder_replicas must be >= 0 (0: generate in this process), got {self.decoder_replicas}")
+        if self.decoder_max_replicas and not self.decoder_replicas:
+            raise ValueError("decoder_max_replicas scales decoder replicas: set decoder_replicas >= 1 (the initial count)")
         if self.decoder_replicas and not self.has_decoder:
             raise ValueError(f"decoder_replicas = {self.decoder_replicas} runs the decoder on Ray Serve, but backbones = "
                              f"{self.backbones!r} loads no decoder")
@@ -256,6 +288,7 @@ class ServerConfig:
                              f"comma-separated")
         # the parts validate themselves
         self.model_config(), self.scheduler_config(), self.manager_config(), self.admission_config()
+        self.decoder_scaleout_config()
         self.engine_config(), self.decoder_config(), self.generation_scheduler_config(), self.scaleout_config()
 
     @property
@@ -352,11 +385,22 @@ class ServerConfig:
             return None
         return ScaleOutConfig(self.decoder_replicas, address=self.ray_address.strip(), cpus=self.replica_cpus,
                               max_adapters=self.replica_adapters, object_store_bytes=self.ray_object_store_mb << 20,
-                              routing=self.replica_routing, app_name="vbert-decoder", local_cpus=self._cluster_cpus())
+                              routing=self.replica_routing, app_name="vbert-decoder", local_cpus=self._cluster_cpus(),
+                              streams=self._stream_scaling())
+
+    def _stream_scaling(self) -> StreamScaling | None:
+        if not self.decoder_max_replicas:
+            return None
+        if not self.decoder_min_replicas <= self.decoder_replicas <= self.decoder_max_replicas:
+            raise ValueError(f"decoder_replicas ({self.decoder_replicas}, the initial count) must lie within "
+                             f"decoder_min_replicas ({self.decoder_min_replicas}) and decoder_max_replicas "
+                             f"({self.decoder_max_replicas})")
+        return StreamScaling(self.decoder_min_replicas, self.decoder_max_replicas, self.decoder_target_streams,
+                             self.decoder_upscale_delay_s, self.decoder_downscale_delay_s)
 
     def _cluster_cpus(self) -> float:
         most = (self.max_replicas or self.replicas) if self.autoscale != "off" else self.replicas
-        return (most + self.decoder_replicas) * self.replica_cpus
+        return (most + max(self.decoder_replicas, self.decoder_max_replicas)) * self.replica_cpus
 
     def autoscale_config(self) -> AutoscaleConfig | None:
         if self.autoscale == "off":

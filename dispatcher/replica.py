@@ -264,10 +264,13 @@ def _multiplexed(cls, max_adapters: int):
 
 
 def decoder_deployment(scaleout, server_config):
-    """The Ray Serve deployment of DecoderReplica (fixed replica count), bound to the ServerConfig it loads."""
+    """The Ray Serve deployment of DecoderReplica (a fixed replica count, or scaled by Ray's request-based policy on
+    the streams in flight), bound to the ServerConfig it loads."""
+    scaling = ({"num_replicas": scaleout.num_replicas} if scaleout.streams is None else
+               {"autoscaling_config": scaleout.streams.ray_config(scaleout.num_replicas)})
     return serve.deployment(
-        _multiplexed(DecoderReplica, scaleout.max_adapters), name="DecoderReplica",
-        num_replicas=scaleout.num_replicas, max_ongoing_requests=scaleout.max_ongoing_requests,
+        _multiplexed(DecoderReplica, scaleout.max_adapters), name="DecoderReplica", **scaling,
+        max_ongoing_requests=scaleout.max_ongoing_requests,
         ray_actor_options={"num_cpus": scaleout.cpus},
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=30,
     ).bind(server_config)

@@ -174,10 +174,21 @@ def test_scale_out_settings_are_validated_and_read_from_the_environment(tiny_che
     assert (dec.num_replicas, dec.app_name, dec.autoscale) == (3, "vbert-decoder", None)
     assert dec.local_cpus == both.scaleout_config().local_cpus == 5.0     # a local cluster sized for both
     assert ServerConfig(**base).decoder_scaleout_config() is None
+    assert dec.streams is None                                            # a fixed count unless a maximum is set
+    scaled = ServerConfig(**{**base, "backbones": "decoder", "decoder_replicas": 2, "decoder_max_replicas": 4,
+                             "decoder_target_streams": 8}).decoder_scaleout_config()
+    assert scaled.streams.ray_config(2) == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2,
+                                            "target_ongoing_requests": 8, "upscale_delay_s": 30.0,
+                                            "downscale_delay_s": 600.0}
+    assert scaled.local_cpus == 4.0                                       # room for the most replicas
     for bad, match in (({"replicas": -1}, "replicas must be >= 0"), ({"replica_routing": "nearest"}, "replica_routing"),
                        ({"replicas": 2, "backbones": "decoder"}, "loads no encoder"),
                        ({"decoder_replicas": 2}, "loads no decoder"),
                        ({"decoder_replicas": -1, "backbones": "decoder"}, "decoder_replicas must be >= 0"),
+                       ({"decoder_max_replicas": 2, "backbones": "decoder"}, "set decoder_replicas"),
+                       ({"decoder_replicas": 3, "decoder_max_replicas": 2, "backbones": "decoder"}, "must lie within"),
+                       ({"decoder_replicas": 1, "decoder_max_replicas": 2, "decoder_target_streams": 0,
+                         "backbones": "decoder"}, "decoder_target_streams"),
                        ({"replica_threads": 0}, "replica_threads"), ({"ray_address": " "}, "ray_address")):
         with pytest.raises(ValueError, match=match):
             ServerConfig(**{**base, **bad})
