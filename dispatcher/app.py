@@ -70,7 +70,9 @@ class App:
         generation = cls._generation_engine(config, decoder, manager, metrics) if decoder else None
         metrics.watch(cache=manager.cache, scheduler=engine.scheduler if engine else None,
                       skip=model.skip if model else None,
-                      generation=generation.scheduler if generation else None)
+                      generation=generation.scheduler if generation else None,
+                      replicas={name: e for name, e in (("encoder", engine), ("decoder", generation))
+                                if e is not None and hasattr(e, "replica_states")})
         token = load_admin_token(config.data_dir, config.admin_token)
         return cls(config, model, manager, engine, Authenticator(manager, token), RateLimiter(), metrics, token,
                    Admission(config.admission_config()), decoder, generation)

@@ -45,9 +45,11 @@ class Metrics:
             registry=r))
         self._sources = {}
 
-    def watch(self, cache=None, scheduler=None, skip=None, generation=None) -> None:
-        """Read cache counters, queue depths, skip-mode table counters and the KV cache when scraped."""
-        self._sources = {"cache": cache, "scheduler": scheduler, "skip": skip, "generation": generation}
+    def watch(self, cache=None, scheduler=None, skip=None, generation=None, replicas=None) -> None:
+        """Read cache counters, queue depths, skip-mode table counters, the KV cache and (replicas: {backbone: the
+        front door's engine for its Ray Serve replicas}) the replicas' counts and calls when scraped."""
+        self._sources = {"cache": cache, "scheduler": scheduler, "skip": skip, "generation": generation,
+                         "replicas": replicas or {}}
         self.registry.register(_LiveCollector(self._sources))
 
     def on_step(self, batch, output) -> None:
@@ -112,6 +114,7 @@ class _LiveCollector:
                                     "(recomputed later)")
             c.add_metric([], stats["num_preempted"])
             yield c
+        yield from _replica_metrics(self.sources.get("replicas") or {})
         skip = self.sources.get("skip")
         if skip is not None:
             stats = skip.stats()
@@ -135,3 +138,25 @@ class _LiveCollector:
                 for table, st in stats.items():
                     c.add_metric([table], st[key])
                 yield c
+
+
+def _replica_metrics(engines: dict):
+    """Per backbone on Ray Serve replicas: the replicas by state, the requests out to them, and the front door's calls,
+    retries after a lost replica and requests answered UNAVAILABLE."""
+    if not engines:
+        return
+    states = GaugeMetricFamily("vbert_replicas", "Ray Serve replicas by state", labels=["backbone", "state"])
+    pending = GaugeMetricFamily("vbert_replica_requests_in_flight", "requests out to the replicas",
+                                labels=["backbone"])
+    counters = {name: CounterMetricFamily(f"vbert_replica_{name}", help_text, labels=["backbone"]) for name, help_text in (
+        ("calls", "Ray calls to the replicas"), ("retries", "calls sent again after their replica was lost"),
+        ("unavailable", "requests answered UNAVAILABLE (no replica answered)"))}
+    for backbone, engine in engines.items():
+        for state, n in engine.replica_states().items():
+            states.add_metric([backbone, state], n)
+        pending.add_metric([backbone], engine.num_pending)
+        for name, c in counters.items():
+            c.add_metric([backbone], getattr(engine.stats, name))
+    yield states
+    yield pending
+    yield from counters.values()

@@ -171,6 +171,16 @@ class FrontDoorEngine:
     def is_accepting(self) -> bool:
         return self._is_accepting
 
+    def replica_states(self) -> dict[str, int]:
+        """Ray Serve's count of this deployment's replicas by state (RUNNING, STARTING, ...); {} when Serve does not
+        answer (for the metrics: never raises)."""
+        try:
+            app = serve.status().applications.get(self.config.app_name)
+            return {} if app is None else {str(k): int(v) for d in app.deployments.values()
+                                           for k, v in d.replica_states.items()}
+        except Exception:  # noqa: BLE001 - a scrape must not fail because Ray is shutting down
+            return {}
+
     @property
     def num_pending(self) -> int:
         raise NotImplementedError

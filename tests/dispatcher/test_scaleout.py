@@ -71,6 +71,9 @@ def test_classify_through_two_replicas_equals_the_single_process_result(cluster,
             assert result.label == label
             assert {s.label: s.score for s in result.scores} == pytest.approx(probs, abs=1e-5)
     assert len(replica_of(cluster)) >= 1 and cluster.app.engine.stats.calls >= 2
+    metric = cluster.app.metrics.registry.get_sample_value           # what Prometheus scrapes
+    assert metric("vbert_replicas", {"backbone": "encoder", "state": "RUNNING"}) == 2
+    assert metric("vbert_replica_calls_total", {"backbone": "encoder"}) == cluster.app.engine.stats.calls
 
 
 def test_tag_and_embed_through_the_replicas_equal_the_model(cluster, tenant):

@@ -82,6 +82,10 @@ def test_generation_through_two_decoder_replicas_equals_one_process(cluster, ref
     engine = s.app.generation
     assert engine.stats.calls >= 4 and sum(engine.stats.rows_per_replica.values()) >= 4
     assert engine.num_pending == 0
+    metric = s.app.metrics.registry.get_sample_value                   # what Prometheus scrapes
+    assert metric("vbert_replicas", {"backbone": "decoder", "state": "RUNNING"}) == 2
+    assert metric("vbert_replica_calls_total", {"backbone": "decoder"}) == engine.stats.calls
+    assert metric("vbert_replica_requests_in_flight", {"backbone": "decoder"}) == 0
     # the OpenAI-compatible API goes through the same replicas
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.server.http_port}/v1", api_key=s.key, max_retries=0,
                            timeout=60)
@@ -131,6 +135,7 @@ def test_a_killed_replica_costs_only_its_streams(cluster, reference):
         list(call)
     assert e.value.code() is grpc.StatusCode.UNAVAILABLE, e.value.details()
     assert s.app.generation.stats.unavailable >= 1
+    assert s.app.metrics.registry.get_sample_value("vbert_replica_unavailable_total", {"backbone": "decoder"}) >= 1
     deadline = time.monotonic() + 60                                       # the other replica (and Ray's
     while True:                                                            # replacement) serve the next ones
         try:
