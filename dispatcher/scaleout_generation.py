@@ -64,7 +64,7 @@ class ReplicaGeneration(FrontDoorEngine):
         return len(left)
 
     def replica_stats(self, timeout: float = 10) -> dict:
-        """engine_stats of one replica (Ray's choice), e.g. for tests and `vbert status`-like probes."""
+        """engine_stats of one replica, Ray's choice (a probe: tests call it until each replica answered)."""
         return self.handle.engine_stats.remote().result(timeout_s=timeout)
 
     # -- submission --------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Generation on Ray Serve decoder replicas (decoder_replicas = 2), on a real local Ray cluster: the gRPC edge and the
 OpenAI-compatible API in front, a tiny random decoder with a PEFT LoRA adapter. Greedy tokens equal the single-process
-server's on the same checkpoint and adapter, through gRPC and the OpenAI API; a client leaving a stream frees the request's KV blocks on the replica; a replica killed with SIGKILL costs
+server's on the same checkpoint and adapter, through gRPC and the OpenAI API; a replica's full queue refuses a
+stream before its first token; a client leaving a stream frees the request's KV blocks on the replica; a replica killed with SIGKILL costs
 only the requests it held (UNAVAILABLE), later ones are served by the others.
 
 One Ray cluster for the module (RAY_ADDRESS cleared, dashboard off), shut down by the server's drain."""
@@ -57,7 +58,8 @@ def cluster(tiny_checkpoint, decoder_dir, lora, tmp_path_factory):
     from tests.dispatcher.test_http_api import free_port
 
     s = RunningServer(_config(tiny_checkpoint, tmp_path_factory.mktemp("var"), decoder=str(decoder_dir),
-                              decoder_replicas=2, replica_cpus=0.5, ray_object_store_mb=128, http_port=free_port()))
+                              decoder_replicas=2, replica_cpus=0.5, ray_object_store_mb=128, http_port=free_port(),
+                              generation_max_running=2, max_waiting_per_tenant=2))    # per replica
     _setup(s, lora)
     yield s
     s.stop()
@@ -94,6 +96,29 @@ def test_generation_through_two_decoder_replicas_equals_one_process(cluster, ref
     assert out.usage.completion_tokens == 8
     assert out.choices[0].text == s.app.decoder.tokenizer.decode(reference[("writer", PROMPTS[1])],
                                                                  skip_special_tokens=True)
+
+
+def test_a_replicas_full_queue_refuses_before_the_stream_starts(cluster):
+    """Each replica runs 2 sequences and lets a tenant queue 2 more: of 12 streams at once at most 8 are taken, the
+    others answer RESOURCE_EXHAUSTED before any token, as one process would."""
+    s = cluster
+    calls = [stream(s, "default", PROMPTS[0], n=200, timeout=60) for _ in range(12)]
+    firsts, refused = [], []
+    for call in calls:
+        try:
+            firsts.append(next(call))
+        except grpc.RpcError as e:
+            refused.append(e)
+    for call in calls:
+        call.cancel()
+    assert len(firsts) <= 8 and len(refused) >= 4, (len(firsts), [e.details() for e in refused])
+    assert all(f.token_ids for f in firsts)
+    assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}, [e.details() for e in refused]
+    assert all("waiting" in e.details() for e in refused), [e.details() for e in refused]
+    deadline = time.monotonic() + 20                                       # the taken ones were cancelled
+    while s.app.generation.num_pending and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert s.app.generation.num_pending == 0
 
 
 def test_a_client_leaving_frees_its_blocks_on_the_replica(cluster):
