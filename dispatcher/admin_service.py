@@ -254,10 +254,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def PinAdapter(self, request, context):
         """Pins the active version and answers once it is resident on the device."""
         rec = await asyncio.to_thread(self._active, request.tenant, request.name)
-        if self.app.config.replicas and rec.backbone == "encoder":
+        cfg = self.app.config
+        num_replicas = cfg.replicas if rec.backbone == "encoder" else cfg.decoder_replicas
+        if num_replicas:
             raise FailedPreconditionError(
-                f"the encoder runs on {self.app.config.replicas} Ray Serve replicas: each keeps the adapters of its "
-                f"recent calls loaded (replica_adapters = {self.app.config.replica_adapters}), and pinning one in "
+                f"the {rec.backbone} runs on {num_replicas} Ray Serve replicas: each keeps the adapters of its "
+                f"recent calls loaded (replica_adapters = {cfg.replica_adapters}), and pinning one in "
                 f"this process would not reach them")
         loaded = await asyncio.to_thread(self._m.pin, request.tenant, request.name)
         try:

@@ -98,6 +98,17 @@ def test_generation_through_two_decoder_replicas_equals_one_process(cluster, ref
                                                                  skip_special_tokens=True)
 
 
+def test_pinning_a_decoder_adapter_is_refused_with_decoder_replicas(cluster):
+    from dispatcher.gen.vbert.v1 import admin_pb2
+    from tests.dispatcher.conftest import ADMIN_TOKEN
+
+    with pytest.raises(grpc.RpcError) as e:
+        cluster.admin.PinAdapter(admin_pb2.AdapterRef(tenant="acme", name="writer"), metadata=bearer(ADMIN_TOKEN),
+                                 timeout=30)
+    assert e.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "decoder runs on 2 Ray Serve" in e.value.details()
+    assert cluster.app.manager.decoder_cache.stats()["device"]["pinned"] == 0      # nothing pinned here either
+
+
 def test_a_replicas_full_queue_refuses_before_the_stream_starts(cluster):
     """Each replica runs 2 sequences and lets a tenant queue 2 more: of 12 streams at once at most 8 are taken, the
     others answer RESOURCE_EXHAUSTED before any token, as one process would."""
