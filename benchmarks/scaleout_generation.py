@@ -144,7 +144,7 @@ def make_adapter(directory: Path, decoder_dir: str, seed: int, rank: int):
     return load_artifact(write_tiny_decoder_lora(directory, Path(decoder_dir), seed=seed, rank=rank))
 
 
-def run_config(a, label: str, replicas: int, decoder_dir: str, tmp: Path) -> dict:
+def run_config(a, label: str, replicas: int, decoder_dir: str, adapters: list, tmp: Path) -> dict:
     from manager.records import Quotas
 
     overrides = {"decoder": decoder_dir}
@@ -155,7 +155,7 @@ def run_config(a, label: str, replicas: int, decoder_dir: str, tmp: Path) -> dic
         keys = []
         for i in range(a.tenants):
             _, key = s.app.manager.create_tenant(f"t{i}", Quotas(requests_per_s=1e6, burst=10 ** 6))
-            s.app.manager.upload_adapter(f"t{i}", "writer", ADAPTERS[i])
+            s.app.manager.upload_adapter(f"t{i}", "writer", adapters[i])
             keys.append(key)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--client", s.address, "--keys", ",".join(keys),
                "--concurrency", str(a.concurrency), "--new-tokens", str(a.new_tokens), "--seconds", str(a.seconds),
@@ -169,9 +169,6 @@ def run_config(a, label: str, replicas: int, decoder_dir: str, tmp: Path) -> dic
         return result
     finally:
         s.stop()
-
-
-ADAPTERS: list = []
 
 
 def main(argv=None) -> int:
@@ -191,10 +188,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         decoder_dir = a.decoder or _default_decoder_dir()
-        ADAPTERS.extend(make_adapter(tmp / f"lora{i}", decoder_dir, seed=i, rank=a.rank) for i in range(a.tenants))
+        adapters = [make_adapter(tmp / f"lora{i}", decoder_dir, seed=i, rank=a.rank) for i in range(a.tenants)]
         for c in tqdm(configs, desc="configurations"):
             label = "inprocess" if c == "inprocess" else f"replicas_{int(c)}"
-            results["configs"][label] = run_config(a, label, 0 if c == "inprocess" else int(c), decoder_dir, tmp)
+            results["configs"][label] = run_config(a, label, 0 if c == "inprocess" else int(c), decoder_dir, adapters,
+                                                   tmp)
             tqdm.write(f"{label}: {json.dumps(results['configs'][label])}")
     c = results["configs"]
     if "inprocess" in c and "replicas_1" in c:

@@ -81,9 +81,7 @@ class App:
     def _decoder_config(config: ServerConfig):
         """With decoder replicas this process's decoder never generates: a KV cache of one MiB, not the configured."""
         decoder = config.decoder_config()
-        if config.decoder_scaleout_config() is None:
-            return decoder
-        return dataclasses.replace(decoder, kv_cache_bytes=1 << 20)
+        return dataclasses.replace(decoder, kv_cache_bytes=1 << 20) if config.decoder_replicas else decoder
 
     @staticmethod
     def _encoder_engine(config: ServerConfig, model: MultiTenantModel, manager: Manager, metrics: Metrics):

@@ -288,8 +288,8 @@ class ServerConfig:
                              f"comma-separated")
         # the parts validate themselves
         self.model_config(), self.scheduler_config(), self.manager_config(), self.admission_config()
-        self.decoder_scaleout_config()
         self.engine_config(), self.decoder_config(), self.generation_scheduler_config(), self.scaleout_config()
+        self.decoder_scaleout_config()
 
     @property
     def backbone_names(self) -> tuple[str, ...]:
@@ -380,7 +380,7 @@ class ServerConfig:
 
     def decoder_scaleout_config(self) -> ScaleOutConfig | None:
         """None: generation runs in this process. Decoder replicas share the encoder replicas' settings (address,
-        CPUs, threads, adapters held, routing) and are not autoscaled."""
+        CPUs, threads, adapters held, routing); with decoder_max_replicas Ray scales them by streams in flight."""
         if not self.decoder_replicas:
             return None
         return ScaleOutConfig(self.decoder_replicas, address=self.ray_address.strip(), cpus=self.replica_cpus,

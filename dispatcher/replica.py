@@ -22,7 +22,8 @@ from manager.cache import CacheConfig, TieredCache
 from manager.codec import decode_artifact
 from manager.errors import CorruptAdapterError, NotFoundError
 from scheduler.types import Request
-from vbert.device import reserve_cpu_for_steps
+from vbert.decoder_backbone import DecoderBackbone
+from vbert.device import DeviceContext, reserve_cpu_for_steps
 from vbert.model import MultiTenantModel
 
 from .engines import encoder_engine, generation_engine
@@ -205,9 +206,6 @@ class DecoderReplica(_Replica):
     events stream back as they are produced."""
 
     def __init__(self, config) -> None:   # config: dispatcher.config.ServerConfig (validated by the front door)
-        from vbert.decoder_backbone import DecoderBackbone
-        from vbert.device import DeviceContext
-
         reserve_cpu_for_steps(config.replica_threads)
         self.decoder = DecoderBackbone.load(config.decoder_config(), DeviceContext.create(config.device, config.dtype))
         self._hold_adapters(TieredCache(CacheConfig(host_budget_bytes=config.host_cache_mb << 20), self.decoder.lora,
@@ -253,7 +251,6 @@ class DecoderReplica(_Replica):
     def engine_stats(self) -> dict:
         """The generation scheduler's numbers on this replica (waiting, running, KV blocks) and its pid."""
         return {"replica": self.pid, "num_pending": self.engine.num_pending, **self.engine.scheduler.stats()}
-
 
 
 def _multiplexed(cls, max_adapters: int):
