@@ -133,13 +133,19 @@ def calibrated(data: dict, replicas: int, tokens: int, max_rows: int):
     profile = LatencyProfile.from_json(data["profile"])
     r = min(data["runs"], key=lambda r: (abs(r["replicas"] - replicas), -r["replicas"]))
     light, sat = r["compute_factor"]["light"], r["compute_factor"]["saturated"]
+    corun, scale, step_overhead_s = 1.0, None, r["saturated_steps"]["step_overhead_s"]
+    if r.get("corun"):              # the replica's own slowdown, the co-running one simulated (sim_validation)
+        c = r["corun"]
+        light, sat = c["alone_factor"]["light"], c["alone_factor"]["saturated"]
+        corun, step_overhead_s = c["corun_slowdown"], c["step_overhead_alone_s"]
+        scale = {k: 1 + (corun - 1) * c["busy_share"][k] for k in ("light", "saturated")}
     factor = slowdown(tuple(light), tuple(sat))
     noise = ()
     if "calibration_steps" in r:
         noise = step_noise(profile["encoder"], factor, tokens, (light[0], r["calibration_steps"]["light"]),
-                           (sat[0], r["calibration_steps"]["saturated"]), max_rows)
-    return (profile, profile.slowed({"encoder": factor}), r["overhead_s"], r["saturated_steps"]["step_overhead_s"],
-            r["replicas"], noise)
+                           (sat[0], r["calibration_steps"]["saturated"]), max_rows, scale=scale)
+    return (profile, profile.slowed({"encoder": factor}), r["overhead_s"], step_overhead_s, r["replicas"], noise,
+            corun)
 
 
 def main(argv=None) -> int:
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
 
     configure(args.log_level)
     reserve_cpu_for_steps(1)
-    measured, profile, overhead_s, step_overhead_s, calibrated_at, noise = calibrated(
+    measured, profile, overhead_s, step_overhead_s, calibrated_at, noise, corun = calibrated(
         json.loads(args.calibration.read_text()), 2, args.tokens, ServerConfig().max_rows_per_step)
     if args.sim_seeds < 1:
         noise = ()
@@ -230,7 +236,7 @@ def main(argv=None) -> int:
     limits = EngineLimits(max_rows=defaults.max_rows_per_step, max_tokens=defaults.max_tokens_per_step,
                           step_target_s=defaults.engine_config().step_target_s, overhead_s=overhead_s,
                           step_overhead_s=step_overhead_s, drop_after_slo=args.rpc_timeout_s / slo_s,
-                          step_noise_s=noise)
+                          step_noise_s=noise, corun_slowdown=corun)
     end_s = max(args.day_s, max((t for t, _ in poll.samples), default=0.0)) + 60
     wins = windows_of(poll.samples, end_s)
     # with step noise the simulated tail depends on where the residuals fell: the run of median p99 over seeds

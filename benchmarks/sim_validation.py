@@ -15,7 +15,10 @@
    times (open loop, one text of --tokens tokens per call, latency counted from the scheduled arrival); the
    simulator serves the same sequence with the profile, the measured overhead and the engine's limits, each step's
    time the mean slowdown's plus a residual drawn from the calibration steps' (--no-noise: the mean alone; with
-   noise the median p99 of --sim-seeds simulations).
+   noise the median p99 of --sim-seeds simulations). With several replicas the slowdown has two parts: a replica's
+   own (measured on the idle server's sequential calls, when the others compute nothing) and the co-running one
+   (EngineLimits.corun_slowdown: the replicas share this machine's cores, so a step computes more slowly while the
+   others compute), fitted from the calibration phases' slowdowns and how busy the replicas were in each.
    Per configuration: SLO attainment and p50/p99, real and simulated, and the attainment at several SLO scales.
 
 max_slo_attainment_error: the largest |simulated - real| attainment, in points; max_p99_relative_error: the
@@ -80,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-noise", dest="noise", action="store_false", help="simulate every step at the mean "
                    "slowdown (default: plus a residual drawn from the calibration steps' measured ones)")
+    p.add_argument("--no-corun", dest="corun", action="store_false", help="several replicas: one slowdown "
+                   "measured with every replica busy for every step, as if the others always computed (default: the "
+                   "co-running model, EngineLimits.corun_slowdown)")
     p.add_argument("--sim-seeds", type=int, default=5, help="simulations per run with noise (their median p99 is "
                    "compared)")
     p.add_argument("--quiet", action="store_true")
@@ -178,16 +184,24 @@ class StepLog:
 
 
 def step_noise(encoder_profile, factor, tokens: int, light: tuple[float, list], saturated: tuple[float, list],
-               max_rows: int) -> tuple:
+               max_rows: int, scale: dict | None = None) -> tuple:
     """The simulator's step noise (EngineLimits.step_noise_s) from calibration steps: each step's time minus the
     mean slowdown's prediction for it (factor(rows) x the profile), in two pools by step size: the light steps'
     residuals for steps up to the geometric mean of the two phases' rows per step, the saturated ones' above.
-    light / saturated: (rows per step, [(rows, compute seconds), ...])."""
-    def residuals(raw):
-        return tuple(sorted(round(c - factor(r) * encoder_profile.encoder_step_s(r, tokens), 5) for r, c in raw))
+    light / saturated: (rows per step, [(rows, compute seconds), ...]). scale {light, saturated}: the phase's
+    co-running multiplier, when `factor` is the replica's own slowdown: each step's time is divided by it first
+    (the simulator multiplies it back by the co-running it simulates)."""
+    def residuals(raw, m):
+        return tuple(sorted(round(c / m - factor(r) * encoder_profile.encoder_step_s(r, tokens), 5) for r, c in raw))
 
+    scale = scale or {"light": 1.0, "saturated": 1.0}
     split = max(1, int((light[0] * saturated[0]) ** 0.5))
-    return ((split, residuals(light[1])), (max_rows, residuals(saturated[1])))
+    return ((split, residuals(light[1], scale["light"])), (max_rows, residuals(saturated[1], scale["saturated"])))
+
+
+def wall_of(records: list) -> float:
+    """The wall time a closed-loop phase took: its first call's start to its last call's end."""
+    return max(e for _, e, _ in records) - min(st for st, _, _ in records)
 
 
 def slowdown(small: tuple[float, float], large: tuple[float, float]):
@@ -204,6 +218,21 @@ def slowdown(small: tuple[float, float], large: tuple[float, float]):
         return f0 + min(1.0, max(0.0, t)) * (f1 - f0)
 
     return at
+
+
+def corun_fit(idle: float, light: tuple[float, float], saturated: tuple[float, float]) -> dict:
+    """The co-running model of replicas sharing one machine, from three calibration phases' step slowdowns
+    (compute / profile) and the replicas' busy share in each: idle (sequential calls: one replica computes at a
+    time, busy share 0), light (factor, busy share), saturated (factor, busy share). A step's slowdown is its own
+    (alone) times 1 + (c - 1) x the share of the others computing; alone is taken equal for the idle and the light
+    steps (1 and about 2 rows), which gives c, then the alone slowdown of each phase's steps.
+    Returns corun_slowdown (c), alone {light, saturated} and their multipliers {light, saturated}."""
+    f_light, u_light = light
+    f_sat, u_sat = saturated
+    c = 1.0 if u_light <= 0 else max(1.0, 1 + (f_light / idle - 1) / u_light)
+    mult = {"light": 1 + (c - 1) * u_light, "saturated": 1 + (c - 1) * u_sat}
+    return {"corun_slowdown": c, "alone": {"light": f_light / mult["light"], "saturated": f_sat / mult["saturated"]},
+            "multiplier": mult}
 
 
 def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list[tuple[float, float]], bar) -> list:
@@ -243,23 +272,38 @@ def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list
                           "concurrency": 4 * units, "max_seconds": 300, "quiet": True})
         light_steps = log.take(profile["encoder"], args.tokens)
         light_raw = log.last_steps
+        light_wall = wall_of(light["records"])
         sat = warm.run({"op": "closed", "label": "saturated", "num": args.saturate_calls,
                         "concurrency": 3 * defaults.max_rows_per_step * units, "max_seconds": 300, "quiet": True})
         sat_steps = log.take(profile["encoder"], args.tokens)
         sat_raw = log.last_steps
-        sat_wall = max(e for _, e, _ in sat["records"]) - min(s for s, _, _ in sat["records"])
-        factor = slowdown((light_steps["rows_per_step"], light_steps["compute_over_profile"]),
-                          (sat_steps["rows_per_step"], sat_steps["compute_over_profile"]))
+        sat_wall = wall_of(sat["records"])
         step_overhead_s = max(0.0, (sat_wall * units - sat_steps["compute_s"]) / sat_steps["steps"])
-        noise = step_noise(profile["encoder"], factor, args.tokens, (light_steps["rows_per_step"], light_raw),
-                           (sat_steps["rows_per_step"], sat_raw), defaults.max_rows_per_step)
         sat_steps.update(wall_s=round(sat_wall, 3), step_overhead_s=round(step_overhead_s, 4))
+        light_steps.update(wall_s=round(light_wall, 3))
         del light
         # the idle overhead: sequential calls, minus the one-row step
         idle = warm.run({"op": "closed", "label": "idle", "num": args.idle_calls, "concurrency": 1,
                          "max_seconds": 120, "quiet": True})
         warm.close()
-        log.take(profile["encoder"], args.tokens)
+        idle_steps = log.take(profile["encoder"], args.tokens)
+        corun = None
+        light_f, sat_f = light_steps["compute_over_profile"], sat_steps["compute_over_profile"]
+        if units > 1 and args.corun:
+            # the replicas share this machine: split each phase's slowdown into the replica's own and the co-running
+            # one, by how busy the replicas were (compute seconds over the phase's wall time, per replica)
+            busy = {"light": min(1.0, light_steps["compute_s"] / (light_wall * units)),
+                    "saturated": min(1.0, sat_steps["compute_s"] / (sat_wall * units))}
+            corun = corun_fit(idle_steps["compute_over_profile"], (light_f, busy["light"]),
+                              (sat_f, busy["saturated"]))
+            corun.update(idle_factor=idle_steps["compute_over_profile"], busy_share=busy)
+            light_f, sat_f = corun["alone"]["light"], corun["alone"]["saturated"]
+            # the time between busy steps was measured with the others computing too
+            step_overhead_s /= corun["multiplier"]["saturated"]
+        factor = slowdown((light_steps["rows_per_step"], light_f), (sat_steps["rows_per_step"], sat_f))
+        noise = step_noise(profile["encoder"], factor, args.tokens, (light_steps["rows_per_step"], light_raw),
+                           (sat_steps["rows_per_step"], sat_raw), defaults.max_rows_per_step,
+                           scale=None if corun is None else corun["multiplier"])
         sim_profile = profile.slowed({"encoder": factor})
         enc = sim_profile["encoder"]
         idle_s = percentile([end - start for start, end, code in idle["records"] if code == "OK"], 50)
@@ -268,7 +312,8 @@ def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list
                               step_target_s=defaults.engine_config().step_target_s,
                               recent_window_s=defaults.engine_config().recent_window_s, overhead_s=overhead_s,
                               step_overhead_s=step_overhead_s, drop_after_slo=args.rpc_timeout_s / slo_s,
-                              step_noise_s=noise if args.noise else ())
+                              step_noise_s=noise if args.noise else (),
+                              corun_slowdown=1.0 if corun is None else corun["corun_slowdown"])
         capacity = defaults.max_rows_per_step / (enc.encoder_step_s(defaults.max_rows_per_step, args.tokens)
                                                  + step_overhead_s)
         out = []
@@ -296,6 +341,13 @@ def run_replicas(args, num_replicas: int, profile, texts: list[str], loads: list
                    "num_requests": len(seq), "wall_s": round(wall, 1), "overhead_s": round(overhead_s, 4),
                    "compute_factor": {"light": [light_steps["rows_per_step"], light_steps["compute_over_profile"]],
                                       "saturated": [sat_steps["rows_per_step"], sat_steps["compute_over_profile"]]},
+                   "corun": None if corun is None else {
+                       "corun_slowdown": round(corun["corun_slowdown"], 4), "idle_factor": corun["idle_factor"],
+                       "busy_share": {k: round(v, 4) for k, v in corun["busy_share"].items()},
+                       "alone_factor": {"light": [light_steps["rows_per_step"], round(corun["alone"]["light"], 4)],
+                                        "saturated": [sat_steps["rows_per_step"],
+                                                      round(corun["alone"]["saturated"], 4)]},
+                       "step_overhead_alone_s": round(step_overhead_s, 5)},
                    "step_noise_s": {"used": bool(args.noise), "pools": [
                        {"up_to_rows": bound, "steps": len(res), "p1": res[len(res) // 100], "p50": res[len(res) // 2],
                         "p99": res[99 * len(res) // 100], "stdev": round(statistics.pstdev(res), 5)}

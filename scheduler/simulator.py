@@ -13,7 +13,10 @@ What it models (each as the real server does it, with latencies from `vbert prof
   while `max_running`, the token budget and the KV cache (the profile's `kv_tokens`) allow; when the cache
   cannot hold every running sequence's next token the newest is preempted and later recomputed (prompt and
   output so far as one prefill), as the generation policy does; a request that could never fit is refused;
-- devices: replicas placed on one device share it (one step at a time, replicas taking turns);
+- devices: replicas placed on one device share it (one step at a time, replicas taking turns); devices are
+  independent (GPUs) unless `corun_slowdown` says they share one host's CPU: then a step computes more slowly
+  while steps run on other devices (processor sharing: its speed changes whenever another device starts or ends
+  a step);
 - routing: a request goes to the replica of its backbone with the least outstanding work;
 - requests expire (are dropped, and count as missed) when they waited longer than `drop_after_slo` x their SLO.
 
@@ -113,6 +116,10 @@ class EngineLimits:
     # variance of its steps' times, not only with their mean, so a tail needs them.
     step_noise_s: tuple = ()
     seed: int = 0
+    # devices sharing one host (replicas as CPU processes): a step runs corun_slowdown times slower while every
+    # other device computes, linearly in between by the share of the others computing (1 + (c - 1) * busy / (n - 1));
+    # its speed is recomputed whenever a device starts or ends a step. 1.0: devices are independent (GPUs)
+    corun_slowdown: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_tokens", "max_running", "decoder_max_tokens"):
@@ -121,6 +128,8 @@ class EngineLimits:
         if not self.drop_after_slo > 0 or not self.overhead_s >= 0 or not self.recent_window_s > 0 \
                 or not self.step_overhead_s >= 0:
             raise ValueError("need drop_after_slo > 0, overhead_s >= 0, step_overhead_s >= 0 and recent_window_s > 0")
+        if not (math.isfinite(self.corun_slowdown) and self.corun_slowdown >= 1.0):
+            raise ValueError(f"corun_slowdown must be a finite number >= 1.0, got {self.corun_slowdown}")
         if self.step_target_s is not None and not self.step_target_s > 0:
             raise ValueError(f"step_target_s must be > 0 (or None), got {self.step_target_s}")
         try:
@@ -146,8 +155,14 @@ class _Req:
 @dataclass
 class _Device:
     replicas: list = field(default_factory=list)
-    busy_until: float = 0.0
     turn: int = 0
+    step: tuple | None = None   # the step computing: (replica, requests it finishes, its time alone, its compute, tokens)
+    started: float = 0.0
+    left: float = 1.0           # the share of the step still to compute (as of `since`), at `speed`
+    since: float = 0.0
+    speed: float = 1.0
+    version: int = 0            # its latest end event's: older ones (a rescheduled or an earlier step's) are stale
+    planned: bool = False       # the step's end event is pushed
 
 
 @dataclass
@@ -293,9 +308,7 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
             seconds = rep.profile.encoder_step_s(len(rows), max(r.tokens for r in rows))
             if noise is not None:
                 seconds = noisy(seconds, len(rows))
-            if rep.sizer is not None:
-                rep.sizer.observe(sum(r.tokens for r in rows), seconds)
-            return seconds + limits.step_overhead_s, rows
+            return seconds + limits.step_overhead_s, rows, seconds, sum(r.tokens for r in rows)
         kv = rep.profile.kv_tokens or math.inf          # the KV cache's tokens (0 in the profile: no limit)
         used = sum(r.tokens + r.done_tokens for r in rep.running)
         while rep.running and used + len(rep.running) > kv:      # no room for every running sequence's next token:
@@ -328,12 +341,34 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
         rep.running += admitted
         finished = [r for r in rep.running if r.done_tokens >= max(1, r.output_tokens)]
         rep.running = [r for r in rep.running if r.done_tokens < max(1, r.output_tokens)]
-        return seconds, finished
+        return seconds, finished, seconds, 0
+
+    all_devices = list(devices.values())
+    shared_host = limits.corun_slowdown > 1.0 and len(all_devices) > 1
+
+    def schedule_end(dev: _Device) -> None:
+        nonlocal order
+        dev.version += 1
+        dev.planned = True
+        end = dev.since + dev.left * dev.step[2] / dev.speed
+        heapq.heappush(events, (end, order, 1, (dev, dev.version)))
+        order += 1
+
+    def reshare(now: float) -> None:
+        """On a shared host: every computing device's progress so far at its old speed, then its new speed (from
+        how many others compute now) and end."""
+        busy = [d for d in all_devices if d.step is not None]
+        for d in busy:
+            d.left = max(0.0, d.left - (now - d.since) * d.speed / max(d.step[2], 1e-12))
+            d.since = now
+            speed = 1 / (1 + (limits.corun_slowdown - 1) * (len(busy) - 1) / (len(all_devices) - 1))
+            if speed != d.speed or not d.planned:
+                d.speed = speed
+                schedule_end(d)
 
     def kick(dev: _Device, now: float) -> None:
         """If the device is free, its next replica with work (in turn) starts a step."""
-        nonlocal order
-        if dev.busy_until > now:
+        if dev.step is not None:
             return
         n = len(dev.replicas)
         for k in range(n):
@@ -341,13 +376,29 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
             planned = step_of(rep, now)
             if planned is None:
                 continue
-            seconds, finished = planned
+            seconds, finished, compute, tokens = planned
             dev.turn = (dev.turn + k + 1) % n
-            dev.busy_until = now + seconds
-            rep.busy_s += seconds
-            heapq.heappush(events, (dev.busy_until, order, 1, (rep, finished)))
-            order += 1
+            dev.step, dev.started, dev.since, dev.left, dev.speed = (rep, finished, seconds, compute, tokens), now, \
+                now, 1.0, 1.0
+            dev.planned = False
+            if shared_host:
+                reshare(now)
+            else:
+                schedule_end(dev)
             return
+
+    def end_step(dev: _Device, now: float) -> None:
+        rep, finished, seconds, compute, tokens = dev.step
+        taken = now - dev.started
+        rep.busy_s += taken
+        if rep.sizer is not None and tokens:
+            rep.sizer.observe(tokens, compute * taken / seconds)    # the time the engine sees its step take
+        for r in finished:
+            r.finish = now
+            rep.outstanding -= 1
+        dev.step = None
+        if shared_host:
+            reshare(now)
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
@@ -367,9 +418,9 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
                 rep.demand.add(req.tenant, req.tokens, now)
             kick(rep.device, now)
         else:
-            rep, finished = payload
-            for r in finished:
-                r.finish = now
-                rep.outstanding -= 1
-            kick(rep.device, now)
+            dev, version = payload
+            if dev.step is None or version != dev.version:
+                continue                # rescheduled: its speed changed since this end was planned
+            end_step(dev, now)
+            kick(dev, now)
     return reqs, reps, dropped

@@ -162,3 +162,31 @@ def test_step_noise_with_zero_mean_lengthens_the_tail_reproducibly_and_bad_pools
     for bad in ([(0, (0.1,))], [(4, ())], [(4, (float("nan"),))], [(4, 0.1)], [("x", (0.1,))]):
         with pytest.raises(ValueError, match="step_noise_s"):
             EngineLimits(step_noise_s=bad)
+
+
+def test_devices_on_one_host_slow_each_other_while_both_compute():
+    tenants = [TenantLoad("a", "encoder", rate=1, slo_s=10)]
+    host = EngineLimits(corun_slowdown=2.0)           # both computing: each at half speed
+    both = latencies(profile(), ["encoder", "encoder"], tenants, [(0.0, 0), (0.0, 0)], host)
+    assert both == pytest.approx([2 * STEP, 2 * STEP])
+    assert latencies(profile(), ["encoder", "encoder"], tenants, [(0.0, 0), (0.0, 0)]) == pytest.approx([STEP, STEP])
+    assert latencies(profile(), ["encoder", "encoder"], tenants, [(0.0, 0)], host) == pytest.approx([STEP])
+    # the second starts halfway through the first: the first's second half runs at half speed (1.5 steps), the
+    # second computes half a step's work meanwhile, then the rest alone (1.5 steps after it arrived)
+    staggered = latencies(profile(), ["encoder", "encoder"], tenants, [(0.0, 0), (STEP / 2, 0)], host)
+    assert staggered == pytest.approx([1.5 * STEP, 1.5 * STEP])
+    # three devices, c = 3: one other computing of two costs (1 + 2 * 1/2) = 2x, both others 3x
+    three = [("encoder", 0), ("encoder", 1), ("encoder", 2)]
+    assert latencies(profile(), three, tenants, [(0.0, 0)] * 2, EngineLimits(corun_slowdown=3.0)) == \
+        pytest.approx([2 * STEP, 2 * STEP])
+    assert latencies(profile(), three, tenants, [(0.0, 0)] * 3, EngineLimits(corun_slowdown=3.0)) == \
+        pytest.approx([3 * STEP] * 3)
+    # under load: the same arrivals take longer on a shared host, and the busy time counts the slowed steps
+    load = [TenantLoad(f"t{i}", "encoder", rate=5, slo_s=1) for i in range(4)]
+    arr = arrivals(load, 60, seed=4)
+    apart, shared = (simulate(profile(), ["encoder", "encoder"], load, arr, EngineLimits(max_rows=4, corun_slowdown=c))
+                     for c in (1.0, 1.5))
+    assert shared.p50_s > apart.p50_s and sum(shared.utilization) > 1.1 * sum(apart.utilization)
+    for bad in (0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="corun_slowdown"):
+            EngineLimits(corun_slowdown=bad)
