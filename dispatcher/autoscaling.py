@@ -1,12 +1,15 @@
-"""Predictive autoscaling of the encoder's Ray Serve replicas: scheduler/autoscale.py's policies run as a Ray Serve
-custom autoscaling policy (a class-callable in the Serve controller; imported only with `autoscale` set).
+"""Predictive autoscaling of Ray Serve replicas: scheduler/autoscale.py's policies run as a Ray Serve custom
+autoscaling policy (a class-callable in the Serve controller; imported only with `autoscale` or `decoder_autoscale`
+set).
 
-Every replica reports the rows it received per second (EncoderReplica.record_autoscaling_stats); the controller
-calls the policy on every tick of its loop with those reports (averaged over Ray's look-back window). The policy
-averages their sum over each `interval_s` into one load sample, appends it to the history (optionally seeded with
-earlier intervals' loads, `autoscale_history`), and asks scheduler.autoscale's Predictive (a harmonic forecast
-`lead` intervals ahead, replicas bought at an overload cost, a burst's own level, a reactive floor) or Reactive
-policy for a replica count, in units of `replica_capacity_rps`. Between intervals it holds its last answer. A
+Every replica reports its load (AutoscaleConfig.metric): an encoder replica the rows it received per second
+(EncoderReplica.record_autoscaling_stats), a decoder replica its streams in flight (DecoderReplica's); the
+controller calls the policy on every tick of its loop with those reports (averaged over Ray's look-back window). The
+policy averages their sum over each `interval_s` into one load sample, appends it to the history (optionally seeded
+with earlier intervals' loads, `autoscale_history` / `decoder_autoscale_history`), and asks scheduler.autoscale's
+Predictive (a harmonic forecast `lead` intervals ahead, replicas bought at an overload cost, a burst's own level, a
+reactive floor) or Reactive policy for a replica count, in units of one replica's capacity (`replica_capacity_rps`,
+`decoder_target_streams`). Between intervals it holds its last answer. A
 local cluster started by the front door has its replicas push their reports every interval / 4 (Ray's default:
 every 10 s; a joined cluster keeps its own). Ray's own delays are off (0 s): the policy decides when. The lead (how
 far ahead to scale) is the replica start time the policy measures itself: from each scale-up it asked for until
@@ -37,7 +40,7 @@ def ray_autoscaling_config(autoscale, initial_replicas: int) -> dict:
                                          "interval_s": autoscale.interval_s, "day_s": autoscale.day_s,
                                          "min_replicas": autoscale.min_replicas,
                                          "max_replicas": autoscale.max_replicas,
-                                         "history": list(autoscale.history)}}}
+                                         "history": list(autoscale.history), "metric": autoscale.metric}}}
 
 
 class ReplicaAutoscaler:
@@ -45,8 +48,8 @@ class ReplicaAutoscaler:
     AutoscalingContext; returns (replicas wanted, state shown in Ray's status)."""
 
     def __init__(self, policy: str, capacity_rps: float, interval_s: float, day_s: float, min_replicas: int,
-                 max_replicas: int, history: list | None = None, clock=time.monotonic):
-        self.capacity, self.interval_s, self.clock = float(capacity_rps), float(interval_s), clock
+                 max_replicas: int, history: list | None = None, clock=time.monotonic, metric: str = "rows_per_s"):
+        self.capacity, self.interval_s, self.clock, self.metric = float(capacity_rps), float(interval_s), clock, metric
         self.min_replicas, self.max_replicas = int(min_replicas), int(max_replicas)
         self.observed: list[float] = [float(x) / self.capacity for x in (history or ())]   # capacity units
         if policy == "predictive":
@@ -75,7 +78,7 @@ class ReplicaAutoscaler:
         if self._target is None:
             self._target, self._next = current, now + self.interval_s
         self._measure_start(now, len(ctx.running_replicas))
-        reports = (ctx.aggregated_metrics or {}).get("rows_per_s", {})
+        reports = (ctx.aggregated_metrics or {}).get(self.metric, {})
         self._samples.append(float(sum(reports.values())))
         if now >= self._next:
             self._next += self.interval_s * (math.floor((now - self._next) / self.interval_s) + 1)
@@ -86,7 +89,8 @@ class ReplicaAutoscaler:
             if want > current:
                 self._scale_up = (now, want)
             if want != self._target:
-                log.info("autoscaling: load %.1f rows/s -> %d replicas (was %d)", load, want, current)
+                log.info("autoscaling %s: load %.1f -> %d replicas (was %d)", self.metric, load, want, current)
             self._target = want
-        return self._target, {"load_rps": round(self.observed[-1] * self.capacity, 2) if self.observed else None,
-                              "intervals": len(self.observed), "start_s": self.start_s}
+        load = round(self.observed[-1] * self.capacity, 2) if self.observed else None
+        return self._target, {"metric": self.metric, "load": load, "intervals": len(self.observed),
+                              "start_s": self.start_s}

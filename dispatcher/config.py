@@ -29,12 +29,16 @@ REPLICA_ROUTINGS = ("adapter", "any")
 
 
 AUTOSCALE_POLICIES = ("off", "predictive", "reactive")
+# what a policy's load is measured in (the replicas' report to Ray), and the settings that name it
+AUTOSCALE_METRICS = {"rows_per_s": ("replica_capacity_rps", "rows per second", "autoscale_history"),
+                     "streams": ("decoder_target_streams", "streams in flight", "decoder_autoscale_history")}
 
 
 @dataclass(frozen=True)
 class AutoscaleConfig:
-    """The replica count decided by a policy (dispatcher/autoscaling.py) between min and max replicas; the load is in
-    rows per second and one replica serves capacity_rps of it; history: earlier intervals' loads (rows/s)."""
+    """The replica count decided by a policy (dispatcher/autoscaling.py) between min and max replicas. The load is
+    what the replicas report as `metric`: the encoder's rows per second ("rows_per_s"), the decoder's streams in
+    flight ("streams"); one replica serves capacity_rps of it; history: earlier intervals' loads, in that unit."""
 
     policy: str
     capacity_rps: float
@@ -43,20 +47,24 @@ class AutoscaleConfig:
     interval_s: float = 60.0
     day_s: float = 86400.0
     history: tuple[float, ...] = ()
+    metric: str = "rows_per_s"
 
     def __post_init__(self) -> None:
+        if self.metric not in AUTOSCALE_METRICS:
+            raise ValueError(f"autoscaling metric {self.metric!r} is not one of {tuple(AUTOSCALE_METRICS)}")
+        capacity, unit, history = AUTOSCALE_METRICS[self.metric]
         if self.policy not in AUTOSCALE_POLICIES[1:]:
             raise ValueError(f"autoscale {self.policy!r} is not one of {AUTOSCALE_POLICIES[1:]}")
         if not 0 < self.capacity_rps < float("inf"):
-            raise ValueError(f"autoscaling needs replica_capacity_rps > 0 (a replica's measured rows per second "
-                             f"within its latency objective), got {self.capacity_rps}")
+            raise ValueError(f"autoscaling needs {capacity} > 0 (the {unit} one replica serves within its latency "
+                             f"objective: measure it), got {self.capacity_rps}")
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas} and {self.max_replicas}")
         if not 0 < self.interval_s < float("inf") or not self.day_s >= 2 * self.interval_s:
             raise ValueError(f"need autoscale_interval_s > 0 and autoscale_day_s >= 2 intervals, got "
                              f"{self.interval_s} and {self.day_s}")
         if any(not (x >= 0 and x < float("inf")) for x in self.history):
-            raise ValueError("autoscale_history holds loads (rows per second): finite numbers >= 0")
+            raise ValueError(f"{history} holds loads ({unit}): finite numbers >= 0")
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ class ScaleOutConfig:
     autoscale: AutoscaleConfig | None = None    # None: num_replicas, fixed
     local_cpus: float = 0.0             # a local cluster starts with at least these CPUs (every deployment's replicas)
     streams: StreamScaling | None = None   # decoder replicas: Ray's request-based autoscaling (None: fixed count)
+    metrics_push_s: float | None = None  # a local cluster's replicas report their load this often (None: Ray's 10 s)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -204,9 +213,11 @@ class ServerConfig:
     ray_object_store_mb: int = 512       # a local cluster's object store (adapter files travel through it)
     replica_routing: str = "adapter"     # adapter (multiplexed: a tenant's requests go where its adapter is) | any
     decoder_replicas: int = 0            # 0: generation runs in this process; N: N decoder replicas on Ray Serve
-    decoder_max_replicas: int = 0        # > decoder_replicas: Ray scales them by streams in flight (0: fixed)
+    decoder_max_replicas: int = 0        # > decoder_replicas: scaled by streams in flight (0: fixed)
     decoder_min_replicas: int = 1
-    decoder_target_streams: float = 16.0   # streams per decoder replica Ray's request-based policy aims for
+    decoder_target_streams: float = 16.0   # streams per decoder replica the scaling aims for (Ray's policy or ours)
+    decoder_autoscale: str = "off"       # off (Ray's request-based policy) | predictive | reactive, on streams
+    decoder_autoscale_history: str | None = None   # JSON file: earlier intervals' streams in flight, oldest first
     decoder_upscale_delay_s: float = 30.0
     decoder_downscale_delay_s: float = 600.0
     # autoscaling of the replicas (docs/placement-autoscaling.md): a Ray Serve custom policy
@@ -272,6 +283,11 @@ class ServerConfig:
             raise ValueError(f"decoder_replicas must be >= 0 (0: generate in this process), got {self.decoder_replicas}")
         if self.decoder_max_replicas and not self.decoder_replicas:
             raise ValueError("decoder_max_replicas scales decoder replicas: set decoder_replicas >= 1 (the initial count)")
+        if self.decoder_autoscale not in AUTOSCALE_POLICIES:
+            raise ValueError(f"decoder_autoscale {self.decoder_autoscale!r} is not one of {AUTOSCALE_POLICIES}")
+        if self.decoder_autoscale != "off" and not self.decoder_replicas:
+            raise ValueError(f"decoder_autoscale = {self.decoder_autoscale!r} scales decoder replicas: set "
+                             f"decoder_replicas >= 1 (the initial count)")
         if self.decoder_replicas and not self.has_decoder:
             raise ValueError(f"decoder_replicas = {self.decoder_replicas} runs the decoder on Ray Serve, but backbones = "
                              f"{self.backbones!r} loads no decoder")
@@ -376,7 +392,8 @@ class ServerConfig:
         return ScaleOutConfig(self.replicas, address=self.ray_address.strip(), cpus=self.replica_cpus,
                               max_adapters=self.replica_adapters, object_store_bytes=self.ray_object_store_mb << 20,
                               routing=self.replica_routing,   # replica_threads: the replica reads its ServerConfig
-                              autoscale=self.autoscale_config(), local_cpus=self._cluster_cpus())
+                              autoscale=self.autoscale_config(), local_cpus=self._cluster_cpus(),
+                              metrics_push_s=self._metrics_push_s())
 
     def decoder_scaleout_config(self) -> ScaleOutConfig | None:
         """None: generation runs in this process. Decoder replicas share the encoder replicas' settings (address,
@@ -386,17 +403,41 @@ class ServerConfig:
         return ScaleOutConfig(self.decoder_replicas, address=self.ray_address.strip(), cpus=self.replica_cpus,
                               max_adapters=self.replica_adapters, object_store_bytes=self.ray_object_store_mb << 20,
                               routing=self.replica_routing, app_name="vbert-decoder", local_cpus=self._cluster_cpus(),
-                              streams=self._stream_scaling())
+                              streams=self._stream_scaling(), autoscale=self.decoder_autoscale_config(),
+                              metrics_push_s=self._metrics_push_s())
 
-    def _stream_scaling(self) -> StreamScaling | None:
-        if not self.decoder_max_replicas:
-            return None
-        if not self.decoder_min_replicas <= self.decoder_replicas <= self.decoder_max_replicas:
+    def _decoder_bounds(self) -> tuple[int, int]:
+        most = self.decoder_max_replicas or self.decoder_replicas
+        if not self.decoder_min_replicas <= self.decoder_replicas <= most:
             raise ValueError(f"decoder_replicas ({self.decoder_replicas}, the initial count) must lie within "
                              f"decoder_min_replicas ({self.decoder_min_replicas}) and decoder_max_replicas "
                              f"({self.decoder_max_replicas})")
-        return StreamScaling(self.decoder_min_replicas, self.decoder_max_replicas, self.decoder_target_streams,
-                             self.decoder_upscale_delay_s, self.decoder_downscale_delay_s)
+        return self.decoder_min_replicas, most
+
+    def _stream_scaling(self) -> StreamScaling | None:
+        """Ray's request-based policy: only without a policy of ours (decoder_autoscale off)."""
+        if not self.decoder_max_replicas or self.decoder_autoscale != "off":
+            return None
+        low, high = self._decoder_bounds()
+        return StreamScaling(low, high, self.decoder_target_streams, self.decoder_upscale_delay_s,
+                             self.decoder_downscale_delay_s)
+
+    def decoder_autoscale_config(self) -> AutoscaleConfig | None:
+        """decoder_autoscale's policy on the decoder replicas' streams in flight, decoder_target_streams per replica
+        (the same interval and day as the encoder's)."""
+        if self.decoder_autoscale == "off":
+            return None
+        low, high = self._decoder_bounds()
+        return AutoscaleConfig(self.decoder_autoscale, self.decoder_target_streams, low, high, self.autoscale_interval_s,
+                               self.autoscale_day_s, _history(self.decoder_autoscale_history, "decoder_autoscale_history"),
+                               metric="streams")
+
+    def _metrics_push_s(self) -> float | None:
+        """How often replicas report their load to Ray's controller when a policy of ours decides (Ray's default,
+        every 10 s, is too seldom for a short interval); None: Ray's default."""
+        if self.autoscale == "off" and self.decoder_autoscale == "off":
+            return None
+        return min(10.0, max(0.5, self.autoscale_interval_s / 4))
 
     def _cluster_cpus(self) -> float:
         most = (self.max_replicas or self.replicas) if self.autoscale != "off" else self.replicas
@@ -405,19 +446,9 @@ class ServerConfig:
     def autoscale_config(self) -> AutoscaleConfig | None:
         if self.autoscale == "off":
             return None
-        history: tuple[float, ...] = ()
-        if self.autoscale_history:
-            import json
-
-            try:
-                data = json.loads(Path(self.autoscale_history).read_text())
-                history = tuple(float(x) for x in data)
-            except (OSError, ValueError, TypeError) as e:
-                raise ValueError(f"autoscale_history {self.autoscale_history!r}: not a JSON list of numbers "
-                                 f"({e})") from None
         return AutoscaleConfig(self.autoscale, self.replica_capacity_rps, self.min_replicas,
                                self.max_replicas or self.replicas, self.autoscale_interval_s, self.autoscale_day_s,
-                               history)
+                               _history(self.autoscale_history, "autoscale_history"))
 
     @property
     def address(self) -> str:
@@ -476,3 +507,15 @@ def _coerce(name: str, value: Any) -> Any:
         return target(value)
     except (TypeError, ValueError):
         raise ValueError(f"setting {name}: {value!r} is not a valid {target.__name__}") from None
+
+
+def _history(path: str | None, name: str) -> tuple[float, ...]:
+    """An autoscaling history file: a JSON list of earlier intervals' loads, oldest first (None: none)."""
+    if not path:
+        return ()
+    import json
+
+    try:
+        return tuple(float(x) for x in json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{name} {path!r}: not a JSON list of numbers ({e})") from None

@@ -248,6 +248,13 @@ class DecoderReplica(_Replica):
             if adapter_id is not None:
                 self._done(adapter_id, 1)
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom metric for our autoscaling policy (dispatcher/autoscaling.py, decoder_autoscale): the
+        streams on this replica now, running or waiting (Ray averages the reports over its look-back window). Streams
+        in flight are the decoder's load: a decode step's cost follows the sequences it runs, and when the replicas
+        fall behind the waiting ones count too, so the load shows the demand, not what the replicas managed."""
+        return {"streams": float(self.engine.num_pending)}
+
     def engine_stats(self) -> dict:
         """The generation scheduler's numbers on this replica (waiting, running, KV blocks) and its pid."""
         return {"replica": self.pid, "num_pending": self.engine.num_pending, **self.engine.scheduler.stats()}
@@ -261,29 +268,31 @@ def _multiplexed(cls, max_adapters: int):
 
 
 def decoder_deployment(scaleout, server_config):
-    """The Ray Serve deployment of DecoderReplica (a fixed replica count, or scaled by Ray's request-based policy on
-    the streams in flight), bound to the ServerConfig it loads."""
-    scaling = ({"num_replicas": scaleout.num_replicas} if scaleout.streams is None else
-               {"autoscaling_config": scaleout.streams.ray_config(scaleout.num_replicas)})
+    """The Ray Serve deployment of DecoderReplica (a fixed replica count, or scaled on the streams in flight by Ray's
+    request-based policy or by ours: dispatcher/autoscaling.py), bound to the ServerConfig it loads."""
     return serve.deployment(
-        _multiplexed(DecoderReplica, scaleout.max_adapters), name="DecoderReplica", **scaling,
+        _multiplexed(DecoderReplica, scaleout.max_adapters), name="DecoderReplica", **_scaling(scaleout),
         max_ongoing_requests=scaleout.max_ongoing_requests,
         ray_actor_options={"num_cpus": scaleout.cpus},
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=30,
     ).bind(server_config)
 
 
-def deployment(scaleout, server_config):
-    """The Ray Serve deployment of EncoderReplica for a ScaleOutConfig, bound to the ServerConfig it loads."""
-    replica_cls = _multiplexed(EncoderReplica, scaleout.max_adapters)
-    if scaleout.autoscale is None:
-        scaling = {"num_replicas": scaleout.num_replicas}
-    else:
+def _scaling(scaleout) -> dict:
+    """A deployment's replica count: fixed, by Ray's request-based policy (streams), or by our policy (autoscale)."""
+    if scaleout.autoscale is not None:
         from .autoscaling import ray_autoscaling_config
 
-        scaling = {"autoscaling_config": ray_autoscaling_config(scaleout.autoscale, scaleout.num_replicas)}
+        return {"autoscaling_config": ray_autoscaling_config(scaleout.autoscale, scaleout.num_replicas)}
+    if scaleout.streams is not None:
+        return {"autoscaling_config": scaleout.streams.ray_config(scaleout.num_replicas)}
+    return {"num_replicas": scaleout.num_replicas}
+
+
+def deployment(scaleout, server_config):
+    """The Ray Serve deployment of EncoderReplica for a ScaleOutConfig, bound to the ServerConfig it loads."""
     return serve.deployment(
-        replica_cls, name="EncoderReplica", **scaling,
+        _multiplexed(EncoderReplica, scaleout.max_adapters), name="EncoderReplica", **_scaling(scaleout),
         max_ongoing_requests=scaleout.max_ongoing_requests,
         ray_actor_options={"num_cpus": scaleout.cpus},
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=30,

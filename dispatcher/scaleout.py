@@ -380,9 +380,8 @@ def connect(config: ScaleOutConfig) -> RayLease:
 
 def _init(config: ScaleOutConfig) -> RayLease:
     if config.address == "local":
-        if config.autoscale is not None:    # replicas push their rows/s every 10 s by default: often enough per interval
-            os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
-                                  str(min(10.0, max(0.5, config.autoscale.interval_s / 4))))
+        if config.metrics_push_s is not None:   # a policy of ours decides: loads reported often enough per interval
+            os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", str(config.metrics_push_s))
         most = config.num_replicas if config.autoscale is None else config.autoscale.max_replicas
         num_cpus = max(os.cpu_count() or 1, math.ceil(most * config.cpus), math.ceil(config.local_cpus))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="vbert",

@@ -23,13 +23,16 @@ from tests.dispatcher.conftest import RunningServer, bearer, tiny_server_config 
 DEP = DeploymentID(name="EncoderReplica", app_name="vbert-encoder")
 
 
-def context(target: int, running: int, rows_per_s: list[float]) -> AutoscalingContext:
-    """Ray's context as the controller builds it: the replicas' rows_per_s reports, target and running counts."""
+def context(target: int, running: int, rows_per_s: list[float], metric: str = "rows_per_s",
+            other: dict | None = None) -> AutoscalingContext:
+    """Ray's context as the controller builds it: the replicas' reports of `metric` (and any `other` metrics),
+    target and running counts."""
     ids = [ReplicaID(f"r{i}", DEP) for i in range(max(running, len(rows_per_s)))]
+    reports = {metric: dict(zip(ids, rows_per_s)), **{k: dict(zip(ids, v)) for k, v in (other or {}).items()}}
     return AutoscalingContext(
         deployment_id=DEP, deployment_name=DEP.name, app_name=DEP.app_name, current_num_replicas=running,
         target_num_replicas=target, running_replicas=ids[:running], total_num_requests=0.0, total_queued_requests=0.0,
-        aggregated_metrics={"rows_per_s": dict(zip(ids, rows_per_s))}, raw_metrics={},
+        aggregated_metrics=reports, raw_metrics={},
         capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=10, policy_state={},
         last_scale_up_time=None, last_scale_down_time=None, current_time=None, config=None)
 
@@ -53,7 +56,7 @@ def test_the_policy_decides_once_per_interval_on_the_mean_of_the_summed_reports(
     clock.t += 1.5
     want, state = policy(context(1, 1, [20.0, 6.0]))
     # samples 4, 26, 26, 26, 26, 26 -> mean 22.33 rows/s; before two days of history: the last load x 1.1 -> 3
-    assert want == 3 and state["load_rps"] == pytest.approx(22.33, abs=0.01) and state["intervals"] == 1
+    assert want == 3 and state["load"] == pytest.approx(22.33, abs=0.01) and state["intervals"] == 1
     clock.t += 1
     assert policy(context(3, 1, [0.0]))[0] == 3           # held again until the next interval
 
@@ -85,6 +88,17 @@ def test_the_history_seeds_the_forecast_so_it_predicts_from_the_first_interval()
     assert want == 3          # ahead of the second half: the season says 3 replicas are coming (reactive says 2)
 
 
+def test_on_decoder_replicas_the_policy_counts_streams_in_flight():
+    clock = Clock()
+    policy = ReplicaAutoscaler("predictive", capacity_rps=16, interval_s=2, day_s=48, min_replicas=1, max_replicas=4,
+                               clock=clock, metric="streams")
+    policy(context(1, 1, [40.0], metric="streams", other={"rows_per_s": [1.0]}))
+    clock.t += 2
+    want, state = policy(context(1, 1, [40.0, 20.0], metric="streams", other={"rows_per_s": [1.0, 1.0]}))
+    # 40 then 60 streams in flight (not the 2 rows/s): 50 x 1.1 (no history yet) at 16 per replica: 4 replicas
+    assert want == 4 and state["metric"] == "streams" and state["load"] == pytest.approx(50.0)
+
+
 def test_bad_policy_settings_are_refused_with_their_name(tmp_path):
     with pytest.raises(ValueError, match="unknown autoscaling policy"):
         ReplicaAutoscaler("magic", 1, 1, 10, 1, 2)
@@ -106,6 +120,38 @@ def test_bad_policy_settings_are_refused_with_their_name(tmp_path):
     ray_config = ray_autoscaling_config(config.autoscale, config.num_replicas)
     assert ray_config["policy"]["policy_kwargs"]["history"] == [1.0, 2.5]
     assert (ray_config["min_replicas"], ray_config["max_replicas"], ray_config["initial_replicas"]) == (1, 3, 1)
+
+
+def test_decoder_autoscale_settings_make_our_policy_scale_the_decoder_replicas_on_streams(tmp_path):
+    history = tmp_path / "streams.json"
+    history.write_text(json.dumps([8, 20]))
+    config = ServerConfig(data_dir=str(tmp_path), backbones="decoder", decoder_replicas=2, decoder_max_replicas=5,
+                          decoder_target_streams=8, decoder_autoscale="predictive", autoscale_interval_s=20,
+                          decoder_autoscale_history=str(history))
+    dec = config.decoder_scaleout_config()
+    assert dec.streams is None                       # not Ray's request-based policy: ours
+    ray_config = ray_autoscaling_config(dec.autoscale, dec.num_replicas)
+    kwargs = ray_config["policy"]["policy_kwargs"]
+    assert (kwargs["metric"], kwargs["capacity_rps"], kwargs["history"], kwargs["interval_s"]) == ("streams", 8, [8, 20],
+                                                                                                  20)
+    assert (ray_config["min_replicas"], ray_config["max_replicas"], ray_config["initial_replicas"]) == (1, 5, 2)
+    assert dec.metrics_push_s == 5.0                 # replicas report every interval / 4 (Ray's default: 10 s)
+    # the encoder's policy alone also makes both deployments' replicas report often
+    both = ServerConfig(data_dir=str(tmp_path), backbones="encoder,decoder", replicas=1, decoder_replicas=1,
+                        autoscale="reactive", replica_capacity_rps=5, autoscale_interval_s=4)
+    assert both.scaleout_config().metrics_push_s == both.decoder_scaleout_config().metrics_push_s == 1.0
+    assert both.decoder_scaleout_config().autoscale is None
+    base = {"data_dir": str(tmp_path), "backbones": "decoder"}
+    for bad, match in (({"decoder_autoscale": "magic", "decoder_replicas": 1}, "decoder_autoscale 'magic'"),
+                       ({"decoder_autoscale": "predictive"}, "set decoder_replicas >= 1"),
+                       ({"decoder_autoscale": "predictive", "decoder_replicas": 1, "decoder_target_streams": 0},
+                        "decoder_target_streams"),
+                       ({"decoder_autoscale": "predictive", "decoder_replicas": 3, "decoder_max_replicas": 2},
+                        "decoder_replicas \\(3, the initial count\\) must lie within"),
+                       ({"decoder_autoscale": "predictive", "decoder_replicas": 1,
+                         "decoder_autoscale_history": str(tmp_path / "missing.json")}, "decoder_autoscale_history")):
+        with pytest.raises(ValueError, match=match):
+            ServerConfig(**{**base, **bad})
 
 
 def running_replicas() -> int:
