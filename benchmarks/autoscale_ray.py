@@ -124,28 +124,16 @@ def windows_of(samples: list[tuple[float, int]], end_s: float) -> list[tuple[flo
     return out
 
 
-def calibrated(data: dict, replicas: int, tokens: int, max_rows: int):
-    """The simulator's profile (as measured, and slowed as in the server), overheads and step noise (as
-    sim_validation measures them, from its calibration steps) from sim_validation's run with this many replicas
-    (the nearest)."""
-    from sim_validation import slowdown, step_noise
+def calibrated(data: dict, replicas: int, tokens: int, limits):
+    """The simulator's profile (as measured, and slowed as in the server) and limits (`limits`' budgets with the
+    measured overheads and step noise: sim_validation's default model) from sim_validation's run with this many
+    replicas (the nearest), and the replica count it was measured at."""
+    from sim_validation import Calibration, build_model
 
     profile = LatencyProfile.from_json(data["profile"])
     r = min(data["runs"], key=lambda r: (abs(r["replicas"] - replicas), -r["replicas"]))
-    light, sat = r["compute_factor"]["light"], r["compute_factor"]["saturated"]
-    corun, scale, step_overhead_s = 1.0, None, r["saturated_steps"]["step_overhead_s"]
-    if r.get("corun"):              # the replica's own slowdown, the co-running one simulated (sim_validation)
-        c = r["corun"]
-        light, sat = c["alone_factor"]["light"], c["alone_factor"]["saturated"]
-        corun, step_overhead_s = c["corun_slowdown"], c["step_overhead_alone_s"]
-        scale = {k: 1 + (corun - 1) * c["busy_share"][k] for k in ("light", "saturated")}
-    factor = slowdown(tuple(light), tuple(sat))
-    noise = ()
-    if "calibration_steps" in r:
-        noise = step_noise(profile["encoder"], factor, tokens, (light[0], r["calibration_steps"]["light"]),
-                           (sat[0], r["calibration_steps"]["saturated"]), max_rows, scale=scale)
-    return (profile, profile.slowed({"encoder": factor}), r["overhead_s"], step_overhead_s, r["replicas"], noise,
-            corun)
+    slowed, lim, _ = build_model(profile, Calibration.from_row(r), tokens, limits)
+    return profile, slowed, lim, r["replicas"]
 
 
 def main(argv=None) -> int:
@@ -162,10 +150,15 @@ def main(argv=None) -> int:
 
     configure(args.log_level)
     reserve_cpu_for_steps(1)
-    measured, profile, overhead_s, step_overhead_s, calibrated_at, noise, corun = calibrated(
-        json.loads(args.calibration.read_text()), 2, args.tokens, ServerConfig().max_rows_per_step)
+    defaults = ServerConfig()
+    measured, profile, limits, calibrated_at = calibrated(
+        json.loads(args.calibration.read_text()), 2, args.tokens,
+        EngineLimits(max_rows=defaults.max_rows_per_step, max_tokens=defaults.max_tokens_per_step,
+                     step_target_s=defaults.engine_config().step_target_s,
+                     drop_after_slo=args.rpc_timeout_s / (args.slo_ms / 1000)))
     if args.sim_seeds < 1:
-        noise = ()
+        limits = replace(limits, step_noise_s=())
+    noise = limits.step_noise_s
     per_day = int(round(args.day_s / args.interval_s))
     units = seed_study_load(args.history_days + 1, per_day, seed=args.seed)
     history = [u * args.unit_rps for u in units[:args.history_days * per_day]]
@@ -232,11 +225,6 @@ def main(argv=None) -> int:
         json.dump({"records": got["records"], "replica_samples": poll.samples}, f)
     real = [end - at if code == "OK" else None for at, end, code in got["records"]]
     # the simulator on the same arrivals and the run's replica timeline
-    defaults = ServerConfig()
-    limits = EngineLimits(max_rows=defaults.max_rows_per_step, max_tokens=defaults.max_tokens_per_step,
-                          step_target_s=defaults.engine_config().step_target_s, overhead_s=overhead_s,
-                          step_overhead_s=step_overhead_s, drop_after_slo=args.rpc_timeout_s / slo_s,
-                          step_noise_s=noise, corun_slowdown=corun)
     end_s = max(args.day_s, max((t for t, _ in poll.samples), default=0.0)) + 60
     wins = windows_of(poll.samples, end_s)
     # with step noise the simulated tail depends on where the residuals fell: the run of median p99 over seeds
