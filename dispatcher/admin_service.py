@@ -298,14 +298,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         else:
             name, device, lora, bottleneck = (app.decoder.name, app.decoder.model.device,
                                               app.decoder.lora.config.num_slots, 0)
+        loads = None
+        if app.generation is not None and hasattr(app.generation, "replica_loads"):
+            loads = await asyncio.to_thread(app.generation.replica_loads)
         return admin_pb2.ServerStatus(
             backbone=name, device=device.describe(), dtype=device.dtype_name, num_tenants=num_tenants,
             num_resident_adapters=resident, queue_depth=queued, lora_slots=lora, bottleneck_slots=bottleneck,
-            is_draining=app.is_draining, version=VERSION, limits=limits_pb(app), backbones=backbones_pb(app))
+            is_draining=app.is_draining, version=VERSION, limits=limits_pb(app), backbones=backbones_pb(app, loads))
 
 
-def backbones_pb(app) -> list:
-    """The backbones this server holds, with their memory (weights, adapter pool, KV cache)."""
+def backbones_pb(app, decoder_replicas: dict | None = None) -> list:
+    """The backbones this server holds, with their memory (weights, adapter pool, KV cache). decoder_replicas: the
+    decoder replicas' load reports when generation runs on Ray Serve: the KV cache is then theirs, all together
+    (this process's copy of the decoder never generates)."""
     m, out = app.model, []
     if m is not None:
         out.append(admin_pb2.Backbone(name="encoder", kind="encoder", model=m.name,
@@ -315,9 +320,14 @@ def backbones_pb(app) -> list:
                                       adapter_pool_bytes=m.pool.total_bytes()))
     if app.decoder is not None:
         d = app.decoder.info()
+        kv = (d["kv_cache"]["bytes"], d["kv_cache"]["blocks"], d["kv_cache"]["free_blocks"])
+        if decoder_replicas is not None:
+            kv = (len(decoder_replicas) * app.config.decoder_config().kv_cache_bytes,
+                  sum(r["num_blocks"] for r in decoder_replicas.values()),
+                  sum(r["num_free_blocks"] for r in decoder_replicas.values()))
         out.append(admin_pb2.Backbone(name="decoder", kind="decoder", model=d["backbone"], num_parameters=d["parameters"],
                                       weight_bytes=d["weight_bytes"], adapter_slots=d["lora_pool"]["slots"],
-                                      adapter_pool_bytes=d["lora_pool"]["bytes"], kv_cache_bytes=d["kv_cache"]["bytes"],
-                                      kv_blocks_total=d["kv_cache"]["blocks"], kv_blocks_free=d["kv_cache"]["free_blocks"]))
+                                      adapter_pool_bytes=d["lora_pool"]["bytes"], kv_cache_bytes=kv[0],
+                                      kv_blocks_total=kv[1], kv_blocks_free=kv[2]))
     return out
 

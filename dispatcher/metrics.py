@@ -160,3 +160,28 @@ def _replica_metrics(engines: dict):
     yield states
     yield pending
     yield from counters.values()
+    yield from _replica_loads(engines)
+
+
+REPLICA_LOADS = (("num_waiting", "vbert_replica_queue_depth", "requests waiting in a replica's engine"),
+                 ("num_running", "vbert_replica_generation_running", "generation requests running on a replica"),
+                 ("num_blocks", "vbert_replica_kv_cache_blocks", "KV cache blocks of a replica, in all"),
+                 ("num_free_blocks", "vbert_replica_kv_cache_blocks_free", "free KV cache blocks of a replica"))
+
+
+def _replica_loads(engines: dict):
+    """Per replica (its pid), what its engine reported last (dispatcher/replica_load.py): waiting, and for the decoder
+    running and KV blocks; preemptions as a counter."""
+    gauges = {key: GaugeMetricFamily(name, help_text, labels=["backbone", "replica"])
+              for key, name, help_text in REPLICA_LOADS}
+    preempted = CounterMetricFamily("vbert_replica_generation_preemptions", "running requests preempted for KV "
+                                    "blocks on a replica", labels=["backbone", "replica"])
+    for backbone, engine in engines.items():
+        for replica, stats in sorted(engine.replica_loads().items()):
+            for key, g in gauges.items():
+                if key in stats:
+                    g.add_metric([backbone, replica], stats[key])
+            if "num_preempted" in stats:
+                preempted.add_metric([backbone, replica], stats["num_preempted"])
+    yield from gauges.values()
+    yield preempted

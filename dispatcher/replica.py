@@ -28,6 +28,7 @@ from vbert.model import MultiTenantModel
 
 from .engines import encoder_engine, generation_engine
 from .heap import freeze_startup_heap
+from .replica_load import Reporter
 
 BASE_MODEL_ID = "base"      # the bare backbone (no adapter to load)
 RATE_WINDOW_S = 5.0         # the rows-per-second a replica reports to Ray's autoscaler is over this window
@@ -67,9 +68,20 @@ class _Replica:
             raise RuntimeError("the engine is not accepting requests")
 
     def __del__(self) -> None:      # Ray Serve ends the replica (scale down, shutdown): drain the engine first
+        reporter = getattr(self, "_reporter", None)
+        if reporter is not None:
+            reporter.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop(drain=True, timeout=10)
+
+    def _report_load(self) -> None:
+        """Push load_stats() to the deployment's load board every second (dispatcher/replica_load.py)."""
+        self._reporter = Reporter(str(self.pid), self.load_stats).start()
+
+    def load_stats(self) -> dict:
+        """What this replica's engine is doing now (plain numbers), for the front door's metrics and status."""
+        raise NotImplementedError
 
     def _hold_adapters(self, cache: TieredCache) -> None:
         self.cache = cache
@@ -134,6 +146,7 @@ class EncoderReplica(_Replica):
         self._started = time.monotonic()
         self.pid = os.getpid()
         freeze_startup_heap()     # a replica is a process of its own: full collections skip its start-up heap
+        self._report_load()
 
     # -- calls ---------------------------------------------------------------------------------------
     async def run(self, model_id: str, adapter: dict | None, rows: list[dict]) -> dict:
@@ -186,6 +199,9 @@ class EncoderReplica(_Replica):
                 "ok", out, list(req.prompt_ids or ()), {k: req.metadata[k] for k in RETURNED_METADATA if k in req.metadata})
         return results
 
+    def load_stats(self) -> dict:
+        return {"num_waiting": self.engine.scheduler.num_waiting}
+
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom metric for the autoscaling policy (dispatcher/autoscaling.py): the rows this replica
         received per second over the last RATE_WINDOW_S (its share of the encoder's load)."""
@@ -213,6 +229,7 @@ class DecoderReplica(_Replica):
         self.engine = generation_engine(config, self.decoder, self.cache).start()
         self.pid = os.getpid()
         freeze_startup_heap()
+        self._report_load()
 
     async def generate(self, model_id: str, adapter: dict | None, row: dict):
         """Generate for one request. adapter as in EncoderReplica.run; row: tenant_id, prompt_ids, max_new_tokens,
@@ -254,6 +271,10 @@ class DecoderReplica(_Replica):
         in flight are the decoder's load: a decode step's cost follows the sequences it runs, and when the replicas
         fall behind the waiting ones count too, so the load shows the demand, not what the replicas managed."""
         return {"streams": float(self.engine.num_pending)}
+
+    def load_stats(self) -> dict:
+        stats = self.engine.scheduler.stats()
+        return {k: stats[k] for k in ("num_waiting", "num_running", "num_blocks", "num_free_blocks", "num_preempted")}
 
     def engine_stats(self) -> dict:
         """The generation scheduler's numbers on this replica (waiting, running, KV blocks) and its pid."""

@@ -17,6 +17,7 @@ unchanged in front of it. What it adds:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -46,6 +47,7 @@ from vbert.model import InputError
 from .config import ScaleOutConfig, ServerConfig
 from .errors import UnavailableError
 from .replica import BASE_MODEL_ID, deployment, model_id_of
+from .replica_load import create_board, read_board
 
 log = logging.getLogger("vbert.scaleout")
 
@@ -141,6 +143,7 @@ class FrontDoorEngine:
     def __init__(self, config: ScaleOutConfig, handle, files: AdapterFiles, lease: "RayLease", thread_name: str):
         self.config, self.handle, self.files, self._lease = config, handle, files, lease
         self.stats = ScaleOutStats()
+        self._board = create_board(config.app_name)     # the replicas report their engine's load there
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=thread_name, daemon=True)
         self._lock = threading.Lock()
@@ -161,6 +164,9 @@ class FrontDoorEngine:
         if drain:
             wait_for_drain(self, timeout)
         num_left = self._end_left()
+        if self._board is not None:
+            with contextlib.suppress(Exception):        # Ray may be gone already
+                ray.kill(self._board)
         shutdown(self.config, self._lease)
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -180,6 +186,12 @@ class FrontDoorEngine:
                                            for k, v in d.replica_states.items()}
         except Exception:  # noqa: BLE001 - a scrape must not fail because Ray is shutting down
             return {}
+
+    def replica_loads(self) -> dict[str, dict]:
+        """{replica (its pid): what its engine is doing} from the replicas' last reports (dispatcher/replica_load.py):
+        waiting (both backbones), and for the decoder running, KV blocks in all and free, preemptions; {} when Ray
+        does not answer."""
+        return read_board(self._board)
 
     @property
     def num_pending(self) -> int:

@@ -74,6 +74,13 @@ def test_classify_through_two_replicas_equals_the_single_process_result(cluster,
     metric = cluster.app.metrics.registry.get_sample_value           # what Prometheus scrapes
     assert metric("vbert_replicas", {"backbone": "encoder", "state": "RUNNING"}) == 2
     assert metric("vbert_replica_calls_total", {"backbone": "encoder"}) == cluster.app.engine.stats.calls
+    deadline = time.monotonic() + 30        # each replica reports its engine's queue (every second: wait for the idle)
+    while len(loads := cluster.app.engine.replica_loads()) < 2 or any(r["num_waiting"] for r in loads.values()):
+        assert time.monotonic() < deadline, loads
+        time.sleep(0.2)
+    assert {str(p) for p in replica_of(cluster)} <= set(cluster.app.engine.replica_loads())
+    for pid in cluster.app.engine.replica_loads():
+        assert metric("vbert_replica_queue_depth", {"backbone": "encoder", "replica": pid}) == 0
 
 
 def test_tag_and_embed_through_the_replicas_equal_the_model(cluster, tenant):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import grpc
@@ -17,9 +18,10 @@ import pytest
 pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 
+from dispatcher.gen.vbert.v1 import admin_pb2  # noqa: E402
 from dispatcher.gen.vbert.v1 import tenant_pb2 as T  # noqa: E402
 from tests.decoder_models import write_tiny_decoder_lora  # noqa: E402
-from tests.dispatcher.conftest import RunningServer, bearer, tiny_server_config  # noqa: E402
+from tests.dispatcher.conftest import ADMIN_TOKEN, RunningServer, bearer, tiny_server_config  # noqa: E402
 from vbert.artifact import load_artifact  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -88,6 +90,27 @@ def test_generation_through_two_decoder_replicas_equals_one_process(cluster, ref
     assert metric("vbert_replicas", {"backbone": "decoder", "state": "RUNNING"}) == 2
     assert metric("vbert_replica_calls_total", {"backbone": "decoder"}) == engine.stats.calls
     assert metric("vbert_replica_requests_in_flight", {"backbone": "decoder"}) == 0
+    # each replica reports its engine's load: per-replica gauges, and the status's KV cache is the replicas'
+    def idle(loads):   # both replicas (whether they served or not) reported since their last stream ended
+        return len(loads) == 2 and all(r["num_running"] == 0 and r["num_free_blocks"] == r["num_blocks"]
+                                       for r in loads.values())
+    deadline = time.monotonic() + 30
+    while not idle(engine.replica_loads()):                   # a report is up to a second old
+        assert time.monotonic() < deadline, engine.replica_loads()
+        time.sleep(0.2)
+    pids = sorted(engine.replica_loads())
+    assert {str(p) for p in engine.stats.rows_per_replica} <= set(pids)
+    blocks = replica(s, int(pids[0]))["num_blocks"]
+    for pid in pids:
+        labels = {"backbone": "decoder", "replica": pid}
+        assert metric("vbert_replica_kv_cache_blocks", labels) == blocks
+        assert metric("vbert_replica_kv_cache_blocks_free", labels) == blocks      # nothing running now
+        assert metric("vbert_replica_generation_running", labels) == 0
+        assert metric("vbert_replica_queue_depth", labels) == 0
+    status = s.admin.GetStatus(admin_pb2.GetStatusRequest(), metadata=bearer(ADMIN_TOKEN))
+    (dec,) = [b for b in status.backbones if b.name == "decoder"]
+    assert (dec.kv_blocks_total, dec.kv_blocks_free) == (2 * blocks, 2 * blocks)
+    assert dec.kv_cache_bytes == 2 * (1 << 20)                                  # two replicas of 1 MiB
     # the OpenAI-compatible API goes through the same replicas
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.server.http_port}/v1", api_key=s.key, max_retries=0,
                            timeout=60)
@@ -130,6 +153,34 @@ def test_a_replicas_full_queue_refuses_before_the_stream_starts(cluster):
     while s.app.generation.num_pending and time.monotonic() < deadline:
         time.sleep(0.1)
     assert s.app.generation.num_pending == 0
+
+
+def test_running_streams_show_on_their_replicas_load_reports(cluster):
+    """Streams kept running (each a fraction of a second: a report is up to a second old) show as running sequences
+    and taken KV blocks in some replica's report, on the front door's metrics."""
+    s = cluster
+    stop, seen = threading.Event(), []
+
+    def keep_streaming():
+        while not stop.is_set():
+            list(stream(s, "writer", PROMPTS[0], n=200))
+    threads = [threading.Thread(target=keep_streaming) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        metric = s.app.metrics.registry.get_sample_value
+        deadline = time.monotonic() + 30
+        while not seen:
+            seen = [pid for pid in s.app.generation.replica_loads()
+                    if (metric("vbert_replica_generation_running", {"backbone": "decoder", "replica": pid}) or 0) >= 1
+                    and metric("vbert_replica_kv_cache_blocks_free", {"backbone": "decoder", "replica": pid})
+                    < metric("vbert_replica_kv_cache_blocks", {"backbone": "decoder", "replica": pid})]
+            assert seen or time.monotonic() < deadline, s.app.generation.replica_loads()
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
 
 
 def test_a_client_leaving_frees_its_blocks_on_the_replica(cluster):
