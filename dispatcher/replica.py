@@ -291,12 +291,7 @@ def _multiplexed(cls, max_adapters: int):
 def decoder_deployment(scaleout, server_config):
     """The Ray Serve deployment of DecoderReplica (a fixed replica count, or scaled on the streams in flight by Ray's
     request-based policy or by ours: dispatcher/autoscaling.py), bound to the ServerConfig it loads."""
-    return serve.deployment(
-        _multiplexed(DecoderReplica, scaleout.max_adapters), name="DecoderReplica", **_scaling(scaleout),
-        max_ongoing_requests=scaleout.max_ongoing_requests,
-        ray_actor_options={"num_cpus": scaleout.cpus},
-        health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=30,
-    ).bind(server_config)
+    return _deployment(DecoderReplica, scaleout, server_config)
 
 
 def _scaling(scaleout) -> dict:
@@ -312,8 +307,14 @@ def _scaling(scaleout) -> dict:
 
 def deployment(scaleout, server_config):
     """The Ray Serve deployment of EncoderReplica for a ScaleOutConfig, bound to the ServerConfig it loads."""
+    return _deployment(EncoderReplica, scaleout, server_config)
+
+
+def _deployment(cls, scaleout, server_config):
+    """cls (a replica class) as a Ray Serve deployment named after it: multiplexed adapters, its scaling, health
+    checks and drain, bound to the ServerConfig it loads."""
     return serve.deployment(
-        _multiplexed(EncoderReplica, scaleout.max_adapters), name="EncoderReplica", **_scaling(scaleout),
+        _multiplexed(cls, scaleout.max_adapters), name=cls.__name__, **_scaling(scaleout),
         max_ongoing_requests=scaleout.max_ongoing_requests,
         ray_actor_options={"num_cpus": scaleout.cpus},
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=30,

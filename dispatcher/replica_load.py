@@ -10,13 +10,10 @@ Plain values only: no torch, no protobuf.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 
 import ray
-
-log = logging.getLogger("vbert.replica_load")
 
 NAMESPACE = "vbert"
 REPORT_PERIOD_S = 1.0

@@ -358,10 +358,10 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
         """On a shared host: every computing device's progress so far at its old speed, then its new speed (from
         how many others compute now) and end."""
         busy = [d for d in all_devices if d.step is not None]
+        speed = 1 / (1 + (limits.corun_slowdown - 1) * max(0, len(busy) - 1) / (len(all_devices) - 1))
         for d in busy:
             d.left = max(0.0, d.left - (now - d.since) * d.speed / max(d.step[2], 1e-12))
             d.since = now
-            speed = 1 / (1 + (limits.corun_slowdown - 1) * (len(busy) - 1) / (len(all_devices) - 1))
             if speed != d.speed or not d.planned:
                 d.speed = speed
                 schedule_end(d)
