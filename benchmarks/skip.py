@@ -18,6 +18,10 @@ Then the warm stream (benchmarks/skip_stream.py, --stream-passes 0 to leave it o
 test sets served in order, sentence by sentence in batches of --batch, --stream-passes times, by the
 full model and three skip contenders (route cost; route cost with --warm-budget; route table), timed
 side by side; coverage and skip / full per window of requests, and per pass.
+The table's entries (and so every miss) are computed in --compute-dtype (build-table's default, auto: bfloat16
+on a CPU with AVX-512 BF16); unless it is float32, a second table of the same corpus computed in float32 (what
+tables were before) serves the contender skip_held_out_float32 and the stream's cost_float32 beside it
+(--no-float32-beside leaves them out).
 Without --shallow the shallow layers are the teacher's own lower layers (undistilled: the speed is
 the same, the outputs are not). Without --table one is built from --corpus into a temporary file.
 Writes the JSON (full_tokens_per_s, skip_tokens_per_s, skip_over_full, hit_rate, table_bytes, ...;
@@ -109,6 +113,10 @@ def main() -> None:
     p.add_argument("--corpus", nargs="*", default=[str(x) for x in DEFAULT_CORPUS])
     p.add_argument("--held-out", nargs="*", default=[str(x) for x in DEFAULT_HELD_OUT])
     p.add_argument("--budget-mb", type=float, default=None, help="table budget (default: build-table's)")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="what the built table's entries and misses are computed in (build-table's --compute-dtype)")
+    p.add_argument("--no-float32-beside", action="store_true",
+                   help="leave out the contenders on a second table computed in float32")
     p.add_argument("--cache-entries", type=int, default=None, help="miss cache entries (default: the server's)")
     p.add_argument("--stream", nargs="*", default=[str(x) for x in DEFAULT_STREAM])
     p.add_argument("--stream-passes", type=int, default=2)
@@ -152,17 +160,26 @@ def main() -> None:
     if table_path is None:
         table_path = str(Path(tmp.name) / "table.safetensors")
         build = build_table(TableConfig(shallow=str(shallow), corpus=tuple(args.corpus), out=table_path,
-                                        budget_mb=args.budget_mb), echo=tqdm.write)
+                                        budget_mb=args.budget_mb, compute_dtype=args.compute_dtype), echo=tqdm.write)
+    f32_path, f32_build = None, None
+    if build is not None and build["compute_dtype"] != "float32" and not args.no_float32_beside:
+        f32_path = str(Path(tmp.name) / "table-float32.safetensors")
+        f32_build = build_table(TableConfig(shallow=str(shallow), corpus=tuple(args.corpus), out=f32_path,
+                                            budget_mb=args.budget_mb, compute_dtype="float32"), echo=tqdm.write)
 
     base = BackboneConfig(device="cpu", dtype="float32")
     full = MultiTenantModel(ModelConfig(backbone=base))
-    def skip_model(mode: str, route: str = "cost", warm: float = 0.0, cache_dir: str | None = None) -> MultiTenantModel:
+    def skip_model(mode: str, route: str = "cost", warm: float = 0.0, cache_dir: str | None = None,
+                   table: str | None = None) -> MultiTenantModel:
         return MultiTenantModel(ModelConfig(backbone=base, skip=SkipConfig(
-            (SkipTableConfig("bench", str(shallow), table_path),), mode=mode, miss_cache_entries=args.cache_entries,
+            (SkipTableConfig("bench", str(shallow), table or table_path),), mode=mode,
+            miss_cache_entries=args.cache_entries,
             route=route, warm_budget=warm, cache_dir=cache_dir)))
 
     skip = {"in_corpus": skip_model("exact"), "held_out": skip_model("exact"),
             "held_out_table": skip_model("exact", "table"), "fallback": skip_model("fallback")}
+    if f32_path is not None:
+        skip["held_out_float32"] = skip_model("exact", table=f32_path)
     full_copy = MultiTenantModel(ModelConfig(backbone=base))   # a second copy, loaded last: the noise floor
     same_weights = skip_model("exact")
     same_weights.encoder = full.encoder        # the full model's weights (its own copy freed): no placement lottery
@@ -182,6 +199,8 @@ def main() -> None:
         "full_copy_held_out": (full_copy, "held_out"),
         "skip_held_out_same_weights": (same_weights, "held_out"),
     }
+    if f32_path is not None:
+        contenders["skip_held_out_float32"] = (skip["held_out_float32"], "held_out")
     times = {name: [] for name in contenders}
     snapshots = {}
     total = args.warmup + args.iters
@@ -225,7 +244,7 @@ def main() -> None:
         "skip_layers": args.skip_layers, "num_layers": full.spec.num_layers,
         "shallow": str(args.shallow) if args.shallow else "undistilled (teacher's lower layers)",
         "table": args.table or f"built from {[Path(c).name for c in args.corpus]} ({args.budget_mb:g} MiB budget)",
-        "table_build": build,
+        "table_build": build, "compute_dtype": build["compute_dtype"] if build else "as the table records",
         "full_tokens_per_s": tps["full"], "skip_tokens_per_s": tps["skip_in_corpus"],
         "skip_over_full": tps["skip_in_corpus"] / tps["full"],
         "held_out": {"full_tokens_per_s": tps["full_held_out"], "skip_tokens_per_s": tps["skip_held_out"],
@@ -246,6 +265,10 @@ def main() -> None:
         "table_bytes": table.table.nbytes(), "table_entries": len(table.table.keys),
         "miss_cache_bytes": table.cache.values.nbytes,
         "seconds_median": {k: statistics.median(v) for k, v in times.items()},
+        "float32_beside": None if f32_path is None else {
+            "table_build": f32_build, "skip_over_full": tps["skip_held_out_float32"] / tps["full_held_out"],
+            "paired": paired_ratio(times["full_held_out"], times["skip_held_out_float32"]),
+            "counters": measured("held_out_float32"), "costs": skip["held_out_float32"].skip.costs.to_dict()},
         "seconds_all": times,
     }
     out = Path(args.json)
@@ -258,12 +281,15 @@ def main() -> None:
         rows = full.tokenize(texts)
         settings = {"cost": ("exact", "cost", 0.0), "cost_warm": ("exact", "cost", args.warm_budget),
                     "table": ("exact", "table", 0.0)}
+        if f32_path is not None:
+            settings["cost_float32"] = ("exact", "cost", 0.0, None, f32_path)
         keep = Path(tmp.name) / "misses"
 
         def restart(name: str, model: MultiTenantModel) -> MultiTenantModel:
             """What a server restart with skip_keep_cache does: save the caches, start anew, restore them."""
             model.skip.save_caches(keep / name)
-            return skip_model(*settings[name], cache_dir=str(keep / name))
+            mode, route, warm, *rest = settings[name]
+            return skip_model(mode, route, warm, str(keep / name), *rest[1:])
 
         streamers = {name: skip_model(*s) for name, s in settings.items()}
         stream = run_stream(full, streamers, rows, args.batch, args.stream_passes, args.stream_window, "bench",
@@ -278,7 +304,8 @@ def main() -> None:
         result["stream_after_one_pass_over_full"] = last
         out.write_text(json.dumps(result, indent=2))
         plot_stream(stream, {"cost": "route cost (default)", "cost_warm": f"route cost, warm budget {args.warm_budget:g}",
-                             "table": "route table (every row on the table)"},
+                             "table": "route table (every row on the table)",
+                             "cost_float32": "route cost, table computed in float32"},
                     out.with_name(out.stem + "-stream.png"))
     print(json.dumps({k: result.get(k) for k in ("full_tokens_per_s", "skip_tokens_per_s", "skip_over_full", "paired", "hit_rate",
                                                  "table_bytes", "held_out", "stream_first_pass_over_full",

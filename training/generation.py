@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, DataError, split_dev
+from .data import IGNORE_INDEX, split_dev
 from .evaluate import TRAINING_FILE
 from .generation_data import collate, encode_generation, read_generation
 from .recipes import GENERATION_RECIPE

@@ -32,6 +32,7 @@ class TableConfig:
     budget_mb: float = 1536.0          # every trigram of ~20,000 sentences (benchmarks/skip_coverage.py)
     fallback_share: float = 0.1        # of the budget after unigrams: bigram fallback entries
     dtype: str = "float16"
+    compute_dtype: str = "auto"        # the shallow layers' arithmetic: auto = bfloat16 where it is fast
     max_length: int = 128
     corpus_format: str = "auto"
     backbone: str | None = None        # for the tokenizer; default the embedded backbone
@@ -39,7 +40,7 @@ class TableConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        from vbert.shallow import TABLE_DTYPES
+        from vbert.shallow import COMPUTE_DTYPES, TABLE_DTYPES
 
         check_corpus(self.corpus)
         if not Path(self.shallow).is_dir():
@@ -50,6 +51,8 @@ class TableConfig:
             raise ValueError(f"fallback_share must be in [0, 1], got {self.fallback_share}")
         if self.dtype not in TABLE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {tuple(TABLE_DTYPES)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
         if self.max_length < 3:
             raise ValueError(f"max_length must be >= 3, got {self.max_length}")
         if self.corpus_format not in CORPUS_FORMATS:
@@ -112,13 +115,14 @@ def build_table(config: TableConfig, echo: Callable[[str], None] = print) -> dic
     from vbert.config import default_backbone_path
     from vbert.device import DeviceContext
     from vbert.ngram import TableMeta, key_bits, save_table, unpack
-    from vbert.shallow import TABLE_DTYPES, compute_entries, load_shallow
+    from vbert.shallow import TABLE_DTYPES, compute_entries, load_shallow, resolve_compute_dtype
 
     started = time.perf_counter()
     model, meta = load_shallow(config.shallow)
     device = DeviceContext.create(config.device, "float32").device
     model = model.to(device)
     dtype = TABLE_DTYPES[config.dtype]
+    compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
     bits = key_bits(model.spec.vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(str(config.backbone or default_backbone_path()), local_files_only=True)
     if len(tokenizer) > model.spec.vocab_size:
@@ -131,20 +135,21 @@ def build_table(config: TableConfig, echo: Callable[[str], None] = print) -> dic
     distinct, _ = trigram_counts(rows, meta.edge_id, bits)
     covered = float(np.isin(distinct, chosen).mean())
     echo(f"{len(texts)} sentences, {int(sum(len(r) for r in rows)):,} tokens, {len(distinct):,} distinct trigrams; "
-         f"budget {config.budget_mb:g} MiB holds {max_entries:,}; computing {len(chosen):,} entries")
+         f"budget {config.budget_mb:g} MiB holds {max_entries:,}; computing {len(chosen):,} entries in {compute_dtype}")
     with tqdm(total=len(chosen), desc="table entries", unit="entry", disable=not config.show_progress) as bar:
-        values = compute_entries(model, chosen_t, bits, dtype, progress=bar).cpu()
+        values = compute_entries(model.for_compute(compute_dtype), chosen_t, bits, dtype, progress=bar).cpu()
     ids = unpack(chosen_t, bits)
     outer_edges = (ids[:, 0] == meta.edge_id).long() + (ids[:, 2] == meta.edge_id).long()
     kinds = {"trigram": int((outer_edges == 0).sum()), "bigram": int((outer_edges == 1).sum()),
              "unigram": int((outer_edges == 2).sum())}
     table_meta = TableMeta(weights_hash=meta.weights_hash, edge_id=meta.edge_id, bits=bits,
                            hidden_size=model.spec.hidden_size, dtype=config.dtype, num_entries=len(chosen),
-                           kinds=kinds, extra={"corpus": ",".join(Path(p).name for p in config.corpus),
+                           kinds=kinds, compute_dtype=compute_dtype, extra={"corpus": ",".join(Path(p).name for p in config.corpus),
                                                "backbone": meta.backbone, "skip_layers": str(meta.skip_layers)})
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     save_table(config.out, chosen_t, values, table_meta)
-    summary = {"out": str(config.out), "entries": len(chosen), "kinds": kinds, "distinct_trigrams": len(distinct),
+    summary = {"out": str(config.out), "entries": len(chosen), "kinds": kinds, "compute_dtype": compute_dtype,
+               "distinct_trigrams": len(distinct),
                "share_of_distinct_trigrams_in_table": covered,
                "budget_mb": config.budget_mb, "file_bytes": Path(config.out).stat().st_size,
                "seconds": time.perf_counter() - started}

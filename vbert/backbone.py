@@ -147,12 +147,17 @@ class EncoderLayer(nn.Module):
         self.act = ACT2FN[spec.hidden_act]
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
-                adapters: LayerAdapters | None) -> torch.Tensor:
+                adapters: LayerAdapters | None, short: bool = False) -> torch.Tensor:
+        """short: the sequences are a few tokens long (skip mode's trigrams): attention by broadcasting,
+        about 5x faster than the SDPA kernel at L = 3 on CPU; attn_mask then a bool key mask [B, 1, 1, L]."""
         bsz, seq, hidden = x.shape                                            # x [B, L, H]
         lora = adapters.lora if adapters is not None else {}
-        q, k, v = self._split_heads(apply_lora(self.qkv(x), x, lora.get("qkv")))   # each [B, nh, L, d]
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)    # [B, nh, L, d]
-        ctx = ctx.transpose(1, 2).reshape(bsz, seq, hidden)                   # [B, L, H]
+        if short:
+            ctx = self._short_attention(apply_lora(self.qkv(x), x, lora.get("qkv")), attn_mask)      # [B, L, H]
+        else:
+            q, k, v = self._split_heads(apply_lora(self.qkv(x), x, lora.get("qkv")))   # each [B, nh, L, d]
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)    # [B, nh, L, d]
+            ctx = ctx.transpose(1, 2).reshape(bsz, seq, hidden)                   # [B, L, H]
         a = apply_lora(self.attn_out(ctx), ctx, lora.get("attn_out"))
         a = apply_bottleneck(a, adapters.bottleneck if adapters is not None else None)
         h = self.attn_norm(a + x)
@@ -160,6 +165,20 @@ class EncoderLayer(nn.Module):
         out = apply_lora(self.ffn_out(inter), inter, lora.get("ffn_out"))
         out = apply_bottleneck(out, adapters.bottleneck_ffn if adapters is not None else None)
         return self.ffn_norm(out + h)
+
+    def _short_attention(self, qkv: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over a few positions without a batched-matmul kernel: qkv [B, L, 3H] -> context [B, L, H],
+        computed in float32 (cast back to qkv's dtype). key_mask: bool [B, 1, 1, L], True = attend."""
+        bsz, seq, three_h = qkv.shape
+        d = three_h // (3 * self.num_heads)
+        parts = qkv.float().view(bsz, seq, 3, self.num_heads, d)
+        q, k, v = parts[:, :, 0], parts[:, :, 1], parts[:, :, 2]                        # each [B, L, nh, d]
+        scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) / math.sqrt(d)             # [B, Lq, Lk, nh]
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask.reshape(bsz, 1, seq, 1), float("-inf"))
+        probs = scores.softmax(dim=2)
+        ctx = (probs.unsqueeze(-1) * v.unsqueeze(1)).sum(2)                             # [B, Lq, nh, d]
+        return ctx.reshape(bsz, seq, three_h // 3).to(qkv.dtype)
 
     def _split_heads(self, qkv: torch.Tensor) -> torch.Tensor:
         """[B, L, 3H] -> [3, B, nh, L, d] (query, key, value)."""

@@ -93,6 +93,19 @@ class DeviceContext:
 _step_threads: int | None = None
 
 
+def fast_bfloat16(device: torch.device | str) -> bool:
+    """Whether `device` multiplies bfloat16 faster than float32: a CUDA GPU that supports it, or a CPU with
+    AVX-512 BF16 or AMX (elsewhere bfloat16 is emulated on CPU, slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
+
+
 def reserve_cpu_for_steps(num_threads: int | None = None) -> int:
     """Call in the main thread at start-up, before any compute: later step threads (enter_step_thread)
     use num_threads intra-op threads (default: torch's count now), and this thread one (no OpenMP pool).

@@ -425,9 +425,10 @@ class MissCache:
                      {"format": MISS_CACHE_FORMAT, **metadata})
         return keys.numel()
 
-    def restore(self, path: str | Path, metadata: dict[str, str]) -> int:
+    def restore(self, path: str | Path, metadata: dict[str, str], defaults: dict[str, str] | None = None) -> int:
         """Insert the entries of a file `save` wrote (the newest `capacity` when it holds more), after
-        checking that its metadata matches `metadata` and its tensors this cache's shape and dtype. Raises
+        checking that its metadata matches `metadata` (`defaults`: the value of a field older files lack) and
+        its tensors this cache's shape and dtype. Raises
         ValueError naming the problem and changes nothing when they do not; returns the number restored."""
         if self._size:
             raise ValueError("restore into an empty cache only")
@@ -437,8 +438,9 @@ class MissCache:
                 if md.get("format") != MISS_CACHE_FORMAT:
                     raise ValueError(f"not a miss cache file (format {md.get('format')!r})")
                 for k, v in metadata.items():
-                    if md.get(k) != v:
-                        raise ValueError(f"saved for {k} {md.get(k)!r}, this cache is for {v!r}")
+                    saved = md.get(k, (defaults or {}).get(k))
+                    if saved != v:
+                        raise ValueError(f"saved for {k} {saved!r}, this cache is for {v!r}")
                 if set(f.keys()) != {"keys", "values"}:
                     raise ValueError(f"expected tensors keys and values, found {sorted(f.keys())}")
                 keys, values = f.get_tensor("keys"), f.get_tensor("values")
@@ -472,6 +474,7 @@ class TableMeta:
     num_entries: int
     kinds: dict[str, int]                       # entries by kind: trigram, bigram, unigram
     extra: dict[str, str] = field(default_factory=dict)   # free-form: corpus, backbone, ...
+    compute_dtype: str = "float32"              # the shallow layers ran in it: misses must be computed alike
 
     def __post_init__(self):
         _check_bits(self.bits)
@@ -481,6 +484,8 @@ class TableMeta:
             raise ValueError(f"bad hidden_size {self.hidden_size} or num_entries {self.num_entries}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not one of {sorted(DTYPES)}")
         if set(self.kinds) != set(KINDS) or sum(self.kinds.values()) != self.num_entries:
             raise ValueError(f"kinds {self.kinds} must count {KINDS} and sum to num_entries "
                              f"{self.num_entries}")
@@ -497,7 +502,8 @@ def _meta_to_strings(meta: TableMeta) -> dict[str, str]:
 
 def _meta_from_strings(md: dict[str, str]) -> TableMeta:
     """Raises KeyError / ValueError / TypeError on a missing or malformed field."""
-    fields = {"weights_hash": md["weights_hash"], "dtype": md["dtype"]}
+    fields = {"weights_hash": md["weights_hash"], "dtype": md["dtype"],
+              "compute_dtype": md.get("compute_dtype", "float32")}        # tables before it: float32
     for k in _INT_FIELDS:
         v = json.loads(md[k])
         if type(v) is not int:

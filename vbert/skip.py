@@ -27,7 +27,8 @@ import torch
 
 from .config import SKIP_MODES, SKIP_ROUTES
 from .ngram import MissCache, NgramTable, TableError, fallback_keys, key_bits, load_table, pack, trigram_ids, unpack
-from .shallow import COMPUTE_CHUNK, TABLE_DTYPES, ShallowMeta, ShallowModel, SkipError, compute_entries, load_shallow
+from .shallow import (COMPUTE_CHUNK, TABLE_DTYPES, ShallowMeta, ShallowModel, SkipError, compute_entries, load_shallow,
+                      resolve_compute_dtype)
 
 # -- the runtime -----------------------------------------------------------------------------------
 @dataclass
@@ -147,8 +148,17 @@ class SkipTable:
         self.name, self.shallow, self.meta, self.table = name, shallow.to(device), meta, table
         self.bits = key_bits(shallow.spec.vocab_size)
         self.dtype = TABLE_DTYPES[table.meta.dtype] if table is not None else dtype
+        # a table's entries were computed in its compute dtype: its misses are computed in the same one, so a
+        # lookup and a computed miss give the same bits; without a table, what build-table would choose here
+        self.compute_dtype = (table.meta.compute_dtype if table is not None
+                              else resolve_compute_dtype("auto", device))
+        self.computer = self.shallow.for_compute(self.compute_dtype)
         self.cache = MissCache(cache_entries, (3, shallow.spec.hidden_size), self.dtype, device)
         self.counters = TableCounters()
+
+    def compute(self, keys: torch.Tensor, timings: dict | None = None) -> torch.Tensor:
+        """Slot outputs of trigram keys [N] computed by the shallow layers, as the table's entries were."""
+        return compute_entries(self.computer, keys, self.bits, self.dtype, timings=timings)
 
     def known(self, keys: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
         """(bool [N]: which keys the table or the miss cache holds, the table lookup (pos, hit) or None
@@ -171,7 +181,7 @@ class SkipTable:
         c.lookups += n
         if force:
             c.computed += n
-            return compute_entries(self.shallow, keys, self.bits, self.dtype, timings=timings)
+            return self.compute(keys, timings)
         out = None
         todo = torch.ones(n, dtype=torch.bool, device=keys.device)
         if self.table is not None:
@@ -203,7 +213,7 @@ class SkipTable:
             c.cache_hits += int(found.sum())
             idx = idx[~found]
             if idx.numel():
-                values = compute_entries(self.shallow, keys[idx], self.bits, self.dtype, timings=timings)
+                values = self.compute(keys[idx], timings)
                 out[idx] = values
                 self.cache.insert(keys[idx], values)
                 c.computed += idx.numel()
@@ -214,8 +224,8 @@ class SkipTable:
 
     def cache_metadata(self) -> dict[str, str]:
         """What a saved miss cache of this table is valid for: the entries are the shallow layers' outputs,
-        so the same weights (a rebuilt table keeps them valid)."""
-        return {"weights_hash": self.meta.weights_hash}
+        computed in the same dtype, so the same weights and compute dtype (a rebuilt table keeps them valid)."""
+        return {"weights_hash": self.meta.weights_hash, "compute_dtype": self.compute_dtype}
 
 
 LowerLayers = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -276,7 +286,7 @@ class SkipRuntime:
                 out[name] = "no saved cache"
                 continue
             try:
-                out[name] = t.cache.restore(path, t.cache_metadata())
+                out[name] = t.cache.restore(path, t.cache_metadata(), defaults={"compute_dtype": "float32"})
             except ValueError as e:
                 out[name] = f"{path} not used: {e}"
         return out
@@ -314,8 +324,8 @@ class SkipRuntime:
         edged_ids = ids.clone()
         edged_ids[:, 0] = edge
         edged = pack(edged_ids, table.bits).to(device)
-        chunk_s = best_of(lambda: compute_entries(table.shallow, plain, table.bits, table.dtype))
-        edge_chunk_s = best_of(lambda: compute_entries(table.shallow, edged, table.bits, table.dtype))
+        chunk_s = best_of(lambda: table.compute(plain))
+        edge_chunk_s = best_of(lambda: table.compute(edged))
         token_s = {}
         length = 8
         while True:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tests.conftest import TINY_WORDS, classify, make_artifact, tag, tiny_pool_config, write_tiny_checkpoint
 from training.table import TableConfig, build_table
@@ -19,7 +21,7 @@ from vbert.config import SkipConfig, SkipTableConfig
 from vbert.ngram import TableError, key_bits, load_table, pack, trigram_ids
 from vbert.shallow import (ShallowModel, SkipError, compute_entries, export_shallow, load_shallow, read_shallow_meta,
                            save_shallow, teacher_upper_hash)
-from vbert.skip import SkipCosts
+from vbert.skip import SkipCosts, SkipRuntime
 
 SKIP = 2                                     # of the tiny checkpoint's 3 layers
 
@@ -54,7 +56,8 @@ def setup(tmp_path_factory):
     for name, shallow in (("a", shallow_a), ("b", shallow_b)):
         tables[name] = root / f"table-{name}.safetensors"
         build_table(TableConfig(shallow=str(shallow), corpus=(str(corpus),), out=str(tables[name]), budget_mb=64,
-                                dtype="float32", backbone=str(ckpt), show_progress=False), echo=lambda s: None)
+                                dtype="float32", compute_dtype="float32", backbone=str(ckpt), show_progress=False),
+                    echo=lambda s: None)
     return {"root": root, "ckpt": ckpt, "teacher": teacher, "corpus": corpus, "shallow": {"a": shallow_a,
             "b": shallow_b}, "tables": tables}
 
@@ -163,6 +166,61 @@ def test_miss_caches_survive_a_restart_and_are_not_used_with_other_weights(setup
     assert skip_model(setup).save_skip_caches() == {}              # no cache_dir: nothing kept
     with pytest.raises(ValueError, match="not a directory"):
         SkipConfig(cache_dir=str(setup["corpus"]))
+
+
+def test_a_bfloat16_table_computes_its_misses_in_bfloat16_and_keeps_its_own_miss_cache(setup, tmp_path):
+    """A table built with --compute-dtype bfloat16 records it; the server computes that table's misses (and
+    the force path) in bfloat16 too, so lookups and computed misses stay bit-identical; its entries differ from
+    float32's only by bfloat16 rounding; a miss cache saved for one compute dtype is not restored into the other."""
+    bf16_table = tmp_path / "table-bf16.safetensors"
+    build_table(TableConfig(shallow=str(setup["shallow"]["a"]), corpus=(str(setup["corpus"]),), out=str(bf16_table),
+                            budget_mb=64, dtype="float32", compute_dtype="bfloat16", backbone=str(setup["ckpt"]),
+                            show_progress=False), echo=lambda s: None)
+    shallow, meta = load_shallow(setup["shallow"]["a"], setup["teacher"])
+    table = load_table(bf16_table, weights_hash=meta.weights_hash)
+    f32 = load_table(setup["tables"]["a"], weights_hash=meta.weights_hash)
+    assert table.meta.compute_dtype == "bfloat16" and f32.meta.compute_dtype == "float32"
+    assert torch.equal(table.keys, f32.keys) and not torch.equal(table.values, f32.values)
+    rel = (table.values - f32.values).norm() / f32.values.norm()
+    assert 0 < rel < 0.03, rel                                     # bfloat16 rounding, not other weights
+    bits = key_bits(shallow.spec.vocab_size)
+    perm = torch.randperm(len(table.keys), generator=torch.Generator().manual_seed(1))[:300]
+    assert torch.equal(compute_entries(shallow.for_compute("bfloat16"), table.keys[perm], bits, torch.float32),
+                       table.values[perm])
+    with pytest.raises(SkipError, match="compute dtype"):
+        shallow.for_compute("int8")
+
+    def served(cache_dir):
+        cfg = SkipConfig((SkipTableConfig("a", str(setup["shallow"]["a"]), str(bf16_table)),), route="table",
+                         cache_dir=str(cache_dir))
+        return MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
+                                            pool=tiny_pool_config(), skip=cfg))
+
+    model = served(tmp_path / "misses")
+    unseen = sentences(12, 99, TINY_WORDS[::-1])
+    out = model.forward(rows_of(model, unseen))
+    computed = model.skip.stats()["a"]["computed"]
+    assert computed > 0
+    model.skip.force = True
+    for x, y in zip(out, model.forward(rows_of(model, unseen))):
+        assert torch.equal(x.embedding, y.embedding)
+    model.skip.force = False
+    assert model.save_skip_caches() == {"a": computed}
+    assert served(tmp_path / "misses").skip_cache_restored == {"a": computed}
+    fp32 = skip_model(setup, cache_dir=tmp_path / "misses")       # the float32 table: not its entries
+    assert "compute_dtype 'bfloat16'" in fp32.skip_cache_restored["a"]
+    fp32.forward(rows_of(fp32, unseen))
+    fp32.save_skip_caches()                                        # written as float32's ...
+    assert served(tmp_path / "misses").skip_cache_restored["a"].endswith("this cache is for 'bfloat16'")
+    f32_file = SkipRuntime.cache_file(tmp_path / "misses", "a")   # ... and a file from before compute dtypes
+    with safe_open(str(f32_file), framework="pt") as f:            # (no compute_dtype field) counts as float32
+        old = {k: f.get_tensor(k) for k in f.keys()}
+        md = {k: v for k, v in f.metadata().items() if k != "compute_dtype"}
+    save_file(old, str(f32_file), metadata=md)
+    assert skip_model(setup, cache_dir=tmp_path / "misses").skip_cache_restored == {"a": old["keys"].numel()}
+    with pytest.raises(ValueError, match="compute_dtype"):
+        TableConfig(shallow=str(setup["shallow"]["a"]), corpus=(str(setup["corpus"]),), out=str(tmp_path / "x"),
+                    compute_dtype="float64")
 
 
 def test_fallback_mode_is_approximate_and_counted(setup):
@@ -434,3 +492,18 @@ def test_the_shipped_shallow_layers_load_for_the_default_backbone_and_beat_their
 
     distilled, undistilled = similarity(default_shallow_path()), similarity(tmp_path / "start")
     assert distilled > 0.95 and distilled > undistilled + 0.3, (distilled, undistilled)   # measured: 0.98 vs 0.47
+
+
+def test_short_attention_equals_the_sdpa_kernel(setup):
+    """The trigram path's broadcast attention (EncoderLayer short=True) computes what the SDPA kernel does, with
+    and without a key mask (edge slots masked out), to float32 rounding."""
+    layer = setup["teacher"].layers[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 3, setup["teacher"].spec.hidden_size, generator=g)
+    mask = torch.ones(40, 1, 1, 3, dtype=torch.bool)
+    mask[::3, ..., 0] = False
+    mask[1::4, ..., 2] = False
+    with torch.inference_mode():
+        for m in (None, mask):
+            torch.testing.assert_close(layer(x, m, None, short=True), layer(x, m, None), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(layer(x, mask, None, short=True), layer(x, None, None, short=True), atol=1e-3)
