@@ -49,15 +49,18 @@ def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rer
             epochs: int | None = None, seed: int = 0) -> dict:
     """RUN = RUNS/skip-SET (seed 0) or RUNS/skip-SET-seedN. The full-model adapter does not depend on the shallow layers: it is trained
     and scored once per set (RUN/full-model) and reused across distillations; everything that does
-    depend on them lives in RUN/shallow-<weights hash>/, so a new distillation never reuses stale scores."""
+    depend on them lives in RUN/shallow-<weights hash>[-<table compute dtype>]/, so a new distillation (or a table
+    computed in another dtype) never reuses stale scores."""
     task, sub, default_epochs = SETS[set_name]
     epochs = epochs or EPOCHS.get(set_name, default_epochs)
     run = runs / (f"skip-{set_name}" if seed == 0 else f"skip-{set_name}-seed{seed}")
     weights = json.loads((Path(shallow) / "shallow.json").read_text())["weights_hash"][:12]
+    compute = table_compute_dtype(table)          # a table computed in another dtype serves other values
+    key = weights if compute == "float32" else f"{weights}-{compute}"
     if rerun and run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
-    skip_run = run / f"shallow-{weights}"
+    skip_run = run / f"shallow-{key}"
     if (skip_run / "result.json").exists():
         return json.loads((skip_run / "result.json").read_text())
     if skip_run.exists():
@@ -91,7 +94,7 @@ def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rer
     run_logged(run, commands)
     trained = {k: json.loads((adapters[k == "skip-mode"] / "training.json").read_text())
                for k in ("full-model", "skip-mode")}
-    result = {"set": set_name, "task": task, "shallow_weights": weights, "seed": seed,
+    result = {"set": set_name, "task": task, "shallow_weights": weights, "table_compute_dtype": compute, "seed": seed,
               "scores": {name: json.loads(out.read_text()) for name, (out, _) in evals.items()},
               "train_seconds": {k: v["train_seconds"] for k, v in trained.items()},
               "trainable_parameters": trained["full-model"]["trainable_parameters"],
@@ -99,6 +102,15 @@ def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rer
                            "evaluate": {k: " ".join(v[1][2:]) for k, v in evals.items()}}}
     (skip_run / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def table_compute_dtype(table: str) -> str:
+    """The dtype a `vbert build-table` file's entries were computed in (float32 for tables from before it was
+    recorded)."""
+    from safetensors import safe_open
+
+    with safe_open(table, framework="pt") as f:
+        return (f.metadata() or {}).get("compute_dtype", "float32")
 
 
 def seeded(common: list[str], seed: int) -> list[str]:
