@@ -474,6 +474,7 @@ class SkipRuntime:
     def stats(self) -> dict:
         return {name: {**asdict(t.counters), "hit_rate": t.counters.hit_rate(), "coverage": t.counters.coverage(),
                        "table_entries": len(t.table.keys) if t.table is not None else 0,
+                       "compute_dtype": t.compute_dtype,
                        "cache": t.cache.stats(), "bytes": t.nbytes()} for name, t in self.tables.items()}
 
 
