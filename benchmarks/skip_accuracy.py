@@ -94,7 +94,8 @@ def run_set(set_name: str, data: Path, runs: Path, shallow: str, table: str, rer
     run_logged(run, commands)
     trained = {k: json.loads((adapters[k == "skip-mode"] / "training.json").read_text())
                for k in ("full-model", "skip-mode")}
-    result = {"set": set_name, "task": task, "shallow_weights": weights, "table_compute_dtype": compute, "seed": seed,
+    result = {"set": set_name, "task": task, "shallow_weights": weights, "table_compute_dtype": compute,
+              "seed": seed,
               "scores": {name: json.loads(out.read_text()) for name, (out, _) in evals.items()},
               "train_seconds": {k: v["train_seconds"] for k, v in trained.items()},
               "trainable_parameters": trained["full-model"]["trainable_parameters"],

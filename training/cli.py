@@ -119,7 +119,8 @@ TRAIN_EPILOG = "\b\nDefaults per task and adapter kind: the recipe that met the 
 @click.option("--skip-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
               show_default=True, help="With --skip-shallow: the dtype of that table (`vbert build-table --dtype`).")
 @click.option("--skip-table-file", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="With --skip-shallow: the table file, looked up instead of computed (faster; the same values, computed in the dtype the table records).")
+              help="With --skip-shallow: the table file, looked up instead of computed (faster; the same values, "
+                   "computed in the dtype the table records).")
 @click.option("--max-labels", default=64, show_default=True, type=click.IntRange(min=1),
               help="Refuse more labels than this (the serving pool's max_labels).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")

@@ -144,7 +144,8 @@ def build_table(config: TableConfig, echo: Callable[[str], None] = print) -> dic
              "unigram": int((outer_edges == 2).sum())}
     table_meta = TableMeta(weights_hash=meta.weights_hash, edge_id=meta.edge_id, bits=bits,
                            hidden_size=model.spec.hidden_size, dtype=config.dtype, num_entries=len(chosen),
-                           kinds=kinds, compute_dtype=compute_dtype, extra={"corpus": ",".join(Path(p).name for p in config.corpus),
+                           kinds=kinds, compute_dtype=compute_dtype,
+                           extra={"corpus": ",".join(Path(p).name for p in config.corpus),
                                                "backbone": meta.backbone, "skip_layers": str(meta.skip_layers)})
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     save_table(config.out, chosen_t, values, table_meta)

@@ -70,7 +70,8 @@ class TrainConfig:
     skip_shallow: str | None = None      # train in skip mode on these shallow layers (a `vbert distill` dir)
     skip_table: str = "default"          # the table name the adapter records (the server's name for it)
     skip_dtype: str = "float16"          # the table's dtype (shallow outputs are rounded to it, as served)
-    skip_table_file: str | None = None   # its n-gram table: looked up instead of computed (faster; the same values, computed in the dtype the table records)
+    skip_table_file: str | None = None   # its n-gram table: looked up instead of computed (faster; the same values,
+    #                                      computed in the dtype the table records)
     show_progress: bool = True
 
     def __post_init__(self) -> None:

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 FORMAT = "vbert-ngram-table/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TABLE_COMPUTE_DTYPES = ("float32", "bfloat16")   # what a table's shallow layers may have computed in
 KINDS = ("trigram", "bigram", "unigram")
 _COUNT_CHUNK_TOKENS = 1 << 20   # tokens per vectorized counting chunk
 
@@ -484,8 +485,8 @@ class TableMeta:
             raise ValueError(f"bad hidden_size {self.hidden_size} or num_entries {self.num_entries}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
-        if self.compute_dtype not in DTYPES:
-            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not one of {sorted(DTYPES)}")
+        if self.compute_dtype not in TABLE_COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not one of {TABLE_COMPUTE_DTYPES}")
         if set(self.kinds) != set(KINDS) or sum(self.kinds.values()) != self.num_entries:
             raise ValueError(f"kinds {self.kinds} must count {KINDS} and sum to num_entries "
                              f"{self.num_entries}")

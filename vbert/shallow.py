@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from .backbone import BackboneSpec, EncoderLayer
-from .ngram import trigram_ids, unpack, weights_hash
+from .ngram import TABLE_COMPUTE_DTYPES, trigram_ids, unpack, weights_hash
 
 SHALLOW_FORMAT = "vbert-shallow"
 SHALLOW_META = "shallow.json"
 SHALLOW_WEIGHTS = "shallow.safetensors"
 TABLE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")   # what the shallow layers compute in (auto: bfloat16 where fast)
+COMPUTE_DTYPES = ("auto", *TABLE_COMPUTE_DTYPES)   # what the shallow layers compute in (auto: bfloat16 where fast)
 COMPUTE_CHUNK = 256            # trigrams per shallow forward, always (fewer are padded): one shape
 
 
@@ -109,10 +109,10 @@ class ShallowModel(nn.Module):
         return x
 
     def for_compute(self, dtype: str) -> "ShallowModel":
-        """The model that computes table entries in `dtype` (a name of TABLE_DTYPES): itself for float32, else
+        """The model that computes table entries in `dtype` (float32 or bfloat16): itself for float32, else
         a copy with every weight in that dtype (bfloat16 on a CPU with AVX-512 BF16: about 2x faster a chunk)."""
-        if dtype not in COMPUTE_DTYPES[1:]:
-            raise SkipError(f"compute dtype {dtype!r} is not one of {COMPUTE_DTYPES[1:]}")
+        if dtype not in TABLE_COMPUTE_DTYPES:
+            raise SkipError(f"compute dtype {dtype!r} is not one of {TABLE_COMPUTE_DTYPES}")
         if dtype == "float32":
             return self
         copy = ShallowModel(self.spec, self.skip_layers, self.edge_id).to(self.word_embeddings.weight.device)
@@ -307,6 +307,7 @@ def compute_entries(model: ShallowModel, keys: torch.Tensor, bits: int, dtype: t
             slot[1] += math.ceil(idx.numel() / chunk)
     return out
 
-__all__ = ["COMPUTE_CHUNK", "COMPUTE_DTYPES", "SHALLOW_FORMAT", "SHALLOW_META", "SHALLOW_WEIGHTS", "TABLE_DTYPES", "ShallowMeta",
+__all__ = ["COMPUTE_CHUNK", "COMPUTE_DTYPES", "SHALLOW_FORMAT", "SHALLOW_META", "SHALLOW_WEIGHTS", "TABLE_DTYPES",
+           "ShallowMeta",
            "ShallowModel", "SkipError", "compute_entries", "export_shallow", "load_shallow", "read_shallow_meta",
            "resolve_compute_dtype", "save_shallow", "teacher_upper_hash"]

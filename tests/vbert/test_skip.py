@@ -3,6 +3,7 @@
 and tables built for other weights or damaged on disk are refused."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -189,6 +190,8 @@ def test_a_bfloat16_table_computes_its_misses_in_bfloat16_and_keeps_its_own_miss
                        table.values[perm])
     with pytest.raises(SkipError, match="compute dtype"):
         shallow.for_compute("int8")
+    with pytest.raises(ValueError, match="compute_dtype 'float16'"):
+        dataclasses.replace(table.meta, compute_dtype="float16")
 
     def served(cache_dir):
         cfg = SkipConfig((SkipTableConfig("a", str(setup["shallow"]["a"]), str(bf16_table)),), route="table",
