@@ -178,7 +178,7 @@ class ServerConfig:
     skip_tables: str | None = None       # "name=SHALLOW_DIR[:TABLE_FILE],name2=..." (distill / build-table output)
     skip_default: str | None = None      # table of adapters that name none (default: the first)
     skip_mode: str = "exact"             # exact | fallback (approximate)
-    skip_cache_entries: int = 16384      # computed misses kept per table
+    skip_cache_entries: int = 131072     # computed misses kept per table (302 MB in float16 at hidden size 384)
     skip_route: str = "cost"             # cost (each row the cheaper way: table or real lower layers) | table | layers
     skip_warm_budget: float = 0.0        # the table path may be predicted this much dearer and still chosen (warms the cache)
     skip_keep_cache: bool = True         # keep the miss caches across restarts (DATA_DIR/skip/misses; saved when the server stops)
