@@ -279,19 +279,19 @@ def main() -> None:
         del skip, contenders                                         # fresh models: a cold miss cache
         texts = [t for f in args.stream for t in read_corpus(f)][:args.stream_max]
         rows = full.tokenize(texts)
-        settings = {"cost": ("exact", "cost", 0.0), "cost_warm": ("exact", "cost", args.warm_budget),
-                    "table": ("exact", "table", 0.0)}
+        settings = {"cost": {"mode": "exact", "route": "cost"},
+                    "cost_warm": {"mode": "exact", "route": "cost", "warm": args.warm_budget},
+                    "table": {"mode": "exact", "route": "table"}}
         if f32_path is not None:
-            settings["cost_float32"] = ("exact", "cost", 0.0, None, f32_path)
+            settings["cost_float32"] = {"mode": "exact", "route": "cost", "table": f32_path}
         keep = Path(tmp.name) / "misses"
 
         def restart(name: str, model: MultiTenantModel) -> MultiTenantModel:
             """What a server restart with skip_keep_cache does: save the caches, start anew, restore them."""
             model.skip.save_caches(keep / name)
-            mode, route, warm, *rest = settings[name]
-            return skip_model(mode, route, warm, str(keep / name), *rest[1:])
+            return skip_model(**settings[name], cache_dir=str(keep / name))
 
-        streamers = {name: skip_model(*s) for name, s in settings.items()}
+        streamers = {name: skip_model(**s) for name, s in settings.items()}
         stream = run_stream(full, streamers, rows, args.batch, args.stream_passes, args.stream_window, "bench",
                             restart if args.restart_between_passes else None)
         stream["restart_between_passes"] = args.restart_between_passes

@@ -159,7 +159,7 @@ class SkipConfig:
     tables: tuple[SkipTableConfig, ...] = ()
     mode: str = "exact"
     default: str | None = None
-    miss_cache_entries: int = 131072     # 302 MB of float16 entries at hidden size 384: a pass of unseen traffic
+    miss_cache_entries: int = 131072     # up to 302 MB of float16 entries at hidden size 384: a pass of unseen traffic
     route: str = "cost"
     warm_budget: float = 0.0
     cache_dir: str | None = None

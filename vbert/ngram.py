@@ -363,7 +363,8 @@ class MissCache:
         self.capacity, self.entry_shape, self.dtype = int(capacity), tuple(entry_shape), dtype
         self.device = torch.device(device)
         self.backend = backend
-        self.values = torch.zeros(self.capacity, *self.entry_shape, dtype=dtype, device=self.device)
+        # only the occupied prefix is ever read: empty, so the OS backs a large cache's pages as entries arrive
+        self.values = torch.empty(self.capacity, *self.entry_shape, dtype=dtype, device=self.device)
         self._keys = torch.zeros(self.capacity, dtype=torch.int64, device=self.device)   # [capacity]
         self._size, self._next, self._inserts, self._evictions = 0, 0, 0, 0
         self._index = KeyIndex.build(self._keys[:0], backend)

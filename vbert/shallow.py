@@ -16,6 +16,7 @@ force-computed path produce identical values. vbert.skip serves them.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -115,9 +116,7 @@ class ShallowModel(nn.Module):
             raise SkipError(f"compute dtype {dtype!r} is not one of {TABLE_COMPUTE_DTYPES}")
         if dtype == "float32":
             return self
-        copy = ShallowModel(self.spec, self.skip_layers, self.edge_id).to(self.word_embeddings.weight.device)
-        copy.load_state_dict(self.state_dict())
-        return copy.to(TABLE_DTYPES[dtype]).eval().requires_grad_(False)
+        return copy.deepcopy(self).to(TABLE_DTYPES[dtype]).eval().requires_grad_(False)
 
     def merge(self, slots: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         """slots [B, L, 3, H] (each position's own trigram outputs, any float dtype; ZERO at padding
