@@ -204,6 +204,7 @@ class ServerConfig:
                                          # steps are sized from measured step times to stay within it
     # lifecycle
     grace_s: float = 30.0
+    host_heap_keep_mb: int = 512         # freed host memory the process keeps for its next steps (glibc; 0: its defaults)
     # scale-out (docs/scale-out.md): the encoder's engine as Ray Serve replicas (needs the `ray` extra)
     replicas: int = 0                    # 0: the encoder computes in this process; N: N replicas on Ray Serve
     ray_address: str = "local"           # "local": start a local Ray cluster; else join one ("auto", "HOST:6379")
@@ -263,6 +264,8 @@ class ServerConfig:
                      "latency_target_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.host_heap_keep_mb < 0:
+            raise ValueError(f"host_heap_keep_mb must be >= 0 (0: glibc's defaults), got {self.host_heap_keep_mb}")
         if self.replicas < 0:
             raise ValueError(f"replicas must be >= 0 (0: compute in this process), got {self.replicas}")
         for name in ("replica_threads", "replica_adapters", "ray_object_store_mb"):

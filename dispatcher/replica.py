@@ -23,7 +23,7 @@ from manager.codec import decode_artifact
 from manager.errors import CorruptAdapterError, NotFoundError
 from scheduler.types import Request
 from vbert.decoder_backbone import DecoderBackbone
-from vbert.device import DeviceContext, reserve_cpu_for_steps
+from vbert.device import DeviceContext, keep_host_heap, reserve_cpu_for_steps
 from vbert.model import MultiTenantModel
 
 from .engines import encoder_engine, generation_engine
@@ -138,6 +138,7 @@ class EncoderReplica(_Replica):
 
     def __init__(self, config) -> None:   # config: dispatcher.config.ServerConfig (validated by the front door)
         reserve_cpu_for_steps(config.replica_threads)
+        keep_host_heap(config.host_heap_keep_mb)
         self.model = MultiTenantModel(config.model_config())
         self._hold_adapters(TieredCache(CacheConfig(host_budget_bytes=config.host_cache_mb << 20), self.model.pool,
                                         self._artifact))
@@ -223,6 +224,7 @@ class DecoderReplica(_Replica):
 
     def __init__(self, config) -> None:   # config: dispatcher.config.ServerConfig (validated by the front door)
         reserve_cpu_for_steps(config.replica_threads)
+        keep_host_heap(config.host_heap_keep_mb)
         self.decoder = DecoderBackbone.load(config.decoder_config(), DeviceContext.create(config.device, config.dtype))
         self._hold_adapters(TieredCache(CacheConfig(host_budget_bytes=config.host_cache_mb << 20), self.decoder.lora,
                                         self._artifact))

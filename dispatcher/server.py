@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from vbert.device import reserve_cpu_for_steps
+from vbert.device import keep_host_heap, reserve_cpu_for_steps
 
 from .admin_service import AdminServicer
 from .app import App
@@ -172,6 +172,8 @@ def _create_app(config: ServerConfig) -> App:
 async def serve(config: ServerConfig, ready=None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
     reserve_cpu_for_steps()   # this thread and the loader make no OpenMP pool: the cores go to step threads
+    if keep_host_heap(config.host_heap_keep_mb):   # steps reuse freed activations' pages (vbert/device.py)
+        log.info("host heap: up to %d MiB of freed memory kept for the next steps", config.host_heap_keep_mb)
     app = await asyncio.to_thread(_create_app, config)
     server = Server(app)
     await server.start()
