@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -60,21 +60,37 @@ class SkipCosts:
     """Measured seconds of the two ways to a row's layer-k states (see SkipRuntime.calibrate).
 
     chunk_s / edge_chunk_s: one compute chunk (COMPUTE_CHUNK trigrams) through the shallow layers,
-        without / with an edge id (a key always computes in whole chunks);
+        without / with an edge id (a key always computes in whole chunks), in `compute_dtype`;
     token_s: seconds per token of the real lower layers at a sequence length (measured lengths; others
         interpolated linearly, clamped at the ends);
-    table_token_s: the table path's own cost per token (keys, lookup, gather, merge), 0 until timed.
+    table_token_s: the table path's own cost per token (keys, lookup, gather, merge), 0 until timed;
+    compute_dtype: what chunk_s / edge_chunk_s were measured in (the default table's compute dtype);
+    other_chunks: [chunk_s, edge_chunk_s] of each other compute dtype the runtime's tables use (a float32 table's
+        misses cost about twice a bfloat16 one's on a CPU with AVX-512 BF16), so each table is predicted at its own
+        speed. Methods that take `dtype` use its entry, or chunk_s / edge_chunk_s for compute_dtype, None or a
+        dtype without one.
     """
 
     chunk_s: float
     edge_chunk_s: float
     token_s: dict[int, float]
     table_token_s: float = 0.0
+    compute_dtype: str = "float32"
+    other_chunks: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.token_s:
             raise SkipError("SkipCosts needs the real layers' cost at one sequence length at least")
         self.token_s = dict(sorted((int(k), float(v)) for k, v in self.token_s.items()))
+        self.other_chunks = {d: [float(c), float(e)] for d, (c, e) in self.other_chunks.items()
+                             if d != self.compute_dtype}
+
+    def chunks_s(self, dtype: str | None = None) -> tuple[float, float]:
+        """(chunk_s, edge_chunk_s) of tables computing in `dtype`."""
+        if dtype is not None and dtype in self.other_chunks:
+            chunk, edge = self.other_chunks[dtype]
+            return chunk, edge
+        return self.chunk_s, self.edge_chunk_s
 
     def layer_token_s(self, length: int) -> float:
         """Seconds per token of the real lower layers in rows of `length` tokens."""
@@ -87,19 +103,20 @@ class SkipCosts:
                 return self.token_s[lo] * (1 - f) + self.token_s[hi] * f
         return self.token_s[ks[-1]]
 
-    def misses_s(self, plain: float, edge: float) -> float:
-        """Seconds to compute `plain` trigrams without and `edge` with an edge id."""
-        return (math.ceil(plain / COMPUTE_CHUNK) * self.chunk_s
-                + math.ceil(edge / COMPUTE_CHUNK) * self.edge_chunk_s)
+    def misses_s(self, plain: float, edge: float, dtype: str | None = None) -> float:
+        """Seconds to compute `plain` trigrams without and `edge` with an edge id (in `dtype`)."""
+        chunk, edge_chunk = self.chunks_s(dtype)
+        return math.ceil(plain / COMPUTE_CHUNK) * chunk + math.ceil(edge / COMPUTE_CHUNK) * edge_chunk
 
     def choose_layers(self, plain: np.ndarray, edge: np.ndarray, tokens: np.ndarray, length: int,
-                      warm_budget: float = 0.0) -> np.ndarray:
+                      warm_budget: float = 0.0, dtype: str | None = None) -> np.ndarray:
         """Which rows of one padded bucket (length `length`) go to the real lower layers: bool [B].
         plain / edge [B]: each row's trigrams that neither the table nor the miss cache holds; tokens
         [B]: its real tokens. Rows are taken in order of their miss cost, and the split with the least
         predicted time wins (a tie keeps the table, which caches what it computes); warm_budget w lets
         the table's side be up to (1 + w) times dearer and still be chosen, so it computes and caches
-        more of the traffic's trigrams (0: never predicted slower than the real layers)."""
+        more of the traffic's trigrams (0: never predicted slower than the real layers). dtype: the table's
+        compute dtype (its misses' cost)."""
         b = len(tokens)
         order = np.argsort(-(plain + edge), kind="stable")
         p_rest = np.concatenate([np.cumsum(plain[order][::-1])[::-1], [0]])          # [B + 1]: rows k.. of order
@@ -108,7 +125,7 @@ class SkipCosts:
         per_row = length * self.layer_token_s(length)
         best_k, best = 0, math.inf
         for k in range(b + 1):                          # the first k rows of `order` on the real layers
-            table = self.misses_s(p_rest[k], e_rest[k]) + self.table_token_s * t_rest[k]
+            table = self.misses_s(p_rest[k], e_rest[k], dtype) + self.table_token_s * t_rest[k]
             total = table / (1.0 + warm_budget) + k * per_row
             if total < best - 1e-12:
                 best_k, best = k, total
@@ -116,10 +133,11 @@ class SkipCosts:
         out[order[:best_k]] = True
         return out
 
-    def observe(self, kind: str, seconds: float, count: float, length: int = 0, weight: float = 0.2) -> None:
+    def observe(self, kind: str, seconds: float, count: float, length: int = 0, weight: float = 0.2,
+                dtype: str | None = None) -> None:
         """Fold a timed step into the estimate (exponential average): kind "layers" (count tokens at
-        `length`, credited to the nearest measured length), "chunk" / "edge_chunk" (count chunks) or
-        "table" (count tokens, the table path without its computed misses)."""
+        `length`, credited to the nearest measured length), "chunk" / "edge_chunk" (count chunks, computed in
+        `dtype`) or "table" (count tokens, the table path without its computed misses)."""
         if count <= 0 or seconds < 0:
             return
         per = seconds / count
@@ -128,8 +146,12 @@ class SkipCosts:
             per *= self.token_s[key] / max(self.layer_token_s(length), 1e-12)   # as if measured at `key`
             self.token_s[key] += weight * (per - self.token_s[key])
         elif kind in ("chunk", "edge_chunk"):
-            name = "chunk_s" if kind == "chunk" else "edge_chunk_s"
-            setattr(self, name, getattr(self, name) + weight * (per - getattr(self, name)))
+            i = 0 if kind == "chunk" else 1
+            if dtype is not None and dtype in self.other_chunks:
+                self.other_chunks[dtype][i] += weight * (per - self.other_chunks[dtype][i])
+            else:
+                name = ("chunk_s", "edge_chunk_s")[i]
+                setattr(self, name, getattr(self, name) + weight * (per - getattr(self, name)))
         elif kind == "table":
             self.table_token_s += weight * (per - self.table_token_s)
         else:
@@ -137,7 +159,8 @@ class SkipCosts:
 
     def to_dict(self) -> dict:
         return {"chunk_s": self.chunk_s, "edge_chunk_s": self.edge_chunk_s,
-                "token_s": {str(k): v for k, v in self.token_s.items()}, "table_token_s": self.table_token_s}
+                "token_s": {str(k): v for k, v in self.token_s.items()}, "table_token_s": self.table_token_s,
+                "compute_dtype": self.compute_dtype, "other_chunks": {d: list(v) for d, v in self.other_chunks.items()}}
 
 
 class SkipTable:
@@ -300,14 +323,13 @@ class SkipRuntime:
     @torch.inference_mode()
     def calibrate(self, lower: LowerLayers, max_length: int, device: torch.device, synchronize=lambda: None,
                   tokens: int = 512) -> SkipCosts:
-        """Measure both ways once (a chunk of trigrams with and without an edge id; the real lower
-        layers at lengths 8, 32, 128, ... max_length on about `tokens` tokens each) and keep them as
-        `costs`. `synchronize` waits for the device (CUDA) before a clock is read."""
+        """Measure both ways once (a chunk of trigrams with and without an edge id, in each compute dtype the
+        tables use, the default table's first; the real lower layers at lengths 8, 32, 128, ... max_length on about
+        `tokens` tokens each) and keep them as `costs`. `synchronize` waits for the device (CUDA) before a clock
+        is read."""
         table = self.tables[self.default]
-        vocab, edge = table.shallow.spec.vocab_size, table.shallow.edge_id
+        vocab = table.shallow.spec.vocab_size
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (COMPUTE_CHUNK, 3), generator=g)
-        ids[ids == edge] = (edge + 1) % vocab
 
         def best_of(fn, reps=2):
             fn()                                       # warm-up: first calls allocate
@@ -320,12 +342,17 @@ class SkipRuntime:
                 times.append(time.perf_counter() - t0)
             return min(times)
 
-        plain = pack(ids, table.bits).to(device)
-        edged_ids = ids.clone()
-        edged_ids[:, 0] = edge
-        edged = pack(edged_ids, table.bits).to(device)
-        chunk_s = best_of(lambda: table.compute(plain))
-        edge_chunk_s = best_of(lambda: table.compute(edged))
+        chunks: dict[str, tuple[float, float]] = {}
+        for t in [table] + [t for t in self.tables.values() if t is not table]:
+            if t.compute_dtype in chunks:
+                continue
+            edge = t.shallow.edge_id
+            ids = torch.randint(0, vocab, (COMPUTE_CHUNK, 3), generator=g)
+            ids[ids == edge] = (edge + 1) % vocab
+            edged_ids = ids.clone()
+            edged_ids[:, 0] = edge
+            plain, edged = pack(ids, t.bits).to(device), pack(edged_ids, t.bits).to(device)
+            chunks[t.compute_dtype] = (best_of(lambda: t.compute(plain)), best_of(lambda: t.compute(edged)))
         token_s = {}
         length = 8
         while True:
@@ -338,7 +365,9 @@ class SkipRuntime:
             if length >= max_length:
                 break
             length *= 4                                # interpolated in between
-        self.costs = SkipCosts(chunk_s, edge_chunk_s, token_s)
+        chunk_s, edge_chunk_s = chunks[table.compute_dtype]
+        self.costs = SkipCosts(chunk_s, edge_chunk_s, token_s, compute_dtype=table.compute_dtype,
+                               other_chunks={d: list(c) for d, c in chunks.items() if d != table.compute_dtype})
         return self.costs
 
     @torch.inference_mode()
@@ -427,7 +456,8 @@ class SkipRuntime:
         free = np.ones(len(tokens), dtype=bool) if pinned is None else ~pinned
         choice = np.zeros(len(tokens), dtype=bool)
         if free.any():                                 # pinned rows' misses are paid anyway: not in the choice
-            choice[free] = self.costs.choose_layers(plain[free], edge[free], tokens[free], seq, self.warm_budget)
+            choice[free] = self.costs.choose_layers(plain[free], edge[free], tokens[free], seq, self.warm_budget,
+                                                    table.compute_dtype)
         return choice, (unique, inverse, lookup)
 
     def _timed_layers(self, lower: LowerLayers, ids, types, mask, seq: int) -> torch.Tensor:
@@ -445,7 +475,7 @@ class SkipRuntime:
         if timings is not None:
             spent = time.perf_counter() - t0
             for kind, (seconds, chunks) in timings.items():
-                self.costs.observe(kind, seconds, chunks)
+                self.costs.observe(kind, seconds, chunks, dtype=table.compute_dtype)
                 spent -= seconds
             self.costs.observe("table", max(spent, 0.0), keys.numel())
         return out

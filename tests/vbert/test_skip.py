@@ -292,6 +292,50 @@ def test_choose_layers_takes_the_cheaper_way_per_row():
         SkipCosts(0.1, 0.1, {})
 
 
+def test_costs_keep_each_compute_dtypes_miss_chunks_apart():
+    costs = SkipCosts(chunk_s=0.001, edge_chunk_s=0.001, token_s={128: 2e-5}, compute_dtype="bfloat16",
+                      other_chunks={"float32": [0.050, 0.060], "bfloat16": [9.0, 9.0]})
+    assert costs.other_chunks == {"float32": [0.050, 0.060]}          # the measured dtype's own entry is chunk_s
+    assert costs.chunks_s("bfloat16") == costs.chunks_s(None) == costs.chunks_s("float16") == (0.001, 0.001)
+    assert costs.chunks_s("float32") == (0.050, 0.060)
+    tokens, none = np.full(2, 128.0), np.zeros(2)
+    misses = np.full(2, 200.0)             # one chunk a row: 1 ms in bfloat16, 50 ms in float32; the layers 2.6 ms
+    assert not costs.choose_layers(misses, none, tokens, 128, dtype="bfloat16").any()
+    assert costs.choose_layers(misses, none, tokens, 128, dtype="float32").all()
+    costs.observe("chunk", seconds=0.02, count=1, weight=1.0, dtype="float32")
+    costs.observe("edge_chunk", seconds=0.03, count=1, weight=1.0, dtype="float32")
+    assert costs.chunks_s("float32") == (pytest.approx(0.02), pytest.approx(0.03)) and costs.chunk_s == 0.001
+    costs.observe("chunk", seconds=0.004, count=2, weight=1.0, dtype="bfloat16")
+    assert costs.chunk_s == pytest.approx(0.002) and costs.other_chunks["float32"][0] == pytest.approx(0.02)
+    d = costs.to_dict()
+    assert d["compute_dtype"] == "bfloat16" and d["other_chunks"] == {"float32": [pytest.approx(0.02),
+                                                                                  pytest.approx(0.03)]}
+
+
+def test_router_measures_and_refines_each_tables_compute_dtype_apart(setup, tmp_path):
+    """A default float32 table and a bfloat16 one: start-up measures a chunk in each; a skip-trained adapter's rows
+    on the bfloat16 table refine its entry, not the default table's chunk cost (which decides the routing)."""
+    bf16 = tmp_path / "table-b-bf16.safetensors"
+    build_table(TableConfig(shallow=str(setup["shallow"]["b"]), corpus=(str(setup["corpus"]),), out=str(bf16),
+                            budget_mb=64, dtype="float32", compute_dtype="bfloat16", backbone=str(setup["ckpt"]),
+                            show_progress=False), echo=lambda s: None)
+    cfg = SkipConfig((SkipTableConfig("a", str(setup["shallow"]["a"]), str(setup["tables"]["a"])),
+                      SkipTableConfig("b", str(setup["shallow"]["b"]), str(bf16))), miss_cache_entries=4096)
+    model = MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
+                                         pool=tiny_pool_config(), skip=cfg))
+    costs = model.skip.costs
+    assert costs.compute_dtype == "float32" and set(costs.other_chunks) == {"bfloat16"}
+    assert all(v > 0 for v in costs.other_chunks["bfloat16"]) and costs.chunk_s > 0
+    assert model.info()["skip"]["costs"]["other_chunks"]["bfloat16"] == costs.other_chunks["bfloat16"]
+    model.skip.costs = SkipCosts(chunk_s=1e-9, edge_chunk_s=1e-9, token_s={8: 1.0, 512: 1.0},
+                                 other_chunks={"bfloat16": [5.0, 5.0]})
+    slot = model.load_adapter(top_layers_artifact(model, "lora", classify(3), 8, skip_table="b"))
+    model.forward(rows_of(model, sentences(8, 91, TINY_WORDS[::-1]), slot))       # unseen: table b computes misses
+    assert model.skip.stats()["b"]["computed"] > 0 and model.skip.stats()["a"]["computed"] == 0
+    assert model.skip.costs.other_chunks["bfloat16"][0] < 5.0 or model.skip.costs.other_chunks["bfloat16"][1] < 5.0
+    assert model.skip.costs.chunk_s == 1e-9 and model.skip.costs.edge_chunk_s == 1e-9   # the default's untouched
+
+
 def test_cost_route_sends_unseen_rows_to_the_real_lower_layers(setup):
     model = skip_model(setup, route="cost")
     costs = model.skip.costs                                         # calibrated at start-up
