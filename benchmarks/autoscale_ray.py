@@ -47,39 +47,50 @@ from scheduler.simulator import (EngineLimits, TenantLoad, arrivals, latencies, 
 CALIBRATION = ROOT / "benchmarks" / "results" / "cpu-2026-12-06" / "sim_validation" / "sim_validation.json"
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def day_parser(description: str, tenants: int, slo_ms: float, rpc_timeout_s: float) -> argparse.ArgumentParser:
+    """The options of a compressed day that this script and autoscale_ray_decoder.py share."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--json", type=Path, required=True, help="where to write the results (a PNG goes next to it)")
     p.add_argument("--policy", default="predictive", choices=("predictive", "reactive"))
     p.add_argument("--day-s", type=float, default=600.0, help="seconds of one compressed day")
     p.add_argument("--interval-s", type=float, default=12.5, help="one load sample and decision per interval")
     p.add_argument("--history-days", type=int, default=2)
-    p.add_argument("--unit-rps", type=float, default=4.0, help="calls/s of one load unit (the load is 7-13 units)")
-    p.add_argument("--capacity-rps", type=float, default=30.0, help="calls/s one replica serves within the SLO "
-                   "(replica_capacity_rps)")
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=3)
-    p.add_argument("--tenants", type=int, default=8)
+    p.add_argument("--tenants", type=int, default=tenants)
     p.add_argument("--cv", type=float, default=1.0)
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--sim-seeds", type=int, default=5, help="simulate with the calibration's step noise this many "
-                   "times (seeded) and keep the run of median p99, as sim_validation does; 0: no step noise")
-    p.add_argument("--slo-ms", type=float, default=500.0)
-    p.add_argument("--calibration", type=Path, default=CALIBRATION,
-                   help="benchmarks/sim_validation.py's JSON (profile and in-server step cost)")
-    p.add_argument("--rpc-timeout-s", type=float, default=30.0)
+    p.add_argument("--slo-ms", type=float, default=slo_ms)
+    p.add_argument("--rpc-timeout-s", type=float, default=rpc_timeout_s)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    p.add_argument("--backbone", default=None)
     p.add_argument("--log-level", default="WARNING")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_day(p: argparse.ArgumentParser, args, *positive: float) -> None:
+    """Refuse (p.error) a day the run cannot make; `positive`: the script's own rates and capacities."""
     if args.history_days < 2 and args.policy == "predictive":
         p.error("the forecast needs --history-days >= 2")
-    if args.day_s < 4 * args.interval_s or min(args.unit_rps, args.capacity_rps, args.slo_ms, args.cv) <= 0:
-        p.error("need --day-s >= 4 intervals and positive rates, SLO and CV")
+    if args.day_s < 4 * args.interval_s or min(*positive, args.slo_ms, args.cv) <= 0:
+        p.error("need --day-s >= 4 intervals and positive rates, capacity, SLO and CV")
     if not 1 <= args.min_replicas <= args.max_replicas:
         p.error("need 1 <= --min-replicas <= --max-replicas")
     args.max_in_flight, args.requests, args.latency_target_ms = 25_000, 10 ** 6, None   # what OwnServer reads
+
+
+def parse_args(argv=None):
+    p = day_parser(__doc__.split("\n\n")[0], tenants=8, slo_ms=500.0, rpc_timeout_s=30.0)
+    p.add_argument("--unit-rps", type=float, default=4.0, help="calls/s of one load unit (the load is 7-13 units)")
+    p.add_argument("--capacity-rps", type=float, default=30.0, help="calls/s one replica serves within the SLO "
+                   "(replica_capacity_rps)")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--sim-seeds", type=int, default=5, help="simulate with the calibration's step noise this many "
+                   "times (seeded) and keep the run of median p99, as sim_validation does; 0: no step noise")
+    p.add_argument("--calibration", type=Path, default=CALIBRATION,
+                   help="benchmarks/sim_validation.py's JSON (profile and in-server step cost)")
+    p.add_argument("--backbone", default=None)
+    args = p.parse_args(argv)
+    check_day(p, args, args.unit_rps, args.capacity_rps)
     return args
 
 

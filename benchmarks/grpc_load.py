@@ -164,19 +164,20 @@ class GrpcClient:
         await self.channel.close()
 
 
-def client_main() -> int:
-    """--client-only: a JSON 'init' line on stdin, then one job per line; one result line per job."""
+def client_main(make=None) -> int:
+    """--client-only: a JSON 'init' line on stdin, then one job per line; one result line per job. make(init): the
+    client (start / run(job) / close coroutines; default the gRPC Classify client)."""
     async def serve():
         loop = asyncio.get_running_loop()
         readline = lambda: loop.run_in_executor(None, sys.stdin.readline)  # noqa: E731
-        client = GrpcClient(json.loads(await readline()))
+        client = (make or GrpcClient)(json.loads(await readline()))
         await client.start()
         print(json.dumps({"ready": True}), flush=True)
         while line := await readline():
             job = json.loads(line)
             if job["op"] == "exit":
                 break
-            print(json.dumps(await run_job(client.send, job)), flush=True)
+            print(json.dumps(await client.run(job)), flush=True)
         await client.close()
 
     asyncio.run(serve())
