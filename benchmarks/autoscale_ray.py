@@ -123,6 +123,30 @@ class ReplicaPoll(threading.Thread):
         self.join(5)
 
 
+def send_day(client, seq, day_s: float, poll: ReplicaPoll) -> dict:
+    """Send the day's requests (`seq`: (time, tenant), open loop) through `client` with a progress bar of the
+    running replicas; then close the client and stop polling. The client's result (records per request)."""
+    from tqdm import tqdm
+
+    done = threading.Event()
+
+    def progress():
+        with tqdm(total=int(day_s), desc="compressed day", unit="s") as bar:
+            while not done.wait(5):
+                bar.n = min(int(day_s), int(time.perf_counter() - poll.t0))
+                bar.set_postfix(replicas=poll.samples[-1][1] if poll.samples else 0)
+                bar.refresh()
+
+    threading.Thread(target=progress, daemon=True).start()
+    try:
+        return client.run({"op": "scheduled", "label": "day", "num": len(seq), "times": [t for t, _ in seq],
+                           "quiet": True})
+    finally:
+        done.set()
+        client.close()
+        poll.halt()
+
+
 def windows_of(samples: list[tuple[float, int]], end_s: float) -> list[tuple[float, float]]:
     """The replica timeline as one [start, end) per replica stint: replica j is up while the count exceeds j."""
     out, open_at = [], {}
@@ -133,6 +157,58 @@ def windows_of(samples: list[tuple[float, int]], end_s: float) -> list[tuple[flo
             elif j >= n and j in open_at:
                 out.append((open_at.pop(j), t))
     return out
+
+
+def attainment(lat: list, slo_s: float) -> float:
+    """Share of the requests answered within slo_s (None: not answered)."""
+    return sum(1 for x in lat if x is not None and x <= slo_s) / max(1, len(lat))
+
+
+def day_intervals(seq, samples, real, sim, per_day: int, interval_s: float, slo_s: float,
+                  capacity: float) -> list[dict]:
+    """Per interval of the day: its load (arrivals of `seq` per second), the fewest replicas Ray ran in it (the
+    polled `samples`), the replicas that load needs at `capacity` each, and the real and simulated SLO attainment
+    of its requests (latencies `real`, `sim` in arrival order)."""
+    calls_in: list[list[int]] = [[] for _ in range(per_day)]          # interval -> its calls
+    running_in: list[list[int]] = [[] for _ in range(per_day)]        # interval -> the replica counts polled in it
+    for i, (t, _) in enumerate(seq):
+        calls_in[min(per_day - 1, int(t / interval_s))].append(i)
+    for t, n in samples:
+        if int(t / interval_s) < per_day:
+            running_in[int(t / interval_s)].append(n)
+    out = []
+    for k in range(per_day):
+        idx, in_k = calls_in[k], running_in[k]
+        load = len(idx) / interval_s
+        out.append({"interval": k, "load_rps": round(load, 3), "running_replicas": min(in_k) if in_k else None,
+                    "needed_replicas": replicas_for(load, capacity),
+                    "real_attainment": round(attainment([real[i] for i in idx], slo_s), 4) if idx else None,
+                    "sim_attainment": round(attainment([sim[i] for i in idx], slo_s), 4) if idx else None})
+    return out
+
+
+def day_measures(intervals: list[dict], load: str, needed: str, capacity: float, suffix: str = "") -> dict:
+    """The seed study's two measures over the intervals Ray ran replicas in: efficiency (needed / running
+    replicas) and the share of intervals whose `load` exceeded running x `capacity`."""
+    counted = [r for r in intervals if r["running_replicas"]]
+    return {f"efficiency{suffix}": round(sum(r[needed] for r in counted)
+                                         / max(1, sum(r["running_replicas"] for r in counted)), 4),
+            f"overloaded_share{suffix}": round(sum(1 for r in counted if r[load] > r["running_replicas"] * capacity)
+                                               / max(1, len(counted)), 4)}
+
+
+def plot_attainment(ax, out: dict) -> None:
+    """SLO attainment per interval, real and simulated, on `ax` (the last panel of a day's plot)."""
+    s, iv = out["setup"], out["intervals"]
+    t = [r["interval"] * s["interval_s"] for r in iv]
+    ax.plot(t, [r["real_attainment"] for r in iv], "o-", ms=3, color="#27a",
+            label=f"real ({out['real']['slo_attainment']:.3f} over the day)")
+    ax.plot(t, [r["sim_attainment"] for r in iv], "s--", ms=3, color="#e72",
+            label=f"simulated ({out['sim']['slo_attainment']:.3f})")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(f"SLO attainment ({s['slo_ms']:.0f} ms)")
+    ax.set_xlabel("seconds into the compressed day")
+    ax.legend(fontsize=8)
 
 
 def calibrated(data: dict, replicas: int, tokens: int, limits):
@@ -150,7 +226,6 @@ def calibrated(data: dict, replicas: int, tokens: int, limits):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.pop("RAY_ADDRESS", None)
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from dispatcher.config import ServerConfig
@@ -209,22 +284,7 @@ def main(argv=None) -> int:
                                   script=ROOT / "benchmarks" / "grpc_load.py")
         poll = ReplicaPoll(server.app.config.scaleout_config().app_name)
         poll.start()
-        done = threading.Event()
-
-        def progress():
-            with tqdm(total=int(args.day_s), desc="compressed day", unit="s") as bar:
-                while not done.wait(5):
-                    bar.n = min(int(args.day_s), int(time.perf_counter() - poll.t0))
-                    n = poll.samples[-1][1] if poll.samples else 0
-                    bar.set_postfix(replicas=n)
-                    bar.refresh()
-
-        threading.Thread(target=progress, daemon=True).start()
-        got = client.run({"op": "scheduled", "label": "day", "num": len(seq), "times": [t for t, _ in seq],
-                          "quiet": True})
-        done.set()
-        client.close()
-        poll.halt()
+        got = send_day(client, seq, args.day_s, poll)
         steps = log.take(measured["encoder"], args.tokens)
     finally:
         server.close()
@@ -244,26 +304,7 @@ def main(argv=None) -> int:
                   key=lambda lat: percentile([x for x in lat if x is not None], 99) or 0.0)
     sim = sims[len(sims) // 2]
 
-    def attainment(lat) -> float:
-        return sum(1 for x in lat if x is not None and x <= slo_s) / max(1, len(lat))
-
-    calls_in: list[list[int]] = [[] for _ in range(per_day)]          # interval -> its calls
-    running_in: list[list[int]] = [[] for _ in range(per_day)]        # interval -> the replica counts polled in it
-    for i, (t, _) in enumerate(seq):
-        calls_in[min(per_day - 1, int(t / args.interval_s))].append(i)
-    for t, n in poll.samples:
-        if int(t / args.interval_s) < per_day:
-            running_in[int(t / args.interval_s)].append(n)
-    per_interval = []
-    for k in range(per_day):
-        idx, in_k = calls_in[k], running_in[k]
-        running = min(in_k) if in_k else None
-        load = len(idx) / args.interval_s
-        per_interval.append({"interval": k, "load_rps": round(load, 2), "running_replicas": running,
-                             "needed_replicas": replicas_for(load, args.capacity_rps),
-                             "real_attainment": round(attainment([real[i] for i in idx]), 4) if idx else None,
-                             "sim_attainment": round(attainment([sim[i] for i in idx]), 4) if idx else None})
-    counted = [r for r in per_interval if r["running_replicas"]]
+    per_interval = day_intervals(seq, poll.samples, real, sim, per_day, args.interval_s, slo_s, args.capacity_rps)
     ok = [x for x in real if x is not None]
     out = {"benchmark": "autoscale_ray", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
            "git_revision": git_revision(), "host_cpu": host_cpu(), "cpu_count": os.cpu_count(), "ray": ray.__version__,
@@ -276,14 +317,11 @@ def main(argv=None) -> int:
                      "sim_step_noise": {"used": bool(noise), "sim_seeds": args.sim_seeds if noise else 0,
                                         "pools": [{"up_to_rows": b, "steps": len(res)} for b, res in noise]}},
            "num_requests": len(seq),
-           "real": {"slo_attainment": round(attainment(real), 4), "p50_s": percentile(ok, 50),
+           "real": {"slo_attainment": round(attainment(real, slo_s), 4), "p50_s": percentile(ok, 50),
                     "p99_s": percentile(ok, 99), "errors": len(real) - len(ok)},
-           "sim": {"slo_attainment": round(attainment(sim), 4),
+           "sim": {"slo_attainment": round(attainment(sim, slo_s), 4),
                    "p99_s": percentile([x for x in sim if x is not None], 99)},
-           "efficiency": round(sum(r["needed_replicas"] for r in counted)
-                               / max(1, sum(r["running_replicas"] for r in counted)), 4),
-           "overloaded_share": round(sum(1 for r in counted if r["load_rps"] > r["running_replicas"] * args.capacity_rps)
-                                     / max(1, len(counted)), 4),
+           **day_measures(per_interval, "load_rps", "needed_replicas", args.capacity_rps),
            "engine_steps": steps, "replica_samples": poll.samples, "intervals": per_interval}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
@@ -309,14 +347,7 @@ def write_plot(out: dict, path: Path) -> None:
     a.legend(fontsize=8)
     a.set_title(f"{s['policy']} autoscaling on Ray Serve, one day in {s['day_s']:.0f} s: efficiency "
                 f"{out['efficiency']}, overloaded {out['overloaded_share']:.1%} of intervals", fontsize=10)
-    b.plot(t, [r["real_attainment"] for r in iv], "o-", ms=3, color="#27a",
-           label=f"real ({out['real']['slo_attainment']:.3f} over the day)")
-    b.plot(t, [r["sim_attainment"] for r in iv], "s--", ms=3, color="#e72",
-           label=f"simulated ({out['sim']['slo_attainment']:.3f})")
-    b.set_ylim(0, 1.02)
-    b.set_ylabel(f"SLO attainment ({s['slo_ms']:.0f} ms)")
-    b.set_xlabel("seconds into the compressed day")
-    b.legend(fontsize=8)
+    plot_attainment(b, out)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -36,7 +36,6 @@ import os
 import random
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,7 +44,8 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from autoscale_ray import ReplicaPoll, check_day, day_parser, windows_of  # noqa: E402
+from autoscale_ray import (ReplicaPoll, attainment, check_day, day_intervals, day_measures, day_parser,  # noqa: E402
+                           plot_attainment, send_day, windows_of)
 from grpc_load import OwnServer, SubprocessClient, client_main, load_texts, run_job  # noqa: E402
 
 APP = "vbert-decoder"
@@ -168,7 +168,6 @@ def main(argv=None) -> int:
     if args.client_only:
         return client_main(GenerateClient)
     os.environ.pop("RAY_ADDRESS", None)
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from dispatcher.config import ServerConfig
@@ -240,21 +239,7 @@ def main(argv=None) -> int:
         client = SubprocessClient(init, script=Path(__file__).resolve())
         poll = ReplicaPoll(APP)
         poll.start()
-        done = threading.Event()
-
-        def progress():
-            with tqdm(total=int(args.day_s), desc="compressed day", unit="s") as bar:
-                while not done.wait(5):
-                    bar.n = min(int(args.day_s), int(time.perf_counter() - poll.t0))
-                    bar.set_postfix(replicas=poll.samples[-1][1] if poll.samples else 0)
-                    bar.refresh()
-
-        threading.Thread(target=progress, daemon=True).start()
-        got = client.run({"op": "scheduled", "label": "day", "num": len(seq), "times": [t for t, _ in seq],
-                          "quiet": True})
-        done.set()
-        client.close()
-        poll.halt()
+        got = send_day(client, seq, args.day_s, poll)
     finally:
         if poll is not None:
             poll.halt()
@@ -275,29 +260,10 @@ def main(argv=None) -> int:
                           drop_after_slo=args.rpc_timeout_s / slo_s)
     sim = latencies(profile, ["decoder"] * len(wins), tenants, seq, limits, wins)
 
-    def attainment(lat) -> float:
-        return sum(1 for x in lat if x is not None and x <= slo_s) / max(1, len(lat))
-
-    calls_in: list[list[int]] = [[] for _ in range(per_day)]
-    running_in: list[list[int]] = [[] for _ in range(per_day)]
-    for i, (t, _) in enumerate(seq):
-        calls_in[min(per_day - 1, int(t / args.interval_s))].append(i)
-    for t, n in poll.samples:
-        if int(t / args.interval_s) < per_day:
-            running_in[int(t / args.interval_s)].append(n)
-    in_flight = in_flight_per_interval(got["records"], per_day, args.interval_s)
-    per_interval = []
-    for k in range(per_day):
-        idx, in_k = calls_in[k], running_in[k]
-        running = min(in_k) if in_k else None
-        load = len(idx) / args.interval_s
-        per_interval.append({"interval": k, "load_rps": round(load, 3), "running_replicas": running,
-                             "needed_replicas": replicas_for(load, capacity_sps),
-                             "streams_in_flight": round(in_flight[k], 3),
-                             "needed_by_streams": replicas_for(in_flight[k], args.target_streams),
-                             "real_attainment": round(attainment([real[i] for i in idx]), 4) if idx else None,
-                             "sim_attainment": round(attainment([sim[i] for i in idx]), 4) if idx else None})
-    counted = [r for r in per_interval if r["running_replicas"]]
+    per_interval = day_intervals(seq, poll.samples, real, sim, per_day, args.interval_s, slo_s, capacity_sps)
+    for row, x in zip(per_interval, in_flight_per_interval(got["records"], per_day, args.interval_s)):
+        row["streams_in_flight"] = round(x, 3)
+        row["needed_by_streams"] = replicas_for(x, args.target_streams)
     ok = [x for x in real if x is not None]
     first = [x for x in ttft if x is not None]
     out = {"benchmark": "autoscale_ray_decoder", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
@@ -312,23 +278,16 @@ def main(argv=None) -> int:
                      "replica_threads": 1, "profile": "the decoder at one thread, measured at the start"},
            "profile": profile.to_json(),
            "num_requests": len(seq),
-           "real": {"slo_attainment": round(attainment(real), 4), "p50_s": percentile(ok, 50),
+           "real": {"slo_attainment": round(attainment(real, slo_s), 4), "p50_s": percentile(ok, 50),
                     "p99_s": percentile(ok, 99), "ttft_p50_s": percentile(first, 50),
                     "ttft_p99_s": percentile(first, 99), "errors": len(real) - len(ok),
                     "short_streams": sum(1 for n, r in zip(got["tokens"], real) if r is not None
                                          and n != args.new_tokens)},
-           "sim": {"slo_attainment": round(attainment(sim), 4),
+           "sim": {"slo_attainment": round(attainment(sim, slo_s), 4),
                    "p99_s": percentile([x for x in sim if x is not None], 99)},
-           "efficiency": round(sum(r["needed_replicas"] for r in counted)
-                               / max(1, sum(r["running_replicas"] for r in counted)), 4),
+           **day_measures(per_interval, "load_rps", "needed_replicas", capacity_sps),
            # the same two measures on what the policy sees: streams in flight against --target-streams a replica
-           "efficiency_in_flight": round(sum(r["needed_by_streams"] for r in counted)
-                                         / max(1, sum(r["running_replicas"] for r in counted)), 4),
-           "overloaded_share_in_flight": round(sum(1 for r in counted if r["streams_in_flight"]
-                                                   > r["running_replicas"] * args.target_streams)
-                                               / max(1, len(counted)), 4),
-           "overloaded_share": round(sum(1 for r in counted if r["load_rps"] > r["running_replicas"] * capacity_sps)
-                                     / max(1, len(counted)), 4),
+           **day_measures(per_interval, "streams_in_flight", "needed_by_streams", args.target_streams, "_in_flight"),
            "replica_samples": poll.samples, "intervals": per_interval}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
@@ -363,14 +322,7 @@ def write_plot(out: dict, path: Path) -> None:
            label=f"running replicas x {s['target_streams']:g} (decoder_target_streams)")
     b.set_ylabel("streams in flight")
     b.legend(fontsize=8)
-    c.plot(t, [r["real_attainment"] for r in iv], "o-", ms=3, color="#27a",
-           label=f"real ({out['real']['slo_attainment']:.3f} over the day)")
-    c.plot(t, [r["sim_attainment"] for r in iv], "s--", ms=3, color="#e72",
-           label=f"simulated ({out['sim']['slo_attainment']:.3f})")
-    c.set_ylim(0, 1.02)
-    c.set_ylabel(f"SLO attainment ({s['slo_ms'] / 1000:g} s)")
-    c.set_xlabel("seconds into the compressed day")
-    c.legend(fontsize=8)
+    plot_attainment(c, out)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
