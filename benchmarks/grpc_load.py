@@ -266,6 +266,9 @@ class OwnServer:
                               max_waiting=max(10000, 4 * args.requests), log_level=args.log_level,
                               **({} if args.latency_target_ms is None else {"latency_target_ms": args.latency_target_ms}),
                               **overrides)
+        from vbert.device import keep_host_heap
+
+        keep_host_heap(config.host_heap_keep_mb)          # as `vbert serve` does at start (vbert/device.py)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="server-loop").start()
         self.app = App.create(config)
