@@ -153,8 +153,9 @@ def keep_host_heap(keep_mb: int) -> bool:
 
     By default glibc serves a block of more than a few MiB (an activation of a batch) with its own mmap and unmaps
     it when it is freed, and trims the heap's top as soon as 128 KiB are free there, so every forward pass takes its
-    activations' pages from the kernel anew, one page fault per 4 KiB: the encoder at 32 x 128 tokens faulted 37,000
-    times a pass on this project's CPU VM (about 150 MB) and ran about 10 % slower for it. With this, blocks under
+    activations' pages from the kernel anew, one page fault per 4 KiB: the encoder at 32 x 128 tokens faulted
+    37,000-52,000 times a pass on this project's CPU VM (150-200 MB) and ran 7-12 % slower for it
+    (benchmarks/host_heap.py). With this, blocks under
     keep_mb / 2 MiB come from the heap, and up to keep_mb MiB free at its top stay mapped: the next pass reuses them
     without a fault. The process's resident memory may then stay up to keep_mb above what it uses. 0 changes
     nothing. Process-wide; call at start-up (vbert serve and each Ray Serve replica do, `host_heap_keep_mb`)."""
