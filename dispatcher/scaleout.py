@@ -214,7 +214,10 @@ class ReplicaEngine(FrontDoorEngine):
 
     @property
     def num_pending(self) -> int:
-        return len(self._futures)
+        """Requests not answered: a future counts until it is settled, not until its done-callback has run (a
+        caller woken by the result may look before the setter's thread has run the callbacks)."""
+        with self._lock:
+            return sum(not fut.done() for fut in self._futures.values())
 
     def _end_left(self) -> int:
         with self._lock:

@@ -53,6 +53,8 @@ class ReplicaGeneration(FrontDoorEngine):
 
     @property
     def num_pending(self) -> int:
+        """Requests not finished; a request leaves before its stream's last item is put, so a caller that has read
+        the end never counts its own request."""
         return len(self._relays)
 
     def _end_left(self) -> int:
@@ -128,6 +130,7 @@ class ReplicaGeneration(FrontDoorEngine):
                             result = dataclasses.replace(item, request_id=req.request_id)
                             if self.on_finish is not None:
                                 self.on_finish(req, result)
+                            self._forget(req.request_id)     # not pending once its caller can see the end
                             stream.put(result)
                             return
                         else:
@@ -152,6 +155,7 @@ class ReplicaGeneration(FrontDoorEngine):
                 except RayTaskError as e:
                     raise RequestFailedError(f"the decoder replica failed: {e.cause!r}") from None
         except asyncio.CancelledError:
+            self._forget(req.request_id)
             if self._stopped is not None or not accepted.done():
                 _end(accepted, stream, self._stopped or EngineStoppedError("the request was cancelled before a "
                                                                            "replica accepted it"))
@@ -163,6 +167,7 @@ class ReplicaGeneration(FrontDoorEngine):
                     num_preemptions=0))
             raise
         except BaseException as e:  # noqa: BLE001 - the request's error, to its caller
+            self._forget(req.request_id)
             _end(accepted, stream, e)
 
 
