@@ -113,7 +113,7 @@ def build_table(config: TableConfig, echo: Callable[[str], None] = print) -> dic
     from transformers import AutoTokenizer
 
     from vbert.config import default_backbone_path
-    from vbert.device import DeviceContext
+    from vbert.device import DeviceContext, fast_bfloat16
     from vbert.ngram import TableMeta, key_bits, save_table, unpack
     from vbert.shallow import TABLE_DTYPES, compute_entries, load_shallow, resolve_compute_dtype
 
@@ -136,6 +136,9 @@ def build_table(config: TableConfig, echo: Callable[[str], None] = print) -> dic
     covered = float(np.isin(distinct, chosen).mean())
     echo(f"{len(texts)} sentences, {int(sum(len(r) for r in rows)):,} tokens, {len(distinct):,} distinct trigrams; "
          f"budget {config.budget_mb:g} MiB holds {max_entries:,}; computing {len(chosen):,} entries in {compute_dtype}")
+    if compute_dtype == "bfloat16" and not fast_bfloat16(device):
+        echo("note: this machine emulates bfloat16 (much slower than float32 here), and a server on such a machine "
+             "computes this table's misses slowly too; --compute-dtype auto picks float32 here")
     with tqdm(total=len(chosen), desc="table entries", unit="entry", disable=not config.show_progress) as bar:
         values = compute_entries(model.for_compute(compute_dtype), chosen_t, bits, dtype, progress=bar).cpu()
     ids = unpack(chosen_t, bits)

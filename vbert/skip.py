@@ -16,6 +16,7 @@ the full model; rows of adapters trained in skip mode stay on the table (docs/sk
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,9 +27,12 @@ import numpy as np
 import torch
 
 from .config import SKIP_MODES, SKIP_ROUTES
+from .device import fast_bfloat16
 from .ngram import MissCache, NgramTable, TableError, fallback_keys, key_bits, load_table, pack, trigram_ids, unpack
 from .shallow import (COMPUTE_CHUNK, TABLE_DTYPES, ShallowMeta, ShallowModel, SkipError, compute_entries, load_shallow,
                       resolve_compute_dtype)
+
+log = logging.getLogger("vbert.skip")
 
 # -- the runtime -----------------------------------------------------------------------------------
 @dataclass
@@ -176,6 +180,11 @@ class SkipTable:
         self.compute_dtype = (table.meta.compute_dtype if table is not None
                               else resolve_compute_dtype("auto", device))
         self.computer = self.shallow.for_compute(self.compute_dtype)
+        if self.compute_dtype == "bfloat16" and not fast_bfloat16(device):
+            log.warning("skip table %r was computed in bfloat16, which this %s emulates (much slower than float32); "
+                        "its misses are computed in bfloat16 too, so most rows will take the real lower layers. "
+                        "Build the table on this machine (`vbert build-table --compute-dtype auto`) for it to pay "
+                        "off here", name, torch.device(device).type.upper())
         self.cache = MissCache(cache_entries, (3, shallow.spec.hidden_size), self.dtype, device)
         self.counters = TableCounters()
 

@@ -4,6 +4,7 @@ and tables built for other weights or damaged on disk are refused."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 from pathlib import Path
@@ -20,6 +21,7 @@ from vbert import BackboneConfig, EncodeRow, ModelConfig, MultiTenantModel
 from vbert.adapters import AdapterError
 from vbert.backbone import Encoder
 from vbert.config import SkipConfig, SkipTableConfig
+from vbert.device import fast_bfloat16
 from vbert.ngram import TableError, key_bits, load_table, pack, trigram_ids
 from vbert.shallow import (ShallowModel, SkipError, compute_entries, export_shallow, load_shallow, read_shallow_meta,
                            save_shallow, teacher_upper_hash)
@@ -170,14 +172,17 @@ def test_miss_caches_survive_a_restart_and_are_not_used_with_other_weights(setup
         SkipConfig(cache_dir=str(setup["corpus"]))
 
 
-def test_a_bfloat16_table_computes_its_misses_in_bfloat16_and_keeps_its_own_miss_cache(setup, tmp_path):
+def test_a_bfloat16_table_computes_its_misses_in_bfloat16_and_keeps_its_own_miss_cache(setup, tmp_path, caplog):
     """A table built with --compute-dtype bfloat16 records it; the server computes that table's misses (and
     the force path) in bfloat16 too, so lookups and computed misses stay bit-identical; its entries differ from
-    float32's only by bfloat16 rounding; a miss cache saved for one compute dtype is not restored into the other."""
+    float32's only by bfloat16 rounding; a miss cache saved for one compute dtype is not restored into the other.
+    On a CPU that emulates bfloat16 (AVX2 only) the server warns at start that such a table's misses are slow."""
     bf16_table = tmp_path / "table-bf16.safetensors"
+    said = []
     build_table(TableConfig(shallow=str(setup["shallow"]["a"]), corpus=(str(setup["corpus"]),), out=str(bf16_table),
                             budget_mb=64, dtype="float32", compute_dtype="bfloat16", backbone=str(setup["ckpt"]),
-                            show_progress=False), echo=lambda s: None)
+                            show_progress=False), echo=said.append)
+    assert any("emulates bfloat16" in line for line in said) == (not fast_bfloat16("cpu")), said
     shallow, meta = load_shallow(setup["shallow"]["a"], setup["teacher"])
     table = load_table(bf16_table, weights_hash=meta.weights_hash)
     f32 = load_table(setup["tables"]["a"], weights_hash=meta.weights_hash)
@@ -200,7 +205,16 @@ def test_a_bfloat16_table_computes_its_misses_in_bfloat16_and_keeps_its_own_miss
         return MultiTenantModel(ModelConfig(backbone=BackboneConfig(path=str(setup["ckpt"]), device="cpu"),
                                             pool=tiny_pool_config(), skip=cfg))
 
-    model = served(tmp_path / "misses")
+    with caplog.at_level(logging.WARNING, logger="vbert.skip"):
+        model = served(tmp_path / "misses")
+    slow = [r.getMessage() for r in caplog.records if "emulates" in r.getMessage()]
+    assert len(slow) == (0 if fast_bfloat16("cpu") else 1), slow        # this machine's CPU decides
+    if slow:
+        assert "'a' was computed in bfloat16" in slow[0] and "--compute-dtype auto" in slow[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vbert.skip"):
+        skip_model(setup)                                                # a float32 table: never a warning
+    assert not [r for r in caplog.records if "emulates" in r.getMessage()]
     unseen = sentences(12, 99, TINY_WORDS[::-1])
     out = model.forward(rows_of(model, unseen))
     computed = model.skip.stats()["a"]["computed"]
