@@ -12,6 +12,8 @@ compute together and each pair of times is taken moments apart. Workloads, as th
                     table's compute dtype: bfloat16 where the CPU does it fast)
   decoder_prefill_4x128 / decoder_decode_16x256   the default decoder's step: 4 prompts of 128 tokens; one token
                     for each of 16 sequences with 256 tokens of context (paged KV cache)
+  train_B32_L128    one step of `vbert train` (classification, the default bottleneck recipe on the default
+                    encoder): forward, cross-entropy, backward, AdamW, on 32 random rows of 128 tokens
 Per workload: the median of the per-iteration default / kept time ratios (> 1: keeping the heap is faster) with
 a 95 % bootstrap interval, each side's median time and minor page faults per call; per worker its peak resident
 memory. JSON and a PNG beside it.
@@ -37,7 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from skip import paired_ratio  # noqa: E402
 
 WORKLOADS = ("encoder_B32_L128", "encoder_B32_L32", "encoder_B4_L32", "skip_misses_1024",
-             "decoder_prefill_4x128", "decoder_decode_16x256")
+             "decoder_prefill_4x128", "decoder_decode_16x256", "train_B32_L128")
 
 
 def _worker(conn, keep_mb: int, threads: int | None, seed: int) -> None:
@@ -90,7 +92,24 @@ def _worker(conn, keep_mb: int, threads: int | None, seed: int) -> None:
         for s in seqs:
             cache.free(s.seq_id)
 
+    from training.model import AdapterConfig, TrainableModel, load_backbone
+    from vbert.heads import HeadKind, HeadSpec
+
+    trainee = TrainableModel(load_backbone(default_backbone_path()), AdapterConfig().resolved("classification"),
+                             HeadSpec(HeadKind.CLASSIFY, ("a", "b", "c")))       # the default: a bottleneck
+    optimizer = torch.optim.AdamW(trainee.trainable_parameters(), lr=1e-4)
+
+    def train_step(b: int, length: int) -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            ids = torch.randint(1000, vocab, (b, length), generator=g)
+            loss = torch.nn.functional.cross_entropy(trainee(ids, torch.ones_like(ids)),
+                                                     torch.randint(0, 3, (b,), generator=g))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
     work = {
+        "train_B32_L128": lambda: train_step(32, 128),
         "encoder_B32_L128": lambda: encoder.forward(rows(32, 128)),
         "encoder_B32_L32": lambda: encoder.forward(rows(32, 32)),
         "encoder_B4_L32": lambda: encoder.forward(rows(4, 32)),

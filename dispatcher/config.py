@@ -15,8 +15,8 @@ from scheduler.config import SchedulerConfig
 from scheduler.engine import EngineConfig
 from scheduler.generation_engine import GenerationEngineConfig
 from scheduler.generation_policy import GenerationSchedulerConfig
-from vbert.config import (DEFAULT_LORA_TARGETS, BackboneConfig, ModelConfig, PoolConfig, SkipConfig,
-                          SkipTableConfig, default_shallow_path)
+from vbert.config import (DEFAULT_LORA_TARGETS, HOST_HEAP_KEEP_MB, BackboneConfig, ModelConfig, PoolConfig,
+                          SkipConfig, SkipTableConfig, default_shallow_path)
 
 from vbert.bgmv import BANK_DTYPES
 from vbert.decoder_backbone import DecoderBackboneConfig
@@ -204,7 +204,7 @@ class ServerConfig:
                                          # steps are sized from measured step times to stay within it
     # lifecycle
     grace_s: float = 30.0
-    host_heap_keep_mb: int = 512         # freed host memory the process keeps for its next steps (glibc; 0: its defaults)
+    host_heap_keep_mb: int = HOST_HEAP_KEEP_MB   # freed host memory the process keeps for its next steps (glibc; 0: its defaults)
     # scale-out (docs/scale-out.md): the encoder's engine as Ray Serve replicas (needs the `ray` extra)
     replicas: int = 0                    # 0: the encoder computes in this process; N: N replicas on Ray Serve
     ray_address: str = "local"           # "local": start a local Ray cluster; else join one ("auto", "HOST:6379")

@@ -6,6 +6,7 @@ Errors in the data or the options exit with status 1 (2 for usage errors) and a 
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BOTTLENECK_PLACEMENTS = ("attn_out", "ffn_out", "both")
 ATTENTION_LAYERS = ("first", "upper")                    # = training.distill.ATTENTION_LAYERS
+HOST_HEAP_KEEP_MB = 512                                  # = vbert.config.HOST_HEAP_KEEP_MB
 
 
 def _targets(value: str) -> tuple[str, ...]:
@@ -44,6 +46,22 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+
+
+def _keeps_host_heap(command):
+    """--host-heap-keep-mb on a command that computes: before it runs, the process keeps freed host memory for its
+    next steps instead of faulting each step's activations in anew (vbert.device.keep_host_heap, as vbert serve)."""
+    @functools.wraps(command)
+    def run(*args, host_heap_keep_mb: int, **kwargs):
+        from vbert.device import keep_host_heap
+
+        keep_host_heap(host_heap_keep_mb)
+        return command(*args, **kwargs)
+
+    return click.option("--host-heap-keep-mb", default=HOST_HEAP_KEEP_MB, show_default=True,
+                        type=click.IntRange(min=0),
+                        help="Freed host memory (MiB) the process keeps for its next steps (glibc; 0: its defaults; "
+                             "docs/operations.md#host-heap).")(run)
 
 
 def _exit_on_remote_error(e) -> None:
@@ -136,6 +154,7 @@ TRAIN_EPILOG = "\b\nDefaults per task and adapter kind: the recipe that met the 
 @click.option("--data-dir", default="./var", show_default=True,
               help="With --register: the server's data directory; generation: the default decoder's conversion is "
                    "cached in DATA_DIR/models, where the server keeps it.")
+@_keeps_host_heap
 def train_command(task, train_path, dev_path, adapter_kind, out, epochs, seed, backbone, rank, lora_targets, alpha,
                   bottleneck_size, bottleneck_placement, layers, lr, schedule, warmup, weight_decay, dropout,
                   batch_size, max_length, patience, full_finetune, pooling, dev_fraction, group_by_length, skip_shallow,
@@ -282,6 +301,7 @@ def _train_generation(train_path, dev_path, adapter_kind, out, epochs, seed, bac
               help="Decoder adapters: also write each example's completion and prediction here (JSON lines).")
 @click.option("--data-dir", default="./var", show_default=True,
               help="Decoder adapters in-process: the default decoder's conversion is cached in DATA_DIR/models.")
+@_keeps_host_heap
 def evaluate_command(adapter_dir, test_path, json_path, server, api_key, tenant_adapter, tls_ca, request_size,
                      backbone, device, dtype, batch_size, max_length, skip_shallow, skip_table, skip_mode,
                      skip_route, max_new_tokens, predictions_path, data_dir) -> None:
@@ -378,6 +398,7 @@ def _evaluate_generation(adapter_dir, test_path, json_path, server, api_key, ten
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, auto, cuda or cuda:N.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@_keeps_host_heap
 def distill_command(corpus, corpus_format, out, skip_layers, backbone, epochs, batch_size, lr, max_length,
                     final_weight, attention_weight, attention_layers, max_sentences, init, seed, checkpoint_every,
                     resume, threads, device, progress) -> None:
@@ -424,6 +445,7 @@ def distill_command(corpus, corpus_format, out, skip_layers, backbone, epochs, b
               help="Whose tokenizer (default: the embedded backbone).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@_keeps_host_heap
 def build_table_command(shallow, corpus, corpus_format, out, budget_mb, fallback_share, dtype, compute_dtype,
                         max_length, backbone, device, progress) -> None:
     """Precompute the shallow layers' outputs for a corpus's n-grams into a table file."""

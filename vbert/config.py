@@ -8,6 +8,9 @@ LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 DEFAULT_LORA_TARGETS = ("query", "key", "value", "attn_out")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 POOLINGS = ("mean", "cls", "pooler")
+# freed host memory a computing process keeps for its next allocations (vbert.device.keep_host_heap): the default of
+# vbert serve and its replicas (ServerConfig.host_heap_keep_mb) and of train / evaluate / distill / build-table
+HOST_HEAP_KEEP_MB = 512
 
 
 def default_backbone_path() -> str:

@@ -158,7 +158,8 @@ def keep_host_heap(keep_mb: int) -> bool:
     (benchmarks/host_heap.py). With this, blocks under
     keep_mb / 2 MiB come from the heap, and up to keep_mb MiB free at its top stay mapped: the next pass reuses them
     without a fault. The process's resident memory may then stay up to keep_mb above what it uses. 0 changes
-    nothing. Process-wide; call at start-up (vbert serve and each Ray Serve replica do, `host_heap_keep_mb`)."""
+    nothing. Process-wide; call at start-up (vbert serve and each Ray Serve replica do, `host_heap_keep_mb`; the
+    commands train, evaluate, distill and build-table, `--host-heap-keep-mb`)."""
     if keep_mb < 0:
         raise ValueError(f"keep_mb must be >= 0, got {keep_mb}")
     if keep_mb == 0:

@@ -431,9 +431,10 @@ def test_cli_choices_match_the_library():
     from training import cli, recipes
     from training.distill import ATTENTION_LAYERS
     from vbert.adapters import BOTTLENECK_PLACEMENTS
-    from vbert.config import DEFAULT_LORA_TARGETS, LORA_TARGETS
+    from vbert.config import DEFAULT_LORA_TARGETS, HOST_HEAP_KEEP_MB, LORA_TARGETS
 
     assert cli.BOTTLENECK_PLACEMENTS == BOTTLENECK_PLACEMENTS
     assert cli.LORA_TARGETS == LORA_TARGETS == recipes.ALL_LORA_TARGETS
     assert recipes.ATTENTION_LORA_TARGETS == DEFAULT_LORA_TARGETS
     assert cli.ATTENTION_LAYERS == ATTENTION_LAYERS
+    assert cli.HOST_HEAP_KEEP_MB == HOST_HEAP_KEEP_MB

@@ -13,10 +13,20 @@ from vbert.device import keep_host_heap
 # A real process allocates and frees tensors the sizes of a batch's activations (4, 24 and 40 MB: the last one
 # above the largest block glibc's own threshold keeps in the heap), 12 times, and prints its minor page faults
 # after the first round.
+# With a command's name as second argument, the setting comes from that `vbert` command's --host-heap-keep-mb instead
+# (the command then stops on an output path that exists, after its option took effect).
 PROBE = """
 import resource, sys, torch
 from vbert.device import keep_host_heap
-print("kept", keep_host_heap(int(sys.argv[1])))
+if len(sys.argv) > 2:
+    import click
+    from dispatcher.cli import main
+    try:
+        main([sys.argv[2], "--host-heap-keep-mb", sys.argv[1], *sys.argv[3:]], standalone_mode=False)
+    except click.UsageError as e:
+        print("kept", "exists" in str(e))
+else:
+    print("kept", keep_host_heap(int(sys.argv[1])))
 def round_():
     for n in (1 << 20, 6 << 20, 10 << 20):             # float32 elements: 4, 24, 40 MB
         t = torch.empty(n).fill_(1.0)
@@ -29,9 +39,9 @@ print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(keep_mb: int) -> tuple[bool, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(keep_mb)], capture_output=True, text=True, check=True,
-                         timeout=120).stdout.split()
+def _faults(keep_mb: int, *command: str) -> tuple[bool, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(keep_mb), *command], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
     return out[1] == "True", int(out[3])
 
 
@@ -51,6 +61,28 @@ def test_kept_heap_stops_the_page_faults_of_repeated_activations():
     # glibc's defaults map the 40 MB block anew each round: 12 x 10,240 pages at least
     assert faults_default > 12 * 10_000, faults_default
     assert faults_kept < faults_default / 20, (faults_kept, faults_default)
+
+
+@pytest.mark.skipif(not _has_mallopt(), reason="the C library has no mallopt (not glibc)")
+def test_the_training_commands_keep_the_heap_by_default_and_their_option_turns_it_off(tmp_path):
+    """train, evaluate, distill and build-table take --host-heap-keep-mb (default: the server's); build-table in a
+    real process here: with the default the rounds do not fault, with 0 they fault as glibc's defaults do."""
+    from training.cli import COMMANDS, HOST_HEAP_KEEP_MB
+
+    computing = {"train", "evaluate", "distill", "build-table"}
+    for command in COMMANDS:
+        option = [p for p in command.params if p.name == "host_heap_keep_mb"]
+        assert bool(option) == (command.name in computing), command.name
+        if option:
+            assert option[0].default == HOST_HEAP_KEEP_MB == ServerConfig().host_heap_keep_mb
+    out = tmp_path / "exists.safetensors"
+    out.write_bytes(b"")
+    args = ("build-table", "--corpus", str(out), "--out", str(out))
+    ran, faults_kept = _faults(HOST_HEAP_KEEP_MB, *args)
+    ran_off, faults_off = _faults(0, *args)
+    assert ran and ran_off
+    assert faults_off > 12 * 10_000, faults_off
+    assert faults_kept < faults_off / 20, (faults_kept, faults_off)
 
 
 def test_keep_host_heap_refuses_a_negative_size_and_zero_changes_nothing():
