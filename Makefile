@@ -19,8 +19,10 @@ $(STAMP): setup.py requirements.txt
 
 install: $(STAMP)
 
+# two pytest-xdist workers: most slow tests wait on processes, servers and Ray; the modules that start a local Ray
+# cluster run one after another on one worker (tests/conftest.py: pytest_xdist_make_scheduler)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 demo: install
 	$(VENV)/bin/vbert demo

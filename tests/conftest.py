@@ -18,6 +18,30 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# make test runs two pytest-xdist workers (Makefile). The tests that start a local Ray cluster (every test of these
+# modules, and these tests of others) run one after another on one of them: a second cluster beside one would
+# compete for the 2 cores, and test_scaleout_join's `ray stop` ends every Ray process here. (xdist's own --dist
+# loadgroup does not group on pytest 9.2: it renames item._nodeid, which pytest no longer reads.)
+RAY_TESTS = frozenset(f"tests/dispatcher/{name}" for name in (
+    "test_scaleout.py", "test_scaleout_decoder.py", "test_scaleout_decoder_autoscale.py", "test_scaleout_join.py",
+    "test_autoscaling.py::test_a_server_scales_its_replicas_up_under_load_and_back_down_when_it_stops",
+    "test_server_process.py::test_sigterm_drains_the_ray_serve_replicas_too",
+    "test_server_process.py::test_decoder_replicas_serve_the_default_decoder_and_drain"))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTogether(LoadScopeScheduling):
+        """Every test its own unit of work, except the Ray tests: one unit, in their order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            test = nodeid.split("[", 1)[0]
+            return "ray" if test in RAY_TESTS or test.split("::", 1)[0] in RAY_TESTS else nodeid
+
+    return RayTogether(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     if has_cuda():
         return
