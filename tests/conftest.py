@@ -29,6 +29,15 @@ RAY_TESTS = frozenset(f"tests/dispatcher/{name}" for name in (
     "test_server_process.py::test_decoder_replicas_serve_the_default_decoder_and_drain"))
 
 
+def pytest_configure(config):
+    """Under make test's two xdist workers each worker computes on one intra-op thread (two cores in all): with
+    torch's two each, the workers' matrix products starved the servers, processes and Ray clusters the other worker's
+    tests start (a local Ray cluster's raylet must register within 30 s; it did not once). Child processes keep
+    torch's default."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
