@@ -19,8 +19,8 @@ $(STAMP): setup.py requirements.txt
 
 install: $(STAMP)
 
-# two pytest-xdist workers: most slow tests wait on processes, servers and Ray; the modules that start a local Ray
-# cluster run one after another on one worker (tests/conftest.py: pytest_xdist_make_scheduler)
+# two pytest-xdist workers, one compute thread each: most slow tests wait on processes, servers and Ray; the tests
+# that start a local Ray cluster run one after another on one worker (tests/conftest.py: RAY_TESTS)
 test: install
 	$(PY) -m pytest -q -n 2
 
