@@ -170,6 +170,9 @@ def summarize(results: list, arrivals: list[float], mode: str, rate: float | Non
         out[f"{name}_p50"], out[f"{name}_p99"] = pct(vals, 50), pct(vals, 99)
     out["normalized_s_per_token_mean"] = statistics.fmean(norm)
     out["preemptions"] = sum(r.num_preemptions for r in results)
+    out["prompt_tokens"] = sum(r.num_prompt_tokens for r in results)
+    out["cached_prompt_tokens"] = sum(r.num_cached_tokens for r in results)
+    out["prefill_tokens_computed"] = stats.get("num_prefill_tokens", 0)
     out["scheduler_num_preempted"] = stats.get("num_preempted", 0)
     out["steps"], out["mean_rows_per_step"] = len(rows), (statistics.fmean(rows) if rows else 0.0)
     return out
@@ -177,13 +180,17 @@ def summarize(results: list, arrivals: list[float], mode: str, rate: float | Non
 
 # -- our engine -------------------------------------------------------------------------------------
 def run_engine(backbone, adapters, items: list[Item], mode: str, max_running: int, max_tokens_per_step: int,
-               rate: float | None, desc: str = "", use_adapters: bool = True) -> tuple[dict, list]:
+               rate: float | None, desc: str = "", use_adapters: bool = True,
+               prefix_caching: bool = True) -> tuple[dict, list]:
     """Submit items (Poisson arrivals at `rate`/s scaled from their unit gaps; None = all at t=0) to a fresh
-    engine; latency counts from the scheduled arrival. Returns (summary, results in item order)."""
+    engine on a cold prefix cache; latency counts from the scheduled arrival. Returns (summary, results in
+    item order)."""
     rows: list[int] = []
+    backbone.kv.clear_prefix_cache()               # every run starts cold: no blocks registered by an earlier one
     engine = GenerationEngine(
         GenerationEngineConfig(),
-        GenerationSchedulerConfig(max_tokens_per_step=max_tokens_per_step, max_running=max_running, mode=mode),
+        GenerationSchedulerConfig(max_tokens_per_step=max_tokens_per_step, max_running=max_running, mode=mode,
+                                  prefix_caching=prefix_caching),
         GenerationRunner(backbone.model, backbone.kv, adapters), backbone.tokenizer, backbone.eos_token_ids,
         adapters=adapters, residency=None, on_step=lambda batch, out: rows.append(batch.num_rows)).start()
     streams, arrivals = [], []

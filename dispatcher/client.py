@@ -172,7 +172,8 @@ def _generation_event(r) -> dict:
                            for lp in r.logprobs]
     if r.is_final:
         out["finish_reason"] = tenant_pb2.FinishReason.Name(r.finish_reason).lower()
-        out["usage"] = {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens}
+        out["usage"] = {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
+                        "cached_prompt_tokens": r.usage.cached_prompt_tokens}
         out["metadata"] = {f.name: v for f, v in r.metadata.ListFields()}
     return out
 

@@ -173,6 +173,8 @@ class ServerConfig:
     generation_mode: str = "iteration"   # iteration (Orca) | request (static batches, a baseline)
     generation_max_tokens_per_step: int = 512   # decode tokens + prefill chunks per decoder step
     generation_max_running: int = 32     # sequences per decoder step
+    generation_prefix_caching: bool = True   # reuse the KV blocks of identical leading prompt tokens
+    generation_prefix_sharing: str = "tenant"   # tenant (a tenant reuses only its own) | global (the bare model's across tenants)
     # skip mode (lower layers from n-gram tables; vbert.skip)
     skip: bool = False                   # on/off; needs skip_tables
     skip_tables: str | None = None       # "name=SHALLOW_DIR[:TABLE_FILE],name2=..." (distill / build-table output)
@@ -376,7 +378,9 @@ class ServerConfig:
         return GenerationSchedulerConfig(max_tokens_per_step=self.generation_max_tokens_per_step,
                                          max_running=self.generation_max_running, max_waiting=self.max_waiting,
                                          max_waiting_per_tenant=self.max_waiting_per_tenant,
-                                         max_adapters=max(1, self.decoder_lora_slots // 2), mode=self.generation_mode)
+                                         max_adapters=max(1, self.decoder_lora_slots // 2), mode=self.generation_mode,
+                                         prefix_caching=self.generation_prefix_caching,
+                                         prefix_sharing=self.generation_prefix_sharing)
 
     def generation_engine_config(self) -> GenerationEngineConfig:
         return GenerationEngineConfig()

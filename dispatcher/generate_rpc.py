@@ -40,7 +40,8 @@ def _final(result: GenerationResult, version: int) -> tenant_pb2.GenerateRespons
     return tenant_pb2.GenerateResponse(
         is_final=True, finish_reason=FINISH_REASONS[result.finish_reason],
         usage=tenant_pb2.GenerationUsage(prompt_tokens=result.num_prompt_tokens,
-                                         completion_tokens=result.num_generated_tokens),
+                                         completion_tokens=result.num_generated_tokens,
+                                         cached_prompt_tokens=result.num_cached_tokens),
         metadata=tenant_pb2.GenerationMetadata(
             queue_ms=result.queue_s * ms, time_to_first_token_ms=result.time_to_first_token_s * ms,
             time_per_output_token_ms=result.time_per_output_token_s * ms, total_ms=result.total_s * ms,

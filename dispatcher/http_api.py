@@ -281,7 +281,8 @@ class _Tokens:
 
 def _usage(result: GenerationResult) -> dict:
     return {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": result.num_generated_tokens,
-            "total_tokens": result.num_prompt_tokens + result.num_generated_tokens}
+            "total_tokens": result.num_prompt_tokens + result.num_generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.num_cached_tokens}}
 
 
 def _sse(obj) -> bytes:

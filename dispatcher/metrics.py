@@ -106,14 +106,22 @@ class _LiveCollector:
                     ("vbert_generation_queue_depth", "generation requests waiting", stats["num_waiting"]),
                     ("vbert_generation_running", "generation requests running", stats["num_running"]),
                     ("vbert_kv_cache_blocks_free", "free KV cache blocks", stats["num_free_blocks"]),
-                    ("vbert_kv_cache_blocks", "KV cache blocks in all", stats["num_blocks"])):
+                    ("vbert_kv_cache_blocks", "KV cache blocks in all", stats["num_blocks"]),
+                    ("vbert_kv_cache_blocks_cached", "KV cache blocks registered for prefix reuse (held or free)",
+                     stats["num_cached_blocks"])):
                 g = GaugeMetricFamily(name, help_text)
                 g.add_metric([], value)
                 yield g
-            c = CounterMetricFamily("vbert_generation_preemptions", "running requests preempted for KV blocks "
-                                    "(recomputed later)")
-            c.add_metric([], stats["num_preempted"])
-            yield c
+            for name, help_text, value in (
+                    ("vbert_generation_preemptions", "running requests preempted for KV blocks (recomputed later)",
+                     stats["num_preempted"]),
+                    ("vbert_prefix_cache_queried_tokens", "tokens looked up in the prefix cache at admission",
+                     stats["num_prefix_queried_tokens"]),
+                    ("vbert_prefix_cache_hit_tokens", "of those, tokens whose K/V came from the prefix cache",
+                     stats["num_prefix_hit_tokens"])):
+                c = CounterMetricFamily(name, help_text)
+                c.add_metric([], value)
+                yield c
         yield from _replica_metrics(self.sources.get("replicas") or {})
         skip = self.sources.get("skip")
         if skip is not None:

@@ -67,6 +67,7 @@ class GenerationResult:
     time_per_output_token_s: float   # mean time between tokens after the first
     total_s: float
     num_preemptions: int
+    num_cached_tokens: int = 0     # prompt tokens whose K/V came from the prefix cache (at first admission)
 
     @property
     def num_generated_tokens(self) -> int:
@@ -392,7 +393,8 @@ class GenerationEngine:
             queue_s=req.metadata.get("first_scheduled", now) - req.arrival,
             time_to_first_token_s=(first - req.arrival) if first is not None else 0.0,
             time_per_output_token_s=((live.last_token - first) / (n - 1)) if first is not None and n > 1 else 0.0,
-            total_s=now - req.arrival, num_preemptions=req.metadata.get("num_preemptions", 0))
+            total_s=now - req.arrival, num_preemptions=req.metadata.get("num_preemptions", 0),
+            num_cached_tokens=req.metadata.get("num_cached_tokens", 0))
         if self.on_finish is not None:
             self.on_finish(req, result)
         live.stream.put(result)

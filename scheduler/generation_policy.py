@@ -17,6 +17,12 @@ Every step, in `iteration` mode:
    only. Every computed token (prompt, recomputed or generated) is charged to its tenant's counter,
    divided by the tenant's weight; a tenant that becomes backlogged again has its counter lifted to
    the smallest backlogged one, so idle time banks no credit.
+Prefix caching (`prefix_caching`, on by default): a request being admitted first takes the cached
+blocks that hold its leading full blocks (prompt, and output after a preemption; never its last token,
+which must be computed for its logits) and starts computing after them; every block a step fills is
+registered for later requests. The cache key salts the tokens with the adapter (its K/V differ) and, with
+`prefix_sharing = "tenant"` (the default), the tenant, so one tenant never reuses (or times) another's
+prompts; "global" shares the bare backbone's prefixes across tenants.
 KV memory is a hard budget: when a running request needs a block and none is free, the newest running
 request not yet in this step is preempted (its blocks freed, its computed count reset to 0; it goes back
 to the front of its tenant's queue with its output kept, and is recomputed when admitted again). If it
@@ -36,7 +42,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Protocol
+from typing import Callable, Hashable, Protocol, Sequence
 
 from .adapter_waits import AdapterWaits, Residency
 from .config import _check_int
@@ -46,15 +52,20 @@ from .policy import QueueFullError
 from .types import Request, RequestStatus, ScheduledRow, StepOutput
 
 SCHEDULING_MODES = ("iteration", "request")
+PREFIX_SHARING = ("tenant", "global")
 
 
 class KVBlocks(Protocol):
     """The KV cache's block accounting as the policy sees it (vbert.kv_cache.PagedKVCache)."""
 
     num_blocks: int
+    block_size: int
 
     @property
     def num_free_blocks(self) -> int: ...
+
+    @property
+    def num_cached_blocks(self) -> int: ...
 
     def blocks_for(self, num_tokens: int) -> int: ...
 
@@ -66,13 +77,19 @@ class KVBlocks(Protocol):
 
     def has_sequence(self, seq_id: Hashable) -> bool: ...
 
+    def match_prefix(self, seq_id: Hashable, tokens: Sequence[int], salt: bytes) -> int: ...
+
+    def commit(self, seq_id: Hashable, tokens: Sequence[int], num_computed: int) -> int: ...
+
 
 @dataclass(frozen=True)
 class GenerationSchedulerConfig:
     """max_tokens_per_step: tokens computed per step (decode tokens + prefill chunks); a prompt longer
         than this is prefilled in chunks. max_running: sequences in one step (the batch size).
     max_adapters: distinct adapters among running requests (None = no limit; the engine sets it from the
-        decoder LoRA pool). mode: "iteration" (Orca) or "request" (static batching, the baseline)."""
+        decoder LoRA pool). mode: "iteration" (Orca) or "request" (static batching, the baseline).
+    prefix_caching: reuse cached K/V blocks of identical leading tokens; prefix_sharing: "tenant" (a
+    tenant's requests share with its own only) or "global" (the bare backbone's prefixes across tenants)."""
 
     max_tokens_per_step: int = 512
     max_running: int = 32
@@ -81,6 +98,8 @@ class GenerationSchedulerConfig:
     max_adapters: int | None = None
     mode: str = "iteration"
     residency_retry_s: float = 0.05
+    prefix_caching: bool = True
+    prefix_sharing: str = "tenant"
 
     def __post_init__(self) -> None:
         _check_int("max_tokens_per_step", self.max_tokens_per_step, 1)
@@ -91,6 +110,10 @@ class GenerationSchedulerConfig:
             _check_int("max_adapters", self.max_adapters, 1)
         if self.mode not in SCHEDULING_MODES:
             raise ValueError(f"mode must be one of {SCHEDULING_MODES}, got {self.mode!r}")
+        if not isinstance(self.prefix_caching, bool):
+            raise ValueError(f"prefix_caching must be a bool, got {self.prefix_caching!r}")
+        if self.prefix_sharing not in PREFIX_SHARING:
+            raise ValueError(f"prefix_sharing must be one of {PREFIX_SHARING}, got {self.prefix_sharing!r}")
         if self.max_waiting_per_tenant > self.max_waiting:
             raise ValueError(f"max_waiting_per_tenant ({self.max_waiting_per_tenant}) must not exceed "
                              f"max_waiting ({self.max_waiting})")
@@ -144,7 +167,8 @@ class GenerationScheduler:
         self._next_step = 0
         self._num_waiting = 0
         self.counts = dict.fromkeys(("expired", "cancelled", "finished", "preempted", "scheduled_tokens",
-                                     "prefill_tokens", "decode_tokens", "rejected"), 0)
+                                     "prefill_tokens", "decode_tokens", "rejected", "prefix_queried_tokens",
+                                     "prefix_hit_tokens"), 0)
 
     # -- submission ----------------------------------------------------------------------------
     def check_fits(self, num_tokens: int) -> None:
@@ -241,7 +265,10 @@ class GenerationScheduler:
                 req.metadata["error"] = "the runner returned no result" if result is None else result.error
                 done.append(req)
                 continue
+            before, bs = req.num_computed_tokens, self.kv.block_size
             req.num_computed_tokens += row.num_tokens
+            if self.config.prefix_caching and req.num_computed_tokens // bs > before // bs:   # filled a block
+                self.kv.commit(req.request_id, req.prompt_ids + req.output_ids, req.num_computed_tokens)
             token = result.new_token_id
             if token is None:
                 continue
@@ -287,7 +314,8 @@ class GenerationScheduler:
 
     def stats(self) -> dict:
         out = {"num_waiting": self._num_waiting, "num_running": len(self._running), "num_steps": self._next_step,
-               "num_free_blocks": self.kv.num_free_blocks, "num_blocks": self.kv.num_blocks}
+               "num_free_blocks": self.kv.num_free_blocks, "num_blocks": self.kv.num_blocks,
+               "num_cached_blocks": self.kv.num_cached_blocks}
         out.update({f"num_{k}": v for k, v in self.counts.items()})
         out["tenants"] = {t.tenant_id: {"num_waiting": len(t.queue), "num_served_tokens": t.num_served_tokens,
                                         "virtual_counter": t.counter, "weight": t.weight}
@@ -323,10 +351,22 @@ class GenerationScheduler:
             if cap is not None and req.adapter_id is not None and req.adapter_id not in adapters \
                     and len(adapters) >= cap:
                 break
+            queried = hit = 0
+            if self.config.prefix_caching and not self.kv.has_sequence(req.request_id):
+                queried = req.num_tokens - 1            # the last token is computed, for its logits
+                hit = self.kv.match_prefix(req.request_id, (req.prompt_ids + req.output_ids)[:queried],
+                                           self._salt(req))
+                req.num_computed_tokens = hit
             num = min(req.tokens_to_compute(), budget)
             reserve = len(req.prompt_ids) + req.max_new_tokens if is_static else req.num_computed_tokens + num
             if self.kv.num_blocks_needed(req.request_id, reserve) > self.kv.num_free_blocks:
+                if self.kv.has_sequence(req.request_id):   # give the matched blocks back (they stay cached)
+                    self.kv.free(req.request_id)
+                req.num_computed_tokens = 0
                 break                                   # no blocks: wait for running requests to finish
+            self.counts["prefix_queried_tokens"] += queried
+            self.counts["prefix_hit_tokens"] += hit
+            req.metadata.setdefault("num_cached_tokens", hit)
             tenant.queue.popleft()
             self._num_waiting -= 1
             if not tenant.queue:
@@ -344,6 +384,10 @@ class GenerationScheduler:
                 budget -= num
                 self._charge(req, num)
         return admitted
+
+    def _salt(self, req: Request) -> bytes:
+        tenant = req.tenant_id if self.config.prefix_sharing == "tenant" else "*"
+        return f"{tenant}/{req.adapter_id if req.adapter_id is not None else '-'}".encode()
 
     def _charge(self, req: Request, num: int) -> None:
         tenant = self._tenants[req.tenant_id]

@@ -147,15 +147,30 @@ def embed_head(pooling: str = "mean", normalize: bool = True) -> HeadSpec:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 
+def shared_tmp(tmp_path_factory) -> Path:
+    """The run's temporary directory that every xdist worker sees (the workers' parent), else the basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def data_dir_with_models(data_dir: Path, models: Path) -> Path:
+    """A server or training data dir whose models/ is the run's shared conversion cache (smollm2[0]): the default
+    decoder found there converted, as a second start finds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "models").symlink_to(models, target_is_directory=True)
+    return data_dir
+
+
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
-    """(cache dir, path) of the real default decoder, SmolLM2-135M-Instruct, converted once per run
-    into the directory the server tests' data dir shares (about 17 s)."""
+    """(cache dir, path) of the real default decoder, SmolLM2-135M-Instruct, converted once per run (about 17 s;
+    both xdist workers share the conversion, the second waits on its lock) into the models/ directory the server
+    tests' data dirs link to (data_dir_with_models)."""
     from vbert import decoder_checkpoint
 
     try:
         decoder_checkpoint.packaged_gguf_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    cache = tmp_path_factory.getbasetemp() / "smollm2-var" / "models"
+    cache = shared_tmp(tmp_path_factory) / "smollm2-var" / "models"
     return cache, decoder_checkpoint.default_decoder_path(cache)

@@ -145,6 +145,7 @@ class DecoderBackbone:
                 "device": self.model.device.describe(), "dtype": self.model.device.dtype_name,
                 "eos_token_ids": list(self.eos_token_ids), "chat_template": self.has_chat_template,
                 "kv_cache": {"bytes": kv.total_bytes(), "blocks": kv.num_blocks, "free_blocks": kv.num_free_blocks,
-                             "block_size": kv.block_size, "tokens": kv.num_blocks * kv.block_size},
+                             "cached_blocks": kv.num_cached_blocks, "block_size": kv.block_size,
+                             "tokens": kv.num_blocks * kv.block_size},
                 "lora_pool": {"slots": lora.config.num_slots, "max_rank": lora.config.max_rank,
                               "bytes": lora.total_bytes()}}

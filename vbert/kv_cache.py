@@ -7,11 +7,21 @@ its flat slot is `table[p // block_size] * block_size + p % block_size`.
 
 This module is the mechanism and its accounting only (allocate, free, write, read, free-block
 count); which sequence is admitted or preempted when blocks run out is the scheduler's policy.
+
+Prefix caching (the caller decides whether to use it: `match_prefix` and `commit`): a block whose tokens
+are all computed can be registered under a hash of its tokens, every token before it and a salt (whose
+adapter's K/V, whose tenant may share them), chained block by block. A new sequence whose leading blocks'
+hashes are registered takes those blocks (shared, reference-counted, never written again: a sequence
+only writes positions past its shared blocks) instead of computing them. A registered block nobody holds
+stays in the pool with its contents and counts as free; it is evicted (least recently released first,
+a sequence's last blocks before its first) only when no never-registered block is left.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -76,15 +86,28 @@ class PagedKVCache:
         self.v = torch.zeros(shape, device=device.device, dtype=self.dtype)
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))   # pop() hands out low blocks first
         self._tables: dict[Hashable, list[int]] = {}
+        # prefix caching: registered blocks by hash; those nobody holds, oldest release first (evicted first)
+        self._refs = [0] * num_blocks
+        self._hash_of: dict[int, bytes] = {}
+        self._by_hash: dict[bytes, int] = {}
+        self._released: OrderedDict[int, None] = OrderedDict()
+        self._chains: dict[Hashable, tuple[bytes, list[bytes]]] = {}   # seq -> (salt, hashes of its first blocks)
+        self.prefix_counts = {"queried_tokens": 0, "hit_tokens": 0, "evicted_blocks": 0}
 
     # -- accounting -------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: never registered, or registered and held by no sequence."""
+        return len(self._free) + len(self._released)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Registered blocks (prefix caching), held or not."""
+        return len(self._hash_of)
 
     def total_bytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
@@ -97,7 +120,7 @@ class PagedKVCache:
         return max(0, self.blocks_for(num_tokens) - len(self._tables.get(seq_id, ())))
 
     def can_allocate(self, seq_id: Hashable, num_tokens: int) -> bool:
-        return self.num_blocks_needed(seq_id, num_tokens) <= len(self._free)
+        return self.num_blocks_needed(seq_id, num_tokens) <= self.num_free_blocks
 
     def has_sequence(self, seq_id: Hashable) -> bool:
         return seq_id in self._tables
@@ -116,19 +139,104 @@ class PagedKVCache:
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         need = self.num_blocks_needed(seq_id, num_tokens)
-        if need > len(self._free):
+        if need > self.num_free_blocks:
             raise KVCacheFullError(f"sequence {seq_id!r} needs {need} more KV blocks for {num_tokens} "
-                                   f"tokens; {len(self._free)} of {self.num_blocks} are free")
+                                   f"tokens; {self.num_free_blocks} of {self.num_blocks} are free")
         table = self._tables.setdefault(seq_id, [])
-        table.extend(self._free.pop() for _ in range(need))
+        for _ in range(need):
+            block = self._free.pop() if self._free else self._evict()
+            self._refs[block] = 1
+            table.append(block)
 
     def free(self, seq_id: Hashable) -> int:
-        """Return all of `seq_id`'s blocks to the pool; returns how many."""
+        """Release all of `seq_id`'s blocks; returns how many. A block back at no holder returns to the
+        pool, a registered one keeping its contents (reusable by match_prefix until evicted)."""
         table = self._tables.pop(seq_id, None)
         if table is None:
             raise KeyError(f"sequence {seq_id!r} has no KV blocks")
-        self._free.extend(reversed(table))
+        self._chains.pop(seq_id, None)
+        for block in reversed(table):               # its last blocks are evicted before its first
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._hash_of:
+                    self._released[block] = None
+                else:
+                    self._free.append(block)
         return len(table)
+
+    # -- prefix caching ---------------------------------------------------------------------------
+    @staticmethod
+    def _chain(previous: bytes, tokens: Sequence[int]) -> bytes:
+        return hashlib.blake2b(previous + np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+    def match_prefix(self, seq_id: Hashable, tokens: Sequence[int], salt: bytes) -> int:
+        """For a sequence that holds no blocks: take the registered blocks that hold its leading full
+        blocks of `tokens` (under `salt`) and return how many tokens they cover (a multiple of
+        block_size, at most len(tokens); 0 when the first block is not registered). The sequence then
+        computes from there; its later blocks are allocated as usual. Pass the tokens whose K/V may come
+        from the cache: all but the last one the caller must compute to get logits."""
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id!r} already holds KV blocks; match_prefix is for a new one")
+        bs = self.block_size
+        root = hashlib.blake2b(b"vbert-kv-prefix:" + salt, digest_size=16).digest()
+        hashes: list[bytes] = []
+        table: list[int] = []
+        previous = root
+        for start in range(0, len(tokens) - bs + 1, bs):
+            h = self._chain(previous, tokens[start:start + bs])
+            block = self._by_hash.get(h)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._released[block]
+            self._refs[block] += 1
+            table.append(block)
+            hashes.append(h)
+            previous = h
+        self._tables[seq_id] = table
+        self._chains[seq_id] = (root, hashes)
+        self.prefix_counts["queried_tokens"] += len(tokens)
+        self.prefix_counts["hit_tokens"] += len(table) * bs
+        return len(table) * bs
+
+    def commit(self, seq_id: Hashable, tokens: Sequence[int], num_computed: int) -> int:
+        """Register `seq_id`'s blocks that `num_computed` (<= len(tokens)) computed tokens filled and
+        that are not registered yet (for a sequence started with match_prefix; others are ignored).
+        A block whose hash another block already has stays unregistered. Returns the blocks registered."""
+        chain = self._chains.get(seq_id)
+        if chain is None:
+            return 0
+        root, hashes = chain
+        table, bs, added = self._tables[seq_id], self.block_size, 0
+        full = min(num_computed, len(tokens)) // bs
+        for i in range(len(hashes), min(full, len(table))):
+            h = self._chain(hashes[-1] if hashes else root, tokens[i * bs:(i + 1) * bs])
+            hashes.append(h)
+            block = table[i]
+            if h not in self._by_hash and block not in self._hash_of:
+                self._by_hash[h] = block
+                self._hash_of[block] = h
+                added += 1
+        return added
+
+    def clear_prefix_cache(self) -> int:
+        """Forget every registered block: released ones become plain free blocks, held ones stay with their
+        sequences, unregistered (a cold cache, e.g. between benchmark runs). Returns how many there were."""
+        n = len(self._hash_of)
+        self._free.extend(sorted(self._released, reverse=True))
+        self._released.clear()
+        self._hash_of.clear()
+        self._by_hash.clear()
+        self._chains.clear()
+        return n
+
+    def _evict(self) -> int:
+        block, _ = self._released.popitem(last=False)
+        h = self._hash_of.pop(block)
+        if self._by_hash.get(h) == block:
+            del self._by_hash[h]
+        self.prefix_counts["evicted_blocks"] += 1
+        return block
 
     # -- slots, write, read -----------------------------------------------------------------
     def _table(self, seq_id: Hashable) -> list[int]:

@@ -103,7 +103,8 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
             click.echo()
             if last is not None and "usage" in last:
                 u = last["usage"]
-                click.echo(f"[{last['finish_reason']}: {u['prompt_tokens']} prompt + {u['completion_tokens']} "
+                cached = f" ({u['cached_prompt_tokens']} cached)" if u.get("cached_prompt_tokens") else ""
+                click.echo(f"[{last['finish_reason']}: {u['prompt_tokens']} prompt{cached} + {u['completion_tokens']} "
                            f"generated tokens, first token after "
                            f"{last['metadata'].get('time_to_first_token_ms', 0):.0f} ms]", err=True)
 

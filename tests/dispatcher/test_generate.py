@@ -196,6 +196,7 @@ def test_lora_adapter_uploaded_over_the_admin_api_equals_peft(gen_server, decode
     assert out.returncode == 0, out.stderr
     assert out.stdout == s.app.decoder.tokenizer.decode(ref, skip_special_tokens=True) + "\n"
     assert "length: " in out.stderr
+    assert " cached) + 8 generated tokens" in out.stderr      # the same prompt and adapter a third time
 
 
 def test_status_lists_both_backbones_with_their_memory(gen_server):
@@ -212,13 +213,14 @@ def test_status_lists_both_backbones_with_their_memory(gen_server):
 
 
 @pytest.mark.slow
-def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path_factory):
+def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path, smollm2):
     """The real default decoder (SmolLM2-135M-Instruct from its packaged GGUF) behind the real server."""
     pytest.importorskip("gguf")
     from dispatcher.client import Client
+    from tests.conftest import data_dir_with_models
     from tests.dispatcher.conftest import ADMIN_TOKEN
 
-    cache = tmp_path_factory.getbasetemp() / "smollm2-var"   # shared with other tests converting it
+    cache = data_dir_with_models(tmp_path / "var", smollm2[0])   # the conversion other SmolLM2 tests share
     from tests.dispatcher.test_http_api import free_port
 
     s = RunningServer(tiny_server_config(tiny_checkpoint, cache, backbones="encoder,decoder",
@@ -229,13 +231,16 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
             events = list(c.generate(messages=[{"role": "user", "content": "What is the capital of France?"}],
                                      max_new_tokens=20, temperature=0))
         assert "".join(e["text"] for e in events) == "The capital of France is Paris."
-        assert events[-1]["finish_reason"] == "stop"
+        assert events[-1]["finish_reason"] == "stop" and events[-1]["usage"]["cached_prompt_tokens"] == 0
         openai = pytest.importorskip("openai")          # the README's three lines, over HTTP
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{s.server.http_port}/v1", api_key=key, max_retries=0)
         answer = c.chat.completions.create(model="default", temperature=0,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert answer.choices[0].message.content == "The capital of France is Paris."
         assert answer.choices[0].finish_reason == "stop"
+        # the same chat again: its prompt's full blocks (all but the last token) came from the prefix cache
+        prompt = answer.usage.prompt_tokens
+        assert answer.usage.prompt_tokens_details.cached_tokens == (prompt - 1) // 16 * 16 > 0
         # the README's generative walkthrough: the shipped NCBI-disease decoder LoRA, over both protocols
         root = Path(__file__).resolve().parents[2] / "examples" / "adapters-trained" / "ncbi-disease-gen"
         res = json.loads((root / "RESULT.json").read_text())

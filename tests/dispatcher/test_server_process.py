@@ -391,7 +391,7 @@ def test_skip_modes_miss_cache_survives_a_sigterm_restart(tiny_checkpoint, tmp_p
 
 
 @pytest.mark.slow
-def test_decoder_replicas_serve_the_default_decoder_and_drain(tmp_path):
+def test_decoder_replicas_serve_the_default_decoder_and_drain(tmp_path, smollm2):
     """`vbert serve --decoder-replicas 1` on the real default decoder (SmolLM2-135M-Instruct) and a shipped decoder
     LoRA: greedy answers as the single-process server gives them (test_generate's), a stream running on the replica
     when SIGTERM comes finishes, the process exits 0 and leaves no replica running."""
@@ -403,7 +403,10 @@ def test_decoder_replicas_serve_the_default_decoder_and_drain(tmp_path):
 
     env = {"VBERT_BACKBONES": "decoder", "VBERT_DECODER_REPLICAS": "1", "VBERT_REPLICA_CPUS": "0.5",
            "VBERT_RAY_OBJECT_STORE_MB": "128", "VBERT_DECODER_KV_CACHE_MB": "32", "RAY_ADDRESS": ""}
-    s = ServeProcess(tmp_path / "var", extra_env=env, log_path=tmp_path / "serve.log")
+    from tests.conftest import data_dir_with_models
+
+    var = data_dir_with_models(tmp_path / "var", smollm2[0])      # the run's conversion of the default decoder
+    s = ServeProcess(var, extra_env=env, log_path=tmp_path / "serve.log")
     replicas = [p for p in psutil.Process(s.proc.pid).children(recursive=True)
                 if " ".join(p.cmdline()).startswith("ray::ServeReplica")]
     assert len(replicas) == 1

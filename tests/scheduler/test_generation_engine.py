@@ -191,3 +191,41 @@ def test_too_long_and_stopped_engine_are_refused(checkpoint):
             submit(engine, bb, PROMPTS[0], max_new_tokens=250)
     finally:
         engine.stop()
+
+
+def test_prefix_cached_requests_equal_hf_generate_and_report_their_cached_tokens(checkpoint):
+    system = "You are a careful assistant for clinical notes. Answer in one short sentence. "
+    prompts = [system + p for p in PROMPTS[:5]]
+    engine, bb = make_engine(checkpoint, max_tokens_per_step=32)
+    try:
+        first = submit(engine, bb, prompts[0], max_new_tokens=6).final()
+        together = [submit(engine, bb, p, max_new_tokens=6) for p in prompts[1:]]   # share the first one's blocks
+        results = [first] + [s.final() for s in together]
+        again = submit(engine, bb, prompts[0], max_new_tokens=6).final()            # its own prompt and more
+        other = submit(engine, bb, prompts[1], tenant=9, max_new_tokens=6).final()  # another tenant: nothing
+    finally:
+        engine.stop()
+    shared = len(bb.tokenize_prompt(system, 200, False)) // 4 * 4
+    assert first.num_cached_tokens == 0 and other.num_cached_tokens == 0
+    assert all(r.num_cached_tokens >= shared - 4 for r in results[1:]) and shared >= 12
+    assert again.num_cached_tokens == (first.num_prompt_tokens - 1) // 4 * 4
+    for prompt, res in zip(prompts, results):
+        assert list(res.token_ids) == hf_greedy(checkpoint, bb, prompt, 6), prompt
+    assert again.token_ids == first.token_ids and other.token_ids == results[1].token_ids
+    assert bb.kv.num_free_blocks == bb.kv.num_blocks and bb.kv.num_cached_blocks > 0
+
+
+def test_preemption_with_prefix_caching_gives_the_tokens_of_a_roomy_cache(checkpoint):
+    system = "the patient was treated with aspirin and "
+    outs = {}
+    for name, kv_bytes, caching in (("roomy-off", 1 << 20, False), ("tight-on", 24 * 1024, True)):
+        engine, bb = make_engine(checkpoint, kv_bytes=kv_bytes, max_tokens_per_step=64, prefix_caching=caching)
+        try:
+            streams = [submit(engine, bb, system + p, tenant=i % 2, max_new_tokens=16) for i, p in enumerate(PROMPTS)]
+            outs[name] = [s.final() for s in streams]
+        finally:
+            engine.stop()
+        assert bb.kv.num_free_blocks == bb.kv.num_blocks
+    assert sum(r.num_preemptions for r in outs["tight-on"]) > 0
+    assert sum(r.num_cached_tokens for r in outs["tight-on"]) > 0
+    assert [r.token_ids for r in outs["tight-on"]] == [r.token_ids for r in outs["roomy-off"]]

@@ -240,3 +240,98 @@ def test_a_preempted_request_waits_again_under_its_deadline():
     while s.has_work:
         run_step(s)
     assert old.status is RequestStatus.FINISHED and s.kv.num_free_blocks == 5
+
+
+# -- prefix caching ------------------------------------------------------------------------------------
+def preq(tenant: int, prompt: list[int], max_new: int, adapter: int | None = None) -> Request:
+    return Request(tenant_id=tenant, adapter_id=adapter, deadline=1e9, prompt_ids=list(prompt), max_new_tokens=max_new)
+
+
+def finish(s: GenerationScheduler, *reqs: Request) -> None:
+    for r in reqs:
+        s.add(r)
+    for _ in range(200):
+        if not s.has_work:
+            return
+        run_step(s)
+    raise AssertionError("did not finish")
+
+
+SYSTEM = list(range(50, 71))             # a 21-token shared prefix: 5 full blocks of 4
+
+
+def test_a_repeated_prefix_is_computed_once_and_the_rest_from_its_blocks():
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=64), kv(64))
+    first = preq(1, SYSTEM + [1, 2, 3], 2)
+    finish(s, first)
+    assert first.metadata["num_cached_tokens"] == 0
+    second = preq(1, SYSTEM + [9, 8, 7, 6], 2)
+    s.add(second)
+    batch, _ = run_step(s)
+    assert [(r.request, r.num_tokens) for r in batch.rows] == [(second, 25 - 20)]   # 5 blocks of the prefix reused
+    assert second.metadata["num_cached_tokens"] == 20
+    same = preq(1, SYSTEM + [9, 8, 7, 6], 2)    # the same prompt: everything but its last token is cached ...
+    run_step(s)
+    s.add(same)
+    batch, _ = run_step(s)
+    row = next(r for r in batch.rows if r.request is same)
+    assert row.num_tokens == 1 and same.metadata["num_cached_tokens"] == 24   # ... which is computed for logits
+    assert s.counts["prefix_hit_tokens"] == 20 + 24 and s.counts["prefix_queried_tokens"] == 23 + 24 + 24
+    for _ in range(10):
+        run_step(s)
+    assert not s.has_work and s.kv.num_free_blocks == 64 and s.stats()["num_cached_blocks"] > 0
+
+
+def test_prefixes_are_keyed_by_tenant_and_adapter_unless_shared_globally():
+    for sharing, other_tenant_hit in (("tenant", 0), ("global", 20)):
+        s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=64, prefix_sharing=sharing), kv(64))
+        finish(s, preq(1, SYSTEM + [1], 1))
+        b, c, d = preq(2, SYSTEM + [2], 1), preq(1, SYSTEM + [3], 1, adapter=4), preq(1, SYSTEM + [3], 1)
+        finish(s, b, c, d)
+        assert b.metadata["num_cached_tokens"] == other_tenant_hit    # another tenant, the bare model
+        assert c.metadata["num_cached_tokens"] == 0                   # an adapter's K/V differ
+        assert d.metadata["num_cached_tokens"] == 20
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=64, prefix_caching=False), kv(64))
+    finish(s, preq(1, SYSTEM + [1], 1))
+    again = preq(1, SYSTEM + [1], 1)
+    finish(s, again)
+    assert again.metadata["num_cached_tokens"] == 0 and s.kv.num_cached_blocks == 0
+    with pytest.raises(ValueError, match="prefix_sharing"):
+        GenerationSchedulerConfig(prefix_sharing="everyone")
+
+
+def test_a_preempted_request_recomputes_only_past_its_registered_blocks():
+    # 10 blocks of 4: two requests of 8 prompt + 16 new tokens (6 blocks each at the end) cannot both finish
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=32, max_running=2), kv(10))
+    old, new = preq(1, list(range(1, 9)), 16), preq(2, list(range(11, 19)), 16)
+    s.add(old)
+    s.add(new)
+    readmitted = []
+    for _ in range(200):
+        if not s.has_work:
+            break
+        was_waiting = new.status is RequestStatus.WAITING and new.metadata["num_preemptions"] > 0
+        batch, _ = run_step(s)
+        if was_waiting and new in batch.admitted:
+            readmitted.append((new.num_computed_tokens - next(r.num_tokens for r in batch.rows if r.request is new),
+                               new.num_tokens))
+    assert new.metadata["num_preemptions"] > 0 and readmitted
+    cached, total = readmitted[0]
+    assert cached > 0 and cached % 4 == 0 and cached <= total - 1     # not recomputed from its first token
+    assert len(old.output_ids) == 16 and len(new.output_ids) == 16 and s.kv.num_free_blocks == 10
+
+
+def test_admission_without_blocks_gives_matched_blocks_back():
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=64, max_running=4), kv(12))
+    finish(s, preq(1, SYSTEM + [1], 1))                                # 22 computed tokens: 5 blocks registered
+    s.kv.allocate("outside", 4 * 8)                                    # 7 never-used blocks and 1 evicted
+    assert s.kv.num_free_blocks == 4 and s.kv.num_cached_blocks == 4
+    waiting = preq(1, SYSTEM + list(range(300, 312)), 1)               # 16 tokens cached, 5 more blocks needed
+    s.add(waiting)
+    run_step(s)
+    assert waiting.status is RequestStatus.WAITING and waiting.num_computed_tokens == 0
+    assert not s.kv.has_sequence(waiting.request_id)
+    assert s.kv.num_free_blocks == 4 and s.kv.num_cached_blocks == 4   # given back, still cached
+    s.kv.free("outside")
+    batch, _ = run_step(s)
+    assert [(r.request, r.num_tokens) for r in batch.rows] == [(waiting, 33 - 16)]

@@ -255,14 +255,10 @@ def test_build_shared_sets_from_shared_data(tmp_path):
 
 # -- the real default decoder (slow: SmolLM2-135M, a few steps) ------------------------------------------
 @pytest.mark.slow
-def test_smollm2_trains_and_evaluates_a_few_steps(tmp_path, tmp_path_factory):
-    from vbert import decoder_checkpoint
+def test_smollm2_trains_and_evaluates_a_few_steps(tmp_path, smollm2):
+    from tests.conftest import data_dir_with_models
 
-    try:
-        decoder_checkpoint.packaged_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    var = tmp_path_factory.getbasetemp() / "smollm2-var"          # the conversion other SmolLM2 tests share
+    var = data_dir_with_models(tmp_path / "var", smollm2[0])      # the conversion other SmolLM2 tests share
     train_path = write_pairs(tmp_path / "train.jsonl", 8, 0, chat=True)
     test_path = write_pairs(tmp_path / "test.jsonl", 2, 2, chat=True)
     out = tmp_path / "adapter"

@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""Prefix caching in generation: the same requests with the prefix cache on and off, side by side.
+
+    .venv/bin/python benchmarks/prefix_cache.py --json benchmarks/results/cpu-DATE/prefix_cache/prefix_cache.json
+    .venv/bin/python benchmarks/prefix_cache.py --quick --json /tmp/prefix.json      # tiny random decoder, < 1 min
+
+Workload (fixed by --seed): --tenants tenants, each with its own random LoRA adapter (rank --lora-rank on
+every projection) and its own system prompt of about --system-tokens tokens (an instruction and labelled
+examples made of real sentences from ../shared/data, read in place); --num-requests chat requests through
+the model's chat template: one real sentence as the user message under its tenant's system prompt, tenants
+drawn uniformly, --max-new-tokens tokens each (greedy, EOS ignored). Scenarios:
+
+- offline: every request at t = 0 (requests/s, prompt tokens computed);
+- open loop: Poisson arrivals at --rate-fraction x the cache-off contender's offline requests/s of the
+  same round (time to first token and end-to-end latency, p50 / p99);
+- control: the generation benchmark's prompts (1-3 real sentences, nothing shared beyond chance), offline:
+  what looking up and registering blocks costs when nothing is reused.
+
+Every scenario runs both contenders in each of --rounds rounds (the order alternating), each run on a fresh
+engine over a cold cache (vbert.kv_cache.PagedKVCache.clear_prefix_cache). Ratios are cache-on over
+cache-off per round, reported as their median; "same tokens" is the share of requests whose greedy tokens
+are identical with and without the cache (the cached K/V were computed in other steps' batches, so a
+near-tie can in principle round the other way). Writes the JSON (after every scenario) and a PNG beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from generation import git_state  # noqa: E402
+from generation_workload import (Item, load_average, load_sentences, make_workload, random_lora,  # noqa: E402
+                                 run_engine, tiered_adapters)
+from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
+from vbert.device import DeviceContext, reserve_cpu_for_steps  # noqa: E402
+
+LABELS = ("background", "method", "result")
+FULL = dict(num_requests=48, tenants=4, system_tokens=256, max_new_tokens=16, rounds=2, rate_fraction=0.7)
+QUICK = dict(num_requests=16, tenants=2, system_tokens=60, max_new_tokens=4, rounds=1, rate_fraction=0.7)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--quick", action="store_true", help="a tiny random decoder, few requests")
+    p.add_argument("--model", default=None, help="a local HF Llama-family checkpoint (default SmolLM2-135M-Instruct)")
+    p.add_argument("--cache-dir", default="./var/models")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-running", type=int, default=16)
+    p.add_argument("--max-tokens-per-step", type=int, default=256)
+    p.add_argument("--kv-cache-mb", type=int, default=256)
+    p.add_argument("--lora-rank", type=int, default=8)
+    for k, v in FULL.items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=f"default {v} (--quick: {QUICK[k]})")
+    a = p.parse_args(argv)
+    for k, v in (QUICK if a.quick else FULL).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
+
+
+def system_prompt(sentences: list[str], tokenizer, tokens: int, rng: random.Random) -> str:
+    """An instruction and labelled examples (real sentences, labels drawn at random) of about `tokens` tokens."""
+    text = ("You label the intent of citation sentences from scientific papers as background, method or result. "
+            "Answer with the label only.\n\nExamples:\n")
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        text += f"Sentence: {rng.choice(sentences)}\nLabel: {rng.choice(LABELS)}\n"
+    return text
+
+
+def shared_prefix_workload(backbone, num: int, tenants: int, system_tokens: int, max_new: int,
+                           seed: int) -> tuple[list[Item], list[int]]:
+    rng = random.Random(seed)
+    sentences = [s for s in load_sentences() if 40 <= len(s) <= 400]
+    systems = [system_prompt(sentences, backbone.tokenizer, system_tokens, rng) for _ in range(tenants)]
+    items = []
+    limit = backbone.spec.max_position_embeddings - max_new
+    while len(items) < num:
+        tenant = rng.randrange(tenants)
+        chat = backbone.render_chat([("system", systems[tenant]), ("user", rng.choice(sentences))])
+        ids = backbone.tokenize_prompt(chat, 1 << 20, False, is_chat=True)
+        if len(ids) <= limit:                       # a small test model's context: draw another sentence
+            items.append(Item(len(items), tenant, tuple(ids), max_new, rng.expovariate(1.0)))
+    system_ids = [len(backbone.tokenize_prompt(backbone.render_chat([("system", s), ("user", "x")]), 4096, False,
+                                               is_chat=True)) for s in systems]
+    return items, system_ids
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def write_plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sc = result["scenarios"]
+    panels = [("offline", "throughput_rps", "requests / s (offline)"),
+              ("open_loop", "ttft_s_p50", "time to first token p50 (s)"),
+              ("open_loop", "ttft_s_p99", "time to first token p99 (s)"),
+              ("control", "throughput_rps", "requests / s, nothing shared")]
+    panels = [x for x in panels if x[0] in sc]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8))
+    for ax, (name, key, label) in zip(axes if len(panels) > 1 else [axes], panels):
+        runs = sc[name]["runs"]
+        for x, contender, color in ((0, "off", "tab:gray"), (1, "on", "tab:blue")):
+            vals = [r[contender][key] for r in runs]
+            ax.bar(x, statistics.median(vals), color=color, alpha=0.8)
+            ax.plot([x] * len(vals), vals, "k.", ms=4)
+        ax.set_xticks([0, 1], ["cache off", "cache on"])
+        ax.set_title(label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"prefix caching, {result['model']} on {result['device']}: {result['workload']['tenants']} tenants, "
+                 f"system prompts of ~{result['workload']['system_prompt_tokens_mean']:.0f} tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    threads = reserve_cpu_for_steps(a.threads)
+    out_path = Path(a.json)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    device = DeviceContext.create("auto", "auto")
+    tmp = tempfile.TemporaryDirectory(prefix="prefix-bench-")
+    model_path = a.model
+    if a.quick and model_path is None:
+        from tests.decoder_models import write_tiny_decoder_checkpoint
+        model_path = str(write_tiny_decoder_checkpoint(Path(tmp.name) / "tiny-decoder", seed=a.seed))
+    backbone = DecoderBackbone.load(DecoderBackboneConfig(path=model_path, cache_dir=a.cache_dir,
+                                                          kv_cache_bytes=a.kv_cache_mb * 1024 ** 2, block_size=16,
+                                                          num_lora_slots=a.tenants, max_lora_rank=a.lora_rank), device)
+    items, system_lens = shared_prefix_workload(backbone, a.num_requests, a.tenants, a.system_tokens,
+                                                a.max_new_tokens, a.seed)
+    control = make_workload(backbone.tokenizer, a.num_requests, a.tenants, a.seed, mean_output=a.max_new_tokens,
+                            max_output=a.max_new_tokens)
+    control = [Item(it.index, it.tenant, it.prompt_ids, a.max_new_tokens, it.gap) for it in control]
+    loras = {t + 1: random_lora(backbone.spec, a.lora_rank, a.seed * 100_003 + t) for t in range(a.tenants)}
+    adapters, _ = tiered_adapters(backbone.lora, loras)
+    result = {
+        "benchmark": "prefix_cache", "partial": True, "model": backbone.name, "device": device.describe(),
+        "dtype": device.dtype_name, "torch_threads": threads, "kv_cache_blocks": backbone.kv.num_blocks,
+        "block_size": backbone.kv.block_size,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_state(),
+        "parameters": vars(a), "load_average_start": load_average(),
+        "workload": {"tenants": a.tenants, "num_requests": len(items),
+                     "system_prompt_tokens_mean": statistics.fmean(system_lens),
+                     "prompt_tokens_mean": statistics.fmean(len(i.prompt_ids) for i in items),
+                     "control_prompt_tokens_mean": statistics.fmean(len(i.prompt_ids) for i in control),
+                     "max_new_tokens": a.max_new_tokens},
+        "scenarios": {},
+    }
+
+    def save() -> None:
+        out_path.write_text(json.dumps(result, indent=2, default=str))
+
+    def run(its, rate, caching, desc):
+        return run_engine(backbone, adapters, its, "iteration", a.max_running, a.max_tokens_per_step, rate, desc,
+                          prefix_caching=caching)
+
+    run(items[:2], None, True, "warm-up")
+    offline_off: list[float] = []
+    for name, its in (("offline", items), ("open_loop", items), ("control", control)):
+        runs = []
+        for rnd in range(a.rounds):
+            order = (False, True) if rnd % 2 == 0 else (True, False)
+            rate = None
+            if name == "open_loop":
+                rate = a.rate_fraction * offline_off[rnd % len(offline_off)]
+            got, tokens = {}, {}
+            for caching in order:
+                key = "on" if caching else "off"
+                summary, results = run(its, rate, caching, f"{name} round {rnd + 1} cache {key}")
+                got[key], tokens[key] = summary, [r.token_ids for r in results]
+            if name == "offline":
+                offline_off.append(got["off"]["throughput_rps"])
+            same = sum(x == y for x, y in zip(tokens["on"], tokens["off"])) / len(its)
+            runs.append({"round": rnd, "order": ["on" if c else "off" for c in order], "rate": rate,
+                         "same_tokens_share": same, **got})
+            tqdm.write(f"{name} round {rnd + 1}: req/s off {got['off']['throughput_rps']:.2f} on "
+                       f"{got['on']['throughput_rps']:.2f}; TTFT p50 off {got['off']['ttft_s_p50']:.2f} s on "
+                       f"{got['on']['ttft_s_p50']:.2f} s; cached {got['on']['cached_prompt_tokens']} of "
+                       f"{got['on']['prompt_tokens']} prompt tokens; same tokens {same:.3f}")
+        ratio = lambda key: median(r["on"][key] / r["off"][key] for r in runs if r["off"][key])  # noqa: E731
+        result["scenarios"][name] = {
+            "runs": runs,
+            "throughput_on_over_off": ratio("throughput_rps"),
+            "ttft_p50_on_over_off": ratio("ttft_s_p50"), "ttft_p99_on_over_off": ratio("ttft_s_p99"),
+            "e2e_p50_on_over_off": ratio("e2e_s_p50"), "e2e_p99_on_over_off": ratio("e2e_s_p99"),
+            "cached_share_of_prompt_tokens": median(r["on"]["cached_prompt_tokens"] / r["on"]["prompt_tokens"]
+                                                    for r in runs),
+            "prefill_tokens_on_over_off": ratio("prefill_tokens_computed"),
+            "same_tokens_share": min(r["same_tokens_share"] for r in runs)}
+        save()
+    result["partial"] = False
+    result["load_average_end"] = load_average()
+    save()
+    write_plot(result, out_path.with_suffix(".png"))
+    for name, sc in result["scenarios"].items():
+        tqdm.write(f"{name}: throughput on/off {sc['throughput_on_over_off']:.2f}, TTFT p50 on/off "
+                   f"{sc['ttft_p50_on_over_off']:.2f}, p99 {sc['ttft_p99_on_over_off']:.2f}, cached share "
+                   f"{sc['cached_share_of_prompt_tokens']:.2f}")
+    print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
