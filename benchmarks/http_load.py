@@ -9,7 +9,8 @@ Loopback only, bounded (requests per round x rounds), stops by itself. It starts
 process: dispatcher.server.Server on an App with `backbones = "decoder"` (the default decoder
 SmolLM2-135M-Instruct, dequantized once into --cache-dir and reused by later runs; `--quick`: a tiny random
 Llama), the gRPC port and an HTTP port on 127.0.0.1, a few tenants registered through app.manager with
-quotas high enough that the rate limiter never refuses.
+quotas high enough that the rate limiter never refuses, and prefix caching off (the three paths send the same
+prompts in turn: with it on, the later ones would reuse the earlier ones' K/V).
 
 Every request is a chat of real sentences (read in place from ../shared/data), temperature 0, a fixed
 --max-tokens with `ignore_eos`, so every request generates exactly --max-tokens tokens; the tenants take
@@ -227,7 +228,8 @@ class OwnServer:
                               admin_token="http-load-admin", log_level=args.log_level,
                               decoder_kv_cache_mb=args.kv_cache_mb,
                               max_concurrent_rpcs_per_tenant=max(32, 2 * args.concurrency),
-                              generation_max_running=max(32, args.concurrency))
+                              generation_max_running=max(32, args.concurrency),
+                              generation_prefix_caching=False)   # the paths send the same prompts: each computes them
         self.config = config
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="server-loop").start()

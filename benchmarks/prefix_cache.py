@@ -16,9 +16,11 @@ drawn uniformly, --max-new-tokens tokens each (greedy, EOS ignored). Scenarios:
 - control: the generation benchmark's prompts (1-3 real sentences, nothing shared beyond chance), offline:
   what looking up and registering blocks costs when nothing is reused.
 
-Every scenario runs both contenders in each of --rounds rounds (the order alternating), each run on a fresh
-engine over a cold cache (vbert.kv_cache.PagedKVCache.clear_prefix_cache). Ratios are cache-on over
-cache-off per round, reported as their median; "same tokens" is the share of requests whose greedy tokens
+Every scenario runs both contenders in each of --rounds rounds (the control, which is short and whose ratio is
+small, --control-rounds), the order alternating, each run on a fresh engine over a cold cache
+(vbert.kv_cache.PagedKVCache.clear_prefix_cache). Ratios are cache-on over cache-off per round, reported as
+their median; the wall time the KV cache's prefix calls (match_prefix, commit) took inside each run is timed
+too (prefix_bookkeeping_share: of the run's seconds); "same tokens" is the share of requests whose greedy tokens
 are identical with and without the cache (the cached K/V were computed in other steps' batches, so a
 near-tie can in principle round the other way). Writes the JSON (after every scenario) and a PNG beside it.
 """
@@ -33,6 +35,7 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +51,11 @@ from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noq
 from vbert.device import DeviceContext, reserve_cpu_for_steps  # noqa: E402
 
 LABELS = ("background", "method", "result")
-FULL = dict(num_requests=48, tenants=4, system_tokens=256, max_new_tokens=16, rounds=2, rate_fraction=0.7)
-QUICK = dict(num_requests=16, tenants=2, system_tokens=60, max_new_tokens=4, rounds=1, rate_fraction=0.7)
+FULL = dict(num_requests=48, tenants=4, system_tokens=256, max_new_tokens=16, rounds=2, control_rounds=6,
+            rate_fraction=0.7)
+QUICK = dict(num_requests=16, tenants=2, system_tokens=60, max_new_tokens=4, rounds=1, control_rounds=1,
+             rate_fraction=0.7)
+SCENARIOS = ("offline", "open_loop", "control")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,13 +70,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens-per-step", type=int, default=256)
     p.add_argument("--kv-cache-mb", type=int, default=256)
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of " + ", ".join(SCENARIOS)
+                   + " (open_loop needs offline: its rate)")
     for k, v in FULL.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=f"default {v} (--quick: {QUICK[k]})")
     a = p.parse_args(argv)
     for k, v in (QUICK if a.quick else FULL).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    a.scenarios = [x.strip() for x in a.scenarios.split(",") if x.strip()]
+    if set(a.scenarios) - set(SCENARIOS) or ("open_loop" in a.scenarios and "offline" not in a.scenarios):
+        p.error(f"--scenarios: names from {SCENARIOS}; open_loop needs offline")
     return a
+
+
+class BookkeepingTimer:
+    """Wall time of the KV cache's prefix calls (match_prefix at admission, commit after a step) during a
+    run: what the cache costs the step loop itself, measured without the noise of whole runs."""
+
+    def __init__(self, kv):
+        self.kv, self.seconds, self.calls = kv, 0.0, 0
+
+    def __enter__(self):
+        for name in ("match_prefix", "commit"):
+            setattr(self.kv, name, self._timed(getattr(type(self.kv), name).__get__(self.kv)))
+        return self
+
+    def _timed(self, fn):
+        def call(*args):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+        return call
+
+    def __exit__(self, *exc):
+        for name in ("match_prefix", "commit"):
+            delattr(self.kv, name)
 
 
 def system_prompt(sentences: list[str], tokenizer, tokens: int, rng: random.Random) -> str:
@@ -112,8 +150,8 @@ def write_plot(result: dict, path: Path) -> None:
 
     sc = result["scenarios"]
     panels = [("offline", "throughput_rps", "requests / s (offline)"),
-              ("open_loop", "ttft_s_p50", "time to first token p50 (s)"),
-              ("open_loop", "ttft_s_p99", "time to first token p99 (s)"),
+              ("open_loop", "ttft_s_p50", "open loop: time to first token p50 (s)"),
+              ("open_loop", "ttft_s_p99", "open loop: time to first token p99 (s)"),
               ("control", "throughput_rps", "requests / s, nothing shared")]
     panels = [x for x in panels if x[0] in sc]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8))
@@ -174,14 +212,20 @@ def main(argv=None) -> int:
         out_path.write_text(json.dumps(result, indent=2, default=str))
 
     def run(its, rate, caching, desc):
-        return run_engine(backbone, adapters, its, "iteration", a.max_running, a.max_tokens_per_step, rate, desc,
-                          prefix_caching=caching)
+        with BookkeepingTimer(backbone.kv) as timer:
+            summary, results = run_engine(backbone, adapters, its, "iteration", a.max_running, a.max_tokens_per_step,
+                                          rate, desc, prefix_caching=caching)
+        summary.update(prefix_bookkeeping_s=timer.seconds, prefix_bookkeeping_calls=timer.calls,
+                       prefix_bookkeeping_share=timer.seconds / summary["seconds"])
+        return summary, results
 
     run(items[:2], None, True, "warm-up")
     offline_off: list[float] = []
     for name, its in (("offline", items), ("open_loop", items), ("control", control)):
+        if name not in a.scenarios:
+            continue
         runs = []
-        for rnd in range(a.rounds):
+        for rnd in range(a.control_rounds if name == "control" else a.rounds):
             order = (False, True) if rnd % 2 == 0 else (True, False)
             rate = None
             if name == "open_loop":
@@ -209,7 +253,8 @@ def main(argv=None) -> int:
             "cached_share_of_prompt_tokens": median(r["on"]["cached_prompt_tokens"] / r["on"]["prompt_tokens"]
                                                     for r in runs),
             "prefill_tokens_on_over_off": ratio("prefill_tokens_computed"),
-            "same_tokens_share": min(r["same_tokens_share"] for r in runs)}
+            "same_tokens_share": min(r["same_tokens_share"] for r in runs),
+            "prefix_bookkeeping_share_on": median(r["on"]["prefix_bookkeeping_share"] for r in runs)}
         save()
     result["partial"] = False
     result["load_average_end"] = load_average()
@@ -218,7 +263,8 @@ def main(argv=None) -> int:
     for name, sc in result["scenarios"].items():
         tqdm.write(f"{name}: throughput on/off {sc['throughput_on_over_off']:.2f}, TTFT p50 on/off "
                    f"{sc['ttft_p50_on_over_off']:.2f}, p99 {sc['ttft_p99_on_over_off']:.2f}, cached share "
-                   f"{sc['cached_share_of_prompt_tokens']:.2f}")
+                   f"{sc['cached_share_of_prompt_tokens']:.2f}, bookkeeping {sc['prefix_bookkeeping_share_on']:.2e} of "
+                   f"the run")
     print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
     return 0
 

@@ -241,6 +241,10 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
         # the same chat again: its prompt's full blocks (all but the last token) came from the prefix cache
         prompt = answer.usage.prompt_tokens
         assert answer.usage.prompt_tokens_details.cached_tokens == (prompt - 1) // 16 * 16 > 0
+        metric = s.app.metrics.registry.get_sample_value
+        assert metric("vbert_prefix_cache_hit_tokens_total") == (prompt - 1) // 16 * 16
+        assert metric("vbert_prefix_cache_queried_tokens_total") == 2 * (prompt - 1)
+        assert metric("vbert_kv_cache_blocks_cached") >= (prompt - 1) // 16
         # the README's generative walkthrough: the shipped NCBI-disease decoder LoRA, over both protocols
         root = Path(__file__).resolve().parents[2] / "examples" / "adapters-trained" / "ncbi-disease-gen"
         res = json.loads((root / "RESULT.json").read_text())
