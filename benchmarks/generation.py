@@ -57,8 +57,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from generation_workload import (PreloadedAdapters, hf_generate, in_step_thread, load_average, load_hf,  # noqa: E402
-                                 lora_over_base, make_workload, random_lora, run_engine, tiered_adapters)
+from generation_workload import (PreloadedAdapters, add_engine_args, add_sized_args, fill_sized_args,  # noqa: E402
+                                 hf_generate, in_step_thread, load_average, load_hf, lora_over_base, make_workload,
+                                 random_lora, run_engine, tiered_adapters)
 from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
 from vbert.device import DeviceContext, reserve_cpu_for_steps  # noqa: E402
 
@@ -75,16 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", default="benchmarks/results/cpu-2026-12-06/generation.json")
     p.add_argument("--quick", action="store_true", help="a tiny random decoder, few requests (< 1 min)")
-    p.add_argument("--model", default=None, help="a local HF Llama-family checkpoint (default SmolLM2-135M-Instruct)")
-    p.add_argument("--cache-dir", default="./var/models")
+    add_engine_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-running", type=int, default=16)
-    p.add_argument("--max-tokens-per-step", type=int, default=256)
-    p.add_argument("--kv-cache-mb", type=int, default=256)
-    p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--zipf-s", type=float, default=1.1)
     p.add_argument("--slo-s-per-token", type=float, default=None, help="default: --slo-multiple x calibration")
     p.add_argument("--slo-multiple", type=float, default=5.0)
@@ -93,12 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-adapters", choices=("all", "used"), default="all",
                    help="PEFT load_adapter for every tenant's adapter, or only those of the HF subset (PEFT's "
                         "mixed batch loops over the batch's adapters only; loading 100 takes minutes)")
-    for k, v in FULL.items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=f"default {v} (--quick: {QUICK[k]})")
+    add_sized_args(p, FULL, QUICK)
     a = p.parse_args(argv)
-    for k, v in (QUICK if a.quick else FULL).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    fill_sized_args(a, FULL, QUICK)
     return a
 
 

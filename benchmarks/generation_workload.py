@@ -32,6 +32,31 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = ("sci-cite", "rct-20k", "chemprot")
 
 
+# -- command line ------------------------------------------------------------------------------------
+def add_engine_args(p) -> None:
+    """The decoder and engine flags the generation benchmarks share (argparse parser `p`)."""
+    p.add_argument("--model", default=None, help="a local HF Llama-family checkpoint (default SmolLM2-135M-Instruct)")
+    p.add_argument("--cache-dir", default="./var/models")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-running", type=int, default=16)
+    p.add_argument("--max-tokens-per-step", type=int, default=256)
+    p.add_argument("--kv-cache-mb", type=int, default=256)
+    p.add_argument("--lora-rank", type=int, default=8)
+
+
+def add_sized_args(p, full: dict, quick: dict) -> None:
+    """Flags whose default depends on --quick: `full` and `quick` map each name to its two defaults."""
+    for k, v in full.items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=f"default {v} (--quick: {quick[k]})")
+
+
+def fill_sized_args(a, full: dict, quick: dict) -> None:
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+
+
 # -- workload ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Item:

@@ -45,8 +45,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from generation import git_state  # noqa: E402
-from generation_workload import (Item, load_average, load_sentences, make_workload, random_lora,  # noqa: E402
-                                 run_engine, tiered_adapters)
+from generation_workload import (Item, add_engine_args, add_sized_args, fill_sized_args, load_average,  # noqa: E402
+                                 load_sentences, make_workload, random_lora, run_engine, tiered_adapters)
 from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
 from vbert.device import DeviceContext, reserve_cpu_for_steps  # noqa: E402
 
@@ -62,22 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", required=True)
     p.add_argument("--quick", action="store_true", help="a tiny random decoder, few requests")
-    p.add_argument("--model", default=None, help="a local HF Llama-family checkpoint (default SmolLM2-135M-Instruct)")
-    p.add_argument("--cache-dir", default="./var/models")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-running", type=int, default=16)
-    p.add_argument("--max-tokens-per-step", type=int, default=256)
-    p.add_argument("--kv-cache-mb", type=int, default=256)
-    p.add_argument("--lora-rank", type=int, default=8)
+    add_engine_args(p)
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of " + ", ".join(SCENARIOS)
                    + " (open_loop needs offline: its rate)")
-    for k, v in FULL.items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=f"default {v} (--quick: {QUICK[k]})")
+    add_sized_args(p, FULL, QUICK)
     a = p.parse_args(argv)
-    for k, v in (QUICK if a.quick else FULL).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    fill_sized_args(a, FULL, QUICK)
     a.scenarios = [x.strip() for x in a.scenarios.split(",") if x.strip()]
     if set(a.scenarios) - set(SCENARIOS) or ("open_loop" in a.scenarios and "offline" not in a.scenarios):
         p.error(f"--scenarios: names from {SCENARIOS}; open_loop needs offline")

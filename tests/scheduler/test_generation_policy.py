@@ -335,3 +335,13 @@ def test_admission_without_blocks_gives_matched_blocks_back():
     s.kv.free("outside")
     batch, _ = run_step(s)
     assert [(r.request, r.num_tokens) for r in batch.rows] == [(waiting, 33 - 16)]
+
+
+def test_a_follow_up_turn_reuses_the_blocks_of_the_previous_answer():
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=64), kv(64))
+    turn1 = preq(1, list(range(100, 113)), 8)                  # 13 prompt tokens, 8 generated (7 computed)
+    finish(s, turn1)
+    assert len(turn1.output_ids) == 8
+    turn2 = preq(1, turn1.prompt_ids + turn1.output_ids + [300, 301, 302], 2)   # the conversation so far, then more
+    finish(s, turn2)
+    assert turn2.metadata["num_cached_tokens"] == 20           # 13 + 7 computed tokens: 5 blocks, answer included
