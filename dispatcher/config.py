@@ -14,7 +14,7 @@ from manager.manager import ManagerConfig
 from scheduler.config import SchedulerConfig
 from scheduler.engine import EngineConfig
 from scheduler.generation_engine import GenerationEngineConfig
-from scheduler.generation_policy import GenerationSchedulerConfig
+from scheduler.generation_policy import PREFIX_SHARING, GenerationSchedulerConfig
 from vbert.config import (DEFAULT_LORA_TARGETS, HOST_HEAP_KEEP_MB, BackboneConfig, ModelConfig, PoolConfig,
                           SkipConfig, SkipTableConfig, default_shallow_path)
 
@@ -301,6 +301,9 @@ class ServerConfig:
                              f"{self.backbones!r} loads no encoder")
         if self.decoder_lora_dtype not in BANK_DTYPES:
             raise ValueError(f"decoder_lora_dtype {self.decoder_lora_dtype!r} is not one of {BANK_DTYPES}")
+        if self.generation_prefix_sharing not in PREFIX_SHARING:
+            raise ValueError(f"generation_prefix_sharing {self.generation_prefix_sharing!r} is not one of "
+                             f"{PREFIX_SHARING}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
         names = self.backbone_names

@@ -41,6 +41,10 @@ def test_config_accepts_a_decoder_only_server(tiny_checkpoint, tmp_path):
         tiny_server_config(tiny_checkpoint, tmp_path, backbones="")
     with pytest.raises(ValueError, match="decoder_lora_dtype 'float16' is not one of"):
         tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder", decoder_lora_dtype="float16")
+    with pytest.raises(ValueError, match="generation_prefix_sharing 'everyone' is not one of"):
+        tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder", generation_prefix_sharing="everyone")
+    assert not tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder", generation_prefix_caching=False,
+                                  generation_prefix_sharing="global").generation_scheduler_config().prefix_caching
 
 
 def test_generate_and_decoder_adapters_work(dec_server, decoder_dir, tmp_path):
