@@ -36,7 +36,7 @@ class Blocks:
     """A KV cache that always has room (the policy's block accounting only; prefix caching finds nothing, its
     hashing is the KV cache's cost, measured in benchmarks/prefix_cache.py)."""
 
-    num_blocks, num_free_blocks, num_cached_blocks, block_size = 1 << 30, 1 << 30, 0, 16
+    num_blocks, num_free_blocks, num_cached_blocks, num_evicted_blocks, block_size = 1 << 30, 1 << 30, 0, 0, 16
 
     def __init__(self):
         self.seqs = set()

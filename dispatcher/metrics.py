@@ -118,7 +118,9 @@ class _LiveCollector:
                     ("vbert_prefix_cache_queried_tokens", "tokens looked up in the prefix cache at admission",
                      stats["num_prefix_queried_tokens"]),
                     ("vbert_prefix_cache_hit_tokens", "of those, tokens whose K/V came from the prefix cache",
-                     stats["num_prefix_hit_tokens"])):
+                     stats["num_prefix_hit_tokens"]),
+                    ("vbert_kv_cache_evicted_blocks", "cached KV blocks evicted to make room",
+                     stats["num_evicted_blocks"])):
                 c = CounterMetricFamily(name, help_text)
                 c.add_metric([], value)
                 yield c

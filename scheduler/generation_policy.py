@@ -67,6 +67,8 @@ class KVBlocks(Protocol):
     @property
     def num_cached_blocks(self) -> int: ...
 
+    num_evicted_blocks: int
+
     def blocks_for(self, num_tokens: int) -> int: ...
 
     def num_blocks_needed(self, seq_id: Hashable, num_tokens: int) -> int: ...
@@ -315,7 +317,7 @@ class GenerationScheduler:
     def stats(self) -> dict:
         out = {"num_waiting": self._num_waiting, "num_running": len(self._running), "num_steps": self._next_step,
                "num_free_blocks": self.kv.num_free_blocks, "num_blocks": self.kv.num_blocks,
-               "num_cached_blocks": self.kv.num_cached_blocks}
+               "num_cached_blocks": self.kv.num_cached_blocks, "num_evicted_blocks": self.kv.num_evicted_blocks}
         out.update({f"num_{k}": v for k, v in self.counts.items()})
         out["tenants"] = {t.tenant_id: {"num_waiting": len(t.queue), "num_served_tokens": t.num_served_tokens,
                                         "virtual_counter": t.counter, "weight": t.weight}

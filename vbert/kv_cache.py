@@ -91,8 +91,8 @@ class PagedKVCache:
         self._hash_of: dict[int, bytes] = {}
         self._by_hash: dict[bytes, int] = {}
         self._released: OrderedDict[int, None] = OrderedDict()
-        self._chains: dict[Hashable, tuple[bytes, list[bytes]]] = {}   # seq -> (salt, hashes of its first blocks)
-        self.prefix_counts = {"queried_tokens": 0, "hit_tokens": 0, "evicted_blocks": 0}
+        self._chains: dict[Hashable, tuple[bytes, list[bytes]]] = {}   # seq -> (root hash, hashes of its blocks)
+        self.num_evicted_blocks = 0                                       # registered blocks reused for others
 
     # -- accounting -------------------------------------------------------------------------
     @property
@@ -195,8 +195,6 @@ class PagedKVCache:
             previous = h
         self._tables[seq_id] = table
         self._chains[seq_id] = (root, hashes)
-        self.prefix_counts["queried_tokens"] += len(tokens)
-        self.prefix_counts["hit_tokens"] += len(table) * bs
         return len(table) * bs
 
     def commit(self, seq_id: Hashable, tokens: Sequence[int], num_computed: int) -> int:
@@ -235,7 +233,7 @@ class PagedKVCache:
         h = self._hash_of.pop(block)
         if self._by_hash.get(h) == block:
             del self._by_hash[h]
-        self.prefix_counts["evicted_blocks"] += 1
+        self.num_evicted_blocks += 1
         return block
 
     # -- slots, write, read -----------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_released_blocks_stay_cached_and_free_then_are_evicted_tail_first():
     kv.free("a")
     assert kv.num_free_blocks == 8 and kv.num_cached_blocks == 4    # free for allocation, contents kept
     kv.allocate("x", 4 * 5)                                         # 4 never-used blocks + 1 eviction
-    assert kv.num_cached_blocks == 3
+    assert kv.num_cached_blocks == 3 and kv.num_evicted_blocks == 1
     assert kv.match_prefix("b", TOKENS[:16][:-1], b"t1") == 12      # a's last block went first
     kv.free("b")
     kv.free("x")
