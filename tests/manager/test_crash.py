@@ -19,7 +19,7 @@ from manager.manager import Manager, ManagerConfig
 from vbert import BackboneConfig, EncodeRow, ModelConfig, MultiTenantModel, PoolConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-KILLS_PER_MODE = 6
+KILLS_PER_MODE = 4
 
 
 def run_and_kill(backbone, data_dir, log, mode, seed, rng) -> None:
