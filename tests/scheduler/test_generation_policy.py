@@ -345,3 +345,33 @@ def test_a_follow_up_turn_reuses_the_blocks_of_the_previous_answer():
     turn2 = preq(1, turn1.prompt_ids + turn1.output_ids + [300, 301, 302], 2)   # the conversation so far, then more
     finish(s, turn2)
     assert turn2.metadata["num_cached_tokens"] == 20           # 13 + 7 computed tokens: 5 blocks, answer included
+
+
+def test_random_admissions_cancellations_and_preemptions_keep_the_blocks_consistent():
+    import random
+
+    from tests.vbert.test_prefix_cache import check_invariants
+
+    rng = random.Random(11)
+    s = GenerationScheduler(GenerationSchedulerConfig(max_tokens_per_step=24, max_running=6), kv(16))
+    prefixes = [list(range(500 * p, 500 * p + 10)) for p in range(3)]
+    sent = []
+    for step in range(400):
+        if step < 300 and rng.random() < 0.5:
+            prompt = rng.choice(prefixes)[:rng.randint(3, 10)] + [rng.randrange(1, 40) for _ in range(rng.randint(1, 6))]
+            r = preq(rng.randrange(3), prompt, rng.randint(1, 12), adapter=rng.choice([None, None, 2]))
+            s.add(r)
+            sent.append(r)
+        if sent and rng.random() < 0.1:
+            s.cancel(rng.choice(sent).request_id)
+        run_step(s)
+        check_invariants(s.kv)
+    for _ in range(300):
+        if not s.has_work:
+            break
+        run_step(s)
+        check_invariants(s.kv)
+    assert not s.has_work and s.kv.num_free_blocks == 16
+    done = [r for r in sent if r.status is RequestStatus.FINISHED]
+    assert all(len(r.output_ids) == r.max_new_tokens for r in done) and len(done) > len(sent) // 2
+    assert s.counts["preempted"] > 0 and s.counts["prefix_hit_tokens"] > 0 and s.counts["cancelled"] > 0

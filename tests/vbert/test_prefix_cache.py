@@ -117,3 +117,54 @@ def test_clearing_forgets_every_registered_block_and_keeps_the_held_ones():
     kv.free("c")
     kv.allocate("all", 4 * 8)
     assert sorted(kv.block_table("all")) == list(range(8))           # every block handed out exactly once
+
+
+def check_invariants(kv: PagedKVCache) -> None:
+    """Every block is in exactly one place (never-registered free, released-but-cached, or held), its reference
+    count is the number of tables holding it, and the hash maps agree."""
+    held: dict[int, int] = {}
+    for table in kv._tables.values():
+        for b in table:
+            held[b] = held.get(b, 0) + 1
+    free, released = set(kv._free), set(kv._released)
+    assert len(free) == len(kv._free) and not free & released and not (free | released) & set(held)
+    assert free | released | set(held) == set(range(kv.num_blocks))
+    assert all(kv._refs[b] == held.get(b, 0) for b in range(kv.num_blocks))
+    assert all(b in kv._hash_of for b in released)
+    assert all(kv._hash_of[b] == h for h, b in kv._by_hash.items())
+    assert kv.num_free_blocks + len(held) == kv.num_blocks
+
+
+def test_random_sequences_keep_the_invariants():
+    import random
+
+    rng = random.Random(5)
+    kv = cache(num_blocks=24)
+    prefixes = [list(range(1000 * p, 1000 * p + 12)) for p in range(3)]
+    live: dict[int, list[int]] = {}
+    hits = 0
+    for step in range(2000):
+        op = rng.random()
+        if op < 0.4 and len(live) < 8:
+            seq = step
+            tokens = rng.choice(prefixes)[:rng.randint(4, 12)] + [rng.randrange(50) for _ in range(rng.randint(1, 9))]
+            hits += kv.match_prefix(seq, tokens[:-1], rng.choice([b"t1", b"t2"]))
+            if kv.num_blocks_needed(seq, len(tokens)) > kv.num_free_blocks:
+                kv.free(seq)
+            else:
+                kv.allocate(seq, len(tokens))
+                kv.commit(seq, tokens, rng.randint(0, len(tokens)))
+                live[seq] = tokens
+        elif op < 0.7 and live:
+            seq = rng.choice(list(live))
+            grown = live[seq] + [rng.randrange(50) for _ in range(rng.randint(1, 5))]
+            if kv.num_blocks_needed(seq, len(grown)) <= kv.num_free_blocks:
+                kv.allocate(seq, len(grown))
+                kv.commit(seq, grown, len(grown))
+                live[seq] = grown
+        elif live:
+            seq = rng.choice(list(live))
+            del live[seq]
+            kv.free(seq)
+        check_invariants(kv)
+    assert kv.num_evicted_blocks > 0 and kv.num_cached_blocks > 0 and hits > 0
