@@ -206,12 +206,13 @@ def summarize(results: list, arrivals: list[float], mode: str, rate: float | Non
 # -- our engine -------------------------------------------------------------------------------------
 def run_engine(backbone, adapters, items: list[Item], mode: str, max_running: int, max_tokens_per_step: int,
                rate: float | None, desc: str = "", use_adapters: bool = True,
-               prefix_caching: bool = True) -> tuple[dict, list]:
+               prefix_caching: bool = True, cold: bool = True) -> tuple[dict, list]:
     """Submit items (Poisson arrivals at `rate`/s scaled from their unit gaps; None = all at t=0) to a fresh
-    engine on a cold prefix cache; latency counts from the scheduled arrival. Returns (summary, results in
-    item order)."""
+    engine on a cold prefix cache (cold=False: keeping the blocks earlier runs registered); latency counts from
+    the scheduled arrival. Returns (summary, results in item order)."""
     rows: list[int] = []
-    backbone.kv.clear_prefix_cache()               # every run starts cold: no blocks registered by an earlier one
+    if cold:
+        backbone.kv.clear_prefix_cache()           # no blocks registered by an earlier run
     engine = GenerationEngine(
         GenerationEngineConfig(),
         GenerationSchedulerConfig(max_tokens_per_step=max_tokens_per_step, max_running=max_running, mode=mode,

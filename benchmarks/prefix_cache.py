@@ -15,6 +15,9 @@ drawn uniformly, --max-new-tokens tokens each (greedy, EOS ignored). Scenarios:
   same round (time to first token and end-to-end latency, p50 / p99);
 - control: the generation benchmark's prompts (1-3 real sentences, nothing shared beyond chance), offline:
   what looking up and registering blocks costs when nothing is reused.
+- chat: every conversation's first turn (offline, cold cache), then its second turn: the first turn, the
+  model's answer and a follow-up question ("And this one? " and a short real sentence) through the chat
+  template, all at t = 0 on the cache the first turns left: what a conversation's history saves.
 
 Every scenario runs both contenders in each of --rounds rounds (the control, which is short and whose ratio is
 small, --control-rounds), the order alternating, each run on a fresh engine over a cold cache
@@ -55,7 +58,7 @@ FULL = dict(num_requests=48, tenants=4, system_tokens=256, max_new_tokens=16, ro
             rate_fraction=0.7)
 QUICK = dict(num_requests=16, tenants=2, system_tokens=60, max_new_tokens=4, rounds=1, control_rounds=1,
              rate_fraction=0.7)
-SCENARIOS = ("offline", "open_loop", "control")
+SCENARIOS = ("offline", "open_loop", "control", "chat")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,21 +114,44 @@ def system_prompt(sentences: list[str], tokenizer, tokens: int, rng: random.Rand
 
 
 def shared_prefix_workload(backbone, num: int, tenants: int, system_tokens: int, max_new: int,
-                           seed: int) -> tuple[list[Item], list[int]]:
-    rng = random.Random(seed)
+                           seed: int) -> tuple[list[Item], list[int], list[list[tuple[str, str]]]]:
+    """(items, each tenant's system prompt length in tokens, each item's chat so far and its follow-up question)."""
+    rng, follow_rng = random.Random(seed), random.Random(seed + 1)   # follow-ups do not change the first turns
     sentences = [s for s in load_sentences() if 40 <= len(s) <= 400]
-    systems = [system_prompt(sentences, backbone.tokenizer, system_tokens, rng) for _ in range(tenants)]
-    items = []
-    limit = backbone.spec.max_position_embeddings - max_new
-    while len(items) < num:
+    short = [s for s in sentences if len(s) <= 120]
+    context = backbone.spec.max_position_embeddings
+    examples = sentences if context >= 2048 else short      # a small test model: short examples and questions
+    systems = [system_prompt(examples, backbone.tokenizer, system_tokens, rng) for _ in range(tenants)]
+    items, chats = [], []
+    limit = context - max_new
+    for attempt in range(100 * num):
+        if len(items) == num:
+            break
         tenant = rng.randrange(tenants)
-        chat = backbone.render_chat([("system", systems[tenant]), ("user", rng.choice(sentences))])
-        ids = backbone.tokenize_prompt(chat, 1 << 20, False, is_chat=True)
-        if len(ids) <= limit:                       # a small test model's context: draw another sentence
+        chat = [("system", systems[tenant]), ("user", rng.choice(examples)),
+                ("user", "And this one? " + follow_rng.choice(short))]
+        ids = backbone.tokenize_prompt(backbone.render_chat(chat[:2]), 1 << 20, False, is_chat=True)
+        follow = backbone.tokenize_prompt(backbone.render_chat(chat), 1 << 20, False, is_chat=True)
+        if len(ids) <= limit and len(follow) + 2 * max_new + 16 <= limit:   # the answer, its template: a small model draws again
             items.append(Item(len(items), tenant, tuple(ids), max_new, rng.expovariate(1.0)))
+            chats.append(chat)
+    else:
+        raise SystemExit(f"only {len(items)} of {num} conversations fit the model's context of {context} tokens: "
+                         f"lower --system-tokens or --max-new-tokens")
     system_ids = [len(backbone.tokenize_prompt(backbone.render_chat([("system", s), ("user", "x")]), 4096, False,
                                                is_chat=True)) for s in systems]
-    return items, system_ids
+    return items, system_ids, chats
+
+
+def second_turns(backbone, items: list[Item], chats, answers: list[tuple[int, ...]]) -> list[Item]:
+    """Each conversation's next request: the first turn, the model's answer to it, then the follow-up question."""
+    out = []
+    for it, chat, answer in zip(items, chats, answers):
+        text = backbone.tokenizer.decode(list(answer), skip_special_tokens=True)
+        msgs = chat[:2] + [("assistant", text), chat[2]]
+        ids = backbone.tokenize_prompt(backbone.render_chat(msgs), 1 << 20, False, is_chat=True)
+        out.append(Item(it.index, it.tenant, tuple(ids), it.max_new_tokens, it.gap))
+    return out
 
 
 def median(values) -> float | None:
@@ -171,12 +197,12 @@ def main(argv=None) -> int:
     model_path = a.model
     if a.quick and model_path is None:
         from tests.decoder_models import write_tiny_decoder_checkpoint
-        model_path = str(write_tiny_decoder_checkpoint(Path(tmp.name) / "tiny-decoder", seed=a.seed))
+        model_path = str(write_tiny_decoder_checkpoint(Path(tmp.name) / "tiny-decoder", seed=a.seed, max_positions=1024))
     backbone = DecoderBackbone.load(DecoderBackboneConfig(path=model_path, cache_dir=a.cache_dir,
                                                           kv_cache_bytes=a.kv_cache_mb * 1024 ** 2, block_size=16,
                                                           num_lora_slots=a.tenants, max_lora_rank=a.lora_rank), device)
-    items, system_lens = shared_prefix_workload(backbone, a.num_requests, a.tenants, a.system_tokens,
-                                                a.max_new_tokens, a.seed)
+    items, system_lens, chats = shared_prefix_workload(backbone, a.num_requests, a.tenants, a.system_tokens,
+                                                       a.max_new_tokens, a.seed)
     control = make_workload(backbone.tokenizer, a.num_requests, a.tenants, a.seed, mean_output=a.max_new_tokens,
                             max_output=a.max_new_tokens)
     control = [Item(it.index, it.tenant, it.prompt_ids, a.max_new_tokens, it.gap) for it in control]
@@ -201,17 +227,26 @@ def main(argv=None) -> int:
     def save() -> None:
         out_path.write_text(json.dumps(result, indent=2, default=str))
 
-    def run(its, rate, caching, desc):
+    def run(its, rate, caching, desc, cold=True):
         with BookkeepingTimer(backbone.kv) as timer:
             summary, results = run_engine(backbone, adapters, its, "iteration", a.max_running, a.max_tokens_per_step,
-                                          rate, desc, prefix_caching=caching)
+                                          rate, desc, prefix_caching=caching, cold=cold)
         summary.update(prefix_bookkeeping_s=timer.seconds, prefix_bookkeeping_calls=timer.calls,
                        prefix_bookkeeping_share=timer.seconds / summary["seconds"])
         return summary, results
 
+    def chat_turns(caching, desc):
+        """The first turns (all at t = 0, cold cache), then every conversation's second turn (all at t = 0, the
+        cache as the first turns left it): the second turn's summary, with the first's under "turn1"."""
+        first, answers = run(items, None, caching, desc + " turn 1")
+        second, results = run(second_turns(backbone, items, chats, [r.token_ids for r in answers]), None, caching,
+                              desc + " turn 2", cold=False)
+        second["turn1"] = first
+        return second, results
+
     run(items[:2], None, True, "warm-up")
     offline_off: list[float] = []
-    for name, its in (("offline", items), ("open_loop", items), ("control", control)):
+    for name, its in (("offline", items), ("open_loop", items), ("control", control), ("chat", items)):
         if name not in a.scenarios:
             continue
         runs = []
@@ -223,7 +258,8 @@ def main(argv=None) -> int:
             got, tokens = {}, {}
             for caching in order:
                 key = "on" if caching else "off"
-                summary, results = run(its, rate, caching, f"{name} round {rnd + 1} cache {key}")
+                desc = f"{name} round {rnd + 1} cache {key}"
+                summary, results = chat_turns(caching, desc) if name == "chat" else run(its, rate, caching, desc)
                 got[key], tokens[key] = summary, [r.token_ids for r in results]
             if name == "offline":
                 offline_off.append(got["off"]["throughput_rps"])

@@ -1,5 +1,6 @@
 """benchmarks/prefix_cache.py --quick: a tiny random decoder end to end; every scenario has both contenders,
-the cache-on runs reuse the shared system prompts (the control shares nothing), the tokens agree, the PNG exists."""
+the cache-on runs reuse the shared system prompts (the control shares nothing, a chat's second turn reuses its
+first), the tokens agree, the PNG exists."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ def test_prefix_cache_benchmark_quick(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["partial"] is False and set(result["scenarios"]) == {"offline", "open_loop", "control"}
+    assert result["partial"] is False and set(result["scenarios"]) == {"offline", "open_loop", "control", "chat"}
     for name, sc in result["scenarios"].items():
         for run in sc["runs"]:
             assert run["off"]["cached_prompt_tokens"] == 0 and run["on"]["num_requests"] == 16
@@ -32,5 +33,8 @@ def test_prefix_cache_benchmark_quick(tmp_path):
     assert result["scenarios"]["offline"]["cached_share_of_prompt_tokens"] > 0.2       # the system prompts
     assert result["scenarios"]["offline"]["prefill_tokens_on_over_off"] < 0.8
     assert result["scenarios"]["control"]["cached_share_of_prompt_tokens"] < 0.05
+    chat = result["scenarios"]["chat"]                 # the second turns reuse the first turn and its answer too
+    assert chat["cached_share_of_prompt_tokens"] > result["scenarios"]["offline"]["cached_share_of_prompt_tokens"]
+    assert chat["runs"][0]["on"]["turn1"]["num_requests"] == 16
     assert result["scenarios"]["open_loop"]["runs"][0]["rate"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
