@@ -60,14 +60,13 @@ class KVBlocks(Protocol):
 
     num_blocks: int
     block_size: int
+    num_evicted_blocks: int
 
     @property
     def num_free_blocks(self) -> int: ...
 
     @property
     def num_cached_blocks(self) -> int: ...
-
-    num_evicted_blocks: int
 
     def blocks_for(self, num_tokens: int) -> int: ...
 
@@ -270,7 +269,7 @@ class GenerationScheduler:
             before, bs = req.num_computed_tokens, self.kv.block_size
             req.num_computed_tokens += row.num_tokens
             if self.config.prefix_caching and req.num_computed_tokens // bs > before // bs:   # filled a block
-                self.kv.commit(req.request_id, req.prompt_ids + req.output_ids, req.num_computed_tokens)
+                self.kv.commit(req.request_id, req.all_token_ids(), req.num_computed_tokens)
             token = result.new_token_id
             if token is None:
                 continue
@@ -356,8 +355,7 @@ class GenerationScheduler:
             queried = hit = 0
             if self.config.prefix_caching and not self.kv.has_sequence(req.request_id):
                 queried = req.num_tokens - 1            # the last token is computed, for its logits
-                hit = self.kv.match_prefix(req.request_id, (req.prompt_ids + req.output_ids)[:queried],
-                                           self._salt(req))
+                hit = self.kv.match_prefix(req.request_id, req.all_token_ids()[:queried], self._salt(req))
                 req.num_computed_tokens = hit
             num = min(req.tokens_to_compute(), budget)
             reserve = len(req.prompt_ids) + req.max_new_tokens if is_static else req.num_computed_tokens + num

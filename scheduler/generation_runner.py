@@ -14,7 +14,7 @@ from vbert.kv_cache import PagedKVCache
 from vbert.sampling import SamplingParams, sample
 
 from .generation_policy import GenerationBatch
-from .types import Request, RowResult, StepOutput
+from .types import RowResult, StepOutput
 
 
 class AdapterSlots(Protocol):
@@ -23,10 +23,6 @@ class AdapterSlots(Protocol):
     pool: object
 
     def resolve(self, adapter_ids: Sequence[int]) -> list[int]: ...
-
-
-def all_tokens(req: Request) -> list[int]:
-    return req.prompt_ids + req.output_ids
 
 
 class GenerationRunner:
@@ -49,7 +45,7 @@ class GenerationRunner:
         seqs: list[StepSequence] = []
         for row in batch.rows:
             req, start = row.request, row.request.num_computed_tokens
-            tokens += all_tokens(req)[start:start + row.num_tokens]
+            tokens += req.all_token_ids()[start:start + row.num_tokens]
             seqs.append(StepSequence(req.request_id, start, row.num_tokens, slots.get(req.adapter_id, 0)))
         input_ids = torch.tensor(tokens, dtype=torch.long)                       # [num_tokens]
         logits = self.model.forward(input_ids, None, seqs, self.kv, self.lora)   # [num_rows, vocab]

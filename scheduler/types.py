@@ -74,6 +74,10 @@ class Request:
     def is_generative(self) -> bool:
         return self.max_new_tokens > 0
 
+    def all_token_ids(self) -> list[int]:
+        """The prompt then the generated tokens: position p's token (a new list)."""
+        return self.prompt_ids + self.output_ids
+
     def tokens_to_compute(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
