@@ -30,7 +30,11 @@ def _check_axis(name: str, values: Sequence[float]) -> tuple[float, ...]:
 
 def _bracket(axis: tuple[float, ...], x: float) -> tuple[int, float]:
     """(i, t): x lies at axis[i] + t * (axis[i+1] - axis[i]); t < 0 or > 1 extrapolates."""
-    i = min(max(bisect.bisect_right(axis, x) - 1, 0), len(axis) - 2)
+    i = bisect.bisect_right(axis, x) - 1
+    if i < 0:
+        i = 0
+    elif i > len(axis) - 2:
+        i = len(axis) - 2
     return i, (x - axis[i]) / (axis[i + 1] - axis[i])
 
 
@@ -46,10 +50,11 @@ class Curve:
         if len(self.seconds) != len(self.x) or any(not s > 0 for s in self.seconds):
             raise ValueError(f"a curve needs one positive latency per grid point ({len(self.x)}), got {self.seconds}")
         object.__setattr__(self, "seconds", tuple(float(s) for s in self.seconds))
+        object.__setattr__(self, "_floor", min(self.seconds))
 
     def __call__(self, x: float) -> float:
         i, t = _bracket(self.x, x)
-        return max(min(self.seconds), self.seconds[i] + t * (self.seconds[i + 1] - self.seconds[i]))
+        return max(self._floor, self.seconds[i] + t * (self.seconds[i + 1] - self.seconds[i]))
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class Grid:
         if len(rows) != len(self.a) or any(len(r) != len(self.b) for r in rows) or any(not s > 0 for r in rows for s in r):
             raise ValueError(f"a grid needs {len(self.a)} x {len(self.b)} positive latencies")
         object.__setattr__(self, "seconds", rows)
+        object.__setattr__(self, "_floor", min(min(r) for r in rows))
 
     def __call__(self, a: float, b: float) -> float:
         i, s = _bracket(self.a, a)
@@ -74,7 +80,7 @@ class Grid:
         g = self.seconds
         lo = g[i][j] + t * (g[i][j + 1] - g[i][j])
         hi = g[i + 1][j] + t * (g[i + 1][j + 1] - g[i + 1][j])
-        return max(min(min(r) for r in g), lo + s * (hi - lo))
+        return max(self._floor, lo + s * (hi - lo))
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ class EngineLimits:
         object.__setattr__(self, "step_noise_s", pools)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Req:
     arrival: float
     tenant: int
@@ -272,14 +272,12 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
             r.sizer = StepSizer(limits.step_target_s, limits.max_tokens)
             r.demand = Demand(limits.recent_window_s)
     reqs: list[_Req] = []
-    events: list[tuple[float, int, int, object]] = []   # (time, order, kind, payload): 0 arrival, 1 step end
-    order = 0
     for t, k in arrival_list:
         tenant = tenants[k]
-        req = _Req(t, k, tenant.tokens, tenant.output_tokens, tenant.slo_s)
-        reqs.append(req)
-        heapq.heappush(events, (t, order, 0, req))
-        order += 1
+        reqs.append(_Req(t, k, tenant.tokens, tenant.output_tokens, tenant.slo_s))
+    incoming = sorted(reqs, key=lambda r: r.arrival)        # stable: ties keep their order in the list
+    events: list[tuple[float, int, object]] = []   # step ends: (time, order, (device, version)); an arrival at the
+    order = 0                                      # same time as a step end comes first
     dropped = 0
     noise = random.Random(limits.seed) if limits.step_noise_s else None
 
@@ -290,9 +288,10 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
     def step_of(rep: _Replica, now: float):
         """The replica's next step: (seconds, requests it finishes), or None when it has no work."""
         nonlocal dropped
-        for tenant in list(rep.queues):          # deadlines: drop what waited too long
+        drop = limits.drop_after_slo              # deadlines: drop what waited too long (queues are never empty)
+        for tenant in [t for t, q in rep.queues.items() if now - q[0].arrival > drop * q[0].slo_s]:
             q = rep.queues[tenant]
-            while q and now - q[0].arrival > limits.drop_after_slo * q[0].slo_s:
+            while q and now - q[0].arrival > drop * q[0].slo_s:
                 q.popleft()
                 rep.outstanding -= 1
                 dropped += 1
@@ -351,7 +350,7 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
         dev.version += 1
         dev.planned = True
         end = dev.since + dev.left * dev.step[2] / dev.speed
-        heapq.heappush(events, (end, order, 1, (dev, dev.version)))
+        heapq.heappush(events, (end, order, (dev, dev.version)))
         order += 1
 
     def reshare(now: float) -> None:
@@ -400,25 +399,32 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
         if shared_host:
             reshare(now)
 
-    while events:
-        now, _, kind, payload = heapq.heappop(events)
-        if kind == 0:
-            req = payload
-            candidates = by_backbone.get(tenants[req.tenant].backbone)
-            if not candidates:
+    served = []         # per tenant: its backbone's replicas, or None when its requests count as missed (no replica;
+    for tenant in tenants:                # a decoder's request that could never fit its KV cache is refused at add())
+        candidates = by_backbone.get(tenant.backbone) or None
+        kv = candidates[0].profile.kv_tokens if candidates and candidates[0].profile.kind == "decoder" else 0
+        served.append(None if kv and tenant.tokens + tenant.output_tokens > kv else candidates)
+    nxt, total = 0, len(incoming)
+    while nxt < total or events:
+        if nxt < total and (not events or incoming[nxt].arrival <= events[0][0]):
+            req = incoming[nxt]
+            nxt += 1
+            now = req.arrival
+            candidates = served[req.tenant]
+            if candidates is None:
                 continue
-            if candidates[0].profile.kind == "decoder" and candidates[0].profile.kv_tokens and \
-                    req.tokens + req.output_tokens > candidates[0].profile.kv_tokens:
-                continue                    # refused at add(): it could never fit the KV cache (counts as missed)
             if windows is not None:
                 candidates = [r for r in candidates if windows[r.index][0] <= now < windows[r.index][1]] or candidates
-            rep = min(candidates, key=lambda r: r.outstanding)
+            rep = candidates[0]
+            for other in candidates:
+                if other.outstanding < rep.outstanding:
+                    rep = other                 # the least outstanding work, the first of equals
             rep.add(req)
             if rep.demand is not None:
                 rep.demand.add(req.tenant, req.tokens, now)
             kick(rep.device, now)
         else:
-            dev, version = payload
+            now, _, (dev, version) = heapq.heappop(events)
             if dev.step is None or version != dev.version:
                 continue                # rescheduled: its speed changed since this end was planned
             end_step(dev, now)
