@@ -26,6 +26,7 @@ from .admission import AdmissionConfig
 ENV_PREFIX = "VBERT_"
 BACKBONE_NAMES = ("encoder", "decoder")
 REPLICA_ROUTINGS = ("adapter", "any")
+DECODER_ROUTINGS = ("prefix", "adapter", "any")   # prefix: adapter's replicas, then the longest cached prompt prefix
 
 
 AUTOSCALE_POLICIES = ("off", "predictive", "reactive")
@@ -101,7 +102,10 @@ class ScaleOutConfig:
     cpus: float = 1.0
     max_adapters: int = 64
     object_store_bytes: int = 512 << 20
-    routing: str = "adapter"
+    routing: str = "adapter"            # REPLICA_ROUTINGS; a decoder's also "prefix" (dispatcher/prefix_router.py)
+    prefix_slack: int = 4               # routing "prefix": requests in flight a replica may have beyond the least loaded
+    prefix_block_size: int = 16         # ... hashing the prompt in the replicas' KV cache blocks
+    prefix_sharing: str = "tenant"      # ... salted as the replicas' prefix cache is (generation_prefix_sharing)
     max_ongoing_requests: int = 1024    # calls one replica takes at once (our engine batches them)
     retry_after_s: float = 1.0          # the hint sent with UNAVAILABLE when no replica answered
     app_name: str = "vbert-encoder"
@@ -117,8 +121,12 @@ class ScaleOutConfig:
                                                <= self.autoscale.max_replicas):
             raise ValueError(f"replicas ({self.num_replicas}, the initial count) must lie within min_replicas "
                              f"({self.autoscale.min_replicas}) and max_replicas ({self.autoscale.max_replicas})")
-        if self.routing not in REPLICA_ROUTINGS:
-            raise ValueError(f"routing {self.routing!r} is not one of {REPLICA_ROUTINGS}")
+        if self.routing not in DECODER_ROUTINGS:
+            raise ValueError(f"routing {self.routing!r} is not one of {DECODER_ROUTINGS}")
+        if self.prefix_slack < 0 or self.prefix_block_size < 1 or self.prefix_sharing not in PREFIX_SHARING:
+            raise ValueError(f"prefix_slack must be >= 0, prefix_block_size >= 1 and prefix_sharing one of "
+                             f"{PREFIX_SHARING}; got {self.prefix_slack}, {self.prefix_block_size}, "
+                             f"{self.prefix_sharing!r}")
         if self.max_adapters < 1 or self.max_ongoing_requests < 1:
             raise ValueError("max_adapters and max_ongoing_requests must be >= 1")
         if self.cpus < 0 or self.retry_after_s <= 0 or self.object_store_bytes < 1:
@@ -214,8 +222,11 @@ class ServerConfig:
     replica_cpus: float = 1.0            # CPUs Ray reserves for each replica (placement)
     replica_adapters: int = 64           # adapters a replica keeps loaded (Ray's multiplexed LRU)
     ray_object_store_mb: int = 512       # a local cluster's object store (adapter files travel through it)
-    replica_routing: str = "adapter"     # adapter (multiplexed: a tenant's requests go where its adapter is) | any
+    replica_routing: str = "adapter"     # the encoder's: adapter (multiplexed: where its adapter is loaded) | any
     decoder_replicas: int = 0            # 0: generation runs in this process; N: N decoder replicas on Ray Serve
+    decoder_routing: str = "prefix"      # prefix (where the adapter is, then where the prompt's prefix is cached) |
+                                         # adapter | any
+    decoder_routing_slack: int = 4       # prefix: requests in flight the chosen replica may have beyond the least loaded
     decoder_max_replicas: int = 0        # > decoder_replicas: scaled by streams in flight (0: fixed)
     decoder_min_replicas: int = 1
     decoder_target_streams: float = 16.0   # streams per decoder replica the scaling aims for (Ray's policy or ours)
@@ -277,6 +288,10 @@ class ServerConfig:
             raise ValueError(f"replica_cpus must be >= 0, got {self.replica_cpus}")
         if self.replica_routing not in REPLICA_ROUTINGS:
             raise ValueError(f"replica_routing {self.replica_routing!r} is not one of {REPLICA_ROUTINGS}")
+        if self.decoder_routing not in DECODER_ROUTINGS:
+            raise ValueError(f"decoder_routing {self.decoder_routing!r} is not one of {DECODER_ROUTINGS}")
+        if self.decoder_routing_slack < 0:
+            raise ValueError(f"decoder_routing_slack must be >= 0, got {self.decoder_routing_slack}")
         if self.autoscale not in AUTOSCALE_POLICIES:
             raise ValueError(f"autoscale {self.autoscale!r} is not one of {AUTOSCALE_POLICIES}")
         if self.autoscale != "off" and not self.replicas:
@@ -407,12 +422,15 @@ class ServerConfig:
 
     def decoder_scaleout_config(self) -> ScaleOutConfig | None:
         """None: generation runs in this process. Decoder replicas share the encoder replicas' settings (address,
-        CPUs, threads, adapters held, routing); with decoder_max_replicas Ray scales them by streams in flight."""
+        CPUs, threads, adapters held) and route by decoder_routing; with decoder_max_replicas Ray scales them by
+        streams in flight."""
         if not self.decoder_replicas:
             return None
         return ScaleOutConfig(self.decoder_replicas, address=self.ray_address.strip(), cpus=self.replica_cpus,
                               max_adapters=self.replica_adapters, object_store_bytes=self.ray_object_store_mb << 20,
-                              routing=self.replica_routing, app_name="vbert-decoder", local_cpus=self._cluster_cpus(),
+                              routing=self.decoder_routing, prefix_slack=self.decoder_routing_slack,
+                              prefix_block_size=self.decoder_block_size, prefix_sharing=self.generation_prefix_sharing,
+                              app_name="vbert-decoder", local_cpus=self._cluster_cpus(),
                               streams=self._stream_scaling(), autoscale=self.decoder_autoscale_config(),
                               metrics_push_s=self._metrics_push_s())
 

@@ -307,6 +307,20 @@ def _scaling(scaleout) -> dict:
     return {"num_replicas": scaleout.num_replicas}
 
 
+def _router(scaleout) -> dict:
+    """routing "prefix" (decoders): our request router (dispatcher/prefix_router.py); else Ray's default."""
+    if scaleout.routing != "prefix":
+        return {}
+    from ray.serve.config import RequestRouterConfig
+
+    from .prefix_router import PrefixAffinityRouter
+
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class=PrefixAffinityRouter,
+        request_router_kwargs={"block_size": scaleout.prefix_block_size, "slack": scaleout.prefix_slack,
+                               "sharing": scaleout.prefix_sharing})}
+
+
 def deployment(scaleout, server_config):
     """The Ray Serve deployment of EncoderReplica for a ScaleOutConfig, bound to the ServerConfig it loads."""
     return _deployment(EncoderReplica, scaleout, server_config)
@@ -316,7 +330,7 @@ def _deployment(cls, scaleout, server_config):
     """cls (a replica class) as a Ray Serve deployment named after it: multiplexed adapters, its scaling, health
     checks and drain, bound to the ServerConfig it loads."""
     return serve.deployment(
-        _multiplexed(cls, scaleout.max_adapters), name=cls.__name__, **_scaling(scaleout),
+        _multiplexed(cls, scaleout.max_adapters), name=cls.__name__, **_scaling(scaleout), **_router(scaleout),
         max_ongoing_requests=scaleout.max_ongoing_requests,
         ray_actor_options={"num_cpus": scaleout.cpus},
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=30,

@@ -1,8 +1,9 @@
 """Generation on Ray Serve decoder replicas (decoder_replicas = 2), on a real local Ray cluster: the gRPC edge and the
 OpenAI-compatible API in front, a tiny random decoder with a PEFT LoRA adapter. Greedy tokens equal the single-process
 server's on the same checkpoint and adapter, through gRPC and the OpenAI API; a replica's full queue refuses a
-stream before its first token; a client leaving a stream frees the request's KV blocks on the replica; a replica killed with SIGKILL costs
-only the requests it held (UNAVAILABLE), later ones are served by the others.
+stream before its first token; a client leaving a stream frees the request's KV blocks on the replica; a repeated prompt
+goes to the replica that cached its prefix; a replica killed with SIGKILL costs only the requests it held
+(UNAVAILABLE), later ones are served by the others.
 
 One Ray cluster for the module (RAY_ADDRESS cleared, dashboard off), shut down by the server's drain."""
 from __future__ import annotations
@@ -119,6 +120,21 @@ def test_generation_through_two_decoder_replicas_equals_one_process(cluster, ref
     assert out.usage.completion_tokens == 8
     assert out.choices[0].text == s.app.decoder.tokenizer.decode(reference[("writer", PROMPTS[1])],
                                                                  skip_special_tokens=True)
+
+
+def test_a_repeated_prompt_goes_to_the_replica_that_cached_its_prefix(cluster):
+    """decoder_routing = "prefix" (the default): one prompt sent five times, one after another, runs on one replica,
+    and from the second time on its prompt's full blocks come from that replica's prefix cache. (Ray's default choice
+    between two idle replicas would put all five on one with probability 1/16.)"""
+    s = cluster
+    prompt = " ".join(["the liver biopsy showed"] * 6)
+    before = s.app.generation.stats.rows_per_replica.copy()
+    finals = [list(stream(s, "default", prompt, n=4))[-1] for _ in range(5)]
+    after = s.app.generation.stats.rows_per_replica
+    assert sorted(after[p] - before.get(p, 0) for p in after if after[p] > before.get(p, 0)) == [5], (before, after)
+    n = finals[0].usage.prompt_tokens
+    assert n > 12 and finals[0].usage.cached_prompt_tokens == 0
+    assert [f.usage.cached_prompt_tokens for f in finals[1:]] == [(n - 1) // 4 * 4] * 4   # blocks of 4 tokens
 
 
 def test_pinning_a_decoder_adapter_is_refused_with_decoder_replicas(cluster):

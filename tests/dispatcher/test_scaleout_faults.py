@@ -181,7 +181,17 @@ def test_scale_out_settings_are_validated_and_read_from_the_environment(tiny_che
                                             "target_ongoing_requests": 8, "upscale_delay_s": 30.0,
                                             "downscale_delay_s": 600.0}
     assert scaled.local_cpus == 4.0                                       # room for the most replicas
+    assert (scaled.routing, scaled.prefix_slack, scaled.prefix_block_size, scaled.prefix_sharing) == \
+        ("prefix", 4, 16, "tenant")                                       # the decoder's routing: prefix by default
+    routed = ServerConfig(**{**base, "backbones": "decoder", "decoder_replicas": 2, "decoder_routing": "adapter",
+                             "decoder_routing_slack": 9, "decoder_block_size": 8,
+                             "generation_prefix_sharing": "global"}).decoder_scaleout_config()
+    assert (routed.routing, routed.prefix_slack, routed.prefix_block_size, routed.prefix_sharing) == \
+        ("adapter", 9, 8, "global")
     for bad, match in (({"replicas": -1}, "replicas must be >= 0"), ({"replica_routing": "nearest"}, "replica_routing"),
+                       ({"replica_routing": "prefix"}, "replica_routing"),     # the encoder has no prefix cache
+                       ({"decoder_routing": "nearest"}, "decoder_routing"),
+                       ({"decoder_routing_slack": -1}, "decoder_routing_slack"),
                        ({"replicas": 2, "backbones": "decoder"}, "loads no encoder"),
                        ({"decoder_replicas": 2}, "loads no decoder"),
                        ({"decoder_replicas": -1, "backbones": "decoder"}, "decoder_replicas must be >= 0"),
