@@ -115,9 +115,9 @@ class OwnServer:
         from dispatcher.heap import freeze_startup_heap
         from dispatcher.server import Server
 
-        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0, data_dir=data_dir,
-                              backbones="decoder", admin_token=ADMIN, max_concurrent_rpcs=1024, log_level="WARNING",
-                              **overrides)
+        config = ServerConfig(**{**dict(host="127.0.0.1", port=0, metrics_port=0, http_port=0, data_dir=data_dir,
+                                        backbones="decoder", admin_token=ADMIN, max_concurrent_rpcs=1024,
+                                        log_level="WARNING"), **overrides})
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.app = App.create(config)
