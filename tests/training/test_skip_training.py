@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from dispatcher.cli import main
 from tests.conftest import TINY_WORDS, write_tiny_checkpoint
 from tests.training.test_train import VBERT, write_classification
 from tests.vbert.test_skip import sentences
@@ -178,9 +180,8 @@ def test_distillation_resumes_after_sigkill_to_the_same_weights(tiny_checkpoint,
     assert done.returncode == 0, done.stderr
     assert "resuming at epoch" in done.stdout
     assert read_shallow_meta(run).weights_hash == read_shallow_meta(ref).weights_hash
-    bad = subprocess.run(VBERT + args + ["--out", str(run), "--resume", "--seed", "7"], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and "other settings" in bad.stderr
+    bad = CliRunner().invoke(main, args + ["--out", str(run), "--resume", "--seed", "7"])
+    assert bad.exit_code != 0 and "other settings" in bad.output
 
 
 def test_build_table_cli(shallow, tiny_checkpoint, corpus, tmp_path):
@@ -248,22 +249,21 @@ def test_evaluate_cli_in_skip_mode(shallow, tiny_checkpoint, tmp_path):
     assert metrics["skip"]["default"]["tokens"] > 0 and metrics["skip"]["default"]["computed"] > 0
     runs = {}
     for route in ("layers", None):                   # the real lower layers: exactly the full model's scores
-        runs[route] = tmp_path / f"{route}.json"
+        runs[route] = tmp_path / f"{route}.json"     # (in-process from here: the command line was run above)
         flags = ["--skip-shallow", str(shallow[0]), "--skip-route", route] if route else []
-        done = subprocess.run(VBERT + ["evaluate", "--adapter", str(tmp_path / "a"), "--test", str(test), "--json",
-                                       str(runs[route]), "--device", "cpu", *flags], cwd=ROOT, capture_output=True,
-                              text=True)
-        assert done.returncode == 0, done.stderr
+        done = CliRunner().invoke(main, ["evaluate", "--adapter", str(tmp_path / "a"), "--test", str(test), "--json",
+                                         str(runs[route]), "--device", "cpu", *flags])
+        assert done.exit_code == 0, done.output
     on_layers, full = (json.loads(runs[r].read_text()) for r in ("layers", None))
     assert on_layers["accuracy"] == full["accuracy"] and on_layers["macro_f1"] == full["macro_f1"]
     assert on_layers["skip"]["default"]["rows_layers"] == 16 and on_layers["skip"]["default"]["tokens"] == 0
     train(TrainConfig(task="classification", train_path=str(data), out=str(tmp_path / "all-layers"),
                       backbone=str(tiny_checkpoint), adapter=AdapterConfig(kind="lora", rank=4), epochs=1,
                       show_progress=False), echo=lambda _: None)
-    low = subprocess.run(VBERT + ["evaluate", "--adapter", str(tmp_path / "all-layers"), "--test", str(test),
-                                  "--json", str(tmp_path / "x.json"), "--skip-shallow", str(shallow[0]),
-                                  "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
-    assert low.returncode == 1 and "skip mode replaces" in low.stderr and not (tmp_path / "x.json").exists()
+    low = CliRunner().invoke(main, ["evaluate", "--adapter", str(tmp_path / "all-layers"), "--test", str(test),
+                                    "--json", str(tmp_path / "x.json"), "--skip-shallow", str(shallow[0]),
+                                    "--device", "cpu"])
+    assert low.exit_code == 1 and "skip mode replaces" in low.output and not (tmp_path / "x.json").exists()
 
 
 def test_table_selection_unigrams_then_bigram_share_then_frequent_trigrams():

@@ -355,16 +355,20 @@ def test_bad_data_errors(checkpoint, data, tmp_path):
     empty.write_text("\n")
     many = tmp_path / "many.jsonl"
     many.write_text("".join(json.dumps({"text": "the gene", "label": f"L{i}"}) + "\n" for i in range(5)))
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+
     common = ["--task", "classification", "--backbone", str(checkpoint), "--epochs", "1", "--no-progress"]
-    cases = [([*VBERT, "train", "--train", str(bad)], "line 3"),
-             ([*VBERT, "train", "--train", str(empty)], "no examples"),
-             ([sys.executable, "-m", "dispatcher.cli", "train", "--train", str(many), "--max-labels", "4"],
-              "5 labels, above the head limit of 4")]
-    for i, (args, message) in enumerate(cases):
-        p = _run(args + common + ["--out", str(tmp_path / f"out{i}")], ROOT)
-        assert p.returncode != 0 and message in p.stderr, (args, p.returncode, p.stderr[-2000:])
-        assert "Traceback" not in p.stderr
-    assert not any((tmp_path / f"out{i}").exists() for i in range(len(cases)))
+    p = _run([*VBERT, "train", "--train", str(bad), *common, "--out", str(tmp_path / "out0")], ROOT)   # the real CLI
+    assert p.returncode != 0 and "line 3" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    cases = [(["--train", str(empty)], "no examples"),                  # the same command, in-process
+             (["--train", str(many), "--max-labels", "4"], "5 labels, above the head limit of 4")]
+    for i, (args, message) in enumerate(cases, 1):
+        res = CliRunner().invoke(main, ["train", *args, *common, "--out", str(tmp_path / f"out{i}")])
+        assert res.exit_code not in (0, None) and message in res.output, (args, res.exit_code, res.output[-2000:])
+        assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)   # no traceback
+    assert not any((tmp_path / f"out{i}").exists() for i in range(3))
 
 
 def test_unknown_label_at_evaluation(runs, tmp_path):
