@@ -17,9 +17,8 @@ from typing import List, Optional
 
 from ray.serve.request_router import MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
+from scheduler.generation_policy import PREFIX_SHARING
 from scheduler.prefix_routing import PrefixRouting
-
-PREFIX_SHARING = ("tenant", "global")
 
 
 def prompt_of(pending_request: PendingRequest | None) -> tuple[str, dict] | None:
@@ -92,7 +91,7 @@ class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         if self._placed.pop(internal_request_id, None) is not None:
             self._in_flight[replica_id] -= 1
-        elif self._counts_own:
+        else:                                   # finished before (or without) Ray's report that it was accepted
             _put(self._done_early, internal_request_id, True)
 
     def update_replicas(self, replicas: List[RunningReplica]):
@@ -102,6 +101,8 @@ class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
     def on_replica_actor_died(self, replica_id):
         super().on_replica_actor_died(replica_id)
         self.routing.keep_only([rid for rid in self._replicas if rid != replica_id])
+        for rid in [rid for rid, where in self._placed.items() if where == replica_id]:
+            del self._placed[rid]               # its requests end with it
         self._in_flight.pop(replica_id, None)
 
 
