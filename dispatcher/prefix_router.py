@@ -100,7 +100,7 @@ class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
 
     def on_replica_actor_died(self, replica_id):
         super().on_replica_actor_died(replica_id)
-        self.routing.keep_only([rid for rid in self._replicas if rid != replica_id])
+        self.routing.keep_only(list(self._replicas))        # Ray has dropped it from its replicas
         for rid in [rid for rid, where in self._placed.items() if where == replica_id]:
             del self._placed[rid]               # its requests end with it
         self._in_flight.pop(replica_id, None)

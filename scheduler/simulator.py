@@ -399,8 +399,10 @@ def _serve(profile, replicas, tenants, arrival_list, limits, windows=None) -> tu
         if shared_host:
             reshare(now)
 
-    served = []         # per tenant: its backbone's replicas, or None when its requests count as missed (no replica;
-    for tenant in tenants:                # a decoder's request that could never fit its KV cache is refused at add())
+    # per tenant: its backbone's replicas, or None when its requests count as missed (no replica, or a decoder's
+    # request that could never fit the KV cache: refused at add())
+    served = []
+    for tenant in tenants:
         candidates = by_backbone.get(tenant.backbone) or None
         kv = candidates[0].profile.kv_tokens if candidates and candidates[0].profile.kind == "decoder" else 0
         served.append(None if kv and tenant.tokens + tenant.output_tokens > kv else candidates)
