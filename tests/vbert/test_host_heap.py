@@ -45,6 +45,17 @@ def _faults(keep_mb: int, *command: str) -> tuple[bool, int]:
     return out[1] == "True", int(out[3])
 
 
+# The 40 MB block is 10,240 pages: with glibc's defaults each of the 12 rounds maps it anew; with the heap kept, the
+# rounds reuse it, apart from at most one more mapping of it (CI saw exactly 10,240 faults once, an allocation that
+# found the heap's top taken: the steady state still faults nothing).
+ROUND_PAGES = 10_240
+
+
+def _assert_kept_stops_the_faults(faults_kept: int, faults_default: int) -> None:
+    assert faults_default > 12 * 10_000, faults_default
+    assert faults_kept < 2 * ROUND_PAGES, (faults_kept, faults_default)
+
+
 def _has_mallopt() -> bool:
     try:
         ctypes.CDLL(None).mallopt
@@ -58,9 +69,7 @@ def test_kept_heap_stops_the_page_faults_of_repeated_activations():
     kept, faults_kept = _faults(512)
     default, faults_default = _faults(0)
     assert kept and not default
-    # glibc's defaults map the 40 MB block anew each round: 12 x 10,240 pages at least
-    assert faults_default > 12 * 10_000, faults_default
-    assert faults_kept < faults_default / 20, (faults_kept, faults_default)
+    _assert_kept_stops_the_faults(faults_kept, faults_default)
 
 
 @pytest.mark.skipif(not _has_mallopt(), reason="the C library has no mallopt (not glibc)")
@@ -81,8 +90,7 @@ def test_the_training_commands_keep_the_heap_by_default_and_their_option_turns_i
     ran, faults_kept = _faults(HOST_HEAP_KEEP_MB, *args)
     ran_off, faults_off = _faults(0, *args)
     assert ran and ran_off
-    assert faults_off > 12 * 10_000, faults_off
-    assert faults_kept < faults_off / 20, (faults_kept, faults_off)
+    _assert_kept_stops_the_faults(faults_kept, faults_off)
 
 
 def test_keep_host_heap_refuses_a_negative_size_and_zero_changes_nothing():
