@@ -138,15 +138,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @dataclass
 class _StepPlan:
     """Host-side bookkeeping of a step, computed once and used by every layer. Sequences with one new
-    token (decode) share one padded attention call; those with a chunk (prefill) attend one by one."""
+    token (decode) share one padded attention call; those with a chunk (prefill) attend one by one. K/V are
+    read whole blocks at a time: a context of T tokens attends over its ceil(T / block_size) blocks, the
+    positions past T masked out."""
 
     new_slots: torch.Tensor                 # [num_tokens] long: cache slot of each new token
     spans: list[tuple[int, int]]            # per chunk sequence: (first, end) in the flattened tokens
-    context_slots: list[torch.Tensor]       # per chunk sequence: [num_computed + num_new] slots of positions 0..
-    masks: list[torch.Tensor]               # per chunk sequence: [num_new, context] bool (causal)
+    context_blocks: list[torch.Tensor]      # per chunk sequence: [ceil(end / block_size)] its blocks' ids
+    masks: list[torch.Tensor]               # per chunk sequence: [num_new, blocks * block_size] bool (causal)
     decode_rows: torch.Tensor | None        # [D] long: flattened index of each decode sequence's token
-    decode_slots: torch.Tensor | None       # [D * T] long: slots of positions 0..T-1 per decode sequence (padded)
-    decode_mask: torch.Tensor | None        # [D, 1, 1, T] bool: position < its context (None: no padding)
+    decode_blocks: torch.Tensor | None      # [D * B] long: the blocks of each decode sequence (padded to B)
+    decode_mask: torch.Tensor | None        # [D, 1, 1, B * block_size] bool: position < its context (None: all
+                                            # contexts fill their B blocks)
     adapter_idx: torch.Tensor | None        # [num_tokens] long (None: no token has an adapter)
     last: torch.Tensor                      # [num_sequences] long: flattened index of each last token
     positions: np.ndarray                   # [num_tokens] int64 (host): num_computed + 0..num_new-1 each
@@ -220,8 +223,8 @@ class DecoderModel:
             raise ValueError(f"the sequences' num_new sum to {sum(s.num_new for s in sequences)}, "
                              f"but the step has {num_tokens} tokens")
         to_dev = lambda a: self.device.to_device(torch.from_numpy(a))   # noqa: E731
-        spans, ctx, masks, new, pos, lasts, dec_rows, dec_ctx = [], [], [], [], [], [], [], []
-        first = 0
+        spans, ctx, masks, new, pos, lasts, dec_rows, dec_blocks, dec_len = [], [], [], [], [], [], [], [], []
+        bs, first = cache.block_size, 0
         for s in sequences:
             if s.num_new < 1 or s.num_computed < 0:
                 raise ValueError(f"sequence {s.seq_id!r}: num_new must be >= 1 and num_computed >= 0")
@@ -229,35 +232,36 @@ class DecoderModel:
             if end > self.spec.max_position_embeddings:
                 raise ValueError(f"sequence {s.seq_id!r}: {end} tokens exceed max_position_embeddings "
                                  f"{self.spec.max_position_embeddings}")
-            slots = cache.slots(s.seq_id, 0, end)                      # [end]
-            new.append(slots[s.num_computed:])
+            new.append(cache.slots(s.seq_id, s.num_computed, end))
+            blocks = cache.blocks(s.seq_id, end)                       # [ceil(end / bs)]
             pos.append(np.arange(s.num_computed, end, dtype=np.int64))
             if s.num_new == 1:
                 dec_rows.append(first)
-                dec_ctx.append(slots)
+                dec_blocks.append(blocks)
+                dec_len.append(end)
             else:
-                ctx.append(to_dev(slots))
+                ctx.append(to_dev(blocks))
                 q_pos = np.arange(s.num_computed, end)[:, None]
-                masks.append(to_dev(np.arange(end)[None, :] <= q_pos))  # [num_new, end]
+                masks.append(to_dev(np.arange(len(blocks) * bs)[None, :] <= q_pos))   # causal: also hides the pad
                 spans.append((first, first + s.num_new))
             first += s.num_new
             lasts.append(first - 1)
-        dec_slots = dec_mask = dec_idx = None
+        dec_ids = dec_mask = dec_idx = None
         if dec_rows:
-            lengths = np.array([len(c) for c in dec_ctx], dtype=np.int64)
-            t_max = int(lengths.max())
-            padded = np.zeros((len(dec_ctx), t_max), dtype=np.int64)            # pad: slot 0, masked out
-            for i, c in enumerate(dec_ctx):
-                padded[i, :len(c)] = c
-            dec_slots, dec_idx = to_dev(padded.reshape(-1)), to_dev(np.array(dec_rows, dtype=np.int64))
-            if (lengths != t_max).any():
-                dec_mask = to_dev((np.arange(t_max)[None, :] < lengths[:, None])[:, None, None, :])
+            lengths = np.array(dec_len, dtype=np.int64)
+            b_max = max(len(b) for b in dec_blocks)
+            padded = np.zeros((len(dec_blocks), b_max), dtype=np.int64)         # pad: block 0, masked out
+            for i, b in enumerate(dec_blocks):
+                padded[i, :len(b)] = b
+            dec_ids, dec_idx = to_dev(padded.reshape(-1)), to_dev(np.array(dec_rows, dtype=np.int64))
+            if (lengths != b_max * bs).any():
+                dec_mask = to_dev((np.arange(b_max * bs)[None, :] < lengths[:, None])[:, None, None, :])
         slots_np = np.array([s.adapter_slot for s in sequences], dtype=np.int64)
         idx = None
         if slots_np.any():
             idx = to_dev(np.repeat(slots_np, [s.num_new for s in sequences]))
         last = to_dev(np.array(lasts, dtype=np.int64))
-        return _StepPlan(to_dev(np.concatenate(new)), spans, ctx, masks, dec_idx, dec_slots, dec_mask, idx, last,
+        return _StepPlan(to_dev(np.concatenate(new)), spans, ctx, masks, dec_idx, dec_ids, dec_mask, idx, last,
                          np.concatenate(pos))
 
     @torch.no_grad()
@@ -327,14 +331,14 @@ class DecoderModel:
         out = torch.empty_like(q)                                                             # [n, nh, d]
         if plan.decode_rows is not None:
             num, d = plan.decode_rows.shape[0], q.shape[2]
-            k, v = cache.read(layer, plan.decode_slots)                                       # [D T, nkv, d]
+            k, v = cache.read_blocks(layer, plan.decode_blocks)                               # [D T, nkv, d]
             k = k.view(num, -1, k.shape[1], d).transpose(1, 2).to(q.dtype)                    # [D, nkv, T, d]
             v = v.view(num, -1, v.shape[1], d).transpose(1, 2).to(q.dtype)
             qd = q.index_select(0, plan.decode_rows).unsqueeze(2)                             # [D, nh, 1, d]
             o = F.scaled_dot_product_attention(qd, k, v, attn_mask=plan.decode_mask, enable_gqa=True)
             out.index_copy_(0, plan.decode_rows, o.squeeze(2))                                # [D, nh, d]
-        for (first, end), slots, mask in zip(plan.spans, plan.context_slots, plan.masks):
-            k, v = cache.read(layer, slots)                                                   # [T, nkv, d]
+        for (first, end), blocks, mask in zip(plan.spans, plan.context_blocks, plan.masks):
+            k, v = cache.read_blocks(layer, blocks)                                           # [T, nkv, d]
             qi = q[first:end].transpose(0, 1)                                                 # [nh, m, d]
             k, v = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)              # [nkv, T, d]
             o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, enable_gqa=True)    # [nh, m, d]

@@ -313,11 +313,20 @@ def test_kv_cache_allocation_and_round_trip():
     slots = torch.from_numpy(cache.slots("x", 0, 9))
     cache.write(1, slots[:4], k[:4], v[:4])       # written in two steps
     cache.write(1, slots[4:], k[4:], v[4:])
-    rk, rv = cache.read(1, slots)
-    assert torch.equal(rk, k) and torch.equal(rv, v)
+    blocks = cache.blocks("x", 9)                 # x's 3 blocks, read a whole block at a time
+    assert blocks.tolist() == list(cache.block_table("x"))
+    rk, rv = cache.read_blocks(1, torch.from_numpy(blocks))
+    assert rk.shape == (12, 2, 3)
+    assert torch.equal(rk[:9], k) and torch.equal(rv[:9], v)
+    assert not rk[9:].any()                       # the last block's unwritten positions
+    rk, _ = cache.read_blocks(1, torch.from_numpy(blocks[[1, 0]]))
+    assert torch.equal(rk, torch.cat([k[4:8], k[:4]]))   # in the order asked
     assert not cache.k[0].any()                   # other layers untouched
+    assert cache.blocks("x", 4).tolist() == list(cache.block_table("x"))[:1]
     with pytest.raises(ValueError, match="outside"):
         cache.slots("x", 0, 13)
+    with pytest.raises(ValueError, match="outside"):
+        cache.blocks("x", 13)
     assert cache.free("x") == 3 and cache.free("y") == 3
     assert cache.num_free_blocks == 6
     with pytest.raises(KeyError):
