@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Steady decode against context length: our paged KV cache against transformers' contiguous cache.
+
+    python benchmarks/decode_context.py --json benchmarks/results/cpu-DATE/decode_context/decode_context.json
+
+The default decoder (SmolLM2-135M-Instruct; --model for another), --batch rows of random prompts of each
+--contexts length, greedy-free decode of random next tokens (the same tokens for both contenders):
+
+- ours: DecoderModel.forward on the paged KV cache (blocks of 16 tokens, read a block at a time and
+  masked past each context), the engine's step;
+- hf: transformers' LlamaForCausalLM on the same checkpoint with its DynamicCache (one contiguous tensor per
+  layer, grown each step) and SDPA attention: what a user would otherwise run.
+
+Per context both contenders prefill once (untimed), then --rounds rounds of --steps decode steps each, the
+two in alternating order, each round continuing its own cache (the context grows by --steps a round).
+Reported per context: tokens/s of each (median of rounds), ours / hf (median of the per-round ratios with a
+95 % bootstrap interval), the share of our step spent in attention (K/V reads and SDPA), what reading K/V a
+block at a time saves against one index per token (one layer's gather on the same cache, timed alone), and
+the largest logit difference between the two on the first decode step with their greedy agreement.
+
+Writes JSON and a PNG next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from decode_lora import bootstrap_median  # noqa: E402
+from generation import git_state  # noqa: E402
+from generation_workload import in_step_thread, load_average  # noqa: E402
+from vbert.config import HOST_HEAP_KEEP_MB  # noqa: E402
+from vbert.decoder import StepSequence  # noqa: E402
+from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
+from vbert.device import DeviceContext, keep_host_heap, reserve_cpu_for_steps  # noqa: E402
+from vbert.kv_cache import KVCacheConfig  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, required=True, help="where to write the results (a PNG goes next to it)")
+    p.add_argument("--model", default=None, help="a local HF Llama-family checkpoint (default SmolLM2-135M-Instruct)")
+    p.add_argument("--cache-dir", default="./var/models")
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024], help="prompt lengths (tokens)")
+    p.add_argument("--batch", type=int, default=16, help="rows per decode step")
+    p.add_argument("--steps", type=int, default=16, help="decode steps per round and contender")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--gather-reps", type=int, default=20, help="repetitions of the gather-only timing")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    for name in ("batch", "steps", "rounds", "gather_reps"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(a.contexts) < 1:
+        p.error("--contexts must be >= 1")
+    return a
+
+
+class Ours:
+    """The batch's sequences on our paged cache, continued round after round."""
+
+    def __init__(self, backbone, prompt: torch.Tensor, total: int):
+        self.model, self.kv = backbone.model, backbone.kv
+        self.seqs = [f"ctx-{i}" for i in range(prompt.shape[0])]
+        self.length = prompt.shape[1]
+        for s in self.seqs:
+            self.kv.allocate(s, total)
+        self.model.forward(prompt.reshape(-1), None, [StepSequence(s, 0, self.length) for s in self.seqs], self.kv)
+
+    def decode(self, ids: torch.Tensor) -> tuple[float, torch.Tensor, float]:
+        """ids [batch, steps] -> (seconds, logits of the first step, seconds in attention)."""
+        model, attention = self.model, [0.0]
+        inner = model._attention
+
+        def timed(*args):
+            t = time.perf_counter()
+            out = inner(*args)
+            attention[0] += time.perf_counter() - t
+            return out
+        model._attention = timed
+        try:
+            t0 = time.perf_counter()
+            for t in range(ids.shape[1]):
+                seqs = [StepSequence(s, self.length + t, 1) for s in self.seqs]
+                logits = model.forward(ids[:, t].contiguous(), None, seqs, self.kv)
+                if t == 0:
+                    first = logits
+                logits.argmax(-1).tolist()
+            model.device.synchronize()
+            seconds = time.perf_counter() - t0
+        finally:
+            del model._attention
+        self.length += ids.shape[1]
+        return seconds, first, attention[0]
+
+    def gather_ms(self, reps: int) -> dict[str, float]:
+        """One layer's K and V of the whole batch: one index per token against one per block of 16."""
+        kv, dev = self.kv, self.model.device
+        slots = torch.from_numpy(np.concatenate([kv.slots(s, 0, self.length) for s in self.seqs]))
+        blocks = torch.from_numpy(np.concatenate([kv.blocks(s, self.length) for s in self.seqs]))
+        slots, blocks = dev.to_device(slots), dev.to_device(blocks)
+        kvh, d = kv.k.shape[-2:]
+
+        def per_token():
+            return (kv.k[0].view(-1, kvh, d).index_select(0, slots), kv.v[0].view(-1, kvh, d).index_select(0, slots))
+
+        out = {}
+        for name, fn in (("per_token", per_token), ("per_block", lambda: kv.read_blocks(0, blocks))):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            dev.synchronize()
+            out[name] = (time.perf_counter() - t0) / reps * 1e3
+        return out
+
+    def close(self) -> None:
+        for s in self.seqs:
+            if self.kv.has_sequence(s):
+                self.kv.free(s)
+
+
+class HF:
+    """The same batch on transformers' model with its DynamicCache."""
+
+    def __init__(self, model, prompt: torch.Tensor):
+        self.model = model
+        out = model(input_ids=prompt, use_cache=True)
+        self.cache = out.past_key_values
+
+    def decode(self, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+        t0 = time.perf_counter()
+        for t in range(ids.shape[1]):
+            out = self.model(input_ids=ids[:, t:t + 1], past_key_values=self.cache, use_cache=True)
+            self.cache = out.past_key_values
+            logits = out.logits[:, -1].float()
+            if t == 0:
+                first = logits
+            logits.argmax(-1).tolist()
+        return time.perf_counter() - t0, first
+
+
+def run_context(backbone, hf_model, ctx: int, a) -> dict:
+    g = torch.Generator().manual_seed(a.seed * 7919 + ctx)
+    vocab = backbone.spec.vocab_size
+    prompt = torch.randint(0, vocab, (a.batch, ctx), generator=g)
+    ours, rates = Ours(backbone, prompt, ctx + a.rounds * a.steps), {"ours": [], "hf": []}
+    try:
+        with torch.no_grad():
+            hf = HF(hf_model, prompt)
+            attention_share, diff, agree = [], None, None
+            for k in tqdm(range(a.rounds), desc=f"context {ctx}", unit="round", leave=False):
+                ids = torch.randint(0, vocab, (a.batch, a.steps), generator=g)
+                for name in (("ours", "hf") if k % 2 == 0 else ("hf", "ours")):
+                    if name == "ours":
+                        seconds, first_ours, attn = ours.decode(ids)
+                        attention_share.append(attn / seconds)
+                    else:
+                        seconds, first_hf = hf.decode(ids)
+                    rates[name].append(a.batch * a.steps / seconds)
+                if k == 0:
+                    diff = float((first_ours - first_hf).abs().max())
+                    agree = float((first_ours.argmax(-1) == first_hf.argmax(-1)).float().mean())
+            gather = ours.gather_ms(a.gather_reps)
+    finally:
+        ours.close()
+    per_round = [o / h for o, h in zip(rates["ours"], rates["hf"])]
+    return {"context": ctx, "tokens_per_s": {n: statistics.median(r) for n, r in rates.items()},
+            "rounds_tokens_per_s": rates, "ours_over_hf": statistics.median(per_round),
+            "ours_over_hf_ci95": bootstrap_median(per_round, a.seed), "ours_over_hf_per_round": per_round,
+            "attention_share_of_our_step": statistics.median(attention_share),
+            "gather_ms_one_layer": gather, "gather_per_block_speedup": gather["per_token"] / gather["per_block"],
+            "first_step_max_abs_logit_diff": diff, "first_step_greedy_agreement": agree}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["contexts"]
+    ctx = [r["context"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, label in (("ours", "ours (paged cache)"), ("hf", "transformers (DynamicCache, SDPA)")):
+        left.plot(ctx, [r["tokens_per_s"][name] for r in rows], marker="o", label=label)
+    left.set_xscale("log", base=2)
+    left.set_xticks(ctx, [str(c) for c in ctx])
+    left.set_xlabel("context (tokens)")
+    left.set_ylabel("decode tokens/s")
+    left.set_title(f"{result['parameters']['batch']} rows, steady decode")
+    left.legend()
+    x = range(len(ctx))
+    right.bar([i - 0.2 for i in x], [r["attention_share_of_our_step"] for r in rows], width=0.4,
+              label="attention share of our step")
+    right.bar([i + 0.2 for i in x], [r["gather_ms_one_layer"]["per_block"] / r["gather_ms_one_layer"]["per_token"]
+                                     for r in rows], width=0.4, label="K/V read per block / per token (time)")
+    right.set_xticks(list(x), [str(c) for c in ctx])
+    right.set_xlabel("context (tokens)")
+    right.set_ylim(0, 1)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    threads = reserve_cpu_for_steps(a.threads)
+    keep_host_heap(HOST_HEAP_KEEP_MB)        # as vbert serve does
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    device = DeviceContext.create("auto", "auto")
+    backbone = DecoderBackbone.load(DecoderBackboneConfig(path=a.model, cache_dir=a.cache_dir, num_lora_slots=1), device)
+    bs = backbone.kv.block_size                 # a cache that holds the longest context's rows, all rounds
+    backbone.kv = backbone.model.new_cache(KVCacheConfig(
+        block_size=bs, num_blocks=a.batch * -(-(max(a.contexts) + a.rounds * a.steps) // bs)))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(backbone.path), dtype=device.dtype,
+                                                    attn_implementation="sdpa").to(device.device).eval()
+    started = time.perf_counter()
+    rows = [in_step_thread(run_context, backbone, hf_model, ctx, a) for ctx in a.contexts]
+    result = {
+        "benchmark": "decode_context", "model": backbone.name, "device": device.describe(), "torch_threads": threads,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_state(),
+        "load_average_after": load_average(), "parameters": {k: str(v) if isinstance(v, Path) else v
+                                                              for k, v in vars(a).items()},
+        "kv_cache_bytes": backbone.kv.total_bytes(), "block_size": bs, "contexts": rows,
+        "timed_s": time.perf_counter() - started,
+    }
+    a.json.write_text(json.dumps(result, indent=2))
+    plot(result, a.json.with_suffix(".png"))
+    for r in rows:
+        lo, hi = r["ours_over_hf_ci95"]
+        tqdm.write(f"context {r['context']:5d}: ours {r['tokens_per_s']['ours']:.1f} tokens/s, hf "
+                   f"{r['tokens_per_s']['hf']:.1f}: {r['ours_over_hf']:.2f}x (95% CI {lo:.2f}-{hi:.2f}); attention "
+                   f"{r['attention_share_of_our_step']:.0%} of our step; K/V read per block "
+                   f"{r['gather_per_block_speedup']:.1f}x faster than per token; first-step logits differ by "
+                   f"{r['first_step_max_abs_logit_diff']:.2e}, greedy agreement {r['first_step_greedy_agreement']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

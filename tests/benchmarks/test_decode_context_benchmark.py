@@ -1,0 +1,41 @@
+"""benchmarks/decode_context.py on a tiny random decoder: ours and transformers decode the same rows at two
+contexts, their first-step logits agree, the ratio, the attention share and the K/V read timings exist, JSON and
+PNG written."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from tests.decoder_models import write_tiny_decoder_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_decode_context_benchmark_on_a_tiny_decoder(tmp_path):
+    model = write_tiny_decoder_checkpoint(tmp_path / "tiny-decoder")
+    out = tmp_path / "decode_context.json"
+    # 37 tokens: the last of 3 blocks of 16 only partly filled, so the masked pad is exercised
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_context.py"), "--model", str(model),
+                           "--contexts", "8", "37", "--batch", "3", "--steps", "3", "--rounds", "3",
+                           "--gather-reps", "2", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert [c["context"] for c in r["contexts"]] == [8, 37]
+    for c in r["contexts"]:
+        assert len(c["rounds_tokens_per_s"]["ours"]) == len(c["rounds_tokens_per_s"]["hf"]) == 3
+        lo, hi = c["ours_over_hf_ci95"]
+        assert lo <= c["ours_over_hf"] <= hi
+        assert 0 < c["attention_share_of_our_step"] < 1
+        assert c["gather_ms_one_layer"]["per_token"] > 0 and c["gather_ms_one_layer"]["per_block"] > 0
+        # the paged cache computes what transformers' contiguous cache does
+        assert c["first_step_max_abs_logit_diff"] < 1e-4
+        assert c["first_step_greedy_agreement"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
