@@ -23,10 +23,7 @@ Writes JSON and a PNG next to it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -41,7 +38,7 @@ from tqdm import tqdm  # noqa: E402
 
 from decode_lora import bootstrap_median  # noqa: E402
 from generation import git_state  # noqa: E402
-from generation_workload import in_step_thread, load_average  # noqa: E402
+from generation_workload import in_step_thread, load_average, machine, utc_now  # noqa: E402
 from vbert.config import HOST_HEAP_KEEP_MB  # noqa: E402
 from vbert.decoder import StepSequence  # noqa: E402
 from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
@@ -235,9 +232,8 @@ def main(argv=None) -> int:
     rows = [in_step_thread(run_context, backbone, hf_model, ctx, a) for ctx in a.contexts]
     result = {
         "benchmark": "decode_context", "model": backbone.name, "device": device.describe(), "torch_threads": threads,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_state(),
+        "machine": machine(),
+        "date": utc_now(), "git": git_state(),
         "load_average_after": load_average(), "parameters": {k: str(v) if isinstance(v, Path) else v
                                                               for k, v in vars(a).items()},
         "kv_cache_bytes": backbone.kv.total_bytes(), "block_size": bs, "contexts": rows,

@@ -20,10 +20,7 @@ Writes JSON and a PNG next to it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -37,7 +34,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from generation import git_state  # noqa: E402
-from generation_workload import decode_rate, in_step_thread, load_average, random_lora  # noqa: E402
+from generation_workload import (decode_rate, in_step_thread, load_average, machine, random_lora,  # noqa: E402
+                                 utc_now)
 from vbert.decoder import StepSequence  # noqa: E402
 from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
 from vbert.decoder_lora import DECODER_LORA_GROUPS, DecoderLoraConfig, DecoderLoraPool  # noqa: E402
@@ -216,9 +214,8 @@ def main(argv=None) -> int:
                       "ci95": bootstrap_median(per_round, a.seed), "per_round": per_round}
     result = {
         "benchmark": "decode_lora", "model": backbone.name, "device": device.describe(), "torch_threads": threads,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_state(),
+        "machine": machine(),
+        "date": utc_now(), "git": git_state(),
         "load_average_after": load_average(), "parameters": {k: str(v) if isinstance(v, Path) else v
                                                               for k, v in vars(a).items()},
         "pool_bytes": {dt: pool.total_bytes() for dt, pool in pools.items()},

@@ -37,12 +37,9 @@ and a Markdown table (iteration mode at every rate it ran) as <stem>.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,12 +51,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from generation_workload import (PreloadedAdapters, add_engine_args, add_sized_args, fill_sized_args,  # noqa: E402
                                  hf_generate, in_step_thread, load_average, load_hf, lora_over_base, make_workload,
-                                 random_lora, run_engine, tiered_adapters)
+                                 machine, random_lora, run_engine, tiered_adapters, utc_now)
 from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
 from vbert.device import DeviceContext, reserve_cpu_for_steps  # noqa: E402
 
@@ -230,9 +226,8 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "generation", "partial": True, "model": backbone.name, "model_path": str(backbone.path),
         "device": device.describe(), "dtype": device.dtype_name, "torch_threads": threads,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_state(),
+        "machine": machine(),
+        "date": utc_now(), "git": git_state(),
         "parameters": vars(a), "adapter_residency": residency, "kv_cache_blocks": backbone.kv.num_blocks,
         "workload": {"num_requests": len(items), "prompt_tokens_mean": statistics.fmean(len(i.prompt_ids) for i in items),
                      "prompt_tokens_min_max": [min(len(i.prompt_ids) for i in items), max(len(i.prompt_ids) for i in items)],

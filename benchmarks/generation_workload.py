@@ -3,9 +3,11 @@ exponential output lengths, Zipf tenants), random decoder LoRA adapters, one run
 engine, Hugging Face + PEFT static-batch generate, and steady-state decode timing."""
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import platform
 import random
 import statistics
 import threading
@@ -337,4 +339,15 @@ def lora_over_base(backbone, slots: list[int], batch: int, prompt_len: int, step
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine() -> dict:
+    """What a recorded run ran on (the results' "machine")."""
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def utc_now() -> str:
+    """The results' "date": now, UTC, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 

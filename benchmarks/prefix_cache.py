@@ -30,10 +30,7 @@ near-tie can in principle round the other way). Writes the JSON (after every sce
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -44,12 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from generation import git_state  # noqa: E402
 from generation_workload import (Item, add_engine_args, add_sized_args, fill_sized_args, load_average,  # noqa: E402
-                                 load_sentences, make_workload, random_lora, run_engine, tiered_adapters)
+                                 load_sentences, machine, make_workload, random_lora, run_engine, tiered_adapters,
+                                 utc_now)
 from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
 from vbert.device import DeviceContext, reserve_cpu_for_steps  # noqa: E402
 
@@ -212,9 +209,8 @@ def main(argv=None) -> int:
         "benchmark": "prefix_cache", "partial": True, "model": backbone.name, "device": device.describe(),
         "dtype": device.dtype_name, "torch_threads": threads, "kv_cache_blocks": backbone.kv.num_blocks,
         "block_size": backbone.kv.block_size,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_state(),
+        "machine": machine(),
+        "date": utc_now(), "git": git_state(),
         "parameters": vars(a), "load_average_start": load_average(),
         "workload": {"tenants": a.tenants, "num_requests": len(items),
                      "system_prompt_tokens_mean": statistics.fmean(system_lens),
