@@ -138,14 +138,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @dataclass
 class _StepPlan:
     """Host-side bookkeeping of a step, computed once and used by every layer. Sequences with one new
-    token (decode) share one padded attention call; those with a chunk (prefill) attend one by one. K/V are
-    read whole blocks at a time: a context of T tokens attends over its ceil(T / block_size) blocks, the
-    positions past T masked out."""
+    token (decode) share one padded attention call; those with a chunk (prefill) share one padded call too
+    when padding them to the longest chunk and context costs at most CHUNK_PAD_LIMIT times their own work (many
+    short prompts joining), else attend one by one. K/V are read whole blocks at a time: a context of T tokens
+    attends over its ceil(T / block_size) blocks, the positions past T masked out."""
 
     new_slots: torch.Tensor                 # [num_tokens] long: cache slot of each new token
-    spans: list[tuple[int, int]]            # per chunk sequence: (first, end) in the flattened tokens
-    context_blocks: list[torch.Tensor]      # per chunk sequence: [ceil(end / block_size)] its blocks' ids
-    masks: list[torch.Tensor]               # per chunk sequence: [num_new, blocks * block_size] bool (causal)
+    spans: list[tuple[int, int]]            # per chunk sequence attending alone: (first, end) in the flat tokens
+    context_blocks: list[torch.Tensor]      # per such sequence: [ceil(end / block_size)] its blocks' ids
+    masks: list[torch.Tensor]               # per such sequence: [num_new, blocks * block_size] bool (causal)
+    chunks: "_ChunkBatch | None"            # the chunk sequences in one padded call (then spans is empty)
     decode_rows: torch.Tensor | None        # [D] long: flattened index of each decode sequence's token
     decode_blocks: torch.Tensor | None      # [D * B] long: the blocks of each decode sequence (padded to B)
     decode_mask: torch.Tensor | None        # [D, 1, 1, B * block_size] bool: position < its context (None: all
@@ -153,6 +155,51 @@ class _StepPlan:
     adapter_idx: torch.Tensor | None        # [num_tokens] long (None: no token has an adapter)
     last: torch.Tensor                      # [num_sequences] long: flattened index of each last token
     positions: np.ndarray                   # [num_tokens] int64 (host): num_computed + 0..num_new-1 each
+
+
+# chunk sequences share one padded attention call when its work (chunks x longest chunk x longest context) is at
+# most this many times the sum of their own (chunk x context)
+CHUNK_PAD_LIMIT = 2.0
+
+
+@dataclass(frozen=True)
+class _ChunkBatch:
+    """C chunk sequences padded to M query rows and B blocks each: one attention call for all."""
+
+    rows: torch.Tensor                      # [C * M] long: flattened token of each query row (a pad row: the
+                                            # chunk's last token, its output dropped)
+    real: torch.Tensor                      # [num chunk tokens] long: the real rows among the C * M, in token order
+    tokens: torch.Tensor                    # [num chunk tokens] long: their flattened tokens (same order)
+    blocks: torch.Tensor                    # [C * B] long: each chunk sequence's blocks (padded with block 0)
+    mask: torch.Tensor                      # [C, 1, M, B * block_size] bool: causal, each row its own position
+
+
+def _chunk_batch(chunks: list[tuple[int, int, int, np.ndarray]], block_size: int, to_dev) -> _ChunkBatch | None:
+    """chunks: (first flattened token, num_new, num_computed, block ids) per chunk sequence. None: they attend
+    one by one (a single chunk, or padding would cost more than CHUNK_PAD_LIMIT times the work)."""
+    if len(chunks) < 2:
+        return None
+    m_max = max(m for _, m, _, _ in chunks)
+    b_max = max(len(b) for _, _, _, b in chunks)
+    own = sum(m * len(b) for _, m, _, b in chunks)
+    if len(chunks) * m_max * b_max > CHUNK_PAD_LIMIT * own:
+        return None
+    c = len(chunks)
+    rows = np.empty((c, m_max), dtype=np.int64)
+    q_pos = np.empty((c, m_max), dtype=np.int64)
+    blocks = np.zeros((c, b_max), dtype=np.int64)                    # pad: block 0, masked out
+    real, tokens = [], []
+    for i, (first, m, computed, b) in enumerate(chunks):
+        rows[i, :m] = np.arange(first, first + m)
+        rows[i, m:] = first + m - 1
+        q_pos[i, :m] = np.arange(computed, computed + m)
+        q_pos[i, m:] = computed + m - 1                               # a pad row sees what the last one sees
+        blocks[i, :len(b)] = b
+        real.append(np.arange(i * m_max, i * m_max + m))
+        tokens.append(rows[i, :m])
+    mask = np.arange(b_max * block_size)[None, None, :] <= q_pos[:, :, None]          # [C, M, B * bs]
+    return _ChunkBatch(to_dev(rows.reshape(-1)), to_dev(np.concatenate(real)), to_dev(np.concatenate(tokens)),
+                       to_dev(blocks.reshape(-1)), to_dev(mask[:, None]))
 
 
 class DecoderModel:
@@ -223,7 +270,8 @@ class DecoderModel:
             raise ValueError(f"the sequences' num_new sum to {sum(s.num_new for s in sequences)}, "
                              f"but the step has {num_tokens} tokens")
         to_dev = lambda a: self.device.to_device(torch.from_numpy(a))   # noqa: E731
-        spans, ctx, masks, new, pos, lasts, dec_rows, dec_blocks, dec_len = [], [], [], [], [], [], [], [], []
+        spans, ctx, masks, new, pos, lasts, chunks = [], [], [], [], [], [], []
+        dec_rows, dec_blocks, dec_len = [], [], []
         bs, first = cache.block_size, 0
         for s in sequences:
             if s.num_new < 1 or s.num_computed < 0:
@@ -240,12 +288,16 @@ class DecoderModel:
                 dec_blocks.append(blocks)
                 dec_len.append(end)
             else:
-                ctx.append(to_dev(blocks))
-                q_pos = np.arange(s.num_computed, end)[:, None]
-                masks.append(to_dev(np.arange(len(blocks) * bs)[None, :] <= q_pos))   # causal: also hides the pad
-                spans.append((first, first + s.num_new))
+                chunks.append((first, s.num_new, s.num_computed, blocks))
             first += s.num_new
             lasts.append(first - 1)
+        batch = _chunk_batch(chunks, bs, to_dev)
+        if batch is None:
+            for first_i, m, computed, blocks in chunks:
+                ctx.append(to_dev(blocks))
+                q_pos = np.arange(computed, computed + m)[:, None]
+                masks.append(to_dev(np.arange(len(blocks) * bs)[None, :] <= q_pos))   # causal: also hides the pad
+                spans.append((first_i, first_i + m))
         dec_ids = dec_mask = dec_idx = None
         if dec_rows:
             lengths = np.array(dec_len, dtype=np.int64)
@@ -261,7 +313,7 @@ class DecoderModel:
         if slots_np.any():
             idx = to_dev(np.repeat(slots_np, [s.num_new for s in sequences]))
         last = to_dev(np.array(lasts, dtype=np.int64))
-        return _StepPlan(to_dev(np.concatenate(new)), spans, ctx, masks, dec_idx, dec_ids, dec_mask, idx, last,
+        return _StepPlan(to_dev(np.concatenate(new)), spans, ctx, masks, batch, dec_idx, dec_ids, dec_mask, idx, last,
                          np.concatenate(pos))
 
     @torch.no_grad()
@@ -337,6 +389,15 @@ class DecoderModel:
             qd = q.index_select(0, plan.decode_rows).unsqueeze(2)                             # [D, nh, 1, d]
             o = F.scaled_dot_product_attention(qd, k, v, attn_mask=plan.decode_mask, enable_gqa=True)
             out.index_copy_(0, plan.decode_rows, o.squeeze(2))                                # [D, nh, d]
+        if plan.chunks is not None:
+            c, d = plan.chunks.mask.shape[0], q.shape[2]
+            k, v = cache.read_blocks(layer, plan.chunks.blocks)                               # [C T, nkv, d]
+            k = k.view(c, -1, k.shape[1], d).transpose(1, 2).to(q.dtype)                      # [C, nkv, T, d]
+            v = v.view(c, -1, v.shape[1], d).transpose(1, 2).to(q.dtype)
+            qc = q.index_select(0, plan.chunks.rows).view(c, -1, q.shape[1], d).transpose(1, 2)   # [C, nh, M, d]
+            o = F.scaled_dot_product_attention(qc, k, v, attn_mask=plan.chunks.mask, enable_gqa=True)
+            o = o.transpose(1, 2).reshape(-1, q.shape[1], d)                                  # [C M, nh, d]
+            out.index_copy_(0, plan.chunks.tokens, o.index_select(0, plan.chunks.real))
         for (first, end), blocks, mask in zip(plan.spans, plan.context_blocks, plan.masks):
             k, v = cache.read_blocks(layer, blocks)                                           # [T, nkv, d]
             qi = q[first:end].transpose(0, 1)                                                 # [nh, m, d]

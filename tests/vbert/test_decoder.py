@@ -103,6 +103,38 @@ def test_step_logits_equal_hf_forward(checkpoint):
             torch.testing.assert_close(logits[1], ref_b[b1 - 1], atol=1e-4, rtol=1e-4)
 
 
+def test_chunks_of_several_sequences_attend_in_one_padded_call_with_the_same_logits(checkpoint):
+    """Prefill chunks of four sequences in one step (two continuing earlier chunks, lengths that leave their last
+    blocks partly filled) beside a decode token share one padded attention call; where padding would cost more
+    than CHUNK_PAD_LIMIT times their work they attend one by one. Either way each last token's logits equal HF's."""
+    from vbert.decoder import CHUNK_PAD_LIMIT
+
+    path, hf = checkpoint
+    model = DecoderModel.from_pretrained(path, CPU)
+    cache = model.new_cache(KVCacheConfig(block_size=4, num_blocks=64))
+    prompts = _prompts([9, 7, 6, 5, 30, 3], seed=3)
+    with torch.no_grad():
+        refs = [hf(torch.tensor([p])).logits[0] for p in prompts]
+
+    def step(parts):   # (sequence index, from, to)
+        seqs = [StepSequence(i, a, b - a) for i, a, b in parts]
+        for i, _, b in parts:
+            cache.allocate(i, b)
+        ids = torch.tensor([t for i, a, b in parts for t in prompts[i][a:b]])
+        plan = model._plan(seqs, len(ids), cache)
+        logits = model.forward(ids, None, seqs, cache)
+        for row, (i, _, b) in enumerate(parts):
+            torch.testing.assert_close(logits[row], refs[i][b - 1], atol=1e-4, rtol=1e-4)
+        return plan
+
+    assert step([(0, 0, 4), (1, 0, 3), (4, 0, 29)]).chunks is None    # 3 x 29 x 8 blocks > 2 x the work
+    plan = step([(0, 4, 9), (1, 3, 7), (2, 0, 6), (3, 0, 5), (4, 29, 30)])   # 4 chunks and a decode token
+    assert plan.chunks is not None and plan.spans == []
+    assert plan.chunks.mask.shape == (4, 1, 6, 12)                   # 4 chunks x 6 rows x 3 blocks of 4
+    assert 4 * 6 * 3 <= CHUNK_PAD_LIMIT * (5 * 3 + 4 * 2 + 6 * 2 + 5 * 2)
+    assert step([(5, 0, 3)]).chunks is None                           # a single chunk attends alone
+
+
 def test_greedy_equals_hf_generate_with_joins_and_chunks(checkpoint):
     path, hf = checkpoint
     model = DecoderModel.from_pretrained(path, CPU)

@@ -1,6 +1,6 @@
-"""benchmarks/decode_context.py on a tiny random decoder: ours and transformers decode the same rows at two
-contexts, their first-step logits agree, the ratio, the attention share and the K/V read timings exist, JSON and
-PNG written."""
+"""benchmarks/paged_attention.py on a tiny random decoder: ours and transformers decode the same rows at two
+contexts, their first-step logits agree, the ratio, the attention share and the K/V read timings exist; prefill
+steps timed with the chunks in one call, one by one and in transformers; JSON and PNG written."""
 from __future__ import annotations
 
 import json
@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_decode_context_benchmark_on_a_tiny_decoder(tmp_path):
+def test_paged_attention_benchmark_on_a_tiny_decoder(tmp_path):
     model = write_tiny_decoder_checkpoint(tmp_path / "tiny-decoder")
-    out = tmp_path / "decode_context.json"
+    out = tmp_path / "paged_attention.json"
     # 37 tokens: the last of 3 blocks of 16 only partly filled, so the masked pad is exercised
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_context.py"), "--model", str(model),
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paged_attention.py"), "--model", str(model),
                            "--contexts", "8", "37", "--batch", "3", "--steps", "3", "--rounds", "3",
-                           "--gather-reps", "2", "--json", str(out)],
+                           "--gather-reps", "2", "--prefill-shapes", "4x5", "1x9", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -38,4 +38,8 @@ def test_decode_context_benchmark_on_a_tiny_decoder(tmp_path):
         # the paged cache computes what transformers' contiguous cache does
         assert c["first_step_max_abs_logit_diff"] < 1e-4
         assert c["first_step_greedy_agreement"] == 1.0
+    assert [(p["chunks"], p["tokens_per_chunk"]) for p in r["prefill"]] == [(4, 5), (1, 9)]
+    for p in r["prefill"]:
+        assert all(len(v) == 3 for v in p["rounds_s"].values())
+        assert min(p["step_ms"].values()) > 0 and min(p["attention_ms"].values()) > 0
     assert out.with_suffix(".png").stat().st_size > 0

@@ -1,22 +1,27 @@
 #!/usr/bin/env python
-"""Steady decode against context length: our paged KV cache against transformers' contiguous cache.
+"""Paged attention: steady decode against context length, and prefill steps of many chunks.
 
-    python benchmarks/decode_context.py --json benchmarks/results/cpu-DATE/decode_context/decode_context.json
+    python benchmarks/paged_attention.py --json benchmarks/results/cpu-DATE/paged_attention/paged_attention.json
 
-The default decoder (SmolLM2-135M-Instruct; --model for another), --batch rows of random prompts of each
---contexts length, greedy-free decode of random next tokens (the same tokens for both contenders):
+The default decoder (SmolLM2-135M-Instruct; --model for another).
 
+Decode: --batch rows of random prompts of each --contexts length, decoding random next tokens (the same
+tokens for both contenders):
 - ours: DecoderModel.forward on the paged KV cache (blocks of 16 tokens, read a block at a time and
   masked past each context), the engine's step;
 - hf: transformers' LlamaForCausalLM on the same checkpoint with its DynamicCache (one contiguous tensor per
   layer, grown each step) and SDPA attention: what a user would otherwise run.
-
 Per context both contenders prefill once (untimed), then --rounds rounds of --steps decode steps each, the
 two in alternating order, each round continuing its own cache (the context grows by --steps a round).
 Reported per context: tokens/s of each (median of rounds), ours / hf (median of the per-round ratios with a
 95 % bootstrap interval), the share of our step spent in attention (K/V reads and SDPA), what reading K/V a
 block at a time saves against one index per token (one layer's gather on the same cache, timed alone), and
 the largest logit difference between the two on the first decode step with their greedy agreement.
+
+Prefill: one step that prefills C new prompts of m tokens each (--prefill-shapes CxM), three contenders in a
+rotating order, --rounds rounds: ours with the chunks in one padded attention call (the default), ours with
+each chunk attending alone (vbert.decoder.CHUNK_PAD_LIMIT = 0, what every step did before), and transformers'
+forward of the C x m batch. Reported: step time and our attention time per contender, and the ratios.
 
 Writes JSON and a PNG next to it.
 """
@@ -40,6 +45,7 @@ from decode_lora import bootstrap_median  # noqa: E402
 from generation import git_state  # noqa: E402
 from generation_workload import in_step_thread, load_average, machine, utc_now  # noqa: E402
 from vbert.config import HOST_HEAP_KEEP_MB  # noqa: E402
+from vbert import decoder  # noqa: E402
 from vbert.decoder import StepSequence  # noqa: E402
 from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
 from vbert.device import DeviceContext, keep_host_heap, reserve_cpu_for_steps  # noqa: E402
@@ -56,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=16, help="decode steps per round and contender")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--gather-reps", type=int, default=20, help="repetitions of the gather-only timing")
+    p.add_argument("--prefill-shapes", nargs="*", default=["16x16", "8x32", "4x64"],
+                   help="prefill steps: CxM = C new prompts of M tokens in one step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -64,6 +72,12 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(a.contexts) < 1:
         p.error("--contexts must be >= 1")
+    try:
+        a.prefill_shapes = [tuple(int(x) for x in shape.split("x")) for shape in a.prefill_shapes]
+    except ValueError:
+        p.error(f"--prefill-shapes must be CxM pairs of integers, got {a.prefill_shapes}")
+    if any(len(sh) != 2 or min(sh) < 1 for sh in a.prefill_shapes):
+        p.error(f"--prefill-shapes must be CxM with C, M >= 1, got {a.prefill_shapes}")
     return a
 
 
@@ -184,6 +198,63 @@ def run_context(backbone, hf_model, ctx: int, a) -> dict:
             "first_step_max_abs_logit_diff": diff, "first_step_greedy_agreement": agree}
 
 
+PREFILL_CONTENDERS = ("one_call", "one_by_one", "hf")
+
+
+def prefill_step(backbone, prompts: torch.Tensor, pad_limit: float) -> tuple[float, float]:
+    """One step prefilling every row of prompts [C, M] as a new sequence, CHUNK_PAD_LIMIT = pad_limit ->
+    (seconds, seconds in attention)."""
+    model, kv = backbone.model, backbone.kv
+    seqs = [StepSequence(f"prefill-{i}", 0, prompts.shape[1]) for i in range(prompts.shape[0])]
+    attention, inner, kept = [0.0], model._attention, decoder.CHUNK_PAD_LIMIT
+
+    def timed(*args):
+        t = time.perf_counter()
+        out = inner(*args)
+        attention[0] += time.perf_counter() - t
+        return out
+    model._attention, decoder.CHUNK_PAD_LIMIT = timed, pad_limit
+    try:
+        for s in seqs:
+            kv.allocate(s.seq_id, prompts.shape[1])
+        t0 = time.perf_counter()
+        model.forward(prompts.reshape(-1), None, seqs, kv).argmax(-1).tolist()
+        model.device.synchronize()
+        return time.perf_counter() - t0, attention[0]
+    finally:
+        del model._attention
+        decoder.CHUNK_PAD_LIMIT = kept
+        for s in seqs:
+            if kv.has_sequence(s.seq_id):
+                kv.free(s.seq_id)
+
+
+def run_prefill(backbone, hf_model, shape: tuple[int, int], a) -> dict:
+    c, m = shape
+    g = torch.Generator().manual_seed(a.seed * 7919 + c * 1000 + m)
+    seconds = {n: [] for n in PREFILL_CONTENDERS}
+    attention = {n: [] for n in PREFILL_CONTENDERS[:2]}
+    with torch.no_grad():
+        for k in tqdm(range(a.rounds), desc=f"prefill {c}x{m}", unit="round", leave=False):
+            prompts = torch.randint(0, backbone.spec.vocab_size, (c, m), generator=g)
+            for name in PREFILL_CONTENDERS[k % 3:] + PREFILL_CONTENDERS[:k % 3]:
+                if name == "hf":
+                    t0 = time.perf_counter()
+                    hf_model(input_ids=prompts, use_cache=True).logits[:, -1].argmax(-1).tolist()
+                    seconds[name].append(time.perf_counter() - t0)
+                else:
+                    step, attn = prefill_step(backbone, prompts, decoder.CHUNK_PAD_LIMIT if name == "one_call" else 0.0)
+                    seconds[name].append(step)
+                    attention[name].append(attn)
+    med = {n: statistics.median(v) for n, v in seconds.items()}
+    return {"chunks": c, "tokens_per_chunk": m, "step_ms": {n: v * 1e3 for n, v in med.items()},
+            "attention_ms": {n: statistics.median(v) * 1e3 for n, v in attention.items()},
+            "rounds_s": seconds,
+            "one_call_over_one_by_one_speed": statistics.median(
+                [b / o for o, b in zip(seconds["one_call"], seconds["one_by_one"])]),
+            "one_call_over_hf_speed": statistics.median([h / o for o, h in zip(seconds["one_call"], seconds["hf"])])}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -191,7 +262,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["contexts"]
     ctx = [r["context"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right, third) = plt.subplots(1, 3, figsize=(15, 4))
     for name, label in (("ours", "ours (paged cache)"), ("hf", "transformers (DynamicCache, SDPA)")):
         left.plot(ctx, [r["tokens_per_s"][name] for r in rows], marker="o", label=label)
     left.set_xscale("log", base=2)
@@ -209,6 +280,15 @@ def plot(result: dict, path: Path) -> None:
     right.set_xlabel("context (tokens)")
     right.set_ylim(0, 1)
     right.legend()
+    pre = result["prefill"]
+    x = range(len(pre))
+    for i, (name, label) in enumerate((("one_call", "chunks in one call"), ("one_by_one", "each chunk alone"))):
+        third.bar([j + (i - 0.5) * 0.4 for j in x], [r["attention_ms"][name] for r in pre], width=0.4, label=label)
+    third.set_xticks(list(x), [f"{r['chunks']} x {r['tokens_per_chunk']}" for r in pre])
+    third.set_xlabel("prefill step: new prompts x tokens")
+    third.set_ylabel("attention ms in the step")
+    third.set_title("our prefill attention")
+    third.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -222,21 +302,25 @@ def main(argv=None) -> int:
     keep_host_heap(HOST_HEAP_KEEP_MB)        # as vbert serve does
     a.json.parent.mkdir(parents=True, exist_ok=True)
     device = DeviceContext.create("auto", "auto")
-    backbone = DecoderBackbone.load(DecoderBackboneConfig(path=a.model, cache_dir=a.cache_dir, num_lora_slots=1), device)
-    bs = backbone.kv.block_size                 # a cache that holds the longest context's rows, all rounds
-    backbone.kv = backbone.model.new_cache(KVCacheConfig(
-        block_size=bs, num_blocks=a.batch * -(-(max(a.contexts) + a.rounds * a.steps) // bs)))
+    backbone = DecoderBackbone.load(DecoderBackboneConfig(path=a.model, cache_dir=a.cache_dir, num_lora_slots=1),
+                                    device)
+    bs = backbone.kv.block_size      # a cache that holds the longest context's rows over all rounds, or a prefill
+    blocks = max([a.batch * -(-(max(a.contexts) + a.rounds * a.steps) // bs)]
+                 + [c * -(-m // bs) for c, m in a.prefill_shapes])
+    backbone.kv = backbone.model.new_cache(KVCacheConfig(block_size=bs, num_blocks=blocks))
     hf_model = AutoModelForCausalLM.from_pretrained(str(backbone.path), dtype=device.dtype,
                                                     attn_implementation="sdpa").to(device.device).eval()
     started = time.perf_counter()
     rows = [in_step_thread(run_context, backbone, hf_model, ctx, a) for ctx in a.contexts]
+    prefill = [in_step_thread(run_prefill, backbone, hf_model, shape, a) for shape in a.prefill_shapes]
     result = {
-        "benchmark": "decode_context", "model": backbone.name, "device": device.describe(), "torch_threads": threads,
+        "benchmark": "paged_attention", "model": backbone.name, "device": device.describe(), "torch_threads": threads,
         "machine": machine(),
         "date": utc_now(), "git": git_state(),
         "load_average_after": load_average(), "parameters": {k: str(v) if isinstance(v, Path) else v
                                                               for k, v in vars(a).items()},
-        "kv_cache_bytes": backbone.kv.total_bytes(), "block_size": bs, "contexts": rows,
+        "kv_cache_bytes": backbone.kv.total_bytes(), "block_size": bs, "contexts": rows, "prefill": prefill,
+        "chunk_pad_limit": decoder.CHUNK_PAD_LIMIT,
         "timed_s": time.perf_counter() - started,
     }
     a.json.write_text(json.dumps(result, indent=2))
@@ -248,6 +332,11 @@ def main(argv=None) -> int:
                    f"{r['attention_share_of_our_step']:.0%} of our step; K/V read per block "
                    f"{r['gather_per_block_speedup']:.1f}x faster than per token; first-step logits differ by "
                    f"{r['first_step_max_abs_logit_diff']:.2e}, greedy agreement {r['first_step_greedy_agreement']:.2f}")
+    for r in prefill:
+        tqdm.write(f"prefill {r['chunks']:3d} x {r['tokens_per_chunk']:4d}: step ms one call "
+                   f"{r['step_ms']['one_call']:.0f}, one by one {r['step_ms']['one_by_one']:.0f}, transformers "
+                   f"{r['step_ms']['hf']:.0f}; attention ms {r['attention_ms']['one_call']:.0f} vs "
+                   f"{r['attention_ms']['one_by_one']:.0f}")
     return 0
 
 
