@@ -272,8 +272,8 @@ class PagedKVCache:
     def read_blocks(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Semantics: K and V of `layer` at the positions of blocks block_ids[0], block_ids[1], ... in that order,
         each [len(block_ids) * block_size, num_kv_heads, head_dim]: a sequence's K/V gathered through its block
-        table a whole block at a time (one copy of block_size tokens per index: 2.6x faster on a CPU than one index
-        per token). block_ids [n] long on the cache's device."""
+        table a whole block at a time (one copy of block_size tokens per index: 1.4-1.9x faster on a 2-core CPU than
+        one index per token, benchmarks/paged_attention.py). block_ids [n] long on the cache's device."""
         shape = (-1, *self.k.shape[-2:])
         return (self.k[layer].view(self.num_blocks, -1).index_select(0, block_ids).view(shape),
                 self.v[layer].view(self.num_blocks, -1).index_select(0, block_ids).view(shape))
