@@ -170,6 +170,16 @@ def _replica_metrics(engines: dict):
     yield states
     yield pending
     yield from counters.values()
+    routed = [(backbone, engine.routed_counts()) for backbone, engine in engines.items()]
+    if any(counts is not None for _, counts in routed):
+        for key, help_text in (("routed", "choices of a replica by the prompt's prefix (a request that waits for room "
+                                          "in the replicas' queues may be chosen for again)"),
+                               ("to_cached_prefix", "of those, a replica that held part of the prefix")):
+            c = CounterMetricFamily(f"vbert_prefix_{key}", help_text, labels=["backbone"])
+            for backbone, counts in routed:
+                if counts is not None:
+                    c.add_metric([backbone], counts[key])
+            yield c
     yield from _replica_loads(engines)
 
 

@@ -193,6 +193,11 @@ class FrontDoorEngine:
         does not answer."""
         return read_board(self._board)
 
+    def routed_counts(self) -> dict[str, int] | None:
+        """The front door's own routing choices, where a router of ours makes them (decoder replicas: prefix
+        routing); None: Ray's."""
+        return None
+
     @property
     def num_pending(self) -> int:
         raise NotImplementedError

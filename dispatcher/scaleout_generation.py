@@ -30,6 +30,7 @@ from manager.manager import Manager
 from scheduler.engine import EngineStoppedError, RequestFailedError
 from scheduler.generation_engine import FinishReason, GenerationResult, GenerationStream
 from scheduler.policy import QueueFullError
+from scheduler.prefix_routing import routing_totals
 from scheduler.types import Request
 from vbert.sampling import SamplingParams
 
@@ -64,6 +65,12 @@ class ReplicaGeneration(FrontDoorEngine):
         for relay in left:
             relay.cancel()
         return len(left)
+
+    def routed_counts(self) -> dict[str, int] | None:
+        """decoder_routing = "prefix": requests the front door's router ranked by prompt, and of them those sent to a
+        replica holding part of the prompt's prefix (the router: dispatcher/prefix_router.py, in this process); None
+        with another routing."""
+        return routing_totals() if self.config.routing == "prefix" else None
 
     def replica_stats(self, timeout: float = 10) -> dict:
         """engine_stats of one replica, Ray's choice (a probe: tests call it until each replica answered)."""

@@ -16,9 +16,22 @@ from __future__ import annotations
 
 import hashlib
 import random
+import weakref
 from array import array
 from collections import OrderedDict
 from typing import Hashable, Mapping, Sequence
+
+
+# this process's PrefixRouting objects, for the front door's metrics (routing_totals). Kept here, not beside the Ray
+# router: Ray Serve pickles the router class by value (serve.status() does), with the globals its methods read.
+_LIVE: "weakref.WeakSet[PrefixRouting]" = weakref.WeakSet()
+
+
+def routing_totals() -> dict[str, int]:
+    """The routing choices of this process's PrefixRouting objects together: "routed" (prompts ranked) and
+    "to_cached_prefix" (of them, the first choice held part of the prompt's prefix)."""
+    live = list(_LIVE)
+    return {"routed": sum(r.routed for r in live), "to_cached_prefix": sum(r.routed_to_match for r in live)}
 
 
 class PrefixRouting:
@@ -34,6 +47,7 @@ class PrefixRouting:
         self._held: dict[Hashable, OrderedDict] = {}      # replica -> {prefix hash: None}, least recently sent first
         self._rng = random.Random(seed)
         self.routed = self.routed_to_match = 0           # requests chosen; of them, sent where a prefix was held
+        _LIVE.add(self)
 
     def hashes(self, prompt_ids: Sequence[int], salt: bytes) -> list[bytes]:
         """The chained hashes of the prompt's full blocks, the last token excluded (a replica always computes it), at

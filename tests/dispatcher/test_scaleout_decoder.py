@@ -128,9 +128,14 @@ def test_a_repeated_prompt_goes_to_the_replica_that_cached_its_prefix(cluster):
     between two idle replicas would put all five on one with probability 1/16.)"""
     s = cluster
     prompt = " ".join(["the liver biopsy showed"] * 6)
+    metric = s.app.metrics.registry.get_sample_value                   # what Prometheus scrapes
+    routed = [metric(f"vbert_prefix_{k}_total", {"backbone": "decoder"}) for k in ("routed", "to_cached_prefix")]
     before = s.app.generation.stats.rows_per_replica.copy()
     finals = [list(stream(s, "default", prompt, n=4))[-1] for _ in range(5)]
     after = s.app.generation.stats.rows_per_replica
+    # the router's own account: 5 routed by prompt, the last 4 to the replica that held the prefix
+    assert [metric(f"vbert_prefix_{k}_total", {"backbone": "decoder"}) - b
+            for k, b in zip(("routed", "to_cached_prefix"), routed)] == [5, 4]
     assert sorted(after[p] - before.get(p, 0) for p in after if after[p] > before.get(p, 0)) == [5], (before, after)
     n = finals[0].usage.prompt_tokens
     assert n > 12 and finals[0].usage.cached_prompt_tokens == 0

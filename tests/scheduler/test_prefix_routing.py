@@ -2,11 +2,12 @@
 longest prefix was sent, within the load slack; unseen prompts go to the least loaded replica."""
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
 
-from scheduler.prefix_routing import PrefixRouting
+from scheduler.prefix_routing import PrefixRouting, routing_totals
 
 SYSTEM = list(range(100, 164))          # 64 tokens: four blocks of 16
 
@@ -55,6 +56,24 @@ def test_what_a_replica_holds_is_bounded_and_forgotten_with_the_replica():
     assert r.matched_blocks("a", h) == 2 and r.num_held("a") == 3
     r.keep_only(["b"])
     assert r.num_held("a") == 0 and r.matched_blocks("a", h) == 0
+
+
+def test_routing_totals_add_up_the_live_routers_choices():
+    """What the front door's metrics read (vbert_prefix_routed_total, vbert_prefix_to_cached_prefix_total): every
+    live PrefixRouting of the process, a router gone takes its counts with it."""
+    gc.collect()                                                     # other tests' routers gone before counting
+    before = routing_totals()
+    a, b = PrefixRouting(block_size=2, seed=0), PrefixRouting(block_size=2, seed=1)
+    h = a.hashes([1, 2, 3, 4, 5], b"t/m")
+    a.record("r0", h)
+    for _ in range(3):
+        a.rank(h, ["r0", "r1"], {"r0": 0, "r1": 0})                 # held on r0: to a cached prefix
+    b.rank(b.hashes([7, 8, 9], b"t/m"), ["r0"], {"r0": 0})          # nothing held
+    after = routing_totals()
+    assert (after["routed"] - before["routed"], after["to_cached_prefix"] - before["to_cached_prefix"]) == (4, 3)
+    del a, b
+    gc.collect()
+    assert routing_totals() == before
 
 
 def test_bad_settings_are_refused():
