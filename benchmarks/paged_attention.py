@@ -28,6 +28,7 @@ Writes JSON and a PNG next to it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -81,6 +82,23 @@ def parse_args(argv=None):
     return a
 
 
+@contextlib.contextmanager
+def attention_timer(model):
+    """Inside: model._attention also adds its seconds to the yielded list's one item."""
+    seconds, inner = [0.0], model._attention
+
+    def timed(*args):
+        t = time.perf_counter()
+        out = inner(*args)
+        seconds[0] += time.perf_counter() - t
+        return out
+    model._attention = timed
+    try:
+        yield seconds
+    finally:
+        del model._attention
+
+
 class Ours:
     """The batch's sequences on our paged cache, continued round after round."""
 
@@ -94,16 +112,8 @@ class Ours:
 
     def decode(self, ids: torch.Tensor) -> tuple[float, torch.Tensor, float]:
         """ids [batch, steps] -> (seconds, logits of the first step, seconds in attention)."""
-        model, attention = self.model, [0.0]
-        inner = model._attention
-
-        def timed(*args):
-            t = time.perf_counter()
-            out = inner(*args)
-            attention[0] += time.perf_counter() - t
-            return out
-        model._attention = timed
-        try:
+        model = self.model
+        with attention_timer(model) as attention:
             t0 = time.perf_counter()
             for t in range(ids.shape[1]):
                 seqs = [StepSequence(s, self.length + t, 1) for s in self.seqs]
@@ -113,8 +123,6 @@ class Ours:
                 logits.argmax(-1).tolist()
             model.device.synchronize()
             seconds = time.perf_counter() - t0
-        finally:
-            del model._attention
         self.length += ids.shape[1]
         return seconds, first, attention[0]
 
@@ -206,23 +214,16 @@ def prefill_step(backbone, prompts: torch.Tensor, pad_limit: float) -> tuple[flo
     (seconds, seconds in attention)."""
     model, kv = backbone.model, backbone.kv
     seqs = [StepSequence(f"prefill-{i}", 0, prompts.shape[1]) for i in range(prompts.shape[0])]
-    attention, inner, kept = [0.0], model._attention, decoder.CHUNK_PAD_LIMIT
-
-    def timed(*args):
-        t = time.perf_counter()
-        out = inner(*args)
-        attention[0] += time.perf_counter() - t
-        return out
-    model._attention, decoder.CHUNK_PAD_LIMIT = timed, pad_limit
+    kept, decoder.CHUNK_PAD_LIMIT = decoder.CHUNK_PAD_LIMIT, pad_limit
     try:
         for s in seqs:
             kv.allocate(s.seq_id, prompts.shape[1])
-        t0 = time.perf_counter()
-        model.forward(prompts.reshape(-1), None, seqs, kv).argmax(-1).tolist()
-        model.device.synchronize()
-        return time.perf_counter() - t0, attention[0]
+        with attention_timer(model) as attention:
+            t0 = time.perf_counter()
+            model.forward(prompts.reshape(-1), None, seqs, kv).argmax(-1).tolist()
+            model.device.synchronize()
+            return time.perf_counter() - t0, attention[0]
     finally:
-        del model._attention
         decoder.CHUNK_PAD_LIMIT = kept
         for s in seqs:
             if kv.has_sequence(s.seq_id):

@@ -147,7 +147,7 @@ class _StepPlan:
     spans: list[tuple[int, int]]            # per chunk sequence attending alone: (first, end) in the flat tokens
     context_blocks: list[torch.Tensor]      # per such sequence: [ceil(end / block_size)] its blocks' ids
     masks: list[torch.Tensor]               # per such sequence: [num_new, blocks * block_size] bool (causal)
-    chunks: "_ChunkBatch | None"            # the chunk sequences in one padded call (then spans is empty)
+    chunks: _ChunkBatch | None              # the chunk sequences in one padded call (then spans is empty)
     decode_rows: torch.Tensor | None        # [D] long: flattened index of each decode sequence's token
     decode_blocks: torch.Tensor | None      # [D * B] long: the blocks of each decode sequence (padded to B)
     decode_mask: torch.Tensor | None        # [D, 1, 1, B * block_size] bool: position < its context (None: all
