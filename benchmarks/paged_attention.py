@@ -6,17 +6,20 @@
 The default decoder (SmolLM2-135M-Instruct; --model for another).
 
 Decode: --batch rows of random prompts of each --contexts length, decoding random next tokens (the same
-tokens for both contenders):
-- ours: DecoderModel.forward on the paged KV cache (blocks of 16 tokens, read a block at a time and
-  masked past each context), the engine's step;
+tokens for every contender):
+- ours: DecoderModel.forward on the paged KV cache (blocks of 16 tokens) with the decode staging (the running
+  rows' K/V also kept contiguous, appended each step: kv_cache.DecodeStaging), the engine's step;
+- blocks: the same step without the staging (each step reads every row's blocks, a block at a time, masked
+  past each context);
 - hf: transformers' LlamaForCausalLM on the same checkpoint with its DynamicCache (one contiguous tensor per
   layer, grown each step) and SDPA attention: what a user would otherwise run.
-Per context both contenders prefill once (untimed), then --rounds rounds of --steps decode steps each, the
-two in alternating order, each round continuing its own cache (the context grows by --steps a round).
-Reported per context: tokens/s of each (median of rounds), ours / hf (median of the per-round ratios with a
-95 % bootstrap interval), the share of our step spent in attention (K/V reads and SDPA), what reading K/V a
-block at a time saves against one index per token (one layer's gather on the same cache, timed alone), and
-the largest logit difference between the two on the first decode step with their greedy agreement.
+Per context every contender prefills once (untimed), then --rounds rounds of --steps decode steps each, in a
+rotating order, each round continuing its own cache (the context grows by --steps a round).
+Reported per context: tokens/s of each (median of rounds), ours / hf and blocks / hf (medians of the per-round
+ratios with 95 % bootstrap intervals), the share of our steps spent in attention (K/V reads, staging and
+SDPA), what reading K/V a block at a time saves against one index per token (one layer's gather on the same
+cache, timed alone), and the largest logit difference between ours and hf on the first decode step with their
+greedy agreement.
 
 Prefill: one step that prefills C new prompts of m tokens each (--prefill-shapes CxM), three contenders in a
 rotating order, --rounds rounds: ours with the chunks in one padded attention call (the default), ours with
@@ -102,8 +105,8 @@ def attention_timer(model):
 class Ours:
     """The batch's sequences on our paged cache, continued round after round."""
 
-    def __init__(self, backbone, prompt: torch.Tensor, total: int):
-        self.model, self.kv = backbone.model, backbone.kv
+    def __init__(self, backbone, kv, prompt: torch.Tensor, total: int):
+        self.model, self.kv = backbone.model, kv
         self.seqs = [f"ctx-{i}" for i in range(prompt.shape[0])]
         self.length = prompt.shape[1]
         for s in self.seqs:
@@ -173,37 +176,51 @@ class HF:
         return time.perf_counter() - t0, first
 
 
-def run_context(backbone, hf_model, ctx: int, a) -> dict:
+DECODE_CONTENDERS = ("ours", "blocks", "hf")
+
+
+def run_context(backbone, caches: dict, hf_model, ctx: int, a) -> dict:
+    """caches: the paged cache of "ours" (with staging) and of "blocks" (without)."""
     g = torch.Generator().manual_seed(a.seed * 7919 + ctx)
     vocab = backbone.spec.vocab_size
     prompt = torch.randint(0, vocab, (a.batch, ctx), generator=g)
-    ours, rates = Ours(backbone, prompt, ctx + a.rounds * a.steps), {"ours": [], "hf": []}
+    total = ctx + a.rounds * a.steps
+    contenders = {name: Ours(backbone, caches[name], prompt, total) for name in ("ours", "blocks")}
+    rates = {n: [] for n in DECODE_CONTENDERS}
+    attention_share = {n: [] for n in contenders}
     try:
         with torch.no_grad():
-            hf = HF(hf_model, prompt)
-            attention_share, diff, agree = [], None, None
+            contenders["hf"] = HF(hf_model, prompt)
+            first, diff, agree = {}, None, None
             for k in tqdm(range(a.rounds), desc=f"context {ctx}", unit="round", leave=False):
                 ids = torch.randint(0, vocab, (a.batch, a.steps), generator=g)
-                for name in (("ours", "hf") if k % 2 == 0 else ("hf", "ours")):
-                    if name == "ours":
-                        seconds, first_ours, attn = ours.decode(ids)
-                        attention_share.append(attn / seconds)
+                for name in DECODE_CONTENDERS[k % 3:] + DECODE_CONTENDERS[:k % 3]:
+                    if name == "hf":
+                        seconds, first[name] = contenders[name].decode(ids)
                     else:
-                        seconds, first_hf = hf.decode(ids)
+                        seconds, first[name], attn = contenders[name].decode(ids)
+                        attention_share[name].append(attn / seconds)
                     rates[name].append(a.batch * a.steps / seconds)
                 if k == 0:
-                    diff = float((first_ours - first_hf).abs().max())
-                    agree = float((first_ours.argmax(-1) == first_hf.argmax(-1)).float().mean())
-            gather = ours.gather_ms(a.gather_reps)
+                    diff = float((first["ours"] - first["hf"]).abs().max())
+                    agree = float((first["ours"].argmax(-1) == first["hf"].argmax(-1)).float().mean())
+            gather = contenders["blocks"].gather_ms(a.gather_reps)
     finally:
-        ours.close()
-    per_round = [o / h for o, h in zip(rates["ours"], rates["hf"])]
-    return {"context": ctx, "tokens_per_s": {n: statistics.median(r) for n, r in rates.items()},
-            "rounds_tokens_per_s": rates, "ours_over_hf": statistics.median(per_round),
-            "ours_over_hf_ci95": bootstrap_median(per_round, a.seed), "ours_over_hf_per_round": per_round,
-            "attention_share_of_our_step": statistics.median(attention_share),
-            "gather_ms_one_layer": gather, "gather_per_block_speedup": gather["per_token"] / gather["per_block"],
-            "first_step_max_abs_logit_diff": diff, "first_step_greedy_agreement": agree}
+        for name in ("ours", "blocks"):
+            contenders[name].close()
+    ratios = {f"{n}_over_hf": [o / h for o, h in zip(rates[n], rates["hf"])] for n in ("ours", "blocks")}
+    ratios["ours_over_blocks"] = [o / b for o, b in zip(rates["ours"], rates["blocks"])]
+    out = {"context": ctx, "tokens_per_s": {n: statistics.median(r) for n, r in rates.items()},
+           "rounds_tokens_per_s": rates}
+    for name, per_round in ratios.items():
+        out[name] = statistics.median(per_round)
+        out[f"{name}_ci95"] = bootstrap_median(per_round, a.seed)
+        out[f"{name}_per_round"] = per_round
+    out.update({"attention_share_of_our_step": statistics.median(attention_share["ours"]),
+                "attention_share_of_blocks_step": statistics.median(attention_share["blocks"]),
+                "gather_ms_one_layer": gather, "gather_per_block_speedup": gather["per_token"] / gather["per_block"],
+                "first_step_max_abs_logit_diff": diff, "first_step_greedy_agreement": agree})
+    return out
 
 
 PREFILL_CONTENDERS = ("one_call", "one_by_one", "hf")
@@ -264,7 +281,8 @@ def plot(result: dict, path: Path) -> None:
     rows = result["contexts"]
     ctx = [r["context"] for r in rows]
     fig, (left, right, third) = plt.subplots(1, 3, figsize=(15, 4))
-    for name, label in (("ours", "ours (paged cache)"), ("hf", "transformers (DynamicCache, SDPA)")):
+    for name, label in (("ours", "ours (paged cache + decode staging)"), ("blocks", "ours, reading the blocks"),
+                        ("hf", "transformers (DynamicCache, SDPA)")):
         left.plot(ctx, [r["tokens_per_s"][name] for r in rows], marker="o", label=label)
     left.set_xscale("log", base=2)
     left.set_xticks(ctx, [str(c) for c in ctx])
@@ -273,10 +291,12 @@ def plot(result: dict, path: Path) -> None:
     left.set_title(f"{result['parameters']['batch']} rows, steady decode")
     left.legend()
     x = range(len(ctx))
-    right.bar([i - 0.2 for i in x], [r["attention_share_of_our_step"] for r in rows], width=0.4,
+    right.bar([i - 0.27 for i in x], [r["attention_share_of_our_step"] for r in rows], width=0.27,
               label="attention share of our step")
-    right.bar([i + 0.2 for i in x], [r["gather_ms_one_layer"]["per_block"] / r["gather_ms_one_layer"]["per_token"]
-                                     for r in rows], width=0.4, label="K/V read per block / per token (time)")
+    right.bar(list(x), [r["attention_share_of_blocks_step"] for r in rows], width=0.27,
+              label="the same, reading the blocks")
+    right.bar([i + 0.27 for i in x], [r["gather_ms_one_layer"]["per_block"] / r["gather_ms_one_layer"]["per_token"]
+                                      for r in rows], width=0.27, label="K/V read per block / per token (time)")
     right.set_xticks(list(x), [str(c) for c in ctx])
     right.set_xlabel("context (tokens)")
     right.set_ylim(0, 1)
@@ -309,10 +329,15 @@ def main(argv=None) -> int:
     blocks = max([a.batch * -(-(max(a.contexts) + a.rounds * a.steps) // bs)]
                  + [c * -(-m // bs) for c, m in a.prefill_shapes])
     backbone.kv = backbone.model.new_cache(KVCacheConfig(block_size=bs, num_blocks=blocks))
+    spec = backbone.spec                 # staging for the longest context's rows (what --decoder-staging-mb sizes)
+    staging = 2 * spec.num_layers * a.batch * spec.num_kv_heads * spec.head_dim * device.dtype.itemsize * (
+        max(a.contexts) + a.rounds * a.steps + 256)
+    caches = {"ours": backbone.model.new_cache(KVCacheConfig(block_size=bs, num_blocks=a.batch * -(-(
+        max(a.contexts) + a.rounds * a.steps) // bs), staging_bytes=staging)), "blocks": backbone.kv}
     hf_model = AutoModelForCausalLM.from_pretrained(str(backbone.path), dtype=device.dtype,
                                                     attn_implementation="sdpa").to(device.device).eval()
     started = time.perf_counter()
-    rows = [in_step_thread(run_context, backbone, hf_model, ctx, a) for ctx in a.contexts]
+    rows = [in_step_thread(run_context, backbone, caches, hf_model, ctx, a) for ctx in a.contexts]
     prefill = [in_step_thread(run_prefill, backbone, hf_model, shape, a) for shape in a.prefill_shapes]
     result = {
         "benchmark": "paged_attention", "model": backbone.name, "device": device.describe(), "torch_threads": threads,
@@ -320,7 +345,7 @@ def main(argv=None) -> int:
         "date": utc_now(), "git": git_state(),
         "load_average_after": load_average(), "parameters": {k: str(v) if isinstance(v, Path) else v
                                                               for k, v in vars(a).items()},
-        "kv_cache_bytes": backbone.kv.total_bytes(), "block_size": bs, "contexts": rows, "prefill": prefill,
+        "kv_cache_bytes": backbone.kv.total_bytes(), "staging_budget_bytes": staging, "block_size": bs, "contexts": rows, "prefill": prefill,
         "chunk_pad_limit": decoder.CHUNK_PAD_LIMIT,
         "timed_s": time.perf_counter() - started,
     }
@@ -328,9 +353,11 @@ def main(argv=None) -> int:
     plot(result, a.json.with_suffix(".png"))
     for r in rows:
         lo, hi = r["ours_over_hf_ci95"]
-        tqdm.write(f"context {r['context']:5d}: ours {r['tokens_per_s']['ours']:.1f} tokens/s, hf "
-                   f"{r['tokens_per_s']['hf']:.1f}: {r['ours_over_hf']:.2f}x (95% CI {lo:.2f}-{hi:.2f}); attention "
-                   f"{r['attention_share_of_our_step']:.0%} of our step; K/V read per block "
+        tqdm.write(f"context {r['context']:5d}: ours {r['tokens_per_s']['ours']:.1f} tokens/s, blocks "
+                   f"{r['tokens_per_s']['blocks']:.1f}, hf {r['tokens_per_s']['hf']:.1f}: ours {r['ours_over_hf']:.2f}x "
+                   f"hf (95% CI {lo:.2f}-{hi:.2f}), blocks {r['blocks_over_hf']:.2f}x; attention "
+                   f"{r['attention_share_of_our_step']:.0%} of our step ({r['attention_share_of_blocks_step']:.0%} "
+                   f"without staging); K/V read per block "
                    f"{r['gather_per_block_speedup']:.1f}x faster than per token; first-step logits differ by "
                    f"{r['first_step_max_abs_logit_diff']:.2e}, greedy agreement {r['first_step_greedy_agreement']:.2f}")
     for r in prefill:

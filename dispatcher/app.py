@@ -71,6 +71,7 @@ class App:
         metrics.watch(cache=manager.cache, scheduler=engine.scheduler if engine else None,
                       skip=model.skip if model else None,
                       generation=generation.scheduler if generation else None,
+                      staging=decoder.kv.staging if decoder is not None and generation is not None else None,
                       replicas={name: e for name, e in (("encoder", engine), ("decoder", generation))
                                 if e is not None and hasattr(e, "replica_states")})
         token = load_admin_token(config.data_dir, config.admin_token)
@@ -81,7 +82,7 @@ class App:
     def _decoder_config(config: ServerConfig):
         """With decoder replicas this process's decoder never generates: a KV cache of one MiB, not the configured."""
         decoder = config.decoder_config()
-        return dataclasses.replace(decoder, kv_cache_bytes=1 << 20) if config.decoder_replicas else decoder
+        return dataclasses.replace(decoder, kv_cache_bytes=1 << 20, staging_bytes=0) if config.decoder_replicas else decoder
 
     @staticmethod
     def _encoder_engine(config: ServerConfig, model: MultiTenantModel, manager: Manager, metrics: Metrics):

@@ -45,11 +45,12 @@ class Metrics:
             registry=r))
         self._sources = {}
 
-    def watch(self, cache=None, scheduler=None, skip=None, generation=None, replicas=None) -> None:
-        """Read cache counters, queue depths, skip-mode table counters, the KV cache and (replicas: {backbone: the
-        front door's engine for its Ray Serve replicas}) the replicas' counts and calls when scraped."""
+    def watch(self, cache=None, scheduler=None, skip=None, generation=None, staging=None, replicas=None) -> None:
+        """Read cache counters, queue depths, skip-mode table counters, the KV cache, its decode staging and
+        (replicas: {backbone: the front door's engine for its Ray Serve replicas}) the replicas' counts and calls
+        when scraped."""
         self._sources = {"cache": cache, "scheduler": scheduler, "skip": skip, "generation": generation,
-                         "replicas": replicas or {}}
+                         "staging": staging, "replicas": replicas or {}}
         self.registry.register(_LiveCollector(self._sources))
 
     def on_step(self, batch, output) -> None:
@@ -121,6 +122,20 @@ class _LiveCollector:
                      stats["num_prefix_hit_tokens"]),
                     ("vbert_kv_cache_evicted_blocks", "cached KV blocks evicted to make room",
                      stats["num_evicted_blocks"])):
+                c = CounterMetricFamily(name, help_text)
+                c.add_metric([], value)
+                yield c
+        staging = self.sources.get("staging")
+        if staging is not None:
+            g = GaugeMetricFamily("vbert_kv_staging_bytes", "memory of the decode staging (the running decode rows' "
+                                  "K/V kept contiguous; at most decoder_staging_mb)")
+            g.add_metric([], staging.nbytes)
+            yield g
+            for name, help_text, value in (
+                    ("vbert_kv_staging_fills", "sequences copied from their KV blocks into the decode staging",
+                     staging.num_fills),
+                    ("vbert_kv_staging_fallbacks", "decode steps that read the KV blocks: the staging would have "
+                     "exceeded decoder_staging_mb", staging.num_fallbacks)):
                 c = CounterMetricFamily(name, help_text)
                 c.add_metric([], value)
                 yield c

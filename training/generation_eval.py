@@ -173,7 +173,8 @@ def _in_process(config: GenerationEvaluateConfig, examples: list[GenerationExamp
     # a KV cache that holds one batch of the longest prompts at their longest
     per_sequence = -(-(max(len(p) for p in prompts) + config.max_new_tokens) // block)
     cache = backbone.model.new_cache(KVCacheConfig(block_size=block,
-                                                   num_blocks=per_sequence * min(config.batch_size, len(prompts))))
+                                                   num_blocks=per_sequence * min(config.batch_size, len(prompts)),
+                                                   staging_bytes=backbone.kv.config.staging_bytes))
     out = []
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start:start + config.batch_size]

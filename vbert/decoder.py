@@ -152,9 +152,33 @@ class _StepPlan:
     decode_blocks: torch.Tensor | None      # [D * B] long: the blocks of each decode sequence (padded to B)
     decode_mask: torch.Tensor | None        # [D, 1, 1, B * block_size] bool: position < its context (None: all
                                             # contexts fill their B blocks)
+    staged: _Staged | None                  # the decode sequences on the cache's DecodeStaging (then decode_rows
+                                            # and decode_blocks are None)
     adapter_idx: torch.Tensor | None        # [num_tokens] long (None: no token has an adapter)
     last: torch.Tensor                      # [num_sequences] long: flattened index of each last token
     positions: np.ndarray                   # [num_tokens] int64 (host): num_computed + 0..num_new-1 each
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """D decode sequences on rows 0..D-1 of the cache's DecodeStaging, attending over its first `tokens` positions."""
+
+    rows: torch.Tensor                      # [D] long: flattened token of the sequence on staging row r
+    row_ids: torch.Tensor                   # [D] long: 0..D-1
+    positions: torch.Tensor                 # [D] long: its new token's position (num_computed)
+    tokens: int                             # the longest context this step (max num_computed + 1)
+    mask: torch.Tensor | None               # [D, 1, 1, tokens] bool: position <= its own (None: all the same length)
+
+
+def _staged(dec_rows: list[int], dec_len: list[int], staging_rows: np.ndarray, to_dev) -> _Staged:
+    order = np.argsort(staging_rows)                # staging rows are 0..D-1: the sequences in row order
+    rows = np.asarray(dec_rows, dtype=np.int64)[order]
+    lengths = np.asarray(dec_len, dtype=np.int64)[order]
+    tokens = int(lengths.max())
+    mask = None
+    if (lengths != tokens).any():
+        mask = to_dev((np.arange(tokens)[None, :] < lengths[:, None])[:, None, None, :])
+    return _Staged(to_dev(rows), to_dev(np.arange(len(rows), dtype=np.int64)), to_dev(lengths - 1), tokens, mask)
 
 
 # chunk sequences share one padded attention call when its work (chunks x longest chunk x longest context) is at
@@ -298,8 +322,14 @@ class DecoderModel:
                 q_pos = np.arange(computed, computed + m)[:, None]
                 masks.append(to_dev(np.arange(len(blocks) * bs)[None, :] <= q_pos))   # causal: also hides the pad
                 spans.append((first_i, first_i + m))
-        dec_ids = dec_mask = dec_idx = None
-        if dec_rows:
+        dec_ids = dec_mask = dec_idx = staged = None
+        staging_rows = None
+        if dec_rows and cache.staging is not None:
+            decoding = [(s.seq_id, s.num_computed) for s in sequences if s.num_new == 1]
+            staging_rows = cache.staging.prepare(cache, decoding)
+        if staging_rows is not None:
+            staged = _staged(dec_rows, dec_len, staging_rows, to_dev)
+        elif dec_rows:
             lengths = np.array(dec_len, dtype=np.int64)
             b_max = max(len(b) for b in dec_blocks)
             padded = np.zeros((len(dec_blocks), b_max), dtype=np.int64)         # pad: block 0, masked out
@@ -313,8 +343,8 @@ class DecoderModel:
         if slots_np.any():
             idx = to_dev(np.repeat(slots_np, [s.num_new for s in sequences]))
         last = to_dev(np.array(lasts, dtype=np.int64))
-        return _StepPlan(to_dev(np.concatenate(new)), spans, ctx, masks, batch, dec_idx, dec_ids, dec_mask, idx, last,
-                         np.concatenate(pos))
+        return _StepPlan(to_dev(np.concatenate(new)), spans, ctx, masks, batch, dec_idx, dec_ids, dec_mask, staged,
+                         idx, last, np.concatenate(pos))
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
@@ -359,7 +389,7 @@ class DecoderModel:
             k = apply_rope(qkv[:, nh * d:nh * d + kv].view(n, nkv, d), cos, sin)             # [n, nkv, d]
             v = qkv[:, nh * d + kv:].view(n, nkv, d)                                          # [n, nkv, d]
             cache.write(i, plan.new_slots, k, v)
-            attn = self._attention(i, q, plan, cache)                                         # [n, nh d]
+            attn = self._attention(i, q, k, v, plan, cache)                                   # [n, nh d]
             o = F.linear(attn, w.o, w.o_bias)                                                 # [n, H]
             if plan.adapter_idx is not None:
                 lora.apply(i, "o", attn, o, plan.adapter_idx, (0,))
@@ -377,10 +407,22 @@ class DecoderModel:
         last = rms_norm(x.index_select(0, plan.last), self.norm, spec.rms_norm_eps)          # [S, H]
         return F.linear(last, self.lm_head).float()                                           # [S, V]
 
-    def _attention(self, layer: int, q: torch.Tensor, plan: _StepPlan, cache: PagedKVCache) -> torch.Tensor:
+    def _attention(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan: _StepPlan,
+                   cache: PagedKVCache) -> torch.Tensor:
         """Semantics: per sequence, softmax(q K^T / sqrt(d) + causal mask) V over its cached K/V
-        (grouped-query: query head j reads KV head j // (nh / nkv)). q [n, nh, d] -> [n, nh d]"""
+        (grouped-query: query head j reads KV head j // (nh / nkv)). q [n, nh, d] -> [n, nh d];
+        k_new, v_new [n, nkv, d]: this step's K/V (already in the cache; staged decode rows take theirs here)."""
         out = torch.empty_like(q)                                                             # [n, nh, d]
+        if plan.staged is not None:
+            st, d = plan.staged, q.shape[2]
+            kd, vd = k_new.index_select(0, st.rows), v_new.index_select(0, st.rows)          # [D, nkv, d]
+            if cache.dtype != q.dtype:           # what the blocks hold: the staged rows equal a read of them
+                kd, vd = kd.to(cache.dtype).to(q.dtype), vd.to(cache.dtype).to(q.dtype)
+            cache.staging.write(layer, st.row_ids, st.positions, kd, vd)
+            k, v = cache.staging.view(layer, st.rows.shape[0], st.tokens)                    # [D, nkv, T, d]
+            qd = q.index_select(0, st.rows).unsqueeze(2)                                     # [D, nh, 1, d]
+            o = F.scaled_dot_product_attention(qd, k, v, attn_mask=st.mask, enable_gqa=True)
+            out.index_copy_(0, st.rows, o.squeeze(2))
         if plan.decode_rows is not None:
             num, d = plan.decode_rows.shape[0], q.shape[2]
             k, v = cache.read_blocks(layer, plan.decode_blocks)                               # [D T, nkv, d]

@@ -21,12 +21,15 @@ MAX_CHARS_PER_TOKEN = 32      # a prompt longer than this many characters per al
 class DecoderBackboneConfig:
     """path: a local Hugging Face Llama-family checkpoint directory; None = the default SmolLM2-135M-Instruct
     (converted once from its packaged GGUF into cache_dir). kv_cache_bytes: K and V of all layers together
-    (the hard memory budget of generation); block_size: tokens per KV block."""
+    (the hard memory budget of generation); block_size: tokens per KV block; staging_bytes: the decode staging, a
+    contiguous copy of the running decode rows' K/V that spares each decode step reading them out of the blocks
+    (kv_cache.DecodeStaging; 0: off)."""
 
     path: str | None = None
     cache_dir: str = "./var/models"
     kv_cache_bytes: int = 256 * 1024 ** 2
     block_size: int = 16
+    staging_bytes: int = 256 * 1024 ** 2
     num_lora_slots: int = 32
     max_lora_rank: int = 16
     lora_dtype: str = "auto"      # the LoRA banks: auto (the model's dtype), float32, bfloat16 (half the memory)
@@ -36,12 +39,15 @@ class DecoderBackboneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"decoder {name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.staging_bytes, bool) or not isinstance(self.staging_bytes, int) or self.staging_bytes < 0:
+            raise ValueError(f"decoder staging_bytes must be an integer >= 0 (0: off), got {self.staging_bytes!r}")
         if self.path is not None and not isinstance(self.path, str):
             raise ValueError(f"decoder path must be a string or None, got {self.path!r}")
         self.lora_config()
 
     def kv_config(self) -> KVCacheConfig:
-        return KVCacheConfig(block_size=self.block_size, budget_bytes=self.kv_cache_bytes)
+        return KVCacheConfig(block_size=self.block_size, budget_bytes=self.kv_cache_bytes,
+                             staging_bytes=self.staging_bytes)
 
     def lora_config(self) -> DecoderLoraConfig:
         return DecoderLoraConfig(num_slots=self.num_lora_slots, max_rank=self.max_lora_rank, bank_dtype=self.lora_dtype)
@@ -147,5 +153,7 @@ class DecoderBackbone:
                 "kv_cache": {"bytes": kv.total_bytes(), "blocks": kv.num_blocks, "free_blocks": kv.num_free_blocks,
                              "cached_blocks": kv.num_cached_blocks, "block_size": kv.block_size,
                              "tokens": kv.num_blocks * kv.block_size},
+                "decode_staging": {"budget_bytes": kv.config.staging_bytes,
+                                   "bytes": 0 if kv.staging is None else kv.staging.nbytes},
                 "lora_pool": {"slots": lora.config.num_slots, "max_rank": lora.config.max_rank,
                               "bytes": lora.total_bytes()}}

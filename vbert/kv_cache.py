@@ -43,12 +43,15 @@ class KVCacheConfig:
     num_blocks or budget_bytes (exactly one): the pool's size as a block count, or as a byte budget
         for K and V of all layers together (num_blocks = budget_bytes // bytes per block).
     dtype: "auto" (the model's compute dtype) or an explicit one.
+    staging_bytes: a second, contiguous copy of the running decode rows' K/V (DecodeStaging) up to this many bytes,
+        in the compute dtype; 0: decode reads the blocks every step.
     """
 
     block_size: int = 16
     num_blocks: int | None = None
     budget_bytes: int | None = None
     dtype: str = "auto"
+    staging_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -62,6 +65,8 @@ class KVCacheConfig:
             raise ValueError(f"budget_bytes must be an integer >= 1, got {self.budget_bytes!r}")
         if self.dtype != "auto" and self.dtype not in CACHE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not 'auto' or one of {sorted(CACHE_DTYPES)}")
+        if isinstance(self.staging_bytes, bool) or not isinstance(self.staging_bytes, int) or self.staging_bytes < 0:
+            raise ValueError(f"staging_bytes must be an integer >= 0, got {self.staging_bytes!r}")
 
 
 class PagedKVCache:
@@ -93,6 +98,8 @@ class PagedKVCache:
         self._released: OrderedDict[int, None] = OrderedDict()
         self._chains: dict[Hashable, tuple[bytes, list[bytes]]] = {}   # seq -> (root hash, hashes of its blocks)
         self.num_evicted_blocks = 0                                       # registered blocks reused for others
+        self.staging = (DecodeStaging(config.staging_bytes, num_layers, num_kv_heads, head_dim, device)
+                        if config.staging_bytes else None)
 
     # -- accounting -------------------------------------------------------------------------
     @property
@@ -155,6 +162,8 @@ class PagedKVCache:
         if table is None:
             raise KeyError(f"sequence {seq_id!r} has no KV blocks")
         self._chains.pop(seq_id, None)
+        if self.staging is not None:
+            self.staging.drop(seq_id)
         for block in reversed(table):               # its last blocks are evicted before its first
             self._refs[block] -= 1
             if self._refs[block] == 0:
@@ -277,3 +286,116 @@ class PagedKVCache:
         shape = (-1, *self.k.shape[-2:])
         return (self.k[layer].view(self.num_blocks, -1).index_select(0, block_ids).view(shape),
                 self.v[layer].view(self.num_blocks, -1).index_select(0, block_ids).view(shape))
+
+
+class DecodeStaging:
+    """The running decode rows' K/V, contiguous: k, v [num_layers, rows, num_kv_heads, tokens, head_dim] in the
+    compute dtype, row r holding one sequence's positions 0..length-1. A decode step appends each row's new token
+    (one write per row and layer) and attends over k[layer, :D, :, :T] as it is, where reading the blocks would
+    copy every row's whole context out of the pool every step (at 16 rows x 1,024 tokens the copy is two thirds of
+    a layer's attention on a 2-core CPU: benchmarks/paged_attention.py). The pool stays the truth (it is written
+    too); a sequence's row is filled from its blocks once, when it starts decoding, and dropped when it is freed or
+    leaves the decode rows. Costs a second copy of the running contexts, bounded by budget_bytes: a step that would
+    need more reads the blocks, and the staging is emptied.
+
+    This is mechanism; the decoder asks it (prepare) before each step that has decode rows."""
+
+    TOKEN_ROUND = 64       # the token capacity grows in steps of this many, and by at least a quarter
+
+    def __init__(self, budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int, device: DeviceContext):
+        self.budget_bytes, self.device = budget_bytes, device
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.k = self.v = None                          # allocated on the first decode step
+        self._rows: dict[Hashable, list[int]] = {}      # seq -> [row, length]
+        self.num_fills = self.num_moves = self.num_fallbacks = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+    def _bytes(self, rows: int, tokens: int) -> int:
+        elt = torch.finfo(self.device.dtype).bits // 8
+        return 2 * self.num_layers * rows * self.num_kv_heads * tokens * self.head_dim * elt
+
+    def drop(self, seq_id: Hashable) -> None:
+        self._rows.pop(seq_id, None)
+
+    def clear(self) -> None:
+        """Forget every row and give the memory back."""
+        self._rows.clear()
+        self.k = self.v = None
+
+    def _reserve(self, rows: int, tokens: int) -> bool:
+        """Room for `rows` rows of `tokens` tokens, keeping what the rows hold; False: over the budget."""
+        have_rows, have_tokens = (0, 0) if self.k is None else (self.k.shape[1], self.k.shape[3])
+        if rows <= have_rows and tokens <= have_tokens:
+            return True
+        r, t = max(rows, have_rows), max(tokens, have_tokens)
+        if tokens > have_tokens:                        # with headroom, so that a growing context reallocates rarely
+            step = self.TOKEN_ROUND
+            grown = -(-max(tokens, have_tokens + have_tokens // 4) // step) * step
+            if self._bytes(r, grown) <= self.budget_bytes:
+                t = grown
+        if self._bytes(r, t) > self.budget_bytes:
+            return False
+        shape = (self.num_layers, r, self.num_kv_heads, t, self.head_dim)
+        # zeros, not empty: the positions past a row's length are masked, but a NaN there would still reach the
+        # output through SDPA (0 x NaN)
+        k = torch.zeros(shape, device=self.device.device, dtype=self.device.dtype)
+        v = torch.zeros(shape, device=self.device.device, dtype=self.device.dtype)
+        if self.k is not None:                          # keep what the rows hold
+            k[:, :have_rows, :, :have_tokens] = self.k
+            v[:, :have_rows, :, :have_tokens] = self.v
+        self.k, self.v = k, v
+        return True
+
+    def prepare(self, cache: "PagedKVCache", rows: Sequence[tuple[Hashable, int]]) -> np.ndarray | None:
+        """rows: (seq_id, num_computed) of each sequence that decodes one token this step. Afterwards staging rows
+        0..D-1 hold exactly these sequences' positions < num_computed (kept rows stay where they are, a kept row
+        past D moves down, a new one is filled from its blocks), and each sequence's length counts the token the
+        step writes (write). Returns the staging row of each sequence, in the order given; None: they would
+        need more than budget_bytes (the staging is emptied and the step reads the blocks)."""
+        num = len(rows)
+        if not self._reserve(num, max(n for _, n in rows) + 1):
+            self.num_fallbacks += 1
+            self.clear()
+            return None
+        wanted = dict(rows)
+        for seq_id, (row, length) in list(self._rows.items()):
+            if wanted.get(seq_id) != length:            # not decoding now, or its contents are not these positions
+                del self._rows[seq_id]
+        free = sorted(set(range(num)) - {row for row, _ in self._rows.values() if row < num}, reverse=True)
+        out = np.empty(num, dtype=np.int64)
+        for i, (seq_id, computed) in enumerate(rows):
+            entry = self._rows.get(seq_id)
+            if entry is not None and entry[0] < num:
+                out[i] = entry[0]
+            else:
+                row = free.pop()
+                if entry is not None:                   # staged past the D rows this step attends over
+                    self.k[:, row, :, :computed] = self.k[:, entry[0], :, :computed]
+                    self.v[:, row, :, :computed] = self.v[:, entry[0], :, :computed]
+                    self.num_moves += 1
+                elif computed:
+                    self._fill(cache, row, seq_id, computed)
+                out[i] = row
+            self._rows[seq_id] = [int(out[i]), computed + 1]
+        return out
+
+    def _fill(self, cache: "PagedKVCache", row: int, seq_id: Hashable, num_tokens: int) -> None:
+        blocks = self.device.to_device(torch.from_numpy(cache.blocks(seq_id, num_tokens)))
+        for pool, staged in ((cache.k, self.k), (cache.v, self.v)):
+            kv = pool.index_select(1, blocks).flatten(1, 2)[:, :num_tokens]        # [L, T, nkv, d]
+            staged[:, row, :, :num_tokens] = kv.transpose(1, 2)
+        self.num_fills += 1
+
+    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Semantics: K[layer, rows[i], :, positions[i]] = k[i], the same for V. k, v [n, num_kv_heads, head_dim]."""
+        self.k[layer][rows, :, positions] = k
+        self.v[layer][rows, :, positions] = v
+
+    def view(self, layer: int, num_rows: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of rows 0..num_rows-1, positions < num_tokens: [num_rows, num_kv_heads, num_tokens, head_dim]
+        views (no copy)."""
+        return self.k[layer, :num_rows, :, :num_tokens], self.v[layer, :num_rows, :, :num_tokens]

@@ -41,6 +41,10 @@ def test_config_accepts_a_decoder_only_server(tiny_checkpoint, tmp_path):
         tiny_server_config(tiny_checkpoint, tmp_path, backbones="")
     with pytest.raises(ValueError, match="decoder_lora_dtype 'float16' is not one of"):
         tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder", decoder_lora_dtype="float16")
+    with pytest.raises(ValueError, match="decoder_staging_mb must be >= 0"):
+        tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder", decoder_staging_mb=-1)
+    assert tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder",
+                              decoder_staging_mb=0).decoder_config().kv_config().staging_bytes == 0
     with pytest.raises(ValueError, match="generation_prefix_sharing 'everyone' is not one of"):
         tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder", generation_prefix_sharing="everyone")
     assert not tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder", generation_prefix_caching=False,

@@ -246,6 +246,9 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
         assert metric("vbert_prefix_cache_queried_tokens_total") == 2 * (prompt - 1)
         assert metric("vbert_kv_cache_blocks_cached") >= (prompt - 1) // 16
         assert metric("vbert_kv_cache_evicted_blocks_total") == 0          # 32 MB hold every block of this test
+        # both answers decoded on the staging (each filled from its blocks once), held within its default budget
+        assert metric("vbert_kv_staging_fills_total") == 2 and metric("vbert_kv_staging_fallbacks_total") == 0
+        assert 0 < metric("vbert_kv_staging_bytes") <= 256 << 20
         # the README's generative walkthrough: the shipped NCBI-disease decoder LoRA, over both protocols
         root = Path(__file__).resolve().parents[2] / "examples" / "adapters-trained" / "ncbi-disease-gen"
         res = json.loads((root / "RESULT.json").read_text())

@@ -135,10 +135,17 @@ def test_chunks_of_several_sequences_attend_in_one_padded_call_with_the_same_log
     assert step([(5, 0, 3)]).chunks is None                           # a single chunk attends alone
 
 
-def test_greedy_equals_hf_generate_with_joins_and_chunks(checkpoint):
+# decode staging budgets: off; room for every row (rows leave and join: a kept row moves down); 20,000 bytes (at 2
+# layers x 2 KV heads x 8 x fp32, 156 row-tokens: some steps do not fit, read the blocks and empty the staging, the
+# next ones refill it, growing it in place)
+STAGING = {"off": 0, "roomy": 1 << 20, "tight": 20_000}
+
+
+@pytest.mark.parametrize("staging", list(STAGING))
+def test_greedy_equals_hf_generate_with_joins_and_chunks(checkpoint, staging):
     path, hf = checkpoint
     model = DecoderModel.from_pretrained(path, CPU)
-    cache = model.new_cache(KVCacheConfig(block_size=4, num_blocks=64))
+    cache = model.new_cache(KVCacheConfig(block_size=4, num_blocks=64, staging_bytes=STAGING[staging]))
     start_free = cache.num_free_blocks
     prompts = _prompts([3, 17, 9, 1, 12])
     max_new = [12, 5, 9, 7, 10]
@@ -151,6 +158,52 @@ def test_greedy_equals_hf_generate_with_joins_and_chunks(checkpoint):
     # the schedule really mixed prefill chunks and decode tokens, and the batch changed over time
     assert any(len(s) > 1 and any(k > 1 for _, k in s) and any(k == 1 for _, k in s) for s in log)
     assert len({tuple(i for i, _ in s) for s in log}) > 3
+    st = cache.staging
+    if staging == "off":
+        assert st is None
+    elif staging == "roomy":   # the 4 prompts longer than a token filled once each; rows that stayed were moved
+        assert (st.num_fills, st.num_fallbacks) == (4, 0) and st.num_moves >= 1 and st.nbytes <= STAGING[staging]
+    else:
+        assert st.num_fallbacks >= 1 and st.num_fills > 4 and st.nbytes <= STAGING[staging]
+
+
+def test_decode_staging_follows_the_blocks_through_a_bfloat16_cache_and_a_freed_sequence(checkpoint):
+    """Step by step the staged decode equals reading the blocks (a bfloat16 pool under float32 compute: the staged
+    new tokens are rounded as the blocks round them); a sequence freed and started again under the same id is filled
+    again from its new blocks, not served its old staged K/V."""
+    path, hf = checkpoint
+    model = DecoderModel.from_pretrained(path, CPU)
+    caches = [model.new_cache(KVCacheConfig(block_size=4, num_blocks=64, dtype="bfloat16", staging_bytes=s))
+              for s in (0, 1 << 20)]
+    prompts = _prompts([6, 9, 5], seed=5)
+
+    def run(cache, plan):
+        out = []
+        for step in plan:   # (seq, tokens, num_computed)
+            seqs = [StepSequence(i, c, len(t)) for i, t, c in step]
+            for i, t, c in step:
+                cache.allocate(i, c + len(t))
+            out.append(model.forward(torch.tensor([x for _, t, _ in step for x in t]), None, seqs, cache))
+        return out
+
+    a, b, c = prompts
+    decode = [[(0, a, 0), (1, b, 0)]] + [[(0, [t], 6 + k), (1, [t + 1], 9 + k)] for k, t in enumerate((3, 7, 11))]
+    # id 0 again, freed while staged, with a prompt as long as its staged row (6 + 3) prefilled alone (no decode
+    # rows: the staging is not asked): only the free tells it; then 0 leaves and 2 joins
+    again = [[(0, b, 0)], [(0, [4], 9), (1, [5], 12)], [(1, [6], 13), (2, c, 0)], [(1, [7], 14), (2, [8], 5)]]
+    for cache in caches:
+        got = run(cache, decode)
+        cache.free(0)
+        got += run(cache, again)
+        if cache.staging is None:
+            ref = got
+        else:
+            for x, y in zip(got, ref):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+            assert cache.staging.num_fills == 4                              # 0, 1, 0 again, 2
+    with torch.no_grad():   # the restarted id 0 decodes from its new prompt
+        full = hf(torch.tensor([b + [4]])).logits[0, -1]
+    torch.testing.assert_close(got[5][0], full, atol=0.05, rtol=0.05)
 
 
 # -- LoRA -------------------------------------------------------------------------------------
@@ -319,6 +372,8 @@ def test_kv_cache_config_validation():
         KVCacheConfig(block_size=0, num_blocks=4)
     with pytest.raises(ValueError, match="dtype"):
         KVCacheConfig(num_blocks=4, dtype="int8")
+    with pytest.raises(ValueError, match="staging_bytes"):
+        KVCacheConfig(num_blocks=4, staging_bytes=-1)
     cache = PagedKVCache(KVCacheConfig(block_size=4, budget_bytes=10_000), 2, 2, 8, CPU)
     assert cache.bytes_per_block == 2 * 2 * 4 * 2 * 8 * 4
     assert cache.num_blocks == 10_000 // cache.bytes_per_block and cache.total_bytes() <= 10_000

@@ -103,10 +103,11 @@ def test_smollm2_greedy_equals_hf_generate(smollm2, smollm2_prompts):
         (30, 576, 9, 3, True)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert eos == tokenizer.eos_token_id
-    cache = model.new_cache(KVCacheConfig(block_size=16, num_blocks=32))
+    cache = model.new_cache(KVCacheConfig(block_size=16, num_blocks=32, staging_bytes=64 << 20))
     ours = generate_greedy(model, prompts, cache, max_new_tokens=20, chunk_size=16, token_budget=48,
                            eos_token_id=eos)
     assert tokenizer.decode(ours[0]) == "The capital of France is Paris.<|im_end|>"
+    assert cache.staging.num_fills == len(prompts) and cache.staging.num_fallbacks == 0   # decoded on the staging
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
     for prompt, mine in zip(prompts, ours):
