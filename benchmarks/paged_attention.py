@@ -345,7 +345,8 @@ def main(argv=None) -> int:
         "date": utc_now(), "git": git_state(),
         "load_average_after": load_average(), "parameters": {k: str(v) if isinstance(v, Path) else v
                                                               for k, v in vars(a).items()},
-        "kv_cache_bytes": backbone.kv.total_bytes(), "staging_budget_bytes": staging, "block_size": bs, "contexts": rows, "prefill": prefill,
+        "kv_cache_bytes": backbone.kv.total_bytes(), "staging_budget_bytes": staging, "block_size": bs,
+        "contexts": rows, "prefill": prefill,
         "chunk_pad_limit": decoder.CHUNK_PAD_LIMIT,
         "timed_s": time.perf_counter() - started,
     }

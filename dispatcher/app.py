@@ -82,7 +82,9 @@ class App:
     def _decoder_config(config: ServerConfig):
         """With decoder replicas this process's decoder never generates: a KV cache of one MiB, not the configured."""
         decoder = config.decoder_config()
-        return dataclasses.replace(decoder, kv_cache_bytes=1 << 20, staging_bytes=0) if config.decoder_replicas else decoder
+        if not config.decoder_replicas:
+            return decoder
+        return dataclasses.replace(decoder, kv_cache_bytes=1 << 20, staging_bytes=0)
 
     @staticmethod
     def _encoder_engine(config: ServerConfig, model: MultiTenantModel, manager: Manager, metrics: Metrics):
