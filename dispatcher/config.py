@@ -175,7 +175,8 @@ class ServerConfig:
     decoder: str | None = None           # a local Llama-family checkpoint dir; None: SmolLM2-135M-Instruct
     decoder_kv_cache_mb: int = 256       # the KV cache of generation (a hard budget; K and V, all layers)
     decoder_block_size: int = 16         # tokens per KV block
-    decoder_staging_mb: int = 256        # the running decode rows' K/V kept contiguous too (faster decode; 0: off)
+    decoder_staging_mb: int | None = None   # the running decode rows' K/V kept contiguous too (faster decode; 0: off;
+                                            # unset: as much as decoder_kv_cache_mb)
     decoder_lora_slots: int = 32         # decoder LoRA adapters resident at once
     decoder_max_lora_rank: int = 16
     decoder_lora_dtype: str = "auto"     # the decoder LoRA pool's banks: auto (the model's dtype) | float32 | bfloat16 (half the memory)
@@ -278,7 +279,7 @@ class ServerConfig:
                      "latency_target_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.decoder_staging_mb < 0:
+        if self.decoder_staging_mb is not None and self.decoder_staging_mb < 0:
             raise ValueError(f"decoder_staging_mb must be >= 0 (0: off), got {self.decoder_staging_mb}")
         if self.host_heap_keep_mb < 0:
             raise ValueError(f"host_heap_keep_mb must be >= 0 (0: glibc's defaults), got {self.host_heap_keep_mb}")
@@ -392,7 +393,8 @@ class ServerConfig:
     def decoder_config(self) -> DecoderBackboneConfig:
         return DecoderBackboneConfig(path=self.decoder, cache_dir=str(Path(self.data_dir) / "models"),
                                      kv_cache_bytes=self.decoder_kv_cache_mb << 20, block_size=self.decoder_block_size,
-                                     staging_bytes=self.decoder_staging_mb << 20,
+                                     staging_bytes=(self.decoder_kv_cache_mb if self.decoder_staging_mb is None
+                                                    else self.decoder_staging_mb) << 20,
                                      num_lora_slots=self.decoder_lora_slots, max_lora_rank=self.decoder_max_lora_rank,
                                      lora_dtype=self.decoder_lora_dtype)
 

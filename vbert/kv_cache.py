@@ -326,28 +326,34 @@ class DecodeStaging:
         self.k = self.v = None
 
     def _reserve(self, rows: int, tokens: int) -> bool:
-        """Room for `rows` rows of `tokens` tokens, keeping what the rows hold; False: over the budget."""
+        """Room for `rows` rows of `tokens` tokens; False: more than the budget. Grows by a quarter of the tokens
+        (at least TOKEN_ROUND) at a time, keeping what the rows hold, or as far as the budget allows: near the
+        budget it neither reallocates every step nor gives up and retries each step. Where the rows it has leave
+        too few tokens, it starts again with just `rows` rows (every sequence is filled again)."""
         have_rows, have_tokens = (0, 0) if self.k is None else (self.k.shape[1], self.k.shape[3])
         if rows <= have_rows and tokens <= have_tokens:
             return True
-        r, t = max(rows, have_rows), max(tokens, have_tokens)
-        if tokens > have_tokens:                        # with headroom, so that a growing context reallocates rarely
+        per_token = self._bytes(1, 1)
+        for keep in (True, False):
+            r = max(rows, have_rows) if keep else rows
+            fit = self.budget_bytes // (per_token * r)          # tokens per row the budget allows
+            if tokens > fit or (keep and fit < have_tokens):
+                continue
             step = self.TOKEN_ROUND
-            grown = -(-max(tokens, have_tokens + have_tokens // 4) // step) * step
-            if self._bytes(r, grown) <= self.budget_bytes:
-                t = grown
-        if self._bytes(r, t) > self.budget_bytes:
-            return False
-        shape = (self.num_layers, r, self.num_kv_heads, t, self.head_dim)
-        # zeros, not empty: the positions past a row's length are masked, but a NaN there would still reach the
-        # output through SDPA (0 x NaN)
-        k = torch.zeros(shape, device=self.device.device, dtype=self.device.dtype)
-        v = torch.zeros(shape, device=self.device.device, dtype=self.device.dtype)
-        if self.k is not None:                          # keep what the rows hold
-            k[:, :have_rows, :, :have_tokens] = self.k
-            v[:, :have_rows, :, :have_tokens] = self.v
-        self.k, self.v = k, v
-        return True
+            t = min(fit, -(-max(tokens, have_tokens + have_tokens // 4) // step) * step)
+            shape = (self.num_layers, r, self.num_kv_heads, t, self.head_dim)
+            # zeros, not empty: the positions past a row's length are masked, but a NaN there would still reach
+            # the output through SDPA (0 x NaN)
+            k = torch.zeros(shape, device=self.device.device, dtype=self.device.dtype)
+            v = torch.zeros(shape, device=self.device.device, dtype=self.device.dtype)
+            if keep and self.k is not None:             # keep what the rows hold
+                k[:, :have_rows, :, :have_tokens] = self.k
+                v[:, :have_rows, :, :have_tokens] = self.v
+            elif not keep:
+                self._rows.clear()
+            self.k, self.v = k, v
+            return True
+        return False
 
     def prepare(self, cache: "PagedKVCache", rows: Sequence[tuple[Hashable, int]]) -> np.ndarray | None:
         """rows: (seq_id, num_computed) of each sequence that decodes one token this step. Afterwards staging rows
@@ -358,7 +364,7 @@ class DecodeStaging:
         num = len(rows)
         if not self._reserve(num, max(n for _, n in rows) + 1):
             self.num_fallbacks += 1
-            self.clear()
+            self.clear()                                # gives the memory back while the rows do not fit
             return None
         wanted = dict(rows)
         for seq_id, (row, length) in list(self._rows.items()):

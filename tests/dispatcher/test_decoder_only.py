@@ -45,6 +45,8 @@ def test_config_accepts_a_decoder_only_server(tiny_checkpoint, tmp_path):
         tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder", decoder_staging_mb=-1)
     assert tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder",
                               decoder_staging_mb=0).decoder_config().kv_config().staging_bytes == 0
+    assert tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder",     # unset: the KV cache's budget
+                              decoder_kv_cache_mb=3).decoder_config().kv_config().staging_bytes == 3 << 20
     with pytest.raises(ValueError, match="generation_prefix_sharing 'everyone' is not one of"):
         tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder", generation_prefix_sharing="everyone")
     assert not tiny_server_config(tiny_checkpoint, tmp_path, backbones="decoder", generation_prefix_caching=False,

@@ -381,6 +381,51 @@ def test_kv_cache_config_validation():
         PagedKVCache(KVCacheConfig(block_size=4, budget_bytes=100), 2, 2, 8, CPU)
 
 
+def test_decode_staging_holds_the_blocks_contents_and_grows_within_its_budget():
+    """DecodeStaging alone on a pool of random K/V: a sequence's row equals its blocks once filled; rows grow by a
+    quarter at a time up to the most the budget allows (not reallocated every step near it); past it a step gets
+    None and the memory is given back, without trying to allocate again each step; when a row leaves the others fit
+    again and are filled again."""
+    layers, heads, d, bs = 2, 2, 4, 4
+    cache = PagedKVCache(KVCacheConfig(block_size=bs, num_blocks=64, staging_bytes=2 * layers * 2 * heads * 100 * d * 4),
+                         layers, heads, d, CPU)                        # 2 rows of 100 tokens (fp32)
+    st = cache.staging
+    torch.manual_seed(0)
+    cache.k.copy_(torch.randn_like(cache.k))
+    cache.v.copy_(torch.randn_like(cache.v))
+
+    def row_equals_blocks(seq, row, n):
+        blocks = torch.from_numpy(cache.blocks(seq, n))
+        for layer in range(layers):
+            k, v = cache.read_blocks(layer, blocks)
+            if not (torch.equal(st.k[layer, row, :, :n], k[:n].transpose(0, 1))
+                    and torch.equal(st.v[layer, row, :, :n], v[:n].transpose(0, 1))):
+                return False
+        return True
+
+    for seq in ("a", "b"):
+        cache.allocate(seq, 120)
+    rows = st.prepare(cache, [("a", 30), ("b", 10)])
+    assert rows.tolist() == [0, 1] and st.num_fills == 2
+    assert row_equals_blocks("a", 0, 30) and row_equals_blocks("b", 1, 10)
+    assert st.k.shape[1:4:2] == (2, 64)                              # 31 tokens, rounded up to 64
+    shapes = set()
+    for n in range(31, 100):                                          # a decodes: 1 token a step
+        assert st.prepare(cache, [("a", n), ("b", n - 20)]) is not None
+        shapes.add(st.k.shape[3])
+    # 64, then a quarter more rounded up to 64 (128) is over the budget: the most it allows, 100, once
+    assert shapes == {64, 100} and st.num_fallbacks == 0
+    assert st.nbytes <= cache.config.staging_bytes and st.num_fills == 2
+    assert row_equals_blocks("a", 0, 30) and row_equals_blocks("b", 1, 10)   # kept through the reallocation
+    assert st.prepare(cache, [("a", 100), ("b", 80)]) is None        # 101 tokens: more than 2 rows can have
+    assert st.k is None and st.nbytes == 0 and st.num_fallbacks == 1
+    assert st.prepare(cache, [("a", 101), ("b", 81)]) is None and st.k is None
+    rows = st.prepare(cache, [("a", 102)])                            # b left: one row may have 200 tokens
+    assert rows.tolist() == [0] and st.num_fills == 3 and row_equals_blocks("a", 0, 102)
+    cache.free("a")
+    assert st.prepare(cache, [("b", 82)]).tolist() == [0] and st.num_fills == 4
+
+
 def test_kv_cache_allocation_and_round_trip():
     cache = PagedKVCache(KVCacheConfig(block_size=4, num_blocks=6), 2, 2, 3, CPU)
     cache.allocate("x", 3)
