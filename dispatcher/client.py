@@ -271,13 +271,13 @@ class _Api:
 
     def _generate_request(self, prompt: str | None, messages, adapter: str, max_new_tokens: int,
                           temperature: float | None, top_k: int, top_p: float | None, seed: int | None, stop,
-                          stop_token_ids, logprobs: int, truncate_prompt: bool, ignore_eos: bool):
+                          stop_token_ids, logprobs: int, truncate_prompt: bool, ignore_eos: bool, **penalties):
         req = tenant_pb2.GenerateRequest(
             adapter=adapter, prompt=prompt or "", max_new_tokens=max_new_tokens, top_k=top_k,
             stop=[stop] if isinstance(stop, str) else list(stop or ()), stop_token_ids=list(stop_token_ids or ()),
             logprobs=logprobs, truncate_prompt=truncate_prompt, ignore_eos=ignore_eos,
             messages=[tenant_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()])
-        for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), *penalties.items()):
             if value is not None:
                 setattr(req, name, value)
         return req
@@ -385,13 +385,17 @@ class Client(_Api):
     def generate(self, prompt: str | None = None, *, messages=None, adapter: str = "default",
                  max_new_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
                  top_p: float | None = None, seed: int | None = None, stop=(), stop_token_ids=(), logprobs: int = 0,
-                 truncate_prompt: bool = False, ignore_eos: bool = False, timeout: float | None = None):
+                 truncate_prompt: bool = False, ignore_eos: bool = False, timeout: float | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 repetition_penalty: float | None = None):
         """Stream a generation: prompt (or messages=[{"role", "content"}, ...] through the chat template) on a decoder adapter
         ("default" = the bare decoder); yields one dict per streamed message (see _generation_event), the last
-        with "finish_reason", "usage" and "metadata". temperature None = 1.0, 0 = greedy. Not retried: a
-        failure raises VbertError (before or during the stream)."""
+        with "finish_reason", "usage" and "metadata". temperature None = 1.0, 0 = greedy; penalties None = off.
+        Not retried: a failure raises VbertError (before or during the stream)."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                                     stop_token_ids, logprobs, truncate_prompt, ignore_eos)
+                                     stop_token_ids, logprobs, truncate_prompt, ignore_eos,
+                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                     repetition_penalty=repetition_penalty)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             for r in call:
@@ -450,10 +454,13 @@ class AsyncClient(_Api):
                        max_new_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
                        top_p: float | None = None, seed: int | None = None, stop=(), stop_token_ids=(),
                        logprobs: int = 0, truncate_prompt: bool = False, ignore_eos: bool = False,
-                       timeout: float | None = None):
+                       timeout: float | None = None, presence_penalty: float | None = None,
+                       frequency_penalty: float | None = None, repetition_penalty: float | None = None):
         """`async for event in client.generate(...)`: as Client.generate."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                                     stop_token_ids, logprobs, truncate_prompt, ignore_eos)
+                                     stop_token_ids, logprobs, truncate_prompt, ignore_eos,
+                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                     repetition_penalty=repetition_penalty)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             async for r in call:

@@ -25,7 +25,9 @@ def params_of(request) -> GenerateParams:
         top_p=request.top_p if request.HasField("top_p") else None, top_k=int(request.top_k),
         seed=int(request.seed) if request.HasField("seed") else None, stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids), logprobs=int(request.logprobs),
-        truncate_prompt=request.truncate_prompt, ignore_eos=request.ignore_eos)
+        truncate_prompt=request.truncate_prompt, ignore_eos=request.ignore_eos,
+        **{name: getattr(request, name) if request.HasField(name) else None
+           for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")})
 
 
 def _response(delta: GenerationDelta) -> tenant_pb2.GenerateResponse:

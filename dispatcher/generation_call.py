@@ -41,6 +41,9 @@ class GenerateParams:
     logprobs: int = 0
     truncate_prompt: bool = False
     ignore_eos: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
 
 
 def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
@@ -49,13 +52,16 @@ def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
     top_p = 1.0 if params.top_p is None else params.top_p
     if not math.isfinite(temperature) or not math.isfinite(top_p):
         raise InvalidArgumentError("temperature and top_p must be finite numbers")
+    penalties = {name: default if getattr(params, name) is None else float(getattr(params, name))
+                 for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                                       ("repetition_penalty", 1.0))}
     if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in params.stop):
         raise InvalidArgumentError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
     try:
         return SamplingParams(temperature=float(temperature), top_k=int(params.top_k), top_p=float(top_p),
                               seed=None if params.seed is None else int(params.seed), max_new_tokens=max_new_tokens,
                               stop_token_ids=tuple(params.stop_token_ids), stop=tuple(params.stop),
-                              logprobs=int(params.logprobs))
+                              logprobs=int(params.logprobs), **penalties)
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from None
 

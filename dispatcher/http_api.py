@@ -9,7 +9,7 @@
 domain calls as gRPC (dispatcher.generation_call, dispatcher.rpc.run_inputs); errors take the gRPC edge's
 single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status. Unknown fields are
-ignored, as OpenAI does; `top_k` and `ignore_eos` are accepted as vLLM accepts them; `n` > 1 is refused.
+ignored, as OpenAI does; `top_k`, `ignore_eos` and `repetition_penalty` are accepted as vLLM accepts them; `n` > 1 is refused.
 """
 from __future__ import annotations
 
@@ -125,7 +125,9 @@ def _common(body: dict) -> dict:
         raise _Param("best_of", "only best_of = 1 is supported")
     return dict(temperature=_float(body, "temperature"), top_p=_float(body, "top_p"),
                 top_k=max(0, _get(body, "top_k", int, 0)), seed=_get(body, "seed", int), stop=_stop(body),
-                ignore_eos=bool(_get(body, "ignore_eos", bool, False)))
+                ignore_eos=bool(_get(body, "ignore_eos", bool, False)),
+                presence_penalty=_float(body, "presence_penalty"), frequency_penalty=_float(body, "frequency_penalty"),
+                repetition_penalty=_float(body, "repetition_penalty"))
 
 
 def _float(body: dict, name: str) -> float | None:

@@ -56,7 +56,10 @@ class GenerationRunner:
         if ends:
             params: list[SamplingParams] = [batch.rows[i].request.metadata["sampling"] for i in ends]
             counts = [len(batch.rows[i].request.output_ids) for i in ends]
-            picked, lps = sample(logits[ends], params, counts)
+            history = None
+            if any(p.has_penalties for p in params):   # what the penalties count: the prompt and the output so far
+                history = [(batch.rows[i].request.prompt_ids, batch.rows[i].request.output_ids) for i in ends]
+            picked, lps = sample(logits[ends], params, counts, history)
             for j, (i, token) in enumerate(zip(ends, picked.tolist())):   # one device->host copy
                 new_ids[i] = token
                 if lps is not None:

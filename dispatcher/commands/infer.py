@@ -72,12 +72,18 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
 @click.option("--seed", default=None, type=click.IntRange(min=0), help="Reproducible sampling.")
 @click.option("--stop", multiple=True, help="A stop string (repeatable); not included in the text.")
+@click.option("--presence-penalty", default=None, type=click.FloatRange(-2, 2),
+              help="Lower a generated token's logit by this once (OpenAI's; default 0).")
+@click.option("--frequency-penalty", default=None, type=click.FloatRange(-2, 2),
+              help="Lower a generated token's logit by this per time generated (OpenAI's; default 0).")
+@click.option("--repetition-penalty", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Divide positive / multiply negative logits of prompt and generated tokens (default 1: off).")
 @click.option("--truncate-prompt", is_flag=True, help="Keep a too-long prompt's last tokens instead of failing.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-sequence token.")
 @click.argument("prompt", required=False)
 @remote(is_admin=False)
-def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, top_k, seed, stop, truncate_prompt,
-             ignore_eos, prompt) -> None:
+def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, top_k, seed, stop, presence_penalty,
+             frequency_penalty, repetition_penalty, truncate_prompt, ignore_eos, prompt) -> None:
     """Generate a continuation of PROMPT (or of stdin), streamed to stdout as it is produced: only the
     generated text goes to stdout, so it can be piped. With -o json: one JSON object per message."""
     if prompt is None or prompt == "-":
@@ -93,7 +99,9 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
         last = None
         for event in client.generate(prompt, messages=messages, adapter=adapter_name, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                                     truncate_prompt=truncate_prompt, ignore_eos=ignore_eos, timeout=r.timeout):
+                                     truncate_prompt=truncate_prompt, ignore_eos=ignore_eos, timeout=r.timeout,
+                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                     repetition_penalty=repetition_penalty):
             if r.output == "json":
                 click.echo(json.dumps(event))
             else:

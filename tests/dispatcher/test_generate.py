@@ -246,9 +246,14 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
         assert metric("vbert_prefix_cache_queried_tokens_total") == 2 * (prompt - 1)
         assert metric("vbert_kv_cache_blocks_cached") >= (prompt - 1) // 16
         assert metric("vbert_kv_cache_evicted_blocks_total") == 0          # 32 MB hold every block of this test
-        # both answers decoded on the staging (each filled from its blocks once), held within its default budget
-        assert metric("vbert_kv_staging_fills_total") == 2 and metric("vbert_kv_staging_fallbacks_total") == 0
-        assert 0 < metric("vbert_kv_staging_bytes") <= 256 << 20
+        # a frequency penalty stops the default decoder's greedy repetition (it writes "Cat," line after line)
+        cats = [{"role": "user", "content": "Write the word cat ten times."}]
+        plain, penalized = (c.chat.completions.create(model="default", temperature=0, max_tokens=30, messages=cats,
+                                                      frequency_penalty=f).choices[0].message.content for f in (0, 1))
+        assert plain.count("\nCat,") >= 5 and penalized.count("\nCat,") <= 1, (plain, penalized)
+        # the four answers decoded on the staging (each filled from its blocks once), held within its default budget
+        assert metric("vbert_kv_staging_fills_total") == 4 and metric("vbert_kv_staging_fallbacks_total") == 0
+        assert 0 < metric("vbert_kv_staging_bytes") <= 32 << 20                 # unset: the KV cache's 32 MB
         # the README's generative walkthrough: the shipped NCBI-disease decoder LoRA, over both protocols
         root = Path(__file__).resolve().parents[2] / "examples" / "adapters-trained" / "ncbi-disease-gen"
         res = json.loads((root / "RESULT.json").read_text())

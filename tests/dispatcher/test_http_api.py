@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +117,44 @@ def test_streamed_chat_with_usage_and_logprobs(http_server):
     again = c.chat.completions.create(model="default", messages=messages, max_tokens=4, temperature=0.7, seed=3,
                                       extra_body={"ignore_eos": True})
     assert again.choices[0].message.content == lp.choices[0].message.content     # seeded
+
+
+def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_server):
+    """OpenAI's presence and frequency penalties and vLLM's repetition_penalty reach the sampler from both
+    protocols: greedy, the same tokens over HTTP and gRPC; with strong penalties no token repeats where the bare
+    greedy output repeats them; out of range refused with the field named, nothing generated."""
+    s = http_server
+    c = client(s)
+    prompt = "the patient was treated"
+    plain = c.completions.create(model="default", prompt=prompt, max_tokens=24, temperature=0, logprobs=1,
+                                 extra_body={"ignore_eos": True}).choices[0]
+    plain_ids = [t for t in plain.logprobs.tokens]
+    assert len(set(plain_ids)) < len(plain_ids)                       # this tiny model repeats itself
+    for fields in ({"frequency_penalty": 2.0, "presence_penalty": 2.0}, {"repetition_penalty": 50.0}):
+        out = c.completions.create(model="default", prompt=prompt, max_tokens=24, temperature=0,
+                                   extra_body={"ignore_eos": True, **fields})
+        text, final = grpc_tokens(s, prompt=prompt, max_new_tokens=24, temperature=0, ignore_eos=True, **fields)
+        assert out.choices[0].text == text and final.usage.completion_tokens == 24
+        assert out.choices[0].text != plain.text, fields
+    ids = [t for m in s.tenant.Generate(T.GenerateRequest(prompt=prompt, max_new_tokens=24, temperature=0,
+                                                          ignore_eos=True, presence_penalty=2.0),
+                                        metadata=bearer(s.keys["acme"]), timeout=30) for t in m.token_ids]
+    assert len(ids) == 24 and len(set(ids)) > len(set(plain_ids))
+    from dispatcher.client import Client
+
+    with Client(s.address, api_key=s.keys["acme"]) as cl:                # the Python client and the CLI pass them
+        assert [t for e in cl.generate(prompt, max_new_tokens=24, temperature=0, ignore_eos=True,
+                                       presence_penalty=2.0) for t in e["token_ids"]] == ids
+    vbert = str(Path(sys.executable).parent / "vbert")
+    out = subprocess.run([vbert, "generate", "--server", s.address, "--api-key", s.keys["acme"], "--max-new-tokens",
+                          "24", "--temperature", "0", "--ignore-eos", "--presence-penalty", "2", prompt],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == s.app.decoder.tokenizer.decode(ids, skip_special_tokens=True) + "\n"
+    for name, value in (("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0)):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="default", prompt=prompt, max_tokens=2, extra_body={name: value})
+        assert name in e.value.body["message"]
 
 
 def test_embeddings_equal_grpc_embed(http_server):

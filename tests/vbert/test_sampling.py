@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from vbert.sampling import SamplingParams, sample, step_generator
+from vbert.sampling import SamplingParams, _penalized, sample, step_generator
 
 
 def _logits(num_seqs: int, vocab: int, seed: int) -> torch.Tensor:
@@ -203,3 +203,55 @@ def test_shape_errors():
         sample(torch.zeros(4), [SamplingParams()], [0])
     with pytest.raises(ValueError, match="params"):
         sample(torch.zeros(2, 4), [SamplingParams()], [0])
+
+
+def _reference_penalties(x: torch.Tensor, p: SamplingParams, prompt: list[int], generated: list[int]) -> list[float]:
+    """The Semantics' penalties for one row, in plain Python."""
+    z = x.float().tolist()
+    r = p.repetition_penalty
+    for t in set(prompt) | set(generated):
+        z[t] = z[t] / r if z[t] > 0 else z[t] * r
+    for t in set(generated):
+        z[t] -= p.frequency_penalty * generated.count(t) + p.presence_penalty
+    return z
+
+
+def test_penalties_follow_the_semantics_row_by_row_and_leave_logprobs_to_the_model():
+    x = _logits(5, 40, 7)
+    prompt, generated = [3, 5, 5, 9], [5, 11, 11, 11, 2]
+    params = [SamplingParams(temperature=0, frequency_penalty=1.5),
+              SamplingParams(temperature=0, presence_penalty=-2.0, logprobs=3),
+              SamplingParams(temperature=0, repetition_penalty=1.7),
+              SamplingParams(temperature=0.8, seed=4, presence_penalty=0.5, frequency_penalty=0.3,
+                             repetition_penalty=0.6),
+              SamplingParams(temperature=0)]                                   # no penalty: no history needed
+    history = [(prompt, generated)] * 4 + [None]
+    ids, logprobs = sample(x, params, [len(generated)] * 5, history)
+    penalized = _penalized(x, params, history)                               # the logits the rows decide on
+    for i, p in enumerate(params[:4]):
+        assert penalized[i].tolist() == pytest.approx(_reference_penalties(x[i], p, prompt, generated), abs=1e-6)
+    assert torch.equal(penalized[4], x[4]) and not torch.equal(penalized, x)
+    for i, p in enumerate(params[:4]):
+        z = torch.tensor(_reference_penalties(x[i], p, prompt, generated))
+        assert ids[i].item() == _reference_row(z, p, len(generated)), i
+    assert ids[4].item() == int(torch.argmax(x[4]))
+    # a large frequency penalty steers greedy away from the token generated three times
+    top = int(torch.argmax(x[0]))
+    steered = sample(x[:1], [SamplingParams(temperature=0, frequency_penalty=2.0)], [3], [([], [top] * 3)])[0]
+    assert steered.item() != top
+    # logprobs are the model's distribution (before penalties), of the token the penalized row picked
+    assert logprobs[1].top_logprobs == pytest.approx(torch.log_softmax(x[1], -1).topk(3).values.tolist(), abs=1e-5)
+    assert logprobs[1].token_id == ids[1].item()
+    with pytest.raises(ValueError, match="history"):
+        sample(x[:1], params[:1], [0])
+
+
+def test_penalty_validation_names_the_field():
+    for kwargs, name in ((dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
+                         (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+                         (dict(repetition_penalty=0), "repetition_penalty"),
+                         (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+                         (dict(presence_penalty=True), "presence_penalty")):
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**kwargs)
+    assert not SamplingParams().has_penalties and SamplingParams(repetition_penalty=1.1).has_penalties
