@@ -9,13 +9,15 @@
 domain calls as gRPC (dispatcher.generation_call, dispatcher.rpc.run_inputs); errors take the gRPC edge's
 single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status. Unknown fields are
-ignored, as OpenAI does; `top_k`, `ignore_eos` and `repetition_penalty` are accepted as vLLM accepts them; `n` > 1 is refused.
+ignored, as OpenAI does; `top_k`, `ignore_eos` and `repetition_penalty` are accepted as vLLM accepts them; `n` (up to 16)
+choices are n generations of the request, merged into one answer or stream.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -58,6 +60,7 @@ HTTP_OF = {
 FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "abort"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions (chat: up to the context)
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 16                  # n: choices of one request, each a generation of its own
 
 
 class _Param(InvalidArgumentError):
@@ -117,12 +120,16 @@ def _max_tokens(body: dict, default: int) -> int:
     return value
 
 
-def _common(body: dict) -> dict:
+def _num_choices(body: dict) -> int:
     n = _get(body, "n", int, 1)
-    if n != 1:
-        raise _Param("n", f"only n = 1 is supported, got {n}")
-    if body.get("best_of") not in (None, 1):
-        raise _Param("best_of", "only best_of = 1 is supported")
+    if not 1 <= n <= MAX_CHOICES:
+        raise _Param("n", f"must be in [1, {MAX_CHOICES}], got {n}")
+    if body.get("best_of") not in (None, n):
+        raise _Param("best_of", "only best_of = n is supported (no server-side choice among more)")
+    return n
+
+
+def _common(body: dict) -> dict:
     return dict(temperature=_float(body, "temperature"), top_p=_float(body, "top_p"),
                 top_k=max(0, _get(body, "top_k", int, 0)), seed=_get(body, "seed", int), stop=_stop(body),
                 ignore_eos=bool(_get(body, "ignore_eos", bool, False)),
@@ -281,10 +288,52 @@ class _Tokens:
                 "text_offset": offsets}
 
 
-def _usage(result: GenerationResult) -> dict:
-    return {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": result.num_generated_tokens,
-            "total_tokens": result.num_prompt_tokens + result.num_generated_tokens,
-            "prompt_tokens_details": {"cached_tokens": result.num_cached_tokens}}
+def _usage(results: list[GenerationResult]) -> dict:
+    """The choices' usage: the prompt once (as OpenAI counts it; its cached tokens those of the first choice), the
+    completions summed."""
+    prompt, completion = results[0].num_prompt_tokens, sum(r.num_generated_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": results[0].num_cached_tokens}}
+
+
+class _Choices:
+    """The n generations of one request: cancelled together, their events merged as they come."""
+
+    def __init__(self, gens: list):
+        self.gens = gens
+
+    def cancel(self) -> None:
+        for g in self.gens:
+            g.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[int, object]]:
+        """(choice index, event) as each generation produces them, until every one has finished; an error in any
+        ends the merge (the others are cancelled by the caller's cancel, as a disconnect would)."""
+        if len(self.gens) == 1:                         # no tasks for the common case
+            async for ev in self.gens[0].events():
+                yield 0, ev
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, gen) -> None:
+            try:
+                async for ev in gen.events():
+                    await queue.put((i, ev))
+            except Exception as e:  # noqa: BLE001 - raised to the reader below
+                await queue.put((i, e))
+        tasks = [asyncio.get_running_loop().create_task(pump(i, g)) for i, g in enumerate(self.gens)]
+        try:
+            remaining = len(self.gens)
+            while remaining:
+                i, ev = await queue.get()
+                if isinstance(ev, Exception):
+                    raise ev
+                if isinstance(ev, GenerationResult):
+                    remaining -= 1
+                yield i, ev
+        finally:
+            for t in tasks:
+                t.cancel()
 
 
 def _sse(obj) -> bytes:
@@ -367,38 +416,61 @@ def create_http_app(app, interceptor) -> FastAPI:
         # HTTP has no deadline header of its own: the server's default_deadline_s applies
         return await start_generation(app, tenant, params, None, rpc=rpc)
 
+    async def start_choices(tenant, params: GenerateParams, rpc: str, n: int) -> _Choices:
+        """n generations of the same request (choice i with seed + i when a seed is given, else each its own
+        random one); a refusal of any cancels those already started."""
+        gens = []
+        try:
+            for i in range(n):
+                p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                gens.append(await generate(tenant, p, rpc))
+        except BaseException:
+            for g in gens:
+                g.cancel()
+            raise
+        return _Choices(gens)
+
     async def generation_route(request: Request, shape_of) -> JSONResponse | StreamingResponse:
-        """/v1/completions and /v1/chat/completions: the same call, answered in the route's shape."""
+        """/v1/completions and /v1/chat/completions: the same call, answered in the route's shape; n choices."""
         async def work(tenant, body):
-            shape = shape_of(body, tokens)
+            n = _num_choices(body)
+            shapes = [shape_of(body, tokens) for _ in range(n)]      # each choice keeps its own offsets
+            shape = shapes[0]
             stream, usage_too = bool(body.get("stream", False)), _stream_options(body)
-            gen = await generate(tenant, shape.params, shape.route)
+            gens = await start_choices(tenant, shape.params, shape.route, n)
             head = {"id": f"{shape.id_prefix}-{_request_id.get()}", "created": int(time.time()),
                     "model": shape.params.adapter}
             if not stream:
-                text, lps, result = await _collect(gen, request)
-                return {**head, "object": shape.object, "usage": _usage(result),
-                        "choices": [{"index": 0, **shape.whole(text, lps),
-                                     "finish_reason": FINISH[result.finish_reason]}]}
+                try:
+                    outs = await asyncio.gather(*(_collect(g, request) for g in gens.gens))
+                finally:
+                    gens.cancel()
+                return {**head, "object": shape.object, "usage": _usage([result for _, _, result in outs]),
+                        "choices": [{"index": i, **shapes[i].whole(text, lps),
+                                     "finish_reason": FINISH[result.finish_reason]}
+                                    for i, (text, lps, result) in enumerate(outs)]}
 
             async def chunks() -> AsyncIterator[bytes]:
                 base = {**head, "object": shape.chunk_object}
 
-                def chunk(choice: dict, finish_reason=None) -> bytes:
-                    return _sse({**base, "choices": [{"index": 0, **choice, "finish_reason": finish_reason}]})
-                first = shape.first()
-                if first is not None:
-                    yield chunk(first)
-                async for ev in gen.events():
+                def chunk(i: int, choice: dict, finish_reason=None) -> bytes:
+                    return _sse({**base, "choices": [{"index": i, **choice, "finish_reason": finish_reason}]})
+                for i, sh in enumerate(shapes):
+                    first = sh.first()
+                    if first is not None:
+                        yield chunk(i, first)
+                results = []
+                async for i, ev in gens.events():
                     if isinstance(ev, GenerationDelta):
                         if ev.text or ev.token_ids:
-                            yield chunk(shape.delta(ev))
+                            yield chunk(i, shapes[i].delta(ev))
                     else:
-                        yield chunk(shape.end(), FINISH[ev.finish_reason])
-                        if usage_too:
-                            yield _sse({**base, "choices": [], "usage": _usage(ev)})
+                        results.append(ev)
+                        yield chunk(i, shapes[i].end(), FINISH[ev.finish_reason])
+                if usage_too:
+                    yield _sse({**base, "choices": [], "usage": _usage(results)})
                 yield b"data: [DONE]\n\n"
-            return chunks(), gen
+            return chunks(), gens
         return await handle(request, shape_of.route, work)
 
     async def completions(request: Request):

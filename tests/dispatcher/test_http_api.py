@@ -157,6 +157,40 @@ def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_serv
         assert name in e.value.body["message"]
 
 
+def test_n_choices_are_generations_of_their_own_seeds_merged_in_one_answer_or_stream(http_server):
+    """n = 3 sampled choices: choice i is what gRPC Generate gives with seed + i, usage counts the prompt once and
+    the completions summed; streamed, every choice's deltas carry its index, each ends with its own finish reason,
+    and each equals the non-streamed choice; greedy choices are equal; best_of other than n is refused."""
+    s = http_server
+    c = client(s)
+    messages = [{"role": "user", "content": "the patient"}]
+    kw = dict(model="writer", messages=messages, max_tokens=6, temperature=1.0, seed=11, n=3,
+              extra_body={"ignore_eos": True})
+    whole = c.chat.completions.create(**kw)
+    assert [ch.index for ch in whole.choices] == [0, 1, 2]
+    texts = [ch.message.content for ch in whole.choices]
+    for i, text in enumerate(texts):
+        ref, final = grpc_tokens(s, adapter="writer", messages=[T.ChatMessage(role="user", content="the patient")],
+                                 max_new_tokens=6, temperature=1.0, seed=11 + i, ignore_eos=True)
+        assert text == ref
+    assert len(set(texts)) > 1                                          # three seeds, not one answer thrice
+    assert whole.usage.prompt_tokens == final.usage.prompt_tokens and whole.usage.completion_tokens == 18
+    chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    streamed, finished = ["", "", ""], {}
+    for ch in chunks:
+        for choice in ch.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert streamed == texts and finished == {0: "length", 1: "length", 2: "length"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 18
+    greedy = c.completions.create(model="default", prompt="the patient", max_tokens=5, temperature=0, n=2)
+    assert greedy.choices[0].text == greedy.choices[1].text and greedy.usage.completion_tokens <= 10
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="default", prompt="x", max_tokens=2, n=2, extra_body={"best_of": 3})
+    assert e.value.body["param"] == "best_of"
+
+
 def test_embeddings_equal_grpc_embed(http_server):
     s = http_server
     c = client(s)
@@ -193,9 +227,10 @@ def test_errors_in_openai_shape(http_server):
     with pytest.raises(openai.NotFoundError) as e:                 # another tenant's adapter name
         client(s, "other").completions.create(model="writer", prompt="x", max_tokens=2)
     assert e.value.body["code"] == "not_found"
-    with pytest.raises(openai.BadRequestError) as e:
-        client(s).completions.create(model="default", prompt="x", max_tokens=2, n=2)
-    assert e.value.body["param"] == "n" and e.value.body["type"] == "invalid_request_error"
+    for n in (0, 17):
+        with pytest.raises(openai.BadRequestError) as e:
+            client(s).completions.create(model="default", prompt="x", max_tokens=2, n=n)
+        assert e.value.body["param"] == "n" and e.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as e:               # an encoder adapter in chat
         client(s).chat.completions.create(model="cls", messages=[{"role": "user", "content": "x"}])
     assert "encoder backbone" in e.value.body["message"]
