@@ -201,7 +201,8 @@ def _replica_metrics(engines: dict):
 REPLICA_LOADS = (("num_waiting", "vbert_replica_queue_depth", "requests waiting in a replica's engine"),
                  ("num_running", "vbert_replica_generation_running", "generation requests running on a replica"),
                  ("num_blocks", "vbert_replica_kv_cache_blocks", "KV cache blocks of a replica, in all"),
-                 ("num_free_blocks", "vbert_replica_kv_cache_blocks_free", "free KV cache blocks of a replica"))
+                 ("num_free_blocks", "vbert_replica_kv_cache_blocks_free", "free KV cache blocks of a replica"),
+                 ("staging_bytes", "vbert_replica_kv_staging_bytes", "memory of a replica's decode staging"))
 
 
 def _replica_loads(engines: dict):

@@ -276,7 +276,9 @@ class DecoderReplica(_Replica):
 
     def load_stats(self) -> dict:
         stats = self.engine.scheduler.stats()
-        return {k: stats[k] for k in ("num_waiting", "num_running", "num_blocks", "num_free_blocks", "num_preempted")}
+        staging = self.decoder.kv.staging
+        return {**{k: stats[k] for k in ("num_waiting", "num_running", "num_blocks", "num_free_blocks", "num_preempted")},
+                "staging_bytes": 0 if staging is None else staging.nbytes}
 
     def engine_stats(self) -> dict:
         """The generation scheduler's numbers on this replica (waiting, running, KV blocks) and its pid."""

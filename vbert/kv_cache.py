@@ -292,11 +292,12 @@ class DecodeStaging:
     """The running decode rows' K/V, contiguous: k, v [num_layers, rows, num_kv_heads, tokens, head_dim] in the
     compute dtype, row r holding one sequence's positions 0..length-1. A decode step appends each row's new token
     (one write per row and layer) and attends over k[layer, :D, :, :T] as it is, where reading the blocks would
-    copy every row's whole context out of the pool every step (at 16 rows x 1,024 tokens the copy is two thirds of
+    copy every row's whole context out of the pool every step (at 16 rows x 1,024 tokens the copy is nearly half of
     a layer's attention on a 2-core CPU: benchmarks/paged_attention.py). The pool stays the truth (it is written
     too); a sequence's row is filled from its blocks once, when it starts decoding, and dropped when it is freed or
-    leaves the decode rows. Costs a second copy of the running contexts, bounded by budget_bytes: a step that would
-    need more reads the blocks, and the staging is emptied.
+    leaves the decode rows. Costs a second copy of the running contexts, bounded by budget_bytes (while it grows,
+    the old and the new allocation exist together for the copy): a step that would need more reads the blocks,
+    and the staging is emptied.
 
     This is mechanism; the decoder asks it (prepare) before each step that has decode rows."""
 
@@ -341,6 +342,8 @@ class DecodeStaging:
                 continue
             step = self.TOKEN_ROUND
             t = min(fit, -(-max(tokens, have_tokens + have_tokens // 4) // step) * step)
+            if not keep:                                # the old rows are filled again: free them first
+                self.clear()
             shape = (self.num_layers, r, self.num_kv_heads, t, self.head_dim)
             # zeros, not empty: the positions past a row's length are masked, but a NaN there would still reach
             # the output through SDPA (0 x NaN)
@@ -349,8 +352,6 @@ class DecodeStaging:
             if keep and self.k is not None:             # keep what the rows hold
                 k[:, :have_rows, :, :have_tokens] = self.k
                 v[:, :have_rows, :, :have_tokens] = self.v
-            elif not keep:
-                self._rows.clear()
             self.k, self.v = k, v
             return True
         return False

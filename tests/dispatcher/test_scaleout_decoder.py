@@ -108,6 +108,9 @@ def test_generation_through_two_decoder_replicas_equals_one_process(cluster, ref
         assert metric("vbert_replica_kv_cache_blocks_free", labels) == blocks      # nothing running now
         assert metric("vbert_replica_generation_running", labels) == 0
         assert metric("vbert_replica_queue_depth", labels) == 0
+        # a replica that decoded holds its decode staging (kept between steps, within its budget)
+        staged = metric("vbert_replica_kv_staging_bytes", labels)
+        assert (staged > 0 if pid in {str(p) for p in engine.stats.rows_per_replica} else staged >= 0), staged
     status = s.admin.GetStatus(admin_pb2.GetStatusRequest(), metadata=bearer(ADMIN_TOKEN))
     (dec,) = [b for b in status.backbones if b.name == "decoder"]
     assert (dec.kv_blocks_total, dec.kv_blocks_free) == (2 * blocks, 2 * blocks)
