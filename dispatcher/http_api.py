@@ -296,6 +296,32 @@ def _usage(results: list[GenerationResult]) -> dict:
             "prompt_tokens_details": {"cached_tokens": results[0].num_cached_tokens}}
 
 
+class _Primed:
+    """A generation whose first event has been read (its prompt is computed), replayed first."""
+
+    def __init__(self, gen):
+        self.gen, self._events, self._first = gen, None, None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.gen.num_prompt_tokens
+
+    async def prime(self) -> None:
+        self._events = self.gen.events()
+        self._first = await self._events.__anext__()
+
+    async def events(self):
+        try:
+            yield self._first
+            async for ev in self._events:
+                yield ev
+        finally:
+            await self._events.aclose()
+
+    def cancel(self) -> None:
+        self.gen.cancel()
+
+
 class _Choices:
     """The n generations of one request: cancelled together, their events merged as they come."""
 
@@ -424,6 +450,12 @@ def create_http_app(app, interceptor) -> FastAPI:
             for i in range(n):
                 p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
                 gens.append(await generate(tenant, p, rpc))
+                if i == 0 and n > 1 and app.config.generation_prefix_caching \
+                        and gens[0].num_prompt_tokens > app.config.decoder_block_size:
+                    # the others start once the first has computed its prompt: its full blocks are then in the
+                    # prefix cache, which they take instead of computing the prompt again
+                    gens[0] = _Primed(gens[0])
+                    await gens[0].prime()
         except BaseException:
             for g in gens:
                 g.cancel()

@@ -158,15 +158,18 @@ def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_serv
 
 
 def test_n_choices_are_generations_of_their_own_seeds_merged_in_one_answer_or_stream(http_server):
-    """n = 3 sampled choices: choice i is what gRPC Generate gives with seed + i, usage counts the prompt once and
-    the completions summed; streamed, every choice's deltas carry its index, each ends with its own finish reason,
+    """n = 3 sampled choices: choice i is what gRPC Generate gives with seed + i, the later choices take the
+    prompt's blocks from the prefix cache, usage counts the prompt once and the completions summed; streamed, every choice's deltas carry its index, each ends with its own finish reason,
     and each equals the non-streamed choice; greedy choices are equal; best_of other than n is refused."""
     s = http_server
     c = client(s)
     messages = [{"role": "user", "content": "the patient"}]
     kw = dict(model="writer", messages=messages, max_tokens=6, temperature=1.0, seed=11, n=3,
               extra_body={"ignore_eos": True})
+    hits = s.app.metrics.registry.get_sample_value
+    before = hits("vbert_prefix_cache_hit_tokens_total") or 0
     whole = c.chat.completions.create(**kw)
+    hit = hits("vbert_prefix_cache_hit_tokens_total") - before
     assert [ch.index for ch in whole.choices] == [0, 1, 2]
     texts = [ch.message.content for ch in whole.choices]
     for i, text in enumerate(texts):
@@ -175,6 +178,8 @@ def test_n_choices_are_generations_of_their_own_seeds_merged_in_one_answer_or_st
         assert text == ref
     assert len(set(texts)) > 1                                          # three seeds, not one answer thrice
     assert whole.usage.prompt_tokens == final.usage.prompt_tokens and whole.usage.completion_tokens == 18
+    # choices 1 and 2 started once choice 0 had computed the prompt: they took its full blocks (of 4) from the cache
+    assert hit == 2 * ((whole.usage.prompt_tokens - 1) // 4 * 4) > 0
     chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     streamed, finished = ["", "", ""], {}
     for ch in chunks:
