@@ -277,9 +277,11 @@ class _Api:
             stop=[stop] if isinstance(stop, str) else list(stop or ()), stop_token_ids=list(stop_token_ids or ()),
             logprobs=logprobs, truncate_prompt=truncate_prompt, ignore_eos=ignore_eos,
             messages=[tenant_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()])
+        bias = penalties.pop("logit_bias", None)
         for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), *penalties.items()):
             if value is not None:
                 setattr(req, name, value)
+        req.logit_bias.update({int(t): float(b) for t, b in (bias or {}).items()})
         return req
 
     # -- admin API: tenants ----------------------------------------------------------------------
@@ -387,15 +389,16 @@ class Client(_Api):
                  top_p: float | None = None, seed: int | None = None, stop=(), stop_token_ids=(), logprobs: int = 0,
                  truncate_prompt: bool = False, ignore_eos: bool = False, timeout: float | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
-                 repetition_penalty: float | None = None):
+                 repetition_penalty: float | None = None, logit_bias: dict | None = None):
         """Stream a generation: prompt (or messages=[{"role", "content"}, ...] through the chat template) on a decoder adapter
         ("default" = the bare decoder); yields one dict per streamed message (see _generation_event), the last
-        with "finish_reason", "usage" and "metadata". temperature None = 1.0, 0 = greedy; penalties None = off.
+        with "finish_reason", "usage" and "metadata". temperature None = 1.0, 0 = greedy; penalties None = off;
+        logit_bias {token id: bias in [-100, 100]}.
         Not retried: a failure raises VbertError (before or during the stream)."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_token_ids, logprobs, truncate_prompt, ignore_eos,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                     repetition_penalty=repetition_penalty)
+                                     repetition_penalty=repetition_penalty, logit_bias=logit_bias)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             for r in call:
@@ -455,12 +458,12 @@ class AsyncClient(_Api):
                        top_p: float | None = None, seed: int | None = None, stop=(), stop_token_ids=(),
                        logprobs: int = 0, truncate_prompt: bool = False, ignore_eos: bool = False,
                        timeout: float | None = None, presence_penalty: float | None = None,
-                       frequency_penalty: float | None = None, repetition_penalty: float | None = None):
+                       frequency_penalty: float | None = None, repetition_penalty: float | None = None, logit_bias: dict | None = None):
         """`async for event in client.generate(...)`: as Client.generate."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_token_ids, logprobs, truncate_prompt, ignore_eos,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                     repetition_penalty=repetition_penalty)
+                                     repetition_penalty=repetition_penalty, logit_bias=logit_bias)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             async for r in call:

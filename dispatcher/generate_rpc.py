@@ -26,6 +26,7 @@ def params_of(request) -> GenerateParams:
         seed=int(request.seed) if request.HasField("seed") else None, stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids), logprobs=int(request.logprobs),
         truncate_prompt=request.truncate_prompt, ignore_eos=request.ignore_eos,
+        logit_bias=tuple(sorted(request.logit_bias.items())),
         **{name: getattr(request, name) if request.HasField(name) else None
            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")})
 

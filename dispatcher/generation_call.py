@@ -44,6 +44,7 @@ class GenerateParams:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
@@ -61,7 +62,7 @@ def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
         return SamplingParams(temperature=float(temperature), top_k=int(params.top_k), top_p=float(top_p),
                               seed=None if params.seed is None else int(params.seed), max_new_tokens=max_new_tokens,
                               stop_token_ids=tuple(params.stop_token_ids), stop=tuple(params.stop),
-                              logprobs=int(params.logprobs), **penalties)
+                              logprobs=int(params.logprobs), logit_bias=tuple(params.logit_bias), **penalties)
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from None
 
@@ -118,6 +119,10 @@ async def start_generation(app, tenant: Tenant, params: GenerateParams, time_rem
                                    f"must be <= {limit} (the decoder's context {context_len}, the tenant's quota "
                                    f"of {tenant.quotas.max_tokens_per_request} tokens per request)")
     sampling = sampling_of(params, max(1, wanted))      # bad parameters answer before any tokenization
+    vocab = app.decoder.spec.vocab_size
+    outside = [t for t, _ in sampling.logit_bias if t >= vocab]
+    if outside:
+        raise InvalidArgumentError(f"logit_bias: token id {outside[0]} is not in the decoder's vocabulary of {vocab}")
     app.limiter.acquire(tenant, 1)
     ids = await asyncio.to_thread(app.decoder.tokenize_prompt, text, limit - max(1, wanted),
                                   params.truncate_prompt, is_chat)

@@ -9,7 +9,7 @@
 domain calls as gRPC (dispatcher.generation_call, dispatcher.rpc.run_inputs); errors take the gRPC edge's
 single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status. Unknown fields are
-ignored, as OpenAI does; `top_k`, `ignore_eos` and `repetition_penalty` are accepted as vLLM accepts them; `n` (up to 16)
+ignored, as OpenAI does; `top_k`, `ignore_eos`, `repetition_penalty` and `stop_token_ids` are accepted as vLLM accepts them; `n` (up to 16)
 choices are n generations of the request, merged into one answer or stream.
 """
 from __future__ import annotations
@@ -134,7 +134,37 @@ def _common(body: dict) -> dict:
                 top_k=max(0, _get(body, "top_k", int, 0)), seed=_get(body, "seed", int), stop=_stop(body),
                 ignore_eos=bool(_get(body, "ignore_eos", bool, False)),
                 presence_penalty=_float(body, "presence_penalty"), frequency_penalty=_float(body, "frequency_penalty"),
-                repetition_penalty=_float(body, "repetition_penalty"))
+                repetition_penalty=_float(body, "repetition_penalty"), logit_bias=_logit_bias(body),
+                stop_token_ids=_token_ids(body, "stop_token_ids"))
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": bias}."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise _Param("logit_bias", "expected an object of token id -> bias")
+    out = []
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise _Param("logit_bias", f"{key!r} is not a token id") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Param("logit_bias", f"the bias of {key} must be a number, got {value!r}")
+        out.append((token, float(value)))
+    return tuple(out)
+
+
+def _token_ids(body: dict, name: str) -> tuple[int, ...]:
+    value = body.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                              for t in value):
+        raise _Param(name, "expected a list of token ids")
+    return tuple(value)
 
 
 def _float(body: dict, name: str) -> float | None:

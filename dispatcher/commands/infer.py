@@ -78,14 +78,23 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
               help="Lower a generated token's logit by this per time generated (OpenAI's; default 0).")
 @click.option("--repetition-penalty", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Divide positive / multiply negative logits of prompt and generated tokens (default 1: off).")
+@click.option("--logit-bias", multiple=True, metavar="TOKEN_ID=BIAS",
+              help="Add BIAS (-100..100) to a token's logit (repeatable; -100 bans it).")
 @click.option("--truncate-prompt", is_flag=True, help="Keep a too-long prompt's last tokens instead of failing.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-sequence token.")
 @click.argument("prompt", required=False)
 @remote(is_admin=False)
 def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, top_k, seed, stop, presence_penalty,
-             frequency_penalty, repetition_penalty, truncate_prompt, ignore_eos, prompt) -> None:
+             frequency_penalty, repetition_penalty, logit_bias, truncate_prompt, ignore_eos, prompt) -> None:
     """Generate a continuation of PROMPT (or of stdin), streamed to stdout as it is produced: only the
     generated text goes to stdout, so it can be piped. With -o json: one JSON object per message."""
+    bias = {}
+    for item in logit_bias:
+        token, _, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not TOKEN_ID=BIAS", param_hint="--logit-bias") from None
     if prompt is None or prompt == "-":
         prompt = click.get_text_stream("stdin").read()
     if not prompt.strip():
@@ -101,7 +110,7 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
                                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                                      truncate_prompt=truncate_prompt, ignore_eos=ignore_eos, timeout=r.timeout,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                     repetition_penalty=repetition_penalty):
+                                     repetition_penalty=repetition_penalty, logit_bias=bias):
             if r.output == "json":
                 click.echo(json.dumps(event))
             else:

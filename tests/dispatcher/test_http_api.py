@@ -120,9 +120,10 @@ def test_streamed_chat_with_usage_and_logprobs(http_server):
 
 
 def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_server):
-    """OpenAI's presence and frequency penalties and vLLM's repetition_penalty reach the sampler from both
-    protocols: greedy, the same tokens over HTTP and gRPC; with strong penalties no token repeats where the bare
-    greedy output repeats them; out of range refused with the field named, nothing generated."""
+    """OpenAI's presence and frequency penalties and logit_bias, vLLM's repetition_penalty and stop_token_ids reach
+    the sampler from both protocols: greedy, the same tokens over HTTP and gRPC; with strong penalties no token
+    repeats where the bare greedy output repeats them; a bias of -100 bans a token; out of range (a token id
+    outside the vocabulary too) refused with the field named, nothing generated."""
     s = http_server
     c = client(s)
     prompt = "the patient was treated"
@@ -145,16 +146,33 @@ def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_serv
     with Client(s.address, api_key=s.keys["acme"]) as cl:                # the Python client and the CLI pass them
         assert [t for e in cl.generate(prompt, max_new_tokens=24, temperature=0, ignore_eos=True,
                                        presence_penalty=2.0) for t in e["token_ids"]] == ids
+        assert [t for e in cl.generate(prompt, max_new_tokens=3, temperature=0, ignore_eos=True,
+                                       logit_bias={ids[0]: -100}) for t in e["token_ids"]][0] != ids[0]
     vbert = str(Path(sys.executable).parent / "vbert")
     out = subprocess.run([vbert, "generate", "--server", s.address, "--api-key", s.keys["acme"], "--max-new-tokens",
                           "24", "--temperature", "0", "--ignore-eos", "--presence-penalty", "2", prompt],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == s.app.decoder.tokenizer.decode(ids, skip_special_tokens=True) + "\n"
-    for name, value in (("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0)):
+    for name, value in (("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
+                        ("logit_bias", {"5": 101}), ("logit_bias", {str(s.app.decoder.spec.vocab_size): 1.0}), ("logit_bias", {"x": 1.0}),
+                        ("stop_token_ids", [-1])):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model="default", prompt=prompt, max_tokens=2, extra_body={name: value})
-        assert name in e.value.body["message"]
+        assert name in e.value.body["message"], (name, value, e.value.body)
+    # logit_bias (OpenAI's) bans greedy's first token, the same over both protocols; stop_token_ids (vLLM's) stop
+    greedy = [t for m in s.tenant.Generate(T.GenerateRequest(prompt=prompt, max_new_tokens=8, temperature=0,
+                                                             ignore_eos=True), metadata=bearer(s.keys["acme"]),
+                                           timeout=30) for t in m.token_ids]
+    banned = c.completions.create(model="default", prompt=prompt, max_tokens=8, temperature=0,
+                                  logit_bias={str(greedy[0]): -100}, extra_body={"ignore_eos": True}).choices[0].text
+    text, _ = grpc_tokens(s, prompt=prompt, max_new_tokens=8, temperature=0, ignore_eos=True,
+                          logit_bias={greedy[0]: -100.0})
+    assert banned == text and banned != s.app.decoder.tokenizer.decode(greedy, skip_special_tokens=True)
+    stopped = c.completions.create(model="default", prompt=prompt, max_tokens=8, temperature=0,
+                                   extra_body={"stop_token_ids": [greedy[2]]}).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == s.app.decoder.tokenizer.decode(greedy[:greedy.index(greedy[2])], skip_special_tokens=True)
 
 
 def test_n_choices_are_generations_of_their_own_seeds_merged_in_one_answer_or_stream(http_server):

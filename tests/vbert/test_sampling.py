@@ -213,28 +213,34 @@ def _reference_penalties(x: torch.Tensor, p: SamplingParams, prompt: list[int], 
         z[t] = z[t] / r if z[t] > 0 else z[t] * r
     for t in set(generated):
         z[t] -= p.frequency_penalty * generated.count(t) + p.presence_penalty
+    for t, bias in p.logit_bias:
+        z[t] += bias
     return z
 
 
 def test_penalties_follow_the_semantics_row_by_row_and_leave_logprobs_to_the_model():
-    x = _logits(5, 40, 7)
+    x = _logits(6, 40, 7)
     prompt, generated = [3, 5, 5, 9], [5, 11, 11, 11, 2]
     params = [SamplingParams(temperature=0, frequency_penalty=1.5),
               SamplingParams(temperature=0, presence_penalty=-2.0, logprobs=3),
               SamplingParams(temperature=0, repetition_penalty=1.7),
               SamplingParams(temperature=0.8, seed=4, presence_penalty=0.5, frequency_penalty=0.3,
-                             repetition_penalty=0.6),
-              SamplingParams(temperature=0)]                                   # no penalty: no history needed
-    history = [(prompt, generated)] * 4 + [None]
-    ids, logprobs = sample(x, params, [len(generated)] * 5, history)
+                             repetition_penalty=0.6, logit_bias={5: 4.0, 39: -100}),
+              SamplingParams(temperature=0),                                   # no penalty: no history needed
+              SamplingParams(temperature=0, logit_bias=((int(torch.argmax(x[5])), -100.0), (0, 2.5)))]   # nor here
+    history = [(prompt, generated)] * 4 + [None, None]
+    ids, logprobs = sample(x, params, [len(generated)] * 6, history)
     penalized = _penalized(x, params, history)                               # the logits the rows decide on
-    for i, p in enumerate(params[:4]):
-        assert penalized[i].tolist() == pytest.approx(_reference_penalties(x[i], p, prompt, generated), abs=1e-6)
+    for i, p in enumerate(params[:4] + params[5:]):
+        row = i if i < 4 else 5
+        hist = (prompt, generated) if i < 4 else ([], [])
+        assert penalized[row].tolist() == pytest.approx(_reference_penalties(x[row], p, *hist), abs=1e-6, rel=1e-6)
     assert torch.equal(penalized[4], x[4]) and not torch.equal(penalized, x)
     for i, p in enumerate(params[:4]):
         z = torch.tensor(_reference_penalties(x[i], p, prompt, generated))
         assert ids[i].item() == _reference_row(z, p, len(generated)), i
     assert ids[4].item() == int(torch.argmax(x[4]))
+    assert ids[5].item() != int(torch.argmax(x[5]))                          # the greedy choice, banned
     # a large frequency penalty steers greedy away from the token generated three times
     top = int(torch.argmax(x[0]))
     steered = sample(x[:1], [SamplingParams(temperature=0, frequency_penalty=2.0)], [3], [([], [top] * 3)])[0]
@@ -255,3 +261,10 @@ def test_penalty_validation_names_the_field():
         with pytest.raises(ValueError, match=name):
             SamplingParams(**kwargs)
     assert not SamplingParams().has_penalties and SamplingParams(repetition_penalty=1.1).has_penalties
+    for bias, match in (({3: 101}, "logit_bias"), ({-1: 1.0}, "logit_bias"), (((3, 1.0), (3, 2.0)), "twice"),
+                        ({3: "x"}, "logit_bias"), ([3], "logit_bias")):
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(logit_bias=bias)
+    assert SamplingParams(logit_bias={7: -1, 2: 100}).logit_bias == ((2, 100.0), (7, -1.0))
+    with pytest.raises(ValueError, match="outside the vocabulary"):                # the sampler checks the vocab too
+        sample(_logits(1, 10, 0), [SamplingParams(temperature=0, logit_bias={10: 1.0})], [0])
