@@ -124,6 +124,8 @@ def test_preemption_under_kv_pressure_is_exact_and_frees_everything(checkpoint):
     assert [r.token_ids for r in tight] == [r.token_ids for r in roomy]
     assert sum(r.num_preemptions for r in tight) == n_tight
     assert free1 == free0
+    # the decode staging (on by default) followed: a preempted request, recomputed, was filled into it again
+    assert bb.kv.staging.num_fills >= len(PROMPTS) + 1 and bb.kv.staging.num_fallbacks == 0
 
 
 def test_cancel_ends_the_stream_and_returns_every_block(checkpoint):
