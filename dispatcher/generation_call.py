@@ -21,6 +21,7 @@ from vbert.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64       # each generated token is looked up in them
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
                                        ("repetition_penalty", 1.0))}
     if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in params.stop):
         raise InvalidArgumentError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
+    if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidArgumentError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS}, got {len(params.stop_token_ids)}")
     try:
         return SamplingParams(temperature=float(temperature), top_k=int(params.top_k), top_p=float(top_p),
                               seed=None if params.seed is None else int(params.seed), max_new_tokens=max_new_tokens,

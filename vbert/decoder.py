@@ -414,7 +414,7 @@ class DecoderModel:
         k_new, v_new [n, nkv, d]: this step's K/V (already in the cache; staged decode rows take theirs here)."""
         out = torch.empty_like(q)                                                             # [n, nh, d]
         if plan.staged is not None:
-            st, d = plan.staged, q.shape[2]
+            st = plan.staged
             kd, vd = k_new.index_select(0, st.rows), v_new.index_select(0, st.rows)          # [D, nkv, d]
             if cache.dtype != q.dtype:           # what the blocks hold: the staged rows equal a read of them
                 kd, vd = kd.to(cache.dtype).to(q.dtype), vd.to(cache.dtype).to(q.dtype)

@@ -187,7 +187,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
         raise ValueError(f"{num_seqs} logits rows but {len(params)} params and "
                          f"{len(num_generated)} step counts")
     raw = logits.float()                                                  # [num_seqs, vocab]
-    x = _penalized(raw, params, history)
+    x = _adjusted(raw, params, history)
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if len(rows) == num_seqs:                                             # no copies when all rows sample
         token_ids = _draw(x, params, num_generated)                       # [num_seqs]
@@ -201,7 +201,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
     return token_ids, logprobs
 
 
-def _penalized(x: torch.Tensor, params: Sequence[SamplingParams],
+def _adjusted(x: torch.Tensor, params: Sequence[SamplingParams],
                history: Sequence[tuple[Sequence[int], Sequence[int]] | None] | None) -> torch.Tensor:
     """x with the penalties and logit biases of the rows that have them (a copy; x itself unchanged). x [n, vocab]"""
     rows = [i for i, p in enumerate(params) if p.has_penalties or p.logit_bias]

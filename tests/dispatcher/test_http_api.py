@@ -156,7 +156,7 @@ def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_serv
     assert out.stdout == s.app.decoder.tokenizer.decode(ids, skip_special_tokens=True) + "\n"
     for name, value in (("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
                         ("logit_bias", {"5": 101}), ("logit_bias", {str(s.app.decoder.spec.vocab_size): 1.0}), ("logit_bias", {"x": 1.0}),
-                        ("stop_token_ids", [-1])):
+                        ("stop_token_ids", [-1]), ("stop_token_ids", list(range(65)))):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model="default", prompt=prompt, max_tokens=2, extra_body={name: value})
         assert name in e.value.body["message"], (name, value, e.value.body)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from vbert.sampling import SamplingParams, _penalized, sample, step_generator
+from vbert.sampling import SamplingParams, _adjusted, sample, step_generator
 
 
 def _logits(num_seqs: int, vocab: int, seed: int) -> torch.Tensor:
@@ -230,12 +230,12 @@ def test_penalties_follow_the_semantics_row_by_row_and_leave_logprobs_to_the_mod
               SamplingParams(temperature=0, logit_bias=((int(torch.argmax(x[5])), -100.0), (0, 2.5)))]   # nor here
     history = [(prompt, generated)] * 4 + [None, None]
     ids, logprobs = sample(x, params, [len(generated)] * 6, history)
-    penalized = _penalized(x, params, history)                               # the logits the rows decide on
+    adjusted = _adjusted(x, params, history)                                 # the logits the rows decide on
     for i, p in enumerate(params[:4] + params[5:]):
         row = i if i < 4 else 5
         hist = (prompt, generated) if i < 4 else ([], [])
-        assert penalized[row].tolist() == pytest.approx(_reference_penalties(x[row], p, *hist), abs=1e-6, rel=1e-6)
-    assert torch.equal(penalized[4], x[4]) and not torch.equal(penalized, x)
+        assert adjusted[row].tolist() == pytest.approx(_reference_penalties(x[row], p, *hist), abs=1e-6, rel=1e-6)
+    assert torch.equal(adjusted[4], x[4]) and not torch.equal(adjusted, x)
     for i, p in enumerate(params[:4]):
         z = torch.tensor(_reference_penalties(x[i], p, prompt, generated))
         assert ids[i].item() == _reference_row(z, p, len(generated)), i
