@@ -9,8 +9,9 @@
 domain calls as gRPC (dispatcher.generation_call, dispatcher.rpc.run_inputs); errors take the gRPC edge's
 single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status. Unknown fields are
-ignored, as OpenAI does; `top_k`, `ignore_eos`, `repetition_penalty` and `stop_token_ids` are accepted as vLLM accepts them; `n` (up to 16)
-choices are n generations of the request, merged into one answer or stream.
+ignored, as OpenAI does, except those that would change what comes back (structured output, tools, suffix, audio:
+refused, UNSUPPORTED); `top_k`, `ignore_eos`, `repetition_penalty` and `stop_token_ids` are accepted as vLLM
+accepts them; `n` (up to 16) choices are n generations of the request, merged into one answer or stream.
 """
 from __future__ import annotations
 
@@ -129,7 +130,27 @@ def _num_choices(body: dict) -> int:
     return n
 
 
+# OpenAI fields that change what comes back: silently ignoring them would answer another question than the one asked
+UNSUPPORTED = {"response_format": "structured output (JSON mode, JSON schema) is not supported",
+               "tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
+               "functions": "function calls are not supported", "function_call": "function calls are not supported",
+               "suffix": "insertion (suffix) is not supported", "audio": "audio output is not supported",
+               "prediction": "predicted outputs are not supported"}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name, why in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is None or value == [] or (name == "response_format" and value == {"type": "text"}) \
+                or (name == "tool_choice" and value == "none"):
+            continue
+        raise _Param(name, why)
+    if body.get("modalities") not in (None, ["text"]):
+        raise _Param("modalities", "only text is supported (audio output is not supported)")
+
+
 def _common(body: dict) -> dict:
+    _refuse_unsupported(body)
     return dict(temperature=_float(body, "temperature"), top_p=_float(body, "top_p"),
                 top_k=max(0, _get(body, "top_k", int, 0)), seed=_get(body, "seed", int), stop=_stop(body),
                 ignore_eos=bool(_get(body, "ignore_eos", bool, False)),

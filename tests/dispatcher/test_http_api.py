@@ -264,6 +264,17 @@ def test_errors_in_openai_shape(http_server):
         client(s).completions.create(model="default", prompt="x", temperature=-1)
     status, _, body = post(f"{s.base_url}/completions", s.keys["acme"], b"{not json")
     assert status == 400 and "not JSON" in body["error"]["message"]
+    # fields that would change the answer's kind are refused by name, not ignored; their neutral values pass
+    for name, value in (("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
+                        ("tool_choice", "auto"), ("suffix", "end"), ("modalities", ["text", "audio"])):
+        with pytest.raises(openai.BadRequestError) as e:
+            client(s).chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}],
+                                              max_tokens=1, extra_body={name: value})
+        assert e.value.body["param"] == name and "not supported" in e.value.body["message"], name
+    neutral = client(s).chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}],
+                                                max_tokens=1, response_format={"type": "text"}, tool_choice="none",
+                                                extra_body={"tools": [], "modalities": ["text"]})
+    assert neutral.usage.completion_tokens == 1
     status, _, _ = post(f"{s.base_url}/completions", s.keys["slow"],
                         {"model": "default", "prompt": "x", "max_tokens": 1, "whatever": {"unknown": 1}})
     assert status == 200                                            # unknown fields ignored
