@@ -19,6 +19,7 @@ a sequence's last blocks before its first) only when no never-registered block i
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Sequence
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 
 from .device import DeviceContext
+
+log = logging.getLogger("vbert.kv_cache")
 
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -308,7 +311,7 @@ class DecodeStaging:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.k = self.v = None                          # allocated on the first decode step
         self._rows: dict[Hashable, list[int]] = {}      # seq -> [row, length]
-        self.num_fills = self.num_moves = self.num_fallbacks = 0
+        self.num_fills = self.num_moves = self.num_fallbacks = self.num_alloc_failures = 0
 
     @property
     def nbytes(self) -> int:
@@ -345,10 +348,21 @@ class DecodeStaging:
             if not keep:                                # the old rows are filled again: free them first
                 self.clear()
             shape = (self.num_layers, r, self.num_kv_heads, t, self.head_dim)
-            # zeros, not empty: the positions past a row's length are masked, but a NaN there would still reach
-            # the output through SDPA (0 x NaN)
-            k = torch.zeros(shape, device=self.device.device, dtype=self.device.dtype)
-            v = torch.zeros(shape, device=self.device.device, dtype=self.device.dtype)
+            try:
+                # zeros, not empty: the positions past a row's length are masked, but a NaN there would still reach
+                # the output through SDPA (0 x NaN)
+                k = torch.zeros(shape, device=self.device.device, dtype=self.device.dtype)
+                v = torch.zeros(shape, device=self.device.device, dtype=self.device.dtype)
+            except RuntimeError as e:      # torch.OutOfMemoryError on a GPU; "can't allocate memory" on a CPU
+                if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                    raise
+                # the budget was more than the device has: the step reads the blocks, and the staging asks for
+                # at most half of what failed from now on
+                self.budget_bytes = min(self.budget_bytes, self._bytes(r, t) // 2)
+                self.num_alloc_failures += 1
+                log.warning("decode staging: %d bytes could not be allocated (%s); its budget is now %d bytes",
+                            self._bytes(r, t), str(e).splitlines()[0][:200], self.budget_bytes)
+                return False
             if keep and self.k is not None:             # keep what the rows hold
                 k[:, :have_rows, :, :have_tokens] = self.k
                 v[:, :have_rows, :, :have_tokens] = self.v

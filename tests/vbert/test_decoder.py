@@ -426,6 +426,30 @@ def test_decode_staging_holds_the_blocks_contents_and_grows_within_its_budget():
     assert st.prepare(cache, [("b", 82)]).tolist() == [0] and st.num_fills == 4
 
 
+def test_decode_staging_beyond_the_machines_memory_reads_the_blocks_and_lowers_its_budget():
+    """A budget larger than the machine: the allocation that fails (a real one, 1 TB) is a fallback to reading the
+    blocks with the budget halved below it, not a failed step; a staging that fits still works afterwards."""
+    from pathlib import Path
+
+    overcommit = Path("/proc/sys/vm/overcommit_memory")
+    if not overcommit.exists() or overcommit.read_text().strip() == "1":
+        pytest.skip("needs Linux refusing allocations beyond its memory (vm.overcommit_memory 0 or 2)")
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    machine = sum(int(info[k].split()[0]) << 10 for k in ("MemTotal", "SwapTotal"))
+    layers, heads, d = 2, 2, 8
+    per_token = 2 * layers * heads * d * 4                            # one row's K and V of a token, fp32
+    tokens = (1 << 40) // per_token                                   # 1 TB
+    if per_token * tokens < 4 * machine:
+        pytest.skip("a machine with more than 256 GB")
+    cache = PagedKVCache(KVCacheConfig(block_size=4, num_blocks=8, staging_bytes=1 << 50), layers, heads, d, CPU)
+    st = cache.staging
+    assert st.prepare(cache, [("huge", tokens)]) is None              # a step that reads the blocks
+    assert st.num_alloc_failures == 1 and st.num_fallbacks == 1 and st.k is None
+    assert st.budget_bytes < per_token * tokens
+    cache.allocate("a", 8)
+    assert st.prepare(cache, [("a", 7)]).tolist() == [0] and st.num_fills == 1
+
+
 def test_kv_cache_allocation_and_round_trip():
     cache = PagedKVCache(KVCacheConfig(block_size=4, num_blocks=6), 2, 2, 3, CPU)
     cache.allocate("x", 3)
