@@ -271,14 +271,15 @@ class _Api:
 
     def _generate_request(self, prompt: str | None, messages, adapter: str, max_new_tokens: int,
                           temperature: float | None, top_k: int, top_p: float | None, seed: int | None, stop,
-                          stop_token_ids, logprobs: int, truncate_prompt: bool, ignore_eos: bool, **penalties):
+                          stop_token_ids, logprobs: int, truncate_prompt: bool, ignore_eos: bool, **adjust):
+        """adjust: presence_penalty, frequency_penalty, repetition_penalty (None: unset) and logit_bias (a dict)."""
         req = tenant_pb2.GenerateRequest(
             adapter=adapter, prompt=prompt or "", max_new_tokens=max_new_tokens, top_k=top_k,
             stop=[stop] if isinstance(stop, str) else list(stop or ()), stop_token_ids=list(stop_token_ids or ()),
             logprobs=logprobs, truncate_prompt=truncate_prompt, ignore_eos=ignore_eos,
             messages=[tenant_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()])
-        bias = penalties.pop("logit_bias", None)
-        for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), *penalties.items()):
+        bias = adjust.pop("logit_bias", None)
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), *adjust.items()):
             if value is not None:
                 setattr(req, name, value)
         req.logit_bias.update({int(t): float(b) for t, b in (bias or {}).items()})
@@ -458,7 +459,8 @@ class AsyncClient(_Api):
                        top_p: float | None = None, seed: int | None = None, stop=(), stop_token_ids=(),
                        logprobs: int = 0, truncate_prompt: bool = False, ignore_eos: bool = False,
                        timeout: float | None = None, presence_penalty: float | None = None,
-                       frequency_penalty: float | None = None, repetition_penalty: float | None = None, logit_bias: dict | None = None):
+                       frequency_penalty: float | None = None, repetition_penalty: float | None = None,
+                       logit_bias: dict | None = None):
         """`async for event in client.generate(...)`: as Client.generate."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_token_ids, logprobs, truncate_prompt, ignore_eos,
