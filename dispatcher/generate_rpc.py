@@ -28,7 +28,7 @@ def params_of(request) -> GenerateParams:
         truncate_prompt=request.truncate_prompt, ignore_eos=request.ignore_eos,
         logit_bias=tuple(sorted(request.logit_bias.items())),
         **{name: getattr(request, name) if request.HasField(name) else None
-           for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")})
+           for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")})
 
 
 def _response(delta: GenerationDelta) -> tenant_pb2.GenerateResponse:

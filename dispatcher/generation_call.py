@@ -46,6 +46,7 @@ class GenerateParams:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float | None = None
 
 
 def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
@@ -56,7 +57,7 @@ def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
         raise InvalidArgumentError("temperature and top_p must be finite numbers")
     penalties = {name: default if getattr(params, name) is None else float(getattr(params, name))
                  for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                                       ("repetition_penalty", 1.0))}
+                                       ("repetition_penalty", 1.0), ("min_p", 0.0))}
     if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in params.stop):
         raise InvalidArgumentError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
     if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:

@@ -4,7 +4,7 @@
 `ValueError` naming the field). `sample` turns one step's logits, one row per sequence, into one token
 per row: penalties for tokens already seen first (OpenAI's presence and frequency penalties, vLLM's and
 Hugging Face's repetition penalty), then greedy rows take the argmax, the others go temperature -> top-k ->
-top-p -> draw.
+top-p -> min-p -> draw.
 
 Reproducibility whatever the batch-mates: a row draws its one uniform number from its own
 `torch.Generator`, seeded from (the request's seed, the number of tokens it has generated so far),
@@ -29,7 +29,8 @@ _MASK64 = (1 << 64) - 1
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 and top_p 1 are off; logprobs n > 0 asks for the sampled token's
+    """temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 are off (min_p: vLLM's, keep the tokens at least
+    min_p times as likely as the most likely one); logprobs n > 0 asks for the sampled token's
     log-probability and the n most likely tokens' (of the model's distribution, before temperature and
     filtering) at each step. seed None draws a random seed here, so `seed` is always an int afterwards.
     presence_penalty and frequency_penalty (OpenAI's, in [-2, 2], 0 is off) lower the logit of each token the
@@ -40,6 +41,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     seed: int | None = None
     max_new_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()
@@ -60,6 +62,9 @@ class SamplingParams:
         _check_number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check_number("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 is off), got {self.min_p!r}")
         if self.seed is None:
             object.__setattr__(self, "seed", secrets.randbits(63))
         _check_int("seed", self.seed)
@@ -174,6 +179,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
             if p.top_p < 1, keep the tokens with q >= c, where c is the q of the first token, in
             descending q order, at which the mass of the tokens before it is < top_p and the mass
             up to it is >= top_p (the smallest most-likely set with mass >= top_p, ties at c kept);
+            if p.min_p > 0, keep the kept tokens with q >= p.min_p * (the largest q);
             u = torch.rand(1, dtype=float64, generator=step_generator(p.seed, num_generated[i]));
             token = the first kept token in token-id order whose cumulative kept q exceeds
             u * (total kept q) (the last kept token with q > 0 if rounding says none).
@@ -266,6 +272,13 @@ def _draw(x: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int
         q = q.masked_fill_(q < _top_p_cutoff(q, top_p, num_candidates)[:, None], 0.0)
         if len(p_rows) < n:
             probs[p_rows] = q
+    m_rows = [i for i, p in enumerate(params) if p.min_p > 0]
+    if m_rows:
+        min_p = torch.tensor([params[i].min_p for i in m_rows], dtype=torch.float32, device=device)
+        q = probs if len(m_rows) == n else probs[m_rows]                              # [m, vocab]
+        q = q.masked_fill_(q < min_p[:, None] * q.max(dim=-1, keepdim=True).values, 0.0)
+        if len(m_rows) < n:
+            probs[m_rows] = q
     cdf = torch.cumsum(probs, dim=-1)                                      # [n, vocab]
     u = torch.cat([torch.rand(1, dtype=torch.float64, generator=step_generator(p.seed, s))
                    for p, s in zip(params, steps)]).to(device)            # [n]

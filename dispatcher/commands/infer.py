@@ -70,6 +70,8 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
 @click.option("--temperature", default=None, type=click.FloatRange(min=0), help="Default 1.0; 0 = greedy.")
 @click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--min-p", default=None, type=click.FloatRange(0, 1),
+              help="Keep the tokens at least this times as likely as the most likely one (default 0: off).")
 @click.option("--seed", default=None, type=click.IntRange(min=0), help="Reproducible sampling.")
 @click.option("--stop", multiple=True, help="A stop string (repeatable); not included in the text.")
 @click.option("--presence-penalty", default=None, type=click.FloatRange(-2, 2),
@@ -84,8 +86,9 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-sequence token.")
 @click.argument("prompt", required=False)
 @remote(is_admin=False)
-def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, top_k, seed, stop, presence_penalty,
-             frequency_penalty, repetition_penalty, logit_bias, truncate_prompt, ignore_eos, prompt) -> None:
+def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, top_k, min_p, seed, stop,
+             presence_penalty, frequency_penalty, repetition_penalty, logit_bias, truncate_prompt, ignore_eos,
+             prompt) -> None:
     """Generate a continuation of PROMPT (or of stdin), streamed to stdout as it is produced: only the
     generated text goes to stdout, so it can be piped. With -o json: one JSON object per message."""
     bias = {}
@@ -110,7 +113,7 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
                                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                                      truncate_prompt=truncate_prompt, ignore_eos=ignore_eos, timeout=r.timeout,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                     repetition_penalty=repetition_penalty, logit_bias=bias):
+                                     repetition_penalty=repetition_penalty, logit_bias=bias, min_p=min_p):
             if r.output == "json":
                 click.echo(json.dumps(event))
             else:

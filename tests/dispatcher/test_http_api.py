@@ -120,8 +120,8 @@ def test_streamed_chat_with_usage_and_logprobs(http_server):
 
 
 def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_server):
-    """OpenAI's presence and frequency penalties and logit_bias, vLLM's repetition_penalty and stop_token_ids reach
-    the sampler from both protocols: greedy, the same tokens over HTTP and gRPC; with strong penalties no token
+    """OpenAI's presence and frequency penalties and logit_bias, vLLM's repetition_penalty, min_p and stop_token_ids
+    reach the sampler from both protocols: greedy, the same tokens over HTTP and gRPC; with strong penalties no token
     repeats where the bare greedy output repeats them; a bias of -100 bans a token; out of range (a token id
     outside the vocabulary too) refused with the field named, nothing generated."""
     s = http_server
@@ -156,7 +156,7 @@ def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_serv
     assert out.stdout == s.app.decoder.tokenizer.decode(ids, skip_special_tokens=True) + "\n"
     for name, value in (("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
                         ("logit_bias", {"5": 101}), ("logit_bias", {str(s.app.decoder.spec.vocab_size): 1.0}), ("logit_bias", {"x": 1.0}),
-                        ("stop_token_ids", [-1]), ("stop_token_ids", list(range(65)))):
+                        ("stop_token_ids", [-1]), ("stop_token_ids", list(range(65))), ("min_p", 1.5)):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model="default", prompt=prompt, max_tokens=2, extra_body={name: value})
         assert name in e.value.body["message"], (name, value, e.value.body)
@@ -169,6 +169,14 @@ def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_serv
     text, _ = grpc_tokens(s, prompt=prompt, max_new_tokens=8, temperature=0, ignore_eos=True,
                           logit_bias={greedy[0]: -100.0})
     assert banned == text and banned != s.app.decoder.tokenizer.decode(greedy, skip_special_tokens=True)
+    # min_p (vLLM's) = 1 keeps only the most likely token: sampling at temperature 1 is then greedy, on every path
+    greedy_text = s.app.decoder.tokenizer.decode(greedy, skip_special_tokens=True)
+    assert c.completions.create(model="default", prompt=prompt, max_tokens=8, temperature=1.0, seed=3,
+                                extra_body={"ignore_eos": True, "min_p": 1.0}).choices[0].text == greedy_text
+    assert grpc_tokens(s, prompt=prompt, max_new_tokens=8, temperature=1.0, ignore_eos=True, min_p=1.0)[0] == greedy_text
+    with Client(s.address, api_key=s.keys["acme"]) as cl:
+        assert [t for e in cl.generate(prompt, max_new_tokens=8, ignore_eos=True, min_p=1.0)
+                for t in e["token_ids"]] == greedy
     stopped = c.completions.create(model="default", prompt=prompt, max_tokens=8, temperature=0,
                                    extra_body={"stop_token_ids": [greedy[2]]}).choices[0]
     assert stopped.finish_reason == "stop"

@@ -35,6 +35,9 @@ def _reference_row(x: torch.Tensor, p: SamplingParams, step: int) -> int:
                 cutoff = value
             mass += value
         kept = [i for i in kept if q[i] >= cutoff]
+    if p.min_p > 0:
+        top = max(q[i] for i in kept)
+        kept = [i for i in kept if q[i] >= p.min_p * top]
     u = torch.rand(1, dtype=torch.float64, generator=step_generator(p.seed, step)).item()
     target, cum = u * math.fsum(q[i] for i in kept), 0.0
     for i in kept:
@@ -97,6 +100,22 @@ def test_top_p_keeps_smallest_set_with_mass_at_least_p():
         params = [SamplingParams(top_p=top_p, seed=s) for s in range(400)]
         drawn = set(sample(x, params, [0] * 400)[0].tolist())
         assert drawn == support, top_p
+
+
+def test_min_p_keeps_the_tokens_at_least_min_p_as_likely_as_the_top_one_after_top_k_and_top_p():
+    probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
+    x = probs.log()[None, :].repeat(400, 1)
+    for kwargs, support in [(dict(min_p=0.3), {1, 3, 4}), (dict(min_p=0.2), {1, 2, 3, 4}), (dict(min_p=1.0), {1}),
+                            (dict(min_p=0.3, top_k=2), {1, 3}), (dict(min_p=0.74, top_k=2), {1, 3}),   # 0.3 / 0.4 = 0.75
+                            (dict(min_p=0.8, top_k=2), {1})]:
+        params = [SamplingParams(seed=s, **kwargs) for s in range(400)]
+        assert set(sample(x, params, [0] * 400)[0].tolist()) == support, kwargs
+    mixed = [SamplingParams(seed=s, temperature=0.8, min_p=0.1 * (s % 4), top_p=0.9 if s % 3 else 1.0)
+             for s in range(12)]
+    y = _logits(12, 40, 5)
+    for step in range(3):                                                # against the Semantics, in a mixed batch
+        got = sample(y, mixed, [step] * 12)[0].tolist()
+        assert got == [_reference_row(y[i], mixed[i], step) for i in range(12)]
 
 
 def test_top_k_keeps_the_k_most_likely():
@@ -184,7 +203,8 @@ def test_logprobs():
     (dict(top_p=1.01), "top_p"), (dict(seed="x"), "seed"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(stop_token_ids=(1, -2)), "stop_token_ids"),
     (dict(stop=("ok", "")), "stop"), (dict(stop="STOP"), "stop"), (dict(logprobs=21), "logprobs"),
-    (dict(logprobs=-1), "logprobs"),
+    (dict(logprobs=-1), "logprobs"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.5), "min_p"),
+    (dict(min_p=float("nan")), "min_p"),
 ])
 def test_validation_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
