@@ -46,13 +46,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import grpc
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import dispatcher  # noqa: E402,F401  (before grpc: it turns gRPC's fork handlers off, see dispatcher/__init__.py)
+import grpc  # noqa: E402
 from dispatcher.gen.vbert.v1 import tenant_pb2, tenant_pb2_grpc  # noqa: E402  (light: no torch in the child)
 from scheduler.simulator import percentile  # noqa: E402,F401  (no torch; http_load and isolation import it from here)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dispatcher  # noqa: F401  (first: it turns gRPC's fork handlers off before a test imports grpc or ray)
 from vbert import (AdapterArtifact, BackboneConfig, BottleneckAdapter, Head, HeadKind, HeadSpec, LoraAdapter,
                    ModelConfig, MultiTenantModel, PoolConfig)
 
