@@ -272,8 +272,8 @@ class _Api:
     def _generate_request(self, prompt: str | None, messages, adapter: str, max_new_tokens: int,
                           temperature: float | None, top_k: int, top_p: float | None, seed: int | None, stop,
                           stop_token_ids, logprobs: int, truncate_prompt: bool, ignore_eos: bool, **adjust):
-        """adjust: presence_penalty, frequency_penalty, repetition_penalty, min_p (None: unset) and logit_bias (a
-        dict)."""
+        """adjust: presence_penalty, frequency_penalty, repetition_penalty, min_p, min_tokens (None: unset) and
+        logit_bias (a dict)."""
         req = tenant_pb2.GenerateRequest(
             adapter=adapter, prompt=prompt or "", max_new_tokens=max_new_tokens, top_k=top_k,
             stop=[stop] if isinstance(stop, str) else list(stop or ()), stop_token_ids=list(stop_token_ids or ()),
@@ -392,16 +392,18 @@ class Client(_Api):
                  truncate_prompt: bool = False, ignore_eos: bool = False, timeout: float | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  repetition_penalty: float | None = None, logit_bias: dict | None = None,
-                 min_p: float | None = None):
+                 min_p: float | None = None, min_tokens: int | None = None):
         """Stream a generation: prompt (or messages=[{"role", "content"}, ...] through the chat template) on a decoder adapter
         ("default" = the bare decoder); yields one dict per streamed message (see _generation_event), the last
         with "finish_reason", "usage" and "metadata". temperature None = 1.0, 0 = greedy; penalties None = off;
-        logit_bias {token id: bias in [-100, 100]}; min_p None = off.
+        logit_bias {token id: bias in [-100, 100]}; min_p None = off; min_tokens: no stop token or stop string ends
+        the first min_tokens tokens (None = off).
         Not retried: a failure raises VbertError (before or during the stream)."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_token_ids, logprobs, truncate_prompt, ignore_eos,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                     repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_p=min_p)
+                                     repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_p=min_p,
+                                     min_tokens=min_tokens)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             for r in call:
@@ -462,12 +464,13 @@ class AsyncClient(_Api):
                        logprobs: int = 0, truncate_prompt: bool = False, ignore_eos: bool = False,
                        timeout: float | None = None, presence_penalty: float | None = None,
                        frequency_penalty: float | None = None, repetition_penalty: float | None = None,
-                       logit_bias: dict | None = None, min_p: float | None = None):
+                       logit_bias: dict | None = None, min_p: float | None = None, min_tokens: int | None = None):
         """`async for event in client.generate(...)`: as Client.generate."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_token_ids, logprobs, truncate_prompt, ignore_eos,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                     repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_p=min_p)
+                                     repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_p=min_p,
+                                     min_tokens=min_tokens)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             async for r in call:

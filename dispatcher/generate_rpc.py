@@ -25,7 +25,7 @@ def params_of(request) -> GenerateParams:
         top_p=request.top_p if request.HasField("top_p") else None, top_k=int(request.top_k),
         seed=int(request.seed) if request.HasField("seed") else None, stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids), logprobs=int(request.logprobs),
-        truncate_prompt=request.truncate_prompt, ignore_eos=request.ignore_eos,
+        truncate_prompt=request.truncate_prompt, ignore_eos=request.ignore_eos, min_tokens=int(request.min_tokens),
         logit_bias=tuple(sorted(request.logit_bias.items())),
         **{name: getattr(request, name) if request.HasField(name) else None
            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")})

@@ -47,6 +47,7 @@ class GenerateParams:
     repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_p: float | None = None
+    min_tokens: int = 0
 
 
 def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
@@ -66,7 +67,8 @@ def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
         return SamplingParams(temperature=float(temperature), top_k=int(params.top_k), top_p=float(top_p),
                               seed=None if params.seed is None else int(params.seed), max_new_tokens=max_new_tokens,
                               stop_token_ids=tuple(params.stop_token_ids), stop=tuple(params.stop),
-                              logprobs=int(params.logprobs), logit_bias=tuple(params.logit_bias), **penalties)
+                              logprobs=int(params.logprobs), logit_bias=tuple(params.logit_bias),
+                              min_tokens=int(params.min_tokens), **penalties)
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from None
 

@@ -10,8 +10,8 @@ domain calls as gRPC (dispatcher.generation_call, dispatcher.rpc.run_inputs); er
 single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status. Unknown fields are
 ignored, as OpenAI does, except those that would change what comes back (structured output, tools, suffix, audio:
-refused, UNSUPPORTED); `top_k`, `min_p`, `ignore_eos`, `repetition_penalty` and `stop_token_ids` are accepted as
-vLLM accepts them; `n` (up to 16) choices are n generations of the request, merged into one answer or stream.
+refused, UNSUPPORTED); `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `repetition_penalty` and `stop_token_ids` are
+accepted as vLLM accepts them; `n` (up to 16) choices are n generations of the request, merged into one answer or stream.
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def _common(body: dict) -> dict:
                 ignore_eos=bool(_get(body, "ignore_eos", bool, False)),
                 presence_penalty=_float(body, "presence_penalty"), frequency_penalty=_float(body, "frequency_penalty"),
                 repetition_penalty=_float(body, "repetition_penalty"), min_p=_float(body, "min_p"),
-                logit_bias=_logit_bias(body),
+                min_tokens=_get(body, "min_tokens", int, 0), logit_bias=_logit_bias(body),
                 stop_token_ids=_token_ids(body, "stop_token_ids"))
 
 

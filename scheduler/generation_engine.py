@@ -219,9 +219,10 @@ class GenerationEngine:
                              f"{self.max_context} tokens")
         self.scheduler.check_fits(total)
         request.metadata["sampling"] = sampling
-        stop_ids = set(sampling.stop_token_ids) | (set() if ignore_eos else set(self.eos_token_ids))
+        stop_ids = frozenset(sampling.stop_token_ids) | (frozenset() if ignore_eos else frozenset(self.eos_token_ids))
+        request.metadata["stop_ids"] = tuple(sorted(stop_ids))     # the runner keeps them out until min_tokens
         stream = GenerationStream(request, loop)
-        live = _Live(stream, TextStream(self.tokenizer, sampling.stop, request.prompt_ids), frozenset(stop_ids))
+        live = _Live(stream, TextStream(self.tokenizer, sampling.stop, request.prompt_ids), stop_ids)
         with self._wake:
             cfg = self.scheduler.config
             tenant_waiting = sum(r.tenant_id == request.tenant_id for r in self._incoming) \
@@ -324,7 +325,8 @@ class GenerationEngine:
         if token in live.stop_ids:
             live.finish = FinishReason.STOP
             return True
-        live.pending.text += live.text.add(token)
+        # stop strings count from the min_tokens-th token's text on (the earlier text is streamed unsearched)
+        live.pending.text += live.text.add(token, check_stop=len(req.output_ids) >= req.metadata["sampling"].min_tokens)
         if live.text.finish_reason is FinishReason.STOP:
             live.finish = FinishReason.STOP
             return True

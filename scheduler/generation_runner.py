@@ -59,7 +59,10 @@ class GenerationRunner:
             history = None
             if any(p.has_penalties for p in params):   # what the penalties count: the prompt and the output so far
                 history = [(batch.rows[i].request.prompt_ids, batch.rows[i].request.output_ids) for i in ends]
-            picked, lps = sample(logits[ends], params, counts, history)
+            # min_tokens: a request short of it must not draw its stop tokens (the engine put them in its metadata)
+            suppress = [batch.rows[i].request.metadata.get("stop_ids") if p.min_tokens > n else None
+                        for i, p, n in zip(ends, params, counts)]
+            picked, lps = sample(logits[ends], params, counts, history, suppress if any(suppress) else None)
             for j, (i, token) in enumerate(zip(ends, picked.tolist())):   # one device->host copy
                 new_ids[i] = token
                 if lps is not None:

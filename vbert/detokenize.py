@@ -87,20 +87,26 @@ class StopChecker:
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")
         self.stop_strings = tuple(stop_strings)
         self._held = ""
+        self._unchecked = 0                                     # leading characters of _held fed with check=False
         self.is_stopped = False
         self.matched: str | None = None                         # the stop string that finished it
 
-    def feed(self, delta: str) -> str:
+    def feed(self, delta: str, check: bool = True) -> str:
+        """check False (a request's first min_tokens - 1 tokens): no stop string is looked for in this text; a stop
+        string found later counts only where it ends after it (it may start in it)."""
         if self.is_stopped:
             return ""
         text = self._held + delta
-        found = [(text.find(s), -len(s), s) for s in self.stop_strings if s in text]
-        if found:
-            index, _, self.matched = min(found)                  # earliest, longest on a tie
-            self.is_stopped, self._held = True, ""
-            return text[:index]
+        if check:
+            found = [(i, -len(s), s) for s in self.stop_strings
+                     for i in (text.find(s, max(0, self._unchecked - len(s) + 1)),) if i >= 0]
+            if found:
+                index, _, self.matched = min(found)              # earliest, longest on a tie
+                self.is_stopped, self._held = True, ""
+                return text[:index]
         held = self._partial_suffix(text)
         self._held = text[len(text) - held:]
+        self._unchecked = held if not check else max(0, self._unchecked - (len(text) - held))
         return text[:len(text) - held]
 
     def _partial_suffix(self, text: str) -> int:
@@ -131,17 +137,18 @@ class TextStream:
         self.finish_reason: FinishReason | None = None
         self.text = ""                                           # everything streamed so far
 
-    def _emit(self, delta: str) -> str:
-        out = self.stop.feed(delta)
+    def _emit(self, delta: str, check_stop: bool = True) -> str:
+        out = self.stop.feed(delta, check_stop)
         if self.stop.is_stopped:
             self.finish_reason = FinishReason.STOP
         self.text += out
         return out
 
-    def add(self, token_id: int) -> str:
+    def add(self, token_id: int, check_stop: bool = True) -> str:
+        """check_stop False: this token's text is not searched for stop strings (min_tokens)."""
         if self.finish_reason is not None:
             raise ValueError(f"stream already finished ({self.finish_reason.value})")
-        return self._emit(self.detokenizer.add(token_id))
+        return self._emit(self.detokenizer.add(token_id), check_stop)
 
     def finish(self, reason: FinishReason) -> str:
         """The text still held back, released (after a STOP from a stop string there is none)."""

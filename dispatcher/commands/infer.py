@@ -84,11 +84,13 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
               help="Add BIAS (-100..100) to a token's logit (repeatable; -100 bans it).")
 @click.option("--truncate-prompt", is_flag=True, help="Keep a too-long prompt's last tokens instead of failing.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-sequence token.")
+@click.option("--min-tokens", default=None, type=click.IntRange(min=0),
+              help="No stop token or stop string ends the first this many tokens (default 0: off).")
 @click.argument("prompt", required=False)
 @remote(is_admin=False)
 def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, top_k, min_p, seed, stop,
              presence_penalty, frequency_penalty, repetition_penalty, logit_bias, truncate_prompt, ignore_eos,
-             prompt) -> None:
+             min_tokens, prompt) -> None:
     """Generate a continuation of PROMPT (or of stdin), streamed to stdout as it is produced: only the
     generated text goes to stdout, so it can be piped. With -o json: one JSON object per message."""
     bias = {}
@@ -113,7 +115,8 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
                                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                                      truncate_prompt=truncate_prompt, ignore_eos=ignore_eos, timeout=r.timeout,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                     repetition_penalty=repetition_penalty, logit_bias=bias, min_p=min_p):
+                                     repetition_penalty=repetition_penalty, logit_bias=bias, min_p=min_p,
+                                     min_tokens=min_tokens):
             if r.output == "json":
                 click.echo(json.dumps(event))
             else:

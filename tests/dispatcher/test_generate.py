@@ -104,6 +104,7 @@ def test_client_cancel_frees_every_kv_block(gen_server):
     (dict(prompt="x", top_p=1.5), "top_p"),
     (dict(prompt="x", logprobs=50), "logprobs"),
     (dict(prompt="x", stop=[""]), "stop"),
+    (dict(prompt="x", max_new_tokens=4, min_tokens=5), "min_tokens"),
     (dict(), "exactly one of prompt and messages"),
     (dict(prompt="x", messages=[T.ChatMessage(role="user", content="y")]), "exactly one of prompt and messages"),
     (dict(messages=[T.ChatMessage(role="robot", content="y")]), "role 'robot'"),
@@ -254,6 +255,12 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
         # the four answers decoded on the staging (each filled from its blocks once), held within its default budget
         assert metric("vbert_kv_staging_fills_total") == 4 and metric("vbert_kv_staging_fallbacks_total") == 0
         assert 0 < metric("vbert_kv_staging_bytes") <= 32 << 20                 # unset: the KV cache's 32 MB
+        # min_tokens (vLLM's): the end of sequence may not end the first 12 tokens, so the answer goes on past Paris
+        france = [{"role": "user", "content": "What is the capital of France?"}]
+        longer = c.chat.completions.create(model="default", temperature=0, max_tokens=16, messages=france,
+                                           extra_body={"min_tokens": 12})
+        assert longer.usage.completion_tokens >= 12 > answer.usage.completion_tokens
+        assert longer.choices[0].message.content.startswith("The capital of France is Paris."), longer
         # the README's generative walkthrough: the shipped NCBI-disease decoder LoRA, over both protocols
         root = Path(__file__).resolve().parents[2] / "examples" / "adapters-trained" / "ncbi-disease-gen"
         res = json.loads((root / "RESULT.json").read_text())

@@ -181,6 +181,23 @@ def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_serv
                                    extra_body={"stop_token_ids": [greedy[2]]}).choices[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == s.app.decoder.tokenizer.decode(greedy[:greedy.index(greedy[2])], skip_special_tokens=True)
+    # min_tokens (vLLM's): that stop token may not end the first 4 tokens, over HTTP, gRPC, the client and the CLI
+    held = c.completions.create(model="default", prompt=prompt, max_tokens=8, temperature=0, logprobs=1,
+                                extra_body={"stop_token_ids": [greedy[2]], "min_tokens": 4}).choices[0]
+    text, final = grpc_tokens(s, prompt=prompt, max_new_tokens=8, temperature=0, stop_token_ids=[greedy[2]],
+                              min_tokens=4)
+    assert held.text == text and final.usage.completion_tokens == len(held.logprobs.tokens) >= 5
+    with Client(s.address, api_key=s.keys["acme"]) as cl:
+        ids = [t for e in cl.generate(prompt, max_new_tokens=8, temperature=0, stop_token_ids=[greedy[2]], min_tokens=4)
+               for t in e["token_ids"]]
+    assert greedy[2] not in ids[:4] and s.app.decoder.tokenizer.decode(ids, skip_special_tokens=True) == text
+    out = subprocess.run([vbert, "generate", "--server", s.address, "--api-key", s.keys["acme"], "--max-new-tokens",
+                          "8", "--temperature", "0", "--ignore-eos", "--min-tokens", "8", "--stop", greedy_text[:2],
+                          prompt], capture_output=True, text=True, timeout=120)     # the stop string is at its start
+    assert out.returncode == 0 and out.stdout == greedy_text + "\n", (out.stdout, greedy_text)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="default", prompt=prompt, max_tokens=4, extra_body={"min_tokens": 5})
+    assert "min_tokens" in e.value.body["message"]
 
 
 def test_n_choices_are_generations_of_their_own_seeds_merged_in_one_answer_or_stream(http_server):

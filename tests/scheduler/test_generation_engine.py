@@ -170,6 +170,28 @@ def test_stop_strings_and_stop_tokens(checkpoint):
     assert by_token.text == bb.tokenizer.decode(list(free_run.token_ids[:first]), skip_special_tokens=True)
 
 
+def test_min_tokens_keeps_stop_tokens_and_stop_strings_from_ending_the_first_tokens(checkpoint):
+    """vLLM's min_tokens: the stop tokens are kept out of the first min_tokens draws (greedy takes the next best),
+    and stop strings are looked for only from the min_tokens-th token's text on."""
+    engine, bb = make_engine(checkpoint)
+    try:
+        free_run = submit(engine, bb, PROMPTS[3], max_new_tokens=20).final()
+        banned = free_run.token_ids[1]
+        early = submit(engine, bb, PROMPTS[3], max_new_tokens=20, stop_token_ids=(banned,)).final()
+        held = submit(engine, bb, PROMPTS[3], max_new_tokens=20, stop_token_ids=(banned,), min_tokens=4).final()
+        text = free_run.text
+        stop = next(text[i:i + 2] for i in range(1, len(text) - 2) if text[i:i + 2].strip() == text[i:i + 2])
+        unchecked = submit(engine, bb, PROMPTS[3], max_new_tokens=20, stop=(stop,), min_tokens=20).final()
+    finally:
+        engine.stop()
+    assert early.finish_reason is FinishReason.STOP and len(early.token_ids) <= 2
+    assert banned not in held.token_ids[:4] and len(held.token_ids) >= 5
+    assert held.token_ids[0] == free_run.token_ids[0] or free_run.token_ids[0] == banned
+    assert held.finish_reason is FinishReason.LENGTH or held.token_ids[-1] == banned
+    # the stop string appears in the first tokens' text, which is not searched: the whole free run comes back
+    assert stop in unchecked.text and unchecked.text == free_run.text and unchecked.token_ids == free_run.token_ids
+
+
 def test_request_mode_gives_the_same_greedy_tokens(checkpoint):
     outs = {}
     for mode in ("iteration", "request"):

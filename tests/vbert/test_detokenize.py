@@ -222,3 +222,31 @@ def test_stop_checker_validation():
     with pytest.raises(ValueError, match="stop"):
         StopChecker(["ok", ""])
     assert [r.value for r in FinishReason] == ["stop", "length", "cancelled"]
+
+
+def test_unchecked_text_is_streamed_and_a_stop_string_counts_only_where_it_ends_after_it():
+    """min_tokens: the text of the first tokens is fed with check=False. A stop string wholly inside it is streamed;
+    one that starts in it and ends in checked text stops the stream; a shorter one inside the held-back unchecked
+    characters does not count later."""
+    stop = StopChecker(["ab"])
+    assert stop.feed("xab", check=False) == "xab" and not stop.is_stopped
+    assert stop.feed("yab") == "y" and stop.is_stopped and stop.matched == "ab"
+    stop = StopChecker(["STOP"])
+    assert stop.feed("go ST", check=False) == "go "           # held: may begin a stop string
+    assert stop.feed("OP now") == "" and stop.is_stopped       # it ends in checked text: counts
+    stop = StopChecker(["abc", "b"])
+    assert stop.feed("xab", check=False) == "x"                # "ab" held (may begin "abc"), its "b" unchecked
+    assert stop.feed("x") == "abx" and not stop.is_stopped     # "b" ended in unchecked text; "abc" did not come
+    assert stop.feed("b") == "" and stop.matched == "b"        # a new "b" in checked text counts
+
+
+def test_text_stream_passes_check_stop_through(tokenizers):
+    tok = tokenizers["byte_level"]
+    ids = tok.encode("one END two END three", add_special_tokens=False)
+    stream = TextStream(tok, stop_strings=["END"])
+    text = ""
+    for i, t in enumerate(ids):
+        text += stream.add(t, check_stop=i >= len(tok.encode("one END tw", add_special_tokens=False)))
+        if stream.finish_reason is not None:
+            break
+    assert stream.finish_reason is FinishReason.STOP and text == "one END two "

@@ -204,7 +204,8 @@ def test_logprobs():
     (dict(stop_token_ids=(1, -2)), "stop_token_ids"),
     (dict(stop=("ok", "")), "stop"), (dict(stop="STOP"), "stop"), (dict(logprobs=21), "logprobs"),
     (dict(logprobs=-1), "logprobs"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.5), "min_p"),
-    (dict(min_p=float("nan")), "min_p"),
+    (dict(min_p=float("nan")), "min_p"), (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=True), "min_tokens"),
+    (dict(min_tokens=17, max_new_tokens=16), "min_tokens"),
 ])
 def test_validation_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -288,3 +289,24 @@ def test_penalty_validation_names_the_field():
     assert SamplingParams(logit_bias={7: -1, 2: 100}).logit_bias == ((2, 100.0), (7, -1.0))
     with pytest.raises(ValueError, match="outside the vocabulary"):                # the sampler checks the vocab too
         sample(_logits(1, 10, 0), [SamplingParams(temperature=0, logit_bias={10: 1.0})], [0])
+
+
+def test_suppressed_tokens_are_never_drawn_and_logprobs_stay_the_models():
+    """min_tokens' mechanism: suppress[i] takes token ids out of row i's draw (greedy takes the next best; a sampling
+    row never draws them), other rows and the logprobs are untouched; ids outside the vocabulary are ignored."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    logits[:, 7] = 30.0                                         # token 7 is every row's overwhelming favourite
+    before = logits.clone()
+    greedy, hot = SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=1.0, seed=3)
+    params = [greedy, hot, greedy]
+    suppress = [(7, 1000), (7,), None]
+    second = int(torch.topk(logits[0], 2).indices[1])
+    for step in range(20):
+        ids, lps = sample(logits, params, [step] * 3, suppress=suppress)
+        assert int(ids[0]) == second and int(ids[1]) != 7 and int(ids[2]) == 7
+        assert lps[0].top_ids[0] == 7 and lps[0].logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[second]))
+    assert torch.equal(logits, before)                          # the caller's logits are not written
+    assert sample(logits, params, [0] * 3)[0].tolist()[0] == 7  # without suppress the favourite wins
+    with pytest.raises(ValueError, match="suppress"):
+        sample(logits, params, [0] * 3, suppress=[(7,)])
