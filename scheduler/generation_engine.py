@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from vbert.detokenize import FinishReason, TextStream
 from vbert.sampling import SamplingParams, TokenLogprobs
+from vbert.structured import compiler_for
 
 from .engine import DeadlineExceededError, EngineStoppedError, RequestFailedError, wait_for_drain
 from .generation_policy import GenerationBatch, GenerationScheduler, GenerationSchedulerConfig
@@ -221,6 +222,9 @@ class GenerationEngine:
         request.metadata["sampling"] = sampling
         stop_ids = frozenset(sampling.stop_token_ids) | (frozenset() if ignore_eos else frozenset(self.eos_token_ids))
         request.metadata["stop_ids"] = tuple(sorted(stop_ids))     # the runner keeps them out until min_tokens
+        if sampling.structured is not None:       # its grammar's state, which the runner masks the draws with
+            request.metadata["matcher"] = compiler_for(self.tokenizer, self.runner.model.spec.vocab_size,
+                                                       self.eos_token_ids).matcher(sampling.structured)
         stream = GenerationStream(request, loop)
         live = _Live(stream, TextStream(self.tokenizer, sampling.stop, request.prompt_ids), stop_ids)
         with self._wake:
@@ -328,6 +332,10 @@ class GenerationEngine:
         # stop strings count from the min_tokens-th token's text on (the earlier text is streamed unsearched)
         live.pending.text += live.text.add(token, check_stop=len(req.output_ids) >= req.metadata["sampling"].min_tokens)
         if live.text.finish_reason is FinishReason.STOP:
+            live.finish = FinishReason.STOP
+            return True
+        matcher = req.metadata.get("matcher")
+        if matcher is not None and matcher.is_done:     # the grammar is complete: nothing may follow (ignore_eos too)
             live.finish = FinishReason.STOP
             return True
         return False

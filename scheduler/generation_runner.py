@@ -53,6 +53,7 @@ class GenerationRunner:
                 if row.request.num_computed_tokens + row.num_tokens == row.request.num_tokens]
         new_ids: dict[int, int] = {}
         logprobs: dict[int, object] = {}
+        errors: dict[int, str] = {}
         if ends:
             params: list[SamplingParams] = [batch.rows[i].request.metadata["sampling"] for i in ends]
             counts = [len(batch.rows[i].request.output_ids) for i in ends]
@@ -62,11 +63,23 @@ class GenerationRunner:
             # min_tokens: a request short of it must not draw its stop tokens (the engine put them in its metadata)
             suppress = [batch.rows[i].request.metadata.get("stop_ids") if p.min_tokens > n else None
                         for i, p, n in zip(ends, params, counts)]
-            picked, lps = sample(logits[ends], params, counts, history, suppress if any(suppress) else None)
+            # structured output: the tokens its grammar allows next (the engine gave each such request a Matcher)
+            matchers = [batch.rows[i].request.metadata.get("matcher") for i in ends]
+            allowed = None
+            if any(m is not None for m in matchers):
+                masks = torch.zeros(len(ends), logits.shape[-1], dtype=torch.bool)      # [rows, vocab] on the host
+                for j, m in enumerate(matchers):
+                    if m is not None:
+                        m.fill(masks[j])
+                masks = masks.to(logits.device)
+                allowed = [masks[j] if m is not None else None for j, m in enumerate(matchers)]
+            picked, lps = sample(logits[ends], params, counts, history, suppress if any(suppress) else None, allowed)
             for j, (i, token) in enumerate(zip(ends, picked.tolist())):   # one device->host copy
                 new_ids[i] = token
                 if lps is not None:
                     logprobs[i] = lps[j]
-        results = tuple(RowResult(row.request.request_id, logprobs.get(i), new_ids.get(i))
+                if matchers[j] is not None and not matchers[j].consume(token):
+                    errors[i] = f"structured output: token {token} broke the grammar ({matchers[j].error})"
+        results = tuple(RowResult(row.request.request_id, logprobs.get(i), new_ids.get(i), errors.get(i))
                         for i, row in enumerate(batch.rows))
         return StepOutput(batch.step, results, compute_s=time.perf_counter() - t0)

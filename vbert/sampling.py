@@ -20,6 +20,8 @@ from typing import Sequence
 
 import torch
 
+from .structured import StructuredOutput
+
 MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0                 # presence and frequency penalties lie in [-2, 2], as OpenAI's
 MAX_LOGIT_BIAS = 100.0            # a logit bias lies in [-100, 100], as OpenAI's
@@ -40,7 +42,8 @@ class SamplingParams:
     taken too) added to those tokens' logits after the penalties (-100 in effect bans a token, as OpenAI's).
     min_tokens (vLLM's, 0..max_new_tokens): the first min_tokens tokens never end the request: the engine keeps its
     stop tokens (end of sequence unless ignored, stop_token_ids) out of their draws (`sample`'s suppress) and looks
-    for stop strings only from the min_tokens-th token's text on."""
+    for stop strings only from the min_tokens-th token's text on. structured: the answer follows a grammar (a JSON
+    Schema, a regex, ...: vbert.structured), the engine keeps the tokens it does not allow out of each draw."""
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -55,6 +58,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature)
@@ -116,6 +120,8 @@ class SamplingParams:
         if len({t for t, _ in pairs}) != len(pairs):
             raise ValueError("logit_bias names a token id twice")
         object.__setattr__(self, "logit_bias", tuple(sorted(pairs)))
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")
 
     @property
     def is_greedy(self) -> bool:
@@ -169,11 +175,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int],
            history: Sequence[tuple[Sequence[int], Sequence[int]] | None] | None = None,
            suppress: Sequence[Sequence[int] | None] | None = None,
+           allowed: Sequence[torch.Tensor | None] | None = None,
            ) -> tuple[torch.Tensor, list[TokenLogprobs | None] | None]:
     """One token per row of logits [num_seqs, vocab]; row i follows params[i] and is request i's draw
     number num_generated[i]. history[i]: (prompt ids, generated ids) of request i, needed for the rows whose
     params have penalties. suppress[i]: token ids row i must not draw (min_tokens: the request's stop tokens);
-    None or empty: none. Returns (token_ids [num_seqs] int64 on logits' device, logprobs: None when
+    None or empty: none. allowed[i]: bool [vocab], the only tokens row i may draw (structured output); None: all.
+    Returns (token_ids [num_seqs] int64 on logits' device, logprobs: None when
     no row asks for them, else one TokenLogprobs or None per row).
 
     Semantics: for each row i, with x = logits[i] as float32 and p = params[i]:
@@ -183,6 +191,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
         applied to the logits as they came, before the two above);
       then x[t] += bias for each (t, bias) in p.logit_bias (a token id >= vocab: ValueError);
       then x[t] = -inf for each t < vocab in suppress[i];
+      then x[t] = -inf where not allowed[i][t] (if that leaves no token, the suppression above is undone first);
       if p.temperature < 1e-5 (0 is greedy): token = argmax(x) (the first maximum);
       else: z = x / p.temperature; if 0 < p.top_k < vocab, keep the tokens with z >= the top_k-th
             largest z (ties at that boundary all kept); q = softmax of the kept z (0 elsewhere);
@@ -212,6 +221,19 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
             ids = [t for t in ids or () if 0 <= t < vocab]
             if ids:
                 x[i, torch.tensor(ids, dtype=torch.long, device=x.device)] = float("-inf")
+    if allowed is not None and any(a is not None for a in allowed):
+        if len(allowed) != num_seqs:
+            raise ValueError(f"{num_seqs} logits rows but {len(allowed)} allowed entries")
+        x = x.clone() if x is raw else x
+        for i, keep in enumerate(allowed):
+            if keep is None:
+                continue
+            keep = keep.to(x.device)
+            row = x[i].masked_fill(~keep, float("-inf"))
+            if not bool(torch.isfinite(row).any()):          # min_tokens held back the only tokens it allows
+                row = _adjusted(raw[i:i + 1], params[i:i + 1], history[i:i + 1] if history else None)[0]
+                row = row.masked_fill(~keep, float("-inf"))
+            x[i] = row
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if len(rows) == num_seqs:                                             # no copies when all rows sample
         token_ids = _draw(x, params, num_generated)                       # [num_seqs]

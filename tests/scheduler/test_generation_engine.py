@@ -192,6 +192,47 @@ def test_min_tokens_keeps_stop_tokens_and_stop_strings_from_ending_the_first_tok
     assert stop in unchecked.text and unchecked.text == free_run.text and unchecked.token_ids == free_run.token_ids
 
 
+def test_structured_output_follows_its_grammar_whatever_the_random_model_prefers(checkpoint):
+    """A random tiny decoder writes byte soup; with a JSON Schema, a regex or a list of choices every sampled answer
+    (five seeds each, in one batch with an unconstrained request) is valid and ends (STOP) when the grammar is
+    complete, also with ignore_eos; the unconstrained batch-mate is the same as alone."""
+    import json
+    import re
+
+    from vbert.structured import StructuredOutput
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["a", "bc"]}},
+              "required": ["ok", "tag"], "additionalProperties": False}
+    kinds = [StructuredOutput("json", schema), StructuredOutput("regex", "[0-9]{3}-[a-z]{2}"),
+             StructuredOutput("choice", ("yes", "no", "maybe")), StructuredOutput("json_object")]
+    engine, bb = make_engine(checkpoint)
+    try:
+        alone = submit(engine, bb, PROMPTS[0], max_new_tokens=30, temperature=1.0, seed=9).final()
+        free = submit(engine, bb, PROMPTS[0], max_new_tokens=30, temperature=1.0, seed=9)
+        streams = [(k, submit(engine, bb, PROMPTS[i % 3], max_new_tokens=60, temperature=1.0, seed=i, structured=k))
+                   for k in kinds for i in range(5)]
+        results = [(k, s.final()) for k, s in streams]
+        with pytest.raises(ValueError, match="structured output regex"):
+            submit(engine, bb, PROMPTS[0], structured=StructuredOutput("regex", "(unclosed"))
+    finally:
+        engine.stop()
+    assert free.final().token_ids == alone.token_ids
+    for k, res in results:
+        if k.kind == "json_object":          # any object: its strings are unbounded, byte soup fills them to the end
+            assert res.text.startswith("{") and (res.finish_reason is FinishReason.LENGTH
+                                                  or isinstance(json.loads(res.text), dict)), res.text
+            continue
+        assert res.finish_reason is FinishReason.STOP, (k.kind, res.text)
+        if k.kind == "json":
+            value = json.loads(res.text)
+            assert set(value) == {"ok", "tag"} and isinstance(value["ok"], bool) and value["tag"] in ("a", "bc")
+        elif k.kind == "regex":
+            assert re.fullmatch("[0-9]{3}-[a-z]{2}", res.text), res.text
+        else:
+            assert res.text in ("yes", "no", "maybe")
+    assert len({res.text for k, res in results if k.kind == "json"}) > 1          # sampled, not one forced answer
+
+
 def test_request_mode_gives_the_same_greedy_tokens(checkpoint):
     outs = {}
     for mode in ("iteration", "request"):
