@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import random
 import tarfile
 import time
@@ -211,6 +212,20 @@ def _credentials(tls) -> grpc.ChannelCredentials | None:
     return tls
 
 
+def _structured_output(spec: dict):
+    """{"json": schema} | {"json_object": True} | {"regex": r} | {"choice": [...]} | {"grammar": lark} as protobuf."""
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError("structured_output: a dict with exactly one of json, json_object, regex, choice, grammar")
+    (kind, value), = spec.items()
+    if kind == "json":
+        return tenant_pb2.StructuredOutput(json=value if isinstance(value, str) else json.dumps(value))
+    if kind == "choice":
+        return tenant_pb2.StructuredOutput(choice=tenant_pb2.Choices(values=list(value)))
+    if kind in ("json_object", "regex", "grammar"):
+        return tenant_pb2.StructuredOutput(**{kind: value})
+    raise ValueError(f"structured_output: unknown kind {kind!r} (json, json_object, regex, choice, grammar)")
+
+
 class _Api:
     """The calls, shared by both clients: each method builds a _Call and hands it to `_run`,
     which the sync client executes and the async client turns into a coroutine."""
@@ -272,14 +287,17 @@ class _Api:
     def _generate_request(self, prompt: str | None, messages, adapter: str, max_new_tokens: int,
                           temperature: float | None, top_k: int, top_p: float | None, seed: int | None, stop,
                           stop_token_ids, logprobs: int, truncate_prompt: bool, ignore_eos: bool, **adjust):
-        """adjust: presence_penalty, frequency_penalty, repetition_penalty, min_p, min_tokens (None: unset) and
-        logit_bias (a dict)."""
+        """adjust: presence_penalty, frequency_penalty, repetition_penalty, min_p, min_tokens (None: unset),
+        logit_bias (a dict) and structured_output (a dict of one kind, see Client.generate)."""
         req = tenant_pb2.GenerateRequest(
             adapter=adapter, prompt=prompt or "", max_new_tokens=max_new_tokens, top_k=top_k,
             stop=[stop] if isinstance(stop, str) else list(stop or ()), stop_token_ids=list(stop_token_ids or ()),
             logprobs=logprobs, truncate_prompt=truncate_prompt, ignore_eos=ignore_eos,
             messages=[tenant_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()])
         bias = adjust.pop("logit_bias", None)
+        structured = adjust.pop("structured_output", None)
+        if structured:
+            req.structured_output.CopyFrom(_structured_output(structured))
         for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), *adjust.items()):
             if value is not None:
                 setattr(req, name, value)
@@ -392,18 +410,20 @@ class Client(_Api):
                  truncate_prompt: bool = False, ignore_eos: bool = False, timeout: float | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  repetition_penalty: float | None = None, logit_bias: dict | None = None,
-                 min_p: float | None = None, min_tokens: int | None = None):
+                 min_p: float | None = None, min_tokens: int | None = None, structured_output: dict | None = None):
         """Stream a generation: prompt (or messages=[{"role", "content"}, ...] through the chat template) on a decoder adapter
         ("default" = the bare decoder); yields one dict per streamed message (see _generation_event), the last
         with "finish_reason", "usage" and "metadata". temperature None = 1.0, 0 = greedy; penalties None = off;
         logit_bias {token id: bias in [-100, 100]}; min_p None = off; min_tokens: no stop token or stop string ends
-        the first min_tokens tokens (None = off).
+        the first min_tokens tokens (None = off); structured_output: the answer follows a grammar, one of
+        {"json": a JSON Schema (dict or JSON text)}, {"json_object": True}, {"regex": str}, {"choice": [str, ...]},
+        {"grammar": a Lark grammar} (vLLM's structured outputs).
         Not retried: a failure raises VbertError (before or during the stream)."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_token_ids, logprobs, truncate_prompt, ignore_eos,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                      repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_p=min_p,
-                                     min_tokens=min_tokens)
+                                     min_tokens=min_tokens, structured_output=structured_output)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             for r in call:
@@ -464,13 +484,14 @@ class AsyncClient(_Api):
                        logprobs: int = 0, truncate_prompt: bool = False, ignore_eos: bool = False,
                        timeout: float | None = None, presence_penalty: float | None = None,
                        frequency_penalty: float | None = None, repetition_penalty: float | None = None,
-                       logit_bias: dict | None = None, min_p: float | None = None, min_tokens: int | None = None):
+                       logit_bias: dict | None = None, min_p: float | None = None, min_tokens: int | None = None,
+                       structured_output: dict | None = None):
         """`async for event in client.generate(...)`: as Client.generate."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_token_ids, logprobs, truncate_prompt, ignore_eos,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                      repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_p=min_p,
-                                     min_tokens=min_tokens)
+                                     min_tokens=min_tokens, structured_output=structured_output)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             async for r in call:

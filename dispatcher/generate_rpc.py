@@ -4,12 +4,13 @@ produces them; the last message carries the finish reason, token usage and timin
 away (or whose deadline passes) cancels the request, which frees its KV blocks before the next step."""
 from __future__ import annotations
 
+from manager.errors import InvalidArgumentError
 from scheduler.generation_engine import GenerationDelta, GenerationResult
 from vbert.detokenize import FinishReason
 
 from .auth import current_request_id, current_tenant
 from .gen.vbert.v1 import tenant_pb2
-from .generation_call import GenerateParams, start_generation
+from .generation_call import GenerateParams, start_generation, structured_of
 
 FINISH_REASONS = {FinishReason.STOP: tenant_pb2.STOP, FinishReason.LENGTH: tenant_pb2.LENGTH,
                   FinishReason.CANCELLED: tenant_pb2.CANCELLED}
@@ -26,9 +27,22 @@ def params_of(request) -> GenerateParams:
         seed=int(request.seed) if request.HasField("seed") else None, stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids), logprobs=int(request.logprobs),
         truncate_prompt=request.truncate_prompt, ignore_eos=request.ignore_eos, min_tokens=int(request.min_tokens),
-        logit_bias=tuple(sorted(request.logit_bias.items())),
+        logit_bias=tuple(sorted(request.logit_bias.items())), structured=_structured(request),
         **{name: getattr(request, name) if request.HasField(name) else None
            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")})
+
+
+def _structured(request):
+    if not request.HasField("structured_output"):
+        return None
+    so = request.structured_output
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgumentError("structured_output: set one of json, json_object, regex, choice, grammar")
+    if kind == "json_object" and not so.json_object:
+        raise InvalidArgumentError("structured_output: json_object must be true (leave it unset for free text)")
+    value = tuple(so.choice.values) if kind == "choice" else getattr(so, kind)
+    return structured_of(kind, None if kind == "json_object" else value)
 
 
 def _response(delta: GenerationDelta) -> tenant_pb2.GenerateResponse:

@@ -18,6 +18,7 @@ from manager.records import Tenant
 from scheduler.generation_engine import GenerationDelta, GenerationResult
 from scheduler.types import Request
 from vbert.sampling import SamplingParams
+from vbert.structured import StructuredOutput
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -48,6 +49,16 @@ class GenerateParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_p: float | None = None
     min_tokens: int = 0
+    structured: StructuredOutput | None = None
+
+
+def structured_of(kind: str, value=None) -> StructuredOutput:
+    """A request's structured output (vLLM's kinds: json, json_object, regex, choice, grammar); InvalidArgumentError
+    naming the problem."""
+    try:
+        return StructuredOutput(kind, "" if value is None else value)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
 
 
 def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
@@ -68,7 +79,7 @@ def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
                               seed=None if params.seed is None else int(params.seed), max_new_tokens=max_new_tokens,
                               stop_token_ids=tuple(params.stop_token_ids), stop=tuple(params.stop),
                               logprobs=int(params.logprobs), logit_bias=tuple(params.logit_bias),
-                              min_tokens=int(params.min_tokens), **penalties)
+                              min_tokens=int(params.min_tokens), structured=params.structured, **penalties)
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from None
 
@@ -129,6 +140,11 @@ async def start_generation(app, tenant: Tenant, params: GenerateParams, time_rem
     outside = [t for t, _ in sampling.logit_bias if t >= vocab]
     if outside:
         raise InvalidArgumentError(f"logit_bias: token id {outside[0]} is not in the decoder's vocabulary of {vocab}")
+    if sampling.structured is not None:             # the grammar compiles for this decoder's tokenizer
+        try:
+            await asyncio.to_thread(app.decoder.structured.check, sampling.structured)
+        except ValueError as e:
+            raise InvalidArgumentError(str(e)) from None
     app.limiter.acquire(tenant, 1)
     ids = await asyncio.to_thread(app.decoder.tokenize_prompt, text, limit - max(1, wanted),
                                   params.truncate_prompt, is_chat)

@@ -9,9 +9,11 @@
 domain calls as gRPC (dispatcher.generation_call, dispatcher.rpc.run_inputs); errors take the gRPC edge's
 single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status. Unknown fields are
-ignored, as OpenAI does, except those that would change what comes back (structured output, tools, suffix, audio:
-refused, UNSUPPORTED); `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `repetition_penalty` and `stop_token_ids` are
-accepted as vLLM accepts them; `n` (up to 16) choices are n generations of the request, merged into one answer or stream.
+ignored, as OpenAI does, except those that would change what comes back (tools, suffix, audio: refused,
+UNSUPPORTED); `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `repetition_penalty` and `stop_token_ids` are
+accepted as vLLM accepts them; `n` (up to 16) choices are n generations of the request, merged into one answer or
+stream. Structured output: OpenAI's `response_format` (json_object, json_schema), vLLM's `structured_outputs` and
+`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from vbert.heads import HeadKind
 
 from .auth import _request_id, _tenant
 from .errors import DrainingError, status_of
-from .generation_call import GenerateParams, start_generation
+from .generation_call import GenerateParams, start_generation, structured_of
 from .rpc import run_inputs
 
 # gRPC status -> (HTTP status, OpenAI error type)
@@ -131,8 +133,7 @@ def _num_choices(body: dict) -> int:
 
 
 # OpenAI fields that change what comes back: silently ignoring them would answer another question than the one asked
-UNSUPPORTED = {"response_format": "structured output (JSON mode, JSON schema) is not supported",
-               "tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
+UNSUPPORTED = {"tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
                "functions": "function calls are not supported", "function_call": "function calls are not supported",
                "suffix": "insertion (suffix) is not supported", "audio": "audio output is not supported",
                "prediction": "predicted outputs are not supported"}
@@ -141,8 +142,7 @@ UNSUPPORTED = {"response_format": "structured output (JSON mode, JSON schema) is
 def _refuse_unsupported(body: dict) -> None:
     for name, why in UNSUPPORTED.items():
         value = body.get(name)
-        if value is None or value == [] or (name == "response_format" and value == {"type": "text"}) \
-                or (name == "tool_choice" and value == "none"):
+        if value is None or value == [] or (name == "tool_choice" and value == "none"):
             continue
         raise _Param(name, why)
     if body.get("modalities") not in (None, ["text"]):
@@ -157,7 +157,52 @@ def _common(body: dict) -> dict:
                 presence_penalty=_float(body, "presence_penalty"), frequency_penalty=_float(body, "frequency_penalty"),
                 repetition_penalty=_float(body, "repetition_penalty"), min_p=_float(body, "min_p"),
                 min_tokens=_get(body, "min_tokens", int, 0), logit_bias=_logit_bias(body),
+                structured=_structured(body),
                 stop_token_ids=_token_ids(body, "stop_token_ids"))
+
+
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def _structured(body: dict):
+    """The answer's grammar: OpenAI's response_format (json_object, json_schema), vLLM's structured_outputs
+    ({json | json_object | regex | choice | grammar: ...}) or its older guided_json / _regex / _choice / _grammar."""
+    given = [name for name in ("response_format", "structured_outputs", *GUIDED) if body.get(name) is not None]
+    if not given or given == ["response_format"] and body["response_format"] == {"type": "text"}:
+        return None
+    if len(given) > 1:
+        raise _Param(given[1], f"give one of {', '.join(given)}")
+    name, value = given[0], body[given[0]]
+    try:
+        return structured_of(*_structured_kind(name, value))
+    except _Param:
+        raise
+    except InvalidArgumentError as e:
+        raise _Param(name, str(e)) from None
+
+
+def _structured_kind(name: str, value) -> tuple:
+    if name in GUIDED:
+        return GUIDED[name], value
+    if not isinstance(value, dict):
+        raise _Param(name, "expected an object")
+    if name == "response_format":
+        kind = value.get("type")
+        if kind == "json_object":
+            return "json_object", None
+        if kind == "json_schema":
+            schema = (value.get("json_schema") or {}).get("schema") if isinstance(value.get("json_schema"), dict) \
+                else None
+            if schema is None:
+                raise _Param(name, "json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+            return "json", schema
+        raise _Param(name, f"type must be text, json_object or json_schema, got {kind!r}")
+    kinds = [k for k in ("json", "json_object", "regex", "choice", "grammar") if value.get(k) not in (None, False)]
+    unknown = sorted(set(value) - {"json", "json_object", "regex", "choice", "grammar"})
+    if unknown or len(kinds) != 1:
+        raise _Param(name, "set exactly one of json, json_object, regex, choice, grammar"
+                     + (f" ({', '.join(unknown)} not supported)" if unknown else ""))
+    return kinds[0], None if kinds[0] == "json_object" else value[kinds[0]]
 
 
 def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:

@@ -12,6 +12,7 @@ from vbert.decoder import DecoderModel, StepSequence
 from vbert.device import enter_step_thread
 from vbert.kv_cache import PagedKVCache
 from vbert.sampling import SamplingParams, sample
+from vbert.structured import allowed_tokens
 
 from .generation_policy import GenerationBatch
 from .types import RowResult, StepOutput
@@ -67,12 +68,7 @@ class GenerationRunner:
             matchers = [batch.rows[i].request.metadata.get("matcher") for i in ends]
             allowed = None
             if any(m is not None for m in matchers):
-                masks = torch.zeros(len(ends), logits.shape[-1], dtype=torch.bool)      # [rows, vocab] on the host
-                for j, m in enumerate(matchers):
-                    if m is not None:
-                        m.fill(masks[j])
-                masks = masks.to(logits.device)
-                allowed = [masks[j] if m is not None else None for j, m in enumerate(matchers)]
+                allowed = allowed_tokens(matchers, logits.shape[-1]).to(logits.device)    # [rows, vocab]
             picked, lps = sample(logits[ends], params, counts, history, suppress if any(suppress) else None, allowed)
             for j, (i, token) in enumerate(zip(ends, picked.tolist())):   # one device->host copy
                 new_ids[i] = token

@@ -12,6 +12,7 @@ from .decoder_lora import DecoderLoraConfig, DecoderLoraPool
 from .device import DeviceContext
 from .kv_cache import KVCacheConfig, PagedKVCache
 from .model import InputError
+from .structured import StructuredCompiler, compiler_for
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_CHARS_PER_TOKEN = 32      # a prompt longer than this many characters per allowed token is refused untokenized
@@ -73,6 +74,11 @@ class DecoderBackbone:
         self.spec = model.spec
         self.eos_token_ids = _eos_ids(path, tokenizer)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    @property
+    def structured(self) -> StructuredCompiler:
+        """Compiles structured-output grammars for this tokenizer (its engine's matchers share it)."""
+        return compiler_for(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)
 
     @classmethod
     def load(cls, config: DecoderBackboneConfig, device: DeviceContext) -> "DecoderBackbone":

@@ -175,12 +175,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int],
            history: Sequence[tuple[Sequence[int], Sequence[int]] | None] | None = None,
            suppress: Sequence[Sequence[int] | None] | None = None,
-           allowed: Sequence[torch.Tensor | None] | None = None,
+           allowed: torch.Tensor | None = None,
            ) -> tuple[torch.Tensor, list[TokenLogprobs | None] | None]:
     """One token per row of logits [num_seqs, vocab]; row i follows params[i] and is request i's draw
     number num_generated[i]. history[i]: (prompt ids, generated ids) of request i, needed for the rows whose
     params have penalties. suppress[i]: token ids row i must not draw (min_tokens: the request's stop tokens);
-    None or empty: none. allowed[i]: bool [vocab], the only tokens row i may draw (structured output); None: all.
+    None or empty: none. allowed: bool [num_seqs, vocab], the only tokens each row may draw (structured
+    output); None: all.
     Returns (token_ids [num_seqs] int64 on logits' device, logprobs: None when
     no row asks for them, else one TokenLogprobs or None per row).
 
@@ -221,19 +222,16 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
             ids = [t for t in ids or () if 0 <= t < vocab]
             if ids:
                 x[i, torch.tensor(ids, dtype=torch.long, device=x.device)] = float("-inf")
-    if allowed is not None and any(a is not None for a in allowed):
-        if len(allowed) != num_seqs:
-            raise ValueError(f"{num_seqs} logits rows but {len(allowed)} allowed entries")
-        x = x.clone() if x is raw else x
-        for i, keep in enumerate(allowed):
-            if keep is None:
-                continue
-            keep = keep.to(x.device)
-            row = x[i].masked_fill(~keep, float("-inf"))
-            if not bool(torch.isfinite(row).any()):          # min_tokens held back the only tokens it allows
-                row = _adjusted(raw[i:i + 1], params[i:i + 1], history[i:i + 1] if history else None)[0]
-                row = row.masked_fill(~keep, float("-inf"))
-            x[i] = row
+    if allowed is not None:
+        if tuple(allowed.shape) != (num_seqs, vocab):
+            raise ValueError(f"allowed must be [{num_seqs}, {vocab}], got {tuple(allowed.shape)}")
+        allowed = allowed.to(x.device)
+        masked = x.masked_fill(~allowed, float("-inf"))
+        for i in torch.nonzero(~torch.isfinite(masked).any(dim=-1)).flatten().tolist():
+            # min_tokens held back the only tokens the grammar allows: the grammar wins
+            row = _adjusted(raw[i:i + 1], params[i:i + 1], history[i:i + 1] if history else None)[0]
+            masked[i] = row.masked_fill(~allowed[i], float("-inf"))
+        x = masked
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if len(rows) == num_seqs:                                             # no copies when all rows sample
         token_ids = _draw(x, params, num_generated)                       # [num_seqs]

@@ -15,11 +15,16 @@ import threading
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_SPEC_CHARS = 64 * 1024        # a schema, regex or grammar; the choices together
 MAX_CHOICES = 256
+# JSON may put whitespace between its tokens; unbounded, a small or unsure model can fill its whole answer with
+# newlines (the random test decoder does). At most 16 characters per gap still allows indented output; a schema's
+# "x-guidance" options can change it.
+JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,16}"}
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,9 @@ class StructuredOutput:
         from llguidance import LLMatcher
 
         if self.kind == "json":
-            return LLMatcher.grammar_from_json_schema(self.value)
+            return LLMatcher.grammar_from_json_schema(self.value, defaults=JSON_OPTIONS)
         if self.kind == "json_object":
-            return LLMatcher.grammar_from_json_schema({"type": "object"})
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
         if self.kind == "regex":
             return LLMatcher.grammar_from_regex(self.value)
         if self.kind == "choice":
@@ -78,18 +83,18 @@ class StructuredOutput:
 
 
 class Matcher:
-    """One request's grammar state: `fill(row)` writes the tokens allowed next (bool [vocab]), `consume(token)`
-    advances it (False with `error` set when the token breaks the grammar), `is_done` once the grammar is complete
-    (nothing but the end of sequence may follow)."""
+    """One request's grammar state: `fill(words)` writes the tokens allowed next as a bitmask (int32 [(vocab + 31)
+    // 32], bit t % 32 of word t // 32; `allowed_tokens` unpacks many), `consume(token)` advances it (False with
+    `error` set when the token breaks the grammar), `is_done` once the grammar is complete (nothing but the end of
+    sequence may follow)."""
 
     def __init__(self, matcher, vocab_size: int):
         self._m, self.vocab_size = matcher, vocab_size
-        self._words = torch.empty((vocab_size + 31) // 32, dtype=torch.int32)
 
-    def fill(self, out: torch.Tensor) -> None:
-        self._m.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
-        bits = (self._words[:, None] >> _SHIFTS) & 1                                     # [words, 32]
-        out.copy_(bits.reshape(-1)[:self.vocab_size].bool())
+    def fill(self, words: torch.Tensor) -> None:
+        if words.dtype != torch.int32 or not words.is_contiguous() or words.numel() * 32 < self.vocab_size:
+            raise ValueError("fill needs a contiguous int32 row of (vocab + 31) // 32 words")
+        self._m.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
 
     def consume(self, token: int) -> bool:
         return bool(self._m.consume_token(int(token)))
@@ -103,7 +108,16 @@ class Matcher:
         return self._m.get_error()
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+def allowed_tokens(matchers: Sequence[Matcher | None], vocab_size: int) -> torch.Tensor:
+    """bool [len(matchers), vocab_size] on the host: the tokens each row may draw next (every token for a row
+    without a matcher). The bitmasks unpack with numpy's unpackbits (little bit order: bit t % 32 of word t // 32),
+    all rows at once: about 15 us a row for 49,152 tokens, where shifting in torch took 100."""
+    words = torch.full((len(matchers), (vocab_size + 31) // 32), -1, dtype=torch.int32)       # [rows, words]
+    for row, m in zip(words, matchers):
+        if m is not None:
+            m.fill(row)
+    bits = np.unpackbits(words.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    return torch.from_numpy(bits).bool()
 
 
 class StructuredCompiler:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -86,11 +87,17 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-sequence token.")
 @click.option("--min-tokens", default=None, type=click.IntRange(min=0),
               help="No stop token or stop string ends the first this many tokens (default 0: off).")
+@click.option("--json-schema", default=None, metavar="SCHEMA",
+              help="The answer is JSON following this JSON Schema (JSON text, or @FILE).")
+@click.option("--json-object", is_flag=True, help="The answer is a JSON object.")
+@click.option("--regex", default=None, help="The whole answer matches this regular expression.")
+@click.option("--choice", multiple=True, help="The answer is exactly one of these strings (repeatable).")
+@click.option("--grammar", default=None, metavar="LARK", help="The answer follows this Lark grammar (text, or @FILE).")
 @click.argument("prompt", required=False)
 @remote(is_admin=False)
 def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, top_k, min_p, seed, stop,
              presence_penalty, frequency_penalty, repetition_penalty, logit_bias, truncate_prompt, ignore_eos,
-             min_tokens, prompt) -> None:
+             min_tokens, json_schema, json_object, regex, choice, grammar, prompt) -> None:
     """Generate a continuation of PROMPT (or of stdin), streamed to stdout as it is produced: only the
     generated text goes to stdout, so it can be piped. With -o json: one JSON object per message."""
     bias = {}
@@ -100,6 +107,16 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
             bias[int(token)] = float(value)
         except ValueError:
             raise click.BadParameter(f"{item!r} is not TOKEN_ID=BIAS", param_hint="--logit-bias") from None
+    given = {k: v for k, v in (("json", json_schema), ("json_object", json_object or None), ("regex", regex),
+                                ("choice", list(choice) or None), ("grammar", grammar)) if v is not None}
+    if len(given) > 1:
+        raise click.UsageError("give at most one of --json-schema, --json-object, --regex, --choice, --grammar")
+    for kind, flag in (("json", "--json-schema"), ("grammar", "--grammar")):
+        if isinstance(given.get(kind), str) and given[kind].startswith("@"):
+            try:
+                given[kind] = Path(given[kind][1:]).read_text()
+            except OSError as e:
+                raise click.BadParameter(str(e), param_hint=flag) from None
     if prompt is None or prompt == "-":
         prompt = click.get_text_stream("stdin").read()
     if not prompt.strip():
@@ -116,7 +133,7 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
                                      truncate_prompt=truncate_prompt, ignore_eos=ignore_eos, timeout=r.timeout,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                      repetition_penalty=repetition_penalty, logit_bias=bias, min_p=min_p,
-                                     min_tokens=min_tokens):
+                                     min_tokens=min_tokens, structured_output=given or None):
             if r.output == "json":
                 click.echo(json.dumps(event))
             else:

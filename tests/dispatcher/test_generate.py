@@ -261,6 +261,15 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
                                            extra_body={"min_tokens": 12})
         assert longer.usage.completion_tokens >= 12 > answer.usage.completion_tokens
         assert longer.choices[0].message.content.startswith("The capital of France is Paris."), longer
+        # structured output: a JSON Schema (OpenAI's response_format); the default decoder fills it in
+        capital = {"type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+                   "required": ["country", "capital"], "additionalProperties": False}
+        shaped = c.chat.completions.create(
+            model="default", temperature=0, max_tokens=60, messages=france,
+            response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": capital}})
+        value = json.loads(shaped.choices[0].message.content)            # it writes {"country": "FRANCE", ...}
+        assert value["capital"] == "Paris" and value["country"].lower() == "france" and len(value) == 2, shaped
+        assert shaped.choices[0].finish_reason == "stop"
         # the README's generative walkthrough: the shipped NCBI-disease decoder LoRA, over both protocols
         root = Path(__file__).resolve().parents[2] / "examples" / "adapters-trained" / "ncbi-disease-gen"
         res = json.loads((root / "RESULT.json").read_text())

@@ -200,6 +200,67 @@ def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_serv
     assert "min_tokens" in e.value.body["message"]
 
 
+def test_structured_output_over_http_grpc_the_client_and_the_cli(http_server):
+    """OpenAI's response_format (json_schema, json_object), vLLM's structured_outputs and guided_* reach the engine:
+    the random tiny decoder's sampled answers follow the grammar, the same over HTTP and gRPC (seeded); bad grammars
+    and ambiguous requests are refused with the field named, nothing generated."""
+    import re
+
+    import grpc
+
+    s = http_server
+    c = client(s)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["a", "bc"]}},
+              "required": ["ok", "tag"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "the patient"}]
+    for seed in (1, 2, 3):
+        answer = c.chat.completions.create(
+            model="writer", messages=messages, temperature=1.0, seed=seed, max_tokens=120,
+            response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}).choices[0]
+        value = json.loads(answer.message.content)
+        assert answer.finish_reason == "stop" and set(value) == {"ok", "tag"} and value["tag"] in ("a", "bc")
+        text, final = grpc_tokens(s, adapter="writer", messages=[T.ChatMessage(role="user", content="the patient")],
+                                  temperature=1.0, seed=seed, max_new_tokens=120,
+                                  structured_output=T.StructuredOutput(json=json.dumps(schema)))
+        assert text == answer.message.content and final.finish_reason == T.STOP
+    for extra in ({"guided_regex": "[0-9]{3}-[a-z]{2}"}, {"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}}):
+        out = c.completions.create(model="default", prompt="x", max_tokens=20, temperature=1.0, seed=4,
+                                   extra_body=extra).choices[0]
+        assert re.fullmatch("[0-9]{3}-[a-z]{2}", out.text) and out.finish_reason == "stop", (extra, out.text)
+    for extra in ({"guided_choice": ["yes", "no"]}, {"structured_outputs": {"choice": ["yes", "no"]}}):
+        assert c.completions.create(model="default", prompt="x", max_tokens=8, extra_body=extra).choices[0].text \
+            in ("yes", "no")
+    start = c.chat.completions.create(model="default", messages=messages, max_tokens=6,
+                                      response_format={"type": "json_object"}).choices[0].message.content
+    assert start.startswith("{")
+    from dispatcher.client import Client
+
+    with Client(s.address, api_key=s.keys["acme"]) as cl:
+        events = list(cl.generate("x", max_new_tokens=8, structured_output={"choice": ["alpha", "beta"]}))
+    assert "".join(e["text"] for e in events) in ("alpha", "beta") and events[-1]["finish_reason"] == "stop"
+    vbert = str(Path(sys.executable).parent / "vbert")
+    out = subprocess.run([vbert, "generate", "--server", s.address, "--api-key", s.keys["acme"], "--max-new-tokens",
+                          "8", "--choice", "left", "--choice", "right", "x"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() in ("left", "right"), out
+    for extra, param, fragment in (
+            ({"guided_regex": "(unclosed"}, None, "structured output regex"),
+            ({"response_format": {"type": "json_schema", "json_schema": {"name": "t"}}}, "response_format", "schema"),
+            ({"response_format": {"type": "xml"}}, "response_format", "json_object"),
+            ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+            ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs", "structural_tag"),
+            ({"guided_choice": []}, "guided_choice", "non-empty"),
+            ({"guided_json": {"type": "nonsense"}}, None, "structured output json"),
+            ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "give one of")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="default", prompt="x", max_tokens=4, extra_body=extra)
+        assert fragment in e.value.body["message"] and (param is None or e.value.body["param"] == param), \
+            (extra, e.value.body)
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_tokens(s, prompt="x", max_new_tokens=4, structured_output=T.StructuredOutput(regex="(unclosed"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "structured output regex" in e.value.details()
+
+
 def test_n_choices_are_generations_of_their_own_seeds_merged_in_one_answer_or_stream(http_server):
     """n = 3 sampled choices: choice i is what gRPC Generate gives with seed + i, the later choices take the
     prompt's blocks from the prefix cache, usage counts the prompt once and the completions summed; streamed, every choice's deltas carry its index, each ends with its own finish reason,
@@ -290,8 +351,7 @@ def test_errors_in_openai_shape(http_server):
     status, _, body = post(f"{s.base_url}/completions", s.keys["acme"], b"{not json")
     assert status == 400 and "not JSON" in body["error"]["message"]
     # fields that would change the answer's kind are refused by name, not ignored; their neutral values pass
-    for name, value in (("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
-                        ("tool_choice", "auto"), ("suffix", "end"), ("modalities", ["text", "audio"])):
+    for name, value in (("tools", [{"type": "function"}]), ("tool_choice", "auto"), ("suffix", "end"), ("modalities", ["text", "audio"])):
         with pytest.raises(openai.BadRequestError) as e:
             client(s).chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}],
                                               max_tokens=1, extra_body={name: value})

@@ -310,3 +310,27 @@ def test_suppressed_tokens_are_never_drawn_and_logprobs_stay_the_models():
     assert sample(logits, params, [0] * 3)[0].tolist()[0] == 7  # without suppress the favourite wins
     with pytest.raises(ValueError, match="suppress"):
         sample(logits, params, [0] * 3, suppress=[(7,)])
+
+
+def test_allowed_tokens_bound_every_draw_and_win_over_suppress():
+    """Structured output's mechanism: allowed [rows, vocab] keeps each row to its tokens (greedy: the best allowed;
+    sampling: never outside), a row allowed everything is untouched, and where suppress (min_tokens) would leave a
+    row nothing, the grammar's tokens stay drawable."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40)
+    allowed = torch.ones(3, 40, dtype=torch.bool)
+    allowed[0] = False
+    allowed[0, [3, 5, 9]] = True
+    allowed[1] = False
+    allowed[1, [2]] = True                                  # only token 2, which suppress takes away
+    greedy, hot = SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=5)
+    best = max((3, 5, 9), key=lambda t: float(logits[0, t]))
+    for step in range(30):
+        ids = sample(logits, [greedy, greedy, hot], [step] * 3, suppress=[None, (2,), None], allowed=allowed)[0]
+        assert ids.tolist()[:2] == [best, 2]
+    hot_rows = {int(sample(logits, [hot, hot, hot], [s] * 3, allowed=allowed)[0][0]) for s in range(40)}
+    assert hot_rows <= {3, 5, 9} and len(hot_rows) > 1
+    free = sample(logits, [greedy] * 3, [0] * 3)[0]
+    assert int(sample(logits, [greedy] * 3, [0] * 3, allowed=allowed)[0][2]) == int(free[2])
+    with pytest.raises(ValueError, match="allowed"):
+        sample(logits, [greedy] * 3, [0] * 3, allowed=allowed[:2])
