@@ -12,7 +12,8 @@ every request under one grammar (vbert.structured, llguidance):
 Contenders run in a rotating order, --rounds rounds each. Reported per contender: the median time of the decode
 steps that ran all --batch rows (each row one token), its ratio to free text's with a 95 % bootstrap interval,
 the time the runner spent in the grammars per constrained row-step (the masks and the token advances, timed
-inside the step), the mean tokens per request and whether every answer followed its grammar.
+inside the step), the mean tokens per request, how many answers completed their grammar (the others reached
+--tokens) and whether every completed answer follows it.
 
 Writes JSON and a PNG next to it.
 """
@@ -41,6 +42,7 @@ from scheduler.types import Request  # noqa: E402
 from vbert import structured as structured_mod  # noqa: E402
 from vbert.config import HOST_HEAP_KEEP_MB  # noqa: E402
 from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
+from vbert.detokenize import FinishReason  # noqa: E402
 from vbert.device import DeviceContext, keep_host_heap, reserve_cpu_for_steps  # noqa: E402
 from vbert.sampling import SamplingParams  # noqa: E402
 from vbert.structured import StructuredOutput  # noqa: E402
@@ -62,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default="./var/models")
     p.add_argument("--batch", type=int, default=16, help="requests at once")
     p.add_argument("--tokens", type=int, default=48, help="tokens each request samples at most")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--contenders", nargs="+", default=["free", "regex", "json", "choice"],
                    choices=["free", "regex", "json", "choice"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -144,7 +146,9 @@ def run_round(backbone, name: str, prompts: list[list[int]], a, seed: int) -> di
     finally:
         engine.stop(drain=False, timeout=10)
     return {"full_decode_steps_s": steps, "grammar_s": timer.seconds, "grammar_row_steps": timer.calls,
-            "tokens": [len(r.token_ids) for r in results], "valid": all(follows(name, r.text) for r in results),
+            "tokens": [len(r.token_ids) for r in results],
+            "stopped": sum(r.finish_reason is FinishReason.STOP for r in results),
+            "valid": all(follows(name, r.text) for r in results if r.finish_reason is FinishReason.STOP),
             "texts": [r.text for r in results[:2]]}
 
 
@@ -184,7 +188,9 @@ def main(argv=None) -> int:
             "grammar_us_per_row_step": (sum(run["grammar_s"] for run in runs[name]) / row_steps * 1e6)
             if row_steps else 0.0,
             "mean_tokens_per_request": statistics.fmean(t for run in runs[name] for t in run["tokens"]),
-            "all_valid": all(run["valid"] for run in runs[name]), "sample_texts": runs[name][0]["texts"]})
+            "answers": sum(len(run["tokens"]) for run in runs[name]),
+            "completed": sum(run["stopped"] for run in runs[name]),
+            "all_completed_valid": all(run["valid"] for run in runs[name]), "sample_texts": runs[name][0]["texts"]})
     result = {"benchmark": "structured", "model": backbone.name, "device": device.describe(),
               "torch_threads": threads, "machine": machine(), "date": utc_now(), "git": git_state(),
               "load_average_after": load_average(),
@@ -197,7 +203,8 @@ def main(argv=None) -> int:
         over = "" if r["over_free"] is None else f" ({r['over_free']:.3f}x free)"
         tqdm.write(f"{r['contender']:7s}: full decode step {ms}{over} over {r['full_decode_steps']} steps; grammar "
                    f"{r['grammar_us_per_row_step']:.0f} us per row-step; {r['mean_tokens_per_request']:.1f} "
-                   f"tokens/request; valid {r['all_valid']}")
+                   f"tokens/request; {r['completed']} of {r['answers']} completed, all valid: "
+                   f"{r['all_completed_valid']}")
     return 0
 
 
