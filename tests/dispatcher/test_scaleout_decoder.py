@@ -9,6 +9,7 @@ One Ray cluster for the module (RAY_ADDRESS cleared, dashboard off), shut down b
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -123,6 +124,14 @@ def test_generation_through_two_decoder_replicas_equals_one_process(cluster, ref
     assert out.usage.completion_tokens == 8
     assert out.choices[0].text == s.app.decoder.tokenizer.decode(reference[("writer", PROMPTS[1])],
                                                                  skip_special_tokens=True)
+    # structured output: the replica compiles the request's grammar (the front door checked it) and follows it
+    for seed in (1, 2):
+        shaped = client.completions.create(model="writer", prompt=PROMPTS[1], max_tokens=30, temperature=1.0,
+                                           seed=seed, extra_body={"guided_regex": "[0-9]{3}-[a-z]{2}"}).choices[0]
+        assert re.fullmatch("[0-9]{3}-[a-z]{2}", shaped.text) and shaped.finish_reason == "stop", shaped
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="writer", prompt=PROMPTS[1], max_tokens=4,
+                                  extra_body={"guided_regex": "(unclosed"})
 
 
 def test_a_repeated_prompt_goes_to_the_replica_that_cached_its_prefix(cluster):
