@@ -9,8 +9,9 @@
 domain calls as gRPC (dispatcher.generation_call, dispatcher.rpc.run_inputs); errors take the gRPC edge's
 single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status. Unknown fields are
-ignored, as OpenAI does, except those that would change what comes back (tools, suffix, audio: refused,
-UNSUPPORTED); `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `repetition_penalty` and `stop_token_ids` are
+ignored, as OpenAI does, except those that would change what comes back (functions, suffix, audio: refused,
+UNSUPPORTED); tools are called where a grammar guarantees the call (tool_choice "required" or a named function:
+dispatcher.openai_tools); `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `repetition_penalty` and `stop_token_ids` are
 accepted as vLLM accepts them; `n` (up to 16) choices are n generations of the request, merged into one answer or
 stream. Structured output: OpenAI's `response_format` (json_object, json_schema), vLLM's `structured_outputs` and
 `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`.
@@ -42,6 +43,7 @@ from vbert.heads import HeadKind
 from .auth import _request_id, _tenant
 from .errors import DrainingError, status_of
 from .generation_call import GenerateParams, start_generation, structured_of
+from .openai_tools import tool_plan, tool_turns
 from .rpc import run_inputs
 
 # gRPC status -> (HTTP status, OpenAI error type)
@@ -133,8 +135,7 @@ def _num_choices(body: dict) -> int:
 
 
 # OpenAI fields that change what comes back: silently ignoring them would answer another question than the one asked
-UNSUPPORTED = {"tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
-               "functions": "function calls are not supported", "function_call": "function calls are not supported",
+UNSUPPORTED = {"functions": "function calls are not supported", "function_call": "function calls are not supported",
                "suffix": "insertion (suffix) is not supported", "audio": "audio output is not supported",
                "prediction": "predicted outputs are not supported"}
 
@@ -142,7 +143,7 @@ UNSUPPORTED = {"tools": "tool calls are not supported", "tool_choice": "tool cal
 def _refuse_unsupported(body: dict) -> None:
     for name, why in UNSUPPORTED.items():
         value = body.get(name)
-        if value is None or value == [] or (name == "tool_choice" and value == "none"):
+        if value is None or value == []:
             continue
         raise _Param(name, why)
     if body.get("modalities") not in (None, ["text"]):
@@ -254,6 +255,10 @@ def _messages(body: dict) -> tuple[tuple[str, str], ...]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _Param(f"messages[{i}]", "expected an object with a string role")
+        turn = tool_turns(i, m)                 # an earlier tool call or tool result, as a text turn
+        if turn is not None:
+            out.append(turn)
+            continue
         content = m.get("content")
         if isinstance(content, list):        # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -275,6 +280,8 @@ def completion_params(body: dict) -> tuple[GenerateParams, dict]:
         raise _Param("prompt", "expected a string (one prompt per request)")
     if body.get("echo"):
         raise _Param("echo", "echo is not supported")
+    if body.get("tools") or body.get("tool_choice") not in (None, "none"):
+        raise _Param("tools", "tools are called on /v1/chat/completions")
     logprobs = _get(body, "logprobs", int, 0)
     if not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise _Param("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
@@ -293,7 +300,12 @@ def chat_params(body: dict) -> tuple[GenerateParams, dict]:
         raise _Param("top_logprobs", "needs logprobs: true")
     params = GenerateParams(adapter=_model(body), messages=_messages(body), logprobs=max(1, top) if want else 0,
                             max_new_tokens=_max_tokens(body, 0), **_common(body))
-    return params, {"logprobs": want, "top_logprobs": top}
+    plan = tool_plan(body)
+    if plan is not None:
+        if params.structured is not None:
+            raise _Param("tools", "give tools or a structured output (response_format, ...), not both")
+        params = dataclasses.replace(params, messages=plan.messages(params.messages), structured=plan.structured())
+    return params, {"logprobs": want, "top_logprobs": top, "tools": plan}
 
 
 def _stream_options(body: dict) -> bool:
@@ -328,6 +340,12 @@ class _CompletionShape:
     def end(self) -> dict:
         return {"text": "", "logprobs": None}
 
+    def tail(self) -> dict | None:
+        return None
+
+    def finish(self, result: GenerationResult) -> str:
+        return FINISH[result.finish_reason]
+
 
 class _ChatShape:
     """/v1/chat/completions: an assistant message (deltas when streamed), log-probabilities as content."""
@@ -338,6 +356,7 @@ class _ChatShape:
     def __init__(self, body: dict, tokens):
         self.params, opts = chat_params(body)
         self.tokens, self.logprobs, self.top = tokens, opts["logprobs"], opts["top_logprobs"]
+        self.tools, self._text, self._calls = opts["tools"], [], None     # tool calls: the answer parsed at the end
 
     def _lp(self, lps) -> dict | None:
         return {"content": self.tokens.chat_logprobs(lps, self.top)} if self.logprobs else None
@@ -346,13 +365,34 @@ class _ChatShape:
         return {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
 
     def whole(self, text: str, lps) -> dict:
+        self._calls = self.tools.calls(text) if self.tools is not None else None
+        if self._calls is not None:
+            return {"message": {"role": "assistant", "content": None, "tool_calls": self._calls},
+                    "logprobs": self._lp(lps)}
         return {"message": {"role": "assistant", "content": text}, "logprobs": self._lp(lps)}
 
-    def delta(self, ev: GenerationDelta) -> dict:
+    def delta(self, ev: GenerationDelta) -> dict | None:
+        if self.tools is not None:           # a call is streamed whole once complete (tail)
+            self._text.append(ev.text)
+            return None
         return {"delta": {"content": ev.text}, "logprobs": self._lp(ev.logprobs)}
+
+    def tail(self) -> dict | None:
+        if self.tools is None:
+            return None
+        text = "".join(self._text)
+        self._calls = self.tools.calls(text)
+        if self._calls is None:              # cut by max_tokens: what was generated, as text
+            return {"delta": {"content": text}, "logprobs": None}
+        return {"delta": {"tool_calls": [{"index": k, **c} for k, c in enumerate(self._calls)]}, "logprobs": None}
 
     def end(self) -> dict:
         return {"delta": {}, "logprobs": None}
+
+    def finish(self, result: GenerationResult) -> str:
+        if self._calls is not None:          # OpenAI: "stop" for a forced function, "tool_calls" when calls came
+            return "stop" if self.tools.named is not None else "tool_calls"
+        return FINISH[result.finish_reason]
 
 
 # -- responses ------------------------------------------------------------------------------------------
@@ -576,7 +616,7 @@ def create_http_app(app, interceptor) -> FastAPI:
                     gens.cancel()
                 return {**head, "object": shape.object, "usage": _usage([result for _, _, result in outs]),
                         "choices": [{"index": i, **shapes[i].whole(text, lps),
-                                     "finish_reason": FINISH[result.finish_reason]}
+                                     "finish_reason": shapes[i].finish(result)}
                                     for i, (text, lps, result) in enumerate(outs)]}
 
             async def chunks() -> AsyncIterator[bytes]:
@@ -591,11 +631,15 @@ def create_http_app(app, interceptor) -> FastAPI:
                 results = []
                 async for i, ev in gens.events():
                     if isinstance(ev, GenerationDelta):
-                        if ev.text or ev.token_ids:
-                            yield chunk(i, shapes[i].delta(ev))
+                        delta = shapes[i].delta(ev) if ev.text or ev.token_ids else None
+                        if delta is not None:
+                            yield chunk(i, delta)
                     else:
                         results.append(ev)
-                        yield chunk(i, shapes[i].end(), FINISH[ev.finish_reason])
+                        tail = shapes[i].tail()
+                        if tail is not None:
+                            yield chunk(i, tail)
+                        yield chunk(i, shapes[i].end(), shapes[i].finish(ev))
                 if usage_too:
                     yield _sse({**base, "choices": [], "usage": _usage(results)})
                 yield b"data: [DONE]\n\n"

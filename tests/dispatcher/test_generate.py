@@ -270,6 +270,16 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
         value = json.loads(shaped.choices[0].message.content)            # it writes {"country": "FRANCE", ...}
         assert value["capital"] == "Paris" and value["country"].lower() == "france" and len(value) == 2, shaped
         assert shaped.choices[0].finish_reason == "stop"
+        # tool calling with a named function: the call's arguments follow its schema, filled from the question
+        weather = {"type": "function", "function": {
+            "name": "get_weather", "description": "Get the current weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+        called = c.chat.completions.create(
+            model="default", temperature=0, max_tokens=40, tools=[weather],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            messages=[{"role": "user", "content": "What is the weather like in Paris today?"}]).choices[0]
+        (call,) = called.message.tool_calls
+        assert call.function.name == "get_weather" and "paris" in json.loads(call.function.arguments)["city"].lower()
         # the README's generative walkthrough: the shipped NCBI-disease decoder LoRA, over both protocols
         root = Path(__file__).resolve().parents[2] / "examples" / "adapters-trained" / "ncbi-disease-gen"
         res = json.loads((root / "RESULT.json").read_text())

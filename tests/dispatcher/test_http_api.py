@@ -18,7 +18,7 @@ import pytest
 
 from dispatcher.gen.vbert.v1 import tenant_pb2
 from tests.conftest import classify, embed_head, make_artifact
-from tests.decoder_models import write_tiny_decoder_lora
+from tests.decoder_models import write_tiny_decoder_checkpoint, write_tiny_decoder_lora
 from tests.dispatcher.conftest import RunningServer, bearer, tiny_server_config
 
 openai = pytest.importorskip("openai")
@@ -261,6 +261,87 @@ def test_structured_output_over_http_grpc_the_client_and_the_cli(http_server):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "structured output regex" in e.value.details()
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}},
+                                           "required": ["zone"], "additionalProperties": False}}}]
+
+
+def _valid_call(call) -> bool:
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        return args["city"] in ("Paris", "Oslo") and args["unit"] in ("c", "f") and len(args) == 2
+    return call.function.name == "get_time" and args == {"zone": args["zone"]} and args["zone"] in ("utc", "cet")
+
+
+@pytest.fixture(scope="module")
+def tools_server(tiny_checkpoint, tmp_path_factory):
+    """A server whose tiny decoder has a context of 1,024 tokens: the tools' system message alone takes 441 of the
+    tiny tokenizer's tokens."""
+    decoder = write_tiny_decoder_checkpoint(tmp_path_factory.mktemp("long-decoder") / "model", max_positions=1024)
+    s = RunningServer(tiny_server_config(tiny_checkpoint, tmp_path_factory.mktemp("var"), decoder=str(decoder),
+                                         decoder_kv_cache_mb=1, decoder_block_size=4, http_port=free_port()))
+    s.keys = {"acme": s.register("acme", max_tokens_per_request=1024)}
+    s.base_url = f"http://127.0.0.1:{s.server.http_port}/v1"
+    yield s
+    s.stop()
+
+
+def test_tool_calls_named_and_required_whole_and_streamed_then_the_result_turn(tools_server):
+    """OpenAI tool calling where a grammar guarantees the call: a named function's arguments follow its schema
+    (finish "stop"), "required" gives calls of the given tools (finish "tool_calls"), the same calls streamed
+    (seeded); the call and its result go back as turns; auto, unknown names, tools beside a response_format and
+    tools on /v1/completions are refused naming the field."""
+    s = tools_server
+    c = client(s)
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    named = c.chat.completions.create(model="default", messages=messages, tools=TOOLS, temperature=1.0, seed=3,
+                                      max_tokens=80, tool_choice={"type": "function",
+                                                                  "function": {"name": "get_weather"}}).choices[0]
+    assert named.finish_reason == "stop" and named.message.content is None
+    (call,) = named.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and _valid_call(call)
+    assert call.id.startswith("call_")
+    for seed in (1, 2, 3):
+        kw = dict(model="default", messages=messages, tools=TOOLS, tool_choice="required", temperature=1.0,
+                  seed=seed, max_tokens=400, parallel_tool_calls=False)     # whitespace of a random model
+        required = c.chat.completions.create(**kw).choices[0]
+        assert required.finish_reason == "tool_calls" and len(required.message.tool_calls) == 1, required
+        assert all(_valid_call(t) for t in required.message.tool_calls)
+        chunks = list(c.chat.completions.create(stream=True, **kw))
+        deltas = [t for ch in chunks for t in (ch.choices[0].delta.tool_calls or [])]
+        assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == \
+            [(0, t.function.name, t.function.arguments) for t in required.message.tool_calls]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert not any(ch.choices[0].delta.content for ch in chunks)
+    # the call and its result as earlier turns, then a text answer
+    follow = messages + [{"role": "assistant", "content": None,
+                          "tool_calls": [{"id": call.id, "type": "function",
+                                          "function": {"name": call.function.name,
+                                                       "arguments": call.function.arguments}}]},
+                         {"role": "tool", "tool_call_id": call.id, "content": "18 degrees"}]
+    text = c.chat.completions.create(model="default", messages=follow, tools=TOOLS, tool_choice="none",
+                                     max_tokens=5, temperature=0).choices[0]
+    assert isinstance(text.message.content, str) and not text.message.tool_calls
+    for kw, param in ((dict(tools=TOOLS), "tool_choice"), (dict(tools=TOOLS, tool_choice="auto"), "tool_choice"),
+                      (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
+                       "tool_choice"),
+                      (dict(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}), "tools"),
+                      (dict(tools=[{"type": "function", "function": {"name": "bad name!"}}], tool_choice="required"),
+                       "tools[0]"),
+                      (dict(tool_choice="required"), "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="default", messages=messages, max_tokens=4, **kw)
+        assert e.value.body["param"] == param, (kw, e.value.body)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="default", prompt="x", max_tokens=4,
+                             extra_body={"tools": TOOLS, "tool_choice": "required"})
+    assert e.value.body["param"] == "tools"
+
+
 def test_n_choices_are_generations_of_their_own_seeds_merged_in_one_answer_or_stream(http_server):
     """n = 3 sampled choices: choice i is what gRPC Generate gives with seed + i, the later choices take the
     prompt's blocks from the prefix cache, usage counts the prompt once and the completions summed; streamed, every choice's deltas carry its index, each ends with its own finish reason,
@@ -351,7 +432,7 @@ def test_errors_in_openai_shape(http_server):
     status, _, body = post(f"{s.base_url}/completions", s.keys["acme"], b"{not json")
     assert status == 400 and "not JSON" in body["error"]["message"]
     # fields that would change the answer's kind are refused by name, not ignored; their neutral values pass
-    for name, value in (("tools", [{"type": "function"}]), ("tool_choice", "auto"), ("suffix", "end"), ("modalities", ["text", "audio"])):
+    for name, value in (("functions", [{"name": "f"}]), ("suffix", "end"), ("modalities", ["text", "audio"])):
         with pytest.raises(openai.BadRequestError) as e:
             client(s).chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}],
                                               max_tokens=1, extra_body={name: value})
