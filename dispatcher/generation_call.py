@@ -140,9 +140,10 @@ async def start_generation(app, tenant: Tenant, params: GenerateParams, time_rem
     outside = [t for t, _ in sampling.logit_bias if t >= vocab]
     if outside:
         raise InvalidArgumentError(f"logit_bias: token id {outside[0]} is not in the decoder's vocabulary of {vocab}")
-    if sampling.structured is not None:             # the grammar compiles for this decoder's tokenizer
+    matcher = None
+    if sampling.structured is not None:             # the grammar compiles for this decoder's tokenizer (off the loop)
         try:
-            await asyncio.to_thread(app.decoder.structured.check, sampling.structured)
+            matcher = await asyncio.to_thread(app.decoder.structured.matcher, sampling.structured)
         except ValueError as e:
             raise InvalidArgumentError(str(e)) from None
     app.limiter.acquire(tenant, 1)
@@ -154,7 +155,7 @@ async def start_generation(app, tenant: Tenant, params: GenerateParams, time_rem
     req = Request(tenant_id=tenant.id, adapter_id=ref.adapter_id, deadline=time.monotonic() + budget,
                   prompt_ids=ids, max_new_tokens=max_new, weight=tenant.quotas.weight)
     try:
-        stream = await app.generation.submit_async(req, sampling, ignore_eos=params.ignore_eos)
+        stream = await app.generation.submit_async(req, sampling, ignore_eos=params.ignore_eos, matcher=matcher)
     except ValueError as e:                      # too long for the context or the whole KV cache
         raise InvalidArgumentError(str(e)) from None
     return Generation(app, ref, req, stream)

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from vbert.detokenize import FinishReason, TextStream
 from vbert.sampling import SamplingParams, TokenLogprobs
-from vbert.structured import compiler_for
+from vbert.structured import Matcher, StructuredCompiler, compiler_for
 
 from .engine import DeadlineExceededError, EngineStoppedError, RequestFailedError, wait_for_drain
 from .generation_policy import GenerationBatch, GenerationScheduler, GenerationSchedulerConfig
@@ -206,9 +206,11 @@ class GenerationEngine:
 
     # -- submission ----------------------------------------------------------------------------
     def submit(self, request: Request, sampling: SamplingParams, *, ignore_eos: bool = False,
-               loop: asyncio.AbstractEventLoop | None = None) -> GenerationStream:
+               loop: asyncio.AbstractEventLoop | None = None, matcher: Matcher | None = None) -> GenerationStream:
         """Queue a tokenized generative request (request.max_new_tokens = sampling.max_new_tokens).
-        Raises EngineStoppedError, QueueFullError (backpressure) or ValueError (too long) at once."""
+        Raises EngineStoppedError, QueueFullError (backpressure) or ValueError (too long; a grammar that does not
+        compile) at once. matcher: sampling.structured's, compiled by the caller off the event loop (a complex
+        grammar takes up to a second); None: compiled here."""
         if not self._is_accepting:
             raise EngineStoppedError("the engine is not accepting requests (draining or stopped)")
         if not request.is_tokenized or request.max_new_tokens != sampling.max_new_tokens:
@@ -223,8 +225,7 @@ class GenerationEngine:
         stop_ids = frozenset(sampling.stop_token_ids) | (frozenset() if ignore_eos else frozenset(self.eos_token_ids))
         request.metadata["stop_ids"] = tuple(sorted(stop_ids))     # the runner keeps them out until min_tokens
         if sampling.structured is not None:       # its grammar's state, which the runner masks the draws with
-            request.metadata["matcher"] = compiler_for(self.tokenizer, self.runner.model.spec.vocab_size,
-                                                       self.eos_token_ids).matcher(sampling.structured)
+            request.metadata["matcher"] = matcher or self.grammars.matcher(sampling.structured)
         stream = GenerationStream(request, loop)
         live = _Live(stream, TextStream(self.tokenizer, sampling.stop, request.prompt_ids), stop_ids)
         with self._wake:
@@ -242,8 +243,16 @@ class GenerationEngine:
         return stream
 
     async def submit_async(self, request: Request, sampling: SamplingParams, *,
-                           ignore_eos: bool = False) -> GenerationStream:
-        return self.submit(request, sampling, ignore_eos=ignore_eos, loop=asyncio.get_running_loop())
+                           ignore_eos: bool = False, matcher: Matcher | None = None) -> GenerationStream:
+        """As submit; a structured request's grammar is compiled in a worker thread unless matcher is given."""
+        if sampling.structured is not None and matcher is None:
+            matcher = await asyncio.to_thread(self.grammars.matcher, sampling.structured)
+        return self.submit(request, sampling, ignore_eos=ignore_eos, loop=asyncio.get_running_loop(), matcher=matcher)
+
+    @property
+    def grammars(self) -> StructuredCompiler:
+        """Compiles structured-output grammars for this engine's tokenizer (shared with its backbone's edge check)."""
+        return compiler_for(self.tokenizer, self.runner.model.spec.vocab_size, self.eos_token_ids)
 
     def cancel(self, request_id: int) -> bool:
         """Cancel a queued or running request (its KV blocks are freed before the next step); its stream
