@@ -74,8 +74,8 @@ class GenerationRunner:
                 new_ids[i] = token
                 if lps is not None:
                     logprobs[i] = lps[j]
-                if matchers[j] is not None and not matchers[j].consume(token):
-                    errors[i] = f"structured output: token {token} broke the grammar ({matchers[j].error})"
+                if matchers[j] is not None and not matchers[j].consume(token):   # the grammar's own limits hit
+                    errors[i] = f"structured output: {matchers[j].error or f'token {token} broke the grammar'}"
         results = tuple(RowResult(row.request.request_id, logprobs.get(i), new_ids.get(i), errors.get(i))
                         for i, row in enumerate(batch.rows))
         return StepOutput(batch.step, results, compute_s=time.perf_counter() - t0)

@@ -149,10 +149,22 @@ class StructuredCompiler:
             grammar = structured.grammar()
         except ValueError as e:
             raise ValueError(f"structured output {structured.kind}: {e}") from None
-        m = LLMatcher(self._llt(), grammar, log_level=0)
+        m = LLMatcher(self._llt(), grammar, log_level=0, limits=_limits())
+        if not m.is_error():
+            # the first mask now, in the caller's thread (the edge's worker): its lexer work (2 s for a regex like
+            # (a{1000}){1000} on this CPU) would otherwise stall a decode step of every running request
+            Matcher(m, self.vocab_size).fill(torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32))
         if m.is_error():
             raise ValueError(f"structured output {structured.kind}: {_first_line(m.get_error())}")
         return Matcher(m, self.vocab_size)
+
+
+def _limits():
+    """llguidance's own bounds on a grammar's work (its defaults: a mask step's lexer and parser work capped, the
+    matcher errs beyond), with errors that do not echo the parser's state."""
+    from llguidance import LLParserLimits
+
+    return LLParserLimits(verbose_errors=False)
 
 
 def _first_line(error: str) -> str:
