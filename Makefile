@@ -20,9 +20,10 @@ $(STAMP): setup.py requirements.txt
 install: $(STAMP)
 
 # two pytest-xdist workers, one compute thread each: most slow tests wait on processes, servers and Ray; the tests
-# that start a local Ray cluster run one after another on one worker (tests/conftest.py: RAY_TESTS)
+# that start a local Ray cluster run one after another on one worker (tests/conftest.py: RAY_TESTS); the 15 slowest
+# are listed at the end (the whole of make test should stay under about 15 minutes, install included)
 test: install
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=15
 
 demo: install
 	$(VENV)/bin/vbert demo

@@ -329,7 +329,7 @@ class _CompletionShape:
     def first(self) -> dict | None:
         return None
 
-    def whole(self, text: str, lps) -> dict:
+    def whole(self, text: str, lps, result: GenerationResult) -> dict:
         return {"text": text, "logprobs": self.tokens.completion_logprobs(lps, 0) if self.logprobs else None}
 
     def delta(self, ev: GenerationDelta) -> dict:
@@ -340,7 +340,7 @@ class _CompletionShape:
     def end(self) -> dict:
         return {"text": "", "logprobs": None}
 
-    def tail(self) -> dict | None:
+    def tail(self, result: GenerationResult) -> dict | None:
         return None
 
     def finish(self, result: GenerationResult) -> str:
@@ -364,8 +364,13 @@ class _ChatShape:
     def first(self) -> dict | None:
         return {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
 
-    def whole(self, text: str, lps) -> dict:
-        self._calls = self.tools.calls(text) if self.tools is not None else None
+    def _parse(self, text: str, result: GenerationResult) -> None:
+        """The tool calls of a complete answer (one cut by max_tokens or a stop string stays text)."""
+        complete = result.finish_reason is FinishReason.STOP
+        self._calls = self.tools.calls(text) if self.tools is not None and complete else None
+
+    def whole(self, text: str, lps, result: GenerationResult) -> dict:
+        self._parse(text, result)
         if self._calls is not None:
             return {"message": {"role": "assistant", "content": None, "tool_calls": self._calls},
                     "logprobs": self._lp(lps)}
@@ -377,11 +382,11 @@ class _ChatShape:
             return None
         return {"delta": {"content": ev.text}, "logprobs": self._lp(ev.logprobs)}
 
-    def tail(self) -> dict | None:
+    def tail(self, result: GenerationResult) -> dict | None:
         if self.tools is None:
             return None
         text = "".join(self._text)
-        self._calls = self.tools.calls(text)
+        self._parse(text, result)
         if self._calls is None:              # cut by max_tokens: what was generated, as text
             return {"delta": {"content": text}, "logprobs": None}
         return {"delta": {"tool_calls": [{"index": k, **c} for k, c in enumerate(self._calls)]}, "logprobs": None}
@@ -615,7 +620,7 @@ def create_http_app(app, interceptor) -> FastAPI:
                 finally:
                     gens.cancel()
                 return {**head, "object": shape.object, "usage": _usage([result for _, _, result in outs]),
-                        "choices": [{"index": i, **shapes[i].whole(text, lps),
+                        "choices": [{"index": i, **shapes[i].whole(text, lps, result),
                                      "finish_reason": shapes[i].finish(result)}
                                     for i, (text, lps, result) in enumerate(outs)]}
 
@@ -636,7 +641,7 @@ def create_http_app(app, interceptor) -> FastAPI:
                             yield chunk(i, delta)
                     else:
                         results.append(ev)
-                        tail = shapes[i].tail()
+                        tail = shapes[i].tail(ev)
                         if tail is not None:
                             yield chunk(i, tail)
                         yield chunk(i, shapes[i].end(), shapes[i].finish(ev))

@@ -136,9 +136,14 @@ def tool_turns(i: int, m: dict) -> tuple[str, str] | None:
     if not calls:
         return None
     try:
-        rendered = [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"] or "{}"),
+        rendered = [{"name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments")),
                      "id": c.get("id")} for c in calls]
     except (KeyError, TypeError, ValueError):
         raise ToolError(f"messages[{i}].tool_calls", "expected [{\"id\", \"function\": {\"name\", \"arguments\": "
                                                      "a JSON string}}]") from None
     return "assistant", json.dumps(rendered)
+
+
+def _arguments(value):
+    """A call's arguments as sent back: OpenAI's JSON string (a dict, as some clients send, taken as is)."""
+    return value if isinstance(value, dict) else json.loads(value or "{}")

@@ -305,7 +305,7 @@ def test_tool_calls_named_and_required_whole_and_streamed_then_the_result_turn(t
     (call,) = named.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather" and _valid_call(call)
     assert call.id.startswith("call_")
-    for seed in (1, 2, 3):
+    for seed in (1, 2):
         kw = dict(model="default", messages=messages, tools=TOOLS, tool_choice="required", temperature=1.0,
                   seed=seed, max_tokens=400, parallel_tool_calls=False)     # whitespace of a random model
         required = c.chat.completions.create(**kw).choices[0]
