@@ -142,10 +142,12 @@ async def start_generation(app, tenant: Tenant, params: GenerateParams, time_rem
         raise InvalidArgumentError(f"logit_bias: token id {outside[0]} is not in the decoder's vocabulary of {vocab}")
     matcher = None
     if sampling.structured is not None:             # the grammar compiles for this decoder's tokenizer (off the loop)
+        t0 = time.perf_counter()
         try:
             matcher = await asyncio.to_thread(app.decoder.structured.matcher, sampling.structured)
         except ValueError as e:
             raise InvalidArgumentError(str(e)) from None
+        app.metrics.structured_compile_seconds.observe(time.perf_counter() - t0)
     app.limiter.acquire(tenant, 1)
     ids = await asyncio.to_thread(app.decoder.tokenize_prompt, text, limit - max(1, wanted),
                                   params.truncate_prompt, is_chat)
@@ -158,4 +160,6 @@ async def start_generation(app, tenant: Tenant, params: GenerateParams, time_rem
         stream = await app.generation.submit_async(req, sampling, ignore_eos=params.ignore_eos, matcher=matcher)
     except ValueError as e:                      # too long for the context or the whole KV cache
         raise InvalidArgumentError(str(e)) from None
+    if sampling.structured is not None:
+        app.metrics.structured_requests.labels(kind=sampling.structured.kind).inc()
     return Generation(app, ref, req, stream)

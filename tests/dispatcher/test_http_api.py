@@ -210,6 +210,9 @@ def test_structured_output_over_http_grpc_the_client_and_the_cli(http_server):
 
     s = http_server
     c = client(s)
+    metric = s.app.metrics.registry.get_sample_value
+    before = {k: metric("vbert_generation_structured_requests_total", {"kind": k}) or 0
+              for k in ("json", "regex", "choice", "json_object")}
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["a", "bc"]}},
               "required": ["ok", "tag"], "additionalProperties": False}
     messages = [{"role": "user", "content": "a visit"}]      # on default: the n-choices test counts writer's hits
@@ -259,6 +262,10 @@ def test_structured_output_over_http_grpc_the_client_and_the_cli(http_server):
     with pytest.raises(grpc.RpcError) as e:
         grpc_tokens(s, prompt="x", max_new_tokens=4, structured_output=T.StructuredOutput(regex="(unclosed"))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "structured output regex" in e.value.details()
+    # what Prometheus scrapes: the accepted requests by kind (the refused ones are not counted), compile times
+    assert {k: metric("vbert_generation_structured_requests_total", {"kind": k}) - v for k, v in before.items()} == \
+        {"json": 6, "regex": 2, "choice": 4, "json_object": 1}
+    assert metric("vbert_structured_compile_seconds_count") >= 13
 
 
 TOOLS = [{"type": "function", "function": {
