@@ -78,7 +78,7 @@ class StructuredOutput:
             return LLMatcher.grammar_from_regex(self.value)
         if self.kind == "choice":
             return LLMatcher.grammar_from_lark(
-                "start: " + " | ".join(json.dumps(v) for v in self.value))     # Lark string literals
+                "start: " + " | ".join(json.dumps(v, ensure_ascii=False) for v in self.value))   # Lark literals
         return LLMatcher.grammar_from_lark(self.value)
 
 

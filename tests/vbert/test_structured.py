@@ -45,3 +45,18 @@ def test_allowed_tokens_unpack_llguidance_bitmasks():
     assert m.is_done is False and m.consume(tok.eos_token_id)
     with pytest.raises(ValueError, match="structured output regex"):
         compiler.check(StructuredOutput("regex", "(unclosed"))
+
+
+@pytest.mark.parametrize("choice", ["café", 'say "hi"', "two\nlines", "back\\slash", "日本"])
+def test_a_choice_matches_exactly_its_string_whatever_its_characters(choice):
+    """Choices become Lark string literals: quotes, backslashes, newlines and non-ASCII text match themselves, and
+    the grammar is complete right after (a prefix is not)."""
+    from tests.decoder_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    compiler = compiler_for(tok, len(tok), [tok.eos_token_id])
+    m = compiler.matcher(StructuredOutput("choice", (choice, "other")))
+    ids = tok.encode(choice, add_special_tokens=False)
+    assert all(m.consume(t) for t in ids) and m.is_done
+    m = compiler.matcher(StructuredOutput("choice", (choice + "!", "other")))
+    assert all(m.consume(t) for t in ids) and not m.is_done
