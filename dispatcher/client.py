@@ -287,7 +287,8 @@ class _Api:
     def _generate_request(self, prompt: str | None, messages, adapter: str, max_new_tokens: int,
                           temperature: float | None, top_k: int, top_p: float | None, seed: int | None, stop,
                           stop_token_ids, logprobs: int, truncate_prompt: bool, ignore_eos: bool, **adjust):
-        """adjust: presence_penalty, frequency_penalty, repetition_penalty, min_p, min_tokens (None: unset),
+        """adjust: presence_penalty, frequency_penalty, repetition_penalty, min_p, min_tokens,
+        include_stop_str_in_output (None: unset),
         logit_bias (a dict) and structured_output (a dict of one kind, see Client.generate)."""
         req = tenant_pb2.GenerateRequest(
             adapter=adapter, prompt=prompt or "", max_new_tokens=max_new_tokens, top_k=top_k,
@@ -410,20 +411,23 @@ class Client(_Api):
                  truncate_prompt: bool = False, ignore_eos: bool = False, timeout: float | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  repetition_penalty: float | None = None, logit_bias: dict | None = None,
-                 min_p: float | None = None, min_tokens: int | None = None, structured_output: dict | None = None):
+                 min_p: float | None = None, min_tokens: int | None = None, structured_output: dict | None = None,
+                 include_stop_str_in_output: bool | None = None):
         """Stream a generation: prompt (or messages=[{"role", "content"}, ...] through the chat template) on a decoder adapter
         ("default" = the bare decoder); yields one dict per streamed message (see _generation_event), the last
         with "finish_reason", "usage" and "metadata". temperature None = 1.0, 0 = greedy; penalties None = off;
         logit_bias {token id: bias in [-100, 100]}; min_p None = off; min_tokens: no stop token or stop string ends
         the first min_tokens tokens (None = off); structured_output: the answer follows a grammar, one of
         {"json": a JSON Schema (dict or JSON text)}, {"json_object": True}, {"regex": str}, {"choice": [str, ...]},
-        {"grammar": a Lark grammar} (vLLM's structured outputs).
+        {"grammar": a Lark grammar} (vLLM's structured outputs); include_stop_str_in_output: the stop string that
+        ended the text stays at its end.
         Not retried: a failure raises VbertError (before or during the stream)."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_token_ids, logprobs, truncate_prompt, ignore_eos,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                      repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_p=min_p,
-                                     min_tokens=min_tokens, structured_output=structured_output)
+                                     min_tokens=min_tokens, structured_output=structured_output,
+                                     include_stop_str_in_output=include_stop_str_in_output)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             for r in call:
@@ -485,13 +489,14 @@ class AsyncClient(_Api):
                        timeout: float | None = None, presence_penalty: float | None = None,
                        frequency_penalty: float | None = None, repetition_penalty: float | None = None,
                        logit_bias: dict | None = None, min_p: float | None = None, min_tokens: int | None = None,
-                       structured_output: dict | None = None):
+                       structured_output: dict | None = None, include_stop_str_in_output: bool | None = None):
         """`async for event in client.generate(...)`: as Client.generate."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_token_ids, logprobs, truncate_prompt, ignore_eos,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                      repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_p=min_p,
-                                     min_tokens=min_tokens, structured_output=structured_output)
+                                     min_tokens=min_tokens, structured_output=structured_output,
+                                     include_stop_str_in_output=include_stop_str_in_output)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             async for r in call:

@@ -28,6 +28,7 @@ def params_of(request) -> GenerateParams:
         stop_token_ids=tuple(request.stop_token_ids), logprobs=int(request.logprobs),
         truncate_prompt=request.truncate_prompt, ignore_eos=request.ignore_eos, min_tokens=int(request.min_tokens),
         logit_bias=tuple(sorted(request.logit_bias.items())), structured=_structured(request),
+        include_stop_str_in_output=request.include_stop_str_in_output,
         **{name: getattr(request, name) if request.HasField(name) else None
            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")})
 

@@ -50,6 +50,7 @@ class GenerateParams:
     min_p: float | None = None
     min_tokens: int = 0
     structured: StructuredOutput | None = None
+    include_stop_str_in_output: bool = False
 
 
 def structured_of(kind: str, value=None) -> StructuredOutput:
@@ -79,7 +80,8 @@ def sampling_of(params: GenerateParams, max_new_tokens: int) -> SamplingParams:
                               seed=None if params.seed is None else int(params.seed), max_new_tokens=max_new_tokens,
                               stop_token_ids=tuple(params.stop_token_ids), stop=tuple(params.stop),
                               logprobs=int(params.logprobs), logit_bias=tuple(params.logit_bias),
-                              min_tokens=int(params.min_tokens), structured=params.structured, **penalties)
+                              min_tokens=int(params.min_tokens), structured=params.structured,
+                              include_stop_str_in_output=bool(params.include_stop_str_in_output), **penalties)
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from None
 

@@ -11,9 +11,9 @@ single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status. Unknown fields are
 ignored, as OpenAI does, except those that would change what comes back (functions, suffix, audio: refused,
 UNSUPPORTED); tools are called where a grammar guarantees the call (tool_choice "required" or a named function:
-dispatcher.openai_tools); `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `repetition_penalty` and `stop_token_ids` are
-accepted as vLLM accepts them; `n` (up to 16) choices are n generations of the request, merged into one answer or
-stream. Structured output: OpenAI's `response_format` (json_object, json_schema), vLLM's `structured_outputs` and
+dispatcher.openai_tools); `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `repetition_penalty`, `stop_token_ids`
+and `include_stop_str_in_output` are accepted as vLLM accepts them; `n` (up to 16) choices are n generations of the
+request, merged into one answer or stream. Structured output: OpenAI's `response_format` (json_object, json_schema), vLLM's `structured_outputs` and
 `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`.
 """
 from __future__ import annotations
@@ -158,6 +158,7 @@ def _common(body: dict) -> dict:
                 presence_penalty=_float(body, "presence_penalty"), frequency_penalty=_float(body, "frequency_penalty"),
                 repetition_penalty=_float(body, "repetition_penalty"), min_p=_float(body, "min_p"),
                 min_tokens=_get(body, "min_tokens", int, 0), logit_bias=_logit_bias(body),
+                include_stop_str_in_output=bool(_get(body, "include_stop_str_in_output", bool, False)),
                 structured=_structured(body),
                 stop_token_ids=_token_ids(body, "stop_token_ids"))
 

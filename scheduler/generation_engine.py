@@ -227,7 +227,8 @@ class GenerationEngine:
         if sampling.structured is not None:       # its grammar's state, which the runner masks the draws with
             request.metadata["matcher"] = matcher or self.grammars.matcher(sampling.structured)
         stream = GenerationStream(request, loop)
-        live = _Live(stream, TextStream(self.tokenizer, sampling.stop, request.prompt_ids), stop_ids)
+        live = _Live(stream, TextStream(self.tokenizer, sampling.stop, request.prompt_ids,
+                                        include_stop=sampling.include_stop_str_in_output), stop_ids)
         with self._wake:
             cfg = self.scheduler.config
             tenant_waiting = sum(r.tenant_id == request.tenant_id for r in self._incoming) \

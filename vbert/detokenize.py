@@ -79,13 +79,14 @@ class StopChecker:
     `is_stopped` is True, the text before it is the last returned and everything after is dropped.
     `flush()` (at a finish for another reason) releases the held-back partial match."""
 
-    def __init__(self, stop_strings: Sequence[str]):
+    def __init__(self, stop_strings: Sequence[str], include: bool = False):
+        """include (vLLM's include_stop_str_in_output): the stop string that ends the text is part of it."""
         if isinstance(stop_strings, str):
             raise ValueError("stop must be a sequence of strings, not one string")
         for s in stop_strings:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")
-        self.stop_strings = tuple(stop_strings)
+        self.stop_strings, self.include = tuple(stop_strings), include
         self._held = ""
         self._unchecked = 0                                     # leading characters of _held fed with check=False
         self.is_stopped = False
@@ -103,7 +104,7 @@ class StopChecker:
             if found:
                 index, _, self.matched = min(found)              # earliest, longest on a tie
                 self.is_stopped, self._held = True, ""
-                return text[:index]
+                return text[:index + len(self.matched)] if self.include else text[:index]
         held = self._partial_suffix(text)
         self._held = text[len(text) - held:]
         self._unchecked = held if not check else max(0, self._unchecked - (len(text) - held))
@@ -131,9 +132,9 @@ class TextStream:
     `finish(reason)` ends the stream for another reason and returns the text still held back."""
 
     def __init__(self, tokenizer, stop_strings: Sequence[str] = (), prompt_ids: Sequence[int] | None = None,
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True, include_stop: bool = False):
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
-        self.stop = StopChecker(stop_strings)
+        self.stop = StopChecker(stop_strings, include_stop)
         self.finish_reason: FinishReason | None = None
         self.text = ""                                           # everything streamed so far
 

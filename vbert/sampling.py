@@ -43,7 +43,8 @@ class SamplingParams:
     min_tokens (vLLM's, 0..max_new_tokens): the first min_tokens tokens never end the request: the engine keeps its
     stop tokens (end of sequence unless ignored, stop_token_ids) out of their draws (`sample`'s suppress) and looks
     for stop strings only from the min_tokens-th token's text on. structured: the answer follows a grammar (a JSON
-    Schema, a regex, ...: vbert.structured), the engine keeps the tokens it does not allow out of each draw."""
+    Schema, a regex, ...: vbert.structured), the engine keeps the tokens it does not allow out of each draw.
+    include_stop_str_in_output (vLLM's): the stop string that ended the text is kept at its end."""
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -53,6 +54,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
     logprobs: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -81,7 +83,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
         _check_int("min_tokens", self.min_tokens)
         if not 0 <= self.min_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_tokens!r}")
+            raise ValueError(f"min_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.min_tokens!r}")
         ids = _as_tuple("stop_token_ids", self.stop_token_ids)
         for i in ids:
             _check_int("stop_token_ids", i)
@@ -93,6 +96,8 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")
         object.__setattr__(self, "stop", stop)
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"include_stop_str_in_output must be a boolean, got {self.include_stop_str_in_output!r}")
         _check_int("logprobs", self.logprobs)
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")

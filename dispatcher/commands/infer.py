@@ -75,6 +75,7 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
               help="Keep the tokens at least this times as likely as the most likely one (default 0: off).")
 @click.option("--seed", default=None, type=click.IntRange(min=0), help="Reproducible sampling.")
 @click.option("--stop", multiple=True, help="A stop string (repeatable); not included in the text.")
+@click.option("--include-stop", is_flag=True, help="Keep the stop string that ended the text at its end.")
 @click.option("--presence-penalty", default=None, type=click.FloatRange(-2, 2),
               help="Lower a generated token's logit by this once (OpenAI's; default 0).")
 @click.option("--frequency-penalty", default=None, type=click.FloatRange(-2, 2),
@@ -95,7 +96,7 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
 @click.option("--grammar", default=None, metavar="LARK", help="The answer follows this Lark grammar (text, or @FILE).")
 @click.argument("prompt", required=False)
 @remote(is_admin=False)
-def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, top_k, min_p, seed, stop,
+def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, top_k, min_p, seed, stop, include_stop,
              presence_penalty, frequency_penalty, repetition_penalty, logit_bias, truncate_prompt, ignore_eos,
              min_tokens, json_schema, json_object, regex, choice, grammar, prompt) -> None:
     """Generate a continuation of PROMPT (or of stdin), streamed to stdout as it is produced: only the
@@ -133,7 +134,8 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
                                      truncate_prompt=truncate_prompt, ignore_eos=ignore_eos, timeout=r.timeout,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                      repetition_penalty=repetition_penalty, logit_bias=bias, min_p=min_p,
-                                     min_tokens=min_tokens, structured_output=given or None):
+                                     min_tokens=min_tokens, structured_output=given or None,
+                                     include_stop_str_in_output=include_stop or None):
             if r.output == "json":
                 click.echo(json.dumps(event))
             else:

@@ -198,6 +198,18 @@ def test_penalties_steer_away_from_repeats_the_same_over_http_and_grpc(http_serv
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="default", prompt=prompt, max_tokens=4, extra_body={"min_tokens": 5})
     assert "min_tokens" in e.value.body["message"]
+    # include_stop_str_in_output (vLLM's): the stop string ends the text, over HTTP, gRPC and the CLI
+    stop = greedy_text[2:4]
+    cut = greedy_text[:greedy_text.index(stop)]
+    kept = c.completions.create(model="default", prompt=prompt, max_tokens=8, temperature=0, stop=[stop],
+                                extra_body={"ignore_eos": True, "include_stop_str_in_output": True}).choices[0]
+    assert kept.text == cut + stop and kept.finish_reason == "stop"
+    assert grpc_tokens(s, prompt=prompt, max_new_tokens=8, temperature=0, ignore_eos=True, stop=[stop],
+                       include_stop_str_in_output=True)[0] == cut + stop
+    out = subprocess.run([vbert, "generate", "--server", s.address, "--api-key", s.keys["acme"], "--max-new-tokens",
+                          "8", "--temperature", "0", "--ignore-eos", "--stop", stop, "--include-stop", prompt],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == cut + stop + "\n", (out.stdout, cut + stop)
 
 
 def test_structured_output_over_http_grpc_the_client_and_the_cli(http_server):

@@ -250,3 +250,13 @@ def test_text_stream_passes_check_stop_through(tokenizers):
         if stream.finish_reason is not None:
             break
     assert stream.finish_reason is FinishReason.STOP and text == "one END two "
+
+
+def test_include_keeps_the_stop_string_that_ended_the_text():
+    """vLLM's include_stop_str_in_output: the matched stop string ends the text (nothing after it), also when it
+    came split across deltas."""
+    stop = StopChecker(["END", "\n\n"], include=True)
+    assert stop.feed("one E") == "one "
+    assert stop.feed("ND two") == "END" and stop.is_stopped and stop.matched == "END"
+    stop = StopChecker(["STOP"], include=True)
+    assert stop.feed("a STOP b") == "a STOP" and stop.feed("more") == ""
