@@ -341,6 +341,23 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def load_default_decoder(a, num_lora_slots: int = 1):
+    """A decoder benchmark's start, as vbert serve starts: the CPU threads reserved for steps (a.threads), the kept
+    host heap, the output folder of a.json, the device, the backbone (a.model, or the default SmolLM2 cached under
+    a.cache_dir). Returns (torch threads, device, backbone)."""
+    from vbert.config import HOST_HEAP_KEEP_MB
+    from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig
+    from vbert.device import DeviceContext, keep_host_heap, reserve_cpu_for_steps
+
+    threads = reserve_cpu_for_steps(a.threads)
+    keep_host_heap(HOST_HEAP_KEEP_MB)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    device = DeviceContext.create("auto", "auto")
+    backbone = DecoderBackbone.load(DecoderBackboneConfig(path=a.model, cache_dir=a.cache_dir,
+                                                          num_lora_slots=num_lora_slots), device)
+    return threads, device, backbone
+
+
 def machine() -> dict:
     """What a recorded run ran on (the results' "machine")."""
     return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),

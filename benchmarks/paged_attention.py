@@ -47,12 +47,9 @@ from tqdm import tqdm  # noqa: E402
 
 from decode_lora import bootstrap_median  # noqa: E402
 from generation import git_state  # noqa: E402
-from generation_workload import in_step_thread, load_average, machine, utc_now  # noqa: E402
-from vbert.config import HOST_HEAP_KEEP_MB  # noqa: E402
+from generation_workload import in_step_thread, load_average, load_default_decoder, machine, utc_now  # noqa: E402
 from vbert import decoder  # noqa: E402
 from vbert.decoder import StepSequence  # noqa: E402
-from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
-from vbert.device import DeviceContext, keep_host_heap, reserve_cpu_for_steps  # noqa: E402
 from vbert.kv_cache import KVCacheConfig  # noqa: E402
 
 
@@ -319,12 +316,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    threads = reserve_cpu_for_steps(a.threads)
-    keep_host_heap(HOST_HEAP_KEEP_MB)        # as vbert serve does
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    device = DeviceContext.create("auto", "auto")
-    backbone = DecoderBackbone.load(DecoderBackboneConfig(path=a.model, cache_dir=a.cache_dir, num_lora_slots=1),
-                                    device)
+    threads, device, backbone = load_default_decoder(a)
     bs = backbone.kv.block_size      # a cache that holds the longest context's rows over all rounds, or a prefill
     blocks = max([a.batch * -(-(max(a.contexts) + a.rounds * a.steps) // bs)]
                  + [c * -(-m // bs) for c, m in a.prefill_shapes])

@@ -34,16 +34,13 @@ from tqdm import tqdm  # noqa: E402
 
 from decode_lora import bootstrap_median  # noqa: E402
 from generation import git_state  # noqa: E402
-from generation_workload import load_average, machine, utc_now  # noqa: E402
+from generation_workload import load_average, load_default_decoder, machine, utc_now  # noqa: E402
 from scheduler.generation_engine import GenerationEngine, GenerationEngineConfig  # noqa: E402
 from scheduler.generation_policy import GenerationSchedulerConfig  # noqa: E402
 from scheduler.generation_runner import GenerationRunner  # noqa: E402
 from scheduler.types import Request  # noqa: E402
 from vbert import structured as structured_mod  # noqa: E402
-from vbert.config import HOST_HEAP_KEEP_MB  # noqa: E402
-from vbert.decoder_backbone import DecoderBackbone, DecoderBackboneConfig  # noqa: E402
 from vbert.detokenize import FinishReason  # noqa: E402
-from vbert.device import DeviceContext, keep_host_heap, reserve_cpu_for_steps  # noqa: E402
 from vbert.sampling import SamplingParams  # noqa: E402
 from vbert.structured import StructuredOutput  # noqa: E402
 
@@ -154,12 +151,7 @@ def run_round(backbone, name: str, prompts: list[list[int]], a, seed: int) -> di
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    threads = reserve_cpu_for_steps(a.threads)
-    keep_host_heap(HOST_HEAP_KEEP_MB)        # as vbert serve does
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    device = DeviceContext.create("auto", "auto")
-    backbone = DecoderBackbone.load(DecoderBackboneConfig(path=a.model, cache_dir=a.cache_dir, num_lora_slots=1),
-                                    device)
+    threads, device, backbone = load_default_decoder(a)
     prompts = [backbone.tokenize_prompt(PROMPTS[i % len(PROMPTS)], 200, False, False) for i in range(a.batch)]
     for name in a.contenders:                 # compile each grammar once (the server caches the tokenizer too)
         if structured_of(name) is not None:
