@@ -209,7 +209,7 @@ def test_structured_output_follows_its_grammar_whatever_the_random_model_prefers
     try:
         alone = submit(engine, bb, PROMPTS[0], max_new_tokens=30, temperature=1.0, seed=9).final()
         free = submit(engine, bb, PROMPTS[0], max_new_tokens=30, temperature=1.0, seed=9)
-        streams = [(k, submit(engine, bb, PROMPTS[i % 3], max_new_tokens=60, temperature=1.0, seed=i, structured=k))
+        streams = [(k, submit(engine, bb, PROMPTS[i % 3], max_new_tokens=200, temperature=1.0, seed=i, structured=k))
                    for k in kinds for i in range(5)]
         results = [(k, s.final()) for k, s in streams]
         with pytest.raises(ValueError, match="structured output regex"):
