@@ -142,11 +142,10 @@ async def start_generation(app, tenant: Tenant, params: GenerateParams, time_rem
     outside = [t for t, _ in sampling.logit_bias if t >= vocab]
     if outside:
         raise InvalidArgumentError(f"logit_bias: token id {outside[0]} is not in the decoder's vocabulary of {vocab}")
-    matcher = None
-    if sampling.structured is not None:             # the grammar compiles for this decoder's tokenizer (off the loop)
-        t0 = time.perf_counter()
+    if sampling.structured is not None:             # the grammar compiles for this decoder's tokenizer (off the loop;
+        t0 = time.perf_counter()                    # the engine, or the replica, makes the request's matcher)
         try:
-            matcher = await asyncio.to_thread(app.decoder.structured.matcher, sampling.structured)
+            await asyncio.to_thread(app.decoder.structured.check, sampling.structured)
         except ValueError as e:
             raise InvalidArgumentError(str(e)) from None
         app.metrics.structured_compile_seconds.observe(time.perf_counter() - t0)
@@ -159,8 +158,8 @@ async def start_generation(app, tenant: Tenant, params: GenerateParams, time_rem
     req = Request(tenant_id=tenant.id, adapter_id=ref.adapter_id, deadline=time.monotonic() + budget,
                   prompt_ids=ids, max_new_tokens=max_new, weight=tenant.quotas.weight)
     try:
-        stream = await app.generation.submit_async(req, sampling, ignore_eos=params.ignore_eos, matcher=matcher)
-    except ValueError as e:                      # too long for the context or the whole KV cache
+        stream = await app.generation.submit_async(req, sampling, ignore_eos=params.ignore_eos)
+    except ValueError as e:             # too long for the context or the whole KV cache; a grammar's first mask too hard
         raise InvalidArgumentError(str(e)) from None
     if sampling.structured is not None:
         app.metrics.structured_requests.labels(kind=sampling.structured.kind).inc()

@@ -39,12 +39,12 @@ class Metrics:
                                                  buckets=LATENCY_BUCKETS, registry=r)
         self.generation_step_rows = Histogram("vbert_generation_step_rows", "sequences per decoder step",
                                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        # structured output: requests accepted with a grammar, and the time to compile one (with its first mask)
+        # structured output: requests accepted with a grammar, and the edge's time to compile one
         self.structured_requests = Counter("vbert_generation_structured_requests_total",
                                            "generation requests accepted with a grammar (structured output)", ["kind"],
                                            registry=r)
         self.structured_compile_seconds = Histogram("vbert_structured_compile_seconds",
-                                                    "compiling a request's grammar and its first mask",
+                                                    "compiling a request's grammar at the edge (its check)",
                                                     buckets=LATENCY_BUCKETS, registry=r)
         # the Python garbage collector's stop-the-world pauses (dispatcher/heap.py), installed while the app runs
         self.gc_pauses = GcPauses.into_histogram(Histogram(

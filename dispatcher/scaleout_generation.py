@@ -78,10 +78,9 @@ class ReplicaGeneration(FrontDoorEngine):
 
     # -- submission --------------------------------------------------------------------------------
     async def submit_async(self, request: Request, sampling: SamplingParams, *,
-                           ignore_eos: bool = False, matcher=None) -> GenerationStream:
+                           ignore_eos: bool = False) -> GenerationStream:
         """Like GenerationEngine.submit_async: returns the request's stream once a replica has queued it; raises what
-        the replica refused it with (ValueError: too long; QueueFullError), or UnavailableError. matcher is not sent:
-        the replica compiles the request's grammar itself (a matcher holds native state)."""
+        the replica refused it with (ValueError: too long; QueueFullError), or UnavailableError."""
         if not self._is_accepting:
             raise EngineStoppedError("the engine is not accepting requests (draining or stopped)")
         stream = GenerationStream(request, asyncio.get_running_loop())

@@ -209,8 +209,8 @@ class GenerationEngine:
                loop: asyncio.AbstractEventLoop | None = None, matcher: Matcher | None = None) -> GenerationStream:
         """Queue a tokenized generative request (request.max_new_tokens = sampling.max_new_tokens).
         Raises EngineStoppedError, QueueFullError (backpressure) or ValueError (too long; a grammar that does not
-        compile) at once. matcher: sampling.structured's, compiled by the caller off the event loop (a complex
-        grammar takes up to a second); None: compiled here."""
+        compile) at once. matcher: sampling.structured's, made by submit_async off the event loop (its first mask
+        can take seconds); None: made here."""
         if not self._is_accepting:
             raise EngineStoppedError("the engine is not accepting requests (draining or stopped)")
         if not request.is_tokenized or request.max_new_tokens != sampling.max_new_tokens:
@@ -244,9 +244,10 @@ class GenerationEngine:
         return stream
 
     async def submit_async(self, request: Request, sampling: SamplingParams, *,
-                           ignore_eos: bool = False, matcher: Matcher | None = None) -> GenerationStream:
-        """As submit; a structured request's grammar is compiled in a worker thread unless matcher is given."""
-        if sampling.structured is not None and matcher is None:
+                           ignore_eos: bool = False) -> GenerationStream:
+        """As submit; a structured request's matcher is made in a worker thread."""
+        matcher = None
+        if sampling.structured is not None:
             matcher = await asyncio.to_thread(self.grammars.matcher, sampling.structured)
         return self.submit(request, sampling, ignore_eos=ignore_eos, loop=asyncio.get_running_loop(), matcher=matcher)
 

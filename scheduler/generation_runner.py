@@ -69,7 +69,7 @@ class GenerationRunner:
             allowed = None
             if any(m is not None for m in matchers):
                 allowed = allowed_tokens(matchers, logits.shape[-1]).to(logits.device)    # [rows, vocab]
-            picked, lps = sample(logits[ends], params, counts, history, suppress if any(suppress) else None, allowed)
+            picked, lps = sample(logits[ends], params, counts, history, suppress, allowed)
             for j, (i, token) in enumerate(zip(ends, picked.tolist())):   # one device->host copy
                 new_ids[i] = token
                 if lps is not None:

@@ -6,7 +6,7 @@ is built once per tokenizer (about half a second for SmolLM2's 49,152 tokens), a
 tokens it is given and says which may come next (a bitmask, unpacked here to a bool row for the sampler) and when
 the grammar is complete. `StructuredOutput` is the request's choice, validated at construction without a tokenizer
 (kinds, sizes, JSON that parses); whether the grammar compiles is checked against the tokenizer
-(`StructuredCompiler.check`, at the edge before anything is queued).
+(`StructuredCompiler.check`, at the edge before anything is queued); the engine makes the request's matcher.
 """
 from __future__ import annotations
 
@@ -139,10 +139,23 @@ class StructuredCompiler:
             return self._tokenizer
 
     def check(self, structured: StructuredOutput) -> None:
-        """ValueError naming the problem when the grammar does not compile for this tokenizer."""
-        self.matcher(structured)
+        """ValueError naming the problem when the grammar does not compile for this tokenizer (the edge's check:
+        a few milliseconds; no mask is computed)."""
+        self._compile(structured)
 
     def matcher(self, structured: StructuredOutput) -> Matcher:
+        """A new matcher with its first mask computed, in the caller's thread (the engine's submit_async runs this
+        in a worker): that mask's lexer work (2 s for a regex like (a{1000}){1000} on this CPU) would otherwise stall
+        a decode step of every running request. ValueError as check, or when the first mask hits llguidance's
+        limits."""
+        m = self._compile(structured)
+        matcher = Matcher(m, self.vocab_size)
+        matcher.fill(torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32))
+        if m.is_error():
+            raise ValueError(f"structured output {structured.kind}: {_first_line(m.get_error())}")
+        return matcher
+
+    def _compile(self, structured: StructuredOutput):
         from llguidance import LLMatcher
 
         try:
@@ -150,13 +163,9 @@ class StructuredCompiler:
         except ValueError as e:
             raise ValueError(f"structured output {structured.kind}: {e}") from None
         m = LLMatcher(self._llt(), grammar, log_level=0, limits=_limits())
-        if not m.is_error():
-            # the first mask now, in the caller's thread (the edge's worker): its lexer work (2 s for a regex like
-            # (a{1000}){1000} on this CPU) would otherwise stall a decode step of every running request
-            Matcher(m, self.vocab_size).fill(torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32))
         if m.is_error():
             raise ValueError(f"structured output {structured.kind}: {_first_line(m.get_error())}")
-        return Matcher(m, self.vocab_size)
+        return m
 
 
 def _limits():
@@ -180,6 +189,6 @@ def compiler_for(tokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> St
     key = id(tokenizer)
     with _compilers_lock:
         c = _compilers.get(key)
-        if c is None or c._hf is not tokenizer or c.vocab_size != vocab_size:
+        if c is None or c.vocab_size != vocab_size:     # the entry holds the tokenizer: its id is not reused
             c = _compilers[key] = StructuredCompiler(tokenizer, vocab_size, eos_token_ids)
         return c
