@@ -4,12 +4,16 @@
     python benchmarks/structured.py --json benchmarks/results/cpu-DATE/structured/structured.json
 
 The default decoder (SmolLM2-135M-Instruct; --model for another) in our engine: --batch requests at once, each
-sampling --tokens tokens (temperature 0.8, seeded, ignoring the end of sequence), with every request free, or
+sampling --tokens tokens (temperature 0.8, seeded, never the end of sequence), with every request free, or
 every request under one grammar (vbert.structured, llguidance):
 - regex: `[A-Za-z ,.'\\n]+` (letters and punctuation, never complete: every row stays masked to the end);
 - json: a JSON Schema whose one property is a free string (rows leave when they close the object);
-- choice: one of 32 strings of 40 characters (rows leave after a few tokens; mostly prefill).
-Contenders run in a rotating order, --rounds rounds each. Reported per contender: the median time of the decode
+- choice: one of 32 strings of 40 characters (rows leave after a few tokens; mostly prefill);
+- tools: OpenAI tool calling with tool_choice "auto" and one get_weather tool (dispatcher.openai_tools: any text,
+  or text then a tagged call; the prompts ask for none, so rows write text under the grammar to the end).
+The end-of-sequence tokens get a logit bias of -100 in every contender (ignore_eos alone does not keep a
+grammar's rows running: a drawn end of sequence completes a grammar that accepts there). Contenders run in a
+rotating order, --rounds rounds each. Reported per contender: the median time of the decode
 steps that ran all --batch rows (each row one token), its ratio to free text's with a 95 % bootstrap interval,
 the time the runner spent in the grammars per constrained row-step (the masks and the token advances, timed
 inside the step), the mean tokens per request, how many answers completed their grammar (the others reached
@@ -33,6 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from tqdm import tqdm  # noqa: E402
 
 from decode_lora import bootstrap_median  # noqa: E402
+from dispatcher.openai_tools import TAG, tool_plan  # noqa: E402
 from generation import git_state  # noqa: E402
 from generation_workload import load_average, load_default_decoder, machine, utc_now  # noqa: E402
 from scheduler.generation_engine import GenerationEngine, GenerationEngineConfig  # noqa: E402
@@ -48,6 +53,10 @@ REGEX = "[A-Za-z ,.'\\n]+"
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"],
           "additionalProperties": False}
 CHOICES = tuple(f"option {i:02d}: " + "abcdefghijklmnopqrstuvwxyz"[i % 26] * 28 for i in range(32))
+TOOLS = tool_plan({"tools": [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather of a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+        "additionalProperties": False}}}]})
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Describe the water cycle in detail.",
            "Tell me about the history of the printing press.", "Explain how a bicycle works.",
            "Write a letter to a friend about a trip to the mountains.", "What makes a good cup of tea?",
@@ -62,8 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16, help="requests at once")
     p.add_argument("--tokens", type=int, default=48, help="tokens each request samples at most")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--contenders", nargs="+", default=["free", "regex", "json", "choice"],
-                   choices=["free", "regex", "json", "choice"])
+    p.add_argument("--contenders", nargs="+", default=["free", "regex", "json", "choice", "tools"],
+                   choices=["free", "regex", "json", "choice", "tools"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = p.parse_args(argv)
     for name in ("batch", "tokens", "rounds"):
@@ -75,6 +84,8 @@ def parse_args(argv=None):
 
 
 def structured_of(name: str) -> StructuredOutput | None:
+    if name == "tools":
+        return TOOLS.structured()
     return {"free": None, "regex": StructuredOutput("regex", REGEX), "json": StructuredOutput("json", SCHEMA),
             "choice": StructuredOutput("choice", CHOICES)}[name]
 
@@ -89,6 +100,8 @@ def follows(name: str, text: str) -> bool:
             return False
     if name == "choice":
         return text in CHOICES
+    if name == "tools":
+        return TAG not in text or TOOLS.parse(text) is not None
     return True
 
 
@@ -127,6 +140,7 @@ def run_round(backbone, name: str, prompts: list[list[int]], a, seed: int) -> di
         if batch.num_rows == a.batch and all(r.num_tokens == 1 for r in batch.rows):
             steps.append(out.compute_s)
     backbone.kv.clear_prefix_cache()
+    no_eos = tuple((t, -100.0) for t in backbone.eos_token_ids)   # a grammar that accepts ends at an end of sequence
     engine = GenerationEngine(GenerationEngineConfig(), GenerationSchedulerConfig(max_running=a.batch),
                               GenerationRunner(backbone.model, backbone.kv), backbone.tokenizer,
                               backbone.eos_token_ids, on_step=on_step).start()
@@ -135,7 +149,7 @@ def run_round(backbone, name: str, prompts: list[list[int]], a, seed: int) -> di
             streams = []
             for i, ids in enumerate(prompts):
                 sampling = SamplingParams(temperature=0.8, seed=seed * 1000 + i, max_new_tokens=a.tokens,
-                                          structured=structured_of(name))
+                                          structured=structured_of(name), logit_bias=no_eos)
                 req = Request(tenant_id=1, adapter_id=None, deadline=time.monotonic() + 3600, prompt_ids=list(ids),
                               max_new_tokens=a.tokens)
                 streams.append(engine.submit(req, sampling, ignore_eos=True))

@@ -10,9 +10,9 @@ domain calls as gRPC (dispatcher.generation_call, dispatcher.rpc.run_inputs); er
 single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status. Unknown fields are
 ignored, as OpenAI does, except those that would change what comes back (functions, suffix, audio: refused,
-UNSUPPORTED); tools are called where a grammar guarantees the call (tool_choice "required" or a named function:
-dispatcher.openai_tools); `top_k`, `min_p`, `min_tokens`, `ignore_eos`, `repetition_penalty`, `stop_token_ids`
-and `include_stop_str_in_output` are accepted as vLLM accepts them; `n` (up to 16) choices are n generations of the
+UNSUPPORTED); tools are called (tool_choice "auto", "required" or a named function) in one tagged format whose
+calls a grammar keeps valid (dispatcher.openai_tools); `top_k`, `min_p`, `min_tokens`, `ignore_eos`,
+`repetition_penalty`, `stop_token_ids` and `include_stop_str_in_output` are accepted as vLLM accepts them; `n` (up to 16) choices are n generations of the
 request, merged into one answer or stream. Structured output: OpenAI's `response_format` (json_object, json_schema), vLLM's `structured_outputs` and
 `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`.
 """
@@ -43,7 +43,7 @@ from vbert.heads import HeadKind
 from .auth import _request_id, _tenant
 from .errors import DrainingError, status_of
 from .generation_call import GenerateParams, start_generation, structured_of
-from .openai_tools import tool_plan, tool_turns
+from .openai_tools import ToolTurns, tool_plan
 from .rpc import run_inputs
 
 # gRPC status -> (HTTP status, OpenAI error type)
@@ -252,11 +252,11 @@ def _messages(body: dict) -> tuple[tuple[str, str], ...]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _Param("messages", "expected a non-empty list of {role, content}")
-    out = []
+    out, tools = [], ToolTurns()
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _Param(f"messages[{i}]", "expected an object with a string role")
-        turn = tool_turns(i, m)                 # an earlier tool call or tool result, as a text turn
+        turn = tools.turn(i, m)                 # an earlier tool call or tool result, as a text turn
         if turn is not None:
             out.append(turn)
             continue
@@ -357,7 +357,8 @@ class _ChatShape:
     def __init__(self, body: dict, tokens):
         self.params, opts = chat_params(body)
         self.tokens, self.logprobs, self.top = tokens, opts["logprobs"], opts["top_logprobs"]
-        self.tools, self._text, self._calls = opts["tools"], [], None     # tool calls: the answer parsed at the end
+        self.tools, self._text, self._sent = opts["tools"], "", 0      # tools: the answer so far, its content streamed
+        self._content, self._calls = None, None                       # a complete call's content and tool_calls
 
     def _lp(self, lps) -> dict | None:
         return {"content": self.tokens.chat_logprobs(lps, self.top)} if self.logprobs else None
@@ -366,30 +367,36 @@ class _ChatShape:
         return {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
 
     def _parse(self, text: str, result: GenerationResult) -> None:
-        """The tool calls of a complete answer (one cut by max_tokens or a stop string stays text)."""
-        complete = result.finish_reason is FinishReason.STOP
-        self._calls = self.tools.calls(text) if self.tools is not None and complete else None
+        """The content and tool calls of an answer with a complete call (one cut by max_tokens or a stop string
+        stays text)."""
+        parsed = self.tools.parse(text) if self.tools is not None and result.finish_reason is FinishReason.STOP \
+            else None
+        self._content, self._calls = parsed if parsed is not None else (None, None)
 
     def whole(self, text: str, lps, result: GenerationResult) -> dict:
         self._parse(text, result)
         if self._calls is not None:
-            return {"message": {"role": "assistant", "content": None, "tool_calls": self._calls},
+            return {"message": {"role": "assistant", "content": self._content, "tool_calls": self._calls},
                     "logprobs": self._lp(lps)}
         return {"message": {"role": "assistant", "content": text}, "logprobs": self._lp(lps)}
 
     def delta(self, ev: GenerationDelta) -> dict | None:
-        if self.tools is not None:           # a call is streamed whole once complete (tail)
-            self._text.append(ev.text)
+        if self.tools is None:
+            return {"delta": {"content": ev.text}, "logprobs": self._lp(ev.logprobs)}
+        self._text += ev.text                # with tools: "auto" text streams up to where a call may begin; a call
+        upto = self.tools.streamable(self._text)     # is streamed whole once complete (tail); no log-probabilities
+        if upto <= self._sent:
             return None
-        return {"delta": {"content": ev.text}, "logprobs": self._lp(ev.logprobs)}
+        new, self._sent = self._text[self._sent:upto], upto
+        return {"delta": {"content": new}, "logprobs": None}
 
     def tail(self, result: GenerationResult) -> dict | None:
         if self.tools is None:
             return None
-        text = "".join(self._text)
-        self._parse(text, result)
-        if self._calls is None:              # cut by max_tokens: what was generated, as text
-            return {"delta": {"content": text}, "logprobs": None}
+        self._parse(self._text, result)
+        if self._calls is None:              # no complete call: the rest of the text
+            rest = self._text[self._sent:]
+            return {"delta": {"content": rest}, "logprobs": None} if rest else None
         return {"delta": {"tool_calls": [{"index": k, **c} for k, c in enumerate(self._calls)]}, "logprobs": None}
 
     def end(self) -> dict:
@@ -397,7 +404,7 @@ class _ChatShape:
 
     def finish(self, result: GenerationResult) -> str:
         if self._calls is not None:          # OpenAI: "stop" for a forced function, "tool_calls" when calls came
-            return "stop" if self.tools.named is not None else "tool_calls"
+            return "stop" if self.tools.mode == "named" else "tool_calls"
         return FINISH[result.finish_reason]
 
 

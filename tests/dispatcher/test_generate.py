@@ -286,6 +286,29 @@ def test_default_decoder_answers_the_capital_of_france(tiny_checkpoint, tmp_path
             messages=[{"role": "user", "content": "What is the weather like in Paris today?"}]).choices[0]
         (call,) = called.message.tool_calls
         assert call.function.name == "get_weather" and "paris" in json.loads(call.function.arguments)["city"].lower()
+        # tool_choice "auto" (the default): after one earlier call in the chat, the 135M model calls the tool for
+        # another city's weather, answers a question no tool fits in text, and answers from the call's result
+        chat = [{"role": "user", "content": "What is the weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "4 degrees, snow"},
+                {"role": "assistant", "content": "It is 4 degrees and snowing in Oslo."}]
+        auto = c.chat.completions.create(
+            model="default", temperature=0, max_tokens=40, tools=[weather],
+            messages=chat + [{"role": "user", "content": "What is the weather like in Paris today?"}]).choices[0]
+        assert auto.finish_reason == "tool_calls" and auto.message.content is None, auto
+        (call,) = auto.message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+        text = c.chat.completions.create(
+            model="default", temperature=0, max_tokens=40, tools=[weather],
+            messages=chat + [{"role": "user", "content": "What is the capital of France?"}]).choices[0]
+        assert text.finish_reason == "stop" and text.message.content == "The capital of France is Paris.", text
+        chat += [{"role": "user", "content": "What is the weather like in Paris today?"},
+                 {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "21 degrees, sunny"}]
+        answer = c.chat.completions.create(model="default", temperature=0, max_tokens=40, tools=[weather],
+                                           messages=chat).choices[0]
+        assert answer.finish_reason == "stop" and "21 degrees" in answer.message.content, answer
         # the README's generative walkthrough: the shipped NCBI-disease decoder LoRA, over both protocols
         root = Path(__file__).resolve().parents[2] / "examples" / "adapters-trained" / "ncbi-disease-gen"
         res = json.loads((root / "RESULT.json").read_text())

@@ -309,11 +309,12 @@ def tools_server(tiny_checkpoint, tmp_path_factory):
     s.stop()
 
 
-def test_tool_calls_named_and_required_whole_and_streamed_then_the_result_turn(tools_server):
-    """OpenAI tool calling where a grammar guarantees the call: a named function's arguments follow its schema
+def test_tool_calls_named_required_and_auto_whole_and_streamed_then_the_result_turn(tools_server):
+    """OpenAI tool calling, its calls kept valid by a grammar: a named function's arguments follow its schema
     (finish "stop"), "required" gives calls of the given tools (finish "tool_calls"), the same calls streamed
-    (seeded); the call and its result go back as turns; auto, unknown names, tools beside a response_format and
-    tools on /v1/completions are refused naming the field."""
+    (seeded); the call and its result go back as turns; "auto" text streams as content; unknown names, a schema
+    that does not compile, tools beside a response_format and tools on /v1/completions are refused naming the
+    field."""
     s = tools_server
     c = client(s)
     messages = [{"role": "user", "content": "weather in Paris?"}]
@@ -345,9 +346,22 @@ def test_tool_calls_named_and_required_whole_and_streamed_then_the_result_turn(t
     text = c.chat.completions.create(model="default", messages=follow, tools=TOOLS, tool_choice="none",
                                      max_tokens=5, temperature=0).choices[0]
     assert isinstance(text.message.content, str) and not text.message.tool_calls
-    for kw, param in ((dict(tools=TOOLS), "tool_choice"), (dict(tools=TOOLS, tool_choice="auto"), "tool_choice"),
-                      (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
+    # "auto" (the default with tools): the random model writes text, never the call tag; streamed, the same text
+    # arrives as content deltas (held back only where it might begin the tag), whole or cut by max_tokens
+    for seed, max_tokens in ((1, 30), (2, 30), (3, 4)):
+        kw = dict(model="default", messages=messages, tools=TOOLS, temperature=1.0, seed=seed, max_tokens=max_tokens)
+        auto = c.chat.completions.create(**kw).choices[0]
+        assert auto.message.content and auto.message.tool_calls is None and "<tool_call>" not in auto.message.content
+        chunks = list(c.chat.completions.create(stream=True, **kw))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == auto.message.content
+        assert chunks[-1].choices[0].finish_reason == auto.finish_reason
+    assert auto.finish_reason == "length"
+    bad_schema = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "strng"}}}}}]
+    for kw, param in ((dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
                        "tool_choice"),
+                      (dict(tools=bad_schema), "tools[0].function.parameters"),
+                      (dict(tools=TOOLS, parallel_tool_calls="yes"), "parallel_tool_calls"),
                       (dict(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}), "tools"),
                       (dict(tools=[{"type": "function", "function": {"name": "bad name!"}}], tool_choice="required"),
                        "tools[0]"),
