@@ -9,7 +9,7 @@ every request under one grammar (vbert.structured, llguidance):
 - regex: `[A-Za-z ,.'\\n]+` (letters and punctuation, never complete: every row stays masked to the end);
 - json: a JSON Schema whose one property is a free string (rows leave when they close the object);
 - choice: one of 32 strings of 40 characters (rows leave after a few tokens; mostly prefill);
-- tools: OpenAI tool calling with tool_choice "auto" and one get_weather tool (dispatcher.openai_tools: any text,
+- tools: OpenAI tool calling with tool_choice "auto" and one get_weather tool (dispatcher.tool_calling: any text,
   or text then a tagged call; the prompts ask for none, so rows write text under the grammar to the end).
 The end-of-sequence tokens get a logit bias of -100 in every contender (ignore_eos alone does not keep a
 grammar's rows running: a drawn end of sequence completes a grammar that accepts there). Contenders run in a
@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from tqdm import tqdm  # noqa: E402
 
 from decode_lora import bootstrap_median  # noqa: E402
-from dispatcher.openai_tools import TAG, tool_plan  # noqa: E402
+from dispatcher.tool_calling import TAG, tool_plan  # noqa: E402
 from generation import git_state  # noqa: E402
 from generation_workload import load_average, load_default_decoder, machine, utc_now  # noqa: E402
 from scheduler.generation_engine import GenerationEngine, GenerationEngineConfig  # noqa: E402

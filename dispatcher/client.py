@@ -166,12 +166,16 @@ def _status(s) -> dict:
 
 def _generation_event(r) -> dict:
     """One streamed message: {"text", "token_ids"[, "logprobs"]}; the final one adds "finish_reason"
-    ("stop" | "length" | "cancelled"), "usage" and "metadata" (timing in ms)."""
+    ("stop" | "length" | "cancelled"), "usage", "metadata" (timing in ms) and, when the answer called tools,
+    "tool_calls": [{"id", "name", "arguments": a dict}]."""
     out = {"text": r.text, "token_ids": list(r.token_ids)}
     if r.logprobs:
         out["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": dict(zip(lp.top_ids, lp.top_logprobs))}
                            for lp in r.logprobs]
     if r.is_final:
+        if r.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": json.loads(c.arguments)}
+                                 for c in r.tool_calls]
         out["finish_reason"] = tenant_pb2.FinishReason.Name(r.finish_reason).lower()
         out["usage"] = {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
                         "cached_prompt_tokens": r.usage.cached_prompt_tokens}
@@ -210,6 +214,24 @@ def _credentials(tls) -> grpc.ChannelCredentials | None:
     if isinstance(tls, (str, Path)):
         return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
     return tls
+
+
+def _chat_message(m: dict):
+    """{"role", "content"[, "tool_calls": [{"id", "name", "arguments": dict or JSON}], "tool_call_id"]} as
+    protobuf (tool_calls as the final event gave them)."""
+    calls = [tenant_pb2.ToolCall(id=c.get("id", ""), name=c["name"], arguments=c["arguments"] if isinstance(
+        c["arguments"], str) else json.dumps(c["arguments"])) for c in m.get("tool_calls") or ()]
+    return tenant_pb2.ChatMessage(role=m["role"], content=m.get("content") or "", tool_calls=calls,
+                                  tool_call_id=m.get("tool_call_id") or "")
+
+
+def _tool(t: dict):
+    """{"name", "description", "parameters": a JSON Schema (dict or JSON text)} (or OpenAI's {"type": "function",
+    "function": {...}}) as protobuf."""
+    fn = t.get("function", t)
+    parameters = fn.get("parameters")
+    return tenant_pb2.Tool(name=fn["name"], description=fn.get("description") or "",
+                           parameters=parameters if isinstance(parameters, str) else json.dumps(parameters or {}))
 
 
 def _structured_output(spec: dict):
@@ -288,14 +310,16 @@ class _Api:
                           temperature: float | None, top_k: int, top_p: float | None, seed: int | None, stop,
                           stop_token_ids, logprobs: int, truncate_prompt: bool, ignore_eos: bool, **adjust):
         """adjust: presence_penalty, frequency_penalty, repetition_penalty, min_p, min_tokens,
-        include_stop_str_in_output (None: unset),
-        logit_bias (a dict) and structured_output (a dict of one kind, see Client.generate)."""
+        include_stop_str_in_output, parallel_tool_calls (None: unset), logit_bias (a dict), structured_output (a dict
+        of one kind, see Client.generate), tools and tool_choice."""
         req = tenant_pb2.GenerateRequest(
             adapter=adapter, prompt=prompt or "", max_new_tokens=max_new_tokens, top_k=top_k,
             stop=[stop] if isinstance(stop, str) else list(stop or ()), stop_token_ids=list(stop_token_ids or ()),
             logprobs=logprobs, truncate_prompt=truncate_prompt, ignore_eos=ignore_eos,
-            messages=[tenant_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()])
+            messages=[_chat_message(m) for m in messages or ()])
         bias = adjust.pop("logit_bias", None)
+        req.tools.extend(_tool(t) for t in adjust.pop("tools", None) or ())
+        req.tool_choice = adjust.pop("tool_choice", None) or ""
         structured = adjust.pop("structured_output", None)
         if structured:
             req.structured_output.CopyFrom(_structured_output(structured))
@@ -412,7 +436,8 @@ class Client(_Api):
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  repetition_penalty: float | None = None, logit_bias: dict | None = None,
                  min_p: float | None = None, min_tokens: int | None = None, structured_output: dict | None = None,
-                 include_stop_str_in_output: bool | None = None):
+                 include_stop_str_in_output: bool | None = None, tools=None, tool_choice: str | None = None,
+                 parallel_tool_calls: bool | None = None):
         """Stream a generation: prompt (or messages=[{"role", "content"}, ...] through the chat template) on a decoder adapter
         ("default" = the bare decoder); yields one dict per streamed message (see _generation_event), the last
         with "finish_reason", "usage" and "metadata". temperature None = 1.0, 0 = greedy; penalties None = off;
@@ -420,14 +445,18 @@ class Client(_Api):
         the first min_tokens tokens (None = off); structured_output: the answer follows a grammar, one of
         {"json": a JSON Schema (dict or JSON text)}, {"json_object": True}, {"regex": str}, {"choice": [str, ...]},
         {"grammar": a Lark grammar} (vLLM's structured outputs); include_stop_str_in_output: the stop string that
-        ended the text stays at its end.
+        ended the text stays at its end; tools: [{"name", "description", "parameters": a JSON Schema}] (or OpenAI's
+        {"type": "function", "function": {...}}) with tool_choice None/"auto" (text or calls), "required", "none" or
+        a tool's name: the final event's "tool_calls"; messages may carry an earlier answer's "tool_calls" and
+        "tool" turns with "tool_call_id" (docs/api.md).
         Not retried: a failure raises VbertError (before or during the stream)."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_token_ids, logprobs, truncate_prompt, ignore_eos,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                      repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_p=min_p,
                                      min_tokens=min_tokens, structured_output=structured_output,
-                                     include_stop_str_in_output=include_stop_str_in_output)
+                                     include_stop_str_in_output=include_stop_str_in_output, tools=tools,
+                                     tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             for r in call:
@@ -489,14 +518,16 @@ class AsyncClient(_Api):
                        timeout: float | None = None, presence_penalty: float | None = None,
                        frequency_penalty: float | None = None, repetition_penalty: float | None = None,
                        logit_bias: dict | None = None, min_p: float | None = None, min_tokens: int | None = None,
-                       structured_output: dict | None = None, include_stop_str_in_output: bool | None = None):
+                       structured_output: dict | None = None, include_stop_str_in_output: bool | None = None,
+                       tools=None, tool_choice: str | None = None, parallel_tool_calls: bool | None = None):
         """`async for event in client.generate(...)`: as Client.generate."""
         req = self._generate_request(prompt, messages, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_token_ids, logprobs, truncate_prompt, ignore_eos,
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                      repetition_penalty=repetition_penalty, logit_bias=logit_bias, min_p=min_p,
                                      min_tokens=min_tokens, structured_output=structured_output,
-                                     include_stop_str_in_output=include_stop_str_in_output)
+                                     include_stop_str_in_output=include_stop_str_in_output, tools=tools,
+                                     tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls)
         call = self._stubs["tenant"].Generate(req, timeout=timeout or self.timeout, metadata=self._metadata("tenant"))
         try:
             async for r in call:

@@ -11,7 +11,7 @@ single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status. Unknown fields are
 ignored, as OpenAI does, except those that would change what comes back (functions, suffix, audio: refused,
 UNSUPPORTED); tools are called (tool_choice "auto", "required" or a named function) in one tagged format whose
-calls a grammar keeps valid (dispatcher.openai_tools); `top_k`, `min_p`, `min_tokens`, `ignore_eos`,
+calls a grammar keeps valid (dispatcher.tool_calling); `top_k`, `min_p`, `min_tokens`, `ignore_eos`,
 `repetition_penalty`, `stop_token_ids` and `include_stop_str_in_output` are accepted as vLLM accepts them; `n` (up to 16) choices are n generations of the
 request, merged into one answer or stream. Structured output: OpenAI's `response_format` (json_object, json_schema), vLLM's `structured_outputs` and
 `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`.
@@ -43,7 +43,7 @@ from vbert.heads import HeadKind
 from .auth import _request_id, _tenant
 from .errors import DrainingError, status_of
 from .generation_call import GenerateParams, start_generation, structured_of
-from .openai_tools import ToolTurns, tool_plan
+from .tool_calling import ToolTurns, tool_plan, with_tools
 from .rpc import run_inputs
 
 # gRPC status -> (HTTP status, OpenAI error type)
@@ -302,11 +302,7 @@ def chat_params(body: dict) -> tuple[GenerateParams, dict]:
     params = GenerateParams(adapter=_model(body), messages=_messages(body), logprobs=max(1, top) if want else 0,
                             max_new_tokens=_max_tokens(body, 0), **_common(body))
     plan = tool_plan(body)
-    if plan is not None:
-        if params.structured is not None:
-            raise _Param("tools", "give tools or a structured output (response_format, ...), not both")
-        params = dataclasses.replace(params, messages=plan.messages(params.messages), structured=plan.structured())
-    return params, {"logprobs": want, "top_logprobs": top, "tools": plan}
+    return with_tools(params, plan), {"logprobs": want, "top_logprobs": top, "tools": plan}
 
 
 def _stream_options(body: dict) -> bool:

@@ -94,13 +94,19 @@ def embed(r, adapter_name, normalize, truncate, texts) -> None:
 @click.option("--regex", default=None, help="The whole answer matches this regular expression.")
 @click.option("--choice", multiple=True, help="The answer is exactly one of these strings (repeatable).")
 @click.option("--grammar", default=None, metavar="LARK", help="The answer follows this Lark grammar (text, or @FILE).")
+@click.option("--tool", "tools", multiple=True, metavar="TOOL",
+              help='With --chat: a function the model may call, {"name", "description", "parameters": a JSON Schema} '
+                   "as JSON (or @FILE); repeatable.")
+@click.option("--tool-choice", default=None, metavar="auto|required|none|NAME",
+              help="With --tool: text or calls (auto, the default), calls (required), text (none) or one call of NAME.")
 @click.argument("prompt", required=False)
 @remote(is_admin=False)
 def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, top_k, min_p, seed, stop, include_stop,
              presence_penalty, frequency_penalty, repetition_penalty, logit_bias, truncate_prompt, ignore_eos,
-             min_tokens, json_schema, json_object, regex, choice, grammar, prompt) -> None:
+             min_tokens, json_schema, json_object, regex, choice, grammar, tools, tool_choice, prompt) -> None:
     """Generate a continuation of PROMPT (or of stdin), streamed to stdout as it is produced: only the
-    generated text goes to stdout, so it can be piped. With -o json: one JSON object per message."""
+    generated text goes to stdout, so it can be piped. With -o json: one JSON object per message. With --tool,
+    the answer's calls follow the text as one JSON line each on stderr ({"id", "name", "arguments"})."""
     bias = {}
     for item in logit_bias:
         token, _, value = item.partition("=")
@@ -118,6 +124,9 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
                 given[kind] = Path(given[kind][1:]).read_text()
             except OSError as e:
                 raise click.BadParameter(str(e), param_hint=flag) from None
+    tool_list = [_tool_arg(t) for t in tools]
+    if (tool_list or tool_choice) and not chat:
+        raise click.UsageError("--tool and --tool-choice need --chat")
     if prompt is None or prompt == "-":
         prompt = click.get_text_stream("stdin").read()
     if not prompt.strip():
@@ -135,7 +144,8 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                      repetition_penalty=repetition_penalty, logit_bias=bias, min_p=min_p,
                                      min_tokens=min_tokens, structured_output=given or None,
-                                     include_stop_str_in_output=include_stop or None):
+                                     include_stop_str_in_output=include_stop or None, tools=tool_list or None,
+                                     tool_choice=tool_choice):
             if r.output == "json":
                 click.echo(json.dumps(event))
             else:
@@ -143,6 +153,8 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
             last = event
         if r.output == "table":
             click.echo()
+            for call in (last or {}).get("tool_calls", ()):
+                click.echo(json.dumps(call), err=True)
             if last is not None and "usage" in last:
                 u = last["usage"]
                 cached = f" ({u['cached_prompt_tokens']} cached)" if u.get("cached_prompt_tokens") else ""
@@ -151,6 +163,19 @@ def generate(r, adapter_name, chat, system, max_new_tokens, temperature, top_p, 
                            f"{last['metadata'].get('time_to_first_token_ms', 0):.0f} ms]", err=True)
 
     r.call(run)
+
+
+def _tool_arg(value: str) -> dict:
+    """One --tool: JSON text or @FILE, an object with a name."""
+    try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        tool = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="--tool") from None
+    fn = tool.get("function", tool) if isinstance(tool, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise click.BadParameter('expected {"name": ..., "description": ..., "parameters": {...}}', param_hint="--tool")
+    return tool
 
 
 COMMANDS = [classify, tag, embed, generate]

@@ -13,7 +13,9 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
+import grpc
 import pytest
 
 from dispatcher.gen.vbert.v1 import tenant_pb2
@@ -373,6 +375,66 @@ def test_tool_calls_named_required_and_auto_whole_and_streamed_then_the_result_t
         c.completions.create(model="default", prompt="x", max_tokens=4,
                              extra_body={"tools": TOOLS, "tool_choice": "required"})
     assert e.value.body["param"] == "tools"
+
+
+def test_grpc_generate_calls_tools_as_the_http_api_does(tools_server):
+    """gRPC Generate with tools (the Python client): the same seeded calls as the OpenAI API, the text streamed as
+    the model wrote it with the calls parsed in the final message; the calls and a result sent back as turns give
+    the same answer as over HTTP; "auto" text has no calls; bad tools are INVALID_ARGUMENT naming the field."""
+    from dispatcher.client import Client, VbertError
+
+    s = tools_server
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    http = client(s).chat.completions.create(model="default", messages=messages, tools=TOOLS, tool_choice="required",
+                                             temperature=1.0, seed=1, max_tokens=400,
+                                             parallel_tool_calls=False).choices[0]
+    expected = [(t.function.name, json.loads(t.function.arguments)) for t in http.message.tool_calls]
+    with Client(s.address, api_key=s.keys["acme"]) as g:
+        events = list(g.generate(messages=messages, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                                 temperature=1.0, seed=1, max_new_tokens=400))
+        final = events[-1]
+        assert [(c["name"], c["arguments"]) for c in final["tool_calls"]] == expected
+        assert final["finish_reason"] == "stop" and final["tool_calls"][0]["id"].startswith("call_")
+        text = "".join(e["text"] for e in events)
+        assert text.startswith("<tool_call>") and text.endswith("</tool_call>")
+        named = list(g.generate(messages=messages, tools=[t["function"] for t in TOOLS], tool_choice="get_time",
+                                temperature=1.0, seed=2, max_new_tokens=400))[-1]
+        assert [c["name"] for c in named["tool_calls"]] == ["get_time"] and _valid_call(SimpleNamespace(
+            function=SimpleNamespace(name="get_time", arguments=json.dumps(named["tool_calls"][0]["arguments"]))))
+        follow = messages + [{"role": "assistant", "tool_calls": final["tool_calls"]},
+                             {"role": "tool", "tool_call_id": final["tool_calls"][0]["id"], "content": "18 degrees"}]
+        answer = "".join(e["text"] for e in g.generate(messages=follow, tools=TOOLS, tool_choice="none",
+                                                       max_new_tokens=8, temperature=0))
+        http_follow = messages + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in final["tool_calls"]]}, {"role": "tool", "tool_call_id": final["tool_calls"][0]["id"],
+                                             "content": "18 degrees"}]
+        assert answer == client(s).chat.completions.create(model="default", messages=http_follow, tools=TOOLS,
+                                                          tool_choice="none", max_tokens=8,
+                                                          temperature=0).choices[0].message.content
+        vbert = [str(Path(sys.executable).parent / "vbert"), "generate", "--server", s.address, "--api-key",
+                 s.keys["acme"], "--max-new-tokens", "400", "--temperature", "1", "--seed", "2"]
+        tools = [arg for t in TOOLS for arg in ("--tool", json.dumps(t["function"]))]   # the request above's tools
+        out = subprocess.run(vbert + ["--chat", *tools, "--tool-choice", "get_time", "weather in Paris?"],
+                             capture_output=True, text=True, timeout=120)
+        (line,) = [ln for ln in out.stderr.splitlines() if ln.startswith("{")]
+        assert out.returncode == 0 and out.stdout.startswith("<tool_call>") and \
+            (json.loads(line)["name"], json.loads(line)["arguments"]) == ("get_time", named["tool_calls"][0]["arguments"])
+        out = subprocess.run(vbert + [*tools, "x"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "need --chat" in out.stderr
+        auto = list(g.generate(messages=messages, tools=TOOLS, temperature=1.0, seed=1, max_new_tokens=20))
+        assert "tool_calls" not in auto[-1] and "<tool_call>" not in "".join(e["text"] for e in auto)
+        bad_json = [{"name": "f", "parameters": "{not json"}]
+        bad_schema = [{"name": "f", "parameters": {"type": "strng"}}]
+        for kw, fragment in ((dict(tools=bad_json), "tools[0].parameters: not JSON"),
+                             (dict(tools=bad_schema), "tools[0].parameters: "),
+                             (dict(tools=TOOLS, tool_choice="nope"), "tool_choice"),
+                             (dict(tool_choice="required"), "tool_choice: needs tools"),
+                             (dict(tools=TOOLS, structured_output={"regex": "a+"}), "tools: give tools or"),
+                             (dict(tools=TOOLS, prompt="x", messages=None), "tools need a chat")):
+            with pytest.raises(VbertError) as e:
+                list(g.generate(**{"messages": messages, "max_new_tokens": 4, **kw}))
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and fragment in e.value.details, (kw, e.value)
 
 
 def test_n_choices_are_generations_of_their_own_seeds_merged_in_one_answer_or_stream(http_server):

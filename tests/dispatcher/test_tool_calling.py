@@ -1,4 +1,4 @@
-"""dispatcher.openai_tools: the tool plan of a chat request, its grammar against a real tokenizer (the tiny decoders'
+"""dispatcher.tool_calling: the tool plan of a chat request, its grammar against a real tokenizer (the tiny decoders'
 byte-level BPE), the answer's parsing and streaming split, and earlier tool turns rendered as text."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dispatcher.openai_tools import END_TAG, TAG, ToolError, ToolPlan, ToolTurns, tool_plan
+from dispatcher.tool_calling import END_TAG, TAG, ToolError, ToolPlan, ToolTurns, tool_plan
 from vbert.structured import compiler_for
 
 pytest.importorskip("llguidance")

@@ -1,6 +1,7 @@
-"""OpenAI tool calling on /v1/chat/completions: `tools` with `tool_choice` "auto" (OpenAI's default with tools: the
-model answers in text or calls), "required" (one or more calls) or `{"type": "function", "function": {"name": N}}`
-(one call of N); "none" answers in text.
+"""Tool calling, for both protocols (OpenAI's on /v1/chat/completions; gRPC Generate's tools, given here in OpenAI's
+shape by dispatcher/generate_rpc.py): `tools` with `tool_choice` "auto" (OpenAI's default with tools: the model
+answers in text or calls), "required" (one or more calls) or `{"type": "function", "function": {"name": N}}` (one
+call of N); "none" answers in text.
 
 One call format for every mode and every turn, the tagged JSON list that SmolLM2-Instruct was tuned on (APIGen
 function-calling data) and that Hermes-style models write: `<tool_call>[{"name": ..., "arguments": {...}}]</tool_call>`.
@@ -17,6 +18,7 @@ tool_calls are rendered in the same format, tool results as user turns naming th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 
 from manager.errors import InvalidArgumentError
 from vbert.structured import JSON_OPTIONS, StructuredOutput
+
+from .generation_call import GenerateParams
 
 MAX_TOOLS = 64
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -162,6 +166,17 @@ def tool_plan(body: dict) -> ToolPlan | None:
     except ValueError as e:                # the tools' schemas together past a grammar's size
         raise ToolError("tools", str(e)) from None
     return plan
+
+
+def with_tools(params: GenerateParams, plan: ToolPlan | None) -> GenerateParams:
+    """The call's parameters with the plan's tools in its chat's system message and the answer under its grammar."""
+    if plan is None:
+        return params
+    if params.structured is not None:
+        raise ToolError("tools", "give tools or a structured output (response_format, ...), not both")
+    if params.messages is None:
+        raise ToolError("tools", "tools need a chat (messages), not a prompt")
+    return dataclasses.replace(params, messages=plan.messages(params.messages), structured=plan.structured())
 
 
 def _tool(i: int, t) -> dict:
