@@ -2,7 +2,7 @@
 
     POST /v1/completions, POST /v1/chat/completions (`stream: true`: server-sent events ending with
     `data: [DONE]`; `stream_options.include_usage`), POST /v1/embeddings, GET /v1/models[/{model}],
-    GET /health (no key).
+    POST /tokenize and /detokenize (vLLM's), GET /health (no key).
 
 `Authorization: Bearer <tenant API key>` (the gRPC keys, the same call slots, rate limits and quotas);
 `model` names one of the caller's adapters (`default`: the bare backbone). Requests become the same
@@ -35,10 +35,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from manager.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnauthenticatedError
-from manager.manager import DEFAULT_ADAPTER, ENCODER, require_backbone
+from manager.manager import DECODER, DEFAULT_ADAPTER, ENCODER, require_backbone
 from scheduler.generation_engine import GenerationDelta, GenerationResult
 from vbert.detokenize import FinishReason
 from vbert.heads import HeadKind
+from vbert.tokens import MAX_CHARS_PER_TOKEN
 
 from .auth import _request_id, _tenant
 from .errors import DrainingError, status_of
@@ -694,6 +695,60 @@ def create_http_app(app, interceptor) -> FastAPI:
                     "usage": {"prompt_tokens": n, "total_tokens": n}}
         return await handle(request, "/v1/embeddings", work)
 
+    # -- tokenization (vLLM's /tokenize and /detokenize) ----------------------------------------------------
+    async def _tokenizer_of(tenant, body: dict, method: str):
+        """(backbone, its tokenizer, its context) of the body's model: an adapter's backbone; for 'default', the
+        body's "backbone" or the decoder when this server has one."""
+        model = _model(body)
+        which = _get(body, "backbone", str, DECODER if app.decoder is not None else ENCODER)
+        if which not in (ENCODER, DECODER):
+            raise _Param("backbone", f"expected {ENCODER!r} or {DECODER!r}, got {which!r}")
+        ref = await asyncio.to_thread(app.manager.resolve, tenant, model, which)
+        if ref.backbone == DECODER:
+            if app.decoder is None:
+                raise FailedPreconditionError(f"this server loads no decoder backbone; {method} of {model!r} needs it")
+            return DECODER, app.decoder.tokenizer, app.decoder.spec.max_position_embeddings
+        app.require_encoder(method)
+        return ENCODER, app.model.tokenizer, app.model.max_length
+
+    async def tokenize(request: Request):
+        async def work(tenant, body):
+            backbone, tokenizer, context = await _tokenizer_of(tenant, body, "/tokenize")
+            app.limiter.acquire(tenant, 1)
+            if (body.get("prompt") is None) == (body.get("messages") is None):
+                raise _Param("prompt", "give exactly one of prompt and messages")
+            if body.get("messages") is not None:
+                if backbone != DECODER:
+                    raise _Param("messages", "a chat is tokenized by the decoder; send a prompt for the encoder")
+                messages = _messages(body)
+                plan = tool_plan(body)          # the tools' system message, as /v1/chat/completions sends it
+                text = app.decoder.render_chat(list(plan.messages(messages) if plan is not None else messages))
+            else:
+                text = body["prompt"]
+                if not isinstance(text, str):
+                    raise _Param("prompt", "expected a string")
+            special = _get(body, "add_special_tokens", bool, body.get("messages") is None)
+            if len(text) > context * MAX_CHARS_PER_TOKEN:
+                raise _Param("prompt", f"{len(text)} characters, more than {context * MAX_CHARS_PER_TOKEN} (the "
+                                       f"{backbone}'s context of {context} tokens x {MAX_CHARS_PER_TOKEN})")
+            ids = await asyncio.to_thread(lambda: list(tokenizer(text, add_special_tokens=special)["input_ids"]))
+            out = {"count": len(ids), "max_model_len": context, "tokens": ids}
+            if _get(body, "return_token_strs", bool, False):
+                out["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+            return out
+        return await handle(request, "/tokenize", work)
+
+    async def detokenize(request: Request):
+        async def work(tenant, body):
+            backbone, tokenizer, context = await _tokenizer_of(tenant, body, "/detokenize")
+            app.limiter.acquire(tenant, 1)
+            ids, vocab = body.get("tokens"), len(tokenizer)
+            if not isinstance(ids, list) or len(ids) > 4 * context or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+                raise _Param("tokens", f"expected a list of at most {4 * context} token ids in [0, {vocab})")
+            return {"prompt": await asyncio.to_thread(tokenizer.decode, ids)}
+        return await handle(request, "/detokenize", work)
+
     # -- models ---------------------------------------------------------------------------------------
     def _model_entry(name: str, created: float, tenant_name: str, backbone: str | None) -> dict:
         return {"id": name, "object": "model", "created": int(created), "owned_by": tenant_name,
@@ -727,6 +782,8 @@ def create_http_app(app, interceptor) -> FastAPI:
     api.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
     api.add_api_route("/v1/models", list_models, methods=["GET"])
     api.add_api_route("/v1/models/{model}", get_model, methods=["GET"])
+    api.add_api_route("/tokenize", tokenize, methods=["POST"])
+    api.add_api_route("/detokenize", detokenize, methods=["POST"])
     api.add_api_route("/health", health, methods=["GET"])
     return api
 

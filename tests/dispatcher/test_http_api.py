@@ -320,9 +320,13 @@ def test_tool_calls_named_required_and_auto_whole_and_streamed_then_the_result_t
     s = tools_server
     c = client(s)
     messages = [{"role": "user", "content": "weather in Paris?"}]
-    named = c.chat.completions.create(model="default", messages=messages, tools=TOOLS, temperature=1.0, seed=3,
-                                      max_tokens=200, tool_choice={"type": "function",
-                                                                  "function": {"name": "get_weather"}}).choices[0]
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    named_answer = c.chat.completions.create(model="default", messages=messages, tools=TOOLS, temperature=1.0, seed=3,
+                                             max_tokens=200, tool_choice=choice)
+    named = named_answer.choices[0]
+    _, _, counted = post(f"{s.base_url.removesuffix('/v1')}/tokenize", s.keys["acme"],      # the tools' system text
+                         {"model": "default", "messages": messages, "tools": TOOLS, "tool_choice": choice})
+    assert counted["count"] == named_answer.usage.prompt_tokens
     assert named.finish_reason == "stop" and named.message.content is None
     (call,) = named.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather" and _valid_call(call)
@@ -502,6 +506,48 @@ def test_models_list_only_the_callers_adapters(http_server):
     assert client(s).models.retrieve("writer").owned_by == "acme"
     with pytest.raises(openai.NotFoundError):
         client(s, "other").models.retrieve("writer")
+
+
+def test_tokenize_and_detokenize_count_what_the_routes_send(http_server):
+    """vLLM's /tokenize and /detokenize: the decoder's count of a prompt or a chat is the prompt_tokens a
+    completion or chat reports, the ids decode back to the text; 'default' with backbone "encoder" or an encoder
+    adapter uses the encoder's tokenizer ([CLS] ... [SEP]); bad requests are refused naming the field."""
+    s = http_server
+    root, key = s.base_url.removesuffix("/v1"), s.keys["acme"]
+
+    def call(path, body, key=key):
+        status, _, answer = post(f"{root}{path}", key, body)
+        return status, answer
+    text = "a visit to the zoo"
+    status, r = call("/tokenize", {"model": "default", "prompt": text})
+    completion = client(s).completions.create(model="default", prompt=text, max_tokens=1)
+    assert status == 200 and r["count"] == len(r["tokens"]) == completion.usage.prompt_tokens
+    assert r["max_model_len"] == s.app.decoder.spec.max_position_embeddings and "token_strs" not in r
+    assert call("/detokenize", {"model": "writer", "tokens": r["tokens"]}) == (200, {"prompt": text})
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    status, r = call("/tokenize", {"model": "writer", "messages": chat})
+    assert status == 200 and r["count"] == client(s).chat.completions.create(
+        model="writer", messages=chat, max_tokens=1).usage.prompt_tokens
+    for body in ({"model": "default", "backbone": "encoder", "prompt": "the gene w7", "return_token_strs": True},
+                 {"model": "emb", "prompt": "the gene w7", "return_token_strs": True}):
+        status, r = call("/tokenize", body)
+        assert status == 200 and r["token_strs"][0] == "[CLS]" and r["token_strs"][-1] == "[SEP]", r
+        assert r["max_model_len"] == s.app.model.max_length and r["count"] == len(r["tokens"]) == 5
+        assert call("/detokenize", {**body, "tokens": r["tokens"][1:-1]})[1] == {"prompt": "the gene w7"}
+    for body, param in (({"model": "default", "prompt": text, "messages": chat}, "prompt"),
+                        ({"model": "default"}, "prompt"),
+                        ({"model": "default", "prompt": 5}, "prompt"),
+                        ({"model": "emb", "messages": chat}, "messages"),
+                        ({"model": "default", "prompt": text, "backbone": "gpu"}, "backbone"),
+                        ({"model": "default", "prompt": text, "add_special_tokens": "yes"}, "add_special_tokens"),
+                        ({"prompt": text}, "model")):
+        status, r = call("/tokenize", body)
+        assert status == 400 and r["error"]["param"] == param, (body, r)
+    for tokens in ([-1], [10 ** 9], "1 2", [1.5], [True]):
+        status, r = call("/detokenize", {"model": "default", "tokens": tokens})
+        assert status == 400 and r["error"]["param"] == "tokens", (tokens, r)
+    assert call("/tokenize", {"model": "writer", "prompt": text}, key=s.keys["other"])[0] == 404
+    assert call("/tokenize", {"model": "default", "prompt": text}, key="not-a-key")[0] == 401
 
 
 def test_errors_in_openai_shape(http_server):
