@@ -409,10 +409,12 @@ def test_grpc_generate_calls_tools_as_the_http_api_does(tools_server):
                              {"role": "tool", "tool_call_id": final["tool_calls"][0]["id"], "content": "18 degrees"}]
         answer = "".join(e["text"] for e in g.generate(messages=follow, tools=TOOLS, tool_choice="none",
                                                        max_new_tokens=8, temperature=0))
-        http_follow = messages + [{"role": "assistant", "content": None, "tool_calls": [
-            {"id": c["id"], "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in final["tool_calls"]]}, {"role": "tool", "tool_call_id": final["tool_calls"][0]["id"],
-                                             "content": "18 degrees"}]
+        openai_calls = [{"id": c["id"], "type": "function",
+                         "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+                        for c in final["tool_calls"]]
+        http_follow = messages + [{"role": "assistant", "content": None, "tool_calls": openai_calls},
+                                  {"role": "tool", "tool_call_id": final["tool_calls"][0]["id"],
+                                   "content": "18 degrees"}]
         assert answer == client(s).chat.completions.create(model="default", messages=http_follow, tools=TOOLS,
                                                           tool_choice="none", max_tokens=8,
                                                           temperature=0).choices[0].message.content
@@ -422,8 +424,9 @@ def test_grpc_generate_calls_tools_as_the_http_api_does(tools_server):
         out = subprocess.run(vbert + ["--chat", *tools, "--tool-choice", "get_time", "weather in Paris?"],
                              capture_output=True, text=True, timeout=120)
         (line,) = [ln for ln in out.stderr.splitlines() if ln.startswith("{")]
-        assert out.returncode == 0 and out.stdout.startswith("<tool_call>") and \
-            (json.loads(line)["name"], json.loads(line)["arguments"]) == ("get_time", named["tool_calls"][0]["arguments"])
+        assert out.returncode == 0 and out.stdout.startswith("<tool_call>")
+        assert (json.loads(line)["name"], json.loads(line)["arguments"]) == \
+            ("get_time", named["tool_calls"][0]["arguments"])
         out = subprocess.run(vbert + [*tools, "x"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and "need --chat" in out.stderr
         auto = list(g.generate(messages=messages, tools=TOOLS, temperature=1.0, seed=1, max_new_tokens=20))
