@@ -123,6 +123,6 @@ async def generate(app, request, context):
                 text += event.text
             yield _response(event)
         else:
-            parsed = plan.parse(text) if plan is not None and event.finish_reason is FinishReason.STOP else None
+            parsed = plan.parse(text, event.finish_reason) if plan is not None else None
             yield _final(event, gen.ref.version, parsed[1] if parsed else [])
     context.set_trailing_metadata([("x-request-id", current_request_id())])

@@ -12,9 +12,10 @@ single mapping (dispatcher.errors.status_of) and leave in OpenAI's shape
 ignored, as OpenAI does, except those that would change what comes back (functions, suffix, audio: refused,
 UNSUPPORTED); tools are called (tool_choice "auto", "required" or a named function) in one tagged format whose
 calls a grammar keeps valid (dispatcher.tool_calling); `top_k`, `min_p`, `min_tokens`, `ignore_eos`,
-`repetition_penalty`, `stop_token_ids` and `include_stop_str_in_output` are accepted as vLLM accepts them; `n` (up to 16) choices are n generations of the
-request, merged into one answer or stream. Structured output: OpenAI's `response_format` (json_object, json_schema), vLLM's `structured_outputs` and
-`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`.
+`repetition_penalty`, `stop_token_ids` and `include_stop_str_in_output` are accepted as vLLM accepts them; `n` (up
+to 16) choices are n generations of the request, merged into one answer or stream. Structured output: OpenAI's
+`response_format` (json_object, json_schema), vLLM's `structured_outputs` and `guided_json` / `guided_regex` /
+`guided_choice` / `guided_grammar`.
 """
 from __future__ import annotations
 
@@ -366,8 +367,7 @@ class _ChatShape:
     def _parse(self, text: str, result: GenerationResult) -> None:
         """The content and tool calls of an answer with a complete call (one cut by max_tokens or a stop string
         stays text)."""
-        parsed = self.tools.parse(text) if self.tools is not None and result.finish_reason is FinishReason.STOP \
-            else None
+        parsed = self.tools.parse(text, result.finish_reason) if self.tools is not None else None
         self._content, self._calls = parsed if parsed is not None else (None, None)
 
     def whole(self, text: str, lps, result: GenerationResult) -> dict:

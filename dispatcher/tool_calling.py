@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 
 from manager.errors import InvalidArgumentError
+from vbert.detokenize import FinishReason
 from vbert.structured import JSON_OPTIONS, StructuredOutput
 
 from .generation_call import GenerateParams
@@ -100,9 +101,11 @@ class ToolPlan:
             return (("system", f"{messages[0][1]}\n\n{self.system_text()}"),) + messages[1:]
         return (("system", self.system_text()),) + messages
 
-    def parse(self, text: str) -> tuple[str | None, list[dict]] | None:
+    def parse(self, text: str, finish_reason: FinishReason = FinishReason.STOP) -> tuple[str | None, list[dict]] | None:
         """(content, tool_calls) of an answer that holds a complete call; None when it holds none (a text answer,
-        or a call cut by max_tokens or a stop string: the answer stays text)."""
+        or a call cut by max_tokens or a stop string: the answer stays text; any finish but STOP: None)."""
+        if finish_reason is not FinishReason.STOP:
+            return None
         start = text.find(TAG)
         end = text.find(END_TAG, start + len(TAG)) if start >= 0 else -1
         if end < 0:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from dispatcher.tool_calling import END_TAG, TAG, ToolError, ToolPlan, ToolTurns, tool_plan
+from vbert.detokenize import FinishReason
 from vbert.structured import compiler_for
 
 pytest.importorskip("llguidance")
@@ -72,6 +73,7 @@ def test_parse_splits_content_from_complete_calls():
     assert plan.parse(f"  {TAG}{CALL}{END_TAG}")[0] is None                    # no text before: content null
     assert plan.parse(f"{TAG}{CALL[:-3]}") is None                             # cut by max_tokens: text
     assert plan.parse(f"{TAG}{CALL}") is None
+    assert plan.parse(f"{TAG}{CALL}{END_TAG}", FinishReason.LENGTH) is None      # not finished by the grammar
     assert plan.parse("just text") is None and plan.parse(f"{TAG}[]{END_TAG}") is None
     assert plan.parse(f'{TAG}[{{"name": 1, "arguments": {{}}}}]{END_TAG}') is None
     two = plan.parse(f"{TAG}{CALL[:-1]}, {CALL[1:-1]}]{END_TAG}")[1]
